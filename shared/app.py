@@ -1,0 +1,60 @@
+"""What every service process has: its database pool on its own role, its outbox feed,
+channels to the services it calls, and background loops started and stopped with it."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any
+
+import grpc
+
+from shared.clients import Clients
+from shared.db import Database
+from shared.outbox import OutboxFeed
+from shared.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+class ServiceApp:
+    """Base of each service's app object; `shared.server` serves it."""
+
+    name: str = ""
+    service_names: Sequence[str] = ()
+
+    def __init__(self, settings: Settings, db: Database) -> None:
+        self.settings = settings
+        self.db = db
+        self.feed = OutboxFeed(db, self.name)
+        self.clients = Clients(settings.addresses, default_timeout=settings.call_timeout_seconds)
+        self._loops: list[Callable[[], Coroutine[Any, Any, None]]] = []
+        self._tasks: list[asyncio.Task[None]] = []
+
+    @classmethod
+    async def create(cls, settings: Settings) -> ServiceApp:
+        db = await Database.connect(settings.service_database_url(cls.name))
+        return cls(settings, db)
+
+    def add_loop(self, loop: Callable[[], Coroutine[Any, Any, None]]) -> None:
+        """A background loop that runs while the server does (must be replica-safe)."""
+        self._loops.append(loop)
+
+    def register(self, server: grpc.aio.Server) -> None:
+        raise NotImplementedError
+
+    async def start(self) -> None:
+        await self.feed.start()
+        self._tasks = [asyncio.create_task(loop()) for loop in self._loops]
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        await self.clients.close()
+        await self.feed.close()
+        await self.db.close()

@@ -1,0 +1,224 @@
+"""The `hangar` command: `up` starts the whole platform locally, `migrate` applies the schema,
+`serve SERVICE` runs one service process."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from shared.settings import DEFAULT_PORTS, SERVICES
+
+GRPC_SERVICES = SERVICES  # identity, project, runtime, billing
+PROCESSES = (*GRPC_SERVICES, "gateway")
+
+
+def _fail(message: str) -> int:
+    print(f"hangar: {message}", file=sys.stderr)
+    return 1
+
+
+def state_dir() -> Path:
+    return Path(os.environ.get("HANGAR_HOME", ".hangar")).resolve()
+
+
+def load_credentials(directory: Path) -> dict[str, dict[str, str]]:
+    """Local credentials, generated once and kept (0600) so `make run` reuses its data."""
+    path = directory / "credentials.json"
+    if path.exists():
+        creds: dict[str, dict[str, str]] = json.loads(path.read_text())
+    else:
+        creds = {}
+    changed = False
+    for group, names in (("db_passwords", SERVICES), ("service_secrets", (*SERVICES, "agent"))):
+        bucket = creds.setdefault(group, {})
+        for name in names:
+            if name not in bucket:
+                bucket[name] = secrets.token_urlsafe(24)
+                changed = True
+    if changed:
+        directory.mkdir(parents=True, exist_ok=True)
+        path.touch(mode=0o600)
+        path.write_text(json.dumps(creds, indent=2))
+    return creds
+
+
+def service_environment(
+    database_url: str, creds: dict[str, dict[str, str]], addresses: dict[str, str]
+) -> dict[str, str]:
+    env = dict(os.environ)
+    env["DATABASE_URL"] = database_url
+    for svc, password in creds["db_passwords"].items():
+        env[f"HANGAR_{svc.upper()}_DB_PASSWORD"] = password
+    for svc, secret in creds["service_secrets"].items():
+        env[f"HANGAR_{svc.upper()}_SERVICE_SECRET"] = secret
+    for name, address in addresses.items():
+        env[f"HANGAR_{name.upper()}_ADDR"] = address
+    return env
+
+
+def port_in_use(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return True
+    return False
+
+
+def wait_healthy(name: str, address: str, deadline: float) -> bool:
+    """Poll grpc.health.v1 (or the gateway's /healthz) until SERVING or the deadline."""
+    while time.monotonic() < deadline:
+        if name == "gateway":
+            import httpx
+
+            try:
+                if httpx.get(f"http://{address}/healthz", timeout=1).status_code == 200:
+                    return True
+            except httpx.HTTPError:
+                pass
+        else:
+            import grpc
+            from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+            with grpc.insecure_channel(address) as channel:
+                try:
+                    reply = health_pb2_grpc.HealthStub(channel).Check(
+                        health_pb2.HealthCheckRequest(), timeout=1
+                    )
+                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                        return True
+                except grpc.RpcError:
+                    pass
+        time.sleep(0.1)
+    return False
+
+
+def stop_processes(procs: dict[str, subprocess.Popen[bytes]], grace: float) -> None:
+    for proc in procs.values():
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+    end = time.monotonic() + grace
+    for proc in procs.values():
+        try:
+            proc.wait(timeout=max(0.1, end - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from shared.migrate import migrate
+    from shared.pg import PostgresUnavailable, provision
+
+    started = time.monotonic()
+    addresses = {
+        name: os.environ.get(f"HANGAR_{name.upper()}_ADDR", f"127.0.0.1:{port}")
+        for name, port in DEFAULT_PORTS.items()
+    }
+    for name in PROCESSES:
+        host, _, port = addresses[name].rpartition(":")
+        if port_in_use(host, int(port)):
+            return _fail(f"port {port} ({name}) is already in use; is Hangar already running?")
+
+    home = state_dir()
+    creds = load_credentials(home)
+    try:
+        pg = provision(home / "pgdata", ephemeral=False)
+    except PostgresUnavailable as exc:
+        return _fail(f"PostgreSQL is not available: {exc}")
+    procs: dict[str, subprocess.Popen[bytes]] = {}
+    stopping = False
+
+    def request_stop(*_: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGINT, request_stop)
+    signal.signal(signal.SIGTERM, request_stop)
+    try:
+        try:
+            migrate(pg.url, creds["db_passwords"])
+        except Exception as exc:
+            return _fail(f"migrations failed against {pg.kind} PostgreSQL: {exc}")
+        env = service_environment(pg.url, creds, addresses)
+        for name in PROCESSES:
+            procs[name] = subprocess.Popen(
+                [sys.executable, "-m", "shared.cli", "serve", name],
+                env=env,
+                start_new_session=True,  # Ctrl-C reaches us; we stop the children in order
+            )
+        deadline = time.monotonic() + args.timeout
+        for name in PROCESSES:
+            if not wait_healthy(name, addresses[name], deadline) or stopping:
+                code = procs[name].poll()
+                why = f"exited with {code}" if code is not None else "did not become healthy"
+                return _fail(f"{name} {why}; stopping everything")
+        print(f"Hangar is up in {time.monotonic() - started:.1f}s  (Ctrl-C stops it)")
+        print(f"  DATABASE_URL  {pg.url}  ({pg.kind})")
+        for name in PROCESSES:
+            kind = "http" if name == "gateway" else "grpc"
+            print(f"  {name:<9} {kind}://{addresses[name]}")
+        sys.stdout.flush()
+        while not stopping:
+            for name, proc in procs.items():
+                if proc.poll() is not None:
+                    return _fail(f"{name} exited with {proc.returncode}; stopping everything")
+            time.sleep(0.2)
+        return 0
+    finally:
+        stop_processes(procs, grace=float(os.environ.get("HANGAR_GRACE_SECONDS", "5")) + 2)
+        pg.stop()
+        print("Hangar stopped.")
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    from shared.migrate import migrate
+
+    url = os.environ.get("DATABASE_URL")
+    if not url:
+        return _fail("DATABASE_URL is not set")
+    passwords = {
+        svc: os.environ[f"HANGAR_{svc.upper()}_DB_PASSWORD"]
+        for svc in SERVICES
+        if os.environ.get(f"HANGAR_{svc.upper()}_DB_PASSWORD")
+    }
+    migrate(url, passwords)
+    print("migrated")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    module = importlib.import_module(f"services.{args.service}.server")
+    module.main()
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="hangar", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    up = sub.add_parser("up", help="start PostgreSQL, migrate, and run every service")
+    up.add_argument("--timeout", type=float, default=60, help="seconds to wait for health")
+    up.set_defaults(func=cmd_up)
+    sub.add_parser("migrate", help="apply all migrations to DATABASE_URL").set_defaults(
+        func=cmd_migrate
+    )
+    serve = sub.add_parser("serve", help="run one service in the foreground")
+    serve.add_argument("service", choices=[*PROCESSES, "agent"])
+    serve.set_defaults(func=cmd_serve)
+    args = parser.parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,167 @@
+"""gRPC clients between services: one channel per target, a deadline on every call, the
+caller's request id and remaining deadline passed on, and retries on UNAVAILABLE for methods
+the contract marks idempotent (`option idempotency_level` in the .proto).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any, TypeVar
+
+import grpc
+from google.protobuf import descriptor, descriptor_pb2
+
+from shared.context import remaining_seconds, request_id_var
+from shared.errors import DeadlineExceeded
+
+TokenProvider = Callable[[], Awaitable[str]]
+StubT = TypeVar("StubT")
+
+_RETRYABLE = (
+    descriptor_pb2.MethodOptions.NO_SIDE_EFFECTS,
+    descriptor_pb2.MethodOptions.IDEMPOTENT,
+)
+
+
+def retry_service_config(services: Iterable[descriptor.ServiceDescriptor]) -> str:
+    """A gRPC service config that retries UNAVAILABLE on the idempotent methods only."""
+    names = [
+        {"service": svc.full_name, "method": method.name}
+        for svc in services
+        for method in svc.methods
+        if method.GetOptions().idempotency_level in _RETRYABLE
+    ]
+    config: dict[str, Any] = {"methodConfig": []}
+    if names:
+        config["methodConfig"].append(
+            {
+                "name": names,
+                "retryPolicy": {
+                    "maxAttempts": 4,
+                    "initialBackoff": "0.05s",
+                    "maxBackoff": "1s",
+                    "backoffMultiplier": 2,
+                    "retryableStatusCodes": ["UNAVAILABLE"],
+                },
+            }
+        )
+    return json.dumps(config)
+
+
+class _CallDefaults:
+    """Shared by the four client interceptor kinds: deadline, request id, service token."""
+
+    def __init__(self, default_timeout: float, token_provider: TokenProvider | None) -> None:
+        self.default_timeout = default_timeout
+        self.token_provider = token_provider
+
+    async def details(self, details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
+        timeout = details.timeout if details.timeout is not None else self.default_timeout
+        inbound = remaining_seconds()
+        if inbound is not None:
+            if inbound <= 0:
+                raise DeadlineExceeded("the caller's deadline has already passed")
+            timeout = min(timeout, inbound)
+        metadata = grpc.aio.Metadata(*(details.metadata or ()))
+        request_id = request_id_var.get()
+        if request_id and "x-request-id" not in metadata:
+            metadata.add("x-request-id", request_id)
+        if self.token_provider is not None and "authorization" not in metadata:
+            metadata.add("authorization", f"Bearer {await self.token_provider()}")
+        return grpc.aio.ClientCallDetails(
+            method=details.method,
+            timeout=timeout,
+            metadata=metadata,
+            credentials=details.credentials,
+            wait_for_ready=details.wait_for_ready,
+        )
+
+
+class _UnaryUnary(_CallDefaults, grpc.aio.UnaryUnaryClientInterceptor):
+    async def intercept_unary_unary(self, continuation, client_call_details, request):  # type: ignore[no-untyped-def]
+        return await continuation(await self.details(client_call_details), request)
+
+
+class _UnaryStream(_CallDefaults, grpc.aio.UnaryStreamClientInterceptor):
+    async def intercept_unary_stream(self, continuation, client_call_details, request):  # type: ignore[no-untyped-def]
+        return await continuation(await self.details(client_call_details), request)
+
+
+class _StreamUnary(_CallDefaults, grpc.aio.StreamUnaryClientInterceptor):
+    async def intercept_stream_unary(self, continuation, client_call_details, request_iterator):  # type: ignore[no-untyped-def]
+        return await continuation(await self.details(client_call_details), request_iterator)
+
+
+class _StreamStream(_CallDefaults, grpc.aio.StreamStreamClientInterceptor):
+    async def intercept_stream_stream(self, continuation, client_call_details, request_iterator):  # type: ignore[no-untyped-def]
+        return await continuation(await self.details(client_call_details), request_iterator)
+
+
+def open_channel(
+    address: str,
+    *,
+    services: Iterable[descriptor.ServiceDescriptor] = (),
+    default_timeout: float = 5.0,
+    token_provider: TokenProvider | None = None,
+    streaming_timeout: float | None = None,
+) -> grpc.aio.Channel:
+    """A channel with deadlines and retries. Streams get `streaming_timeout` (None: no limit)."""
+    unary = (
+        _UnaryUnary(default_timeout, token_provider),
+        _StreamUnary(default_timeout, token_provider),
+    )
+    streams = (
+        _UnaryStream(streaming_timeout or 10 * 365 * 86400.0, token_provider),
+        _StreamStream(streaming_timeout or 10 * 365 * 86400.0, token_provider),
+    )
+    return grpc.aio.insecure_channel(
+        address,
+        options=[
+            ("grpc.service_config", retry_service_config(services)),
+            ("grpc.enable_retries", 1),
+            ("grpc.keepalive_time_ms", 30_000),
+        ],
+        interceptors=[*unary, *streams],
+    )
+
+
+class Clients:
+    """The channels one process keeps to other services, created once and reused."""
+
+    def __init__(
+        self,
+        addresses: dict[str, str],
+        *,
+        default_timeout: float = 5.0,
+        token_provider: TokenProvider | None = None,
+    ) -> None:
+        self.addresses = addresses
+        self.default_timeout = default_timeout
+        self.token_provider = token_provider
+        self._channels: dict[str, grpc.aio.Channel] = {}
+
+    def channel(
+        self, target: str, services: Iterable[descriptor.ServiceDescriptor] = ()
+    ) -> grpc.aio.Channel:
+        if target not in self._channels:
+            self._channels[target] = open_channel(
+                self.addresses[target],
+                services=services,
+                default_timeout=self.default_timeout,
+                token_provider=self.token_provider,
+            )
+        return self._channels[target]
+
+    def stub(
+        self,
+        target: str,
+        stub_class: Callable[[grpc.aio.Channel], StubT],
+        service: descriptor.ServiceDescriptor,
+    ) -> StubT:
+        return stub_class(self.channel(target, [service]))
+
+    async def close(self) -> None:
+        for channel in self._channels.values():
+            await channel.close()
+        self._channels.clear()

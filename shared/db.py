@@ -1,0 +1,100 @@
+"""PostgreSQL access for a service: an asyncpg pool on the service's own role, SQLAlchemy Core
+for building queries, and a unit of work that rolls back unless committed.
+
+SQLAlchemy compiles statements (cached per statement shape) to asyncpg's `$n` SQL; asyncpg
+runs them. JSON/JSONB columns take and return plain Python values.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from typing import Any
+
+import asyncpg
+from sqlalchemy.dialects.postgresql.asyncpg import PGDialect_asyncpg
+from sqlalchemy.sql import ClauseElement
+
+_dialect = PGDialect_asyncpg(paramstyle="numeric_dollar")
+
+
+def compile_query(statement: ClauseElement) -> tuple[str, list[Any]]:
+    """SQL text with $n placeholders and its arguments, in order."""
+    compiled = statement.compile(dialect=_dialect, compile_kwargs={"render_postcompile": True})
+    params = compiled.construct_params()
+    order = compiled.positiontup or []
+    return str(compiled), [params[name] for name in order]
+
+
+async def _init_connection(conn: asyncpg.Connection) -> None:
+    for name in ("json", "jsonb"):
+        await conn.set_type_codec(name, encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
+
+
+async def create_pool(
+    url: str, *, min_size: int = 2, max_size: int = 10, **kwargs: Any
+) -> asyncpg.Pool:
+    pool = await asyncpg.create_pool(
+        url, min_size=min_size, max_size=max_size, init=_init_connection, **kwargs
+    )
+    assert pool is not None
+    return pool
+
+
+Query = ClauseElement | str
+
+
+class Session:
+    """One connection: run Core statements or plain SQL."""
+
+    def __init__(self, conn: asyncpg.Connection) -> None:
+        self.conn = conn
+
+    @staticmethod
+    def _prepare(query: Query, args: Sequence[Any]) -> tuple[str, Sequence[Any]]:
+        if isinstance(query, str):
+            return query, args
+        return compile_query(query)
+
+    async def execute(self, query: Query, *args: Any) -> str:
+        sql, params = self._prepare(query, args)
+        return await self.conn.execute(sql, *params)
+
+    async def fetch(self, query: Query, *args: Any) -> list[asyncpg.Record]:
+        sql, params = self._prepare(query, args)
+        return await self.conn.fetch(sql, *params)
+
+    async def fetchrow(self, query: Query, *args: Any) -> asyncpg.Record | None:
+        sql, params = self._prepare(query, args)
+        return await self.conn.fetchrow(sql, *params)
+
+    async def fetchval(self, query: Query, *args: Any) -> Any:
+        sql, params = self._prepare(query, args)
+        return await self.conn.fetchval(sql, *params)
+
+
+class Database:
+    """A service's pool. `async with db.transaction() as tx:` is the unit of work."""
+
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self.pool = pool
+
+    @classmethod
+    async def connect(cls, url: str, **kwargs: Any) -> Database:
+        return cls(await create_pool(url, **kwargs))
+
+    async def close(self) -> None:
+        await self.pool.close()
+
+    @asynccontextmanager
+    async def transaction(self, *, isolation: str = "read_committed") -> AsyncIterator[Session]:
+        """Commits when the block ends normally, rolls back on any exception."""
+        async with self.pool.acquire() as conn, conn.transaction(isolation=isolation):
+            yield Session(conn)
+
+    @asynccontextmanager
+    async def session(self) -> AsyncIterator[Session]:
+        """A connection in autocommit, for single statements that need no transaction."""
+        async with self.pool.acquire() as conn:
+            yield Session(conn)

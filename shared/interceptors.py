@@ -1,0 +1,152 @@
+"""Server interceptor: request id, caller, deadline into contextvars; errors to google.rpc.Status.
+
+One interceptor wraps every handler of a service, so servicers stay plain `async def`s that
+raise domain errors (shared.errors) and never touch status codes themselves.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import inspect
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, Protocol
+
+import grpc
+from grpc_status import rpc_status
+
+from shared.context import (
+    ANONYMOUS,
+    Principal,
+    bearer_token_var,
+    deadline_var,
+    principal_var,
+    request_id_var,
+)
+from shared.errors import DomainError, Unauthenticated, Unimplemented, internal_status
+from shared.ids import new_id
+
+log = logging.getLogger("hangar.rpc")
+
+
+class Authenticator(Protocol):
+    """Turns a bearer token into a principal, or raises Unauthenticated."""
+
+    def authenticate(self, token: str) -> Principal: ...
+
+
+# A token that was presented but did not verify; raised by the first RPC that needs a caller.
+_auth_error_var: contextvars.ContextVar[Unauthenticated | None] = contextvars.ContextVar(
+    "auth_error", default=None
+)
+
+
+def auth_error_for_call() -> Unauthenticated | None:
+    return _auth_error_var.get()
+
+
+class ServerInterceptor(grpc.aio.ServerInterceptor):
+    def __init__(self, authenticator: Authenticator | None = None) -> None:
+        self.authenticator = authenticator
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return handler
+        method = handler_call_details.method
+        metadata = dict(handler_call_details.invocation_metadata or ())
+        if handler.unary_unary:
+            return handler._replace(unary_unary=self._unary(handler.unary_unary, method, metadata))
+        if handler.stream_unary:
+            return handler._replace(
+                stream_unary=self._unary(handler.stream_unary, method, metadata)
+            )
+        if handler.unary_stream:
+            return handler._replace(
+                unary_stream=self._streaming(handler.unary_stream, method, metadata)
+            )
+        return handler._replace(
+            stream_stream=self._streaming(handler.stream_stream, method, metadata)
+        )
+
+    def _enter(self, context: grpc.aio.ServicerContext, metadata: dict[str, Any]) -> None:
+        request_id_var.set(str(metadata.get("x-request-id") or new_id()))
+        remaining = context.time_remaining()
+        deadline_var.set(None if remaining is None else time.monotonic() + remaining)
+        principal, error = ANONYMOUS, None
+        authorization = str(metadata.get("authorization", ""))
+        if authorization:
+            scheme, _, token = authorization.partition(" ")
+            if scheme.lower() != "bearer" or not token:
+                error = Unauthenticated("authorization must be 'Bearer <token>'")
+            elif self.authenticator is None:
+                error = Unauthenticated("this service does not accept tokens yet")
+            else:
+                bearer_token_var.set(token)
+                try:
+                    principal = self.authenticator.authenticate(token)
+                except Unauthenticated as exc:
+                    error = exc
+        principal_var.set(principal)
+        _auth_error_var.set(error)
+
+    def _unary(
+        self, behavior: Callable[..., Any], method: str, metadata: dict[str, Any]
+    ) -> Callable[..., Awaitable[Any]]:
+        async def handle(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            self._enter(context, metadata)
+            started = time.perf_counter()
+            try:
+                result = behavior(request, context)
+                if inspect.isawaitable(result):
+                    result = await result
+                return result
+            except Exception as exc:  # every failure becomes a status
+                await _abort(context, method, exc, started)
+
+        return handle
+
+    def _streaming(
+        self, behavior: Callable[..., Any], method: str, metadata: dict[str, Any]
+    ) -> Callable[..., AsyncIterator[Any]]:
+        async def handle(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            self._enter(context, metadata)
+            started = time.perf_counter()
+            try:
+                result = behavior(request, context)
+                if inspect.isasyncgen(result):
+                    async for item in result:
+                        yield item
+                elif inspect.isawaitable(result):
+                    await result
+                else:
+                    for item in result:
+                        yield item
+            except Exception as exc:  # every failure becomes a status
+                await _abort(context, method, exc, started)
+
+        return handle
+
+
+async def _abort(
+    context: grpc.aio.ServicerContext, method: str, exc: Exception, started: float
+) -> None:
+    elapsed_ms = round((time.perf_counter() - started) * 1000, 2)
+    if isinstance(exc, NotImplementedError):
+        exc = Unimplemented(f"{method} is not implemented yet")
+    if isinstance(exc, DomainError):
+        log.info(
+            "rpc failed",
+            extra={"method": method, "code": exc.code.name, "reason": exc.reason, "ms": elapsed_ms},
+        )
+        await context.abort_with_status(rpc_status.to_status(exc.to_status()))
+    # grpc's own abort raises an exception that must pass through untouched.
+    if isinstance(exc, grpc.aio.AbortError) or type(exc).__name__ == "AbortError":
+        raise exc
+    log.exception("rpc crashed", extra={"method": method, "ms": elapsed_ms}, exc_info=exc)
+    await context.abort_with_status(rpc_status.to_status(internal_status()))

@@ -1,0 +1,111 @@
+"""Where PostgreSQL comes from: DATABASE_URL, else Docker (tests), else embedded pgserver."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+class PostgresUnavailable(RuntimeError):
+    """No PostgreSQL could be reached or started."""
+
+
+@dataclass
+class Postgres:
+    """A running PostgreSQL and how to stop it (a no-op for one we did not start)."""
+
+    url: str
+    kind: str  # "external" | "docker" | "embedded"
+    _stop: Callable[[], None] | None = None
+
+    def stop(self) -> None:
+        if self._stop is not None:
+            stop, self._stop = self._stop, None
+            stop()
+
+
+def docker_engine_answers(timeout: float = 1.0) -> bool:
+    """True only if a Docker engine answers a ping: the client alone is not enough."""
+    host = os.environ.get("DOCKER_HOST", "unix:///var/run/docker.sock")
+    try:
+        if host.startswith("unix://"):
+            path = host.removeprefix("unix://")
+            if not Path(path).exists():
+                return False
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+                s.settimeout(timeout)
+                s.connect(path)
+                s.sendall(b"GET /_ping HTTP/1.0\r\nHost: docker\r\n\r\n")
+                return b"200 OK" in s.recv(256)
+        if host.startswith("tcp://"):
+            hostport = host.removeprefix("tcp://")
+            name, _, port = hostport.partition(":")
+            with socket.create_connection((name, int(port or 2375)), timeout=timeout) as s:
+                s.sendall(b"GET /_ping HTTP/1.0\r\nHost: docker\r\n\r\n")
+                return b"200 OK" in s.recv(256)
+    except OSError:
+        return False
+    return False
+
+
+def start_embedded(data_dir: Path, *, delete_on_stop: bool) -> Postgres:
+    """An embedded PostgreSQL (pgserver's own binaries), reachable over a unix socket."""
+    try:
+        import pgserver
+    except ImportError as exc:  # pragma: no cover - pgserver is a dependency
+        raise PostgresUnavailable("the pgserver package is not installed") from exc
+    data_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        server = pgserver.get_server(data_dir, cleanup_mode="delete" if delete_on_stop else "stop")
+    except Exception as exc:
+        raise PostgresUnavailable(
+            f"embedded PostgreSQL did not start in {data_dir}: {exc}"
+        ) from exc
+    return Postgres(url=server.get_uri(), kind="embedded", _stop=server.cleanup)
+
+
+def start_docker() -> Postgres:
+    from testcontainers.postgres import PostgresContainer
+
+    container = PostgresContainer("postgres:16-alpine", driver=None)
+    container.start()
+    return Postgres(url=container.get_connection_url(), kind="docker", _stop=container.stop)
+
+
+def provision(data_dir: Path, *, ephemeral: bool) -> Postgres:
+    """DATABASE_URL if set; else (for throw-away databases) Docker; else embedded pgserver."""
+    url = os.environ.get("DATABASE_URL")
+    if url:
+        return Postgres(url=url, kind="external")
+    if ephemeral and docker_engine_answers():
+        log.info("starting PostgreSQL in Docker (testcontainers)")
+        return start_docker()
+    return start_embedded(data_dir, delete_on_stop=ephemeral)
+
+
+def with_database(url: str, database: str) -> str:
+    """The same server and credentials, another database."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    return urlunsplit((parts.scheme, parts.netloc, "/" + database, parts.query, parts.fragment))
+
+
+async def create_database(admin_url: str, database: str) -> str:
+    """Create an empty database (if missing) and return its admin URL."""
+    import asyncpg
+
+    conn = await asyncpg.connect(admin_url)
+    try:
+        exists = await conn.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", database)
+        if not exists:
+            await conn.execute(f'CREATE DATABASE "{database}"')
+    finally:
+        await conn.close()
+    return with_database(admin_url, database)

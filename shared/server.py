@@ -1,0 +1,139 @@
+"""The one grpc.aio server bootstrap every Hangar service runs on.
+
+uvloop, interceptors (request id, caller, deadline, error mapping), the standard health
+service with a status per service, reflection that lists health too, and graceful shutdown:
+SIGTERM/SIGINT -> health NOT_SERVING -> stop accepting -> drain in-flight calls -> close.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Protocol
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from shared.interceptors import Authenticator, ServerInterceptor
+from shared.logging import configure_logging
+from shared.settings import Settings
+
+log = logging.getLogger("hangar.server")
+
+
+class Service(Protocol):
+    """What a service hands the bootstrap: its servicers, background loops and clean-up."""
+
+    service_names: Sequence[str]  # full names, e.g. "hangar.identity.v1.IdentityService"
+
+    def register(self, server: grpc.aio.Server) -> None: ...
+
+    async def start(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+class RunningServer:
+    def __init__(
+        self,
+        server: grpc.aio.Server,
+        health_servicer: health.aio.HealthServicer,
+        service: Service,
+        port: int,
+        grace: float,
+    ) -> None:
+        self.server = server
+        self.health = health_servicer
+        self.service = service
+        self.port = port
+        self.grace = grace
+
+    async def stop(self) -> None:
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(self.grace)
+        await self.service.close()
+
+
+async def start_server(
+    service: Service,
+    address: str,
+    *,
+    authenticator: Authenticator | None = None,
+    grace: float = 5.0,
+) -> RunningServer:
+    """Start serving `service` on `address` ("host:port"; port 0 picks a free one)."""
+    server = grpc.aio.server(
+        interceptors=[ServerInterceptor(authenticator)],
+        options=[
+            ("grpc.so_reuseport", 0),  # a taken port must fail, not be shared
+            ("grpc.max_receive_message_length", 16 * 1024 * 1024),
+        ],
+    )
+    service.register(server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        [*service.service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], server
+    )
+    try:
+        port = server.add_insecure_port(address)
+    except RuntimeError as exc:
+        raise OSError(f"cannot listen on {address}: {exc}") from exc
+    await server.start()
+    await service.start()
+    serving = health_pb2.HealthCheckResponse.SERVING
+    await health_servicer.set("", serving)
+    for name in service.service_names:
+        await health_servicer.set(name, serving)
+    return RunningServer(server, health_servicer, service, port, grace)
+
+
+def run_service(
+    name: str,
+    build: Callable[[Settings], Awaitable[Service]],
+    authenticator: Callable[[Settings], Authenticator | None] | None = None,
+) -> None:
+    """Entry point of a service process: serve until SIGTERM/SIGINT, then shut down cleanly."""
+    settings = Settings.from_env(name)
+    configure_logging(name, settings.log_level)
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:  # pragma: no cover - uvloop is a dependency
+        pass
+    try:
+        asyncio.run(_serve_forever(settings, build, authenticator))
+    except OSError as exc:
+        log.error("%s: %s", name, exc)
+        raise SystemExit(1) from None
+
+
+async def _serve_forever(
+    settings: Settings,
+    build: Callable[[Settings], Awaitable[Service]],
+    authenticator: Callable[[Settings], Authenticator | None] | None,
+) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    service = await build(settings)
+    try:
+        running = await start_server(
+            service,
+            settings.listen_address,
+            authenticator=authenticator(settings) if authenticator else None,
+            grace=settings.grace_seconds,
+        )
+    except BaseException:
+        await service.close()
+        raise
+    log.info("serving", extra={"address": settings.listen_address, "port": running.port})
+    await stop.wait()
+    log.info("shutting down", extra={"grace_seconds": settings.grace_seconds})
+    await running.stop()
+    log.info("stopped")
