@@ -33,7 +33,7 @@ log = logging.getLogger("hangar.rpc")
 class Authenticator(Protocol):
     """Turns a bearer token into a principal, or raises Unauthenticated."""
 
-    def authenticate(self, token: str) -> Principal: ...
+    async def authenticate(self, token: str) -> Principal: ...
 
 
 # A token that was presented but did not verify; raised by the first RPC that needs a caller.
@@ -74,7 +74,7 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
             stream_stream=self._streaming(handler.stream_stream, method, metadata)
         )
 
-    def _enter(self, context: grpc.aio.ServicerContext, metadata: dict[str, Any]) -> None:
+    async def _enter(self, context: grpc.aio.ServicerContext, metadata: dict[str, Any]) -> None:
         request_id_var.set(str(metadata.get("x-request-id") or new_id()))
         remaining = context.time_remaining()
         deadline_var.set(None if remaining is None else time.monotonic() + remaining)
@@ -89,7 +89,7 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
             else:
                 bearer_token_var.set(token)
                 try:
-                    principal = self.authenticator.authenticate(token)
+                    principal = await self.authenticator.authenticate(token)
                 except Unauthenticated as exc:
                     error = exc
         principal_var.set(principal)
@@ -99,7 +99,7 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
         self, behavior: Callable[..., Any], method: str, metadata: dict[str, Any]
     ) -> Callable[..., Awaitable[Any]]:
         async def handle(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            self._enter(context, metadata)
+            await self._enter(context, metadata)
             started = time.perf_counter()
             try:
                 result = behavior(request, context)
@@ -115,7 +115,7 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
         self, behavior: Callable[..., Any], method: str, metadata: dict[str, Any]
     ) -> Callable[..., AsyncIterator[Any]]:
         async def handle(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-            self._enter(context, metadata)
+            await self._enter(context, metadata)
             started = time.perf_counter()
             try:
                 result = behavior(request, context)
