@@ -15,6 +15,8 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 from shared.settings import DEFAULT_PORTS, SERVICES
 
@@ -31,11 +33,11 @@ def state_dir() -> Path:
     return Path(os.environ.get("HANGAR_HOME", ".hangar")).resolve()
 
 
-def load_credentials(directory: Path) -> dict[str, dict[str, str]]:
+def load_credentials(directory: Path) -> dict[str, Any]:
     """Local credentials, generated once and kept (0600) so `make run` reuses its data."""
     path = directory / "credentials.json"
     if path.exists():
-        creds: dict[str, dict[str, str]] = json.loads(path.read_text())
+        creds: dict[str, Any] = json.loads(path.read_text())
     else:
         creds = {}
     changed = False
@@ -45,6 +47,12 @@ def load_credentials(directory: Path) -> dict[str, dict[str, str]]:
             if name not in bucket:
                 bucket[name] = secrets.token_urlsafe(24)
                 changed = True
+    if not creds.get("jwt_signing_keys"):
+        from shared.auth import generate_signing_key
+
+        key = generate_signing_key()
+        creds["jwt_signing_keys"] = [{"kid": key.kid, "private_key_pem": key.private_key_pem}]
+        changed = True
     if changed:
         directory.mkdir(parents=True, exist_ok=True)
         path.touch(mode=0o600)
@@ -53,7 +61,7 @@ def load_credentials(directory: Path) -> dict[str, dict[str, str]]:
 
 
 def service_environment(
-    database_url: str, creds: dict[str, dict[str, str]], addresses: dict[str, str]
+    database_url: str, creds: dict[str, Any], addresses: dict[str, str]
 ) -> dict[str, str]:
     env = dict(os.environ)
     env["DATABASE_URL"] = database_url
@@ -63,6 +71,8 @@ def service_environment(
         env[f"HANGAR_{svc.upper()}_SERVICE_SECRET"] = secret
     for name, address in addresses.items():
         env[f"HANGAR_{name.upper()}_ADDR"] = address
+    # Identity signs with the first key; keep an old one listed after it while rotating.
+    env["HANGAR_JWT_SIGNING_KEYS"] = json.dumps(creds.get("jwt_signing_keys", []))
     return env
 
 
@@ -104,6 +114,34 @@ def wait_healthy(name: str, address: str, deadline: float) -> bool:
     return False
 
 
+def redact(url: str) -> str:
+    """The URL without its password, for printing."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+
+
+def check_reachable(url: str, timeout: float = 5.0) -> None:
+    """Connect once, so a wrong DATABASE_URL fails before anything is started."""
+    import asyncio
+
+    import asyncpg
+
+    from shared.pg import PostgresUnavailable
+
+    async def probe() -> None:
+        conn = await asyncpg.connect(url, timeout=timeout)
+        await conn.close()
+
+    try:
+        asyncio.run(probe())
+    except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise PostgresUnavailable(f"{redact(url)}: {reason}") from None
+
+
 def stop_processes(procs: dict[str, subprocess.Popen[bytes]], grace: float) -> None:
     for proc in procs.values():
         if proc.poll() is None:
@@ -137,6 +175,11 @@ def cmd_up(args: argparse.Namespace) -> int:
         pg = provision(home / "pgdata", ephemeral=False)
     except PostgresUnavailable as exc:
         return _fail(f"PostgreSQL is not available: {exc}")
+    try:
+        check_reachable(pg.url)
+    except PostgresUnavailable as exc:
+        pg.stop()
+        return _fail(f"PostgreSQL is not available: {exc}")
     procs: dict[str, subprocess.Popen[bytes]] = {}
     stopping = False
 
@@ -150,7 +193,8 @@ def cmd_up(args: argparse.Namespace) -> int:
         try:
             migrate(pg.url, creds["db_passwords"])
         except Exception as exc:
-            return _fail(f"migrations failed against {pg.kind} PostgreSQL: {exc}")
+            first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
+            return _fail(f"migrations failed against {pg.kind} PostgreSQL: {first_line}")
         env = service_environment(pg.url, creds, addresses)
         for name in PROCESSES:
             procs[name] = subprocess.Popen(
@@ -165,7 +209,7 @@ def cmd_up(args: argparse.Namespace) -> int:
                 why = f"exited with {code}" if code is not None else "did not become healthy"
                 return _fail(f"{name} {why}; stopping everything")
         print(f"Hangar is up in {time.monotonic() - started:.1f}s  (Ctrl-C stops it)")
-        print(f"  DATABASE_URL  {pg.url}  ({pg.kind})")
+        print(f"  DATABASE_URL  {redact(pg.url)}  ({pg.kind})")
         for name in PROCESSES:
             kind = "http" if name == "gateway" else "grpc"
             print(f"  {name:<9} {kind}://{addresses[name]}")
@@ -198,6 +242,59 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_admin_promote(args: argparse.Namespace) -> int:
+    """Make an existing user a platform admin (audited in identity's trail)."""
+    import asyncio
+
+    from shared.settings import Settings, role_name, url_with_credentials
+
+    settings = Settings.from_env("identity")
+    home = state_dir()
+    creds = load_credentials(home) if not settings.database_url else {}
+    pg = None
+    url = settings.database_url
+    if not url:
+        from shared.pg import PostgresUnavailable, provision
+
+        try:
+            pg = provision(home / "pgdata", ephemeral=False)
+        except PostgresUnavailable as exc:
+            return _fail(f"PostgreSQL is not available: {exc}")
+        url = pg.url
+    password = settings.db_passwords.get("identity") or creds.get("db_passwords", {}).get(
+        "identity", ""
+    )
+    try:
+        found = asyncio.run(
+            _promote(url_with_credentials(url, role_name("identity"), password), args.email)
+        )
+    finally:
+        if pg is not None:
+            pg.stop()
+    if not found:
+        return _fail(f"no user with email {args.email.strip().lower()}")
+    print(f"{args.email.strip().lower()} is now a platform admin")
+    return 0
+
+
+async def _promote(identity_url: str, email: str) -> bool:
+    from services.identity.passwords import Passwords
+    from services.identity.service import Identity
+    from services.identity.tokens import KeySet
+    from shared.db import Database
+    from shared.settings import Settings
+
+    settings = Settings.from_env("identity")
+    db = await Database.connect(identity_url, min_size=1, max_size=1)
+    try:
+        identity = Identity(
+            db, settings, KeySet.from_settings(settings), Passwords.from_settings(settings)
+        )
+        return await identity.promote(email)
+    finally:
+        await db.close()
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     module = importlib.import_module(f"services.{args.service}.server")
     module.main()
@@ -213,6 +310,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub.add_parser("migrate", help="apply all migrations to DATABASE_URL").set_defaults(
         func=cmd_migrate
     )
+    admin = sub.add_parser("admin", help="platform administration")
+    admin_sub = admin.add_subparsers(dest="admin_command", required=True)
+    promote = admin_sub.add_parser("promote", help="make a user a platform admin")
+    promote.add_argument("email")
+    promote.set_defaults(func=cmd_admin_promote)
     serve = sub.add_parser("serve", help="run one service in the foreground")
     serve.add_argument("service", choices=[*PROCESSES, "agent"])
     serve.set_defaults(func=cmd_serve)
