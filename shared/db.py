@@ -15,6 +15,7 @@ from typing import Any
 import asyncpg
 from sqlalchemy.dialects.postgresql.asyncpg import PGDialect_asyncpg
 from sqlalchemy.sql import ClauseElement
+from sqlalchemy.sql.compiler import SQLCompiler
 
 _dialect = PGDialect_asyncpg(paramstyle="numeric_dollar")
 
@@ -22,9 +23,9 @@ _dialect = PGDialect_asyncpg(paramstyle="numeric_dollar")
 def compile_query(statement: ClauseElement) -> tuple[str, list[Any]]:
     """SQL text with $n placeholders and its arguments, in order."""
     compiled = statement.compile(dialect=_dialect, compile_kwargs={"render_postcompile": True})
+    assert isinstance(compiled, SQLCompiler)
     params = compiled.construct_params()
-    order = compiled.positiontup or []
-    return str(compiled), [params[name] for name in order]
+    return str(compiled), [params[name] for name in compiled.positiontup or ()]
 
 
 async def _init_connection(conn: asyncpg.Connection) -> None:
