@@ -1,37 +1,382 @@
-"""The gateway's ASGI app: HTTP/JSON in front of the gRPC services."""
+"""The gateway's ASGI app: HTTP/JSON in front of the gRPC services.
+
+A raw ASGI callable rather than a Starlette app: every request goes through one matcher built
+from the protos' `google.api.http` annotations (routes.py), so a framework router, request
+and response objects would only add per-request work. Per route, everything that does not
+depend on the request (templates, query-field tables, the gRPC multicallable) is computed at
+start-up.
+"""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+import asyncio
+import logging
+import os
+import re
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import grpc
-from starlette.applications import Starlette
-from starlette.requests import Request
-from starlette.responses import JSONResponse
-from starlette.routing import Route
+from google.protobuf import descriptor, message_factory
+from google.protobuf.message import Message
 
+from hangar.billing.v1 import billing_pb2
+from hangar.identity.v1 import identity_pb2
+from hangar.project.v1 import project_pb2
+from hangar.runtime.v1 import runtime_pb2
+from services.gateway.errors import GatewayError
 from services.gateway.health import upstream_health
+from services.gateway.openapi import build_openapi
+from services.gateway.routes import Route, Router, build_routes
+from services.gateway.transcode import (
+    build_request,
+    dump,
+    prepare,
+    render_message,
+    render_response,
+)
+from shared.clients import retry_service_config
+from shared.errors import DomainError, NotFound, ResourceExhausted, Unauthenticated
 from shared.settings import SERVICES, Settings
 
+log = logging.getLogger("hangar.gateway")
 
-def build_app(settings: Settings) -> Starlette:
-    channels: dict[str, grpc.aio.Channel] = {}
+PUBLIC_SERVICES: tuple[descriptor.ServiceDescriptor, ...] = (
+    identity_pb2.DESCRIPTOR.services_by_name["IdentityService"],
+    project_pb2.DESCRIPTOR.services_by_name["ProjectService"],
+    runtime_pb2.DESCRIPTOR.services_by_name["RuntimeService"],
+    billing_pb2.DESCRIPTOR.services_by_name["BillingService"],
+)
 
-    @asynccontextmanager
-    async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        for name in SERVICES:
-            channels[name] = grpc.aio.insecure_channel(settings.addresses[name])
-        yield
-        for channel in channels.values():
-            await channel.close()
+Scope = dict[str, Any]
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+Headers = list[tuple[bytes, bytes]]
 
-    async def healthz(request: Request) -> JSONResponse:
-        statuses = await upstream_health(channels)
-        healthy = all(status == "SERVING" for status in statuses.values())
-        return JSONResponse(
-            {"status": "ok" if healthy else "degraded", "upstreams": statuses},
-            status_code=200 if healthy else 503,
+_REQUEST_ID = re.compile(rb"[A-Za-z0-9._:\-]{1,128}")
+_JSON = b"application/json"
+_NDJSON = b"application/x-ndjson"
+
+
+@dataclass(frozen=True)
+class GatewayOptions:
+    """The gateway's own knobs (HANGAR_GATEWAY_*), on top of the shared Settings."""
+
+    max_body_bytes: int = 1 << 20
+    # Server-streaming calls (TailLogs) outlive call_timeout_seconds but still get a deadline.
+    stream_timeout_seconds: float = 3600.0
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] = os.environ) -> GatewayOptions:
+        return cls(
+            max_body_bytes=int(environ.get("HANGAR_GATEWAY_MAX_BODY_BYTES", 1 << 20)),
+            stream_timeout_seconds=float(
+                environ.get("HANGAR_GATEWAY_STREAM_TIMEOUT_SECONDS", 3600.0)
+            ),
         )
 
-    return Starlette(routes=[Route("/healthz", healthz)], lifespan=lifespan)
+
+class ClientGone(Exception):
+    """The HTTP client disconnected; there is nobody to answer."""
+
+
+def _message_class(desc: descriptor.Descriptor) -> type[Message]:
+    return message_factory.GetMessageClass(desc)
+
+
+def _new_request_id() -> str:
+    # 96 random bits; cuid2 (shared.ids) costs ~25 us, too much for every request.
+    return os.urandom(12).hex()
+
+
+class Gateway:
+    """HTTP/JSON -> gRPC for the services' annotated RPCs, plus /healthz and /openapi.json."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        options: GatewayOptions | None = None,
+        services: Sequence[descriptor.ServiceDescriptor] = PUBLIC_SERVICES,
+    ) -> None:
+        self.settings = settings
+        self.options = options or GatewayOptions()
+        self.services = tuple(services)
+        self.routes = build_routes(self.services, _message_class)
+        for route in self.routes:
+            route.plan = prepare(route)
+        self.router = Router(self.routes)
+        self.openapi = dump(build_openapi(self.routes))
+        self.channels: dict[str, grpc.aio.Channel] = {}
+        self._builtins: dict[str, Callable[[], Awaitable[tuple[int, bytes, bytes]]]] = {
+            "/healthz": self._healthz,
+            "/openapi.json": self._openapi,
+        }
+
+    # --- lifecycle --------------------------------------------------------------------
+
+    async def startup(self) -> None:
+        upstreams = sorted({*SERVICES, *(route.upstream for route in self.routes)})
+        for name in upstreams:
+            services = [s for s in self.services if s.full_name.split(".")[1] == name]
+            self.channels[name] = grpc.aio.insecure_channel(
+                self.settings.addresses[name],
+                options=[
+                    ("grpc.service_config", retry_service_config(services)),
+                    ("grpc.enable_retries", 1),
+                    ("grpc.keepalive_time_ms", 30_000),
+                ],
+            )
+        # No client interceptors: the gateway sets deadline and metadata itself, per call.
+        for route in self.routes:
+            channel = self.channels[route.upstream]
+            make = channel.unary_stream if route.streaming else channel.unary_unary
+            route.invoke = make(
+                route.rpc_path,
+                request_serializer=route.request_class.SerializeToString,
+                response_deserializer=route.response_class.FromString,
+            )
+
+    async def shutdown(self) -> None:
+        for channel in self.channels.values():
+            await channel.close()
+        self.channels.clear()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if kind == "http":
+            await self._http(scope, receive, send)
+        elif kind == "lifespan":
+            await self._lifespan(receive, send)
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                try:
+                    await self.startup()
+                except Exception as exc:
+                    log.exception("gateway start-up failed")
+                    await send({"type": "lifespan.startup.failed", "message": str(exc)})
+                    return
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await self.shutdown()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    # --- one request ------------------------------------------------------------------
+
+    async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        headers: dict[bytes, bytes] = dict(scope["headers"])
+        given_id = headers.get(b"x-request-id")
+        request_id = (
+            given_id.decode()
+            if given_id is not None and _REQUEST_ID.fullmatch(given_id)
+            else _new_request_id()
+        )
+        extra: Headers = [(b"x-request-id", request_id.encode())]
+        method: str = scope["method"]
+        raw_path: bytes | None = scope.get("raw_path")
+        path = raw_path.decode("utf-8", "replace") if raw_path else scope["path"]
+        route: Route | None = None
+        try:
+            builtin = self._builtins.get(path)
+            if builtin is not None:
+                if method not in ("GET", "HEAD"):
+                    raise _method_not_allowed(method, path, {"GET", "HEAD"})
+                status, content_type, body = await builtin()
+                await _respond(send, status, content_type, body, extra)
+                return
+            match = self.router.match(method, path)
+            if match is None:
+                raise GatewayError.from_domain(
+                    NotFound(f"no route for {method} {path}", reason="ROUTE_NOT_FOUND")
+                )
+            if isinstance(match, set):
+                raise _method_not_allowed(method, path, match)
+            route = match.route
+            body = await self._read_body(receive, headers) if route.plan.body else b""
+            request = build_request(
+                route,
+                match.variables,
+                scope["query_string"].decode("utf-8", "replace"),
+                body,
+                headers,
+            )
+            metadata: list[tuple[str, str]] = [("x-request-id", request_id)]
+            authorization = headers.get(b"authorization")
+            if authorization is not None:
+                if not authorization.isascii():
+                    raise GatewayError.from_domain(
+                        Unauthenticated("the Authorization header must be ASCII")
+                    )
+                metadata.append(("authorization", authorization.decode()))
+            if route.streaming:
+                await self._stream(route, request, metadata, receive, send, extra)
+            else:
+                await self._unary(route, request, metadata, receive, send, extra)
+        except ClientGone:
+            return
+        except GatewayError as error:
+            if error.http >= 500:
+                log.warning(
+                    "upstream error",
+                    extra={
+                        "request_id": request_id,
+                        "method": route.method.full_name if route else path,
+                        "code": error.status.code,
+                        "http": error.http,
+                    },
+                )
+            await _respond(send, error.http, _JSON, error.body(), extra + error.headers)
+        except Exception:
+            log.exception("gateway crashed", extra={"request_id": request_id, "path": path})
+            crash = GatewayError.from_domain(DomainError("internal error"))
+            await _respond(send, 500, _JSON, crash.body(), extra)
+
+    async def _read_body(self, receive: Receive, headers: dict[bytes, bytes]) -> bytes:
+        limit = self.options.max_body_bytes
+        declared = headers.get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise _too_large(limit)
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise ClientGone
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                raise _too_large(limit)
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+    async def _unary(
+        self,
+        route: Route,
+        request: Message,
+        metadata: list[tuple[str, str]],
+        receive: Receive,
+        send: Send,
+        extra: Headers,
+    ) -> None:
+        call = route.invoke(request, timeout=self.settings.call_timeout_seconds, metadata=metadata)
+        watcher = asyncio.ensure_future(_cancel_on_disconnect(receive, call))
+        try:
+            reply = await call
+        except asyncio.CancelledError:
+            if watcher.done() and not watcher.cancelled():
+                raise ClientGone from None
+            raise
+        except grpc.aio.AioRpcError as exc:
+            raise GatewayError.from_rpc_error(exc) from None
+        finally:
+            watcher.cancel()
+        content_type, body = render_response(route.plan, reply)
+        await _respond(send, 200, content_type, body, extra)
+
+    async def _stream(
+        self,
+        route: Route,
+        request: Message,
+        metadata: list[tuple[str, str]],
+        receive: Receive,
+        send: Send,
+        extra: Headers,
+    ) -> None:
+        """Newline-delimited JSON: `{"result": message}` per message, then `{"error": status}`
+        if the stream ends in an error after it started (grpc-gateway's framing)."""
+        call = route.invoke(request, timeout=self.options.stream_timeout_seconds, metadata=metadata)
+        watcher = asyncio.ensure_future(_cancel_on_disconnect(receive, call))
+        try:
+            # Headers come with the first message or an early status: an error before any
+            # message is still a proper HTTP error.
+            await call.initial_metadata()
+            if call.done():
+                code = await call.code()
+                if code != grpc.StatusCode.OK:
+                    raise GatewayError.from_call(
+                        code, await call.details(), await call.trailing_metadata()
+                    )
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": 200,
+                    "headers": [(b"content-type", _NDJSON), *extra],
+                }
+            )
+            try:
+                async for reply in call:
+                    line = dump({"result": render_message(reply)}) + b"\n"
+                    await send({"type": "http.response.body", "body": line, "more_body": True})
+            except grpc.aio.AioRpcError as exc:
+                error = GatewayError.from_rpc_error(exc)
+                line = dump({"error": error.payload()}) + b"\n"
+                await send({"type": "http.response.body", "body": line, "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        except asyncio.CancelledError:
+            if watcher.done() and not watcher.cancelled():
+                raise ClientGone from None
+            raise
+        except grpc.aio.AioRpcError as exc:
+            raise GatewayError.from_rpc_error(exc) from None
+        finally:
+            watcher.cancel()
+            call.cancel()
+
+    # --- built-in endpoints -----------------------------------------------------------
+
+    async def _healthz(self) -> tuple[int, bytes, bytes]:
+        statuses = await upstream_health(self.channels)
+        healthy = all(status == "SERVING" for status in statuses.values())
+        body = dump({"status": "ok" if healthy else "degraded", "upstreams": statuses})
+        return (200 if healthy else 503), _JSON, body
+
+    async def _openapi(self) -> tuple[int, bytes, bytes]:
+        return 200, _JSON, self.openapi
+
+
+async def _cancel_on_disconnect(receive: Receive, call: grpc.aio.Call) -> None:
+    """Cancel the upstream call when the HTTP client goes away."""
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            call.cancel()
+            return
+
+
+async def _respond(
+    send: Send, status: int, content_type: bytes, body: bytes, extra: Headers
+) -> None:
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", content_type),
+                (b"content-length", str(len(body)).encode()),
+                *extra,
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
+def _method_not_allowed(method: str, path: str, allowed: set[str]) -> GatewayError:
+    error = DomainError(f"{method} is not allowed on {path}", reason="METHOD_NOT_ALLOWED")
+    error.code = grpc.StatusCode.UNIMPLEMENTED
+    return GatewayError.from_domain(error, 405, [(b"allow", ", ".join(sorted(allowed)).encode())])
+
+
+def _too_large(limit: int) -> GatewayError:
+    return GatewayError.from_domain(
+        ResourceExhausted(f"request body is larger than {limit} bytes", reason="BODY_TOO_LARGE"),
+        413,
+    )
+
+
+def build_app(settings: Settings, options: GatewayOptions | None = None) -> Gateway:
+    return Gateway(settings, options)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import uvicorn
 
-from services.gateway.app import build_app
+from services.gateway.app import GatewayOptions, build_app
 from shared.logging import configure_logging
 from shared.settings import Settings
 
@@ -14,7 +14,7 @@ def main() -> None:
     configure_logging("gateway", settings.log_level)
     host, _, port = settings.listen_address.rpartition(":")
     uvicorn.run(
-        build_app(settings),
+        build_app(settings, GatewayOptions.from_env()),
         host=host,
         port=int(port),
         loop="uvloop",
