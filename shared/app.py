@@ -11,8 +11,10 @@ from typing import Any
 
 import grpc
 
+from shared.auth import IdentityJwks, ServiceTokenSource, TokenVerifier
 from shared.clients import Clients
 from shared.db import Database
+from shared.interceptors import Authenticator
 from shared.outbox import OutboxFeed
 from shared.settings import Settings
 
@@ -29,7 +31,16 @@ class ServiceApp:
         self.settings = settings
         self.db = db
         self.feed = OutboxFeed(db, self.name)
-        self.clients = Clients(settings.addresses, default_timeout=settings.call_timeout_seconds)
+        # Calls to other services carry this service's token (when it has credentials).
+        self.token_source = (
+            ServiceTokenSource(settings) if settings.service_secrets.get(self.name) else None
+        )
+        self.clients = Clients(
+            settings.addresses,
+            default_timeout=settings.call_timeout_seconds,
+            token_provider=self.token_source,
+        )
+        self.authenticator: Authenticator = self.build_authenticator()
         self._loops: list[Callable[[], Coroutine[Any, Any, None]]] = []
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -37,6 +48,11 @@ class ServiceApp:
     async def create(cls, settings: Settings) -> ServiceApp:
         db = await Database.connect(settings.service_database_url(cls.name))
         return cls(settings, db)
+
+    def build_authenticator(self) -> Authenticator:
+        """Verifies bearer tokens locally against identity's published keys."""
+        self._jwks = IdentityJwks(self.settings)
+        return TokenVerifier.for_settings(self.settings, self._jwks)
 
     def add_loop(self, loop: Callable[[], Coroutine[Any, Any, None]]) -> None:
         """A background loop that runs while the server does (must be replica-safe)."""
@@ -56,5 +72,10 @@ class ServiceApp:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         await self.clients.close()
+        if self.token_source is not None:
+            await self.token_source.close()
+        jwks = getattr(self, "_jwks", None)
+        if jwks is not None:
+            await jwks.close()
         await self.feed.close()
         await self.db.close()

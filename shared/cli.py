@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import base64
 import importlib
 import json
 import os
@@ -53,6 +54,12 @@ def load_credentials(directory: Path) -> dict[str, Any]:
         key = generate_signing_key()
         creds["jwt_signing_keys"] = [{"kid": key.kid, "private_key_pem": key.private_key_pem}]
         changed = True
+    if not creds.get("project_master_keys"):
+        # Wraps project secrets' data keys; kept so local secrets stay readable across runs.
+        kid = f"mk-{secrets.token_hex(4)}"
+        creds["project_master_keys"] = {kid: base64.b64encode(secrets.token_bytes(32)).decode()}
+        creds["project_master_key_id"] = kid
+        changed = True
     if changed:
         directory.mkdir(parents=True, exist_ok=True)
         path.touch(mode=0o600)
@@ -73,6 +80,8 @@ def service_environment(
         env[f"HANGAR_{name.upper()}_ADDR"] = address
     # Identity signs with the first key; keep an old one listed after it while rotating.
     env["HANGAR_JWT_SIGNING_KEYS"] = json.dumps(creds.get("jwt_signing_keys", []))
+    env["HANGAR_PROJECT_MASTER_KEYS"] = json.dumps(creds.get("project_master_keys", {}))
+    env["HANGAR_PROJECT_MASTER_KEY_ID"] = creds.get("project_master_key_id", "")
     return env
 
 

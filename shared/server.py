@@ -64,7 +64,13 @@ async def start_server(
     authenticator: Authenticator | None = None,
     grace: float = 5.0,
 ) -> RunningServer:
-    """Start serving `service` on `address` ("host:port"; port 0 picks a free one)."""
+    """Start serving `service` on `address` ("host:port"; port 0 picks a free one).
+
+    Without an explicit `authenticator`, the service's own `authenticator` attribute (if any)
+    verifies bearer tokens.
+    """
+    if authenticator is None:
+        authenticator = getattr(service, "authenticator", None)
     server = grpc.aio.server(
         interceptors=[ServerInterceptor(authenticator)],
         options=[

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import json
 import os
 from dataclasses import dataclass, field
 from urllib.parse import quote, urlsplit, urlunsplit
@@ -39,17 +41,104 @@ def _env(name: str, default: str = "") -> str:
 
 
 @dataclass(frozen=True)
+class SigningKey:
+    """An Ed25519 key that signs (or, once retired, only verifies) access tokens."""
+
+    kid: str
+    private_key_pem: str = field(repr=False)
+
+
+@dataclass(frozen=True)
+class OAuthProvider:
+    """An OpenID Connect provider: whose id_tokens LoginWithOAuth accepts."""
+
+    issuer: str
+    client_id: str
+    jwks_url: str = ""  # fetched over HTTP(S) and cached ...
+    jwks: dict[str, object] | None = None  # ... or given inline (local test issuers)
+    algorithms: tuple[str, ...] = ("RS256", "ES256", "EdDSA")
+
+
+def _signing_keys(text: str) -> tuple[SigningKey, ...]:
+    """HANGAR_JWT_SIGNING_KEYS: JSON [{"kid", "private_key_pem"}]; the first one signs."""
+    if not text:
+        return ()
+    return tuple(SigningKey(k["kid"], k["private_key_pem"]) for k in json.loads(text))
+
+
+def _oauth_providers(text: str) -> dict[str, OAuthProvider]:
+    """HANGAR_OAUTH_PROVIDERS: JSON {"google": {"issuer", "client_id", "jwks_url"|"jwks"}}."""
+    if not text:
+        return {}
+    providers = {}
+    for name, spec in json.loads(text).items():
+        algorithms = tuple(spec.get("algorithms") or OAuthProvider.algorithms)
+        providers[name] = OAuthProvider(
+            issuer=spec["issuer"],
+            client_id=spec["client_id"],
+            jwks_url=spec.get("jwks_url", ""),
+            jwks=spec.get("jwks"),
+            algorithms=algorithms,
+        )
+    return providers
+
+
+def _master_keys(text: str) -> dict[str, bytes]:
+    """HANGAR_PROJECT_MASTER_KEYS: JSON {"key id": "<base64 of 32 bytes>"} (project secrets)."""
+    if not text:
+        return {}
+    keys = {kid: base64.b64decode(value) for kid, value in json.loads(text).items()}
+    for kid, key in keys.items():
+        if len(key) != 32:
+            raise ValueError(f"master key {kid!r} must be 32 bytes, not {len(key)}")
+    return keys
+
+
+@dataclass(frozen=True)
 class Settings:
     """Everything a Hangar process reads from its environment, in one place."""
 
     service: str
     database_url: str = ""  # the admin URL; services log in with their own role (below)
-    db_passwords: dict[str, str] = field(default_factory=dict)
+    db_passwords: dict[str, str] = field(default_factory=dict, repr=False)
     addresses: dict[str, str] = field(default_factory=dict)
     log_level: str = "INFO"
     grace_seconds: float = 5.0
     call_timeout_seconds: float = 5.0
-    service_secrets: dict[str, str] = field(default_factory=dict)
+    service_secrets: dict[str, str] = field(default_factory=dict, repr=False)
+    # Tokens (identity signs; every service verifies against identity's JWKS).
+    jwt_issuer: str = "hangar-identity"
+    jwt_audience: str = "hangar"
+    jwt_signing_keys: tuple[SigningKey, ...] = field(default=(), repr=False)
+    access_token_ttl_seconds: int = 900
+    refresh_token_ttl_seconds: int = 30 * 86400
+    service_token_ttl_seconds: int = 600
+    oauth_providers: dict[str, OAuthProvider] = field(default_factory=dict)
+    # argon2id cost; never below the issue's floor (19 MiB, t=2, p=1), see identity.passwords.
+    argon2_time_cost: int = 2
+    argon2_memory_kib: int = 19456
+    argon2_parallelism: int = 1
+    # Stripe (billing): without an API key invoices are computed and stored, not sent.
+    stripe_api_key: str = field(default="", repr=False)
+    stripe_api_base: str = ""  # empty: Stripe's own; tests point it at localstripe
+    stripe_webhook_secret: str = field(default="", repr=False)
+    billing_cycle_seconds: float = 60.0
+    # Runtime: how long a deployment may wait queued for room, how often queued ones are
+    # retried, and how often the reconciler checks the reserved counters.
+    runtime_schedule_timeout_seconds: float = 600.0
+    runtime_schedule_retry_seconds: float = 2.0
+    runtime_reconcile_seconds: float = 30.0
+    # Agent (runs apps on one server): the host apps are reached on, how long an app has
+    # to answer its health check, SIGTERM -> SIGKILL grace, log lines kept per container.
+    agent_app_host: str = "127.0.0.1"
+    agent_start_timeout_seconds: float = 30.0
+    agent_stop_grace_seconds: float = 10.0
+    agent_log_buffer_lines: int = 5000
+    # Project secrets: master keys (key id -> 32 bytes) wrap each project's data key; new
+    # data keys are wrapped under the active id (default: the first key listed).
+    project_master_keys: dict[str, bytes] = field(default_factory=dict, repr=False)
+    project_master_key_id: str = ""
+    project_reconcile_seconds: float = 30.0
 
     @classmethod
     def from_env(cls, service: str) -> Settings:
@@ -68,6 +157,33 @@ class Settings:
             service_secrets={
                 s: _env(f"HANGAR_{s.upper()}_SERVICE_SECRET") for s in (*SERVICES, "agent")
             },
+            stripe_api_key=_env("STRIPE_API_KEY"),
+            stripe_api_base=_env("STRIPE_API_BASE"),
+            stripe_webhook_secret=_env("STRIPE_WEBHOOK_SECRET"),
+            billing_cycle_seconds=float(_env("HANGAR_BILLING_CYCLE_SECONDS", "60")),
+            runtime_schedule_timeout_seconds=float(
+                _env("HANGAR_RUNTIME_SCHEDULE_TIMEOUT_SECONDS", "600")
+            ),
+            runtime_schedule_retry_seconds=float(
+                _env("HANGAR_RUNTIME_SCHEDULE_RETRY_SECONDS", "2")
+            ),
+            runtime_reconcile_seconds=float(_env("HANGAR_RUNTIME_RECONCILE_SECONDS", "30")),
+            agent_app_host=_env("HANGAR_AGENT_APP_HOST", "127.0.0.1"),
+            agent_start_timeout_seconds=float(_env("HANGAR_AGENT_START_TIMEOUT_SECONDS", "30")),
+            agent_stop_grace_seconds=float(_env("HANGAR_AGENT_STOP_GRACE_SECONDS", "10")),
+            agent_log_buffer_lines=int(_env("HANGAR_AGENT_LOG_BUFFER_LINES", "5000")),
+            project_master_keys=_master_keys(_env("HANGAR_PROJECT_MASTER_KEYS")),
+            project_master_key_id=_env("HANGAR_PROJECT_MASTER_KEY_ID"),
+            project_reconcile_seconds=float(_env("HANGAR_PROJECT_RECONCILE_SECONDS", "30")),
+            jwt_issuer=_env("HANGAR_JWT_ISSUER", "hangar-identity"),
+            jwt_audience=_env("HANGAR_JWT_AUDIENCE", "hangar"),
+            jwt_signing_keys=_signing_keys(_env("HANGAR_JWT_SIGNING_KEYS")),
+            access_token_ttl_seconds=int(_env("HANGAR_ACCESS_TOKEN_TTL_SECONDS", "900")),
+            refresh_token_ttl_seconds=int(
+                _env("HANGAR_REFRESH_TOKEN_TTL_SECONDS", str(30 * 86400))
+            ),
+            service_token_ttl_seconds=int(_env("HANGAR_SERVICE_TOKEN_TTL_SECONDS", "600")),
+            oauth_providers=_oauth_providers(_env("HANGAR_OAUTH_PROVIDERS")),
         )
 
     @property

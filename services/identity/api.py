@@ -1,25 +1,269 @@
-"""IdentityService servicer: proto in -> domain call -> proto out.
-
-RPCs not overridden here answer UNIMPLEMENTED (the generated base class) until built.
-"""
+"""IdentityService servicer: proto in -> use case (service.py) -> proto out."""
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from typing import Any, TypeAlias
 
 import grpc
+from google.protobuf import empty_pb2, json_format, struct_pb2, timestamp_pb2
 
 from hangar.events.v1 import events_pb2
+from hangar.identity.v1 import identity_pb2 as pb
 from hangar.identity.v1 import identity_pb2_grpc
-from shared.app import ServiceApp
+from services.identity import store
+from services.identity.service import AuditEventIn, Identity, SignedIn
+from shared.auth import require_service
+from shared.outbox import OutboxFeed
+
+Context: TypeAlias = grpc.aio.ServicerContext
+
+
+def _ts(moment: datetime | int) -> timestamp_pb2.Timestamp:
+    out = timestamp_pb2.Timestamp()
+    if isinstance(moment, int):
+        out.FromSeconds(moment)
+    else:
+        out.FromDatetime(moment)
+    return out
+
+
+def _user(user: store.User) -> pb.User:
+    return pb.User(
+        id=user.id,
+        email=user.email,
+        name=user.name,
+        is_platform_admin=user.is_platform_admin,
+        created_at=_ts(user.created_at),
+    )
+
+
+def _org(org: store.Organization) -> pb.Organization:
+    return pb.Organization(
+        id=org.id,
+        name=org.name,
+        slug=org.slug,
+        owner_id=org.owner_id,
+        created_at=_ts(org.created_at),
+    )
+
+
+def _member(member: store.Member) -> pb.Member:
+    return pb.Member(
+        user_id=member.user_id, email=member.email, role=pb.Role.ValueType(member.role)
+    )
+
+
+def _auth(signed_in: SignedIn) -> pb.AuthResponse:
+    return pb.AuthResponse(
+        user=_user(signed_in.user),
+        access_token=signed_in.access.token,
+        refresh_token=signed_in.refresh_token,
+        access_token_expires_at=_ts(signed_in.access.expires_at),
+    )
+
+
+def _audit_log(stored: store.StoredAudit) -> pb.AuditLog:
+    entry = stored.entry
+    metadata = struct_pb2.Struct()
+    metadata.update(entry.metadata)
+    return pb.AuditLog(
+        id=entry.event_id,
+        organization_id=entry.organization_id or "",
+        actor_id=entry.actor_id or "",
+        action=entry.action,
+        target_type=entry.target_type or "",
+        target_id=entry.target_id or "",
+        metadata=metadata,
+        occurred_at=_ts(entry.occurred_at),
+        prev_hash=entry.prev_hash or "",
+        hash=stored.hash,
+    )
+
+
+def _event_in(event: pb.AuditEvent) -> AuditEventIn:
+    metadata: dict[str, Any] = json_format.MessageToDict(event.metadata)
+    return AuditEventIn(
+        id=event.id,
+        organization_id=event.organization_id,
+        actor_id=event.actor_id,
+        action=event.action,
+        target_type=event.target_type,
+        target_id=event.target_id,
+        metadata=metadata,
+        occurred_at=event.occurred_at.ToDatetime(tzinfo=UTC)
+        if event.HasField("occurred_at")
+        else None,
+    )
 
 
 class IdentityApi(identity_pb2_grpc.IdentityServiceServicer):
-    def __init__(self, app: ServiceApp) -> None:
-        self.app = app
+    def __init__(self, identity: Identity, feed: OutboxFeed) -> None:
+        self.identity = identity
+        self.feed = feed
+
+    # accounts and sessions
+
+    async def SignUp(self, request: pb.SignUpRequest, context: Context) -> pb.AuthResponse:
+        return _auth(await self.identity.sign_up(request.email, request.password, request.name))
+
+    async def Login(self, request: pb.LoginRequest, context: Context) -> pb.AuthResponse:
+        return _auth(await self.identity.login(request.email, request.password))
+
+    async def Refresh(self, request: pb.RefreshRequest, context: Context) -> pb.AuthResponse:
+        return _auth(await self.identity.refresh(request.refresh_token))
+
+    async def Logout(self, request: pb.LogoutRequest, context: Context) -> empty_pb2.Empty:
+        await self.identity.logout(request.refresh_token)
+        return empty_pb2.Empty()
+
+    async def GetCurrentUser(self, request: pb.GetCurrentUserRequest, context: Context) -> pb.User:
+        return _user(await self.identity.current_user())
+
+    async def LoginWithOAuth(
+        self, request: pb.LoginWithOAuthRequest, context: Context
+    ) -> pb.AuthResponse:
+        return _auth(await self.identity.login_with_oauth(request.provider, request.id_token))
+
+    async def LinkOAuthAccount(
+        self, request: pb.LinkOAuthAccountRequest, context: Context
+    ) -> pb.User:
+        return _user(await self.identity.link_oauth(request.provider, request.id_token))
+
+    async def GetJwks(self, request: pb.GetJwksRequest, context: Context) -> pb.GetJwksResponse:
+        keys = [
+            pb.Jwk(kty=k["kty"], crv=k["crv"], x=k["x"], kid=k["kid"], use=k["use"], alg=k["alg"])
+            for k in self.identity.keys.jwks()
+        ]
+        return pb.GetJwksResponse(keys=keys)
+
+    async def IssueServiceToken(
+        self, request: pb.IssueServiceTokenRequest, context: Context
+    ) -> pb.IssueServiceTokenResponse:
+        issued = self.identity.issue_service_token(request.service, request.secret)
+        return pb.IssueServiceTokenResponse(token=issued.token, expires_at=_ts(issued.expires_at))
+
+    async def Authorize(
+        self, request: pb.AuthorizeRequest, context: Context
+    ) -> pb.AuthorizeResponse:
+        allowed, role = await self.identity.authorize(
+            user_id=request.user_id,
+            service=request.service,
+            organization_id=request.organization_id,
+            permission=request.permission,
+        )
+        return pb.AuthorizeResponse(
+            allowed=allowed, role=pb.Role.ValueType(role) if role else pb.ROLE_UNSPECIFIED
+        )
+
+    # organizations
+
+    async def CreateOrganization(
+        self, request: pb.CreateOrganizationRequest, context: Context
+    ) -> pb.Organization:
+        org = request.organization
+        return _org(await self.identity.create_organization(org.name, org.slug))
+
+    async def GetOrganization(
+        self, request: pb.GetOrganizationRequest, context: Context
+    ) -> pb.Organization:
+        return _org(await self.identity.get_organization(request.id))
+
+    async def ListOrganizations(
+        self, request: pb.ListOrganizationsRequest, context: Context
+    ) -> pb.ListOrganizationsResponse:
+        page = await self.identity.list_organizations(request.page_size, request.page_token)
+        return pb.ListOrganizationsResponse(
+            organizations=[_org(o) for o in page.items], next_page_token=page.next_page_token
+        )
+
+    async def UpdateOrganization(
+        self, request: pb.UpdateOrganizationRequest, context: Context
+    ) -> pb.Organization:
+        org = request.organization
+        updated = await self.identity.update_organization(
+            org.id, org.name, org.slug, list(request.update_mask.paths)
+        )
+        return _org(updated)
+
+    async def DeleteOrganization(
+        self, request: pb.DeleteOrganizationRequest, context: Context
+    ) -> empty_pb2.Empty:
+        await self.identity.delete_organization(request.id)
+        return empty_pb2.Empty()
+
+    # members
+
+    async def AddMember(self, request: pb.AddMemberRequest, context: Context) -> pb.Member:
+        member = await self.identity.add_member(
+            request.organization_id, request.email, request.role
+        )
+        return _member(member)
+
+    async def ListMembers(
+        self, request: pb.ListMembersRequest, context: Context
+    ) -> pb.ListMembersResponse:
+        page = await self.identity.list_members(
+            request.organization_id, request.page_size, request.page_token
+        )
+        return pb.ListMembersResponse(
+            members=[_member(m) for m in page.items], next_page_token=page.next_page_token
+        )
+
+    async def UpdateMember(self, request: pb.UpdateMemberRequest, context: Context) -> pb.Member:
+        member = await self.identity.update_member(
+            request.organization_id, request.user_id, request.role
+        )
+        return _member(member)
+
+    async def RemoveMember(
+        self, request: pb.RemoveMemberRequest, context: Context
+    ) -> empty_pb2.Empty:
+        await self.identity.remove_member(request.organization_id, request.user_id)
+        return empty_pb2.Empty()
+
+    # audit
+
+    async def AppendAuditEvents(
+        self, request: pb.AppendAuditEventsRequest, context: Context
+    ) -> pb.AppendAuditEventsResponse:
+        accepted, duplicates = await self.identity.append_audit_events(
+            [_event_in(e) for e in request.events]
+        )
+        return pb.AppendAuditEventsResponse(accepted=accepted, duplicates=duplicates)
+
+    async def ListAuditLogs(
+        self, request: pb.ListAuditLogsRequest, context: Context
+    ) -> pb.ListAuditLogsResponse:
+        page = await self.identity.list_audit_logs(
+            request.organization_id,
+            request.page_size,
+            request.page_token,
+            actor_id=request.actor_id,
+            action=request.action,
+            start=request.start_time.ToDatetime(tzinfo=UTC)
+            if request.HasField("start_time")
+            else None,
+            end=request.end_time.ToDatetime(tzinfo=UTC) if request.HasField("end_time") else None,
+        )
+        return pb.ListAuditLogsResponse(
+            audit_logs=[_audit_log(a) for a in page.items], next_page_token=page.next_page_token
+        )
+
+    async def VerifyAuditChain(
+        self, request: pb.VerifyAuditChainRequest, context: Context
+    ) -> pb.VerifyAuditChainResponse:
+        report = await self.identity.verify_audit_chain(request.organization_id)
+        return pb.VerifyAuditChainResponse(
+            ok=report.ok, checked=report.checked, first_broken_entry_id=report.first_broken_entry_id
+        )
+
+    # events
 
     async def WatchEvents(
-        self, request: events_pb2.WatchEventsRequest, context: grpc.aio.ServicerContext
+        self, request: events_pb2.WatchEventsRequest, context: Context
     ) -> AsyncIterator[events_pb2.Event]:
-        async for event in self.app.feed.watch(request, context):
+        require_service()
+        async for event in self.feed.watch(request, context):
             yield event

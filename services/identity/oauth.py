@@ -1,0 +1,106 @@
+"""OpenID Connect id_token verification for the providers named in settings."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import jwt
+
+from shared.errors import InvalidArgument, Unauthenticated
+from shared.settings import OAuthProvider
+
+JWKS_MAX_AGE = 3600.0
+JWKS_REFETCH_INTERVAL = 30.0
+
+
+@dataclass(frozen=True)
+class OidcIdentity:
+    provider: str
+    subject: str
+    email: str  # lower-cased; "" when the provider gave none
+    email_verified: bool
+
+
+class OidcVerifier:
+    def __init__(self, providers: dict[str, OAuthProvider]) -> None:
+        self.providers = providers
+        self._keys: dict[str, tuple[float, dict[str, Any]]] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    async def verify(self, provider_name: str, id_token: str) -> OidcIdentity:
+        provider = self.providers.get(provider_name)
+        if provider is None:
+            raise InvalidArgument.field("provider", "not a configured OAuth provider")
+        if not id_token:
+            raise InvalidArgument.field("id_token", "required")
+        try:
+            header = jwt.get_unverified_header(id_token)
+        except jwt.PyJWTError:
+            raise Unauthenticated("id_token is malformed", reason="ID_TOKEN_INVALID") from None
+        if header.get("alg") not in provider.algorithms:
+            raise Unauthenticated("id_token algorithm not accepted", reason="ID_TOKEN_INVALID")
+        key = await self._key(provider_name, provider, header.get("kid"))
+        try:
+            claims = jwt.decode(
+                id_token,
+                key,
+                algorithms=list(provider.algorithms),
+                issuer=provider.issuer,
+                audience=provider.client_id,
+                leeway=30,
+                options={"require": ["exp", "iat", "iss", "aud", "sub"]},
+            )
+        except jwt.PyJWTError:
+            raise Unauthenticated("id_token did not verify", reason="ID_TOKEN_INVALID") from None
+        verified = claims.get("email_verified") in (True, "true")
+        return OidcIdentity(
+            provider=provider_name,
+            subject=str(claims["sub"]),
+            email=str(claims.get("email") or "").strip().lower(),
+            email_verified=verified,
+        )
+
+    async def _key(self, name: str, provider: OAuthProvider, kid: Any) -> Any:
+        jwks = await self._jwks(name, provider, refresh=False)
+        key = _find(jwks, kid)
+        if key is None and provider.jwks is None:
+            fetched_at = self._keys.get(name, (0.0, {}))[0]
+            if time.monotonic() - fetched_at > JWKS_REFETCH_INTERVAL:
+                key = _find(await self._jwks(name, provider, refresh=True), kid)
+        if key is None:
+            raise Unauthenticated("id_token signed by an unknown key", reason="ID_TOKEN_INVALID")
+        return key
+
+    async def _jwks(self, name: str, provider: OAuthProvider, *, refresh: bool) -> dict[str, Any]:
+        if provider.jwks is not None:
+            return provider.jwks
+        cached = self._keys.get(name)
+        if cached and not refresh and time.monotonic() - cached[0] < JWKS_MAX_AGE:
+            return cached[1]
+        async with self._locks.setdefault(name, asyncio.Lock()):
+            try:
+                async with httpx.AsyncClient(timeout=5) as client:
+                    response = await client.get(provider.jwks_url)
+                    response.raise_for_status()
+                    jwks = response.json()
+            except (httpx.HTTPError, ValueError):
+                raise Unauthenticated(
+                    "cannot fetch the provider's keys now", reason="PROVIDER_UNAVAILABLE"
+                ) from None
+            self._keys[name] = (time.monotonic(), jwks)
+            return jwks
+
+
+def _find(jwks: dict[str, Any], kid: Any) -> Any:
+    keys = jwks.get("keys", [])
+    for jwk in keys:
+        if (kid is None and len(keys) == 1) or jwk.get("kid") == kid:
+            try:
+                return jwt.PyJWK(jwk).key
+            except jwt.PyJWTError:
+                return None
+    return None

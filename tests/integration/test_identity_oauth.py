@@ -1,0 +1,124 @@
+"""OpenID Connect sign-in and linking against a local test issuer."""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import AsyncIterator
+
+import grpc
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from hangar.identity.v1 import identity_pb2 as pb
+from tests.support.identity import RunningIdentity, TestIssuer, bearer, running_identity
+
+ISSUER = TestIssuer()
+
+
+@pytest.fixture(scope="module")
+async def identity(
+    database_url: str, db_passwords: dict[str, str]
+) -> AsyncIterator[RunningIdentity]:
+    async with running_identity(
+        database_url, db_passwords, oauth={"test": ISSUER.provider()}
+    ) as running:
+        yield running
+
+
+def _email() -> str:
+    return f"oidc-{secrets.token_hex(5)}@example.com"
+
+
+async def _oauth(identity: RunningIdentity, token: str) -> pb.AuthResponse:
+    return await identity.stub.LoginWithOAuth(
+        pb.LoginWithOAuthRequest(provider="test", id_token=token)
+    )
+
+
+async def test_verified_email_creates_an_account_and_signs_in_again(
+    identity: RunningIdentity,
+) -> None:
+    email, subject = _email(), secrets.token_hex(8)
+    first = await _oauth(identity, ISSUER.id_token(subject, email))
+    again = await _oauth(identity, ISSUER.id_token(subject, email))
+    assert first.user.id == again.user.id and first.user.email == email
+    me = await identity.stub.GetCurrentUser(
+        pb.GetCurrentUserRequest(), metadata=bearer(again.access_token)
+    )
+    assert me.id == first.user.id
+
+
+async def test_never_merges_into_an_unverified_local_account(identity: RunningIdentity) -> None:
+    email = _email()
+    local = await identity.sign_up(email)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await _oauth(identity, ISSUER.id_token(secrets.token_hex(8), email))
+    assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    # The local owner can still link explicitly, proving both.
+    subject = secrets.token_hex(8)
+    linked = await identity.stub.LinkOAuthAccount(
+        pb.LinkOAuthAccountRequest(provider="test", id_token=ISSUER.id_token(subject, email)),
+        metadata=bearer(local.access_token),
+    )
+    assert linked.id == local.user.id
+    assert (await _oauth(identity, ISSUER.id_token(subject, email))).user.id == local.user.id
+
+
+async def test_unverified_provider_email_creates_nothing(identity: RunningIdentity) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await _oauth(
+            identity, ISSUER.id_token(secrets.token_hex(8), _email(), email_verified=False)
+        )
+    assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+
+
+async def test_one_identity_links_to_one_account(identity: RunningIdentity) -> None:
+    a, b = await identity.sign_up(), await identity.sign_up()
+    token = ISSUER.id_token(secrets.token_hex(8), _email())
+    await identity.stub.LinkOAuthAccount(
+        pb.LinkOAuthAccountRequest(provider="test", id_token=token), metadata=bearer(a.access_token)
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await identity.stub.LinkOAuthAccount(
+            pb.LinkOAuthAccountRequest(provider="test", id_token=token),
+            metadata=bearer(b.access_token),
+        )
+    assert caught.value.code() == grpc.StatusCode.ALREADY_EXISTS
+
+
+@pytest.mark.parametrize("forge", ["audience", "issuer", "expired", "key"])
+async def test_bad_id_tokens_are_unauthenticated(identity: RunningIdentity, forge: str) -> None:
+    subject, email = secrets.token_hex(8), _email()
+    token = {
+        "audience": lambda: ISSUER.id_token(subject, email, audience="someone-else"),
+        "issuer": lambda: ISSUER.id_token(subject, email, issuer="https://evil.test"),
+        "expired": lambda: ISSUER.id_token(subject, email, expires_in=-120),
+        "key": lambda: ISSUER.id_token(subject, email, key=Ed25519PrivateKey.generate()),
+    }[forge]()
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await _oauth(identity, token)
+    assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+async def test_unknown_provider_is_invalid_argument(identity: RunningIdentity) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await identity.stub.LoginWithOAuth(pb.LoginWithOAuthRequest(provider="nope", id_token="x"))
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_links_by_email_only_to_a_verified_account(
+    identity: RunningIdentity, database_url: str
+) -> None:
+    import asyncpg
+
+    email = _email()
+    local = await identity.sign_up(email)
+    conn = await asyncpg.connect(database_url)  # as if the owner had confirmed the email
+    try:
+        await conn.execute(
+            "UPDATE identity.users SET email_verified = true WHERE id = $1", local.user.id
+        )
+    finally:
+        await conn.close()
+    signed_in = await _oauth(identity, ISSUER.id_token(secrets.token_hex(8), email))
+    assert signed_in.user.id == local.user.id
