@@ -1,21 +1,145 @@
-"""The billing service process."""
+"""The billing service process: the servicer, the billing cycle, and identity's events."""
 
 from __future__ import annotations
+
+from collections.abc import AsyncIterator, Mapping
+from typing import Any
 
 import grpc
 
 from hangar.billing.v1 import billing_pb2, billing_pb2_grpc
+from hangar.events.v1 import events_pb2
+from hangar.identity.v1 import identity_pb2, identity_pb2_grpc
+from services.billing import store
 from services.billing.api import BillingApi
+from services.billing.cycle import BillingCycle
+from services.billing.domain import Clock, SystemClock, add_months
+from services.billing.stripe_gateway import SdkStripeGateway, StripeGateway
 from shared.app import ServiceApp
+from shared.audit import AuditRelay, record_audit
+from shared.auth import Authorizer, RemoteAuthorizer
+from shared.db import Database, Session
+from shared.outbox import EventConsumer, write_event
 from shared.server import run_service
+from shared.settings import Settings
+
+IDENTITY_SERVICE = identity_pb2.DESCRIPTOR.services_by_name["IdentityService"]
+ORGANIZATION_EVENTS = ("organization.created", "organization.deleted")
 
 
 class BillingApp(ServiceApp):
     name = "billing"
     service_names = (billing_pb2.DESCRIPTOR.services_by_name["BillingService"].full_name,)
 
+    def __init__(
+        self,
+        settings: Settings,
+        db: Database,
+        *,
+        clock: Clock | None = None,
+        gateway: StripeGateway | None = None,
+        authorizer: Authorizer | None = None,
+        consume_identity: bool = True,
+        run_cycle: bool = True,
+    ) -> None:
+        super().__init__(settings, db)
+        self.clock = clock or SystemClock()
+        self.gateway = gateway or SdkStripeGateway.from_settings(settings)
+        self.authorizer: Authorizer = authorizer or RemoteAuthorizer(self.clients)
+        self.cycle = BillingCycle(
+            db, self.clock, self.gateway, interval_seconds=settings.billing_cycle_seconds
+        )
+        self.identity_events = EventConsumer(
+            db,
+            "billing",
+            consumer="billing",
+            source="identity",
+            watch=self._watch_identity,
+            handler=self.on_identity_event,
+            types=ORGANIZATION_EVENTS,
+        )
+        if run_cycle:
+            self.add_loop(self.cycle.run)
+        if consume_identity:
+            self.add_loop(self.identity_events.run)
+            self.add_loop(AuditRelay(db, "billing", self.clients).run)
+
     def register(self, server: grpc.aio.Server) -> None:
         billing_pb2_grpc.add_BillingServiceServicer_to_server(BillingApi(self), server)
+
+    def _watch_identity(
+        self, request: events_pb2.WatchEventsRequest
+    ) -> AsyncIterator[events_pb2.Event]:
+        stub = self.clients.stub(
+            "identity", identity_pb2_grpc.IdentityServiceStub, IDENTITY_SERVICE
+        )
+        return stub.WatchEvents(request)  # type: ignore[no-any-return]
+
+    async def on_identity_event(self, tx: Session, event: events_pb2.Event) -> None:
+        """organization.created -> hobby subscription; organization.deleted -> cancel, free."""
+        org = event.organization_id or event.aggregate_id
+        if not org:
+            return
+        now = self.clock.now()
+        if event.type == "organization.created":
+            sub = await store.create_default_subscription(tx, org, now, add_months(now, 1))
+            if sub is not None:
+                await write_event(
+                    tx,
+                    "billing",
+                    "subscription.created",
+                    organization_id=org,
+                    aggregate_id=sub.id,
+                    payload={"plan_id": sub.plan_id},
+                )
+                await self.audit(
+                    tx,
+                    organization_id=org,
+                    action="billing.subscription_created",
+                    target_type="subscription",
+                    target_id=sub.id,
+                    metadata={"plan_id": sub.plan_id},
+                )
+        elif event.type == "organization.deleted":
+            sub = await store.cancel_organization(tx, org, now)
+            if sub is not None:
+                await write_event(
+                    tx,
+                    "billing",
+                    "subscription.canceled",
+                    organization_id=org,
+                    aggregate_id=sub.id,
+                    payload={},
+                )
+                await self.audit(
+                    tx,
+                    organization_id=org,
+                    action="billing.subscription_canceled",
+                    target_type="subscription",
+                    target_id=sub.id,
+                    metadata={},
+                )
+
+    async def audit(
+        self,
+        tx: Session,
+        *,
+        organization_id: str,
+        action: str,
+        target_type: str,
+        target_id: str,
+        metadata: Mapping[str, Any],
+    ) -> None:
+        """Record an audit entry in this transaction (relayed to identity by shared's relay)."""
+        await record_audit(
+            tx,
+            "billing",
+            organization_id=organization_id,
+            action=action,
+            target_type=target_type,
+            target_id=target_id,
+            metadata=dict(metadata),
+        )
 
 
 def main() -> None:
