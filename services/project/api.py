@@ -1,25 +1,141 @@
-"""ProjectService servicer: proto in -> domain call -> proto out.
-
-RPCs not overridden here answer UNIMPLEMENTED (the generated base class) until built.
-"""
+"""ProjectService servicer: proto in -> use case (service.Projects) -> proto out."""
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from datetime import datetime
+from typing import TypeAlias
 
 import grpc
+from google.protobuf import empty_pb2, timestamp_pb2
 
 from hangar.events.v1 import events_pb2
+from hangar.project.v1 import project_pb2 as pb
 from hangar.project.v1 import project_pb2_grpc
-from shared.app import ServiceApp
+from services.project.domain import Project, ProjectSpec
+from services.project.service import Projects
+from services.project.store import StoredSecret
+from shared.auth import require_service
+from shared.outbox import OutboxFeed
+
+Context: TypeAlias = grpc.aio.ServicerContext
+
+_SPEC_FIELDS = tuple(ProjectSpec.__dataclass_fields__)
+
+
+def _ts(moment: datetime) -> timestamp_pb2.Timestamp:
+    ts = timestamp_pb2.Timestamp()
+    ts.FromDatetime(moment)
+    return ts
+
+
+def project_to_proto(p: Project) -> pb.Project:
+    spec = p.spec
+    return pb.Project(
+        id=p.id,
+        organization_id=p.organization_id,
+        **{name: getattr(spec, name) for name in _SPEC_FIELDS},
+        created_at=_ts(p.created_at),
+        updated_at=_ts(p.updated_at),
+    )
+
+
+def spec_from_proto(p: pb.Project) -> ProjectSpec:
+    return ProjectSpec(**{name: getattr(p, name) for name in _SPEC_FIELDS})
+
+
+def set_fields(p: pb.Project) -> list[str]:
+    return [f.name for f, _ in p.ListFields()]
+
+
+def secret_to_proto(s: StoredSecret) -> pb.Secret:
+    return pb.Secret(name=s.name, version=s.version, updated_at=_ts(s.updated_at))
 
 
 class ProjectApi(project_pb2_grpc.ProjectServiceServicer):
-    def __init__(self, app: ServiceApp) -> None:
-        self.app = app
+    def __init__(self, projects: Projects, feed: OutboxFeed) -> None:
+        self.projects = projects
+        self.feed = feed
+
+    async def CreateProject(self, request: pb.CreateProjectRequest, context: Context) -> pb.Project:
+        project = await self.projects.create_project(
+            request.organization_id, spec_from_proto(request.project)
+        )
+        return project_to_proto(project)
+
+    async def GetProject(self, request: pb.GetProjectRequest, context: Context) -> pb.Project:
+        return project_to_proto(await self.projects.get_project(request.id))
+
+    async def ListProjects(
+        self, request: pb.ListProjectsRequest, context: Context
+    ) -> pb.ListProjectsResponse:
+        page = await self.projects.list_projects(
+            request.organization_id,
+            request.page_size,
+            request.page_token,
+            request.sleep_enabled if request.HasField("sleep_enabled") else None,
+        )
+        return pb.ListProjectsResponse(
+            projects=[project_to_proto(p) for p in page.items],
+            next_page_token=page.next_page_token,
+        )
+
+    async def UpdateProject(self, request: pb.UpdateProjectRequest, context: Context) -> pb.Project:
+        project = await self.projects.update_project(
+            request.project.id,
+            spec_from_proto(request.project),
+            list(request.update_mask.paths),
+            set_fields(request.project),
+        )
+        return project_to_proto(project)
+
+    async def DeleteProject(
+        self, request: pb.DeleteProjectRequest, context: Context
+    ) -> empty_pb2.Empty:
+        await self.projects.delete_project(request.id)
+        return empty_pb2.Empty()
+
+    async def SetSecret(self, request: pb.SetSecretRequest, context: Context) -> pb.Secret:
+        secret = await self.projects.set_secret(request.project_id, request.name, request.value)
+        return secret_to_proto(secret)
+
+    async def ListSecrets(
+        self, request: pb.ListSecretsRequest, context: Context
+    ) -> pb.ListSecretsResponse:
+        page = await self.projects.list_secrets(
+            request.project_id, request.page_size, request.page_token
+        )
+        return pb.ListSecretsResponse(
+            secrets=[secret_to_proto(s) for s in page.items], next_page_token=page.next_page_token
+        )
+
+    async def DeleteSecret(
+        self, request: pb.DeleteSecretRequest, context: Context
+    ) -> empty_pb2.Empty:
+        await self.projects.delete_secret(request.project_id, request.name)
+        return empty_pb2.Empty()
+
+    async def RevealSecret(
+        self, request: pb.RevealSecretRequest, context: Context
+    ) -> pb.RevealSecretResponse:
+        secret, value = await self.projects.reveal_secret(request.project_id, request.name)
+        return pb.RevealSecretResponse(name=secret.name, version=secret.version, value=value)
+
+    async def ResolveSecrets(
+        self, request: pb.ResolveSecretsRequest, context: Context
+    ) -> pb.ResolveSecretsResponse:
+        resolved = await self.projects.resolve_secrets(request.project_id)
+        return pb.ResolveSecretsResponse(env=resolved.env, version_hash=resolved.version_hash)
+
+    async def RotateMasterKey(
+        self, request: pb.RotateMasterKeyRequest, context: Context
+    ) -> pb.RotateMasterKeyResponse:
+        key_id, count = await self.projects.rotate_master_key(request.key_id)
+        return pb.RotateMasterKeyResponse(key_id=key_id, rewrapped_count=count)
 
     async def WatchEvents(
-        self, request: events_pb2.WatchEventsRequest, context: grpc.aio.ServicerContext
+        self, request: events_pb2.WatchEventsRequest, context: Context
     ) -> AsyncIterator[events_pb2.Event]:
-        async for event in self.app.feed.watch(request, context):
+        require_service()
+        async for event in self.feed.watch(request, context):
             yield event

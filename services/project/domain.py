@@ -1,0 +1,301 @@
+"""Project's rules as plain Python: what a valid project and secret look like, field masks,
+pool arithmetic for resizes, page tokens and the secrets version hash. No I/O here."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, fields, replace
+from datetime import datetime
+from typing import Any
+
+from shared.errors import FieldViolation, InvalidArgument
+
+SLUG = re.compile(r"^[a-z0-9]+(-[a-z0-9]+)*$")
+SECRET_NAME = re.compile(r"^[A-Z_][A-Z0-9_]*$")
+REGION = re.compile(r"^[a-z][a-z0-9]*(-[a-z0-9]+)*$")
+URL = re.compile(r"^(https?|ssh|git)://[^\s/$.?#][^\s]*$|^git@[^\s:]+:[^\s]+$")
+IMAGE = re.compile(r"^[a-z0-9]+([._/:@-][A-Za-z0-9_.-]+)*$")
+
+MAX_SLUG = 40
+MAX_NAME = 100
+MAX_DESCRIPTION = 2000
+MAX_URL = 2048
+MAX_COMMAND = 4096
+MAX_IMAGE = 512
+MAX_PATH = 512
+MAX_REGION = 32
+MAX_SECRET_NAME = 128
+MAX_SECRET_VALUE = 64 * 1024  # bytes of UTF-8
+
+# Bounds a single project may ask for; the org's pool is billing's to enforce.
+RAM_MB = (32, 256 * 1024)
+CPU_MILLIS = (10, 64_000)
+BANDWIDTH_GB = (0, 100_000)
+SLEEP_AFTER_SECONDS = (30, 7 * 86400)
+
+# Server-side defaults for fields a create leaves unset (proto3 zero values).
+DEFAULT_RAM_MB = 256
+DEFAULT_CPU_MILLIS = 250
+DEFAULT_SLEEP_AFTER_SECONDS = 900
+DEFAULT_REGION = "local"
+
+PERM_LIST = "projects.list"
+PERM_GET = "projects.get"
+PERM_CREATE = "projects.create"
+PERM_UPDATE = "projects.update"
+PERM_DELETE = "projects.delete"
+PERM_SECRETS_LIST = "secrets.list"
+PERM_SECRETS_WRITE = "secrets.write"
+PERM_SECRETS_DELETE = "secrets.delete"
+ROLE_ADMIN = 3  # hangar.identity.v1.ROLE_ADMIN: RevealSecret's minimum role
+
+
+@dataclass(frozen=True)
+class Resources:
+    ram_mb: int = 0
+    cpu_millis: int = 0
+    bandwidth_gb: int = 0
+
+    def shrinks_or_keeps(self, current: Resources) -> bool:
+        """True when no dimension grows: such a resize never needs room in the pool."""
+        return (
+            self.ram_mb <= current.ram_mb
+            and self.cpu_millis <= current.cpu_millis
+            and self.bandwidth_gb <= current.bandwidth_gb
+        )
+
+
+@dataclass(frozen=True)
+class ProjectSpec:
+    """The fields a caller sets on a project."""
+
+    name: str
+    slug: str
+    ram_mb: int
+    cpu_millis: int
+    bandwidth_gb: int
+    region: str
+    sleep_enabled: bool
+    sleep_after_seconds: int
+    description: str = ""
+    repository_url: str = ""
+    default_command: str = ""
+    default_image: str = ""
+    health_check_path: str = ""
+
+    @property
+    def resources(self) -> Resources:
+        return Resources(self.ram_mb, self.cpu_millis, self.bandwidth_gb)
+
+
+UPDATABLE = tuple(f.name for f in fields(ProjectSpec))
+RESOURCE_FIELDS = ("ram_mb", "cpu_millis", "bandwidth_gb")
+
+
+@dataclass(frozen=True)
+class Project:
+    id: str
+    organization_id: str
+    spec: ProjectSpec
+    created_at: datetime
+    updated_at: datetime
+
+
+def with_create_defaults(spec: ProjectSpec) -> ProjectSpec:
+    return replace(
+        spec,
+        ram_mb=spec.ram_mb or DEFAULT_RAM_MB,
+        cpu_millis=spec.cpu_millis or DEFAULT_CPU_MILLIS,
+        sleep_after_seconds=spec.sleep_after_seconds or DEFAULT_SLEEP_AFTER_SECONDS,
+        region=spec.region or DEFAULT_REGION,
+    )
+
+
+def _bounded(value: int, bounds: tuple[int, int], field: str) -> FieldViolation | None:
+    low, high = bounds
+    if not low <= value <= high:
+        return FieldViolation(field, f"must be between {low} and {high}")
+    return None
+
+
+def _text(value: str, field: str, limit: int, pattern: re.Pattern[str] | None, rule: str) -> Any:
+    if not value:
+        return None
+    if len(value) > limit:
+        return FieldViolation(field, f"at most {limit} characters")
+    if "\x00" in value:
+        return FieldViolation(field, "must not contain NUL")
+    if pattern is not None and not pattern.match(value):
+        return FieldViolation(field, rule)
+    return None
+
+
+def slug_violation(slug: str, field: str = "project.slug") -> FieldViolation | None:
+    if not slug:
+        return FieldViolation(field, "required")
+    if len(slug) > MAX_SLUG:
+        return FieldViolation(field, f"at most {MAX_SLUG} characters")
+    if not SLUG.match(slug):
+        return FieldViolation(field, "lower-case letters and digits in groups joined by '-'")
+    return None
+
+
+def spec_violations(spec: ProjectSpec, only: Iterable[str] | None = None) -> list[FieldViolation]:
+    """Every rule the spec breaks, named `project.<field>` (only the `only` fields if given)."""
+    checked = set(UPDATABLE if only is None else only)
+    name = spec.name.strip()
+    candidates: dict[str, FieldViolation | None] = {
+        "name": FieldViolation("project.name", "required")
+        if not name
+        else _text(name, "project.name", MAX_NAME, None, ""),
+        "slug": slug_violation(spec.slug),
+        "ram_mb": _bounded(spec.ram_mb, RAM_MB, "project.ram_mb"),
+        "cpu_millis": _bounded(spec.cpu_millis, CPU_MILLIS, "project.cpu_millis"),
+        "bandwidth_gb": _bounded(spec.bandwidth_gb, BANDWIDTH_GB, "project.bandwidth_gb"),
+        "sleep_after_seconds": _bounded(
+            spec.sleep_after_seconds, SLEEP_AFTER_SECONDS, "project.sleep_after_seconds"
+        ),
+        "region": FieldViolation("project.region", "required")
+        if not spec.region
+        else _text(
+            spec.region,
+            "project.region",
+            MAX_REGION,
+            REGION,
+            "lower-case letters and digits in groups joined by '-', e.g. eu-west-1",
+        ),
+        "description": _text(spec.description, "project.description", MAX_DESCRIPTION, None, ""),
+        "repository_url": _text(
+            spec.repository_url,
+            "project.repository_url",
+            MAX_URL,
+            URL,
+            "an http(s)://, ssh://, git:// or git@host:path URL",
+        ),
+        "default_command": _text(
+            spec.default_command, "project.default_command", MAX_COMMAND, None, ""
+        ),
+        "default_image": _text(
+            spec.default_image,
+            "project.default_image",
+            MAX_IMAGE,
+            IMAGE,
+            "an image reference such as registry.example.com/app:1.2",
+        ),
+        "health_check_path": _text(
+            spec.health_check_path,
+            "project.health_check_path",
+            MAX_PATH,
+            re.compile(r"^/[^\s]*$"),
+            "an absolute path such as /healthz",
+        ),
+    }
+    return [v for key, v in candidates.items() if key in checked and v is not None]
+
+
+def validate_spec(spec: ProjectSpec, only: Iterable[str] | None = None) -> ProjectSpec:
+    violations = spec_violations(spec, only)
+    if violations:
+        raise InvalidArgument(violations)
+    return replace(spec, name=spec.name.strip())
+
+
+def update_paths(paths: Sequence[str], set_fields: Iterable[str]) -> list[str]:
+    """The fields an update touches (AIP-134): the mask, '*' for all, or the non-empty ones."""
+    if not paths:
+        touched = [p for p in set_fields if p in UPDATABLE]
+        if not touched:
+            raise InvalidArgument.field("update_mask", "names no field to update")
+        return touched
+    if list(paths) == ["*"]:
+        return list(UPDATABLE)
+    unknown = [p for p in paths if p not in UPDATABLE]
+    if unknown:
+        raise InvalidArgument(
+            [FieldViolation("update_mask", f"cannot update {p!r}") for p in unknown]
+        )
+    return list(dict.fromkeys(paths))
+
+
+def apply_update(current: ProjectSpec, requested: ProjectSpec, paths: Sequence[str]) -> ProjectSpec:
+    return replace(current, **{p: getattr(requested, p) for p in paths})
+
+
+def secret_name_violation(name: str, field: str = "name") -> FieldViolation | None:
+    if not name:
+        return FieldViolation(field, "required")
+    if len(name) > MAX_SECRET_NAME:
+        return FieldViolation(field, f"at most {MAX_SECRET_NAME} characters")
+    if not SECRET_NAME.match(name):
+        return FieldViolation(
+            field, "upper-case letters, digits and '_', not starting with a digit"
+        )
+    return None
+
+
+def check_secret_name(name: str) -> str:
+    if (bad := secret_name_violation(name)) is not None:
+        raise InvalidArgument(bad)
+    return name
+
+
+def check_secret_value(value: str) -> bytes:
+    """The value as UTF-8 bytes; the error names the size, never the value."""
+    data = value.encode()
+    if len(data) > MAX_SECRET_VALUE:
+        raise InvalidArgument.field("value", f"at most {MAX_SECRET_VALUE} bytes")
+    return data
+
+
+def require_id(value: str, field: str) -> str:
+    if not value:
+        raise InvalidArgument.field(field, "required")
+    if len(value) > 100:
+        raise InvalidArgument.field(field, "too long")
+    return value
+
+
+def secrets_version_hash(versions: Iterable[tuple[str, int]]) -> str:
+    """A digest of names and versions: changes whenever any secret is set, added or removed."""
+    digest = hashlib.sha256()
+    for name, version in sorted(versions):
+        digest.update(f"{name}\x00{version}\n".encode())
+    return "sha256:" + digest.hexdigest()
+
+
+# -------------------------------------------------------------------------- pagination
+
+DEFAULT_PAGE_SIZE = 50
+MAX_PAGE_SIZE = 500
+
+
+def page_size(requested: int) -> int:
+    if requested < 0:
+        raise InvalidArgument.field("page_size", "must not be negative")
+    return min(requested or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+
+
+def encode_page_token(key: list[Any]) -> str:
+    return base64.urlsafe_b64encode(json.dumps(key).encode()).decode().rstrip("=")
+
+
+def decode_page_token(token: str, shape: tuple[type, ...]) -> list[Any] | None:
+    """The last key of the previous page; INVALID_ARGUMENT for a token we did not make."""
+    if not token:
+        return None
+    try:
+        key = json.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
+    except (ValueError, binascii.Error):
+        raise InvalidArgument.field("page_token", "not a page token from this list") from None
+    if (
+        not isinstance(key, list)
+        or len(key) != len(shape)
+        or not all(isinstance(v, t) for v, t in zip(key, shape, strict=True))
+    ):
+        raise InvalidArgument.field("page_token", "not a page token from this list")
+    return key

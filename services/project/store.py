@@ -1,0 +1,418 @@
+"""Project's tables and queries (SQLAlchemy Core on asyncpg); the only file with SQL."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import asyncpg
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql as pg
+
+from services.project.domain import Project, ProjectSpec, Resources
+from shared.db import Session, compile_query
+
+SCHEMA = "project"
+metadata = sa.MetaData(schema=SCHEMA)
+
+projects = sa.Table(
+    "projects",
+    metadata,
+    sa.Column("id", sa.Text, primary_key=True),
+    sa.Column("organization_id", sa.Text, nullable=False),
+    sa.Column("name", sa.Text, nullable=False),
+    sa.Column("slug", sa.Text, nullable=False),
+    sa.Column("ram_mb", sa.Integer, nullable=False),
+    sa.Column("cpu_millis", sa.Integer, nullable=False),
+    sa.Column("bandwidth_gb", sa.Integer, nullable=False),
+    sa.Column("region", sa.Text, nullable=False),
+    sa.Column("sleep_enabled", sa.Boolean, nullable=False),
+    sa.Column("sleep_after_seconds", sa.Integer, nullable=False),
+    sa.Column("description", sa.Text, nullable=False),
+    sa.Column("repository_url", sa.Text),
+    sa.Column("default_command", sa.Text),
+    sa.Column("default_image", sa.Text),
+    sa.Column("health_check_path", sa.Text),
+    sa.Column("data_key_wrapped", sa.LargeBinary),
+    sa.Column("data_key_id", sa.Text),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
+)
+
+project_secrets = sa.Table(
+    "project_secrets",
+    metadata,
+    sa.Column("id", sa.Text, primary_key=True),
+    sa.Column("project_id", sa.Text, nullable=False),
+    sa.Column("name", sa.Text, nullable=False),
+    sa.Column("ciphertext", sa.LargeBinary, nullable=False),
+    sa.Column("nonce", sa.LargeBinary, nullable=False),
+    sa.Column("key_version", sa.Integer, nullable=False),
+    sa.Column("version", sa.Integer, nullable=False),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
+)
+
+_NULLABLE_TEXT = ("repository_url", "default_command", "default_image", "health_check_path")
+_PROJECT_COLUMNS = [c for c in projects.c if c.name not in ("data_key_wrapped", "data_key_id")]
+
+
+def _spec_values(spec: ProjectSpec, only: Sequence[str] | None = None) -> dict[str, Any]:
+    values = {
+        name: getattr(spec, name) for name in (only or ProjectSpec.__dataclass_fields__.keys())
+    }
+    for name in _NULLABLE_TEXT:
+        if name in values:
+            values[name] = values[name] or None
+    return values
+
+
+def _project(row: asyncpg.Record) -> Project:
+    spec = ProjectSpec(
+        name=row["name"],
+        slug=row["slug"],
+        ram_mb=row["ram_mb"],
+        cpu_millis=row["cpu_millis"],
+        bandwidth_gb=row["bandwidth_gb"],
+        region=row["region"],
+        sleep_enabled=row["sleep_enabled"],
+        sleep_after_seconds=row["sleep_after_seconds"],
+        description=row["description"],
+        repository_url=row["repository_url"] or "",
+        default_command=row["default_command"] or "",
+        default_image=row["default_image"] or "",
+        health_check_path=row["health_check_path"] or "",
+    )
+    return Project(row["id"], row["organization_id"], spec, row["created_at"], row["updated_at"])
+
+
+# --------------------------------------------------------------------------- locks
+
+
+async def lock_project(tx: Session, project_id: str) -> None:
+    """Serializes everything that changes a project's allocation (create, resize, delete,
+    reconcile) until this transaction ends."""
+    await tx.execute("SELECT pg_advisory_xact_lock(hashtext('project:' || $1))", project_id)
+
+
+async def try_lock(tx: Session, name: str) -> bool:
+    return bool(await tx.fetchval("SELECT pg_try_advisory_xact_lock(hashtext($1))", name))
+
+
+# ------------------------------------------------------------------------ projects
+
+
+async def insert_project(
+    tx: Session,
+    *,
+    project_id: str,
+    organization_id: str,
+    spec: ProjectSpec,
+    data_key_wrapped: bytes | None,
+    data_key_id: str | None,
+) -> Project | None:
+    """The new project, or None when the org already has a project with this slug."""
+    statement = (
+        pg.insert(projects)
+        .values(
+            id=project_id,
+            organization_id=organization_id,
+            data_key_wrapped=data_key_wrapped,
+            data_key_id=data_key_id,
+            created_at=sa.func.now(),
+            updated_at=sa.func.now(),
+            **_spec_values(spec),
+        )
+        .on_conflict_do_nothing(constraint="uq_projects_organization_id_slug")
+        .returning(*_PROJECT_COLUMNS)
+    )
+    row = await tx.fetchrow(statement)
+    return _project(row) if row else None
+
+
+# The hot read (GetProject and every project-scoped RPC's access check), compiled once.
+_GET_PROJECT_SQL, _ = compile_query(
+    sa.select(*_PROJECT_COLUMNS).where(projects.c.id == sa.bindparam("project_id", ""))
+)
+
+
+async def get_project(s: Session, project_id: str) -> Project | None:
+    row = await s.fetchrow(_GET_PROJECT_SQL, project_id)
+    return _project(row) if row else None
+
+
+async def slug_taken(s: Session, organization_id: str, slug: str, except_id: str = "") -> bool:
+    statement = sa.select(sa.literal(1)).where(
+        projects.c.organization_id == organization_id,
+        projects.c.slug == slug,
+        projects.c.id != except_id,
+    )
+    return await s.fetchval(statement) is not None
+
+
+async def list_projects(
+    s: Session,
+    organization_id: str,
+    *,
+    sleep_enabled: bool | None,
+    after: tuple[datetime, str] | None,
+    limit: int,
+) -> list[Project]:
+    statement = sa.select(*_PROJECT_COLUMNS).where(projects.c.organization_id == organization_id)
+    if sleep_enabled is not None:
+        statement = statement.where(projects.c.sleep_enabled == sleep_enabled)
+    if after is not None:
+        statement = statement.where(
+            sa.tuple_(projects.c.created_at, projects.c.id) > sa.tuple_(*after)
+        )
+    statement = statement.order_by(projects.c.created_at, projects.c.id).limit(limit)
+    return [_project(r) for r in await s.fetch(statement)]
+
+
+async def update_project(
+    tx: Session, project_id: str, spec: ProjectSpec, paths: Sequence[str]
+) -> Project | None:
+    """None when the slug is taken by another project of the org."""
+    statement = (
+        sa.update(projects)
+        .where(projects.c.id == project_id)
+        .values(updated_at=sa.func.now(), **_spec_values(spec, paths))
+        .returning(*_PROJECT_COLUMNS)
+    )
+    try:
+        async with tx.conn.transaction():  # a savepoint: a unique violation keeps tx usable
+            row = await tx.fetchrow(statement)
+    except asyncpg.UniqueViolationError:
+        return None
+    return _project(row) if row else None
+
+
+async def delete_project(tx: Session, project_id: str) -> Project | None:
+    """Deletes the project; its secrets go with it (ON DELETE CASCADE)."""
+    statement = sa.delete(projects).where(projects.c.id == project_id).returning(*_PROJECT_COLUMNS)
+    row = await tx.fetchrow(statement)
+    return _project(row) if row else None
+
+
+async def delete_organization_projects(tx: Session, organization_id: str) -> list[Project]:
+    statement = (
+        sa.delete(projects)
+        .where(projects.c.organization_id == organization_id)
+        .returning(*_PROJECT_COLUMNS)
+    )
+    return [_project(r) for r in await tx.fetch(statement)]
+
+
+@dataclass(frozen=True)
+class ProjectSize:
+    id: str
+    organization_id: str
+    resources: Resources
+
+
+async def project_sizes(s: Session, after_id: str, limit: int) -> list[ProjectSize]:
+    statement = (
+        sa.select(
+            projects.c.id,
+            projects.c.organization_id,
+            projects.c.ram_mb,
+            projects.c.cpu_millis,
+            projects.c.bandwidth_gb,
+        )
+        .where(projects.c.id > after_id)
+        .order_by(projects.c.id)
+        .limit(limit)
+    )
+    return [
+        ProjectSize(
+            r["id"],
+            r["organization_id"],
+            Resources(r["ram_mb"], r["cpu_millis"], r["bandwidth_gb"]),
+        )
+        for r in await s.fetch(statement)
+    ]
+
+
+# ------------------------------------------------------------------------ data keys
+
+
+@dataclass(frozen=True)
+class WrappedKey:
+    project_id: str
+    organization_id: str
+    wrapped: bytes
+    key_id: str
+
+
+async def data_key(s: Session, project_id: str) -> WrappedKey | None:
+    statement = sa.select(
+        projects.c.id,
+        projects.c.organization_id,
+        projects.c.data_key_wrapped,
+        projects.c.data_key_id,
+    ).where(projects.c.id == project_id)
+    row = await s.fetchrow(statement)
+    if row is None or row["data_key_wrapped"] is None:
+        return None
+    return WrappedKey(
+        row["id"], row["organization_id"], row["data_key_wrapped"], row["data_key_id"]
+    )
+
+
+async def claim_keys_to_rewrap(tx: Session, target_key_id: str, limit: int) -> list[WrappedKey]:
+    """Data keys not yet under `target_key_id`, locked; rows other replicas hold are skipped."""
+    statement = (
+        sa.select(
+            projects.c.id,
+            projects.c.organization_id,
+            projects.c.data_key_wrapped,
+            projects.c.data_key_id,
+        )
+        .where(projects.c.data_key_id.is_not(None), projects.c.data_key_id != target_key_id)
+        .order_by(projects.c.id)
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+    )
+    return [
+        WrappedKey(r["id"], r["organization_id"], r["data_key_wrapped"], r["data_key_id"])
+        for r in await tx.fetch(statement)
+    ]
+
+
+async def set_data_key(tx: Session, project_id: str, wrapped: bytes, key_id: str) -> None:
+    await tx.execute(
+        sa.update(projects)
+        .where(projects.c.id == project_id)
+        .values(data_key_wrapped=wrapped, data_key_id=key_id)
+    )
+
+
+async def set_data_key_if_missing(
+    tx: Session, project_id: str, wrapped: bytes, key_id: str
+) -> None:
+    await tx.execute(
+        sa.update(projects)
+        .where(projects.c.id == project_id, projects.c.data_key_wrapped.is_(None))
+        .values(data_key_wrapped=wrapped, data_key_id=key_id)
+    )
+
+
+async def data_key_ids(s: Session) -> dict[str, int]:
+    """How many data keys each master key id wraps."""
+    statement = (
+        sa.select(projects.c.data_key_id, sa.func.count())
+        .where(projects.c.data_key_id.is_not(None))
+        .group_by(projects.c.data_key_id)
+    )
+    return {r[0]: r[1] for r in await s.fetch(statement)}
+
+
+# ------------------------------------------------------------------------- secrets
+
+
+@dataclass(frozen=True)
+class StoredSecret:
+    name: str
+    version: int
+    updated_at: datetime
+    ciphertext: bytes = b""
+    nonce: bytes = b""
+    key_version: int = 0
+
+
+def _secret(row: asyncpg.Record) -> StoredSecret:
+    return StoredSecret(
+        name=row["name"],
+        version=row["version"],
+        updated_at=row["updated_at"],
+        ciphertext=row.get("ciphertext", b""),
+        nonce=row.get("nonce", b""),
+        key_version=row.get("key_version", 0),
+    )
+
+
+async def upsert_secret(
+    tx: Session,
+    *,
+    secret_id: str,
+    project_id: str,
+    name: str,
+    ciphertext: bytes,
+    nonce: bytes,
+    key_version: int,
+) -> StoredSecret:
+    insert = pg.insert(project_secrets).values(
+        id=secret_id,
+        project_id=project_id,
+        name=name,
+        ciphertext=ciphertext,
+        nonce=nonce,
+        key_version=key_version,
+        version=1,
+        created_at=sa.func.now(),
+        updated_at=sa.func.now(),
+    )
+    statement = insert.on_conflict_do_update(
+        constraint="uq_project_secrets_project_id_name",
+        set_={
+            "ciphertext": insert.excluded.ciphertext,
+            "nonce": insert.excluded.nonce,
+            "key_version": insert.excluded.key_version,
+            "version": project_secrets.c.version + 1,
+            "updated_at": sa.func.now(),
+        },
+    ).returning(project_secrets.c.name, project_secrets.c.version, project_secrets.c.updated_at)
+    row = await tx.fetchrow(statement)
+    assert row is not None
+    return _secret(row)
+
+
+async def list_secrets(
+    s: Session, project_id: str, after_name: str, limit: int
+) -> list[StoredSecret]:
+    statement = (
+        sa.select(project_secrets.c.name, project_secrets.c.version, project_secrets.c.updated_at)
+        .where(project_secrets.c.project_id == project_id, project_secrets.c.name > after_name)
+        .order_by(project_secrets.c.name)
+        .limit(limit)
+    )
+    return [_secret(r) for r in await s.fetch(statement)]
+
+
+_SEALED_COLUMNS = (
+    project_secrets.c.name,
+    project_secrets.c.version,
+    project_secrets.c.updated_at,
+    project_secrets.c.ciphertext,
+    project_secrets.c.nonce,
+    project_secrets.c.key_version,
+)
+
+
+async def get_secret(s: Session, project_id: str, name: str) -> StoredSecret | None:
+    statement = sa.select(*_SEALED_COLUMNS).where(
+        project_secrets.c.project_id == project_id, project_secrets.c.name == name
+    )
+    row = await s.fetchrow(statement)
+    return _secret(row) if row else None
+
+
+async def all_secrets(s: Session, project_id: str) -> list[StoredSecret]:
+    statement = (
+        sa.select(*_SEALED_COLUMNS)
+        .where(project_secrets.c.project_id == project_id)
+        .order_by(project_secrets.c.name)
+    )
+    return [_secret(r) for r in await s.fetch(statement)]
+
+
+async def delete_secret(tx: Session, project_id: str, name: str) -> StoredSecret | None:
+    statement = (
+        sa.delete(project_secrets)
+        .where(project_secrets.c.project_id == project_id, project_secrets.c.name == name)
+        .returning(project_secrets.c.name, project_secrets.c.version, project_secrets.c.updated_at)
+    )
+    row = await tx.fetchrow(statement)
+    return _secret(row) if row else None

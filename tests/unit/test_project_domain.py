@@ -1,0 +1,96 @@
+"""Project's rules: validation naming the field, field masks, resizes, the secrets hash."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+
+from services.project import domain
+from services.project.domain import ProjectSpec, Resources
+from shared.errors import InvalidArgument
+
+SPEC = ProjectSpec(
+    name="Web",
+    slug="web",
+    ram_mb=256,
+    cpu_millis=250,
+    bandwidth_gb=1,
+    region="eu-west-1",
+    sleep_enabled=False,
+    sleep_after_seconds=900,
+)
+
+
+def _fields(exc: InvalidArgument) -> list[str]:
+    return [v.field for v in exc.violations]
+
+
+def test_a_valid_spec_passes_and_the_name_is_trimmed() -> None:
+    assert domain.validate_spec(replace(SPEC, name="  Web  ")).name == "Web"
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        ({"slug": "-web"}, "project.slug"),
+        ({"slug": "web--api"}, "project.slug"),
+        ({"slug": "w" * 41}, "project.slug"),
+        ({"name": " "}, "project.name"),
+        ({"ram_mb": 0}, "project.ram_mb"),
+        ({"cpu_millis": 1_000_000}, "project.cpu_millis"),
+        ({"bandwidth_gb": -1}, "project.bandwidth_gb"),
+        ({"region": "Mars"}, "project.region"),
+        ({"repository_url": "javascript:alert(1)"}, "project.repository_url"),
+        ({"default_image": "Bad Image"}, "project.default_image"),
+        ({"health_check_path": "/a b"}, "project.health_check_path"),
+        ({"default_command": "x" * 5000}, "project.default_command"),
+    ],
+)
+def test_each_rule_names_its_field(change: dict[str, object], field: str) -> None:
+    with pytest.raises(InvalidArgument) as info:
+        domain.validate_spec(replace(SPEC, **change))  # type: ignore[arg-type]
+    assert _fields(info.value) == [field]
+
+
+def test_create_defaults_fill_unset_resources_and_region() -> None:
+    spec = domain.with_create_defaults(replace(SPEC, ram_mb=0, cpu_millis=0, region=""))
+    assert (spec.ram_mb, spec.cpu_millis, spec.region) == (256, 250, "local")
+
+
+def test_update_paths_follow_aip_134() -> None:
+    assert domain.update_paths(["ram_mb", "ram_mb"], []) == ["ram_mb"]
+    assert domain.update_paths(["*"], []) == list(domain.UPDATABLE)
+    assert domain.update_paths([], ["id", "name"]) == ["name"]
+    for bad in (["id"], ["organization_id"], ["created_at"], ["nope"]):
+        with pytest.raises(InvalidArgument) as info:
+            domain.update_paths(bad, [])
+        assert _fields(info.value) == ["update_mask"]
+    with pytest.raises(InvalidArgument):
+        domain.update_paths([], ["id"])
+
+
+def test_a_resize_that_grows_any_dimension_is_not_a_shrink() -> None:
+    current = Resources(256, 250, 1)
+    assert Resources(128, 250, 1).shrinks_or_keeps(current)
+    assert not Resources(128, 500, 0).shrinks_or_keeps(current)
+
+
+def test_secret_names_and_values() -> None:
+    for good in ("A", "_X", "DATABASE_URL", "A" * 128):
+        assert domain.check_secret_name(good) == good
+    for bad in ("", "a", "1A", "A-B", "A" * 129):
+        with pytest.raises(InvalidArgument):
+            domain.check_secret_name(bad)
+    assert domain.check_secret_value("x" * 65536) == b"x" * 65536
+    with pytest.raises(InvalidArgument) as info:
+        domain.check_secret_value("é" * 40000)  # 80,000 bytes of UTF-8
+    assert "é" not in info.value.message
+
+
+def test_the_version_hash_depends_on_names_and_versions_only() -> None:
+    h = domain.secrets_version_hash
+    assert h([("A", 1), ("B", 2)]) == h([("B", 2), ("A", 1)])
+    assert h([("A", 1)]) != h([("A", 2)])
+    assert h([("A", 1)]) != h([("A", 1), ("B", 1)])
+    assert h([]).startswith("sha256:")
