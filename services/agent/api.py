@@ -1,0 +1,159 @@
+"""AgentService servicer: proto in -> driver call -> proto out.
+
+Every RPC is internal: only runtime's service token is accepted (user tokens get
+PERMISSION_DENIED, no token UNAUTHENTICATED).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from datetime import datetime
+
+import grpc
+from google.protobuf import timestamp_pb2
+
+from hangar.agent.v1 import agent_pb2, agent_pb2_grpc
+from services.agent.domain import MAX_GRACE_SECONDS, ContainerInfo, ContainerSpec, ContainerState
+from services.agent.drivers import Driver
+from shared.auth import require_service
+from shared.errors import FailedPrecondition, InvalidArgument, NotFound
+
+CALLER = "runtime"
+DEFAULT_PAGE_SIZE = 100
+MAX_PAGE_SIZE = 1000
+
+# The contract has no "stopped": a container stopped on request is EXITED, reason "stopped".
+_STATUS = {
+    ContainerState.STARTING: agent_pb2.CONTAINER_STATUS_STARTING,
+    ContainerState.RUNNING: agent_pb2.CONTAINER_STATUS_RUNNING,
+    ContainerState.STOPPING: agent_pb2.CONTAINER_STATUS_STOPPING,
+    ContainerState.EXITED: agent_pb2.CONTAINER_STATUS_EXITED,
+    ContainerState.FAILED: agent_pb2.CONTAINER_STATUS_FAILED,
+    ContainerState.STOPPED: agent_pb2.CONTAINER_STATUS_EXITED,
+}
+
+
+class AgentApi(agent_pb2_grpc.AgentServiceServicer):
+    def __init__(self, driver: Driver) -> None:
+        self.driver = driver
+
+    async def StartContainer(
+        self, request: agent_pb2.StartContainerRequest, context: grpc.aio.ServicerContext
+    ) -> agent_pb2.StartContainerResponse:
+        require_service(CALLER)
+        spec = spec_from_proto(request)
+        spec.validate()
+        if spec.image and not self.driver.runs_images:
+            raise FailedPrecondition("this agent has no image driver", reason="NO_IMAGE_DRIVER")
+        info = await self.driver.start(spec)
+        return agent_pb2.StartContainerResponse(address=info.address, port=info.port, pid=info.pid)
+
+    async def StopContainer(
+        self, request: agent_pb2.StopContainerRequest, context: grpc.aio.ServicerContext
+    ) -> agent_pb2.Container:
+        require_service(CALLER)
+        _require_id(request.container_id)
+        grace = None
+        if request.HasField("grace"):
+            grace = request.grace.ToTimedelta().total_seconds()
+            if not 0 <= grace <= MAX_GRACE_SECONDS:
+                raise InvalidArgument.field("grace", f"between 0 and {MAX_GRACE_SECONDS:g}s")
+        return container_to_proto(await self.driver.stop(request.container_id, grace))
+
+    async def GetContainer(
+        self, request: agent_pb2.GetContainerRequest, context: grpc.aio.ServicerContext
+    ) -> agent_pb2.Container:
+        require_service(CALLER)
+        _require_id(request.container_id)
+        info = self.driver.inspect(request.container_id)
+        if info is None:
+            raise NotFound("this agent runs no such container", reason="CONTAINER_NOT_FOUND")
+        return container_to_proto(info)
+
+    async def ListContainers(
+        self, request: agent_pb2.ListContainersRequest, context: grpc.aio.ServicerContext
+    ) -> agent_pb2.ListContainersResponse:
+        require_service(CALLER)
+        if request.page_size < 0:
+            raise InvalidArgument.field("page_size", "must not be negative")
+        size = min(request.page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+        after = _decode_page_token(request.page_token)
+        listed = sorted(
+            (
+                info
+                for info in self.driver.list()
+                if info.container_id > after
+                and (not request.project_id or info.project_id == request.project_id)
+            ),
+            key=lambda info: info.container_id,
+        )
+        page = listed[:size]
+        next_token = _encode_page_token(page[-1].container_id) if len(listed) > size else ""
+        return agent_pb2.ListContainersResponse(
+            containers=[container_to_proto(info) for info in page], next_page_token=next_token
+        )
+
+
+def spec_from_proto(request: agent_pb2.StartContainerRequest) -> ContainerSpec:
+    return ContainerSpec(
+        container_id=request.container_id,
+        deployment_id=request.deployment_id,
+        project_id=request.project_id,
+        command=request.command,
+        image=request.image,
+        env=dict(request.env),
+        ram_mb=request.ram_mb,
+        cpu_millis=request.cpu_millis,
+        health_check_path=request.health_check_path,
+    )
+
+
+def container_to_proto(info: ContainerInfo) -> agent_pb2.Container:
+    message = agent_pb2.Container(
+        container_id=info.container_id,
+        deployment_id=info.deployment_id,
+        project_id=info.project_id,
+        status=_STATUS[info.state],
+        reason=info.reason,
+        address=info.address,
+        port=info.port,
+        pid=info.pid,
+    )
+    if info.exit_code is not None:
+        message.exit_code = info.exit_code
+    if info.started_at is not None:
+        message.started_at.CopyFrom(_timestamp(info.started_at))
+    if info.ended_at is not None:
+        message.ended_at.CopyFrom(_timestamp(info.ended_at))
+    return message
+
+
+def _timestamp(moment: datetime) -> timestamp_pb2.Timestamp:
+    stamp = timestamp_pb2.Timestamp()
+    stamp.FromDatetime(moment)
+    return stamp
+
+
+def _require_id(container_id: str) -> None:
+    if not container_id:
+        raise InvalidArgument.field("container_id", "required")
+
+
+_PAGE_TOKEN_PREFIX = "after:"
+
+
+def _encode_page_token(last_id: str) -> str:
+    return base64.urlsafe_b64encode(f"{_PAGE_TOKEN_PREFIX}{last_id}".encode()).decode()
+
+
+def _decode_page_token(token: str) -> str:
+    if not token:
+        return ""
+    try:
+        text = base64.b64decode(token.encode(), altchars=b"-_", validate=True).decode()
+    except (binascii.Error, UnicodeDecodeError, ValueError):
+        text = ""
+    if not text.startswith(_PAGE_TOKEN_PREFIX):
+        raise InvalidArgument.field("page_token", "not a token this agent issued")
+    return text.removeprefix(_PAGE_TOKEN_PREFIX)

@@ -1,0 +1,190 @@
+"""The agent's rules as plain Python: what a container is, the states it goes through, what a
+start request must say, and the bounded per-container log buffer that telemetry ships."""
+
+from __future__ import annotations
+
+import re
+import signal
+from collections import deque
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+from enum import StrEnum
+
+from shared.errors import FieldViolation, InvalidArgument
+
+# Env names a POSIX shell accepts; anything else could not be read by the app anyway.
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_CONTAINER_ID = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
+MAX_GRACE_SECONDS = 300.0
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class ContainerState(StrEnum):
+    STARTING = "starting"  # process started, health check not passed yet
+    RUNNING = "running"  # health check passed
+    STOPPING = "stopping"  # SIGTERM sent on request, waiting for the process to end
+    EXITED = "exited"  # ended on its own after it had been running
+    FAILED = "failed"  # could not start, ended during start-up, or never became healthy
+    STOPPED = "stopped"  # ended because StopContainer (or the agent's shutdown) asked
+
+    @property
+    def ended(self) -> bool:
+        return self in (ContainerState.EXITED, ContainerState.FAILED, ContainerState.STOPPED)
+
+
+def exit_code_of(returncode: int) -> int:
+    """A process's exit code the way a shell reports it: killed by signal N -> 128 + N."""
+    return returncode if returncode >= 0 else 128 - returncode
+
+
+def describe_exit(returncode: int) -> str:
+    if returncode >= 0:
+        return f"exited with code {returncode}"
+    try:
+        name = signal.Signals(-returncode).name
+    except ValueError:
+        name = f"signal {-returncode}"
+    return f"killed by {name}"
+
+
+@dataclass(frozen=True)
+class ContainerSpec:
+    """What runtime asks the agent to run."""
+
+    container_id: str
+    deployment_id: str = ""
+    project_id: str = ""
+    command: str = ""
+    image: str = ""
+    env: Mapping[str, str] = field(default_factory=dict, repr=False)  # secrets: never logged
+    ram_mb: int = 0
+    cpu_millis: int = 0
+    health_check_path: str = ""  # empty: the app is up once its port accepts connections
+
+    def validate(self) -> None:
+        violations = []
+        if not self.container_id:
+            violations.append(FieldViolation("container_id", "required"))
+        elif not _CONTAINER_ID.match(self.container_id):
+            violations.append(
+                FieldViolation("container_id", "1 to 128 of letters, digits, '-', '_', '.'")
+            )
+        if bool(self.command.strip()) == bool(self.image.strip()):
+            violations.append(FieldViolation("source", "exactly one of command or image"))
+        if "\x00" in self.command:
+            violations.append(FieldViolation("command", "must not contain NUL"))
+        for name, value in self.env.items():
+            if not _ENV_NAME.match(name):
+                violations.append(FieldViolation(f"env[{name!r}]", "not a valid variable name"))
+            elif "\x00" in value:
+                violations.append(FieldViolation(f"env[{name}]", "value must not contain NUL"))
+        if self.ram_mb < 0:
+            violations.append(FieldViolation("ram_mb", "must not be negative"))
+        if self.cpu_millis < 0:
+            violations.append(FieldViolation("cpu_millis", "must not be negative"))
+        if self.health_check_path and not self.health_check_path.startswith("/"):
+            violations.append(FieldViolation("health_check_path", "must start with '/'"))
+        if violations:
+            raise InvalidArgument(violations)
+
+    def same_container(self, other: ContainerSpec) -> bool:
+        """Whether a repeated start names the container already known (idempotency)."""
+        return (self.deployment_id, self.project_id) == (other.deployment_id, other.project_id)
+
+
+@dataclass(frozen=True)
+class ContainerInfo:
+    """A container as the agent sees it at one moment (what GetContainer answers)."""
+
+    container_id: str
+    deployment_id: str
+    project_id: str
+    state: ContainerState
+    address: str = ""
+    port: int = 0
+    pid: int = 0
+    exit_code: int | None = None
+    reason: str = ""
+    started_at: datetime | None = None
+    ended_at: datetime | None = None
+
+    def with_changes(self, **changes: object) -> ContainerInfo:
+        return replace(self, **changes)  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
+class ResourceSample:
+    """One psutil reading of a container's process tree."""
+
+    container_id: str
+    rss_bytes: int
+    cpu_seconds: float  # user + system, including children that have ended
+    sampled_at: datetime
+
+
+class LogStream(StrEnum):
+    STDOUT = "stdout"
+    STDERR = "stderr"
+
+
+@dataclass(frozen=True)
+class LogLine:
+    sequence: int  # per container, strictly increasing from 1 (runtime drops re-sent lines)
+    stream: LogStream
+    text: str
+    emitted_at: datetime
+
+
+class LogBuffer:
+    """The newest `capacity` lines of one container; older ones are dropped and counted.
+
+    Shipping (telemetry) reads `since(acknowledged)` and acknowledges what runtime stored;
+    while runtime is away the buffer keeps the newest lines and `dropped` says how many went.
+    """
+
+    def __init__(self, capacity: int = 5000, max_line_chars: int = 16 * 1024) -> None:
+        if capacity < 1:
+            raise ValueError("a log buffer holds at least one line")
+        self.capacity = capacity
+        self.max_line_chars = max_line_chars
+        self._lines: deque[LogLine] = deque(maxlen=capacity)
+        self._next_sequence = 1
+        self.dropped = 0  # lines evicted before anyone acknowledged them
+        self.trimmed = 0  # lines cut to max_line_chars
+        self.acknowledged = 0  # highest sequence runtime confirmed it stored
+
+    def append(self, stream: LogStream, text: str, at: datetime | None = None) -> LogLine:
+        if len(text) > self.max_line_chars:
+            text = text[: self.max_line_chars]
+            self.trimmed += 1
+        line = LogLine(self._next_sequence, stream, text, at or utcnow())
+        self._next_sequence += 1
+        if len(self._lines) == self.capacity and self._lines[0].sequence > self.acknowledged:
+            self.dropped += 1
+        self._lines.append(line)
+        return line
+
+    def since(self, sequence: int = 0, limit: int | None = None) -> list[LogLine]:
+        """Lines after `sequence`, oldest first."""
+        picked = [line for line in self._lines if line.sequence > sequence]
+        return picked if limit is None else picked[:limit]
+
+    def acknowledge(self, sequence: int) -> None:
+        self.acknowledged = max(self.acknowledged, sequence)
+
+    @property
+    def last_sequence(self) -> int:
+        return self._next_sequence - 1
+
+    def __len__(self) -> int:
+        return len(self._lines)
+
+    def text(self, stream: LogStream | None = None) -> str:
+        """Every kept line joined (tests and debugging)."""
+        return "\n".join(
+            line.text for line in self._lines if stream is None or line.stream is stream
+        )

@@ -1,0 +1,497 @@
+"""How the agent runs containers: the `Driver` interface, and `ProcessDriver`, which runs a
+command line as a local process group on a free port.
+
+A Docker driver implements the same interface later (`runs_images = True`); the servicer
+only ever talks to a `Driver`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import IO, Protocol, TypeVar
+
+import httpx
+import psutil
+
+from services.agent.domain import (
+    ContainerInfo,
+    ContainerSpec,
+    ContainerState,
+    LogBuffer,
+    LogStream,
+    ResourceSample,
+    describe_exit,
+    exit_code_of,
+    utcnow,
+)
+from shared.errors import AlreadyExists, FailedPrecondition, NotFound, Unavailable
+
+log = logging.getLogger("hangar.agent")
+
+ContainerListener = Callable[[ContainerInfo], None]
+T = TypeVar("T")
+
+# Only these of the agent's own variables reach apps: never its secrets or tokens.
+INHERITED_ENV = ("PATH", "HOME", "LANG")
+DEFAULT_PATH = "/usr/local/bin:/usr/bin:/bin"
+
+
+class Driver(Protocol):
+    """Starts, stops and watches containers on this server."""
+
+    runs_images: bool
+
+    async def start(self, spec: ContainerSpec) -> ContainerInfo:
+        """Starts `spec` (idempotent on container_id); returns once it is started, not healthy."""
+        ...
+
+    async def stop(self, container_id: str, grace: float | None = None) -> ContainerInfo:
+        """Stops it (SIGTERM, SIGKILL after `grace`) and returns its final state. Idempotent."""
+        ...
+
+    def inspect(self, container_id: str) -> ContainerInfo | None: ...
+
+    def list(self) -> list[ContainerInfo]: ...
+
+    def logs(self, container_id: str) -> LogBuffer | None: ...
+
+    def sample(self, container_id: str) -> ResourceSample | None: ...
+
+    def subscribe(self, listener: ContainerListener) -> None:
+        """Calls `listener` with every state change (status reports to runtime)."""
+        ...
+
+    async def close(self) -> None:
+        """Stops every container: nothing the driver started outlives it."""
+        ...
+
+
+def inherited_env(environ: Mapping[str, str]) -> dict[str, str]:
+    """The minimal environment apps start from (read once, when the driver is built)."""
+    env = {name: environ[name] for name in INHERITED_ENV if environ.get(name)}
+    env.setdefault("PATH", DEFAULT_PATH)
+    return env
+
+
+@dataclass
+class _Container:
+    """The driver's own record of one container (mutable; `info` is the published view)."""
+
+    spec: ContainerSpec
+    info: ContainerInfo
+    logs: LogBuffer
+    process: subprocess.Popen[bytes] | None = None
+    exited: asyncio.Future[int] | None = None  # resolves to the returncode once reaped
+    workdir: Path | None = None
+    tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    stop_task: asyncio.Task[None] | None = None
+    stop_requested: bool = False
+    failure: str = ""  # set when the driver itself ends the container as failed
+    ended: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+class ProcessDriver:
+    """Runs each container as `/bin/sh -c COMMAND` in its own process group."""
+
+    runs_images = False
+
+    def __init__(
+        self,
+        *,
+        advertise_host: str = "127.0.0.1",
+        start_timeout: float = 30.0,
+        stop_grace: float = 10.0,
+        log_lines: int = 5000,
+        max_line_chars: int = 16 * 1024,
+        keep_ended: int = 1000,
+        probe_interval: float = 0.1,
+        base_env: Mapping[str, str] | None = None,
+        workdir_root: str | None = None,
+    ) -> None:
+        self.advertise_host = advertise_host
+        self.start_timeout = start_timeout
+        self.stop_grace = stop_grace
+        self.log_lines = log_lines
+        self.max_line_chars = max_line_chars
+        self.keep_ended = keep_ended
+        self.probe_interval = probe_interval
+        self.base_env = dict(base_env) if base_env is not None else inherited_env(os.environ)
+        self.workdir_root = workdir_root
+        self._containers: dict[str, _Container] = {}
+        self._listeners: list[ContainerListener] = []
+        self._lock = asyncio.Lock()
+        self._closing = False
+
+    # ------------------------------------------------------------------ Driver interface
+
+    async def start(self, spec: ContainerSpec) -> ContainerInfo:
+        spec.validate()
+        if spec.image:
+            raise FailedPrecondition("this agent has no image driver", reason="NO_IMAGE_DRIVER")
+        async with self._lock:
+            existing = self._containers.get(spec.container_id)
+            if existing is not None:
+                if not spec.same_container(existing.spec):
+                    raise AlreadyExists(
+                        "container id already used by another deployment",
+                        reason="CONTAINER_ID_TAKEN",
+                    )
+                return existing.info
+            if self._closing:
+                raise Unavailable("the agent is shutting down", reason="AGENT_SHUTTING_DOWN")
+            port = self._free_port()
+            record = _Container(
+                spec=spec,
+                info=ContainerInfo(
+                    container_id=spec.container_id,
+                    deployment_id=spec.deployment_id,
+                    project_id=spec.project_id,
+                    state=ContainerState.STARTING,
+                    address=f"{self.advertise_host}:{port}",
+                    port=port,
+                    started_at=utcnow(),
+                ),
+                logs=LogBuffer(self.log_lines, self.max_line_chars),
+            )
+            self._containers[spec.container_id] = record
+            await self._spawn(record)
+            return record.info
+
+    async def stop(self, container_id: str, grace: float | None = None) -> ContainerInfo:
+        async with self._lock:  # a start of the same id in progress finishes spawning first
+            record = self._containers.get(container_id)
+        if record is None:
+            raise NotFound("this agent runs no such container", reason="CONTAINER_NOT_FOUND")
+        if record.info.state.ended:
+            return record.info
+        if record.stop_task is None:
+            record.stop_task = asyncio.create_task(
+                self._stop(record, self.stop_grace if grace is None else grace)
+            )
+        await asyncio.shield(record.stop_task)
+        return record.info
+
+    def inspect(self, container_id: str) -> ContainerInfo | None:
+        record = self._containers.get(container_id)
+        return record.info if record else None
+
+    def list(self) -> list[ContainerInfo]:
+        return [record.info for record in self._containers.values()]
+
+    def logs(self, container_id: str) -> LogBuffer | None:
+        record = self._containers.get(container_id)
+        return record.logs if record else None
+
+    def sample(self, container_id: str) -> ResourceSample | None:
+        """RSS and CPU time of the container's process tree; None once it has ended."""
+        record = self._containers.get(container_id)
+        if record is None or record.info.state.ended or not record.info.pid:
+            return None
+        try:
+            root = psutil.Process(record.info.pid)
+            tree = [root, *root.children(recursive=True)]
+        except psutil.Error:
+            return None
+        rss, cpu = 0, 0.0
+        for proc in tree:
+            try:
+                with proc.oneshot():
+                    rss += proc.memory_info().rss
+                    times = proc.cpu_times()
+                    # children_*: children already reaped, whose own entries are gone.
+                    cpu += times.user + times.system + times.children_user + times.children_system
+            except psutil.Error:
+                continue
+        return ResourceSample(container_id, rss, cpu, utcnow())
+
+    def subscribe(self, listener: ContainerListener) -> None:
+        self._listeners.append(listener)
+
+    async def close(self) -> None:
+        self._closing = True
+        live = [c.info.container_id for c in self._containers.values() if not c.info.state.ended]
+        if live:
+            log.info("stopping containers", extra={"count": len(live)})
+        await asyncio.gather(*(self.stop(cid) for cid in live), return_exceptions=True)
+        tasks = [task for c in self._containers.values() for task in c.tasks if not task.done()]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    # ------------------------------------------------------------------ process lifecycle
+
+    async def _spawn(self, record: _Container) -> None:
+        spec = record.spec
+        env = {**self.base_env, **spec.env, "PORT": str(record.info.port)}
+        try:
+            # A scratch working directory: never the agent's own (an app could serve it).
+            record.workdir = Path(
+                tempfile.mkdtemp(prefix=f"hangar-{spec.container_id}-", dir=self.workdir_root)
+            )
+            # Popen, not the loop's subprocess API: CPython spawns with vfork, while uvloop
+            # forks and gRPC's fork handlers then crash the child now and then (SIGSEGV).
+            process = subprocess.Popen(  # noqa: ASYNC220 - vfork + exec: about a millisecond
+                ["/bin/sh", "-c", spec.command],
+                env=env,
+                cwd=record.workdir,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                start_new_session=True,  # its own process group: signals reach the whole app
+            )
+        except OSError as exc:
+            self._remove_workdir(record)
+            self._set(
+                record,
+                state=ContainerState.FAILED,
+                reason=f"could not start: {exc.strerror or exc}",
+                ended_at=utcnow(),
+            )
+            record.ended.set()
+            self._forget_old_ended()
+            return
+        record.process = process
+        record.exited = asyncio.ensure_future(_wait_exit(process))
+        self._set(record, pid=process.pid)
+        log.info(
+            "container started",
+            extra={"container_id": spec.container_id, "pid": process.pid, "port": record.info.port},
+        )
+        assert process.stdout is not None and process.stderr is not None
+        readers = [
+            asyncio.create_task(self._read_lines(record, process.stdout, LogStream.STDOUT)),
+            asyncio.create_task(self._read_lines(record, process.stderr, LogStream.STDERR)),
+        ]
+        record.tasks = [*readers, asyncio.create_task(self._supervise(record, readers))]
+
+    async def _supervise(self, record: _Container, readers: Sequence[asyncio.Task[None]]) -> None:
+        try:
+            await self._watch(record, readers)
+        except Exception:  # never leave a container neither running nor ended
+            log.exception("container supervisor crashed")
+            record.failure = record.failure or "the agent lost track of the process"
+            self._signal_group(record, signal.SIGKILL)
+            if record.exited is not None:
+                self._finish(record, await asyncio.shield(record.exited))
+
+    async def _watch(self, record: _Container, readers: Sequence[asyncio.Task[None]]) -> None:
+        exited = record.exited
+        assert exited is not None
+        healthy = await self._wait_healthy(record, exited)
+        if healthy and not exited.done() and not record.stop_requested:
+            self._set(record, state=ContainerState.RUNNING)
+            log.info("container running", extra={"container_id": record.info.container_id})
+        elif healthy is False and not record.stop_requested:
+            record.failure = f"not healthy within {self.start_timeout:g}s"
+            await self._terminate(record, self.stop_grace)
+        returncode = await asyncio.shield(exited)
+        _, pending = await asyncio.wait(readers, timeout=2.0)
+        for task in pending:  # a pipe held open by a process outside the group
+            task.cancel()
+        self._finish(record, returncode)
+
+    async def _wait_healthy(self, record: _Container, exited: asyncio.Future[int]) -> bool | None:
+        """True once healthy, False on timeout, None if the process ended or was stopped."""
+        deadline = time.monotonic() + self.start_timeout
+        path = record.spec.health_check_path
+        async with httpx.AsyncClient(timeout=1.0, trust_env=False) as client:
+            while time.monotonic() < deadline:
+                if exited.done() or record.stop_requested:
+                    return None
+                if await self._probe(client, record.info.port, path):
+                    return True
+                await asyncio.wait({exited}, timeout=self.probe_interval)
+        return None if exited.done() else False
+
+    @staticmethod
+    async def _probe(client: httpx.AsyncClient, port: int, path: str) -> bool:
+        if path:
+            try:
+                reply = await client.get(f"http://127.0.0.1:{port}{path}")
+            except httpx.HTTPError:
+                return False
+            return 200 <= reply.status_code < 400
+        try:
+            _, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), 1.0)
+        except (OSError, TimeoutError):
+            return False
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+        return True
+
+    async def _stop(self, record: _Container, grace: float) -> None:
+        record.stop_requested = True
+        self._set(record, state=ContainerState.STOPPING)
+        await self._terminate(record, grace)
+        await record.ended.wait()
+
+    async def _terminate(self, record: _Container, grace: float) -> None:
+        """SIGTERM to the process group; SIGKILL if the app is still there after `grace`."""
+        exited = record.exited
+        if exited is None or exited.done():
+            return
+        self._signal_group(record, signal.SIGTERM)
+        try:
+            await asyncio.wait_for(asyncio.shield(exited), timeout=grace)
+        except TimeoutError:
+            log.info(
+                "container ignored SIGTERM; killing",
+                extra={"container_id": record.info.container_id, "grace_seconds": grace},
+            )
+            self._signal_group(record, signal.SIGKILL)
+            await asyncio.shield(exited)
+
+    @staticmethod
+    def _signal_group(record: _Container, sig: signal.Signals) -> None:
+        if record.process is None:
+            return
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(record.process.pid, sig)  # start_new_session: pgid == pid
+
+    def _finish(self, record: _Container, returncode: int) -> None:
+        ending = describe_exit(returncode)
+        if record.failure:
+            state, reason = ContainerState.FAILED, record.failure
+        elif record.stop_requested:
+            state, reason = ContainerState.STOPPED, "stopped"
+        elif record.info.state is ContainerState.STARTING:
+            state, reason = ContainerState.FAILED, f"{ending} during start-up"
+        else:
+            state, reason = ContainerState.EXITED, "" if returncode == 0 else ending
+        self._set(
+            record,
+            state=state,
+            exit_code=exit_code_of(returncode),
+            reason=reason,
+            ended_at=utcnow(),
+        )
+        log.info(
+            "container ended",
+            extra={"container_id": record.info.container_id, "state": state, "reason": reason},
+        )
+        self._remove_workdir(record)
+        record.spec = replace(record.spec, env={})  # its secrets need not outlive it
+        record.ended.set()
+        self._forget_old_ended()
+
+    async def _read_lines(self, record: _Container, pipe: IO[bytes], stream: LogStream) -> None:
+        """Splits output into lines; a line longer than the limit is cut, its rest skipped."""
+        reader = asyncio.StreamReader()
+        loop = asyncio.get_running_loop()
+        await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), pipe)
+        limit = record.logs.max_line_chars
+        pending = bytearray()
+        skipping = False
+        while chunk := await reader.read(64 * 1024):
+            pending += chunk
+            while (end := pending.find(b"\n")) >= 0:
+                line = bytes(pending[:end])
+                del pending[: end + 1]
+                if skipping:
+                    skipping = False
+                    continue
+                record.logs.append(stream, _decode(line))
+            if len(pending) > limit:
+                if not skipping:
+                    record.logs.append(stream, _decode(bytes(pending[:limit])))
+                    record.logs.trimmed += 1
+                    skipping = True
+                pending.clear()
+        if pending and not skipping:
+            record.logs.append(stream, _decode(bytes(pending)))
+
+    # ------------------------------------------------------------------ bookkeeping
+
+    def _set(self, record: _Container, **changes: object) -> None:
+        record.info = record.info.with_changes(**changes)
+        for listener in self._listeners:
+            try:
+                listener(record.info)
+            except Exception:  # a broken listener must not break the container
+                log.exception("container listener failed")
+
+    def _free_port(self) -> int:
+        """A port nothing listens on now, and not promised to another live container."""
+        taken = {c.info.port for c in self._containers.values() if not c.info.state.ended}
+        for _ in range(100):
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+                probe.bind(("", 0))
+                port = int(probe.getsockname()[1])
+            if port not in taken:
+                return port
+        raise Unavailable("no free port on this server", reason="NO_FREE_PORT")
+
+    @staticmethod
+    def _remove_workdir(record: _Container) -> None:
+        if record.workdir is not None:
+            shutil.rmtree(record.workdir, ignore_errors=True)
+            record.workdir = None
+
+    def _forget_old_ended(self) -> None:
+        ended = [cid for cid, c in self._containers.items() if c.info.state.ended]
+        for cid in ended[: max(0, len(ended) - self.keep_ended)]:
+            del self._containers[cid]
+
+
+async def _wait_exit(process: subprocess.Popen[bytes]) -> int:
+    """The returncode once the process ends, reaped by us (not by the loop's child watcher).
+
+    Whatever is left in its process group (background children) is killed with it, before
+    the reap: until then the exited leader holds its pid, so the group id cannot be reused.
+    """
+    loop = asyncio.get_running_loop()
+    try:
+        pidfd = os.pidfd_open(process.pid)
+    except (AttributeError, OSError):  # no pidfd (old kernel): a thread blocks in waitpid
+        return await _wait_in_thread(process)
+    readable: asyncio.Future[None] = loop.create_future()
+    loop.add_reader(pidfd, _resolve, readable, None)
+    try:
+        await readable
+    finally:
+        loop.remove_reader(pidfd)
+        os.close(pidfd)
+    _kill_group(process.pid)
+    return process.wait()  # it has ended: reaps at once
+
+
+async def _wait_in_thread(process: subprocess.Popen[bytes]) -> int:
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[int] = loop.create_future()
+
+    def wait() -> None:
+        os.waitid(os.P_PID, process.pid, os.WEXITED | os.WNOWAIT)  # ended, not reaped yet
+        _kill_group(process.pid)
+        code = process.wait()
+        loop.call_soon_threadsafe(_resolve, done, code)
+
+    threading.Thread(target=wait, name=f"wait-{process.pid}", daemon=True).start()
+    return await done
+
+
+def _kill_group(pgid: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, signal.SIGKILL)
+
+
+def _resolve(future: asyncio.Future[T], value: T) -> None:
+    if not future.done():
+        future.set_result(value)
+
+
+def _decode(raw: bytes) -> str:
+    return raw.rstrip(b"\r").decode("utf-8", errors="replace")

@@ -1,0 +1,244 @@
+"""ProcessDriver on real processes: start-up and health, exit codes, SIGTERM then SIGKILL,
+log capture, resource samples, and that nothing it started outlives it."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import time
+from collections.abc import AsyncIterator
+
+import httpx
+import psutil
+import pytest
+import uvloop
+
+from services.agent.domain import ContainerInfo, ContainerSpec, ContainerState, LogStream
+from services.agent.drivers import ProcessDriver, inherited_env
+from shared.errors import AlreadyExists, FailedPrecondition, NotFound
+from tests.support.agent import alive, process_tree
+
+HTTP_SERVER = 'exec python3 -m http.server "$PORT"'
+# Listens on $PORT (healthy by TCP) and ignores SIGTERM: only SIGKILL ends it.
+STUBBORN = (
+    'exec python3 -c "import os, signal, socket, time; signal.signal(signal.SIGTERM, '
+    "signal.SIG_IGN); s = socket.socket(); s.bind(('127.0.0.1', int(os.environ['PORT']))); "
+    's.listen(); time.sleep(600)"'
+)
+
+
+@pytest.fixture
+async def driver() -> AsyncIterator[ProcessDriver]:
+    driver = ProcessDriver(start_timeout=10, stop_grace=2, probe_interval=0.05)
+    yield driver
+    await driver.close()
+
+
+def spec(command: str, **fields: object) -> ContainerSpec:
+    return ContainerSpec(
+        container_id=f"c-{secrets.token_hex(4)}",
+        deployment_id="d-1",
+        project_id="p-1",
+        command=command,
+        **fields,  # type: ignore[arg-type]
+    )
+
+
+async def settle(
+    driver: ProcessDriver, container_id: str, *states: ContainerState, within: float = 15
+) -> ContainerInfo:
+    deadline = time.monotonic() + within
+    while True:
+        info = driver.inspect(container_id)
+        assert info is not None
+        if info.state in states:
+            return info
+        assert time.monotonic() < deadline, f"stuck: {info}"
+        await asyncio.sleep(0.05)
+
+
+async def test_http_server_becomes_running_and_answers_on_its_port(driver: ProcessDriver) -> None:
+    started = await driver.start(spec(HTTP_SERVER))
+    assert started.state is ContainerState.STARTING and started.pid > 0
+    running = await settle(driver, started.container_id, ContainerState.RUNNING)
+    async with httpx.AsyncClient(trust_env=False) as client:
+        reply = await client.get(f"http://{running.address}/")
+    assert reply.status_code == 200
+
+    stopped = await driver.stop(started.container_id)
+    assert stopped.state is ContainerState.STOPPED and stopped.reason == "stopped"
+    assert stopped.exit_code is not None and stopped.ended_at is not None
+    assert not psutil.pid_exists(started.pid)
+
+
+async def test_health_path_must_answer_with_success(driver: ProcessDriver) -> None:
+    driver.start_timeout = 1.5
+    healthy = await driver.start(spec(HTTP_SERVER, health_check_path="/"))
+    missing = await driver.start(spec(HTTP_SERVER, health_check_path="/healthz"))
+    assert (await settle(driver, healthy.container_id, ContainerState.RUNNING)).pid
+    failed = await settle(driver, missing.container_id, ContainerState.FAILED)
+    assert "not healthy within" in failed.reason
+    assert not alive(missing.pid)
+
+
+async def test_command_that_exits_at_once_fails_with_its_exit_code(driver: ProcessDriver) -> None:
+    started = await driver.start(spec("echo bye; exit 3"))
+    failed = await settle(driver, started.container_id, ContainerState.FAILED)
+    assert failed.exit_code == 3
+    assert failed.reason == "exited with code 3 during start-up"
+    logs = driver.logs(started.container_id)
+    assert logs is not None and logs.text() == "bye"
+
+
+async def test_app_that_ends_after_running_is_exited(driver: ProcessDriver) -> None:
+    command = (
+        'exec python3 -c "import os, socket, time; s = socket.socket(); '
+        "s.bind(('127.0.0.1', int(os.environ['PORT']))); s.listen(); time.sleep(1)\""
+    )
+    started = await driver.start(spec(command))
+    await settle(driver, started.container_id, ContainerState.RUNNING)
+    ended = await settle(driver, started.container_id, ContainerState.EXITED)
+    assert ended.exit_code == 0 and ended.reason == ""
+
+
+async def test_command_that_cannot_run_fails(driver: ProcessDriver) -> None:
+    started = await driver.start(spec("/no/such/program"))
+    failed = await settle(driver, started.container_id, ContainerState.FAILED)
+    assert failed.exit_code == 127
+
+
+async def test_app_ignoring_sigterm_is_killed_after_the_grace_period(
+    driver: ProcessDriver,
+) -> None:
+    started = await driver.start(spec(STUBBORN))
+    await settle(driver, started.container_id, ContainerState.RUNNING)
+    began = time.monotonic()
+    stopped = await driver.stop(started.container_id, grace=0.5)
+    took = time.monotonic() - began
+    assert stopped.state is ContainerState.STOPPED
+    assert stopped.exit_code == 137  # 128 + SIGKILL
+    assert 0.5 <= took < 3, took
+    assert not alive(started.pid)
+
+
+async def test_stop_is_idempotent_and_concurrent_stops_agree(driver: ProcessDriver) -> None:
+    started = await driver.start(spec(HTTP_SERVER))
+    await settle(driver, started.container_id, ContainerState.RUNNING)
+    first, second = await asyncio.gather(
+        driver.stop(started.container_id), driver.stop(started.container_id)
+    )
+    again = await driver.stop(started.container_id)
+    assert first == second == again
+    assert again.state is ContainerState.STOPPED
+    with pytest.raises(NotFound):
+        await driver.stop("c-never-started")
+
+
+async def test_start_is_idempotent_on_container_id(driver: ProcessDriver) -> None:
+    request = spec(HTTP_SERVER)
+    first, second = await asyncio.gather(driver.start(request), driver.start(request))
+    assert first.pid == second.pid and first.port == second.port
+    assert len(driver.list()) == 1
+    with pytest.raises(AlreadyExists):
+        await driver.start(
+            ContainerSpec(container_id=request.container_id, deployment_id="d-2", command="true")
+        )
+
+
+async def test_images_are_refused_without_an_image_driver(driver: ProcessDriver) -> None:
+    with pytest.raises(FailedPrecondition, match="no image driver"):
+        await driver.start(ContainerSpec(container_id="c-image", image="nginx:latest"))
+
+
+async def test_app_env_is_the_given_env_and_port_without_the_agents_own(
+    driver: ProcessDriver,
+) -> None:
+    agent_env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HANGAR_AGENT_SERVICE_SECRET": "x"}
+    driver.base_env = inherited_env(agent_env)
+    started = await driver.start(spec("env; exit 0", env={"MY_SECRET": "s3cret", "PORT": "1"}))
+    await settle(driver, started.container_id, ContainerState.FAILED)
+    logs = driver.logs(started.container_id)
+    assert logs is not None
+    seen = dict(line.split("=", 1) for line in logs.text().splitlines() if "=" in line)
+    assert seen["MY_SECRET"] == "s3cret"
+    assert seen["PORT"] == str(started.port)  # the agent's PORT wins
+    assert "HANGAR_AGENT_SERVICE_SECRET" not in seen
+
+
+async def test_output_is_kept_line_by_line_newest_first_to_go(driver: ProcessDriver) -> None:
+    driver.log_lines = 10
+    driver.max_line_chars = 100
+    command = (
+        "seq 1 100; echo oops >&2; python3 -c \"print('x' * 1000 + 'END'); print('after')\"; exit 1"
+    )
+    started = await driver.start(spec(command))
+    await settle(driver, started.container_id, ContainerState.FAILED)
+    logs = driver.logs(started.container_id)
+    assert logs is not None
+    stdout = logs.text(LogStream.STDOUT).splitlines()
+    assert stdout[-2:] == ["x" * 100, "after"]
+    assert logs.text(LogStream.STDERR) == "oops"
+    assert len(logs) == 10 and logs.last_sequence == 103
+    assert logs.dropped == 93 and logs.trimmed == 1
+    sequences = [line.sequence for line in logs.since(0)]
+    assert sequences == list(range(94, 104))
+
+
+async def test_samples_rss_and_cpu_time_of_the_process_tree(driver: ProcessDriver) -> None:
+    burn = (
+        'python3 -c "import time; end = time.time() + 0.5\nwhile time.time() < end: pass"; '
+        + HTTP_SERVER
+    )
+    started = await driver.start(spec(burn))
+    await settle(driver, started.container_id, ContainerState.RUNNING)
+    sample = driver.sample(started.container_id)
+    assert sample is not None
+    assert sample.rss_bytes > 1_000_000
+    assert sample.cpu_seconds >= 0.3  # the burner, reaped, counts through children_*
+    await driver.stop(started.container_id)
+    assert driver.sample(started.container_id) is None
+
+
+async def test_close_stops_every_app_and_its_background_children() -> None:
+    driver = ProcessDriver(start_timeout=10, stop_grace=0.5, probe_interval=0.05)
+    pids: list[int] = []
+    for command in (HTTP_SERVER, STUBBORN, 'sleep 600 & exec python3 -m http.server "$PORT"'):
+        started = await driver.start(spec(command))
+        await settle(driver, started.container_id, ContainerState.RUNNING)
+        pids += process_tree(started.pid)
+    assert len(pids) >= 4 and all(alive(pid) for pid in pids)
+    await driver.close()
+    assert not [pid for pid in pids if alive(pid)]
+    assert {info.state for info in driver.list()} == {ContainerState.STOPPED}
+
+
+def test_under_uvloop_output_is_captured_and_exits_are_seen() -> None:
+    """`hangar serve agent` runs on uvloop: the driver must not depend on its child watcher."""
+
+    async def scenario() -> tuple[ContainerInfo, str]:
+        driver = ProcessDriver(start_timeout=10, stop_grace=1, probe_interval=0.05)
+        try:
+            started = await driver.start(spec('echo hello; exec python3 -m http.server "$PORT"'))
+            await settle(driver, started.container_id, ContainerState.RUNNING)
+            stopped = await driver.stop(started.container_id)
+            logs = driver.logs(started.container_id)
+            return stopped, logs.text(LogStream.STDOUT) if logs else ""
+        finally:
+            await driver.close()
+
+    stopped, stdout = uvloop.run(scenario())
+    assert stopped.state is ContainerState.STOPPED and not alive(stopped.pid)
+    assert stdout.startswith("hello")
+
+
+async def test_without_pidfd_a_thread_sees_the_exit_and_the_group_is_killed(
+    driver: ProcessDriver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delattr(os, "pidfd_open")
+    started = await driver.start(spec("sleep 600 & echo $!; exit 5"))
+    failed = await settle(driver, started.container_id, ContainerState.FAILED)
+    assert failed.exit_code == 5
+    logs = driver.logs(started.container_id)
+    assert logs is not None
+    assert not alive(int(logs.text()))  # the background child went with its leader
