@@ -18,14 +18,45 @@ from sqlalchemy.sql import ClauseElement
 from sqlalchemy.sql.compiler import SQLCompiler
 
 _dialect = PGDialect_asyncpg(paramstyle="numeric_dollar")
+_compiled: dict[Any, SQLCompiler | None] = {}
+_CACHE_LIMIT = 2000
+_MISSING = object()
+
+
+def _compile(statement: ClauseElement, cache_key: Any = None) -> SQLCompiler:
+    compiled = _dialect.statement_compiler(
+        _dialect,
+        statement,
+        cache_key=cache_key,
+        compile_kwargs={"render_postcompile": cache_key is None},
+    )
+    assert isinstance(compiled, SQLCompiler)
+    return compiled
 
 
 def compile_query(statement: ClauseElement) -> tuple[str, list[Any]]:
-    """SQL text with $n placeholders and its arguments, in order."""
-    compiled = statement.compile(dialect=_dialect, compile_kwargs={"render_postcompile": True})
-    assert isinstance(compiled, SQLCompiler)
+    """SQL text with $n placeholders and its arguments, in order.
+
+    Compiling is the costly part of SQLAlchemy Core (~100 µs), so the SQL of each statement
+    shape is compiled once and reused with the new statement's values (SQLAlchemy's own cache
+    key mechanism). Shapes whose SQL depends on values (expanding IN lists) compile each time.
+    """
+    cache_key = statement._generate_cache_key()
+    if cache_key is not None:
+        found = _compiled.get(cache_key.key, _MISSING)
+        if found is _MISSING:
+            compiled = _compile(statement, cache_key)
+            expanding = any(getattr(b, "expanding", False) for b in compiled.binds.values())
+            if len(_compiled) >= _CACHE_LIMIT:
+                _compiled.clear()
+            _compiled[cache_key.key] = found = None if expanding else compiled
+        cached = found if isinstance(found, SQLCompiler) else None
+        if cached is not None:
+            params = cached.construct_params(extracted_parameters=cache_key.bindparams)
+            return cached.string, [params[name] for name in cached.positiontup or ()]
+    compiled = _compile(statement)
     params = compiled.construct_params()
-    return str(compiled), [params[name] for name in compiled.positiontup or ()]
+    return compiled.string, [params[name] for name in compiled.positiontup or ()]
 
 
 async def _init_connection(conn: asyncpg.Connection) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextvars
 import inspect
 import logging
+import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Protocol
@@ -25,7 +26,6 @@ from shared.context import (
     request_id_var,
 )
 from shared.errors import DomainError, Unauthenticated, Unimplemented, internal_status
-from shared.ids import new_id
 
 log = logging.getLogger("hangar.rpc")
 
@@ -75,7 +75,8 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
         )
 
     async def _enter(self, context: grpc.aio.ServicerContext, metadata: dict[str, Any]) -> None:
-        request_id_var.set(str(metadata.get("x-request-id") or new_id()))
+        # A request id needs uniqueness, not cuid2's format: urandom is ~50x cheaper per call.
+        request_id_var.set(str(metadata.get("x-request-id") or os.urandom(12).hex()))
         remaining = context.time_remaining()
         deadline_var.set(None if remaining is None else time.monotonic() + remaining)
         principal, error = ANONYMOUS, None
