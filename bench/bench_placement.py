@@ -1,0 +1,244 @@
+"""Placement: placements/s and latency with concurrent callers, runtime's design side by side
+with a naive one, in one run on one database.
+
+- atomic: runtime's scheduler as shipped: one conditional UPDATE that picks the best-fitting
+  server with FOR UPDATE SKIP LOCKED (only that row is locked), with a waiting pass in id
+  order only when every fitting server was momentarily locked.
+- naive: the same transaction (deployment row, reservation, status, event, audit), but the
+  reservation locks every candidate server of the region (SELECT ... FOR UPDATE), picks the
+  best fit in Python, then UPDATEs it.
+
+Each call is a whole CreateDeployment transaction (insert queued, place, event, audit) made
+through services.runtime.scheduler; the fleet has room for ~90% of the calls, so the tail
+also exercises "no room". After each run: counters = sum over reserved deployments and never
+above capacity (zero over-commit), checked as a superuser.
+
+    .venv/bin/python bench/bench_placement.py [--calls 4000] [--concurrency 32] [--servers 16]
+
+PostgreSQL: DATABASE_URL if set, else an embedded one (pgserver) in a temp dir.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import secrets
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import asyncpg
+
+from services.runtime import store
+from services.runtime.domain import Candidate, DeploymentState, Resources, best_fit
+from services.runtime.scheduler import Reserve, Scheduler
+from shared.db import Database, Session
+from shared.ids import new_id
+from shared.settings import SERVICES, Settings
+
+RAM_MB, CPU_MILLIS = 128, 100
+
+
+async def naive_reserve(tx: Session, region: str, driver: str, need: Resources) -> str | None:
+    """Lock every candidate server, choose in Python, update the chosen one."""
+    rows = await tx.fetch(
+        "SELECT id, ram_mb, cpu_millis, ram_mb_reserved, cpu_millis_reserved"
+        " FROM runtime.servers WHERE status = 'active' AND region = $1 AND $2 = ANY(drivers)"
+        " ORDER BY id FOR UPDATE",
+        region,
+        driver,
+    )
+    candidates = [
+        Candidate(
+            r["id"],
+            Resources(r["ram_mb"], r["cpu_millis"]),
+            Resources(r["ram_mb_reserved"], r["cpu_millis_reserved"]),
+        )
+        for r in rows
+    ]
+    chosen = best_fit(candidates, need)
+    if chosen is None:
+        return None
+    await tx.execute(
+        "UPDATE runtime.servers SET ram_mb_reserved = ram_mb_reserved + $2,"
+        " cpu_millis_reserved = cpu_millis_reserved + $3, updated_at = now() WHERE id = $1",
+        chosen.id,
+        need.ram_mb,
+        need.cpu_millis,
+    )
+    return chosen.id
+
+
+@dataclass
+class Result:
+    name: str
+    calls: int
+    placed: int
+    seconds: float
+    latencies: list[float]
+    overcommit: int
+
+    def line(self) -> str:
+        lat = sorted(self.latencies)
+        p50 = statistics.median(lat) * 1000
+        p99 = lat[min(len(lat) - 1, int(len(lat) * 0.99))] * 1000
+        return (
+            f"{self.name:<7} {self.calls / self.seconds:>9.0f} calls/s"
+            f" {self.placed / self.seconds:>9.0f} placements/s"
+            f"   p50 {p50:6.1f} ms   p99 {p99:6.1f} ms"
+            f"   placed {self.placed}/{self.calls}   over-commit {self.overcommit}"
+        )
+
+
+async def add_fleet(db: Database, region: str, servers: int, room_each: int) -> list[str]:
+    ids = []
+    async with db.transaction() as tx:
+        for i in range(servers):
+            server = await store.insert_server(
+                tx,
+                name=f"{region}-{i}",
+                region=region,
+                agent_address="127.0.0.1:1",
+                capacity=Resources(RAM_MB * room_each, CPU_MILLIS * room_each),
+            )
+            ids.append(server.id)
+    return ids
+
+
+async def check(admin_url: str, server_ids: list[str]) -> int:
+    """Servers whose counters differ from the sum of reservations or exceed capacity."""
+    conn = await asyncpg.connect(admin_url)
+    try:
+        bad = await conn.fetchval(
+            """SELECT count(*) FROM (
+                 SELECT s.id FROM runtime.servers s
+                   LEFT JOIN runtime.deployments d ON d.server_id = s.id AND d.capacity_reserved
+                  WHERE s.id = ANY($1::text[])
+                  GROUP BY s.id
+                 HAVING max(s.ram_mb_reserved) <> COALESCE(sum(d.ram_mb), 0)
+                     OR max(s.cpu_millis_reserved) <> COALESCE(sum(d.cpu_millis), 0)
+                     OR max(s.ram_mb_reserved) > max(s.ram_mb)
+                     OR max(s.cpu_millis_reserved) > max(s.cpu_millis)) x""",
+            server_ids,
+        )
+    finally:
+        await conn.close()
+    return int(bad)
+
+
+async def run_design(
+    name: str,
+    reserve: Reserve,
+    db: Database,
+    admin_url: str,
+    *,
+    calls: int,
+    concurrency: int,
+    servers: int,
+) -> Result:
+    region = f"bench-{name}-{new_id()}"
+    room_each = max(1, int(calls * 0.9) // servers)
+    fleet = await add_fleet(db, region, servers, room_each)
+    scheduler = Scheduler(db, reserve=reserve)
+    need = Resources(RAM_MB, CPU_MILLIS)
+    latencies: list[float] = []
+    placed = 0
+    remaining = calls
+
+    async def caller() -> None:
+        nonlocal placed, remaining
+        while remaining > 0:
+            remaining -= 1
+            spec = store.DeploymentSpec(
+                project_id=new_id(),
+                organization_id="bench",
+                resources=need,
+                region=region,
+                command="true",
+            )
+            started = time.perf_counter()
+            deployment = await scheduler.create(spec)
+            latencies.append(time.perf_counter() - started)
+            if deployment.status is DeploymentState.SCHEDULING:
+                placed += 1
+
+    started = time.perf_counter()
+    await asyncio.gather(*(caller() for _ in range(concurrency)))
+    seconds = time.perf_counter() - started
+    return Result(name, calls, placed, seconds, latencies, await check(admin_url, fleet))
+
+
+async def bench(admin_url: str, passwords: dict[str, str], args: argparse.Namespace) -> None:
+    settings = Settings(service="runtime", database_url=admin_url, db_passwords=passwords)
+    db = await Database.connect(
+        settings.service_database_url(), min_size=args.concurrency, max_size=args.concurrency
+    )
+    designs: list[tuple[str, Reserve]] = [
+        ("naive", naive_reserve),
+        ("atomic", store.reserve_capacity),
+    ]
+    try:
+        for name, reserve in designs:  # warm up connections and plans
+            await run_design(
+                name, reserve, db, admin_url, calls=200, concurrency=args.concurrency, servers=4
+            )
+        results = [
+            await run_design(
+                name,
+                reserve,
+                db,
+                admin_url,
+                calls=args.calls,
+                concurrency=args.concurrency,
+                servers=args.servers,
+            )
+            for name, reserve in designs
+        ]
+    finally:
+        await db.close()
+    print(
+        f"placement: {args.calls} CreateDeployment transactions, {args.concurrency} concurrent"
+        f" callers, {args.servers} servers in one region (room for ~90% of the calls)"
+    )
+    for result in results:
+        print("  " + result.line())
+    naive, atomic = results
+    ratio = (atomic.placed / atomic.seconds) / (naive.placed / naive.seconds)
+    print(f"  atomic / naive placements/s: {ratio:.1f}x")
+    if any(r.overcommit for r in results):
+        raise SystemExit("over-commit or counter drift detected")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--calls", type=int, default=4000)
+    parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--servers", type=int, default=16)
+    args = parser.parse_args()
+
+    from shared.migrate import migrate
+    from shared.pg import create_database, provision
+
+    pg = provision(Path(tempfile.mkdtemp(prefix="hangar-bench-")), ephemeral=True)
+    try:
+        admin = pg.url
+        url = asyncio.run(create_database(admin, f"hangar_bench_{secrets.token_hex(4)}"))
+        passwords = {svc: secrets.token_urlsafe(16) for svc in SERVICES}
+        migrate(url, passwords)
+        try:
+            import uvloop
+
+            uvloop.run(bench(url, passwords, args))
+        except ImportError:  # pragma: no cover - uvloop is a dependency
+            asyncio.run(bench(url, passwords, args))
+    finally:
+        pg.stop()
+
+
+if __name__ == "__main__":
+    main()

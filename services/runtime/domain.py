@@ -1,0 +1,134 @@
+"""Runtime's rules as plain Python: the deployment state machine, server states, best fit."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from enum import StrEnum
+
+from shared.errors import FailedPrecondition, InvalidArgument
+
+
+class DeploymentState(StrEnum):
+    QUEUED = "queued"  # waiting for a server with room
+    SCHEDULING = "scheduling"  # placed: capacity reserved, being handed to the agent
+    STARTING = "starting"  # the agent started it; health check not passed yet
+    RUNNING = "running"
+    SUPERSEDED = "superseded"  # a newer deployment of the project reached running
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    ROLLED_BACK = "rolled_back"
+
+
+S = DeploymentState
+
+# The whole graph; anything else is refused.
+TRANSITIONS: dict[DeploymentState, frozenset[DeploymentState]] = {
+    S.QUEUED: frozenset({S.SCHEDULING, S.CANCELLED, S.FAILED}),
+    S.SCHEDULING: frozenset({S.STARTING, S.CANCELLED, S.FAILED}),
+    S.STARTING: frozenset({S.RUNNING, S.CANCELLED, S.FAILED}),
+    S.RUNNING: frozenset({S.SUPERSEDED, S.FAILED, S.ROLLED_BACK}),
+    S.SUPERSEDED: frozenset(),
+    S.FAILED: frozenset(),
+    S.CANCELLED: frozenset(),
+    S.ROLLED_BACK: frozenset(),
+}
+
+# States in which a deployment holds capacity on its server (capacity_reserved = true).
+HOLDS_CAPACITY = frozenset({S.SCHEDULING, S.STARTING, S.RUNNING})
+CANCELLABLE = frozenset(s for s, nexts in TRANSITIONS.items() if S.CANCELLED in nexts)
+ENDS = frozenset(s for s, nexts in TRANSITIONS.items() if not nexts)
+
+
+def can_transition(current: DeploymentState, new: DeploymentState) -> bool:
+    return new in TRANSITIONS[current]
+
+
+def ensure_transition(current: DeploymentState, new: DeploymentState) -> None:
+    """Refuse any move outside the graph with FAILED_PRECONDITION."""
+    if not can_transition(current, new):
+        raise FailedPrecondition(
+            f"a {current.value} deployment cannot become {new.value}",
+            reason="ILLEGAL_TRANSITION",
+            metadata={"from": current.value, "to": new.value},
+        )
+
+
+class ServerState(StrEnum):
+    ACTIVE = "active"  # accepts placements
+    DRAINING = "draining"  # keeps what it runs, takes nothing new
+    DOWN = "down"  # missed its heartbeats
+
+
+@dataclass(frozen=True)
+class Resources:
+    ram_mb: int
+    cpu_millis: int
+
+    def validate(self, prefix: str = "") -> Resources:
+        if self.ram_mb <= 0:
+            raise InvalidArgument.field(f"{prefix}ram_mb", "must be positive")
+        if self.cpu_millis <= 0:
+            raise InvalidArgument.field(f"{prefix}cpu_millis", "must be positive")
+        return self
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A server as placement sees it: what it has and what is already reserved."""
+
+    id: str
+    capacity: Resources
+    reserved: Resources
+
+    @property
+    def free(self) -> Resources:
+        return Resources(
+            self.capacity.ram_mb - self.reserved.ram_mb,
+            self.capacity.cpu_millis - self.reserved.cpu_millis,
+        )
+
+    def fits(self, need: Resources) -> bool:
+        free = self.free
+        return free.ram_mb >= need.ram_mb and free.cpu_millis >= need.cpu_millis
+
+
+def best_fit_key(candidate: Candidate, need: Resources) -> tuple[int, int, str]:
+    """Fewest leftover RAM, then CPU, then id (stable): store.reserve_capacity's ORDER BY."""
+    free = candidate.free
+    return (free.ram_mb - need.ram_mb, free.cpu_millis - need.cpu_millis, candidate.id)
+
+
+def best_fit(candidates: Iterable[Candidate], need: Resources) -> Candidate | None:
+    fitting = [c for c in candidates if c.fits(need)]
+    return min(fitting, key=lambda c: best_fit_key(c, need)) if fitting else None
+
+
+@dataclass(frozen=True)
+class Drift:
+    """A server whose counters disagree with the deployments that hold capacity on it."""
+
+    server_id: str
+    recorded: Resources
+    actual: Resources
+    capacity: Resources
+
+    @property
+    def repairable(self) -> bool:
+        """Counters may only be set to what the CHECK constraints allow."""
+        return (
+            self.actual.ram_mb <= self.capacity.ram_mb
+            and self.actual.cpu_millis <= self.capacity.cpu_millis
+        )
+
+
+def find_drift(
+    servers: Iterable[tuple[str, Resources, Resources]], sums: dict[str, Resources]
+) -> list[Drift]:
+    """(server id, capacity, recorded reserved) against the per-server sums of reservations."""
+    drift = []
+    for server_id, capacity, recorded in servers:
+        actual = sums.get(server_id, Resources(0, 0))
+        if actual != recorded:
+            drift.append(Drift(server_id, recorded, actual, capacity))
+    return drift

@@ -1,0 +1,78 @@
+"""The capacity reconciler: each server's reserved counters must equal the sum over its
+deployments with capacity_reserved, and never exceed its capacity. It repairs drift left by
+crashes or by hand edits.
+
+Replica-safe: a transaction-level advisory lock lets one replica check at a time (the other
+skips the round). Inside, every server row is locked in id order before the sums are read;
+placements and releases change a server's counter and its deployments' flags in one
+transaction that holds that server's row lock, so the sums read afterwards are exactly the
+ones the locked counters should show.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+
+from services.runtime import store
+from services.runtime.domain import Drift, find_drift
+from shared.db import Database
+
+log = logging.getLogger(__name__)
+
+LOCK_KEY = "runtime.reconciler"
+
+
+@dataclass(frozen=True)
+class ReconcileReport:
+    servers: int = 0
+    repaired: list[Drift] = field(default_factory=list)
+    unrepairable: list[Drift] = field(default_factory=list)
+
+
+class Reconciler:
+    def __init__(self, db: Database, *, interval_seconds: float = 30.0) -> None:
+        self.db = db
+        self.interval = interval_seconds
+
+    async def reconcile_once(self) -> ReconcileReport | None:
+        """Check and repair every server; None when another replica is doing it right now."""
+        async with self.db.transaction() as tx:
+            if not await store.try_advisory_xact_lock(tx, LOCK_KEY):
+                return None
+            servers = await store.lock_servers(tx)
+            sums = await store.reserved_sums(tx)
+            drift = find_drift(((s.id, s.capacity, s.reserved) for s in servers), sums)
+            repaired, unrepairable = [], []
+            for d in drift:
+                if d.repairable:
+                    await store.set_reserved(tx, d.server_id, d.actual)
+                    repaired.append(d)
+                else:
+                    unrepairable.append(d)
+        for d in repaired:
+            log.warning(
+                "reserved counters repaired",
+                extra={
+                    "server_id": d.server_id,
+                    "recorded": (d.recorded.ram_mb, d.recorded.cpu_millis),
+                    "actual": (d.actual.ram_mb, d.actual.cpu_millis),
+                },
+            )
+        for d in unrepairable:
+            log.error(
+                "deployments reserve more than a server's capacity",
+                extra={"server_id": d.server_id, "actual": (d.actual.ram_mb, d.actual.cpu_millis)},
+            )
+        return ReconcileReport(len(servers), repaired, unrepairable)
+
+    async def run(self) -> None:
+        while True:
+            try:
+                await self.reconcile_once()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("reconcile round failed")
+            await asyncio.sleep(self.interval)

@@ -1,0 +1,283 @@
+"""Deployments and capacity: placement, the state machine applied to rows, supersede, release.
+
+Every status change happens in one transaction with its capacity change, its
+`deployment.status_changed` event and its audit entry. Replica-safe: deployment rows are
+locked before they change, queued ones are claimed with SKIP LOCKED, and server counters
+only move through store.reserve_capacity / store.release_capacity.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+from services.runtime import store
+from services.runtime.domain import (
+    HOLDS_CAPACITY,
+    DeploymentState,
+    Resources,
+    ensure_transition,
+)
+from services.runtime.store import Deployment, DeploymentSpec
+from shared.audit import current_actor, record_audit
+from shared.db import Database, Session
+from shared.errors import FailedPrecondition, InvalidArgument
+from shared.outbox import write_event
+
+log = logging.getLogger(__name__)
+
+SCHEMA = "runtime"
+STATUS_CHANGED = "deployment.status_changed"
+SYSTEM_ACTOR = "service:runtime"
+PROCESS_DRIVER = "process"
+IMAGE_DRIVER = "docker"
+
+State = DeploymentState
+# (transaction, region, driver, need) -> the server now holding the reservation, or None.
+Reserve = Callable[[Session, str, str, Resources], Awaitable[str | None]]
+
+
+def driver_for(image: str | None, command: str | None) -> str:
+    """The agent driver a deployment needs: commands run as processes, images need docker."""
+    return IMAGE_DRIVER if image else PROCESS_DRIVER
+
+
+def _utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass(frozen=True)
+class QueuePass:
+    """What one pass over the queued deployments did."""
+
+    placed: int = 0
+    failed: int = 0
+    waiting: int = 0
+
+
+class Scheduler:
+    def __init__(
+        self,
+        db: Database,
+        *,
+        schedule_timeout_seconds: float = 600.0,
+        retry_seconds: float = 2.0,
+        clock: Callable[[], datetime] = _utcnow,
+        reserve: Reserve = store.reserve_capacity,
+    ) -> None:
+        self.db = db
+        self.reserve = reserve  # swappable so bench/ can measure a naive design side by side
+        self.schedule_timeout = timedelta(seconds=schedule_timeout_seconds)
+        self.retry_seconds = retry_seconds
+        self.clock = clock
+
+    # ------------------------------------------------------------------ create, place
+
+    async def create(self, spec: DeploymentSpec) -> Deployment:
+        """Queue a deployment and try to place it at once; with no room it stays queued."""
+        if (spec.image is None) == (spec.command is None):
+            raise InvalidArgument.field("deployment.source", "exactly one of image or command")
+        spec.resources.validate("resources.")
+        async with self.db.transaction() as tx:
+            deployment = await store.insert_deployment(
+                tx, spec, self.clock() + self.schedule_timeout
+            )
+            await self._changed(tx, None, deployment)
+            return await self._place(tx, deployment)
+
+    async def place(self, deployment_id: str) -> Deployment:
+        async with self.db.transaction() as tx:
+            return await self._place(tx, await store.lock_deployment(tx, deployment_id))
+
+    async def place_queued(self) -> QueuePass:
+        """One pass over the queue, oldest first, one transaction per deployment."""
+        placed = failed = waiting = 0
+        after: tuple[datetime, str] | None = None
+        while True:
+            async with self.db.transaction() as tx:
+                claimed = await store.claim_queued(tx, after)
+                if claimed is None:
+                    break
+                after = (claimed.created_at, claimed.id)
+                result = await self._place(tx, claimed)
+            if result.status is State.SCHEDULING:
+                placed += 1
+            elif result.status is State.FAILED:
+                failed += 1
+            else:
+                waiting += 1
+        return QueuePass(placed, failed, waiting)
+
+    async def run(self) -> None:
+        """Retry queued deployments until they fit or their deadline passes."""
+        while True:
+            try:
+                result = await self.place_queued()
+                if result.placed or result.failed:
+                    log.info("queue pass", extra=result.__dict__)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("queue pass failed")
+            await asyncio.sleep(self.retry_seconds)
+
+    async def _place(self, tx: Session, deployment: Deployment) -> Deployment:
+        """Reserve on the best-fitting server and move to scheduling, or leave it queued."""
+        ensure_transition(deployment.status, State.SCHEDULING)
+        server_id = await self.reserve(
+            tx,
+            deployment.region,
+            driver_for(deployment.image, deployment.command),
+            deployment.resources,
+        )
+        if server_id is None:
+            deadline = deployment.schedule_deadline
+            if deadline is not None and self.clock() >= deadline:
+                reason = (
+                    f"no server in region {deployment.region!r} had room for "
+                    f"{deployment.resources.ram_mb} MB RAM and "
+                    f"{deployment.resources.cpu_millis} mCPU before {deadline.isoformat()}"
+                )
+                return await self._transition(tx, deployment, State.FAILED, reason=reason)
+            return deployment
+        placed = await store.update_deployment(
+            tx,
+            deployment.id,
+            State.SCHEDULING,
+            reason="",
+            server_id=server_id,
+            capacity_reserved=True,
+        )
+        await self._changed(tx, deployment, placed)
+        return placed
+
+    # -------------------------------------------------------------------- lifecycle
+
+    async def mark_starting(self, deployment_id: str) -> Deployment:
+        return await self.transition(deployment_id, State.STARTING)
+
+    async def mark_running(self, deployment_id: str) -> Deployment:
+        return await self.transition(deployment_id, State.RUNNING)
+
+    async def fail(
+        self, deployment_id: str, reason: str, exit_code: int | None = None
+    ) -> Deployment:
+        return await self.transition(
+            deployment_id, State.FAILED, reason=reason, exit_code=exit_code
+        )
+
+    async def cancel(self, deployment_id: str) -> Deployment:
+        return await self.transition(
+            deployment_id, State.CANCELLED, reason=f"cancelled by {current_actor() or 'system'}"
+        )
+
+    async def transition(
+        self,
+        deployment_id: str,
+        new: DeploymentState,
+        *,
+        reason: str | None = None,
+        exit_code: int | None = None,
+    ) -> Deployment:
+        async with self.db.transaction() as tx:
+            if new is State.RUNNING:
+                # One project reaches running at a time: the supersede below must see the
+                # project's current running deployment, not race another one to it.
+                project_id = (await store.get_deployment(tx, deployment_id)).project_id
+                await store.advisory_xact_lock(tx, f"runtime.project:{project_id}")
+            deployment = await store.lock_deployment(tx, deployment_id)
+            return await self._transition(tx, deployment, new, reason=reason, exit_code=exit_code)
+
+    async def roll_back(self, deployment_id: str) -> Deployment:
+        """A new deployment from the last spec that ran before this one.
+
+        This one keeps serving until the new one is running, then ends rolled_back (instead of
+        superseded) and releases its capacity; if the new one fails, this one stays running.
+        """
+        async with self.db.transaction() as tx:
+            current = await store.lock_deployment(tx, deployment_id)
+            ensure_transition(current.status, State.ROLLED_BACK)
+            previous = await store.last_successful_before(tx, current)
+            if previous is None:
+                raise FailedPrecondition(
+                    "no earlier deployment of this project ever ran",
+                    reason="NOTHING_TO_ROLL_BACK_TO",
+                )
+            spec = DeploymentSpec(
+                project_id=previous.project_id,
+                organization_id=previous.organization_id,
+                resources=previous.resources,
+                region=previous.region,
+                image=previous.image,
+                command=previous.command,
+                health_check_path=previous.health_check_path,
+                rolled_back_from=current.id,
+            )
+            rollback = await store.insert_deployment(tx, spec, self.clock() + self.schedule_timeout)
+            await self._changed(tx, None, rollback)
+            return await self._place(tx, rollback)
+
+    async def _transition(
+        self,
+        tx: Session,
+        deployment: Deployment,
+        new: DeploymentState,
+        *,
+        reason: str | None = None,
+        exit_code: int | None = None,
+    ) -> Deployment:
+        ensure_transition(deployment.status, new)
+        if new is State.RUNNING:
+            previous = await store.lock_running_of_project(
+                tx, deployment.project_id, excluding=deployment.id
+            )
+            if previous is not None:
+                rolled_back = deployment.rolled_back_from == previous.id
+                await self._transition(
+                    tx,
+                    previous,
+                    State.ROLLED_BACK if rolled_back else State.SUPERSEDED,
+                    reason=f"{'rolled back' if rolled_back else 'superseded'} by {deployment.id}",
+                )
+        if new not in HOLDS_CAPACITY:
+            await store.release_capacity(tx, deployment.id)
+        changed = await store.update_deployment(
+            tx, deployment.id, new, reason=reason, exit_code=exit_code
+        )
+        await self._changed(tx, deployment, changed)
+        return changed
+
+    async def _changed(self, tx: Session, before: Deployment | None, after: Deployment) -> None:
+        """The event and the audit entry of one status change, in its transaction."""
+        payload: dict[str, object] = {
+            "deployment_id": after.id,
+            "project_id": after.project_id,
+            "from": before.status.value if before else "",
+            "to": after.status.value,
+            "server_id": after.server_id,
+            "capacity_reserved": after.capacity_reserved,
+            "reason": after.status_reason,
+        }
+        if after.exit_code is not None:
+            payload["exit_code"] = after.exit_code
+        await write_event(
+            tx,
+            SCHEMA,
+            STATUS_CHANGED,
+            organization_id=after.organization_id,
+            aggregate_id=after.id,
+            payload=payload,
+        )
+        await record_audit(
+            tx,
+            SCHEMA,
+            organization_id=after.organization_id,
+            action=STATUS_CHANGED,
+            target_type="deployment",
+            target_id=after.id,
+            metadata={k: v for k, v in payload.items() if k != "deployment_id"},
+            actor_id=current_actor() or SYSTEM_ACTOR,
+        )

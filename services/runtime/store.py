@@ -1,0 +1,480 @@
+"""Runtime's tables and queries: the only file with SQL.
+
+Statements are SQL text (asyncpg `$n` parameters), as in billing: the capacity arithmetic is
+a handful of single statements whose exact shape (row locks, conditional updates, CTEs) is
+the point, and they read more plainly as SQL than as expression trees.
+
+Lock order, so that nothing deadlocks: project advisory lock (mark_running only) ->
+deployment rows -> one server row. The reconciler locks servers only, in id order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import random
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Generic, TypeVar
+
+import asyncpg
+
+from services.runtime.domain import Candidate, DeploymentState, Resources, ServerState
+from shared.db import Session
+from shared.errors import AlreadyExists, InvalidArgument, NotFound
+from shared.ids import new_id
+
+S = "runtime"
+T = TypeVar("T")
+
+
+# ---------------------------------------------------------------------------- records
+
+
+@dataclass(frozen=True)
+class Server:
+    id: str
+    name: str
+    region: str
+    agent_address: str
+    drivers: tuple[str, ...]
+    capacity: Resources
+    reserved: Resources
+    status: ServerState
+    last_heartbeat_at: datetime | None
+    created_at: datetime
+
+    @classmethod
+    def from_row(cls, row: asyncpg.Record) -> Server:
+        return cls(
+            id=row["id"],
+            name=row["name"],
+            region=row["region"],
+            agent_address=row["agent_address"],
+            drivers=tuple(row["drivers"]),
+            capacity=Resources(row["ram_mb"], row["cpu_millis"]),
+            reserved=Resources(row["ram_mb_reserved"], row["cpu_millis_reserved"]),
+            status=ServerState(row["status"]),
+            last_heartbeat_at=row["last_heartbeat_at"],
+            created_at=row["created_at"],
+        )
+
+    def candidate(self) -> Candidate:
+        return Candidate(self.id, self.capacity, self.reserved)
+
+
+@dataclass(frozen=True)
+class Deployment:
+    id: str
+    project_id: str
+    organization_id: str
+    server_id: str
+    status: DeploymentState
+    capacity_reserved: bool
+    image: str | None
+    command: str | None
+    resources: Resources
+    region: str
+    health_check_path: str
+    env_version: str
+    exit_code: int | None
+    status_reason: str
+    rolled_back_from: str
+    schedule_deadline: datetime | None
+    created_at: datetime
+    updated_at: datetime
+
+    @classmethod
+    def from_row(cls, row: asyncpg.Record) -> Deployment:
+        return cls(
+            id=row["id"],
+            project_id=row["project_id"],
+            organization_id=row["organization_id"],
+            server_id=row["server_id"] or "",
+            status=DeploymentState(row["status"]),
+            capacity_reserved=row["capacity_reserved"],
+            image=row["image"],
+            command=row["command"],
+            resources=Resources(row["ram_mb"], row["cpu_millis"]),
+            region=row["region"],
+            health_check_path=row["health_check_path"] or "",
+            env_version=row["env_version"] or "",
+            exit_code=row["exit_code"],
+            status_reason=row["status_reason"] or "",
+            rolled_back_from=row["rolled_back_from"] or "",
+            schedule_deadline=row["schedule_deadline"],
+            created_at=row["created_at"],
+            updated_at=row["updated_at"],
+        )
+
+
+@dataclass(frozen=True)
+class DeploymentSpec:
+    """What a new deployment runs and needs, copied from the project at creation."""
+
+    project_id: str
+    organization_id: str
+    resources: Resources
+    region: str
+    image: str | None = None
+    command: str | None = None
+    health_check_path: str = ""
+    rolled_back_from: str = ""
+
+
+@dataclass(frozen=True)
+class Page(Generic[T]):
+    items: list[T]
+    next_page_token: str
+
+
+# ------------------------------------------------------------------------ page tokens
+
+
+def _encode(*parts: str) -> str:
+    return base64.urlsafe_b64encode("\x1f".join(parts).encode()).decode()
+
+
+def _decode(token: str, count: int) -> list[str]:
+    try:
+        parts = base64.urlsafe_b64decode(token.encode()).decode().split("\x1f")
+    except (ValueError, UnicodeDecodeError):
+        parts = []
+    if len(parts) != count:
+        raise InvalidArgument.field("page_token", "not a token from a previous page")
+    return parts
+
+
+def page_size(requested: int, *, default: int = 50, maximum: int = 500) -> int:
+    if requested < 0:
+        raise InvalidArgument.field("page_size", "must not be negative")
+    return min(requested or default, maximum)
+
+
+# ---------------------------------------------------------------------------- servers
+
+
+async def insert_server(
+    tx: Session,
+    *,
+    name: str,
+    region: str,
+    agent_address: str,
+    capacity: Resources,
+    drivers: tuple[str, ...] = ("process",),
+) -> Server:
+    try:
+        row = await tx.fetchrow(
+            f"""INSERT INTO {S}.servers (id, name, region, agent_address, drivers,
+                    ram_mb, cpu_millis)
+                VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING *""",
+            new_id(),
+            name,
+            region,
+            agent_address,
+            list(drivers),
+            capacity.ram_mb,
+            capacity.cpu_millis,
+        )
+    except asyncpg.UniqueViolationError:
+        raise AlreadyExists(f"a server named {name!r} exists", reason="SERVER_EXISTS") from None
+    assert row is not None
+    return Server.from_row(row)
+
+
+async def get_server(s: Session, server_id: str) -> Server:
+    row = await s.fetchrow(f"SELECT * FROM {S}.servers WHERE id = $1", server_id)
+    if row is None:
+        raise NotFound(f"server {server_id!r} does not exist")
+    return Server.from_row(row)
+
+
+async def list_servers(s: Session, size: int, token: str) -> Page[Server]:
+    after = _decode(token, 1)[0] if token else ""
+    rows = await s.fetch(
+        f"SELECT * FROM {S}.servers WHERE id > $1 ORDER BY id LIMIT $2", after, size + 1
+    )
+    servers = [Server.from_row(r) for r in rows[:size]]
+    more = len(rows) > size
+    return Page(servers, _encode(servers[-1].id) if more else "")
+
+
+async def set_server_status(tx: Session, server_id: str, status: ServerState) -> Server:
+    row = await tx.fetchrow(
+        f"UPDATE {S}.servers SET status = $2, updated_at = now() WHERE id = $1 RETURNING *",
+        server_id,
+        status.value,
+    )
+    if row is None:
+        raise NotFound(f"server {server_id!r} does not exist")
+    return Server.from_row(row)
+
+
+# ----------------------------------------------------------------------- reservations
+
+
+def _reserve_sql(skip_locked: bool) -> str:
+    # One statement that cannot over-commit. The subquery picks a fitting active server and
+    # row-locks it; under READ COMMITTED a row changed since the statement's snapshot is
+    # re-read and its WHERE re-checked once the lock is held, so the free space it tested is
+    # the free space we add to. The outer WHERE repeats the test (belt and braces) and the
+    # table's CHECKs refuse any counter above capacity anyway.
+    #
+    # First pass: best fit (fewest RAM left, then CPU) with SKIP LOCKED, so concurrent placers
+    # fan out over the servers instead of queueing behind one row; a placement locks one
+    # server row, where locking every candidate and choosing in Python serializes a region.
+    # Second pass, only when every fitting server was locked: wait, in id order. Rows that
+    # fail the re-check stay locked until commit, so waiters must all lock in one order or
+    # two of them can deadlock; first pass placers never wait, so they cannot close a cycle.
+    if skip_locked:
+        order = "ram_mb - ram_mb_reserved, cpu_millis - cpu_millis_reserved, id"
+        lock = "FOR UPDATE SKIP LOCKED"
+    else:
+        order, lock = "id", "FOR UPDATE"
+    return f"""
+        UPDATE {S}.servers
+           SET ram_mb_reserved = ram_mb_reserved + $3,
+               cpu_millis_reserved = cpu_millis_reserved + $4,
+               updated_at = now()
+         WHERE id = (
+                SELECT id FROM {S}.servers
+                 WHERE status = 'active' AND region = $1 AND $2::text = ANY(drivers)
+                   AND ram_mb - ram_mb_reserved >= $3
+                   AND cpu_millis - cpu_millis_reserved >= $4
+                 ORDER BY {order}
+                 LIMIT 1 {lock})
+           AND ram_mb - ram_mb_reserved >= $3
+           AND cpu_millis - cpu_millis_reserved >= $4
+        RETURNING id"""
+
+
+_RESERVE_SKIP_LOCKED = _reserve_sql(skip_locked=True)
+_RESERVE_WAITING = _reserve_sql(skip_locked=False)
+
+
+async def reserve_capacity(tx: Session, region: str, driver: str, need: Resources) -> str | None:
+    """Add `need` to the best-fitting active server of the region; its id, or None if full.
+
+    When every fitting server is locked by other placements (they commit within a few
+    milliseconds), try again shortly rather than queue behind one row; as a last resort wait
+    for the locks, so a busy server is never mistaken for a full one.
+    """
+    args = (region, driver, need.ram_mb, need.cpu_millis)
+    for attempt in range(len(_SKIP_LOCKED_BACKOFF) + 1):
+        server_id = await tx.fetchval(_RESERVE_SKIP_LOCKED, *args)
+        if server_id is not None:
+            return str(server_id)
+        if attempt == len(_SKIP_LOCKED_BACKOFF) or not await tx.fetchval(_ANY_FITS, *args):
+            break
+        await asyncio.sleep(_SKIP_LOCKED_BACKOFF[attempt] * (0.5 + random.random()))
+    server_id = await tx.fetchval(_RESERVE_WAITING, *args)
+    return str(server_id) if server_id is not None else None
+
+
+# Seconds between SKIP LOCKED attempts while every fitting server is momentarily locked.
+_SKIP_LOCKED_BACKOFF = (0.001, 0.002, 0.004, 0.008)
+# Is any server fitting at all, locked or not? (No lock: only decides whether to retry.)
+_ANY_FITS = f"""
+    SELECT EXISTS (SELECT 1 FROM {S}.servers
+                    WHERE status = 'active' AND region = $1 AND $2::text = ANY(drivers)
+                      AND ram_mb - ram_mb_reserved >= $3
+                      AND cpu_millis - cpu_millis_reserved >= $4)"""
+
+
+async def release_capacity(tx: Session, deployment_id: str) -> bool:
+    """Give a deployment's capacity back to its server, exactly once.
+
+    One statement: the flag flips only WHERE capacity_reserved, and the counters drop only
+    for a row that flag flip returned, so a second call (or a racing one) changes nothing.
+    """
+    released = await tx.fetchval(
+        f"""WITH released AS (
+                UPDATE {S}.deployments SET capacity_reserved = false, updated_at = now()
+                 WHERE id = $1 AND capacity_reserved
+                RETURNING server_id, ram_mb, cpu_millis)
+            UPDATE {S}.servers s
+               SET ram_mb_reserved = s.ram_mb_reserved - r.ram_mb,
+                   cpu_millis_reserved = s.cpu_millis_reserved - r.cpu_millis,
+                   updated_at = now()
+              FROM released r WHERE s.id = r.server_id
+            RETURNING s.id""",
+        deployment_id,
+    )
+    return released is not None
+
+
+async def lock_servers(tx: Session) -> list[Server]:
+    rows = await tx.fetch(f"SELECT * FROM {S}.servers ORDER BY id FOR UPDATE")
+    return [Server.from_row(r) for r in rows]
+
+
+async def reserved_sums(tx: Session) -> dict[str, Resources]:
+    rows = await tx.fetch(
+        f"""SELECT server_id, sum(ram_mb)::int AS ram_mb, sum(cpu_millis)::int AS cpu_millis
+              FROM {S}.deployments WHERE capacity_reserved GROUP BY server_id"""
+    )
+    return {r["server_id"]: Resources(r["ram_mb"], r["cpu_millis"]) for r in rows}
+
+
+async def set_reserved(tx: Session, server_id: str, reserved: Resources) -> None:
+    await tx.execute(
+        f"""UPDATE {S}.servers SET ram_mb_reserved = $2, cpu_millis_reserved = $3,
+                updated_at = now() WHERE id = $1""",
+        server_id,
+        reserved.ram_mb,
+        reserved.cpu_millis,
+    )
+
+
+async def try_advisory_xact_lock(tx: Session, key: str) -> bool:
+    return bool(await tx.fetchval("SELECT pg_try_advisory_xact_lock(hashtext($1))", key))
+
+
+async def advisory_xact_lock(tx: Session, key: str) -> None:
+    await tx.execute("SELECT pg_advisory_xact_lock(hashtext($1))", key)
+
+
+# ------------------------------------------------------------------------ deployments
+
+
+async def insert_deployment(
+    tx: Session, spec: DeploymentSpec, schedule_deadline: datetime
+) -> Deployment:
+    row = await tx.fetchrow(
+        f"""INSERT INTO {S}.deployments (id, project_id, organization_id, image, command,
+                ram_mb, cpu_millis, region, health_check_path, rolled_back_from,
+                schedule_deadline)
+            VALUES ($1, $2, $3, $4, $5, $6, $7, $8, NULLIF($9, ''), NULLIF($10, ''), $11)
+            RETURNING *""",
+        new_id(),
+        spec.project_id,
+        spec.organization_id,
+        spec.image,
+        spec.command,
+        spec.resources.ram_mb,
+        spec.resources.cpu_millis,
+        spec.region,
+        spec.health_check_path,
+        spec.rolled_back_from,
+        schedule_deadline,
+    )
+    assert row is not None
+    return Deployment.from_row(row)
+
+
+async def get_deployment(s: Session, deployment_id: str) -> Deployment:
+    row = await s.fetchrow(f"SELECT * FROM {S}.deployments WHERE id = $1", deployment_id)
+    if row is None:
+        raise NotFound(f"deployment {deployment_id!r} does not exist")
+    return Deployment.from_row(row)
+
+
+async def lock_deployment(tx: Session, deployment_id: str) -> Deployment:
+    row = await tx.fetchrow(
+        f"SELECT * FROM {S}.deployments WHERE id = $1 FOR UPDATE", deployment_id
+    )
+    if row is None:
+        raise NotFound(f"deployment {deployment_id!r} does not exist")
+    return Deployment.from_row(row)
+
+
+async def claim_queued(tx: Session, after: tuple[datetime, str] | None) -> Deployment | None:
+    """The oldest queued deployment after `after` that no other replica is working on."""
+    row = await tx.fetchrow(
+        f"""SELECT * FROM {S}.deployments
+             WHERE status = 'queued'
+               AND ($1::timestamptz IS NULL OR (created_at, id) > ($1, $2))
+             ORDER BY created_at, id LIMIT 1 FOR UPDATE SKIP LOCKED""",
+        after[0] if after else None,
+        after[1] if after else "",
+    )
+    return Deployment.from_row(row) if row else None
+
+
+async def lock_running_of_project(
+    tx: Session, project_id: str, excluding: str
+) -> Deployment | None:
+    row = await tx.fetchrow(
+        f"""SELECT * FROM {S}.deployments
+             WHERE project_id = $1 AND status = 'running' AND id <> $2 FOR UPDATE""",
+        project_id,
+        excluding,
+    )
+    return Deployment.from_row(row) if row else None
+
+
+async def update_deployment(
+    tx: Session,
+    deployment_id: str,
+    status: DeploymentState,
+    *,
+    reason: str | None = None,
+    exit_code: int | None = None,
+    server_id: str | None = None,
+    capacity_reserved: bool | None = None,
+) -> Deployment:
+    """Set the status (and what changes with it); the caller checked the transition."""
+    row = await tx.fetchrow(
+        f"""UPDATE {S}.deployments
+               SET status = $2,
+                   status_reason = COALESCE($3, status_reason),
+                   exit_code = COALESCE($4, exit_code),
+                   server_id = COALESCE($5, server_id),
+                   capacity_reserved = COALESCE($6, capacity_reserved),
+                   updated_at = now()
+             WHERE id = $1 RETURNING *""",
+        deployment_id,
+        status.value,
+        reason,
+        exit_code,
+        server_id,
+        capacity_reserved,
+    )
+    if row is None:
+        raise NotFound(f"deployment {deployment_id!r} does not exist")
+    return Deployment.from_row(row)
+
+
+async def list_deployments(s: Session, project_id: str, size: int, token: str) -> Page[Deployment]:
+    """Newest first; keyset on (created_at, id)."""
+    if token:
+        created, last_id = _decode(token, 2)
+        after: tuple[datetime | None, str] = (datetime.fromisoformat(created), last_id)
+    else:
+        after = (None, "")
+    rows = await s.fetch(
+        f"""SELECT * FROM {S}.deployments
+             WHERE project_id = $1
+               AND ($2::timestamptz IS NULL OR (created_at, id) < ($2, $3))
+             ORDER BY created_at DESC, id DESC LIMIT $4""",
+        project_id,
+        after[0],
+        after[1],
+        size + 1,
+    )
+    items = [Deployment.from_row(r) for r in rows[:size]]
+    more = len(rows) > size
+    token_out = _encode(items[-1].created_at.isoformat(), items[-1].id) if more else ""
+    return Page(items, token_out)
+
+
+async def project_organization(s: Session, project_id: str) -> str | None:
+    """The organization a project's deployments were made in, if it has any."""
+    value = await s.fetchval(
+        f"SELECT organization_id FROM {S}.deployments WHERE project_id = $1 LIMIT 1", project_id
+    )
+    return str(value) if value is not None else None
+
+
+async def last_successful_before(s: Session, current: Deployment) -> Deployment | None:
+    """The newest earlier deployment of the project that ran and was replaced normally."""
+    row = await s.fetchrow(
+        f"""SELECT * FROM {S}.deployments
+             WHERE project_id = $1 AND status = 'superseded' AND id <> $2
+               AND created_at <= $3
+             ORDER BY created_at DESC, id DESC LIMIT 1""",
+        current.project_id,
+        current.id,
+        current.created_at,
+    )
+    return Deployment.from_row(row) if row else None

@@ -1,0 +1,112 @@
+"""Runtime's rules without a database: the deployment graph, best fit, drift."""
+
+from __future__ import annotations
+
+import itertools
+
+import grpc
+import pytest
+
+from services.runtime.domain import (
+    CANCELLABLE,
+    ENDS,
+    HOLDS_CAPACITY,
+    TRANSITIONS,
+    Candidate,
+    DeploymentState,
+    Resources,
+    best_fit,
+    can_transition,
+    ensure_transition,
+    find_drift,
+)
+from shared.errors import FailedPrecondition
+
+S = DeploymentState
+
+# The graph as the issue states it, written out pair by pair.
+ALLOWED = {
+    (S.QUEUED, S.SCHEDULING),
+    (S.SCHEDULING, S.STARTING),
+    (S.STARTING, S.RUNNING),
+    (S.RUNNING, S.SUPERSEDED),
+    # cancel from queued, scheduling, starting
+    (S.QUEUED, S.CANCELLED),
+    (S.SCHEDULING, S.CANCELLED),
+    (S.STARTING, S.CANCELLED),
+    # failure: no room before the deadline, the agent could not start it, it died later
+    (S.QUEUED, S.FAILED),
+    (S.SCHEDULING, S.FAILED),
+    (S.STARTING, S.FAILED),
+    (S.RUNNING, S.FAILED),
+    # rollback ends the running one
+    (S.RUNNING, S.ROLLED_BACK),
+}
+
+
+@pytest.mark.parametrize(("current", "new"), sorted(ALLOWED), ids=lambda s: s.value)
+def test_allowed_transitions_pass(current: DeploymentState, new: DeploymentState) -> None:
+    assert can_transition(current, new)
+    ensure_transition(current, new)
+
+
+ILLEGAL = sorted(set(itertools.product(S, S)) - ALLOWED)
+
+
+@pytest.mark.parametrize(("current", "new"), ILLEGAL, ids=lambda s: s.value)
+def test_every_other_pair_is_refused_with_failed_precondition(
+    current: DeploymentState, new: DeploymentState
+) -> None:
+    assert not can_transition(current, new)
+    with pytest.raises(FailedPrecondition) as caught:
+        ensure_transition(current, new)
+    error = caught.value
+    assert error.code is grpc.StatusCode.FAILED_PRECONDITION
+    assert error.reason == "ILLEGAL_TRANSITION"
+    assert error.metadata == {"from": current.value, "to": new.value}
+
+
+def test_the_graph_has_every_state_and_only_the_listed_edges() -> None:
+    assert set(TRANSITIONS) == set(S)
+    assert {(a, b) for a, nexts in TRANSITIONS.items() for b in nexts} == ALLOWED
+    assert len(ILLEGAL) == 64 - len(ALLOWED)
+
+
+def test_ends_hold_no_capacity_and_cancel_is_only_before_running() -> None:
+    assert ENDS == {S.SUPERSEDED, S.FAILED, S.CANCELLED, S.ROLLED_BACK}
+    assert HOLDS_CAPACITY == {S.SCHEDULING, S.STARTING, S.RUNNING}
+    assert not ENDS & HOLDS_CAPACITY
+    assert CANCELLABLE == {S.QUEUED, S.SCHEDULING, S.STARTING}
+
+
+def _server(sid: str, ram: int, cpu: int, ram_used: int = 0, cpu_used: int = 0) -> Candidate:
+    return Candidate(sid, Resources(ram, cpu), Resources(ram_used, cpu_used))
+
+
+def test_best_fit_leaves_the_least_ram_then_cpu() -> None:
+    need = Resources(256, 250)
+    servers = [
+        _server("roomy", 4096, 4000),
+        _server("snug", 1024, 1000, ram_used=700),  # 324 MB free: fits, least left
+        _server("too-small", 1024, 1000, ram_used=900),
+        _server("snug-more-cpu", 1024, 4000, ram_used=700),
+    ]
+    chosen = best_fit(servers, need)
+    assert chosen is not None and chosen.id == "snug"
+    assert best_fit([_server("cpu-bound", 4096, 200)], need) is None
+    assert best_fit([], need) is None
+
+
+def test_drift_names_servers_whose_counters_disagree() -> None:
+    cap = Resources(1000, 1000)
+    servers = [
+        ("ok", cap, Resources(200, 100)),
+        ("leaked", cap, Resources(500, 300)),
+        ("empty-but-counted", cap, Resources(100, 100)),
+        ("over", cap, Resources(0, 0)),
+    ]
+    sums = {"ok": Resources(200, 100), "leaked": Resources(200, 100), "over": Resources(1200, 10)}
+    drift = {d.server_id: d for d in find_drift(servers, sums)}
+    assert set(drift) == {"leaked", "empty-but-counted", "over"}
+    assert drift["empty-but-counted"].actual == Resources(0, 0)
+    assert drift["leaked"].repairable and not drift["over"].repairable
