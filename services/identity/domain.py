@@ -51,6 +51,7 @@ PERMISSIONS: dict[str, Role] = {
     "secrets.list": Role.VIEWER,
     "secrets.write": Role.DEVELOPER,
     "secrets.delete": Role.DEVELOPER,
+    "secrets.reveal": Role.ADMIN,
     "deployments.list": Role.VIEWER,
     "deployments.get": Role.VIEWER,
     "deployments.create": Role.DEVELOPER,

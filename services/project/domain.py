@@ -50,9 +50,9 @@ PERM_CREATE = "projects.create"
 PERM_UPDATE = "projects.update"
 PERM_DELETE = "projects.delete"
 PERM_SECRETS_LIST = "secrets.list"
+PERM_SECRETS_REVEAL = "secrets.reveal"
 PERM_SECRETS_WRITE = "secrets.write"
 PERM_SECRETS_DELETE = "secrets.delete"
-ROLE_ADMIN = 3  # hangar.identity.v1.ROLE_ADMIN: RevealSecret's minimum role
 
 
 @dataclass(frozen=True)

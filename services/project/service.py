@@ -473,10 +473,9 @@ class Projects:
 
     async def reveal_secret(self, project_id: str, name: str) -> tuple[store.StoredSecret, str]:
         domain.check_secret_name(name)
-        project = await self._project_for(project_id, domain.PERM_SECRETS_LIST)
-        role = await self.authorizer.require(project.organization_id, domain.PERM_SECRETS_LIST)
-        if not current_principal().is_user or role < domain.ROLE_ADMIN:
-            raise PermissionDenied("revealing a secret needs the admin role")
+        project = await self._project_for(project_id, domain.PERM_SECRETS_REVEAL)
+        if not current_principal().is_user:
+            raise PermissionDenied("secrets are revealed to people; services use ResolveSecrets")
         async with self.db.transaction() as tx:
             secret = await store.get_secret(tx, project_id, name)
             if secret is None:
