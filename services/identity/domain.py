@@ -3,8 +3,6 @@ page tokens and the audit hash chain. No I/O here."""
 
 from __future__ import annotations
 
-import base64
-import binascii
 import hashlib
 import json
 import re
@@ -164,39 +162,6 @@ def require_id(value: str, field: str) -> str:
     if len(value) > 100:
         raise InvalidArgument.field(field, "too long")
     return value
-
-
-# -------------------------------------------------------------------------- pagination
-
-DEFAULT_PAGE_SIZE = 50
-MAX_PAGE_SIZE = 1000
-
-
-def page_size(requested: int) -> int:
-    if requested < 0:
-        raise InvalidArgument.field("page_size", "must not be negative")
-    return min(requested or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
-
-
-def encode_page_token(key: list[Any]) -> str:
-    return base64.urlsafe_b64encode(json.dumps(key).encode()).decode().rstrip("=")
-
-
-def decode_page_token(token: str, shape: tuple[type, ...]) -> list[Any] | None:
-    """The last key of the previous page; INVALID_ARGUMENT for a token we did not make."""
-    if not token:
-        return None
-    try:
-        key = json.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
-    except (ValueError, binascii.Error):
-        raise InvalidArgument.field("page_token", "not a page token from this list") from None
-    if (
-        not isinstance(key, list)
-        or len(key) != len(shape)
-        or not all(isinstance(v, t) for v, t in zip(key, shape, strict=True))
-    ):
-        raise InvalidArgument.field("page_token", "not a page token from this list")
-    return key
 
 
 # ------------------------------------------------------------------ sign-in throttling

@@ -23,6 +23,7 @@ from services.identity.tokens import (
     new_refresh_token,
     refresh_token_hash,
 )
+from shared import pagination
 from shared.auth import require_caller, require_service, require_user
 from shared.context import Principal, PrincipalKind, current_principal
 from shared.db import Database, Session
@@ -428,8 +429,8 @@ class Identity:
 
     async def list_organizations(self, size: int, token: str) -> Page:
         principal = require_user()
-        limit = domain.page_size(size)
-        key = domain.decode_page_token(token, (str, str))
+        limit = pagination.page_size(size)
+        key = pagination.decode_page_token(token, (str, str))
         after = None
         if key is not None:
             try:
@@ -573,8 +574,8 @@ class Identity:
 
     async def list_members(self, org_id: str, size: int, token: str) -> Page:
         domain.require_id(org_id, "organization_id")
-        limit = domain.page_size(size)
-        key = domain.decode_page_token(token, (str,))
+        limit = pagination.page_size(size)
+        key = pagination.decode_page_token(token, (str,))
         await self.authorizer.require(org_id, "members.list")
         async with self.db.session() as s:
             found = await store.list_members(s, org_id, key[0] if key else None, limit + 1)
@@ -762,8 +763,8 @@ class Identity:
         end: datetime | None = None,
     ) -> Page:
         domain.require_id(org_id, "organization_id")
-        limit = domain.page_size(size)
-        key = domain.decode_page_token(token, (int,))
+        limit = pagination.page_size(size)
+        key = pagination.decode_page_token(token, (int,))
         await self.authorizer.require(org_id, "audit.read")
         async with self.db.session() as s:
             found = await store.list_audit(
@@ -818,5 +819,5 @@ def _role(value: int, violations: list[FieldViolation]) -> Role | None:
 def _page(items: list[Any], limit: int, key: Any) -> Page:
     if len(items) > limit:
         items = items[:limit]
-        return Page(items, domain.encode_page_token(key(items[-1])))
+        return Page(items, pagination.encode_page_token(key(items[-1])))
     return Page(items, "")

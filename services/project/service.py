@@ -26,6 +26,7 @@ from services.project.crypto import (
     seal_secret,
 )
 from services.project.domain import Project, ProjectSpec, Resources
+from shared import pagination
 from shared.audit import record_audit
 from shared.auth import Authorizer, require_caller, require_platform_admin, require_service
 from shared.clients import Clients
@@ -44,6 +45,9 @@ from shared.errors import (
 )
 from shared.ids import new_id
 from shared.outbox import write_event
+
+# Secrets and projects list in smaller pages than the AIP-158 default maximum.
+MAX_PAGE_SIZE = 500
 
 log = logging.getLogger(__name__)
 
@@ -276,8 +280,8 @@ class Projects:
     ) -> Page:
         domain.require_id(organization_id, "organization_id")
         await self.authorizer.require(organization_id, domain.PERM_LIST)
-        limit = domain.page_size(page_size)
-        key = domain.decode_page_token(page_token, (str, str))
+        limit = pagination.page_size(page_size, maximum=MAX_PAGE_SIZE)
+        key = pagination.decode_page_token(page_token, (str, str))
         after = None
         if key is not None:
             from datetime import datetime
@@ -295,7 +299,9 @@ class Projects:
         more = len(rows) > limit
         rows = rows[:limit]
         token = (
-            domain.encode_page_token([rows[-1].created_at.isoformat(), rows[-1].id]) if more else ""
+            pagination.encode_page_token([rows[-1].created_at.isoformat(), rows[-1].id])
+            if more
+            else ""
         )
         return Page(rows, token)
 
@@ -446,13 +452,13 @@ class Projects:
 
     async def list_secrets(self, project_id: str, page_size: int, page_token: str) -> Page:
         await self._project_for(project_id, domain.PERM_SECRETS_LIST)
-        limit = domain.page_size(page_size)
-        key = domain.decode_page_token(page_token, (str,))
+        limit = pagination.page_size(page_size, maximum=MAX_PAGE_SIZE)
+        key = pagination.decode_page_token(page_token, (str,))
         async with self.db.session() as s:
             rows = await store.list_secrets(s, project_id, key[0] if key else "", limit + 1)
         more = len(rows) > limit
         rows = rows[:limit]
-        return Page(rows, domain.encode_page_token([rows[-1].name]) if more else "")
+        return Page(rows, pagination.encode_page_token([rows[-1].name]) if more else "")
 
     async def delete_secret(self, project_id: str, name: str) -> None:
         domain.check_secret_name(name)

@@ -78,26 +78,6 @@ def test_slug_rule_is_exactly_the_documented_pattern(slug: str) -> None:
     assert (domain.slug_violation(slug) is None) is expected
 
 
-@given(st.lists(st.one_of(st.integers(), st.text(max_size=20)), min_size=1, max_size=3))
-def test_page_tokens_round_trip(key: list[object]) -> None:
-    shape = tuple(type(v) for v in key)
-    assert domain.decode_page_token(domain.encode_page_token(key), shape) == key
-
-
-@pytest.mark.parametrize("token", ["!!!", "bm90IGpzb24", "WyJ4Il0", "e30"])
-def test_foreign_page_tokens_are_invalid_argument(token: str) -> None:
-    with pytest.raises(InvalidArgument) as caught:
-        domain.decode_page_token(token, (int,))
-    assert caught.value.violations[0].field == "page_token"
-
-
-def test_page_size_defaults_and_caps() -> None:
-    assert domain.page_size(0) == 50
-    assert domain.page_size(5000) == 1000
-    with pytest.raises(InvalidArgument):
-        domain.page_size(-1)
-
-
 def test_login_backoff_grows_then_caps_and_never_locks_forever() -> None:
     assert domain.block_after(domain.FREE_FAILURES - 1) is None
     waits = [domain.block_after(n) for n in range(domain.FREE_FAILURES, 40)]
