@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+import shutil
+import tempfile
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 
@@ -18,10 +21,16 @@ from shared.settings import SERVICES
 
 
 @pytest.fixture(scope="session")
-def postgres(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Postgres]:
-    pg = provision(tmp_path_factory.mktemp("pgdata"), ephemeral=True)
-    yield pg
-    pg.stop()
+def postgres() -> Iterator[Postgres]:
+    # Not under pytest's tmp_path: pytest prunes all but its three newest base directories,
+    # so a second pytest run starting meanwhile could delete a live data directory.
+    data_dir = Path(tempfile.mkdtemp(prefix="hangar-test-pg-"))
+    pg = provision(data_dir / "data", ephemeral=True)
+    try:
+        yield pg
+    finally:
+        pg.stop()
+        shutil.rmtree(data_dir, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
