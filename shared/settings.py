@@ -94,6 +94,18 @@ def _master_keys(text: str) -> dict[str, bytes]:
     return keys
 
 
+def _string_map(text: str, name: str) -> dict[str, str]:
+    """A JSON object of strings, e.g. HANGAR_STRIPE_PRICES={"pro": "price_123"}."""
+    if not text:
+        return {}
+    value = json.loads(text)
+    if not isinstance(value, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) and v for k, v in value.items()
+    ):
+        raise ValueError(f"{name} must be a JSON object of non-empty strings")
+    return dict(value)
+
+
 @dataclass(frozen=True)
 class Settings:
     """Everything a Hangar process reads from its environment, in one place."""
@@ -123,17 +135,45 @@ class Settings:
     stripe_api_base: str = ""  # empty: Stripe's own; tests point it at localstripe
     stripe_webhook_secret: str = field(default="", repr=False)
     billing_cycle_seconds: float = 60.0
+    # Hangar plan id -> Stripe Price id (HANGAR_STRIPE_PRICES, JSON). A plan not listed gets
+    # a Stripe Product + Plan created at billing's start, idempotently (deterministic ids).
+    stripe_prices: dict[str, str] = field(default_factory=dict)
+    # A failed invoice send is retried after base x 2^(attempts-1) seconds, at most max.
+    billing_send_retry_base_seconds: float = 60.0
+    billing_send_retry_max_seconds: float = 6 * 3600.0
     # Runtime: how long a deployment may wait queued for room, how often queued ones are
     # retried, and how often the reconciler checks the reserved counters.
     runtime_schedule_timeout_seconds: float = 600.0
     runtime_schedule_retry_seconds: float = 2.0
     runtime_reconcile_seconds: float = 30.0
+    # Runtime <-> agents: how often the deploy sweep retries starts and stops, how long a
+    # placed deployment may wait for its agent to take it, and silence before a server is down.
+    runtime_agent_sweep_seconds: float = 5.0
+    runtime_start_timeout_seconds: float = 120.0
+    runtime_heartbeat_timeout_seconds: float = 30.0
     # Agent (runs apps on one server): the host apps are reached on, how long an app has
     # to answer its health check, SIGTERM -> SIGKILL grace, log lines kept per container.
     agent_app_host: str = "127.0.0.1"
     agent_start_timeout_seconds: float = 30.0
     agent_stop_grace_seconds: float = 10.0
     agent_log_buffer_lines: int = 5000
+    # The server this agent is registered as in runtime (id or name; empty: the hostname),
+    # and how often it heartbeats.
+    agent_server: str = ""
+    agent_heartbeat_seconds: float = 5.0
+    # Telemetry. Agent: metric sampling interval, lines per ShipLogs batch, metric samples
+    # kept while runtime is away. Runtime: days of logs/metrics kept and partitions made
+    # ahead, how often partitions roll, the usage window, how late samples may arrive
+    # before their window is billed, and how often usage is computed and sent.
+    telemetry_sample_seconds: float = 5.0
+    telemetry_ship_batch_lines: int = 2000
+    telemetry_metric_buffer_samples: int = 20_000
+    telemetry_retention_days: int = 7
+    telemetry_partitions_ahead_days: int = 7
+    telemetry_maintenance_seconds: float = 600.0
+    telemetry_usage_window_seconds: float = 60.0
+    telemetry_usage_lateness_seconds: float = 60.0
+    telemetry_usage_seconds: float = 15.0
     # Project secrets: master keys (key id -> 32 bytes) wrap each project's data key; new
     # data keys are wrapped under the active id (default: the first key listed).
     project_master_keys: dict[str, bytes] = field(default_factory=dict, repr=False)
@@ -161,6 +201,13 @@ class Settings:
             stripe_api_base=_env("STRIPE_API_BASE"),
             stripe_webhook_secret=_env("STRIPE_WEBHOOK_SECRET"),
             billing_cycle_seconds=float(_env("HANGAR_BILLING_CYCLE_SECONDS", "60")),
+            stripe_prices=_string_map(_env("HANGAR_STRIPE_PRICES"), "HANGAR_STRIPE_PRICES"),
+            billing_send_retry_base_seconds=float(
+                _env("HANGAR_BILLING_SEND_RETRY_BASE_SECONDS", "60")
+            ),
+            billing_send_retry_max_seconds=float(
+                _env("HANGAR_BILLING_SEND_RETRY_MAX_SECONDS", str(6 * 3600))
+            ),
             runtime_schedule_timeout_seconds=float(
                 _env("HANGAR_RUNTIME_SCHEDULE_TIMEOUT_SECONDS", "600")
             ),
@@ -168,10 +215,38 @@ class Settings:
                 _env("HANGAR_RUNTIME_SCHEDULE_RETRY_SECONDS", "2")
             ),
             runtime_reconcile_seconds=float(_env("HANGAR_RUNTIME_RECONCILE_SECONDS", "30")),
+            runtime_agent_sweep_seconds=float(_env("HANGAR_RUNTIME_AGENT_SWEEP_SECONDS", "5")),
+            runtime_start_timeout_seconds=float(
+                _env("HANGAR_RUNTIME_START_TIMEOUT_SECONDS", "120")
+            ),
+            runtime_heartbeat_timeout_seconds=float(
+                _env("HANGAR_RUNTIME_HEARTBEAT_TIMEOUT_SECONDS", "30")
+            ),
             agent_app_host=_env("HANGAR_AGENT_APP_HOST", "127.0.0.1"),
             agent_start_timeout_seconds=float(_env("HANGAR_AGENT_START_TIMEOUT_SECONDS", "30")),
             agent_stop_grace_seconds=float(_env("HANGAR_AGENT_STOP_GRACE_SECONDS", "10")),
             agent_log_buffer_lines=int(_env("HANGAR_AGENT_LOG_BUFFER_LINES", "5000")),
+            agent_server=_env("HANGAR_AGENT_SERVER"),
+            agent_heartbeat_seconds=float(_env("HANGAR_AGENT_HEARTBEAT_SECONDS", "5")),
+            telemetry_sample_seconds=float(_env("HANGAR_TELEMETRY_SAMPLE_SECONDS", "5")),
+            telemetry_ship_batch_lines=int(_env("HANGAR_TELEMETRY_SHIP_BATCH_LINES", "2000")),
+            telemetry_metric_buffer_samples=int(
+                _env("HANGAR_TELEMETRY_METRIC_BUFFER_SAMPLES", "20000")
+            ),
+            telemetry_retention_days=int(_env("HANGAR_TELEMETRY_RETENTION_DAYS", "7")),
+            telemetry_partitions_ahead_days=int(
+                _env("HANGAR_TELEMETRY_PARTITIONS_AHEAD_DAYS", "7")
+            ),
+            telemetry_maintenance_seconds=float(
+                _env("HANGAR_TELEMETRY_MAINTENANCE_SECONDS", "600")
+            ),
+            telemetry_usage_window_seconds=float(
+                _env("HANGAR_TELEMETRY_USAGE_WINDOW_SECONDS", "60")
+            ),
+            telemetry_usage_lateness_seconds=float(
+                _env("HANGAR_TELEMETRY_USAGE_LATENESS_SECONDS", "60")
+            ),
+            telemetry_usage_seconds=float(_env("HANGAR_TELEMETRY_USAGE_SECONDS", "15")),
             project_master_keys=_master_keys(_env("HANGAR_PROJECT_MASTER_KEYS")),
             project_master_key_id=_env("HANGAR_PROJECT_MASTER_KEY_ID"),
             project_reconcile_seconds=float(_env("HANGAR_PROJECT_RECONCILE_SECONDS", "30")),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
@@ -31,6 +32,8 @@ from shared.outbox import write_event
 
 if TYPE_CHECKING:
     from services.billing.server import BillingApp
+
+log = logging.getLogger(__name__)
 
 READ = "billing.read"
 MANAGE = "billing.manage"
@@ -233,6 +236,12 @@ class BillingApi(billing_pb2_grpc.BillingServiceServicer):
                 target_id=sub.id,
                 metadata={"from": sub.plan_id, "to": plan.id},
             )
+        # Stripe follows after the commit: at once when it answers, else on the cycle's next
+        # pass (the row stays out of step, plan_version ahead of stripe_plan_version).
+        try:
+            await self.app.cycle.sync_subscription(sub.id)
+        except Exception:
+            log.warning("Stripe sync after ChangePlan failed; the cycle retries", exc_info=True)
         return subscription_to_proto(changed)
 
     # ---------------------------------------------------------------- allocations

@@ -1,14 +1,18 @@
 """The billing cycle: close ended periods into invoices, send them to Stripe, keep Stripe
-customers and subscriptions in step. Safe with any number of replicas: each subscription and
-each invoice is claimed with FOR UPDATE SKIP LOCKED, and the (subscription_id, period_start)
-unique key stands behind that.
+customers and subscriptions in step. Safe with any number of replicas: a due period is
+claimed with FOR UPDATE SKIP LOCKED (the (subscription_id, period_start) unique key stands
+behind that); an invoice to send is claimed by booking its next attempt in a short
+transaction, and Stripe is called after it commits, with no lock held; a subscription's
+Stripe sync runs under a per-subscription advisory lock.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Mapping
 from datetime import datetime, timedelta
+from typing import Any
 
 from services.billing import store
 from services.billing.domain import (
@@ -20,7 +24,7 @@ from services.billing.domain import (
     next_period_end,
     period_line,
 )
-from services.billing.stripe_gateway import InvoiceToSend, StripeGateway
+from services.billing.stripe_gateway import InvoiceToSend, PriceRef, SendFailed, StripeGateway
 from shared.audit import record_audit
 from shared.db import Database, Session
 from shared.outbox import write_event
@@ -38,11 +42,18 @@ class BillingCycle:
         gateway: StripeGateway | None = None,
         *,
         interval_seconds: float = 60.0,
+        stripe_prices: Mapping[str, str] | None = None,
+        retry_base_seconds: float = 60.0,
+        retry_max_seconds: float = 6 * 3600.0,
     ) -> None:
         self.db = db
         self.clock = clock
         self.gateway = gateway
         self.interval_seconds = interval_seconds
+        self.stripe_prices = dict(stripe_prices or {})
+        self.retry_base_seconds = retry_base_seconds
+        self.retry_max_seconds = retry_max_seconds
+        self._prices: dict[str, PriceRef] | None = None
 
     async def run(self) -> None:
         """The background loop: one pass per interval, errors logged and retried."""
@@ -61,9 +72,8 @@ class BillingCycle:
         while await self.close_one_period():
             made += 1
         if self.gateway is not None:
-            await self.sync_stripe_customers()
-            while await self.send_one_invoice():
-                pass
+            await self.sync_stripe()
+            await self.send_due_invoices()
         return made
 
     async def close_one_period(self) -> bool:
@@ -143,38 +153,161 @@ class BillingCycle:
             actor_id="service:billing",
         )
 
-    async def sync_stripe_customers(self) -> None:
-        """Create the Stripe customer (and subscription, when the plan has a Stripe price)."""
+    # ------------------------------------------------------------------ Stripe sync
+
+    async def ensure_catalog(self) -> dict[str, PriceRef]:
+        """Each plan's Stripe price: from settings, else found or created in Stripe (once
+        per process); recorded on the plan row so ListPlans shows it."""
         assert self.gateway is not None
+        if self._prices is not None:
+            return self._prices
         async with self.db.session() as s:
-            pending = await store.subscriptions_missing_stripe(s)
-        for sub in pending:
+            plans = await store.all_plans(s)
+        prices: dict[str, PriceRef] = {}
+        for plan in plans:
+            configured = self.stripe_prices.get(plan.id)
+            if configured:
+                prices[plan.id] = PriceRef(configured)
+            else:
+                prices[plan.id] = await self.gateway.ensure_plan(plan)
+        async with self.db.transaction() as tx:
+            for plan_id, price in prices.items():
+                await store.set_plan_stripe_price(tx, plan_id, price.id)
+        self._prices = prices
+        return prices
+
+    async def sync_stripe(self) -> int:
+        """Bring every subscription's Stripe side in step (customer, subscription on the
+        current plan, canceled when ours ended). One that fails is logged and retried on the
+        next pass; it does not hold up the rest. Returns how many were synced."""
+        assert self.gateway is not None
+        await self.ensure_catalog()
+        synced, after = 0, ""
+        while True:
+            async with self.db.session() as s:
+                batch = await store.subscriptions_out_of_step(s, after)
+            if not batch:
+                return synced
+            for sub in batch:
+                try:
+                    synced += await self.sync_subscription(sub.id)
+                except asyncio.CancelledError:
+                    raise
+                except Exception:
+                    log.warning("Stripe sync of subscription %s failed", sub.id, exc_info=True)
+            after = batch[-1].id
+
+    async def sync_subscription(self, subscription_id: str) -> bool:
+        """Sync one subscription with Stripe. A session-level advisory lock (not a row lock:
+        ReserveAllocation keeps writing the row) makes replicas take turns; the one that
+        finds it taken skips. Returns False when skipped or there was nothing to do."""
+        if self.gateway is None:
+            return False
+        key = f"billing.stripe-sync:{subscription_id}"
+        async with self.db.session() as lock:
+            if not await lock.fetchval("SELECT pg_try_advisory_lock(hashtext($1))", key):
+                return False
+            try:
+                return await self._sync_locked(subscription_id)
+            finally:
+                await lock.execute("SELECT pg_advisory_unlock(hashtext($1))", key)
+
+    async def _sync_locked(self, subscription_id: str) -> bool:
+        assert self.gateway is not None
+        prices = await self.ensure_catalog()
+        async with self.db.session() as s:
+            sub = await store.get_subscription_by_id(s, subscription_id)
+        if sub.status.is_dead:
+            if not sub.stripe_subscription_id or sub.stripe_canceled_at is not None:
+                return False
+            await self.gateway.cancel_subscription(sub.stripe_subscription_id, sub.id)
+            async with self.db.transaction() as tx:
+                await store.set_stripe_canceled(tx, sub.id, self.clock.now())
+                await self._audit(tx, sub, "billing.stripe_subscription_canceled", {})
+            return True
+        customer_id = sub.stripe_customer_id
+        changed = False
+        if not customer_id:
+            customer_id = await self.gateway.create_customer(sub.organization_id, sub.id)
+            async with self.db.transaction() as tx:
+                await store.set_stripe_customer(tx, sub.id, customer_id)
+            changed = True
+        price = prices.get(sub.plan_id)
+        if price is None:
+            return changed
+        if not sub.stripe_subscription_id:
+            stripe_id = await self.gateway.create_subscription(
+                customer_id, sub.id, sub.plan_id, price
+            )
+            async with self.db.transaction() as tx:
+                await store.set_stripe_subscription(tx, sub.id, stripe_id, sub.plan_version)
+                await self._audit(
+                    tx,
+                    sub,
+                    "billing.stripe_subscription_created",
+                    {"stripe_subscription_id": stripe_id, "plan_id": sub.plan_id},
+                )
+            return True
+        if sub.stripe_plan_version != sub.plan_version:
+            await self.gateway.update_subscription_plan(
+                sub.stripe_subscription_id, sub.id, sub.plan_id, price, sub.plan_version
+            )
+            async with self.db.transaction() as tx:
+                await store.set_stripe_plan_version(tx, sub.id, sub.plan_version)
+                await self._audit(
+                    tx,
+                    sub,
+                    "billing.stripe_subscription_updated",
+                    {"plan_id": sub.plan_id, "price": price.id},
+                )
+            return True
+        return changed
+
+    async def _audit(
+        self, tx: Session, sub: store.Subscription, action: str, metadata: dict[str, Any]
+    ) -> None:
+        await record_audit(
+            tx,
+            "billing",
+            organization_id=sub.organization_id,
+            action=action,
+            target_type="subscription",
+            target_id=sub.id,
+            metadata=metadata,
+            actor_id="service:billing",
+        )
+
+    # --------------------------------------------------------------- invoice sending
+
+    async def send_due_invoices(self) -> int:
+        """Send every invoice that is due now; each at most once per pass."""
+        seen: set[str] = set()
+        while (invoice_id := await self.send_one_invoice()) and invoice_id not in seen:
+            seen.add(invoice_id)
+        return len(seen)
+
+    async def send_one_invoice(self) -> str:
+        """Claim one due invoice, send it with no lock held, record what happened.
+
+        The claim (a short transaction) counts the attempt and books the next one, so a
+        second replica skips this invoice while Stripe is called, and one whose send keeps
+        failing backs off (base x 2^(attempts-1)) while the others go through. Returns the
+        invoice id, or "" when none is due."""
+        assert self.gateway is not None
+        async with self.db.transaction() as tx:
+            invoice = await store.claim_invoice_to_send(
+                tx, self.clock.now(), self.retry_base_seconds, self.retry_max_seconds
+            )
+        if invoice is None:
+            return ""
+        try:
+            async with self.db.session() as s:
+                sub = await store.get_subscription_by_id(s, invoice.subscription_id)
             customer_id = sub.stripe_customer_id
             if not customer_id:
                 customer_id = await self.gateway.create_customer(sub.organization_id, sub.id)
                 async with self.db.transaction() as tx:
                     await store.set_stripe_customer(tx, sub.id, customer_id)
-            async with self.db.session() as s:
-                plan = await store.get_plan(s, sub.plan_id)
-            if not sub.stripe_subscription_id and plan.stripe_price_id:
-                stripe_id = await self.gateway.create_subscription(
-                    customer_id, sub.id, plan.id, plan.stripe_price_id
-                )
-                async with self.db.transaction() as tx:
-                    await store.set_stripe_subscription(tx, sub.id, stripe_id)
-
-    async def send_one_invoice(self) -> bool:
-        """Send one unsent invoice; the row stays locked while Stripe is called."""
-        assert self.gateway is not None
-        async with self.db.transaction() as tx:
-            invoice = await store.claim_unsent_invoice(tx)
-            if invoice is None:
-                return False
-            sub = await store.get_subscription_by_id(tx, invoice.subscription_id)
-            customer_id = sub.stripe_customer_id
-            if not customer_id:
-                customer_id = await self.gateway.create_customer(sub.organization_id, sub.id)
-                await store.set_stripe_customer(tx, sub.id, customer_id)
             sent = await self.gateway.send_invoice(
                 InvoiceToSend(
                     id=invoice.id,
@@ -185,11 +318,30 @@ class BillingCycle:
                     period_end=invoice.period_end,
                     currency=invoice.currency,
                     lines=invoice.lines,
+                    stripe_invoice_id=invoice.stripe_invoice_id,
                 )
             )
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            draft = exc.stripe_invoice_id if isinstance(exc, SendFailed) else ""
+            error = f"{type(exc).__name__}: {exc}"
+            async with self.db.transaction() as tx:
+                await store.record_send_failure(tx, invoice.id, error, draft)
+            log.warning(
+                "sending invoice %s failed (attempt %d, next at %s): %s",
+                invoice.id,
+                invoice.send_attempts,
+                invoice.next_attempt_at,
+                error,
+            )
+            return invoice.id
+        async with self.db.transaction() as tx:
             updated = await store.mark_invoice_sent(
                 tx, invoice.id, sent.stripe_invoice_id, sent.status
             )
+            if updated is None:
+                return invoice.id
             await write_event(
                 tx,
                 "billing",
@@ -205,7 +357,10 @@ class BillingCycle:
                 action="billing.invoice_sent",
                 target_type="invoice",
                 target_id=updated.id,
-                metadata={"stripe_invoice_id": updated.stripe_invoice_id},
+                metadata={
+                    "stripe_invoice_id": updated.stripe_invoice_id,
+                    "attempts": updated.send_attempts,
+                },
                 actor_id="service:billing",
             )
-        return True
+        return invoice.id

@@ -332,6 +332,37 @@ def stripe_subscription_key(subscription_id: str, plan_id: str) -> str:
     return f"hangar-sub-{subscription_id}-{plan_id}"
 
 
+def stripe_subscription_update_key(subscription_id: str, plan_version: int, plan_id: str) -> str:
+    """One key per plan change (the version counts them): moving pro -> team -> pro makes
+    two different updates to pro, not a replay of the first."""
+    return f"hangar-subupd-{subscription_id}-v{plan_version}-{plan_id}"
+
+
+def stripe_subscription_cancel_key(subscription_id: str) -> str:
+    return f"hangar-subcancel-{subscription_id}"
+
+
+def stripe_product_id(plan_id: str) -> str:
+    """The Stripe Product a Hangar plan is sold as (a deterministic, caller-chosen id)."""
+    return f"hangar-{plan_id}"
+
+
+def stripe_plan_id(plan: Plan, interval: str = "month") -> str:
+    """The Stripe Plan (a Price, to Stripe's Prices API) for a Hangar plan's current terms.
+    The terms are in the id, so a changed price makes a new Stripe Plan, never edits one."""
+    return f"hangar-{plan.id}-{plan.currency}-{plan.price_cents}-{interval}"
+
+
+# ------------------------------------------------------------------------- send retries
+
+
+def send_backoff_seconds(attempts: int, base: float, maximum: float) -> float:
+    """Wait before the next send after `attempts` tries: base x 2^(attempts-1), capped."""
+    if attempts <= 0:
+        return 0.0
+    return float(min(maximum, base * 2 ** min(attempts - 1, 62)))
+
+
 # ----------------------------------------------------------------------- webhook effects
 
 

@@ -47,7 +47,13 @@ class BillingApp(ServiceApp):
         self.gateway = gateway or SdkStripeGateway.from_settings(settings)
         self.authorizer: Authorizer = authorizer or RemoteAuthorizer(self.clients)
         self.cycle = BillingCycle(
-            db, self.clock, self.gateway, interval_seconds=settings.billing_cycle_seconds
+            db,
+            self.clock,
+            self.gateway,
+            interval_seconds=settings.billing_cycle_seconds,
+            stripe_prices=settings.stripe_prices,
+            retry_base_seconds=settings.billing_send_retry_base_seconds,
+            retry_max_seconds=settings.billing_send_retry_max_seconds,
         )
         self.identity_events = EventConsumer(
             db,
@@ -76,7 +82,10 @@ class BillingApp(ServiceApp):
         return stub.WatchEvents(request)  # type: ignore[no-any-return]
 
     async def on_identity_event(self, tx: Session, event: events_pb2.Event) -> None:
-        """organization.created -> hobby subscription; organization.deleted -> cancel, free."""
+        """organization.created -> hobby subscription; organization.deleted -> cancel, free.
+
+        Stripe is not called here (this runs inside the cursor's transaction): the cycle's
+        Stripe sync creates the customer and subscription, or cancels it, on its next pass."""
         org = event.organization_id or event.aggregate_id
         if not org:
             return

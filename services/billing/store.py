@@ -52,6 +52,9 @@ class Subscription:
     stripe_subscription_id: str
     stripe_synced_at: datetime | None
     created_at: datetime
+    plan_version: int = 0  # counts plan changes
+    stripe_plan_version: int | None = None  # the version Stripe is on; None: not created
+    stripe_canceled_at: datetime | None = None
 
     @classmethod
     def from_row(cls, row: asyncpg.Record) -> Subscription:
@@ -70,6 +73,9 @@ class Subscription:
             stripe_subscription_id=row["stripe_subscription_id"] or "",
             stripe_synced_at=row["stripe_synced_at"],
             created_at=row["created_at"],
+            plan_version=row["plan_version"],
+            stripe_plan_version=row["stripe_plan_version"],
+            stripe_canceled_at=row["stripe_canceled_at"],
         )
 
 
@@ -107,6 +113,9 @@ class Invoice:
     sent: bool
     created_at: datetime
     due_at: datetime | None
+    send_attempts: int = 0
+    next_attempt_at: datetime | None = None
+    last_error: str = ""
 
     @classmethod
     def from_row(cls, row: asyncpg.Record) -> Invoice:
@@ -124,6 +133,9 @@ class Invoice:
             sent=row["sent"],
             created_at=row["created_at"],
             due_at=row["due_at"],
+            send_attempts=row["send_attempts"],
+            next_attempt_at=row["next_attempt_at"],
+            last_error=row["last_error"] or "",
         )
 
 
@@ -176,6 +188,21 @@ def page_size(requested: int, *, default: int = 50, maximum: int = 500) -> int:
 async def list_plans(s: Session) -> list[Plan]:
     rows = await s.fetch(f"SELECT * FROM {S}.plans WHERE active ORDER BY sort_order, id")
     return [_plan(r) for r in rows]
+
+
+async def all_plans(s: Session) -> list[Plan]:
+    """Every plan, retired ones too (a subscription may still be on one)."""
+    rows = await s.fetch(f"SELECT * FROM {S}.plans ORDER BY sort_order, id")
+    return [_plan(r) for r in rows]
+
+
+async def set_plan_stripe_price(tx: Session, plan_id: str, price_id: str) -> None:
+    await tx.execute(
+        f"""UPDATE {S}.plans SET stripe_price_id = $2, updated_at = now()
+            WHERE id = $1 AND stripe_price_id IS DISTINCT FROM $2""",
+        plan_id,
+        price_id,
+    )
 
 
 async def get_plan(s: Session, plan_id: str) -> Plan:
@@ -242,7 +269,7 @@ async def get_subscription_by_id(s: Session, subscription_id: str) -> Subscripti
 async def change_plan(tx: Session, subscription_id: str, plan: Plan) -> Subscription:
     row = await tx.fetchrow(
         f"""UPDATE {S}.subscriptions SET plan_id = $2, pool_ram_mb = $3, pool_cpu_millis = $4,
-                pool_bandwidth_gb = $5, updated_at = now()
+                pool_bandwidth_gb = $5, plan_version = plan_version + 1, updated_at = now()
             WHERE id = $1 RETURNING *""",
         subscription_id,
         plan.id,
@@ -279,21 +306,53 @@ async def set_stripe_customer(tx: Session, subscription_id: str, customer_id: st
     )
 
 
-async def set_stripe_subscription(tx: Session, subscription_id: str, stripe_id: str) -> None:
+async def set_stripe_subscription(
+    tx: Session, subscription_id: str, stripe_id: str, plan_version: int
+) -> None:
     await tx.execute(
-        f"""UPDATE {S}.subscriptions SET stripe_subscription_id = $2, updated_at = now()
+        f"""UPDATE {S}.subscriptions SET stripe_subscription_id = $2, stripe_plan_version = $3,
+                updated_at = now()
             WHERE id = $1""",
         subscription_id,
         stripe_id,
+        plan_version,
     )
 
 
-async def subscriptions_missing_stripe(s: Session, limit: int = 20) -> list[Subscription]:
+async def set_stripe_plan_version(tx: Session, subscription_id: str, plan_version: int) -> None:
+    await tx.execute(
+        f"""UPDATE {S}.subscriptions SET stripe_plan_version = $2, updated_at = now()
+            WHERE id = $1""",
+        subscription_id,
+        plan_version,
+    )
+
+
+async def set_stripe_canceled(tx: Session, subscription_id: str, at: datetime) -> None:
+    await tx.execute(
+        f"""UPDATE {S}.subscriptions SET stripe_canceled_at = coalesce(stripe_canceled_at, $2),
+                updated_at = now()
+            WHERE id = $1""",
+        subscription_id,
+        at,
+    )
+
+
+async def subscriptions_out_of_step(
+    s: Session, after_id: str = "", limit: int = 50
+) -> list[Subscription]:
+    """Subscriptions whose Stripe side lags: live ones without a Stripe customer or
+    subscription, or on an older plan version in Stripe; ended ones still live in Stripe."""
     rows = await s.fetch(
         f"""SELECT * FROM {S}.subscriptions
-            WHERE status NOT IN {DEAD}
-              AND (stripe_customer_id IS NULL OR stripe_subscription_id IS NULL)
-            ORDER BY created_at LIMIT $1""",
+            WHERE id > $1 AND (
+                (status NOT IN {DEAD} AND (
+                    stripe_customer_id IS NULL OR stripe_subscription_id IS NULL
+                    OR stripe_plan_version IS DISTINCT FROM plan_version))
+                OR (status IN {DEAD} AND stripe_subscription_id IS NOT NULL
+                    AND stripe_canceled_at IS NULL))
+            ORDER BY id LIMIT $2""",
+        after_id,
         limit,
     )
     return [Subscription.from_row(r) for r in rows]
@@ -324,6 +383,8 @@ async def apply_stripe_subscription_status(
     await tx.execute(
         f"""UPDATE {S}.subscriptions SET status = $2, stripe_synced_at = $3, updated_at = now(),
                 canceled_at = CASE WHEN $2 = 'canceled' THEN $3 ELSE canceled_at END,
+                stripe_canceled_at = CASE WHEN $2 = 'canceled'
+                    THEN coalesce(stripe_canceled_at, $3) ELSE stripe_canceled_at END,
                 allocated_ram_mb = CASE WHEN $4 THEN 0 ELSE allocated_ram_mb END,
                 allocated_cpu_millis = CASE WHEN $4 THEN 0 ELSE allocated_cpu_millis END,
                 allocated_bandwidth_gb = CASE WHEN $4 THEN 0 ELSE allocated_bandwidth_gb END
@@ -639,29 +700,63 @@ async def advance_period(tx: Session, subscription_id: str, start: datetime, end
     )
 
 
-async def claim_unsent_invoice(tx: Session) -> Invoice | None:
+async def claim_invoice_to_send(
+    tx: Session, now: datetime, backoff_base_seconds: float, backoff_max_seconds: float
+) -> Invoice | None:
+    """Claim the next unsent invoice that is due, in one statement: count the attempt and
+    book the next one (base x 2^(attempts-1), capped) before Stripe is called. That booking
+    is the claim: until then no replica picks the invoice again, no lock is held while
+    Stripe answers, and an invoice that keeps failing waits its turn behind the others.
+    (domain.send_backoff_seconds states the same rule; the tests hold the two together.)"""
     row = await tx.fetchrow(
-        f"""SELECT * FROM {S}.invoices
-            WHERE NOT sent AND status = 'draft' AND total_cents > 0
-            ORDER BY created_at LIMIT 1 FOR UPDATE SKIP LOCKED"""
+        f"""UPDATE {S}.invoices i SET
+                send_attempts = i.send_attempts + 1,
+                next_attempt_at = $1 + make_interval(
+                    secs => least($3::float8, $2::float8 * power(2, least(i.send_attempts, 62)))),
+                updated_at = now()
+            WHERE i.id = (
+                SELECT id FROM {S}.invoices
+                WHERE NOT sent AND status = 'draft' AND total_cents > 0
+                  AND (next_attempt_at IS NULL OR next_attempt_at <= $1)
+                ORDER BY next_attempt_at NULLS FIRST, created_at
+                LIMIT 1 FOR UPDATE SKIP LOCKED)
+            RETURNING i.*""",
+        now,
+        backoff_base_seconds,
+        backoff_max_seconds,
     )
     return Invoice.from_row(row) if row else None
 
 
+async def record_send_failure(
+    tx: Session, invoice_id: str, error: str, stripe_invoice_id: str = ""
+) -> None:
+    """Keep the error (and the Stripe draft, if one was made) for the next attempt."""
+    await tx.execute(
+        f"""UPDATE {S}.invoices SET last_error = $2,
+                stripe_invoice_id = coalesce(stripe_invoice_id, nullif($3, '')),
+                updated_at = now()
+            WHERE id = $1 AND NOT sent""",
+        invoice_id,
+        error[:1000],
+        stripe_invoice_id,
+    )
+
+
 async def mark_invoice_sent(
     tx: Session, invoice_id: str, stripe_invoice_id: str, status: InvoiceStatus
-) -> Invoice:
+) -> Invoice | None:
+    """None if the invoice was already marked sent (nothing changes twice)."""
     row = await tx.fetchrow(
         f"""UPDATE {S}.invoices SET sent = true, stripe_invoice_id = $2,
                 status = CASE WHEN status = 'draft' THEN $3 ELSE status END,
-                updated_at = now()
-            WHERE id = $1 RETURNING *""",
+                next_attempt_at = NULL, last_error = NULL, updated_at = now()
+            WHERE id = $1 AND NOT sent RETURNING *""",
         invoice_id,
         stripe_invoice_id,
         status.value,
     )
-    assert row is not None
-    return Invoice.from_row(row)
+    return Invoice.from_row(row) if row else None
 
 
 # ----------------------------------------------------------------------------- invoices

@@ -37,7 +37,13 @@ class WebhookResult:
 
 
 def verify(payload: bytes, signature: str, secret: str) -> dict[str, Any]:
-    """The event, if the Stripe-Signature header proves Stripe sent these exact bytes."""
+    """The event, if the Stripe-Signature header proves Stripe sent these exact bytes.
+
+    A signature that is missing, malformed, made with another secret, over other bytes or
+    older than TOLERANCE_SECONDS is INVALID_ARGUMENT (the gateway answers HTTP 400, as
+    Stripe's docs ask of an endpoint for a bad signature; not 401: the signature belongs to
+    the body, it is not a credential of the caller's), and nothing is stored. Without a
+    configured secret: FAILED_PRECONDITION (also 400); Stripe retries either for days."""
     if not secret:
         raise FailedPrecondition(
             "Stripe webhooks are not configured", reason="WEBHOOK_SECRET_MISSING"

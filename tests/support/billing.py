@@ -4,6 +4,7 @@ test moves. Stripe is the SDK gateway pointed at localstripe, a recording fake, 
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import json
@@ -15,11 +16,13 @@ from typing import Any
 
 import grpc
 import pytest
+import stripe
 
 from hangar.billing.v1 import billing_pb2_grpc
 from hangar.events.v1 import events_pb2
+from services.billing.domain import InvoiceStatus, Plan
 from services.billing.server import BillingApp
-from services.billing.stripe_gateway import InvoiceToSend, SentInvoice
+from services.billing.stripe_gateway import InvoiceToSend, PriceRef, SentInvoice
 from shared.auth import require_caller
 from shared.context import Principal, PrincipalKind
 from shared.db import Database
@@ -72,23 +75,50 @@ class MovableClock:
 
 @dataclass
 class RecordingGateway:
-    """A StripeGateway that remembers calls and the idempotency keys they would carry."""
+    """A StripeGateway that remembers calls and the idempotency keys they would carry.
+    `fail_for` names organizations whose invoice sends fail (a Stripe error each time)."""
 
     customers: list[tuple[str, str]] = field(default_factory=list)
     invoices: list[InvoiceToSend] = field(default_factory=list)
+    subscriptions: list[tuple[str, str, str]] = field(default_factory=list)
+    updates: list[tuple[str, str, int]] = field(default_factory=list)
+    cancels: list[str] = field(default_factory=list)
+    fail_for: set[str] = field(default_factory=set)
+    attempts: dict[str, int] = field(default_factory=dict)
+    delay: float = 0.0
+
+    async def ensure_plan(self, plan: Plan) -> PriceRef:
+        return PriceRef(f"plan_{plan.id}", legacy_plan=True)
 
     async def create_customer(self, organization_id: str, subscription_id: str) -> str:
         self.customers.append((organization_id, subscription_id))
         return f"cus_{subscription_id}"
 
     async def create_subscription(
-        self, customer_id: str, subscription_id: str, plan_id: str, price_id: str
+        self, customer_id: str, subscription_id: str, plan_id: str, price: PriceRef
     ) -> str:
+        self.subscriptions.append((subscription_id, plan_id, price.id))
         return f"sub_{subscription_id}"
 
-    async def send_invoice(self, invoice: InvoiceToSend) -> SentInvoice:
-        from services.billing.domain import InvoiceStatus
+    async def update_subscription_plan(
+        self,
+        stripe_subscription_id: str,
+        subscription_id: str,
+        plan_id: str,
+        price: PriceRef,
+        plan_version: int,
+    ) -> None:
+        self.updates.append((subscription_id, plan_id, plan_version))
 
+    async def cancel_subscription(self, stripe_subscription_id: str, subscription_id: str) -> None:
+        self.cancels.append(subscription_id)
+
+    async def send_invoice(self, invoice: InvoiceToSend) -> SentInvoice:
+        self.attempts[invoice.id] = self.attempts.get(invoice.id, 0) + 1
+        if self.delay:
+            await asyncio.sleep(self.delay)
+        if invoice.organization_id in self.fail_for:
+            raise stripe.APIConnectionError("Stripe is unreachable (test)")
         self.invoices.append(invoice)
         return SentInvoice(stripe_invoice_id=f"in_{invoice.id}", status=InvoiceStatus.OPEN)
 
