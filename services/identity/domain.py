@@ -70,6 +70,19 @@ def required_role(permission: str) -> Role:
         raise InvalidArgument.field("permission", f"unknown permission {permission!r}") from None
 
 
+# What a service may do in any organization with its own token: only the reads DESIGN.md's
+# call graph needs. Anything else (an agent beside customer code, say) is refused.
+SERVICE_GRANTS: dict[str, frozenset[str]] = {
+    "runtime": frozenset({"projects.get"}),
+    "billing": frozenset({"organizations.get"}),
+}
+
+
+def service_allows(service: str, permission: str) -> bool:
+    required_role(permission)  # unknown permission: INVALID_ARGUMENT
+    return permission in SERVICE_GRANTS.get(service, frozenset())
+
+
 def allows(role: Role | None, permission: str) -> bool:
     needed = required_role(permission)
     return role is not None and role >= needed

@@ -101,10 +101,10 @@ class LocalAuthorizer:
 async def decide(
     db: Database, principal: Principal, organization_id: str, permission: str
 ) -> tuple[bool, Role | None]:
-    """Authorize's answer: services may act in any organization; users by their role."""
+    """Authorize's answer: users by their role; services only for their granted reads."""
     domain.required_role(permission)  # unknown permission: INVALID_ARGUMENT
     if principal.is_service:
-        return True, None
+        return domain.service_allows(principal.subject, permission), None
     role = await store.member_role_now(db, organization_id, principal.subject)
     return domain.allows(role, permission), role
 

@@ -183,11 +183,20 @@ async def test_concurrent_removal_of_the_last_two_owners_keeps_one(
             for actor, target in ((a, b), (b, a), (a, a), (b, b))
         ]
         await asyncio.gather(*calls, return_exceptions=True)
-        owners = await identity.stub.ListMembers(
-            pb.ListMembersRequest(organization_id=org.id),
-            metadata=bearer(await identity.service_token("project")),
+        # Whoever is still a member reads the list (a removed one is refused).
+        listings = await asyncio.gather(
+            *(
+                identity.stub.ListMembers(
+                    pb.ListMembersRequest(organization_id=org.id),
+                    metadata=bearer(actor.access_token),
+                )
+                for actor in (a, b)
+            ),
+            return_exceptions=True,
         )
-        assert [m.role for m in owners.members] == [pb.ROLE_OWNER]
+        readable = [r for r in listings if not isinstance(r, BaseException)]
+        assert len(readable) == 1
+        assert [m.role for m in readable[0].members] == [pb.ROLE_OWNER]
 
 
 async def test_authorize_maps_permissions_to_roles(identity: RunningIdentity) -> None:
@@ -215,11 +224,20 @@ async def test_authorize_maps_permissions_to_roles(identity: RunningIdentity) ->
     reply = await ask(owner.user.id, "projects.get", org_id="no-such-org")
     assert not reply.allowed
     assert await _code(ask(owner.user.id, "rockets.launch")) == Code.INVALID_ARGUMENT
-    as_service = await identity.stub.Authorize(
-        pb.AuthorizeRequest(service="billing", organization_id=org.id, permission="billing.manage"),
+    # A service may do only the reads it is granted (billing reads organizations), never more.
+    granted = await identity.stub.Authorize(
+        pb.AuthorizeRequest(
+            service="billing", organization_id=org.id, permission="organizations.get"
+        ),
         metadata=meta,
     )
-    assert as_service.allowed and as_service.role == pb.ROLE_UNSPECIFIED
+    assert granted.allowed and granted.role == pb.ROLE_UNSPECIFIED
+    for service, permission in (("billing", "billing.manage"), ("agent", "projects.get")):
+        refused = await identity.stub.Authorize(
+            pb.AuthorizeRequest(service=service, organization_id=org.id, permission=permission),
+            metadata=meta,
+        )
+        assert not refused.allowed, (service, permission)
 
 
 async def test_org_events_reach_the_watch_feed(identity: RunningIdentity) -> None:

@@ -162,3 +162,13 @@ def test_first_broken_names_the_edited_entry() -> None:
     assert domain.first_broken(chain, None) is None
     edited = _entry(event_id="e2", seq=2, prev_hash=h1, action="member.removed")
     assert domain.first_broken([(first, h1), (edited, h2), (third, h3)], None) == 1
+
+
+def test_services_get_only_their_granted_reads() -> None:
+    assert domain.service_allows("runtime", "projects.get")
+    assert domain.service_allows("billing", "organizations.get")
+    for service in ("agent", "runtime", "project", "billing"):
+        for permission in ("billing.manage", "billing.read", "members.manage", "secrets.reveal"):
+            assert not domain.service_allows(service, permission), (service, permission)
+    with pytest.raises(InvalidArgument):
+        domain.service_allows("runtime", "no.such.permission")
