@@ -1,4 +1,8 @@
-"""The organization's pool over real gRPC and PostgreSQL: reservations, releases, plans."""
+"""The organization's pool over real gRPC and PostgreSQL: reservations, releases, plans.
+
+Organizations, owners and tokens are identity's own (tests/support/billing.py); project's
+calls carry project's real service token. Which callers the internal RPCs refuse is in
+test_billing_tenancy."""
 
 from __future__ import annotations
 
@@ -13,12 +17,11 @@ from grpc_status import rpc_status
 from hangar.billing.v1 import billing_pb2
 from shared.ids import new_id
 from tests.support import billing as billing_fixtures
-from tests.support.billing import Billing, service, user
+from tests.support.billing import Billing, User
 
+identity = billing_fixtures.identity
 billing = billing_fixtures.billing
 start_billing = billing_fixtures.start_billing
-
-PROJECT = service("project")
 
 
 def _reserve(org: str, project: str, ram: int, cpu: int = 0, bw: int = 0):  # type: ignore[no-untyped-def]
@@ -29,9 +32,9 @@ def _reserve(org: str, project: str, ram: int, cpu: int = 0, bw: int = 0):  # ty
     )
 
 
-async def _allocated(b: Billing, org: str, owner: str) -> billing_pb2.Resources:
+async def _allocated(b: Billing, org: str, owner: User) -> billing_pb2.Resources:
     sub = await b.stub.GetSubscription(
-        billing_pb2.GetSubscriptionRequest(organization_id=org), metadata=user(owner)
+        billing_pb2.GetSubscriptionRequest(organization_id=org), metadata=owner.md
     )
     return sub.allocated
 
@@ -51,8 +54,9 @@ def _details(error: grpc.aio.AioRpcError) -> dict[str, object]:
 
 async def test_concurrent_reservations_never_exceed_the_pool(billing: Billing) -> None:
     """50 concurrent callers asking for more than the hobby pool (1024 MB, 1000 mCPU)."""
-    owner = new_id()
+    owner = billing.owner
     org = await billing.create_org(owner)
+    project_md = billing.service("project")
     rng = random.Random(4)
     sizes = {
         new_id(): (rng.choice([32, 64, 96, 128]), rng.choice([10, 50, 100])) for _ in range(50)
@@ -61,7 +65,9 @@ async def test_concurrent_reservations_never_exceed_the_pool(billing: Billing) -
 
     async def reserve(project: str, ram: int, cpu: int) -> tuple[str, bool]:
         try:
-            await billing.stub.ReserveAllocation(_reserve(org, project, ram, cpu), metadata=PROJECT)
+            await billing.stub.ReserveAllocation(
+                _reserve(org, project, ram, cpu), metadata=project_md
+            )
             return project, True
         except grpc.aio.AioRpcError as exc:
             assert exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, exc
@@ -74,17 +80,18 @@ async def test_concurrent_reservations_never_exceed_the_pool(billing: Billing) -
     assert allocated.ram_mb == sum(sizes[p][0] for p in accepted) <= 1024
     assert allocated.cpu_millis == sum(sizes[p][1] for p in accepted) <= 1000
     listed = await billing.stub.ListAllocations(
-        billing_pb2.ListAllocationsRequest(organization_id=org, page_size=500), metadata=PROJECT
+        billing_pb2.ListAllocationsRequest(organization_id=org, page_size=500), metadata=project_md
     )
     assert sorted(a.project_id for a in listed.allocations) == sorted(accepted)
 
 
 async def test_same_project_reserved_concurrently_counts_once(billing: Billing) -> None:
-    owner, project = new_id(), new_id()
+    owner, project = billing.owner, new_id()
     org = await billing.create_org(owner)
+    project_md = billing.service("project")
     await asyncio.gather(
         *(
-            billing.stub.ReserveAllocation(_reserve(org, project, 256, 100), metadata=PROJECT)
+            billing.stub.ReserveAllocation(_reserve(org, project, 256, 100), metadata=project_md)
             for _ in range(20)
         )
     )
@@ -95,27 +102,29 @@ async def test_same_project_reserved_concurrently_counts_once(billing: Billing) 
 async def test_reserve_is_idempotent_resize_applies_delta_and_shrink_never_fails(
     billing: Billing,
 ) -> None:
-    owner, a, b = new_id(), new_id(), new_id()
+    owner, a, b = billing.owner, new_id(), new_id()
     org = await billing.create_org(owner)
-    await billing.stub.ReserveAllocation(_reserve(org, a, 512, 500, 5), metadata=PROJECT)
-    await billing.stub.ReserveAllocation(_reserve(org, a, 512, 500, 5), metadata=PROJECT)
+    project_md = billing.service("project")
+    await billing.stub.ReserveAllocation(_reserve(org, a, 512, 500, 5), metadata=project_md)
+    await billing.stub.ReserveAllocation(_reserve(org, a, 512, 500, 5), metadata=project_md)
     assert (await _allocated(billing, org, owner)).ram_mb == 512
-    await billing.stub.ReserveAllocation(_reserve(org, b, 512, 500, 5), metadata=PROJECT)
+    await billing.stub.ReserveAllocation(_reserve(org, b, 512, 500, 5), metadata=project_md)
     # The pool is now full; growing fails, shrinking always works.
     with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await billing.stub.ReserveAllocation(_reserve(org, a, 600, 500, 5), metadata=PROJECT)
+        await billing.stub.ReserveAllocation(_reserve(org, a, 600, 500, 5), metadata=project_md)
     assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-    await billing.stub.ReserveAllocation(_reserve(org, a, 128, 100, 1), metadata=PROJECT)
+    await billing.stub.ReserveAllocation(_reserve(org, a, 128, 100, 1), metadata=project_md)
     allocated = await _allocated(billing, org, owner)
     assert (allocated.ram_mb, allocated.cpu_millis, allocated.bandwidth_gb) == (640, 600, 6)
 
 
 async def test_shortfall_names_each_short_resource_in_a_quota_failure(billing: Billing) -> None:
-    owner = new_id()
+    owner = billing.owner
     org = await billing.create_org(owner)
+    project_md = billing.service("project")
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await billing.stub.ReserveAllocation(
-            _reserve(org, new_id(), 2048, 100, 50), metadata=PROJECT
+            _reserve(org, new_id(), 2048, 100, 50), metadata=project_md
         )
     assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     quota = _details(caught.value)["QuotaFailure"]
@@ -126,85 +135,87 @@ async def test_shortfall_names_each_short_resource_in_a_quota_failure(billing: B
 
 
 async def test_release_frees_the_pool_and_is_idempotent(billing: Billing) -> None:
-    owner, project = new_id(), new_id()
+    owner, project = billing.owner, new_id()
     org = await billing.create_org(owner)
-    await billing.stub.ReserveAllocation(_reserve(org, project, 300, 300, 3), metadata=PROJECT)
+    project_md = billing.service("project")
+    await billing.stub.ReserveAllocation(_reserve(org, project, 300, 300, 3), metadata=project_md)
     release = billing_pb2.ReleaseAllocationRequest(organization_id=org, project_id=project)
-    await billing.stub.ReleaseAllocation(release, metadata=PROJECT)
-    await billing.stub.ReleaseAllocation(release, metadata=PROJECT)
+    await billing.stub.ReleaseAllocation(release, metadata=project_md)
+    await billing.stub.ReleaseAllocation(release, metadata=project_md)
     allocated = await _allocated(billing, org, owner)
     assert (allocated.ram_mb, allocated.cpu_millis, allocated.bandwidth_gb) == (0, 0, 0)
 
 
 async def test_downgrade_below_allocated_is_refused_naming_the_numbers(billing: Billing) -> None:
-    owner = new_id()
+    owner = billing.owner
     org = await billing.create_org(owner)
+    project_md = billing.service("project")
     change = billing_pb2.ChangePlanRequest(organization_id=org, plan_id="pro")
-    sub = await billing.stub.ChangePlan(change, metadata=user(owner))
+    sub = await billing.stub.ChangePlan(change, metadata=owner.md)
     assert (sub.plan_id, sub.pool.ram_mb) == ("pro", 8192)
-    await billing.stub.ReserveAllocation(_reserve(org, new_id(), 4096, 500, 5), metadata=PROJECT)
+    await billing.stub.ReserveAllocation(_reserve(org, new_id(), 4096, 500, 5), metadata=project_md)
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await billing.stub.ChangePlan(
             billing_pb2.ChangePlanRequest(organization_id=org, plan_id="hobby"),
-            metadata=user(owner),
+            metadata=owner.md,
         )
     assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert "ram_mb: 4096 allocated, hobby allows 1024" in (caught.value.details() or "")
     sub = await billing.stub.GetSubscription(
-        billing_pb2.GetSubscriptionRequest(organization_id=org), metadata=user(owner)
+        billing_pb2.GetSubscriptionRequest(organization_id=org), metadata=owner.md
     )
     assert sub.plan_id == "pro"
 
 
 async def test_change_plan_needs_admin(billing: Billing) -> None:
-    owner, viewer = new_id(), new_id()
-    org = await billing.create_org(owner)
-    billing.members.roles[(org, viewer)] = "viewer"
-    with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await billing.stub.ChangePlan(
-            billing_pb2.ChangePlanRequest(organization_id=org, plan_id="pro"),
-            metadata=user(viewer),
-        )
-    assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
-
-
-async def test_internal_rpcs_refuse_user_tokens_and_other_services(billing: Billing) -> None:
-    owner = new_id()
-    org = await billing.create_org(owner)
-    for metadata in (user(owner), service("runtime")):
+    """identity's roles decide: viewers and developers may not manage billing, admins may."""
+    org = await billing.create_org()
+    change = billing_pb2.ChangePlanRequest(organization_id=org, plan_id="pro")
+    for role in ("viewer", "developer"):
+        member = await billing.identity.add_member(org, role)
         with pytest.raises(grpc.aio.AioRpcError) as caught:
-            await billing.stub.ReserveAllocation(_reserve(org, new_id(), 1), metadata=metadata)
-        assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
-    with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await billing.stub.ReserveAllocation(_reserve(org, new_id(), 1))
-    assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            await billing.stub.ChangePlan(change, metadata=member.md)
+        assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED, role
+    admin = await billing.identity.add_member(org, "admin")
+    assert (await billing.stub.ChangePlan(change, metadata=admin.md)).plan_id == "pro"
 
 
 async def test_organization_deleted_cancels_and_frees_the_pool(billing: Billing) -> None:
-    owner = new_id()
-    org = await billing.create_org(owner)
-    await billing.stub.ReserveAllocation(_reserve(org, new_id(), 100, 100, 1), metadata=PROJECT)
+    """identity.DeleteOrganization reaches billing over identity's feed; the event handled a
+    second time (at-least-once delivery) changes nothing more."""
+    org = await billing.create_org(await billing.user())
+    project_md = billing.service("project")
+    await billing.stub.ReserveAllocation(_reserve(org, new_id(), 100, 100, 1), metadata=project_md)
     await billing.delete_org(org)
-    await billing.delete_org(org)
-    sub = await billing.stub.GetSubscription(
-        billing_pb2.GetSubscriptionRequest(organization_id=org), metadata=user(owner)
-    )
-    assert sub.status == billing_pb2.SUBSCRIPTION_STATUS_CANCELED
-    assert (sub.allocated.ram_mb, sub.allocated.cpu_millis) == (0, 0)
+    await billing.redeliver(await billing.identity_event(org, "organization.deleted"))
+    async with billing.app.db.session() as s:
+        rows = await s.fetch(
+            "SELECT status, allocated_ram_mb, allocated_cpu_millis, allocated_bandwidth_gb"
+            " FROM billing.subscriptions WHERE organization_id = $1",
+            org,
+        )
+        audited = await s.fetchval(
+            "SELECT count(*) FROM billing.outbox WHERE organization_id = $1"
+            " AND type = 'audit.billing.subscription_canceled'",
+            org,
+        )
+    assert [tuple(r.values()) for r in rows] == [("canceled", 0, 0, 0)] and audited == 1
+    # Its owner is no longer a member: identity says no, so billing says no.
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await billing.stub.GetSubscription(
+            billing_pb2.GetSubscriptionRequest(organization_id=org),
+            metadata=billing.identity.owners[org].md,
+        )
+    assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
     listed = await billing.stub.ListAllocations(
-        billing_pb2.ListAllocationsRequest(organization_id=org), metadata=PROJECT
+        billing_pb2.ListAllocationsRequest(organization_id=org), metadata=project_md
     )
     assert list(listed.allocations) == []
 
 
 async def test_organization_created_twice_makes_one_subscription(billing: Billing) -> None:
-    owner = new_id()
-    org = await billing.create_org(owner)
-    from hangar.events.v1 import events_pb2
-
-    event = events_pb2.Event(id=new_id(), type="organization.created", organization_id=org)
-    async with billing.app.db.transaction() as tx:
-        await billing.app.on_identity_event(tx, event)
+    org = await billing.create_org()
+    await billing.redeliver(await billing.identity_event(org, "organization.created"))
     async with billing.app.db.session() as s:
         count = await s.fetchval(
             "SELECT count(*) FROM billing.subscriptions WHERE organization_id = $1", org

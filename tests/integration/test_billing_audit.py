@@ -9,15 +9,19 @@ a replayed reservation) write no entry.
 
 from __future__ import annotations
 
+import asyncio
+
 import grpc
 import pytest
 
 from hangar.billing.v1 import billing_pb2
+from hangar.identity.v1 import identity_pb2 as ipb
 from shared.ids import new_id
 from tests.integration.test_billing_usage_and_cycle import HOBBY_RAM_INCLUDED, record
 from tests.support import billing as billing_fixtures
-from tests.support.billing import Billing, RecordingGateway, service, sign, stripe_event, user
+from tests.support.billing import Billing, RecordingGateway, sign, stripe_event
 
+identity = billing_fixtures.identity
 billing = billing_fixtures.billing
 start_billing = billing_fixtures.start_billing
 
@@ -40,7 +44,7 @@ async def test_each_mutation_is_audited_once_and_no_ops_are_not(start_billing) -
 
     gateway = RecordingGateway()
     b: Billing = await start_billing(gateway=gateway)
-    owner = new_id()
+    owner = await b.user()
     org = await b.create_org(owner)
     project = new_id()
     reserve = billing_pb2.ReserveAllocationRequest(
@@ -48,35 +52,35 @@ async def test_each_mutation_is_audited_once_and_no_ops_are_not(start_billing) -
         project_id=project,
         resources=billing_pb2.Resources(ram_mb=512, cpu_millis=500, bandwidth_gb=5),
     )
-    await b.stub.ReserveAllocation(reserve, metadata=service("project"))
-    await b.stub.ReserveAllocation(reserve, metadata=service("project"))  # replay: no-op
+    await b.stub.ReserveAllocation(reserve, metadata=b.service("project"))
+    await b.stub.ReserveAllocation(reserve, metadata=b.service("project"))  # replay: no-op
     await b.stub.ChangePlan(
-        billing_pb2.ChangePlanRequest(organization_id=org, plan_id="pro"), metadata=user(owner)
+        billing_pb2.ChangePlanRequest(organization_id=org, plan_id="pro"), metadata=owner.md
     )
     await b.stub.ChangePlan(  # already on pro: no-op
-        billing_pb2.ChangePlanRequest(organization_id=org, plan_id="pro"), metadata=user(owner)
+        billing_pb2.ChangePlanRequest(organization_id=org, plan_id="pro"), metadata=owner.md
     )
     big = billing_pb2.ReserveAllocationRequest(
         organization_id=org,
         project_id=project,
         resources=billing_pb2.Resources(ram_mb=4096, cpu_millis=500, bandwidth_gb=5),
     )
-    await b.stub.ReserveAllocation(big, metadata=service("project"))
+    await b.stub.ReserveAllocation(big, metadata=b.service("project"))
     with pytest.raises(grpc.aio.AioRpcError) as refused:
         await b.stub.ChangePlan(
             billing_pb2.ChangePlanRequest(organization_id=org, plan_id="hobby"),
-            metadata=user(owner),
+            metadata=owner.md,
         )
     assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     await b.stub.ReleaseAllocation(
         billing_pb2.ReleaseAllocationRequest(organization_id=org, project_id=project),
-        metadata=service("project"),
+        metadata=b.service("project"),
     )
     await b.stub.RecordUsage(  # not audited (hot path; module docstring)
         billing_pb2.RecordUsageRequest(
             records=[record(org, "u", HOBBY_RAM_INCLUDED * 100, b.clock.now())]
         ),
-        metadata=service("runtime"),
+        metadata=b.service("runtime"),
     )
     async with b.app.db.session() as s:
         sub_id = await s.fetchval(
@@ -107,6 +111,28 @@ async def test_each_mutation_is_audited_once_and_no_ops_are_not(start_billing) -
             stripe_signature=sign(paid),
         )
     )
+
+    # billing's relay hands each entry to identity's audit chain, where the owner reads them.
+    ours = sorted(await _audit(b, org))
+
+    async def relayed() -> bool:
+        reply = await b.identity.running.stub.ListAuditLogs(
+            ipb.ListAuditLogsRequest(organization_id=org, page_size=100), metadata=owner.md
+        )
+        found = [
+            (e.action, e.actor_id, e.target_id)
+            for e in reply.audit_logs
+            if e.action.startswith("billing.")
+        ]
+        return sorted(found) == ours
+
+    deadline = asyncio.get_running_loop().time() + 15
+    while not await relayed():
+        assert asyncio.get_running_loop().time() < deadline, (
+            "billing's audit never reached identity"
+        )
+        await asyncio.sleep(0.05)
+
     await b.delete_org(org)
     await b.app.cycle.sync_subscription(sub_id)
 
@@ -126,7 +152,7 @@ async def test_each_mutation_is_audited_once_and_no_ops_are_not(start_billing) -
         "billing.stripe_subscription_canceled",
     ], actions
     by_action = {action: (actor, target) for action, actor, target in entries}
-    assert by_action["billing.plan_changed"] == (owner, sub_id)
+    assert by_action["billing.plan_changed"] == (owner.id, sub_id)
     assert by_action["billing.allocation_reserved"][1] == project
     assert by_action["billing.invoice_status_changed"] == ("stripe", invoice_id)
     assert by_action["billing.invoice_sent"][0] == "service:billing"

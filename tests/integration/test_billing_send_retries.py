@@ -12,11 +12,11 @@ from datetime import timedelta
 
 from hangar.billing.v1 import billing_pb2
 from services.billing.domain import send_backoff_seconds
-from shared.ids import new_id
 from tests.integration.test_billing_usage_and_cycle import HOBBY_RAM_INCLUDED, record
 from tests.support import billing as billing_fixtures
-from tests.support.billing import Billing, RecordingGateway, service
+from tests.support.billing import Billing, RecordingGateway
 
+identity = billing_fixtures.identity
 billing = billing_fixtures.billing
 start_billing = billing_fixtures.start_billing
 
@@ -24,12 +24,12 @@ BASE = 60.0
 
 
 async def _org_with_overage(b: Billing) -> str:
-    org = await b.create_org(new_id())
+    org = await b.create_org()
     await b.stub.RecordUsage(
         billing_pb2.RecordUsageRequest(
             records=[record(org, "u", HOBBY_RAM_INCLUDED + 10**10, b.clock.now())]
         ),
-        metadata=service("runtime"),
+        metadata=b.service("runtime"),
     )
     return org
 

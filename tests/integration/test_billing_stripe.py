@@ -26,13 +26,13 @@ import stripe
 
 from hangar.billing.v1 import billing_pb2
 from services.billing.domain import Plan, stripe_plan_id
-from shared.ids import new_id
 from tests.integration.test_billing_usage_and_cycle import HOBBY_RAM_INCLUDED, record
 from tests.support import billing as billing_fixtures
 from tests.support import localstripe as localstripe_fixtures
-from tests.support.billing import Billing, RecordingGateway, service, user
+from tests.support.billing import Billing, RecordingGateway
 from tests.support.localstripe import API_KEY
 
+identity = billing_fixtures.identity
 billing = billing_fixtures.billing
 start_billing = billing_fixtures.start_billing
 localstripe = localstripe_fixtures.localstripe
@@ -78,7 +78,8 @@ async def test_catalog_is_created_once_with_deterministic_ids(start_billing, loc
     listed = client.v1.plans.list(params={"limit": 100}).data
     ours = [p.id for p in listed if p.id.startswith("hangar-")]
     assert len(ours) == len(set(ours)) == len(plans)
-    shown = await one.stub.ListPlans(billing_pb2.ListPlansRequest(), metadata=user(new_id()))
+    someone = await one.user()  # any signed-in user may list plans
+    shown = await one.stub.ListPlans(billing_pb2.ListPlansRequest(), metadata=someone.md)
     assert {p.id: p.stripe_price_id for p in shown.plans} == {k: v.id for k, v in first.items()}
 
 
@@ -87,13 +88,13 @@ async def test_customer_and_subscription_are_created_and_kept_in_step(
     localstripe,
 ) -> None:
     b: Billing = await start_billing(stripe_api_key=API_KEY, stripe_api_base=localstripe)
-    owner = new_id()
+    owner = b.owner
     org = await b.create_org(owner)
     sub_id = await _subscription_id(b, org)
     assert await b.app.cycle.sync_subscription(sub_id)
     assert not await b.app.cycle.sync_subscription(sub_id)  # in step: nothing to do
     got = await b.stub.GetSubscription(
-        billing_pb2.GetSubscriptionRequest(organization_id=org), metadata=user(owner)
+        billing_pb2.GetSubscriptionRequest(organization_id=org), metadata=owner.md
     )
     assert got.stripe_customer_id.startswith("cus_")
     assert got.stripe_subscription_id.startswith("sub_")
@@ -112,7 +113,7 @@ async def test_customer_and_subscription_are_created_and_kept_in_step(
     for target in ("pro", "hobby", "pro"):
         changed = await b.stub.ChangePlan(
             billing_pb2.ChangePlanRequest(organization_id=org, plan_id=target),
-            metadata=user(owner),
+            metadata=owner.md,
         )
         assert changed.plan_id == target
         remote = client.v1.subscriptions.retrieve(got.stripe_subscription_id)
@@ -143,7 +144,7 @@ async def test_a_plan_change_while_stripe_is_down_is_synced_by_the_next_pass(
     localstripe,
 ) -> None:
     b: Billing = await start_billing(stripe_api_key=API_KEY, stripe_api_base=localstripe)
-    owner = new_id()
+    owner = b.owner
     org = await b.create_org(owner)
     sub_id = await _subscription_id(b, org)
     await b.app.cycle.sync_subscription(sub_id)
@@ -152,13 +153,12 @@ async def test_a_plan_change_while_stripe_is_down_is_synced_by_the_next_pass(
         stripe_api_base="http://127.0.0.1:9",  # nothing listens
     )
     down.app.cycle._prices = await b.app.cycle.ensure_catalog()
-    down.members.roles[(org, owner)] = "owner"
     changed = await down.stub.ChangePlan(
-        billing_pb2.ChangePlanRequest(organization_id=org, plan_id="pro"), metadata=user(owner)
+        billing_pb2.ChangePlanRequest(organization_id=org, plan_id="pro"), metadata=owner.md
     )
     assert changed.plan_id == "pro"  # ours changed; Stripe did not answer
     got = await b.stub.GetSubscription(
-        billing_pb2.GetSubscriptionRequest(organization_id=org), metadata=user(owner)
+        billing_pb2.GetSubscriptionRequest(organization_id=org), metadata=owner.md
     )
     remote = _client(localstripe).v1.subscriptions.retrieve(got.stripe_subscription_id)
     assert remote["items"]["data"][0]["plan"]["id"].startswith("hangar-hobby-")
@@ -178,7 +178,7 @@ async def test_configured_prices_are_used_as_prices(start_billing) -> None:  # t
     assert prices["hobby"].id == "price_hobby_configured" and not prices["hobby"].legacy_plan
     assert prices["hobby"].item() == {"price": "price_hobby_configured"}
     assert prices["pro"].item() == {"plan": "plan_pro"}
-    org = await b.create_org(new_id())
+    org = await b.create_org()
     sub_id = await _subscription_id(b, org)
     await b.app.cycle.sync_subscription(sub_id)
     assert (sub_id, "hobby", "price_hobby_configured") in gateway.subscriptions
@@ -191,13 +191,13 @@ async def test_a_failed_send_leaves_the_invoice_unsent_for_a_later_attempt(
     """localstripe cannot create a standalone invoice (see module docstring): the send fails,
     the invoice stays a draft, not sent, with the error and the next attempt booked."""
     b: Billing = await start_billing(stripe_api_key=API_KEY, stripe_api_base=localstripe)
-    owner = new_id()
+    owner = b.owner
     org = await b.create_org(owner)
     await b.stub.RecordUsage(
         billing_pb2.RecordUsageRequest(
             records=[record(org, "u", HOBBY_RAM_INCLUDED + 10**10, b.clock.now())]
         ),
-        metadata=service("runtime"),
+        metadata=b.service("runtime"),
     )
     b.clock.advance(days=32)
     while await b.app.cycle.close_one_period():
@@ -206,7 +206,7 @@ async def test_a_failed_send_leaves_the_invoice_unsent_for_a_later_attempt(
     await b.app.cycle.send_due_invoices()
     (invoice,) = (
         await b.stub.ListInvoices(
-            billing_pb2.ListInvoicesRequest(organization_id=org), metadata=user(owner)
+            billing_pb2.ListInvoicesRequest(organization_id=org), metadata=owner.md
         )
     ).invoices
     assert not invoice.sent and invoice.status == billing_pb2.INVOICE_STATUS_DRAFT

@@ -1,4 +1,7 @@
-"""Usage metering and the billing cycle on real PostgreSQL, through the gRPC API."""
+"""Usage metering and the billing cycle on real PostgreSQL, through the gRPC API.
+
+Usage arrives with runtime's real service token; reads carry the owner's real access token
+(tests/support/billing.py). Which callers RecordUsage refuses is in test_billing_tenancy."""
 
 from __future__ import annotations
 
@@ -11,19 +14,13 @@ from google.protobuf import timestamp_pb2
 
 from hangar.billing.v1 import billing_pb2
 from services.billing.domain import invoice_item_key
-from shared.ids import new_id
 from tests.support import billing as billing_fixtures
-from tests.support.billing import (
-    Billing,
-    RecordingGateway,
-    service,
-    user,
-)
+from tests.support.billing import Billing, RecordingGateway, User
 
+identity = billing_fixtures.identity
 billing = billing_fixtures.billing
 start_billing = billing_fixtures.start_billing
 
-RUNTIME = service("runtime")
 RAM = billing_pb2.USAGE_METRIC_RAM_MB_SECONDS
 BW = billing_pb2.USAGE_METRIC_BANDWIDTH_BYTES
 HOBBY_RAM_INCLUDED = 1_327_104_000
@@ -51,26 +48,26 @@ def record(
 
 async def _record(b: Billing, *records: billing_pb2.UsageRecord) -> billing_pb2.RecordUsageResponse:
     return await b.stub.RecordUsage(
-        billing_pb2.RecordUsageRequest(records=list(records)), metadata=RUNTIME
+        billing_pb2.RecordUsageRequest(records=list(records)), metadata=b.service("runtime")
     )
 
 
-async def _summary(b: Billing, org: str, owner: str) -> dict[int, billing_pb2.MetricUsage]:
+async def _summary(b: Billing, org: str, owner: User) -> dict[int, billing_pb2.MetricUsage]:
     s = await b.stub.GetUsageSummary(
-        billing_pb2.GetUsageSummaryRequest(organization_id=org), metadata=user(owner)
+        billing_pb2.GetUsageSummaryRequest(organization_id=org), metadata=owner.md
     )
     return {m.metric: m for m in s.metrics}
 
 
-async def _invoices(b: Billing, org: str, owner: str) -> list[billing_pb2.Invoice]:
+async def _invoices(b: Billing, org: str, owner: User) -> list[billing_pb2.Invoice]:
     reply = await b.stub.ListInvoices(
-        billing_pb2.ListInvoicesRequest(organization_id=org), metadata=user(owner)
+        billing_pb2.ListInvoicesRequest(organization_id=org), metadata=owner.md
     )
     return list(reply.invoices)
 
 
 async def test_replayed_batch_changes_no_totals(billing: Billing) -> None:
-    owner = new_id()
+    owner = billing.owner
     org = await billing.create_org(owner)
     now = billing.clock.now()
     batch = [record(org, f"k{i}", 1000, now + timedelta(seconds=i)) for i in range(100)]
@@ -84,7 +81,7 @@ async def test_replayed_batch_changes_no_totals(billing: Billing) -> None:
 async def test_a_failed_batch_burns_no_keys(billing: Billing) -> None:
     """A batch naming an organization billing does not know fails as a whole; the keys of
     its good records are still free afterwards."""
-    owner = new_id()
+    owner = billing.owner
     org = await billing.create_org(owner)
     now = billing.clock.now()
     good = [record(org, f"g{i}", 5, now) for i in range(10)]
@@ -96,26 +93,15 @@ async def test_a_failed_batch_burns_no_keys(billing: Billing) -> None:
 
 
 async def test_keys_count_once_per_organization_not_globally(billing: Billing) -> None:
-    owner = new_id()
+    owner = billing.owner
     org_a, org_b = await billing.create_org(owner), await billing.create_org(owner)
     now = billing.clock.now()
     reply = await _record(billing, record(org_a, "same", 1, now), record(org_b, "same", 1, now))
     assert reply.accepted == 2
 
 
-async def test_record_usage_refuses_user_tokens(billing: Billing) -> None:
-    owner = new_id()
-    org = await billing.create_org(owner)
-    with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await billing.stub.RecordUsage(
-            billing_pb2.RecordUsageRequest(records=[record(org, "k", 1, billing.clock.now())]),
-            metadata=user(owner),
-        )
-    assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
-
-
 async def test_closed_period_invoices_overage_without_stripe_as_not_sent(billing: Billing) -> None:
-    owner = new_id()
+    owner = billing.owner
     org = await billing.create_org(owner)
     now = billing.clock.now()
     over = 10_000_000_000  # MB-seconds past the included amount: 2e-7 cents each = 2000 cents
@@ -134,13 +120,13 @@ async def test_closed_period_invoices_overage_without_stripe_as_not_sent(billing
         "2E-7",
     )
     sub = await billing.stub.GetSubscription(
-        billing_pb2.GetSubscriptionRequest(organization_id=org), metadata=user(owner)
+        billing_pb2.GetSubscriptionRequest(organization_id=org), metadata=owner.md
     )
     assert sub.current_period_start.ToDatetime() == invoice.period_end.ToDatetime()
 
 
 async def test_late_usage_is_billed_on_the_next_invoice_as_an_adjustment(billing: Billing) -> None:
-    owner = new_id()
+    owner = billing.owner
     org = await billing.create_org(owner)
     start = billing.clock.now()
     await _record(
@@ -163,7 +149,7 @@ async def test_late_usage_is_billed_on_the_next_invoice_as_an_adjustment(billing
 async def test_two_billing_loops_at_once_make_one_invoice_per_period(start_billing) -> None:  # type: ignore[no-untyped-def]
     one: Billing = await start_billing()
     two: Billing = await start_billing()
-    owner = new_id()
+    owner = one.owner
     orgs = [await one.create_org(owner) for _ in range(5)]
     for org in orgs:
         await _record(one, record(org, "u", HOBBY_RAM_INCLUDED + 10**10, one.clock.now()))
@@ -185,7 +171,7 @@ async def test_two_billing_loops_at_once_make_one_invoice_per_period(start_billi
 async def test_with_stripe_invoices_are_sent_once_with_deterministic_keys(start_billing) -> None:  # type: ignore[no-untyped-def]
     gateway = RecordingGateway()
     b: Billing = await start_billing(gateway=gateway)
-    owner = new_id()
+    owner = b.owner
     org = await b.create_org(owner)
     await _record(b, record(org, "u", HOBBY_RAM_INCLUDED + 10**10, b.clock.now()))
     b.clock.advance(days=32)

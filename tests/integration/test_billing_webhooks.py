@@ -21,15 +21,9 @@ from hangar.billing.v1 import billing_pb2
 from shared.ids import new_id
 from tests.integration.test_billing_usage_and_cycle import HOBBY_RAM_INCLUDED, record
 from tests.support import billing as billing_fixtures
-from tests.support.billing import (
-    Billing,
-    RecordingGateway,
-    service,
-    sign,
-    stripe_event,
-    user,
-)
+from tests.support.billing import Billing, RecordingGateway, User, sign, stripe_event
 
+identity = billing_fixtures.identity
 billing = billing_fixtures.billing
 start_billing = billing_fixtures.start_billing
 
@@ -57,28 +51,26 @@ def _invoice_object(stripe_id: str, hangar_id: str, status: str) -> dict[str, An
     }
 
 
-async def _invoice_in_draft(b: Billing) -> tuple[str, str, str]:
+async def _invoice_in_draft(b: Billing) -> tuple[str, User, str]:
     """An organization with one unsent overage invoice: (org, owner, invoice id)."""
-    owner = new_id()
+    owner = b.owner
     org = await b.create_org(owner)
     await b.stub.RecordUsage(
         billing_pb2.RecordUsageRequest(
             records=[record(org, "u", HOBBY_RAM_INCLUDED + 10**10, b.clock.now())]
         ),
-        metadata=service("runtime"),
+        metadata=b.service("runtime"),
     )
     b.clock.advance(days=32)
     await b.app.cycle.run_once()
     invoices = await b.stub.ListInvoices(
-        billing_pb2.ListInvoicesRequest(organization_id=org), metadata=user(owner)
+        billing_pb2.ListInvoicesRequest(organization_id=org), metadata=owner.md
     )
     return org, owner, invoices.invoices[0].id
 
 
-async def _status(b: Billing, invoice_id: str, owner: str) -> int:
-    inv = await b.stub.GetInvoice(
-        billing_pb2.GetInvoiceRequest(id=invoice_id), metadata=user(owner)
-    )
+async def _status(b: Billing, invoice_id: str, owner: User) -> int:
+    inv = await b.stub.GetInvoice(billing_pb2.GetInvoiceRequest(id=invoice_id), metadata=owner.md)
     return inv.status
 
 
@@ -151,14 +143,14 @@ async def test_paid_arriving_before_finalized_ends_paid(billing: Billing) -> Non
         await billing.stub.HandleStripeWebhook(_request(payload, sign(payload)))
     assert await _status(billing, invoice_id, owner) == billing_pb2.INVOICE_STATUS_PAID
     inv = await billing.stub.GetInvoice(
-        billing_pb2.GetInvoiceRequest(id=invoice_id), metadata=user(owner)
+        billing_pb2.GetInvoiceRequest(id=invoice_id), metadata=owner.md
     )
     assert inv.stripe_invoice_id == stripe_id
 
 
 async def test_older_subscription_event_does_not_move_status_back(start_billing) -> None:  # type: ignore[no-untyped-def]
     b: Billing = await start_billing(gateway=RecordingGateway())
-    owner = new_id()
+    owner = b.owner
     org = await b.create_org(owner)
     async with b.app.db.session() as s:
         sub_id = await s.fetchval(
@@ -179,7 +171,7 @@ async def test_older_subscription_event_does_not_move_status_back(start_billing)
     for payload in (sub_event("past_due", now), sub_event("active", now - 60)):
         await b.stub.HandleStripeWebhook(_request(payload, sign(payload)))
     got = await b.stub.GetSubscription(
-        billing_pb2.GetSubscriptionRequest(organization_id=org), metadata=user(owner)
+        billing_pb2.GetSubscriptionRequest(organization_id=org), metadata=owner.md
     )
     assert got.status == billing_pb2.SUBSCRIPTION_STATUS_PAST_DUE
     deleted = sub_event("canceled", now + 1, kind="customer.subscription.deleted")
@@ -187,6 +179,6 @@ async def test_older_subscription_event_does_not_move_status_back(start_billing)
     for payload in (deleted, revived):
         await b.stub.HandleStripeWebhook(_request(payload, sign(payload)))
     got = await b.stub.GetSubscription(
-        billing_pb2.GetSubscriptionRequest(organization_id=org), metadata=user(owner)
+        billing_pb2.GetSubscriptionRequest(organization_id=org), metadata=owner.md
     )
     assert got.status == billing_pb2.SUBSCRIPTION_STATUS_CANCELED

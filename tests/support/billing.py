@@ -1,6 +1,18 @@
-"""An in-process billing server on a loopback port, with test stand-ins for identity:
-bearer tokens "user:<id>" / "service:<name>", memberships set by the test, and a clock the
-test moves. Stripe is the SDK gateway pointed at localstripe, a recording fake, or none."""
+"""Billing in this process on a loopback port, with the real identity service beside it.
+
+Identity (tests/support/identity.py) runs in this process once per test module, on its own
+loopback port. Users sign up through SignUp and carry identity's Ed25519 access tokens;
+organizations and memberships are made with CreateOrganization and AddMember; service tokens
+come from IssueServiceToken. Billing is wired as in production: its TokenVerifier fetches
+identity's GetJwks, its RemoteAuthorizer asks identity.Authorize (with billing's own service
+token), its event consumer follows identity's WatchEvents (organization.created gives the
+organization a hobby subscription, organization.deleted cancels it) and its audit relay
+hands entries to identity.AppendAuditEvents.
+
+What is not ours stays a stand-in: Stripe is the SDK pointed at localstripe, or the
+RecordingGateway below for what localstripe cannot do (see test_billing_stripe), and billing's
+clock is one the test moves. Tokens live 10 to 15 minutes; a module runs for seconds.
+"""
 
 from __future__ import annotations
 
@@ -15,29 +27,101 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import grpc
+import jwt
 import pytest
 import stripe
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from hangar.billing.v1 import billing_pb2_grpc
 from hangar.events.v1 import events_pb2
+from hangar.identity.v1 import identity_pb2 as ipb
 from services.billing.domain import InvoiceStatus, Plan
 from services.billing.server import BillingApp
 from services.billing.stripe_gateway import InvoiceToSend, PriceRef, SentInvoice
-from shared.auth import require_caller
 from shared.context import Principal, PrincipalKind
 from shared.db import Database
-from shared.errors import PermissionDenied, Unauthenticated
+from shared.errors import Unauthenticated
 from shared.ids import new_id
+from shared.outbox import START
 from shared.server import RunningServer, start_server
 from shared.settings import Settings
+from tests.support.identity import RunningIdentity, bearer, running_identity
 
 WEBHOOK_SECRET = "whsec_test_hangar"
-ROLES = {"viewer": 1, "developer": 2, "admin": 3, "owner": 4}
-NEEDED = {"billing.read": 1, "billing.manage": 3}
+SERVICES_WITH_TOKENS = ("project", "runtime", "agent", "billing")
+Metadata = tuple[tuple[str, str], ...]
+
+
+@dataclass(frozen=True)
+class User:
+    """A signed-up user and the access token identity issued at SignUp."""
+
+    id: str
+    email: str
+    token: str
+
+    @property
+    def md(self) -> Metadata:
+        return bearer(self.token)
+
+
+@dataclass
+class Identity:
+    """The module's identity server, a user who owns the organizations a test does not give
+    an owner, and a token per service (IssueServiceToken, minted once)."""
+
+    running: RunningIdentity
+    owner: User
+    tokens: dict[str, str]
+    owners: dict[str, User] = field(default_factory=dict)  # organization id -> its owner
+
+    @property
+    def address(self) -> str:
+        return self.running.address
+
+    async def user(self) -> User:
+        auth = await self.running.sign_up()
+        return User(auth.user.id, auth.user.email, auth.access_token)
+
+    def service(self, name: str) -> Metadata:
+        """A service's real token as call metadata."""
+        return bearer(self.tokens[name])
+
+    async def create_org(self, owner: User) -> str:
+        org = await self.running.create_org(owner.token)
+        self.owners[org.id] = owner
+        return str(org.id)
+
+    async def add_member(self, org: str, role: str, by: User | None = None) -> User:
+        """A new user, added to `org` with `role` ("viewer", "developer", "admin", "owner")."""
+        member = await self.user()
+        await self.running.add_member(
+            (by or self.owners[org]).token,
+            org,
+            member.email,
+            ipb.Role.Value(f"ROLE_{role.upper()}"),
+        )
+        return member
+
+    async def delete_org(self, org: str) -> None:
+        await self.running.stub.DeleteOrganization(
+            ipb.DeleteOrganizationRequest(id=org), metadata=self.owners[org].md
+        )
+
+
+@pytest.fixture(scope="module")
+async def identity(database_url: str, db_passwords: dict[str, str]) -> AsyncIterator[Identity]:
+    """Identity in this process on a loopback port, once per test module."""
+    async with running_identity(database_url, db_passwords) as running:
+        tokens = {name: await running.service_token(name) for name in SERVICES_WITH_TOKENS}
+        auth = await running.sign_up(name="Billing Owner")
+        yield Identity(running, User(auth.user.id, auth.user.email, auth.access_token), tokens)
 
 
 class TokenNames:
-    """Authenticator: the token names the principal (tests only)."""
+    """NOT FOR TESTS: an authenticator that believes "user:<id>" / "service:<name>" bearer
+    tokens. Kept only because bench/bench_record_usage.py (outside tests/) imports it to
+    time ingest without identity; no test uses it (house rule 2). Delete it with that import."""
 
     async def authenticate(self, token: str) -> Principal:
         kind, _, subject = token.partition(":")
@@ -48,18 +132,12 @@ class TokenNames:
         raise Unauthenticated("bad test token")
 
 
-@dataclass
-class Memberships:
-    """Authorizer: roles the test grants; anyone else gets PERMISSION_DENIED."""
-
-    roles: dict[tuple[str, str], str] = field(default_factory=dict)
-
-    async def require(self, organization_id: str, permission: str) -> int:
-        principal = require_caller()
-        role = ROLES.get(self.roles.get((organization_id, principal.subject), ""), 0)
-        if not principal.is_user or role < NEEDED[permission]:
-            raise PermissionDenied(f"missing permission {permission} in this organization")
-        return role
+def forged(token: str) -> str:
+    """The same header and claims as `token`, signed by a key identity never published."""
+    header = jwt.get_unverified_header(token)
+    claims = jwt.decode(token, options={"verify_signature": False})
+    key = Ed25519PrivateKey.generate()
+    return jwt.encode(claims, key, algorithm="EdDSA", headers={"kid": header["kid"]})
 
 
 @dataclass
@@ -123,14 +201,6 @@ class RecordingGateway:
         return SentInvoice(stripe_invoice_id=f"in_{invoice.id}", status=InvoiceStatus.OPEN)
 
 
-def user(user_id: str) -> tuple[tuple[str, str]]:
-    return (("authorization", f"Bearer user:{user_id}"),)
-
-
-def service(name: str) -> tuple[tuple[str, str]]:
-    return (("authorization", f"Bearer service:{name}"),)
-
-
 def sign(payload: bytes, secret: str = WEBHOOK_SECRET, timestamp: int | None = None) -> str:
     """Stripe's scheme: t=<unix>,v1=hex(HMAC-SHA256(secret, "<t>.<payload>"))."""
     t = int(time.time()) if timestamp is None else timestamp
@@ -155,36 +225,120 @@ def stripe_event(event_type: str, obj: dict[str, Any], created: int | None = Non
     ).encode()
 
 
+async def _until(check: Callable[[], Any], what: str, within: float = 15.0) -> Any:
+    deadline = time.monotonic() + within
+    while True:
+        result = await check()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {within} s: {what}")
+        await asyncio.sleep(0.01)
+
+
 @dataclass
 class Billing:
     app: BillingApp
     server: RunningServer
     channel: grpc.aio.Channel
     clock: MovableClock
-    members: Memberships
+    identity: Identity
 
     @property
     def stub(self) -> billing_pb2_grpc.BillingServiceStub:
         return billing_pb2_grpc.BillingServiceStub(self.channel)
 
-    async def create_org(self, owner: str = "") -> str:
-        """What identity's organization.created does to billing: a hobby subscription."""
-        org = new_id()
-        event = events_pb2.Event(
-            id=new_id(), type="organization.created", organization_id=org, aggregate_id=org
-        )
-        async with self.app.db.transaction() as tx:
-            await self.app.on_identity_event(tx, event)
-        if owner:
-            self.members.roles[(org, owner)] = "owner"
+    @property
+    def owner(self) -> User:
+        """The module's default organization owner."""
+        return self.identity.owner
+
+    async def user(self) -> User:
+        return await self.identity.user()
+
+    def service(self, name: str) -> Metadata:
+        return self.identity.service(name)
+
+    async def _subscription_status(self, org: str) -> str | None:
+        async with self.app.db.session() as s:
+            status = await s.fetchval(
+                "SELECT status FROM billing.subscriptions WHERE organization_id = $1"
+                " ORDER BY created_at DESC LIMIT 1",
+                org,
+            )
+        return None if status is None else str(status)
+
+    async def create_org(self, owner: User | None = None) -> str:
+        """identity.CreateOrganization; returns once billing has consumed organization.created
+        from identity's feed (the organization then has its hobby subscription)."""
+        org = await self.identity.create_org(owner or self.owner)
+        await _until(lambda: self._subscription_status(org), f"a subscription for {org}")
         return org
 
     async def delete_org(self, org: str) -> None:
-        event = events_pb2.Event(
-            id=new_id(), type="organization.deleted", organization_id=org, aggregate_id=org
+        """identity.DeleteOrganization by its owner; returns once billing has canceled."""
+        await self.identity.delete_org(org)
+
+        async def canceled() -> bool:
+            return await self._subscription_status(org) == "canceled"
+
+        await _until(canceled, f"the subscription of {org} canceled")
+
+    async def identity_event(self, org: str, event_type: str) -> events_pb2.Event:
+        """The event identity published about `org`, read back from its WatchEvents."""
+        call = self.identity.running.stub.WatchEvents(
+            events_pb2.WatchEventsRequest(after_cursor=START, types=[event_type]),
+            metadata=self.service("billing"),
+            timeout=15,
         )
+        try:
+            async for event in call:
+                if event.organization_id == org:
+                    return event
+        finally:
+            call.cancel()
+        raise AssertionError(f"identity published no {event_type} for {org}")
+
+    async def redeliver(self, event: events_pb2.Event) -> None:
+        """Hand an event to billing's consumer again (at-least-once delivery: a replica that
+        applied it and died before its cursor moved, or a cursor restored from a backup)."""
         async with self.app.db.transaction() as tx:
             await self.app.on_identity_event(tx, event)
+
+    async def stop(self) -> None:
+        await self.channel.close()
+        await self.server.stop()
+
+
+async def launch_billing(
+    identity: Identity,
+    database_url: str,
+    db_passwords: dict[str, str],
+    *,
+    gateway: Any = None,
+    stripe_api_base: str = "",
+    stripe_api_key: str = "",
+) -> Billing:
+    """A billing server on a free loopback port, wired to `identity` as in production."""
+    identity_settings = identity.running.settings
+    settings = Settings(
+        service="billing",
+        database_url=database_url,
+        addresses={"identity": identity.address},
+        db_passwords=db_passwords,
+        service_secrets={"billing": identity_settings.service_secrets["billing"]},
+        jwt_issuer=identity_settings.jwt_issuer,
+        jwt_audience=identity_settings.jwt_audience,
+        stripe_api_key=stripe_api_key,
+        stripe_api_base=stripe_api_base,
+        stripe_webhook_secret=WEBHOOK_SECRET,
+    )
+    db = await Database.connect(settings.service_database_url(), max_size=20)
+    clock = MovableClock()
+    app = BillingApp(settings, db, clock=clock, gateway=gateway, run_cycle=False)
+    server = await start_server(app, "127.0.0.1:0", grace=0.5)
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{server.port}")
+    return Billing(app, server, channel, clock, identity)
 
 
 BillingFactory = Callable[..., Any]
@@ -192,44 +346,19 @@ BillingFactory = Callable[..., Any]
 
 @pytest.fixture
 async def start_billing(
-    database_url: str, db_passwords: dict[str, str]
+    identity: Identity, database_url: str, db_passwords: dict[str, str]
 ) -> AsyncIterator[BillingFactory]:
     """Start billing servers (several may share the database); all stop at teardown."""
     started: list[Billing] = []
 
-    async def start(
-        *, gateway: Any = None, stripe_api_base: str = "", stripe_api_key: str = ""
-    ) -> Billing:
-        settings = Settings(
-            service="billing",
-            database_url=database_url,
-            addresses={name: "127.0.0.1:1" for name in ("identity", "billing")},
-            db_passwords=db_passwords,
-            stripe_api_key=stripe_api_key,
-            stripe_api_base=stripe_api_base,
-            stripe_webhook_secret=WEBHOOK_SECRET,
-        )
-        db = await Database.connect(settings.service_database_url(), max_size=20)
-        clock, members = MovableClock(), Memberships()
-        app = BillingApp(
-            settings,
-            db,
-            clock=clock,
-            gateway=gateway,
-            authorizer=members,
-            consume_identity=False,
-            run_cycle=False,
-        )
-        server = await start_server(app, "127.0.0.1:0", authenticator=TokenNames(), grace=0.5)
-        channel = grpc.aio.insecure_channel(f"127.0.0.1:{server.port}")
-        billing = Billing(app, server, channel, clock, members)
+    async def start(**kwargs: Any) -> Billing:
+        billing = await launch_billing(identity, database_url, db_passwords, **kwargs)
         started.append(billing)
         return billing
 
     yield start
     for billing in started:
-        await billing.channel.close()
-        await billing.server.stop()
+        await billing.stop()
 
 
 @pytest.fixture
