@@ -50,6 +50,8 @@ TABLES: dict[str, set[str]] = {
         "containers",
         "logs",
         "metrics",
+        "usage_windows",
+        "usage_reports",
         "outbox",
         "event_cursors",
     },

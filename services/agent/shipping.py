@@ -1,0 +1,509 @@
+"""The agent's telemetry: container log lines and resource samples shipped to runtime.
+
+Logs: each container's lines wait in the driver's bounded LogBuffer (newest kept). The
+shipper opens a ShipLogs stream when there is something to send, writes batches of up to
+`batch_lines` lines across containers for about `session_seconds` (each `write` waits for
+HTTP/2 flow control: that is the back-pressure), then half-closes and reads the reply,
+which acknowledges the highest sequence runtime stored per container. Runtime stores each
+batch as it arrives, so a line is readable long before its acknowledgement. A failed
+stream (runtime down or restarting) rewinds to the acknowledged sequences and retries with
+backoff; runtime drops the lines it already had, so nothing acknowledged is lost or stored
+twice. Lines evicted before they were sent are counted, logged by the agent, and announced
+in the container's own log with a line of the agent's.
+
+Metrics: every `interval` seconds, each live container's RSS, CPU (millicores over the
+interval, from psutil's cumulative CPU time) and the server's totals; samples wait in a
+bounded deque (newest kept) until ShipMetrics accepts them. Network bytes per container:
+psutil has no per-process network counters, and a process driver's apps share the host's
+network namespace, so /proc/PID/net/dev would report the whole host. They are sampled only
+for a container in a network namespace of its own (a future image driver); the server's
+totals always carry network bytes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import grpc
+import psutil
+from google.protobuf import timestamp_pb2
+
+from hangar.runtime.v1 import runtime_pb2 as pb
+from hangar.runtime.v1 import runtime_pb2_grpc
+from services.agent.domain import ContainerInfo, LogBuffer, LogStream
+from services.agent.drivers import Driver
+from shared.auth import ServiceTokenSource
+from shared.clients import TokenProvider, open_channel
+from shared.settings import Settings
+
+log = logging.getLogger("hangar.agent.shipping")
+
+RUNTIME_SERVICE = pb.DESCRIPTOR.services_by_name["RuntimeService"]
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_STREAM = {LogStream.STDOUT: pb.LOG_STREAM_STDOUT, LogStream.STDERR: pb.LOG_STREAM_STDERR}
+ServerName = Callable[[], str]
+
+
+def _timestamp(at: datetime) -> timestamp_pb2.Timestamp:
+    delta = at - _EPOCH
+    return timestamp_pb2.Timestamp(
+        seconds=delta.days * 86400 + delta.seconds, nanos=delta.microseconds * 1000
+    )
+
+
+class LogShipper:
+    STALL_LIMIT = 3
+
+    def __init__(
+        self,
+        driver: Driver,
+        stub: runtime_pb2_grpc.RuntimeServiceStub,
+        server: ServerName,
+        *,
+        batch_lines: int = 2000,
+        session_seconds: float = 1.0,
+        poll_seconds: float = 0.02,
+        max_backoff_seconds: float = 2.0,
+    ) -> None:
+        self.driver = driver
+        self.stub = stub
+        self.server = server
+        self.batch_lines = batch_lines
+        self.session_seconds = session_seconds
+        self.poll_seconds = poll_seconds
+        self.max_backoff = max_backoff_seconds
+        self.acknowledged: dict[str, int] = {}
+        self._sent: dict[str, int] = {}  # cursor: >= acknowledged (refused lines are skipped)
+        self.lost: dict[str, int] = {}  # evicted before they could be sent
+        self._stalls: dict[str, int] = {}  # sessions in a row without progress
+        self._lost_through: dict[str, int] = {}  # lines up to here were counted as lost
+        self._unannounced: dict[str, int] = {}  # lost lines the container's log was not told of
+        self.shipped = 0
+        self.sessions = 0
+        self.failures = 0
+
+    # ---------------------------------------------------------------------- loop
+
+    async def run(self) -> None:
+        backoff = 0.05
+        outage_logged = False
+        while True:
+            try:
+                sent = await self.ship_session()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                self.failures += 1
+                if not outage_logged:
+                    log.warning("cannot ship logs to runtime; retrying", extra={"error": str(exc)})
+                    outage_logged = True
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, self.max_backoff)
+                continue
+            if outage_logged:
+                log.info("shipping logs to runtime again")
+                outage_logged = False
+            backoff = 0.05
+            if not sent:
+                await asyncio.sleep(self.poll_seconds)
+
+    async def flush(self, within_seconds: float) -> bool:
+        """Ship what is buffered (the agent's shutdown); True once everything is acknowledged."""
+        deadline = time.monotonic() + within_seconds
+        while time.monotonic() < deadline:
+            try:
+                if not await self.ship_session() and not self._unacknowledged():
+                    return True
+            except Exception:  # runtime away: give up at the deadline
+                await asyncio.sleep(0.1)
+        return False
+
+    # ------------------------------------------------------------------- session
+
+    async def ship_session(self) -> int:
+        """One ShipLogs stream; how many lines it carried (0: nothing to send, no stream)."""
+        at_start = dict(self._sent)
+        first = self._collect()
+        if not first:
+            return 0
+        call = self.stub.ShipLogs(timeout=self.session_seconds + 30)
+        sent_here: dict[str, int] = {}
+        count = 0
+        try:
+            batch = first
+            deadline = time.monotonic() + self.session_seconds
+            idle_since: float | None = None
+            while True:
+                if batch:
+                    await call.write(pb.ShipLogsRequest(server_id=self.server(), lines=batch))
+                    for line in batch:
+                        sent_here[line.container_id] = line.sequence
+                    count += len(batch)
+                    idle_since = None
+                now = time.monotonic()
+                if now >= deadline:
+                    break
+                if not batch:
+                    idle_since = idle_since or now
+                    if now - idle_since > 10 * self.poll_seconds:
+                        break
+                    await asyncio.sleep(self.poll_seconds)
+                batch = self._collect()
+            await call.done_writing()
+            reply: pb.ShipLogsResponse = await call
+        except BaseException:
+            call.cancel()
+            for container_id in sent_here:  # rewind: re-send what was not acknowledged
+                self._sent[container_id] = at_start.get(container_id, 0)
+            raise
+        self.sessions += 1
+        self.shipped += count
+        self._apply(reply, sent_here, at_start)
+        self.announce_losses()
+        return count
+
+    def _apply(
+        self, reply: pb.ShipLogsResponse, sent_here: dict[str, int], at_start: dict[str, int]
+    ) -> None:
+        for container_id, sequence in reply.acknowledged_sequences.items():
+            if sequence > self.acknowledged.get(container_id, 0):
+                self.acknowledged[container_id] = sequence
+            buffer = self.driver.logs(container_id)
+            if buffer is not None:
+                buffer.acknowledge(sequence)
+        if reply.rejected_lines:
+            log.warning(
+                "runtime refused log lines",
+                extra={"count": reply.rejected_lines, "reason": reply.rejected_reason},
+            )
+        # Sent but not acknowledged: refused (unknown container, bad timestamp), or cut off
+        # (runtime shutting down answers for what it stored). Offer them again from the
+        # acknowledgement; lines that make no progress STALL_LIMIT times are skipped.
+        for container_id, last_sent in sent_here.items():
+            acked = self.acknowledged.get(container_id, 0)
+            if acked >= last_sent:
+                self._stalls.pop(container_id, None)
+                continue
+            before = at_start.get(container_id, 0)
+            stalls = 0 if acked > before else self._stalls.get(container_id, 0) + 1
+            if stalls >= self.STALL_LIMIT:
+                log.warning(
+                    "runtime keeps refusing these log lines; skipping them",
+                    extra={"container_id": container_id, "up_to": last_sent},
+                )
+                self._stalls.pop(container_id, None)
+                continue
+            self._stalls[container_id] = stalls
+            self._sent[container_id] = max(acked, 0)
+
+    def _collect(self) -> list[pb.LogLine]:
+        """Up to batch_lines unsent lines, across containers, oldest first per container."""
+        out: list[pb.LogLine] = []
+        live = set()
+        for info in self.driver.list():
+            container_id = info.container_id
+            live.add(container_id)
+            buffer = self.driver.logs(container_id)
+            if buffer is None:
+                continue
+            cursor = self._sent.get(container_id, 0)
+            if buffer.last_sequence <= cursor or len(out) >= self.batch_lines:
+                continue
+            lines = buffer.since(cursor, self.batch_lines - len(out))
+            known_lost = max(cursor, self._lost_through.get(container_id, 0))
+            if lines and lines[0].sequence > known_lost + 1:
+                self._lost_through[container_id] = lines[0].sequence - 1
+                self._announce_loss(info, buffer, lines[0].sequence - known_lost - 1)
+            for line in lines:
+                out.append(
+                    pb.LogLine(
+                        container_id=container_id,
+                        stream=_STREAM[line.stream],
+                        line=line.text,
+                        emitted_at=_timestamp(line.emitted_at),
+                        sequence=line.sequence,
+                    )
+                )
+            if lines:
+                self._sent[container_id] = lines[-1].sequence
+        for gone in [c for c in self._sent if c not in live]:  # the driver forgot them
+            self._sent.pop(gone, None)
+            self.acknowledged.pop(gone, None)
+            self._lost_through.pop(gone, None)
+        return out
+
+    def _announce_loss(self, info: ContainerInfo, buffer: LogBuffer, count: int) -> None:
+        self.lost[info.container_id] = self.lost.get(info.container_id, 0) + count
+        self._unannounced[info.container_id] = self._unannounced.get(info.container_id, 0) + count
+        log.warning(
+            "log lines dropped before they could be shipped",
+            extra={"container_id": info.container_id, "count": count},
+        )
+
+    def announce_losses(self) -> None:
+        """Tell each container's log how many lines it lost, once runtime takes lines again
+        (written during the outage, the notice itself could be pushed out of the buffer)."""
+        for container_id, count in list(self._unannounced.items()):
+            buffer = self.driver.logs(container_id)
+            if buffer is not None:
+                buffer.append(
+                    LogStream.STDERR,
+                    f"[hangar agent] {count} log lines were dropped: runtime could not take "
+                    f"them and the agent keeps only the newest {buffer.capacity}",
+                )
+            del self._unannounced[container_id]
+
+    def _unacknowledged(self) -> bool:
+        for info in self.driver.list():
+            buffer = self.driver.logs(info.container_id)
+            if buffer is not None and buffer.last_sequence > self.acknowledged.get(
+                info.container_id, 0
+            ):
+                # Refused lines are never acknowledged; count them as done once sent.
+                if buffer.last_sequence > self._sent.get(info.container_id, 0):
+                    return True
+        return False
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+@dataclass
+class _CpuReading:
+    cpu_seconds: float
+    at: float  # time.time()
+
+
+def _net_namespace(pid: int | str) -> str:
+    try:
+        return os.readlink(f"/proc/{pid}/ns/net")
+    except OSError:
+        return ""
+
+
+def _net_dev_bytes(pid: int) -> tuple[int, int] | None:
+    """(rx, tx) bytes over the non-loopback interfaces of the process's network namespace."""
+    try:
+        with open(f"/proc/{pid}/net/dev") as f:
+            lines = f.readlines()[2:]
+    except OSError:
+        return None
+    rx = tx = 0
+    for line in lines:
+        name, _, counters = line.partition(":")
+        if name.strip() == "lo":
+            continue
+        fields = counters.split()
+        if len(fields) >= 9:
+            rx += int(fields[0])
+            tx += int(fields[8])
+    return rx, tx
+
+
+class MetricShipper:
+    def __init__(
+        self,
+        driver: Driver,
+        stub: runtime_pb2_grpc.RuntimeServiceStub,
+        server: ServerName,
+        *,
+        interval_seconds: float = 5.0,
+        buffer_samples: int = 20_000,
+        batch_samples: int = 5000,
+        server_totals: bool = True,
+    ) -> None:
+        self.driver = driver
+        self.stub = stub
+        self.server = server
+        self.interval = interval_seconds
+        self.batch = batch_samples
+        self.server_totals = server_totals
+        self.pending: deque[pb.MetricSample] = deque(maxlen=buffer_samples)
+        self.dropped = 0
+        self._cpu: dict[str, _CpuReading] = {}
+        self._net: dict[str, tuple[int, int]] = {}
+        self._host_netns = _net_namespace("self")
+        self._host_cpu: tuple[float, float] | None = None  # (busy seconds, at)
+        self._host_net: tuple[int, int] | None = None
+
+    async def run(self) -> None:
+        while True:
+            started = time.monotonic()
+            try:
+                self.sample()
+                await self.ship()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("metric round failed")
+            await asyncio.sleep(max(0.0, self.interval - (time.monotonic() - started)))
+
+    def sample(self) -> int:
+        """Read every live container (and the server); how many samples were added."""
+        now = time.time()
+        at = _timestamp(datetime.fromtimestamp(now, UTC))
+        samples: list[pb.MetricSample] = []
+        live = set()
+        for info in self.driver.list():
+            if info.state.ended:
+                continue
+            reading = self.driver.sample(info.container_id)
+            if reading is None:
+                continue
+            cid = info.container_id
+            live.add(cid)
+            samples.append(
+                self._sample(cid, pb.METRIC_TYPE_MEMORY_RSS_BYTES, reading.rss_bytes, at)
+            )
+            previous = self._cpu.get(cid)
+            if previous is None:  # the process's CPU time since it started
+                started = info.started_at.timestamp() if info.started_at else now - self.interval
+                previous = _CpuReading(0.0, started)
+            elapsed = now - previous.at
+            if elapsed > 0:
+                used = max(0.0, reading.cpu_seconds - previous.cpu_seconds)
+                samples.append(
+                    self._sample(cid, pb.METRIC_TYPE_CPU_MILLICORES, used / elapsed * 1000, at)
+                )
+            self._cpu[cid] = _CpuReading(reading.cpu_seconds, now)
+            if info.pid and _net_namespace(info.pid) not in ("", self._host_netns):
+                samples.extend(self._net_samples(cid, _net_dev_bytes(info.pid), at))
+        for gone in [c for c in self._cpu if c not in live]:
+            self._cpu.pop(gone, None)
+            self._net.pop(gone, None)
+        if self.server_totals:
+            samples.extend(self._server_samples(now, at))
+        before = len(self.pending)
+        self.pending.extend(samples)
+        self.dropped += max(0, before + len(samples) - len(self.pending))
+        return len(samples)
+
+    def _server_samples(self, now: float, at: timestamp_pb2.Timestamp) -> list[pb.MetricSample]:
+        memory = psutil.virtual_memory()
+        out = [
+            self._sample("", pb.METRIC_TYPE_MEMORY_RSS_BYTES, memory.total - memory.available, at)
+        ]
+        times = psutil.cpu_times()
+        busy = sum(times) - times.idle - getattr(times, "iowait", 0.0)
+        if self._host_cpu is not None and now > self._host_cpu[1]:
+            used = max(0.0, busy - self._host_cpu[0])
+            out.append(
+                self._sample(
+                    "", pb.METRIC_TYPE_CPU_MILLICORES, used / (now - self._host_cpu[1]) * 1000, at
+                )
+            )
+        self._host_cpu = (busy, now)
+        counters = psutil.net_io_counters()
+        if counters is not None:
+            out.extend(self._net_samples("", (counters.bytes_recv, counters.bytes_sent), at))
+        return out
+
+    def _net_samples(
+        self, cid: str, totals: tuple[int, int] | None, at: timestamp_pb2.Timestamp
+    ) -> list[pb.MetricSample]:
+        if totals is None:
+            return []
+        previous = self._net.get(cid) if cid else self._host_net
+        if cid:
+            self._net[cid] = totals
+        else:
+            self._host_net = totals
+        if previous is None:
+            return []
+        rx, tx = (max(0, now - before) for now, before in zip(totals, previous, strict=True))
+        return [
+            self._sample(cid, pb.METRIC_TYPE_NETWORK_RX_BYTES, rx, at),
+            self._sample(cid, pb.METRIC_TYPE_NETWORK_TX_BYTES, tx, at),
+        ]
+
+    @staticmethod
+    def _sample(
+        cid: str, metric: pb.MetricType, value: float, at: timestamp_pb2.Timestamp
+    ) -> pb.MetricSample:
+        return pb.MetricSample(container_id=cid, metric=metric, value=value, sampled_at=at)
+
+    async def ship(self) -> int:
+        """Send what is pending, oldest first; stops at the first failure (kept for later)."""
+        shipped = 0
+        while self.pending:
+            chunk = [self.pending[i] for i in range(min(self.batch, len(self.pending)))]
+            try:
+                await self.stub.ShipMetrics(
+                    pb.ShipMetricsRequest(server_id=self.server(), samples=chunk)
+                )
+            except grpc.aio.AioRpcError as exc:
+                log.warning("cannot ship metrics to runtime", extra={"error": exc.code().name})
+                return shipped
+            for _ in chunk:
+                self.pending.popleft()
+            shipped += len(chunk)
+        return shipped
+
+
+# ------------------------------------------------------------------------- the agent
+
+
+class AgentTelemetry:
+    """Both shippers over one channel to runtime, started and stopped with the agent."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        driver: Driver,
+        *,
+        server: ServerName | None = None,
+        channel: grpc.aio.Channel | None = None,
+        token_provider: TokenProvider | None = None,
+    ) -> None:
+        self._token_source: ServiceTokenSource | None = None
+        if token_provider is None and channel is None and settings.service_secrets.get("agent"):
+            self._token_source = ServiceTokenSource(settings)
+            token_provider = self._token_source
+        self._own_channel = channel is None
+        self.channel = channel or open_channel(
+            settings.addresses["runtime"],
+            services=[RUNTIME_SERVICE],
+            default_timeout=settings.call_timeout_seconds,
+            token_provider=token_provider,
+        )
+        stub = runtime_pb2_grpc.RuntimeServiceStub(self.channel)
+        name = server or (lambda: settings.agent_server or socket.gethostname())
+        self.logs = LogShipper(driver, stub, name, batch_lines=settings.telemetry_ship_batch_lines)
+        self.metrics = MetricShipper(
+            driver,
+            stub,
+            name,
+            interval_seconds=settings.telemetry_sample_seconds,
+            buffer_samples=settings.telemetry_metric_buffer_samples,
+        )
+        self.flush_seconds = settings.grace_seconds
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def start(self) -> None:
+        self._tasks = [
+            asyncio.create_task(self.logs.run()),
+            asyncio.create_task(self.metrics.run()),
+        ]
+
+    async def close(self) -> None:
+        """Call after the driver stopped the apps: their last lines still go out."""
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        with contextlib.suppress(Exception):
+            await self.logs.flush(self.flush_seconds)
+        if self._own_channel:
+            await self.channel.close()
+        if self._token_source is not None:
+            await self._token_source.close()

@@ -1,0 +1,231 @@
+"""Logs from app processes through the agent's shipper to runtime, and back out through
+QueryLogs and TailLogs (real PostgreSQL, real gRPC, real app processes)."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import time
+from datetime import UTC, datetime, timedelta
+
+import grpc
+import pytest
+
+from hangar.runtime.v1 import runtime_pb2 as pb
+from tests.support import telemetry as telemetry_fixtures
+from tests.support.runtime import user
+from tests.support.telemetry import (
+    AGENT_TOKEN,
+    Fleet,
+    eventually,
+    log_line,
+    place_container,
+    run_app,
+    shipping_agent,
+    stored_lines,
+)
+
+pytestmark = pytest.mark.asyncio
+fleet = telemetry_fixtures.fleet
+
+AGENT = (("authorization", f"Bearer {AGENT_TOKEN}"),)
+PY = sys.executable
+
+
+def printer(count: int, *, delay: float = 0.0, every: float = 0.0, prefix: str = "line") -> str:
+    """A shell command: a Python app printing `count` numbered lines."""
+    code = (
+        "import sys,time\n"
+        f"time.sleep({delay})\n"
+        f"for i in range(1, {count + 1}):\n"
+        f"    print('{prefix}', i, flush=True)\n"
+        f"    time.sleep({every})\n"
+        "time.sleep(30)\n"
+    )
+    return f'{PY} -c "{code}"'
+
+
+async def test_app_output_appears_in_query_logs_and_a_tail_started_before_it(
+    fleet: Fleet,
+) -> None:
+    runtime = await fleet.start()
+    org, project = fleet.new_project(owner="ann")
+    placed = await place_container(runtime.db, project, org)
+
+    tail = runtime.stub.TailLogs(
+        pb.TailLogsRequest(project_id=project, tail_lines=10), metadata=user("ann")
+    )
+    await asyncio.wait_for(tail.initial_metadata(), 2)  # headers come at once
+
+    async with shipping_agent(runtime.address) as (driver, _logs, _metrics):
+        started = time.monotonic()
+        await run_app(driver, placed, printer(5, delay=0.3))
+        received = []
+        async for entry in tail:
+            received.append(entry)
+            if len(received) == 5:
+                break
+        elapsed = time.monotonic() - started
+        assert elapsed < 2.5, elapsed
+        assert [e.line for e in received] == [f"line {i}" for i in range(1, 6)]
+        assert {e.container_id for e in received} == {placed.container_id}
+        assert received[0].deployment_id == placed.deployment_id
+        assert received[0].stream == pb.LOG_STREAM_STDOUT
+
+        page = await runtime.stub.QueryLogs(
+            pb.QueryLogsRequest(project_id=project, page_size=2), metadata=user("ann")
+        )
+        assert [e.line for e in page.entries] == ["line 5", "line 4"]  # newest first
+        rest = await runtime.stub.QueryLogs(
+            pb.QueryLogsRequest(project_id=project, page_size=10, page_token=page.next_page_token),
+            metadata=user("ann"),
+        )
+        assert [e.line for e in rest.entries] == ["line 3", "line 2", "line 1"]
+        assert rest.next_page_token == ""
+        found = await runtime.stub.QueryLogs(
+            pb.QueryLogsRequest(
+                project_id=project, contains="e 3", container_id=placed.container_id
+            ),
+            metadata=user("ann"),
+        )
+        assert [e.line for e in found.entries] == ["line 3"]
+        other_deployment = await runtime.stub.QueryLogs(
+            pb.QueryLogsRequest(project_id=project, deployment_id="nope"), metadata=user("ann")
+        )
+        assert list(other_deployment.entries) == []
+    tail.cancel()
+
+
+async def test_a_tail_sends_history_then_live_lines_and_ends_when_the_client_goes(
+    fleet: Fleet,
+) -> None:
+    runtime = await fleet.start()
+    org, project = fleet.new_project(owner="ann")
+    placed = await place_container(runtime.db, project, org)
+    async with shipping_agent(runtime.address) as (driver, _logs, _metrics):
+        await run_app(driver, placed, printer(3, prefix="old"))
+        await eventually(lambda: runtime.app.telemetry.stats.lines_stored >= 3)
+        tail = runtime.stub.TailLogs(
+            pb.TailLogsRequest(project_id=project, tail_lines=2), metadata=user("ann")
+        )
+        history = [await tail.read(), await tail.read()]
+        assert [e.line for e in history] == ["old 2", "old 3"]
+        second = await place_container(runtime.db, project, org, placed.server_id)
+        await run_app(driver, second, printer(2, prefix="new"))
+        live = [await tail.read(), await tail.read()]
+        assert [e.line for e in live] == ["new 1", "new 2"]
+        assert {e.container_id for e in live} == {second.container_id}
+        tail.cancel()
+        hub = runtime.app.telemetry.hub
+        await eventually(lambda: not hub._subs)  # the server side let go of the tail
+
+
+async def test_tail_and_query_of_another_tenants_project_are_denied(fleet: Fleet) -> None:
+    runtime = await fleet.start()
+    _, project = fleet.new_project(owner="ann")
+    fleet.new_project(owner="mallory")
+    for who in ("mallory", "nobody"):
+        tail = runtime.stub.TailLogs(pb.TailLogsRequest(project_id=project), metadata=user(who))
+        with pytest.raises(grpc.aio.AioRpcError) as denied:
+            await tail.read()
+        assert denied.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        with pytest.raises(grpc.aio.AioRpcError) as denied:
+            await runtime.stub.QueryLogs(
+                pb.QueryLogsRequest(project_id=project), metadata=user(who)
+            )
+        assert denied.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    with pytest.raises(grpc.aio.AioRpcError) as denied:  # users may not ship
+        await runtime.stub.ShipLogs(iter([pb.ShipLogsRequest()]), metadata=user("ann"))
+    assert denied.value.code() == grpc.StatusCode.PERMISSION_DENIED
+
+
+async def test_bad_lines_are_refused_or_trimmed_and_the_rest_of_the_stream_goes_on(
+    fleet: Fleet, database_url: str
+) -> None:
+    runtime = await fleet.start()
+    org, project = fleet.new_project(owner="ann")
+    placed = await place_container(runtime.db, project, org)
+    cid = placed.container_id
+    now = datetime.now(UTC)
+    batches = [
+        pb.ShipLogsRequest(
+            lines=[
+                log_line(cid, 1, "fine", now),
+                log_line("no-such-container", 1, "who?", now),
+                log_line(cid, 2, "from the future", now + timedelta(days=2)),
+                log_line(cid, 3, "x" * 40_000, now),
+            ]
+        ),
+        pb.ShipLogsRequest(lines=[log_line(cid, 4, "still going\x00", now)]),
+    ]
+    reply = await runtime.stub.ShipLogs(iter(batches), metadata=AGENT)
+    assert dict(reply.acknowledged_sequences) == {cid: 4}
+    assert reply.rejected_lines == 2
+    assert "no-such-container" in reply.rejected_reason
+    rows = await stored_lines(database_url, cid)
+    assert [r["sequence"] for r in rows] == [1, 3, 4]
+    assert len(rows[1]["line"]) == 16 * 1024
+    assert rows[2]["line"] == "still going\ufffd"
+
+    again = await runtime.stub.ShipLogs(iter(batches), metadata=AGENT)  # a re-send
+    assert dict(again.acknowledged_sequences) == {cid: 4}
+    assert [r["sequence"] for r in await stored_lines(database_url, cid)] == [1, 3, 4]
+
+
+async def test_runtime_restarted_mid_stream_loses_and_doubles_no_acknowledged_line(
+    fleet: Fleet, database_url: str
+) -> None:
+    runtime = await fleet.start()
+    port = int(runtime.address.rsplit(":", 1)[1])
+    org, project = fleet.new_project(owner="ann")
+    placed = await place_container(runtime.db, project, org)
+    total = 3000
+    async with shipping_agent(runtime.address, log_lines=10_000, batch_lines=100) as (
+        driver,
+        logs,
+        _metrics,
+    ):
+        await run_app(driver, placed, printer(total, every=0.001))
+        await eventually(lambda: 200 < logs.shipped, within=10)
+        await fleet.stop(runtime)  # mid-stream: a session is open with unacknowledged lines
+        assert logs.shipped < total
+        await asyncio.sleep(0.5)
+        assert logs.failures > 0
+        runtime = await fleet.start(port)
+        buffer = driver.logs(placed.container_id)
+        assert buffer is not None
+        await eventually(lambda: logs.acknowledged.get(placed.container_id) == total, within=20)
+        rows = await stored_lines(database_url, placed.container_id)
+        assert [r["sequence"] for r in rows] == list(range(1, total + 1))
+        assert [r["line"] for r in rows] == [f"line {i}" for i in range(1, total + 1)]
+        assert buffer.dropped == 0
+        assert runtime.app.telemetry.stats.lines_duplicate > 0  # re-sent, and skipped
+
+
+async def test_lines_beyond_the_buffer_while_runtime_is_down_are_counted_and_announced(
+    fleet: Fleet, database_url: str
+) -> None:
+    runtime = await fleet.start()
+    port = int(runtime.address.rsplit(":", 1)[1])
+    org, project = fleet.new_project(owner="ann")
+    placed = await place_container(runtime.db, project, org)
+    await fleet.stop(runtime)
+    async with shipping_agent(runtime.address, log_lines=100) as (driver, logs, _metrics):
+        await run_app(driver, placed, printer(250))
+        buffer = await eventually(
+            lambda: (
+                (b := driver.logs(placed.container_id)) is not None and b.last_sequence >= 250 and b
+            )
+        )
+        runtime = await fleet.start(port)
+        await eventually(lambda: logs.acknowledged.get(placed.container_id, 0) > 250, within=10)
+        rows = await stored_lines(database_url, placed.container_id)
+        notices = [r["line"] for r in rows if r["line"].startswith("[hangar agent]")]
+        numbers = [int(r["line"].split()[1]) for r in rows if r["line"].startswith("line")]
+        # The newest lines, without a gap; the agent's notices account for every older one
+        # (they take buffer room too, so there may be a few of them, never duplicates).
+        assert numbers == list(range(numbers[0], 251))
+        announced = sum(int(n.split()[2]) for n in notices)
+        assert announced == numbers[0] - 1 == sum(logs.lost.values())
+        assert 1 <= len(notices) and 100 - len(notices) <= len(numbers)
+        assert buffer.dropped >= announced

@@ -1,0 +1,134 @@
+"""Telemetry rules that need no database: what a shipped line may look like, usage windows
+and keys, NOTIFY payloads, tail de-duplication, metric query limits, the agent's cursor."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from services.agent.domain import ContainerInfo, ContainerState, LogBuffer, LogStream
+from services.agent.shipping import LogShipper
+from services.runtime.telemetry import (
+    NOTIFY_PAYLOAD_LIMIT,
+    IngestLimits,
+    LogEntry,
+    MetricName,
+    MetricQuery,
+    TailSubscription,
+    UsageMetric,
+    _notify_payloads,
+    decode_log_token,
+    encode_log_token,
+    parse_notify_payload,
+    usage_key,
+    window_start_of,
+)
+from shared.errors import InvalidArgument
+
+NOW = datetime(2026, 11, 26, 12, 0, 30, tzinfo=UTC)
+
+
+def test_absurd_timestamps_are_refused_and_long_lines_trimmed() -> None:
+    limits = IngestLimits(max_line_chars=10)
+    assert limits.time_problem(NOW, NOW) == ""
+    assert "future" in limits.time_problem(NOW + timedelta(hours=1), NOW)
+    assert "older" in limits.time_problem(NOW - timedelta(days=2), NOW)
+    assert limits.time_problem(datetime(1970, 1, 1, tzinfo=UTC), NOW)  # an unset timestamp
+    assert limits.clean_line("short") == ("short", False)
+    assert limits.clean_line("x" * 11) == ("x" * 10, True)
+    assert limits.clean_line("a\x00b") == ("a\ufffdb", False)
+
+
+def test_usage_windows_are_epoch_aligned_and_keys_name_container_metric_window() -> None:
+    minute = timedelta(minutes=1)
+    assert window_start_of(NOW, minute) == NOW.replace(second=0)
+    assert window_start_of(NOW.replace(second=0), minute) == NOW.replace(second=0)
+    key = usage_key("c1", UsageMetric.RAM_MB_SECONDS, NOW.replace(second=0))
+    assert key == "c1:ram_mb_seconds:2026-11-26T12:00:00+00:00"
+
+
+def test_notify_payloads_stay_under_postgres_limit_and_parse_back() -> None:
+    ranges = [(f"project-{i:04d}", f"container-{i:020d}", i, i + 10) for i in range(500)]
+    payloads = _notify_payloads(ranges)
+    assert len(payloads) > 1
+    assert all(len(p.encode()) <= NOTIFY_PAYLOAD_LIMIT for p in payloads)
+    assert [r for p in payloads for r in parse_notify_payload(p)] == ranges
+
+
+def test_log_page_tokens_round_trip_and_refuse_garbage() -> None:
+    entry = LogEntry("p", "d", "c", "stdout", "x", NOW, 42)
+    assert decode_log_token(encode_log_token(entry)) == (NOW, "c", 42)
+    with pytest.raises(InvalidArgument):
+        decode_log_token("not-a-token")
+
+
+def entry(container: str, sequence: int) -> LogEntry:
+    return LogEntry("p", "d", container, "stdout", f"{container}-{sequence}", NOW, sequence)
+
+
+async def test_a_tail_delivers_each_line_once_even_when_history_and_live_overlap() -> None:
+    tail = TailSubscription("p", max_batches=10)
+    assert [e.line for e in tail.fresh([entry("a", 1), entry("a", 2)])] == ["a-1", "a-2"]
+    tail.offer([entry("a", 2), entry("a", 3), entry("b", 1)])
+    tail.queue.put_nowait(None)
+    got = [e.line for batch in [b async for b in tail.batches()] for e in batch]
+    assert got == ["a-3", "b-1"]
+
+
+def test_metric_queries_refuse_empty_ranges_tiny_steps_and_too_many_points() -> None:
+    base = MetricQuery("p", MetricName.CPU_MILLICORES, NOW, NOW + timedelta(hours=1),
+                       timedelta(minutes=1))  # fmt: skip
+    assert base.validate() is base
+    for bad in (
+        MetricQuery("p", MetricName.CPU_MILLICORES, NOW, NOW, timedelta(minutes=1)),
+        MetricQuery(
+            "p",
+            MetricName.CPU_MILLICORES,
+            NOW,
+            NOW + timedelta(hours=1),
+            timedelta(milliseconds=10),
+        ),
+        MetricQuery(
+            "p", MetricName.CPU_MILLICORES, NOW, NOW + timedelta(days=30), timedelta(seconds=1)
+        ),
+    ):
+        with pytest.raises(InvalidArgument):
+            bad.validate()
+
+
+class OneContainer:
+    """Just enough of a Driver for the shipper's cursor: one container's buffer."""
+
+    def __init__(self, capacity: int) -> None:
+        self.buffer = LogBuffer(capacity)
+        self.info = ContainerInfo("c", "d", "p", ContainerState.RUNNING)
+
+    def list(self) -> list[ContainerInfo]:
+        return [self.info]
+
+    def logs(self, container_id: str) -> LogBuffer | None:
+        return self.buffer if container_id == "c" else None
+
+
+def test_the_shipper_batches_from_its_cursor_and_announces_lines_lost_once() -> None:
+    driver = OneContainer(capacity=5)
+    shipper = LogShipper(driver, stub=None, server=lambda: "s", batch_lines=3)  # type: ignore[arg-type]
+    for i in range(1, 5):
+        driver.buffer.append(LogStream.STDOUT, f"l{i}")
+    assert [line.sequence for line in shipper._collect()] == [1, 2, 3]
+    assert [line.sequence for line in shipper._collect()] == [4]
+    assert shipper._collect() == []
+    for i in range(5, 13):  # 12 lines printed, 5 kept: 5..7 were never sent
+        driver.buffer.append(LogStream.STDOUT, f"l{i}")
+    batch = shipper._collect()
+    assert [line.sequence for line in batch] == [8, 9, 10]
+    assert shipper.lost == {"c": 3}
+    shipper.announce_losses()  # once runtime took lines again
+    rest = [line.line for line in shipper._collect()]
+    assert rest[-1].startswith("[hangar agent] 3 log lines were dropped")
+    shipper._sent["c"] = 0  # a failed session rewinds to what runtime acknowledged (nothing)
+    shipper._collect()
+    # 5..7 are not announced again; 8, sent but never acknowledged, was pushed out by the
+    # notice and may be lost too: it is counted.
+    assert shipper.lost == {"c": 4}
