@@ -22,7 +22,8 @@ from urllib.parse import urlsplit, urlunsplit
 from shared.settings import DEFAULT_PORTS, SERVICES
 
 GRPC_SERVICES = SERVICES  # identity, project, runtime, billing
-PROCESSES = (*GRPC_SERVICES, "gateway")
+PROCESSES = (*GRPC_SERVICES, "agent", "gateway")
+LOCAL_REGION = "local"  # project's default region: where local projects deploy
 
 
 def _fail(message: str) -> int:
@@ -83,6 +84,63 @@ def service_environment(
     env["HANGAR_PROJECT_MASTER_KEYS"] = json.dumps(creds.get("project_master_keys", {}))
     env["HANGAR_PROJECT_MASTER_KEY_ID"] = creds.get("project_master_key_id", "")
     return env
+
+
+def agent_environment(env: dict[str, str], server_name: str) -> dict[str, str]:
+    """The agent's environment: its own secret, none of the database's or other services'."""
+    agent_env = {
+        key: value
+        for key, value in env.items()
+        if not (key.endswith("_DB_PASSWORD") or key.endswith("_SERVICE_SECRET"))
+        and key not in ("DATABASE_URL", "HANGAR_JWT_SIGNING_KEYS", "HANGAR_PROJECT_MASTER_KEYS")
+    }
+    agent_env["HANGAR_AGENT_SERVICE_SECRET"] = env.get("HANGAR_AGENT_SERVICE_SECRET", "")
+    agent_env["HANGAR_AGENT_SERVER"] = server_name
+    return agent_env
+
+
+def local_capacity() -> tuple[int, int]:
+    """(RAM in MB, CPU in millicores) of this machine."""
+    import psutil
+
+    return psutil.virtual_memory().total // (1024 * 1024), (psutil.cpu_count() or 1) * 1000
+
+
+def register_local_server(
+    database_url: str, runtime_password: str, name: str, agent_address: str
+) -> tuple[str, int, int]:
+    """This machine as a server of region "local", idempotent on its name.
+
+    Straight through runtime's own store code and database role, as `hangar admin promote`
+    goes through identity's: on a fresh machine there is no platform admin yet to call
+    RegisterServer with, and widening that RPC to services would open it on every fleet.
+    """
+    import asyncio
+
+    from services.runtime import store
+    from services.runtime.domain import Resources
+    from shared.db import Database
+    from shared.settings import role_name, url_with_credentials
+
+    ram_mb, cpu_millis = local_capacity()
+
+    async def register() -> store.Server:
+        url = url_with_credentials(database_url, role_name("runtime"), runtime_password)
+        db = await Database.connect(url, min_size=1, max_size=1)
+        try:
+            async with db.transaction() as tx:
+                return await store.upsert_local_server(
+                    tx,
+                    name=name,
+                    region=LOCAL_REGION,
+                    agent_address=agent_address,
+                    capacity=Resources(ram_mb, cpu_millis),
+                )
+        finally:
+            await db.close()
+
+    server = asyncio.run(register())
+    return server.id, server.capacity.ram_mb, server.capacity.cpu_millis
 
 
 def port_in_use(host: str, port: int) -> bool:
@@ -205,10 +263,11 @@ def cmd_up(args: argparse.Namespace) -> int:
             first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
             return _fail(f"migrations failed against {pg.kind} PostgreSQL: {first_line}")
         env = service_environment(pg.url, creds, addresses)
+        server_name = socket.gethostname()
         for name in PROCESSES:
             procs[name] = subprocess.Popen(
                 [sys.executable, "-m", "shared.cli", "serve", name],
-                env=env,
+                env=agent_environment(env, server_name) if name == "agent" else env,
                 start_new_session=True,  # Ctrl-C reaches us; we stop the children in order
             )
         deadline = time.monotonic() + args.timeout
@@ -217,8 +276,16 @@ def cmd_up(args: argparse.Namespace) -> int:
                 code = procs[name].poll()
                 why = f"exited with {code}" if code is not None else "did not become healthy"
                 return _fail(f"{name} {why}; stopping everything")
+        # Runtime is migrated and healthy: this machine runs apps through the local agent.
+        server_id, ram_mb, cpu_millis = register_local_server(
+            pg.url, creds["db_passwords"]["runtime"], server_name, addresses["agent"]
+        )
         print(f"Hangar is up in {time.monotonic() - started:.1f}s  (Ctrl-C stops it)")
         print(f"  DATABASE_URL  {redact(pg.url)}  ({pg.kind})")
+        print(
+            f"  server    {server_name} ({server_id}), region {LOCAL_REGION},"
+            f" {ram_mb} MB, {cpu_millis} mCPU"
+        )
         for name in PROCESSES:
             kind = "http" if name == "gateway" else "grpc"
             print(f"  {name:<9} {kind}://{addresses[name]}")
@@ -325,7 +392,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     promote.add_argument("email")
     promote.set_defaults(func=cmd_admin_promote)
     serve = sub.add_parser("serve", help="run one service in the foreground")
-    serve.add_argument("service", choices=[*PROCESSES, "agent"])
+    serve.add_argument("service", choices=PROCESSES)
     serve.set_defaults(func=cmd_serve)
     args = parser.parse_args(argv)
     return int(args.func(args))

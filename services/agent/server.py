@@ -1,18 +1,26 @@
 """The agent process: runs on each server and starts / stops app processes for runtime.
 
 It has no database: its state is the processes it runs. Shutting it down stops them all.
+With its own service secret (HANGAR_AGENT_SERVICE_SECRET) it also reports to runtime:
+status changes as they happen, a heartbeat, and the apps' logs and metrics (shipping.py).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import asyncio
+import contextlib
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any
 
 import grpc
 
 from hangar.agent.v1 import agent_pb2, agent_pb2_grpc
 from services.agent.api import AgentApi
 from services.agent.drivers import Driver, ProcessDriver
-from shared.auth import IdentityJwks, TokenVerifier
+from services.agent.reporting import RuntimeReporter, server_key
+from services.agent.shipping import AgentTelemetry
+from shared.auth import IdentityJwks, ServiceTokenSource, TokenVerifier
+from shared.clients import Clients
 from shared.interceptors import Authenticator
 from shared.server import run_service
 from shared.settings import Settings
@@ -32,6 +40,7 @@ class AgentApp:
         *,
         driver: Driver | None = None,
         authenticator: Authenticator | None = None,
+        report: bool | None = None,
     ) -> None:
         self.settings = settings
         self.driver: Driver = driver or ProcessDriver(
@@ -46,19 +55,61 @@ class AgentApp:
             self._jwks = IdentityJwks(settings)
             authenticator = TokenVerifier.for_settings(settings, self._jwks)
         self.authenticator = authenticator
+        # Calls to runtime carry the agent's own token (only with its secret configured).
+        self.token_source = (
+            ServiceTokenSource(settings) if settings.service_secrets.get("agent") else None
+        )
+        self.clients = Clients(
+            settings.addresses,
+            default_timeout=settings.call_timeout_seconds,
+            token_provider=self.token_source,
+        )
+        self._loops: list[Callable[[], Coroutine[Any, Any, None]]] = []
+        self._tasks: list[asyncio.Task[None]] = []
+        self.reporter: RuntimeReporter | None = None
+        self.telemetry: AgentTelemetry | None = None
+        if report if report is not None else self.token_source is not None:
+            self.telemetry = AgentTelemetry(settings, self.driver, token_provider=self.token_source)
+            self.reporter = RuntimeReporter(
+                self.driver,
+                self.clients,
+                server=server_key(settings.agent_server),
+                heartbeat_seconds=settings.agent_heartbeat_seconds,
+            )
+            self.add_loop(self.reporter.run_reports)
+            self.add_loop(self.reporter.run_heartbeat)
 
     @classmethod
     async def create(cls, settings: Settings) -> AgentApp:
         return cls(settings)
 
+    def add_loop(self, loop: Callable[[], Coroutine[Any, Any, None]]) -> None:
+        """A background task that runs while the agent serves (status reports, shipping)."""
+        self._loops.append(loop)
+
     def register(self, server: grpc.aio.Server) -> None:
         agent_pb2_grpc.add_AgentServiceServicer_to_server(AgentApi(self.driver), server)
 
     async def start(self) -> None:
-        pass
+        self._tasks = [asyncio.create_task(loop()) for loop in self._loops]
+        if self.telemetry is not None:
+            await self.telemetry.start()
 
     async def close(self) -> None:
         await self.driver.close()  # no app outlives the agent
+        if self.telemetry is not None:  # after the apps: their last lines still go out
+            await self.telemetry.close()
+        if self.reporter is not None:  # runtime hears that they stopped, if it can
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.reporter.beat(), 2.0)
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        await self.clients.close()
+        if self.token_source is not None:
+            await self.token_source.close()
         if self._jwks is not None:
             await self._jwks.close()
 

@@ -1,7 +1,6 @@
 """RuntimeService servicer: proto in -> domain call -> proto out.
 
-RPCs not overridden here answer UNIMPLEMENTED (the generated base class) until built:
-CreateDeployment and RollbackDeployment wait for project.ResolveSecrets and the agent.
+Logs, metrics and usage RPCs come from the TelemetryApi mixin (telemetry_api.py).
 """
 
 from __future__ import annotations
@@ -11,16 +10,20 @@ from datetime import datetime
 from typing import TYPE_CHECKING, TypeAlias
 
 import grpc
-from google.protobuf import timestamp_pb2
+from google.protobuf import empty_pb2, timestamp_pb2
 
+from hangar.agent.v1 import agent_pb2
 from hangar.events.v1 import events_pb2
 from hangar.runtime.v1 import runtime_pb2 as pb
 from hangar.runtime.v1 import runtime_pb2_grpc
 from services.runtime import store
 from services.runtime.domain import DeploymentState, Resources, ServerState
+from services.runtime.scheduler import IMAGE_DRIVER
+from services.runtime.store import DeploymentSpec
+from services.runtime.telemetry_api import TelemetryApi
 from shared.audit import record_audit
 from shared.auth import require_caller, require_platform_admin, require_service
-from shared.errors import InvalidArgument, NotFound, PermissionDenied
+from shared.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
 
 if TYPE_CHECKING:
     from services.runtime.server import RuntimeApp
@@ -86,13 +89,63 @@ def deployment_to_proto(d: store.Deployment) -> pb.Deployment:
     return out
 
 
+_CONTAINER_STATUS = {
+    "starting": pb.CONTAINER_STATUS_STARTING,
+    "running": pb.CONTAINER_STATUS_RUNNING,
+    "stopping": pb.CONTAINER_STATUS_STOPPING,
+    "stopped": pb.CONTAINER_STATUS_EXITED,
+    "failed": pb.CONTAINER_STATUS_FAILED,
+}
+_SLEEP_STATUS = {
+    "awake": pb.SLEEP_STATUS_AWAKE,
+    "sleeping": pb.SLEEP_STATUS_SLEEPING,
+    "waking": pb.SLEEP_STATUS_WAKING,
+}
+# Runtime's container report -> the agent's (the deployer speaks the agent's message).
+_REPORTED_STATUS = {
+    pb.CONTAINER_STATUS_STARTING: agent_pb2.CONTAINER_STATUS_STARTING,
+    pb.CONTAINER_STATUS_RUNNING: agent_pb2.CONTAINER_STATUS_RUNNING,
+    pb.CONTAINER_STATUS_STOPPING: agent_pb2.CONTAINER_STATUS_STOPPING,
+    pb.CONTAINER_STATUS_EXITED: agent_pb2.CONTAINER_STATUS_EXITED,
+    pb.CONTAINER_STATUS_FAILED: agent_pb2.CONTAINER_STATUS_FAILED,
+}
+
+
+def container_to_proto(c: store.Container) -> pb.Container:
+    return pb.Container(
+        id=c.id,
+        project_id=c.project_id,
+        deployment_id=c.deployment_id,
+        server_id=c.server_id,
+        status=_CONTAINER_STATUS[c.status],
+        sleep_status=_SLEEP_STATUS[c.sleep_status],
+        address=c.address,
+        last_request_at=_ts(c.last_request_at),
+        started_at=_ts(c.started_at),
+    )
+
+
+def report_from_proto(r: pb.ContainerStatusReport) -> agent_pb2.Container:
+    report = agent_pb2.Container(
+        container_id=_required(r.container_id, "report.container_id"),
+        status=_REPORTED_STATUS.get(r.status, agent_pb2.CONTAINER_STATUS_UNSPECIFIED),
+        reason=r.reason,
+    )
+    if r.HasField("exit_code"):
+        report.exit_code = r.exit_code
+    return report
+
+
 def _required(value: str, field: str) -> str:
     if not value.strip():
         raise InvalidArgument.field(field, "required")
     return value.strip()
 
 
-class RuntimeApi(runtime_pb2_grpc.RuntimeServiceServicer):
+class RuntimeApi(TelemetryApi, runtime_pb2_grpc.RuntimeServiceServicer):
+    # RuntimeApp is a TelemetryHost; mypy holds the Protocol's mutable `projects` invariant.
+    app: RuntimeApp  # type: ignore[assignment]
+
     def __init__(self, app: RuntimeApp) -> None:
         self.app = app
         self.db = app.db
@@ -192,11 +245,89 @@ class RuntimeApi(runtime_pb2_grpc.RuntimeServiceServicer):
             next_page_token=page.next_page_token,
         )
 
+    async def CreateDeployment(
+        self, request: pb.CreateDeploymentRequest, context: Context
+    ) -> pb.Deployment:
+        require_caller()
+        project = await self.app.projects.get(_required(request.project_id, "project_id"))
+        await self.app.authorizer.require(project.organization_id, "deployments.create")
+        image, command = _source(request.deployment, project.default_image, project.default_command)
+        if image is not None:
+            async with self.db.session() as s:
+                if not await store.any_active_server_with_driver(s, IMAGE_DRIVER):
+                    raise FailedPrecondition(
+                        "no server has a driver that runs images; deploy a command",
+                        reason="NO_IMAGE_DRIVER",
+                    )
+        deployment = await self.app.scheduler.create(
+            DeploymentSpec(
+                project_id=project.id,
+                organization_id=project.organization_id,
+                resources=project.resources,
+                region=project.region,
+                image=image,
+                command=command,
+                health_check_path=project.health_check_path,
+            )
+        )
+        if deployment.status is DeploymentState.SCHEDULING:
+            self.app.deployer.launch_soon(deployment.id)
+        return deployment_to_proto(deployment)
+
+    async def RollbackDeployment(
+        self, request: pb.RollbackDeploymentRequest, context: Context
+    ) -> pb.Deployment:
+        deployment = await self._readable(request.id, "deployments.rollback")
+        rollback = await self.app.scheduler.roll_back(deployment.id)
+        if rollback.status is DeploymentState.SCHEDULING:
+            self.app.deployer.launch_soon(rollback.id)
+        return deployment_to_proto(rollback)
+
     async def CancelDeployment(
         self, request: pb.CancelDeploymentRequest, context: Context
     ) -> pb.Deployment:
         deployment = await self._readable(request.id, "deployments.cancel")
-        return deployment_to_proto(await self.app.scheduler.cancel(deployment.id))
+        cancelled = await self.app.scheduler.cancel(deployment.id)
+        self.app.deployer.stop_soon()
+        return deployment_to_proto(cancelled)
+
+    # ----------------------------------------------------------------- containers
+
+    async def ListContainers(
+        self, request: pb.ListContainersRequest, context: Context
+    ) -> pb.ListContainersResponse:
+        require_caller()
+        project_id = _required(request.project_id, "project_id")
+        organization_id = await self.app.projects.organization_of(project_id)
+        await self.app.authorizer.require(organization_id, "containers.list")
+        size = store.page_size(request.page_size)
+        async with self.db.session() as s:
+            page = await store.list_containers(s, project_id, size, request.page_token)
+        return pb.ListContainersResponse(
+            containers=[container_to_proto(c) for c in page.items],
+            next_page_token=page.next_page_token,
+        )
+
+    # --------------------------------------------------------------------- agents
+
+    async def Heartbeat(
+        self, request: pb.HeartbeatRequest, context: Context
+    ) -> pb.HeartbeatResponse:
+        require_service("agent")
+        reports = [report_from_proto(r) for r in request.containers]
+        server = await self.app.deployer.heartbeat(
+            _required(request.server_id, "server_id"), reports
+        )
+        return pb.HeartbeatResponse(server_status=_SERVER_STATUS[server.status])
+
+    async def ReportContainerStatus(
+        self, request: pb.ReportContainerStatusRequest, context: Context
+    ) -> empty_pb2.Empty:
+        require_service("agent")
+        await self.app.deployer.report(
+            _required(request.server_id, "server_id"), report_from_proto(request.report)
+        )
+        return empty_pb2.Empty()
 
     # --------------------------------------------------------------------- events
 
@@ -206,3 +337,25 @@ class RuntimeApi(runtime_pb2_grpc.RuntimeServiceServicer):
         require_service()
         async for event in self.app.feed.watch(request, context):
             yield event
+
+
+def _source(
+    requested: pb.Deployment, default_image: str, default_command: str
+) -> tuple[str | None, str | None]:
+    """(image, command): what the request names, else the project's default."""
+    which = requested.WhichOneof("source")
+    if which == "image":
+        return _required(requested.image, "deployment.image"), None
+    if which == "command":
+        command = _required(requested.command, "deployment.command")
+    elif default_image:
+        return default_image, None
+    elif default_command:
+        command = default_command
+    else:
+        raise InvalidArgument.field(
+            "deployment.command", "required: the project has no default command or image"
+        )
+    if "\x00" in command:
+        raise InvalidArgument.field("deployment.command", "must not contain NUL")
+    return None, command

@@ -7,12 +7,17 @@ skips the round). Inside, every server row is locked in id order before the sums
 placements and releases change a server's counter and its deployments' flags in one
 transaction that holds that server's row lock, so the sums read afterwards are exactly the
 ones the locked counters should show.
+
+With a deployer, each round also asks the agents what they run: a deployment starting or
+running on an agent that does not run it ends failed and releases its capacity (crashes of
+runtime or of the agent leave such deployments behind).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from services.runtime import store
@@ -32,9 +37,16 @@ class ReconcileReport:
 
 
 class Reconciler:
-    def __init__(self, db: Database, *, interval_seconds: float = 30.0) -> None:
+    def __init__(
+        self,
+        db: Database,
+        *,
+        interval_seconds: float = 30.0,
+        check_agents: Callable[[], Awaitable[object]] | None = None,
+    ) -> None:
         self.db = db
         self.interval = interval_seconds
+        self.check_agents = check_agents
 
     async def reconcile_once(self) -> ReconcileReport | None:
         """Check and repair every server; None when another replica is doing it right now."""
@@ -71,6 +83,8 @@ class Reconciler:
         while True:
             try:
                 await self.reconcile_once()
+                if self.check_agents is not None:
+                    await self.check_agents()
             except asyncio.CancelledError:
                 raise
             except Exception:

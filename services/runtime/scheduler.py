@@ -14,6 +14,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
+import asyncpg
+
 from services.runtime import store
 from services.runtime.domain import (
     HOLDS_CAPACITY,
@@ -22,7 +24,7 @@ from services.runtime.domain import (
     ensure_transition,
 )
 from services.runtime.store import Deployment, DeploymentSpec
-from shared.audit import current_actor, record_audit
+from shared.audit import AUDIT_PREFIX, current_actor, record_audit
 from shared.db import Database, Session
 from shared.errors import FailedPrecondition, InvalidArgument
 from shared.outbox import write_event
@@ -34,6 +36,7 @@ STATUS_CHANGED = "deployment.status_changed"
 SYSTEM_ACTOR = "service:runtime"
 PROCESS_DRIVER = "process"
 IMAGE_DRIVER = "docker"
+DEADLOCK_RETRIES = 3
 
 State = DeploymentState
 # (transaction, region, driver, need) -> the server now holding the reservation, or None.
@@ -47,6 +50,24 @@ def driver_for(image: str | None, command: str | None) -> str:
 
 def _utcnow() -> datetime:
     return datetime.now(UTC)
+
+
+async def _retry_deadlocks(attempt: Callable[[], Awaitable[Deployment]]) -> Deployment:
+    """Run a placing transaction again when PostgreSQL broke a deadlock by aborting it.
+
+    A placement whose first (SKIP LOCKED) pass locked a row that then failed the re-check
+    keeps that lock while it waits in the second pass, so under heavy contention on a
+    nearly full region a cycle can close; the aborted transaction changed nothing.
+    """
+    for tries in range(DEADLOCK_RETRIES):
+        try:
+            return await attempt()
+        except asyncpg.DeadlockDetectedError:
+            if tries == DEADLOCK_RETRIES - 1:
+                raise
+            log.info("placement deadlocked; retrying")
+            await asyncio.sleep(0.01 * (tries + 1))
+    raise AssertionError("unreachable")
 
 
 @dataclass(frozen=True)
@@ -66,10 +87,14 @@ class Scheduler:
         schedule_timeout_seconds: float = 600.0,
         retry_seconds: float = 2.0,
         clock: Callable[[], datetime] = _utcnow,
-        reserve: Reserve = store.reserve_capacity,
+        reserve: Reserve | None = None,
+        on_placed: Callable[[], None] | None = None,
     ) -> None:
         self.db = db
-        self.reserve = reserve  # swappable so bench/ can measure a naive design side by side
+        self.on_placed = on_placed  # the queue placed something: hand it to the agents
+        # None: store.place_deployment, reservation and status change in one statement.
+        # Swappable so bench/ can measure other designs side by side.
+        self.reserve = reserve
         self.schedule_timeout = timedelta(seconds=schedule_timeout_seconds)
         self.retry_seconds = retry_seconds
         self.clock = clock
@@ -81,16 +106,23 @@ class Scheduler:
         if (spec.image is None) == (spec.command is None):
             raise InvalidArgument.field("deployment.source", "exactly one of image or command")
         spec.resources.validate("resources.")
-        async with self.db.transaction() as tx:
-            deployment = await store.insert_deployment(
-                tx, spec, self.clock() + self.schedule_timeout
-            )
-            await self._changed(tx, None, deployment)
-            return await self._place(tx, deployment)
+
+        async def attempt() -> Deployment:
+            async with self.db.transaction() as tx:
+                deployment = await store.insert_deployment(
+                    tx, spec, self.clock() + self.schedule_timeout
+                )
+                await self._changed(tx, None, deployment)
+                return await self._place(tx, deployment)
+
+        return await _retry_deadlocks(attempt)
 
     async def place(self, deployment_id: str) -> Deployment:
-        async with self.db.transaction() as tx:
-            return await self._place(tx, await store.lock_deployment(tx, deployment_id))
+        async def attempt() -> Deployment:
+            async with self.db.transaction() as tx:
+                return await self._place(tx, await store.lock_deployment(tx, deployment_id))
+
+        return await _retry_deadlocks(attempt)
 
     async def place_queued(self) -> QueuePass:
         """One pass over the queue, oldest first, one transaction per deployment."""
@@ -109,6 +141,8 @@ class Scheduler:
                 failed += 1
             else:
                 waiting += 1
+        if placed and self.on_placed is not None:
+            self.on_placed()
         return QueuePass(placed, failed, waiting)
 
     async def run(self) -> None:
@@ -127,12 +161,21 @@ class Scheduler:
     async def _place(self, tx: Session, deployment: Deployment) -> Deployment:
         """Reserve on the best-fitting server and move to scheduling, or leave it queued."""
         ensure_transition(deployment.status, State.SCHEDULING)
-        server_id = await self.reserve(
-            tx,
-            deployment.region,
-            driver_for(deployment.image, deployment.command),
-            deployment.resources,
-        )
+        driver = driver_for(deployment.image, deployment.command)
+        if self.reserve is None:
+            placed_now = await store.place_deployment(
+                tx,
+                deployment,
+                driver,
+                event_type=STATUS_CHANGED,
+                audit_type=AUDIT_PREFIX + STATUS_CHANGED,
+                actor_id=current_actor() or SYSTEM_ACTOR,
+            )
+            if placed_now is not None:
+                return placed_now
+            server_id = None
+        else:
+            server_id = await self.reserve(tx, deployment.region, driver, deployment.resources)
         if server_id is None:
             deadline = deployment.schedule_deadline
             if deadline is not None and self.clock() >= deadline:
@@ -187,7 +230,7 @@ class Scheduler:
                 # One project reaches running at a time: the supersede below must see the
                 # project's current running deployment, not race another one to it.
                 project_id = (await store.get_deployment(tx, deployment_id)).project_id
-                await store.advisory_xact_lock(tx, f"runtime.project:{project_id}")
+                await self.lock_project(tx, project_id)
             deployment = await store.lock_deployment(tx, deployment_id)
             return await self._transition(tx, deployment, new, reason=reason, exit_code=exit_code)
 
@@ -219,6 +262,23 @@ class Scheduler:
             rollback = await store.insert_deployment(tx, spec, self.clock() + self.schedule_timeout)
             await self._changed(tx, None, rollback)
             return await self._place(tx, rollback)
+
+    async def transition_in(
+        self,
+        tx: Session,
+        deployment: Deployment,
+        new: DeploymentState,
+        *,
+        reason: str | None = None,
+        exit_code: int | None = None,
+    ) -> Deployment:
+        """`transition` inside the caller's transaction, on a row the caller locked (and, for
+        RUNNING, after the caller took `lock_project`)."""
+        return await self._transition(tx, deployment, new, reason=reason, exit_code=exit_code)
+
+    @staticmethod
+    async def lock_project(tx: Session, project_id: str) -> None:
+        await store.advisory_xact_lock(tx, f"runtime.project:{project_id}")
 
     async def _transition(
         self,

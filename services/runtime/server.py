@@ -1,49 +1,67 @@
-"""The runtime service process: the servicer, the queue retry loop and the reconciler."""
+"""The runtime service process: the servicer, the queue retry loop, the deploy sweep, the
+reconciler and the project.deleted consumer."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Protocol
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
+from typing import Any
 
 import grpc
 
-from hangar.project.v1 import project_pb2, project_pb2_grpc
+from hangar.events.v1 import events_pb2
+from hangar.project.v1 import project_pb2_grpc
 from hangar.runtime.v1 import runtime_pb2, runtime_pb2_grpc
+from services.runtime.agents import Agents
 from services.runtime.api import RuntimeApi
+from services.runtime.deployer import Deployer
+from services.runtime.projects import PROJECT_SERVICE, Projects, RemoteProjects
 from services.runtime.reconciler import Reconciler
 from services.runtime.scheduler import Scheduler
+from services.runtime.telemetry import Telemetry
+from services.runtime.telemetry_api import RemoteBillingUsage
 from shared.app import ServiceApp
 from shared.audit import AuditRelay
 from shared.auth import Authorizer, RemoteAuthorizer
-from shared.clients import Clients
-from shared.context import bearer_token_var
-from shared.db import Database
+from shared.db import Database, Session
+from shared.outbox import EventConsumer
 from shared.server import run_service
 from shared.settings import Settings
 
-PROJECT_SERVICE = project_pb2.DESCRIPTOR.services_by_name["ProjectService"]
+PROJECT_DELETED = "project.deleted"
+
+__all__ = ["Projects", "RemoteProjects", "RuntimeApp", "build", "main"]
 
 
-class Projects(Protocol):
-    """Which organization a project belongs to, for callers allowed to see it."""
+class ProjectEvents(EventConsumer):
+    """project.deleted -> the project's deployments end in the cursor's transaction; its
+    containers are stopped on the agents once that has committed."""
 
-    async def organization_of(self, project_id: str) -> str: ...
-
-
-class RemoteProjects:
-    """project.GetProject with the caller's own token: project refuses outsiders (AIP-193)."""
-
-    def __init__(self, clients: Clients) -> None:
-        self.clients = clients
-
-    async def organization_of(self, project_id: str) -> str:
-        stub = self.clients.stub("project", project_pb2_grpc.ProjectServiceStub, PROJECT_SERVICE)
-        token = bearer_token_var.get()
-        metadata = (("authorization", f"Bearer {token}"),) if token else None
-        project = await stub.GetProject(
-            project_pb2.GetProjectRequest(id=project_id), metadata=metadata
+    def __init__(self, app: RuntimeApp) -> None:
+        super().__init__(
+            app.db,
+            "runtime",
+            consumer="runtime",
+            source="project",
+            watch=self._watch,
+            handler=self._handle,
+            types=[PROJECT_DELETED],
         )
-        return str(project.organization_id)
+        self.app = app
+
+    def _watch(self, request: events_pb2.WatchEventsRequest) -> AsyncIterator[events_pb2.Event]:
+        stub = self.app.clients.stub(
+            "project", project_pb2_grpc.ProjectServiceStub, PROJECT_SERVICE
+        )
+        return stub.WatchEvents(request)  # type: ignore[no-any-return]
+
+    async def _handle(self, tx: Session, event: events_pb2.Event) -> None:
+        if event.type == PROJECT_DELETED:
+            await self.app.deployer.end_project(tx, event.aggregate_id)
+
+    async def apply(self, event: events_pb2.Event) -> None:
+        await super().apply(event)
+        if event.type == PROJECT_DELETED:
+            self.app.deployer.stop_soon()
 
 
 class RuntimeApp(ServiceApp):
@@ -60,23 +78,59 @@ class RuntimeApp(ServiceApp):
         authorizer: Authorizer | None = None,
         projects: Projects | None = None,
         background: bool = True,
+        consume_projects: bool | None = None,
     ) -> None:
         super().__init__(settings, db)
         self.authorizer: Authorizer = authorizer or RemoteAuthorizer(self.clients)
         self.projects: Projects = projects or RemoteProjects(self.clients)
+        self.agents = Agents(self.token_source, timeout=settings.call_timeout_seconds)
         self.scheduler = Scheduler(
             db,
             schedule_timeout_seconds=settings.runtime_schedule_timeout_seconds,
             retry_seconds=settings.runtime_schedule_retry_seconds,
         )
-        self.reconciler = Reconciler(db, interval_seconds=settings.runtime_reconcile_seconds)
+        self.deployer = Deployer(
+            db,
+            self.scheduler,
+            self.agents,
+            self.projects,
+            start_timeout_seconds=settings.runtime_start_timeout_seconds,
+            sweep_seconds=settings.runtime_agent_sweep_seconds,
+            heartbeat_timeout_seconds=settings.runtime_heartbeat_timeout_seconds,
+        )
+        self.scheduler.on_placed = self.deployer.sweep_soon
+        self.reconciler = Reconciler(
+            db,
+            interval_seconds=settings.runtime_reconcile_seconds,
+            check_agents=self.deployer.reconcile,
+        )
+        self.project_events = ProjectEvents(self)
+        self.telemetry = Telemetry(db, settings, RemoteBillingUsage(self.clients))
         if background:
+            for loop in self.telemetry.loops():
+                self.add_loop(_coroutine(loop))
             self.add_loop(self.scheduler.run)
+            self.add_loop(self.deployer.run)
             self.add_loop(self.reconciler.run)
             self.add_loop(AuditRelay(db, "runtime", self.clients).run)
+        if consume_projects if consume_projects is not None else background:
+            self.add_loop(self.project_events.run)
 
     def register(self, server: grpc.aio.Server) -> None:
         runtime_pb2_grpc.add_RuntimeServiceServicer_to_server(RuntimeApi(self), server)
+
+    async def close(self) -> None:
+        await self.deployer.close()
+        await self.telemetry.close()
+        await self.agents.close()
+        await super().close()
+
+
+def _coroutine(loop: Callable[[], Awaitable[None]]) -> Callable[[], Coroutine[Any, Any, None]]:
+    async def run() -> None:
+        await loop()
+
+    return run
 
 
 async def build(settings: Settings) -> RuntimeApp:

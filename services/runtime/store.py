@@ -412,6 +412,7 @@ async def update_deployment(
     exit_code: int | None = None,
     server_id: str | None = None,
     capacity_reserved: bool | None = None,
+    env_version: str | None = None,
 ) -> Deployment:
     """Set the status (and what changes with it); the caller checked the transition."""
     row = await tx.fetchrow(
@@ -421,6 +422,7 @@ async def update_deployment(
                    exit_code = COALESCE($4, exit_code),
                    server_id = COALESCE($5, server_id),
                    capacity_reserved = COALESCE($6, capacity_reserved),
+                   env_version = COALESCE($7, env_version),
                    updated_at = now()
              WHERE id = $1 RETURNING *""",
         deployment_id,
@@ -429,6 +431,7 @@ async def update_deployment(
         exit_code,
         server_id,
         capacity_reserved,
+        env_version,
     )
     if row is None:
         raise NotFound(f"deployment {deployment_id!r} does not exist")
@@ -476,5 +479,365 @@ async def last_successful_before(s: Session, current: Deployment) -> Deployment 
         current.project_id,
         current.id,
         current.created_at,
+    )
+    return Deployment.from_row(row) if row else None
+
+
+async def set_env_version(tx: Session, deployment_id: str, env_version: str) -> None:
+    # updated_at stays: it dates the placement, which the start timeout counts from.
+    await tx.execute(
+        f"UPDATE {S}.deployments SET env_version = $2 WHERE id = $1",
+        deployment_id,
+        env_version,
+    )
+
+
+async def deployment_ids(
+    s: Session, statuses: tuple[DeploymentState, ...], *, project_id: str = "", limit: int = 500
+) -> list[str]:
+    """Deployments in these states (of one project, if given), oldest first."""
+    rows = await s.fetch(
+        f"""SELECT id FROM {S}.deployments
+             WHERE status = ANY($1::text[]) AND ($2 = '' OR project_id = $2)
+             ORDER BY created_at, id LIMIT $3""",
+        [state.value for state in statuses],
+        project_id,
+        limit,
+    )
+    return [r["id"] for r in rows]
+
+
+async def any_active_server_with_driver(s: Session, driver: str) -> bool:
+    return bool(
+        await s.fetchval(
+            f"""SELECT EXISTS (SELECT 1 FROM {S}.servers
+                 WHERE status = 'active' AND $1::text = ANY(drivers))""",
+            driver,
+        )
+    )
+
+
+# ------------------------------------------------------------------- server liveness
+
+
+async def record_heartbeat(tx: Session, server: str) -> Server | None:
+    """A beat from the agent of `server` (id or name): a down server is active again."""
+    row = await tx.fetchrow(
+        f"""UPDATE {S}.servers
+               SET last_heartbeat_at = now(),
+                   status = CASE WHEN status = 'down' THEN 'active' ELSE status END,
+                   updated_at = now()
+             WHERE id = (SELECT id FROM {S}.servers WHERE id = $1 OR name = $1
+                          ORDER BY id = $1 DESC LIMIT 1)
+            RETURNING *""",
+        server,
+    )
+    return Server.from_row(row) if row else None
+
+
+async def find_server(s: Session, server: str) -> Server | None:
+    row = await s.fetchrow(
+        f"SELECT * FROM {S}.servers WHERE id = $1 OR name = $1 ORDER BY id = $1 DESC LIMIT 1",
+        server,
+    )
+    return Server.from_row(row) if row else None
+
+
+async def mark_silent_servers_down(tx: Session, silence_seconds: float) -> list[str]:
+    """Active servers whose agent beat once and then fell silent that long ago.
+
+    A server whose agent never beat stays as registered: a start there fails (and releases)
+    after the start timeout. One statement, so two replicas running it change each row once.
+    """
+    rows = await tx.fetch(
+        f"""UPDATE {S}.servers SET status = 'down', updated_at = now()
+             WHERE status = 'active'
+               AND last_heartbeat_at < now() - make_interval(secs => $1)
+            RETURNING id""",
+        silence_seconds,
+    )
+    return [r["id"] for r in rows]
+
+
+async def upsert_local_server(
+    tx: Session, *, name: str, region: str, agent_address: str, capacity: Resources
+) -> Server:
+    """Register a server by name, or point an existing one at its agent (idempotent).
+
+    Capacity of an existing server is left alone: it may not drop below what is reserved.
+    """
+    row = await tx.fetchrow(
+        f"""INSERT INTO {S}.servers (id, name, region, agent_address, ram_mb, cpu_millis)
+            VALUES ($1, $2, $3, $4, $5, $6)
+            ON CONFLICT (name) DO UPDATE
+               SET agent_address = excluded.agent_address, updated_at = now()
+            RETURNING *""",
+        new_id(),
+        name,
+        region,
+        agent_address,
+        capacity.ram_mb,
+        capacity.cpu_millis,
+    )
+    assert row is not None
+    return Server.from_row(row)
+
+
+# ------------------------------------------------------------------------- containers
+
+# Database container states; "stopped" and "failed" are ends.
+CONTAINER_LIVE = ("starting", "running", "stopping")
+_CONTAINER_RANK = {"starting": 0, "running": 1, "stopping": 2, "stopped": 3, "failed": 3}
+
+
+@dataclass(frozen=True)
+class Container:
+    id: str
+    project_id: str
+    deployment_id: str
+    server_id: str
+    status: str
+    sleep_status: str
+    address: str
+    pid: int | None
+    exit_code: int | None
+    last_request_at: datetime | None
+    started_at: datetime | None
+    stopped_at: datetime | None
+    created_at: datetime
+
+    @classmethod
+    def from_row(cls, row: asyncpg.Record) -> Container:
+        return cls(
+            id=row["id"],
+            project_id=row["project_id"],
+            deployment_id=row["deployment_id"],
+            server_id=row["server_id"],
+            status=row["status"],
+            sleep_status=row["sleep_status"],
+            address=row["address"] or "",
+            pid=row["pid"],
+            exit_code=row["exit_code"],
+            last_request_at=row["last_request_at"],
+            started_at=row["started_at"],
+            stopped_at=row["stopped_at"],
+            created_at=row["created_at"],
+        )
+
+    @property
+    def live(self) -> bool:
+        return self.status in CONTAINER_LIVE
+
+
+async def container_of(s: Session, deployment_id: str) -> Container | None:
+    """The deployment's newest container (one per deployment until sleep/wake)."""
+    row = await s.fetchrow(
+        f"""SELECT * FROM {S}.containers WHERE deployment_id = $1
+             ORDER BY created_at DESC, id DESC LIMIT 1""",
+        deployment_id,
+    )
+    return Container.from_row(row) if row else None
+
+
+async def insert_container(tx: Session, deployment: Deployment) -> Container:
+    row = await tx.fetchrow(
+        f"""INSERT INTO {S}.containers (id, project_id, deployment_id, server_id)
+            VALUES ($1, $2, $3, $4) RETURNING *""",
+        new_id(),
+        deployment.project_id,
+        deployment.id,
+        deployment.server_id,
+    )
+    assert row is not None
+    return Container.from_row(row)
+
+
+async def get_container(s: Session, container_id: str) -> Container | None:
+    row = await s.fetchrow(f"SELECT * FROM {S}.containers WHERE id = $1", container_id)
+    return Container.from_row(row) if row else None
+
+
+async def lock_container(tx: Session, container_id: str) -> Container | None:
+    row = await tx.fetchrow(f"SELECT * FROM {S}.containers WHERE id = $1 FOR UPDATE", container_id)
+    return Container.from_row(row) if row else None
+
+
+async def update_container(
+    tx: Session,
+    container_id: str,
+    *,
+    status: str | None = None,
+    address: str | None = None,
+    pid: int | None = None,
+    exit_code: int | None = None,
+    started_at: datetime | None = None,
+    last_request_at: datetime | None = None,
+) -> Container | None:
+    """Move a container forward; a report older than what is recorded changes no status."""
+    current = await lock_container(tx, container_id)
+    if current is None:
+        return None
+    new_status = current.status
+    if status is not None and _CONTAINER_RANK[status] > _CONTAINER_RANK[current.status]:
+        new_status = status
+    ended_now = new_status in ("stopped", "failed") and current.live
+    row = await tx.fetchrow(
+        f"""UPDATE {S}.containers
+               SET status = $2,
+                   address = COALESCE($3, address),
+                   pid = COALESCE($4, pid),
+                   exit_code = COALESCE($5, exit_code),
+                   started_at = COALESCE(started_at, $6),
+                   last_request_at = GREATEST(last_request_at, $7),
+                   stopped_at = CASE WHEN $8 THEN now() ELSE stopped_at END,
+                   updated_at = now()
+             WHERE id = $1 RETURNING *""",
+        container_id,
+        new_status,
+        address,
+        pid,
+        exit_code,
+        started_at,
+        last_request_at,
+        ended_now,
+    )
+    assert row is not None
+    return Container.from_row(row)
+
+
+async def list_containers(s: Session, project_id: str, size: int, token: str) -> Page[Container]:
+    """A project's live containers (starting, running, stopping; awake or asleep), by id."""
+    after = _decode(token, 1)[0] if token else ""
+    rows = await s.fetch(
+        f"""SELECT * FROM {S}.containers
+             WHERE project_id = $1 AND status = ANY($2::text[]) AND id > $3
+             ORDER BY id LIMIT $4""",
+        project_id,
+        list(CONTAINER_LIVE),
+        after,
+        size + 1,
+    )
+    items = [Container.from_row(r) for r in rows[:size]]
+    return Page(items, _encode(items[-1].id) if len(rows) > size else "")
+
+
+async def containers_to_stop(s: Session, limit: int = 200) -> list[tuple[Container, str]]:
+    """Live containers whose deployment has ended, with their agent's address."""
+    rows = await s.fetch(
+        f"""SELECT c.*, s.agent_address FROM {S}.containers c
+              JOIN {S}.deployments d ON d.id = c.deployment_id
+              JOIN {S}.servers s ON s.id = c.server_id
+             WHERE c.status = ANY($1::text[])
+               AND d.status IN ('superseded', 'failed', 'cancelled', 'rolled_back')
+             ORDER BY c.created_at LIMIT $2""",
+        list(CONTAINER_LIVE),
+        limit,
+    )
+    return [(Container.from_row(r), r["agent_address"]) for r in rows]
+
+
+async def deployments_on_agents(
+    s: Session, statuses: tuple[DeploymentState, ...], settled_seconds: float
+) -> list[tuple[str, str, str, str]]:
+    """(deployment id, container id, server id, agent address) of deployments in these states
+    unchanged for `settled_seconds`, on servers that are not down."""
+    rows = await s.fetch(
+        f"""SELECT d.id, c.id AS container_id, d.server_id, s.agent_address
+              FROM {S}.deployments d
+              JOIN {S}.servers s ON s.id = d.server_id
+              LEFT JOIN LATERAL (SELECT id FROM {S}.containers
+                                  WHERE deployment_id = d.id
+                                  ORDER BY created_at DESC, id DESC LIMIT 1) c ON true
+             WHERE d.status = ANY($1::text[]) AND s.status <> 'down'
+               AND d.updated_at < now() - make_interval(secs => $2)
+             ORDER BY d.server_id, d.id""",
+        [state.value for state in statuses],
+        settled_seconds,
+    )
+    return [(r["id"], r["container_id"] or "", r["server_id"], r["agent_address"]) for r in rows]
+
+
+async def container_statuses(s: Session, container_ids: list[str]) -> dict[str, str]:
+    rows = await s.fetch(
+        f"SELECT id, status FROM {S}.containers WHERE id = ANY($1::text[])", container_ids
+    )
+    return {r["id"]: r["status"] for r in rows}
+
+
+# ------------------------------------------------------------ placement in one statement
+
+
+def _place_sql(skip_locked: bool) -> str:
+    # The reservation of _reserve_sql, the deployment's move to scheduling, its
+    # status_changed event and its audit entry in one statement: the server row is locked
+    # for one round trip (plus the commit) instead of four.
+    reserve = _reserve_sql(skip_locked).replace("RETURNING id", "RETURNING id AS server_id")
+    payload = """jsonb_build_object(
+                   'deployment_id', d.id, 'project_id', d.project_id, 'from', $6::text,
+                   'to', d.status, 'server_id', d.server_id,
+                   'capacity_reserved', d.capacity_reserved, 'reason', d.status_reason)"""
+    return f"""
+        WITH reserved AS ({reserve}),
+        placed AS (
+            UPDATE {S}.deployments d
+               SET status = 'scheduling', status_reason = '', server_id = r.server_id,
+                   capacity_reserved = true, updated_at = now()
+              FROM reserved r
+             WHERE d.id = $5
+            RETURNING d.*),
+        written AS (
+            INSERT INTO {S}.outbox (id, type, organization_id, aggregate_id, payload)
+            SELECT $7, $9, d.organization_id, d.id, {payload} FROM placed d
+            UNION ALL
+            SELECT $8, $10, d.organization_id, d.id,
+                   jsonb_build_object('actor_id', $11::text, 'action', $9::text,
+                                      'target_type', 'deployment', 'target_id', d.id,
+                                      'metadata', {payload} - 'deployment_id')
+              FROM placed d)
+        SELECT * FROM placed"""
+
+
+_PLACE_SKIP_LOCKED = _place_sql(skip_locked=True)
+_PLACE_WAITING = _place_sql(skip_locked=False)
+
+
+async def place_deployment(
+    tx: Session,
+    deployment: Deployment,
+    driver: str,
+    *,
+    event_type: str,
+    audit_type: str,
+    actor_id: str,
+) -> Deployment | None:
+    """reserve_capacity + the move to scheduling + its event and audit entry, as one
+    statement per attempt; the placed deployment, or None when no server has room."""
+    need = deployment.resources
+    base = (deployment.region, driver, need.ram_mb, need.cpu_millis, deployment.id)
+    for attempt in range(len(_SKIP_LOCKED_BACKOFF) + 1):
+        row = await tx.fetchrow(
+            _PLACE_SKIP_LOCKED,
+            *base,
+            deployment.status.value,
+            new_id(),
+            new_id(),
+            event_type,
+            audit_type,
+            actor_id,
+        )
+        if row is not None:
+            return Deployment.from_row(row)
+        if attempt == len(_SKIP_LOCKED_BACKOFF) or not await tx.fetchval(_ANY_FITS, *base[:4]):
+            break
+        await asyncio.sleep(_SKIP_LOCKED_BACKOFF[attempt] * (0.5 + random.random()))
+    row = await tx.fetchrow(
+        _PLACE_WAITING,
+        *base,
+        deployment.status.value,
+        new_id(),
+        new_id(),
+        event_type,
+        audit_type,
+        actor_id,
     )
     return Deployment.from_row(row) if row else None

@@ -91,10 +91,10 @@ async def running_agent(
 
 
 def start_agent_process(
-    identity_address: str, extra: Mapping[str, str] | None = None
+    identity_address: str, extra: Mapping[str, str] | None = None, address: str = ""
 ) -> RunningAgent:
-    """`hangar serve agent` as a real process on a free port."""
-    address = f"127.0.0.1:{free_port()}"
+    """`hangar serve agent` as a real process (on a free port unless `address` is given)."""
+    address = address or f"127.0.0.1:{free_port()}"
     env = dict(os.environ)
     env.update(
         {

@@ -16,6 +16,7 @@ import pytest
 from hangar.runtime.v1 import runtime_pb2_grpc
 from services.runtime import store
 from services.runtime.domain import Resources
+from services.runtime.projects import ProjectInfo, ResolvedEnv
 from services.runtime.server import RuntimeApp
 from services.runtime.store import DeploymentSpec
 from shared.auth import require_caller
@@ -77,6 +78,13 @@ class ProjectDirectory:
         if not org or (org, principal.subject) not in self.members.roles:
             raise PermissionDenied("missing permission projects.get")
         return org
+
+    async def get(self, project_id: str) -> ProjectInfo:
+        org = await self.organization_of(project_id)
+        return ProjectInfo(project_id, org, Resources(128, 100), "local")
+
+    async def resolve_secrets(self, project_id: str) -> ResolvedEnv:
+        return ResolvedEnv({}, "")
 
 
 def user(user_id: str) -> tuple[tuple[str, str]]:
@@ -241,3 +249,105 @@ async def assert_invariant(admin_url: str, server_ids: Iterable[str]) -> dict[st
         assert c.reserved.ram_mb <= c.capacity.ram_mb, (server_id, c)
         assert c.reserved.cpu_millis <= c.capacity.cpu_millis, (server_id, c)
     return found
+
+
+# ------------------------------------------------------- runtime with real neighbours
+
+
+def live_runtime_settings(
+    identity: Any, project_address: str, runtime_address: str, **overrides: Any
+) -> Settings:
+    """Runtime's settings next to a real identity and project (tests.support.project's Stack),
+    with loops fast enough for tests."""
+    base = identity.settings
+    values: dict[str, Any] = {
+        "runtime_agent_sweep_seconds": 0.5,
+        "runtime_reconcile_seconds": 1.0,
+        "runtime_start_timeout_seconds": 15.0,
+        "runtime_heartbeat_timeout_seconds": 10.0,
+        "runtime_schedule_retry_seconds": 0.5,
+    }
+    values.update(overrides)
+    return Settings(
+        service="runtime",
+        database_url=base.database_url,
+        db_passwords=dict(base.db_passwords),
+        addresses={
+            **base.addresses,
+            "identity": identity.address,
+            "project": project_address,
+            "runtime": runtime_address,
+        },
+        service_secrets=dict(base.service_secrets),
+        **values,
+    )
+
+
+def settings_env(settings: Settings) -> dict[str, str]:
+    """The environment a `hangar serve runtime` process needs for these settings."""
+    from tests.support.procs import service_env
+
+    env = service_env(settings.database_url, settings.db_passwords, settings.addresses)
+    for name, secret in settings.service_secrets.items():
+        env[f"HANGAR_{name.upper()}_SERVICE_SECRET"] = secret
+    env.update(
+        {
+            "HANGAR_RUNTIME_AGENT_SWEEP_SECONDS": str(settings.runtime_agent_sweep_seconds),
+            "HANGAR_RUNTIME_RECONCILE_SECONDS": str(settings.runtime_reconcile_seconds),
+            "HANGAR_RUNTIME_START_TIMEOUT_SECONDS": str(settings.runtime_start_timeout_seconds),
+            "HANGAR_RUNTIME_HEARTBEAT_TIMEOUT_SECONDS": str(
+                settings.runtime_heartbeat_timeout_seconds
+            ),
+            "HANGAR_RUNTIME_SCHEDULE_RETRY_SECONDS": str(settings.runtime_schedule_retry_seconds),
+        }
+    )
+    return env
+
+
+def agent_env(identity: Any, runtime_address: str, server_name: str) -> dict[str, str]:
+    """What a real agent process needs to report to runtime as `server_name`."""
+    return {
+        "HANGAR_AGENT_SERVICE_SECRET": identity.settings.service_secrets["agent"],
+        "HANGAR_RUNTIME_ADDR": runtime_address,
+        "HANGAR_AGENT_SERVER": server_name,
+        "HANGAR_AGENT_HEARTBEAT_SECONDS": "0.5",
+    }
+
+
+async def register_server(
+    db: Database, name: str, region: str, agent_address: str, ram_mb: int, cpu_millis: int
+) -> str:
+    async with db.transaction() as tx:
+        server = await store.upsert_local_server(
+            tx,
+            name=name,
+            region=region,
+            agent_address=agent_address,
+            capacity=Resources(ram_mb, cpu_millis),
+        )
+    return server.id
+
+
+async def wait_for_deployment(
+    stub: runtime_pb2_grpc.RuntimeServiceStub,
+    deployment_id: str,
+    metadata: Any,
+    statuses: Iterable[int],
+    within: float = 30.0,
+) -> Any:
+    """Poll GetDeployment until one of `statuses` (as a client would)."""
+    import asyncio
+    import time
+
+    from hangar.runtime.v1 import runtime_pb2 as rpb
+
+    wanted = set(statuses)
+    deadline = time.monotonic() + within
+    while True:
+        request = rpb.GetDeploymentRequest(id=deployment_id)
+        got = await stub.GetDeployment(request, metadata=metadata)
+        if got.status in wanted:
+            return got
+        if time.monotonic() > deadline:
+            raise AssertionError(f"deployment stuck: {got}")
+        await asyncio.sleep(0.1)

@@ -1,0 +1,105 @@
+"""Runtime's calls to the agents: one channel per agent address, runtime's service token and
+a deadline on every call. Nothing here touches the database."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import grpc
+from google.protobuf import duration_pb2
+
+from hangar.agent.v1 import agent_pb2, agent_pb2_grpc
+from services.runtime.store import Container, Deployment
+from shared.clients import TokenProvider, open_channel
+
+AGENT_SERVICE = agent_pb2.DESCRIPTOR.services_by_name["AgentService"]
+
+# Codes after which asking the same agent again may succeed.
+TRANSIENT = frozenset(
+    {
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.UNAUTHENTICATED,  # runtime's token not issued yet, keys rotating
+        grpc.StatusCode.UNKNOWN,
+        grpc.StatusCode.INTERNAL,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        grpc.StatusCode.CANCELLED,
+    }
+)
+
+
+def is_transient(error: grpc.aio.AioRpcError) -> bool:
+    return error.code() in TRANSIENT
+
+
+class Agents:
+    def __init__(
+        self,
+        token_provider: TokenProvider | None,
+        *,
+        timeout: float = 5.0,
+        stop_grace: float | None = None,
+    ) -> None:
+        self.token_provider = token_provider
+        self.timeout = timeout
+        self.stop_grace = stop_grace
+        self._channels: dict[str, grpc.aio.Channel] = {}
+
+    def stub(self, address: str) -> agent_pb2_grpc.AgentServiceStub:
+        if address not in self._channels:
+            self._channels[address] = open_channel(
+                address,
+                services=[AGENT_SERVICE],
+                default_timeout=self.timeout,
+                token_provider=self.token_provider,
+            )
+        return agent_pb2_grpc.AgentServiceStub(self._channels[address])
+
+    async def start(
+        self,
+        address: str,
+        container: Container,
+        deployment: Deployment,
+        env: Mapping[str, str],
+    ) -> agent_pb2.StartContainerResponse:
+        request = agent_pb2.StartContainerRequest(
+            container_id=container.id,
+            deployment_id=deployment.id,
+            project_id=deployment.project_id,
+            env=dict(env),
+            ram_mb=deployment.resources.ram_mb,
+            cpu_millis=deployment.resources.cpu_millis,
+            health_check_path=deployment.health_check_path,
+        )
+        if deployment.image is not None:
+            request.image = deployment.image
+        else:
+            request.command = deployment.command or ""
+        return await self.stub(address).StartContainer(request, timeout=self.timeout)
+
+    async def stop(self, address: str, container_id: str) -> agent_pb2.Container:
+        request = agent_pb2.StopContainerRequest(container_id=container_id)
+        grace = self.stop_grace
+        if grace is not None:
+            request.grace.CopyFrom(duration_pb2.Duration(seconds=int(grace)))
+        # The agent answers once the process has ended: SIGTERM, then SIGKILL after the grace.
+        timeout = self.timeout + (grace if grace is not None else 30.0)
+        return await self.stub(address).StopContainer(request, timeout=timeout)
+
+    async def list(self, address: str) -> list[agent_pb2.Container]:
+        found: list[agent_pb2.Container] = []
+        token = ""
+        while True:
+            page = await self.stub(address).ListContainers(
+                agent_pb2.ListContainersRequest(page_size=1000, page_token=token),
+                timeout=self.timeout,
+            )
+            found += page.containers
+            token = page.next_page_token
+            if not token:
+                return found
+
+    async def close(self) -> None:
+        for channel in self._channels.values():
+            await channel.close()
+        self._channels.clear()

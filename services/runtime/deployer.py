@@ -1,0 +1,405 @@
+"""Deployments that really run: placed ones are handed to their server's agent, agents'
+reports move them on, ended ones have their containers stopped.
+
+Where the work happens, and why it is replica-safe:
+- The request path (CreateDeployment, Rollback, Cancel, a report that supersedes) kicks a
+  background task for what it just changed, in a fresh context (no caller, no deadline), so
+  the gRPC call returns at once with the deployment in scheduling and clients poll.
+- A sweep loop, under a session advisory lock (one replica at a time), retries what a kick
+  missed: a crash, an unreachable agent, a deployment the queue loop placed.
+- Agent calls are never made inside a database transaction. Starts are idempotent on the
+  container id (the row is created under the deployment's row lock, before the call), and
+  stops are idempotent on the agent, so two replicas doing the same step change nothing
+  twice; every status change re-checks the deployment under its row lock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import contextvars
+import logging
+from collections.abc import Awaitable, Callable, Coroutine
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import grpc
+
+from hangar.agent.v1 import agent_pb2
+from services.runtime import store
+from services.runtime.agents import Agents, is_transient
+from services.runtime.domain import ENDS, HOLDS_CAPACITY, DeploymentState
+from services.runtime.projects import Projects
+from services.runtime.scheduler import Scheduler
+from services.runtime.store import Container, Deployment, Server
+from shared.db import Database, Session
+from shared.errors import FailedPrecondition, NotFound
+
+log = logging.getLogger(__name__)
+
+State = DeploymentState
+SWEEP_LOCK = "runtime.deployer.sweep"
+AGENT_CHECK_LOCK = "runtime.deployer.agents"
+
+# Agent container status -> the containers table's status.
+CONTAINER_STATUS = {
+    agent_pb2.CONTAINER_STATUS_STARTING: "starting",
+    agent_pb2.CONTAINER_STATUS_RUNNING: "running",
+    agent_pb2.CONTAINER_STATUS_STOPPING: "stopping",
+    agent_pb2.CONTAINER_STATUS_EXITED: "stopped",
+    agent_pb2.CONTAINER_STATUS_FAILED: "failed",
+}
+ENDED = ("stopped", "failed")
+
+
+def _utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def _ended_reason(report: agent_pb2.Container) -> str:
+    if report.reason:
+        return report.reason
+    if report.HasField("exit_code"):
+        return f"exited with code {report.exit_code}"
+    return "the process ended"
+
+
+class Deployer:
+    def __init__(
+        self,
+        db: Database,
+        scheduler: Scheduler,
+        agents: Agents,
+        projects: Projects,
+        *,
+        start_timeout_seconds: float = 120.0,
+        sweep_seconds: float = 5.0,
+        heartbeat_timeout_seconds: float = 30.0,
+    ) -> None:
+        self.db = db
+        self.scheduler = scheduler
+        self.agents = agents
+        self.projects = projects
+        self.start_timeout = timedelta(seconds=start_timeout_seconds)
+        self.sweep_seconds = sweep_seconds
+        self.heartbeat_timeout = heartbeat_timeout_seconds
+        self._busy: set[str] = set()  # deployment / container ids this process is working on
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    # ------------------------------------------------------------------------ kicks
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        # A fresh context: the work outlives the request and must not act as its caller.
+        task = asyncio.get_running_loop().create_task(work, context=contextvars.Context())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def launch_soon(self, deployment_id: str) -> None:
+        self._spawn(self._logged(self.launch, deployment_id))
+
+    def stop_soon(self) -> None:
+        self._spawn(self._logged(self.stop_ended))
+
+    def sweep_soon(self) -> None:
+        self._spawn(self._logged(self.sweep))
+
+    @staticmethod
+    async def _logged(fn: Callable[..., Awaitable[object]], *args: str) -> None:
+        try:
+            await fn(*args)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("deploy step failed", extra={"step": fn.__name__})
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        for task in list(self._tasks):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+
+    # ----------------------------------------------------------------------- launch
+
+    async def launch(self, deployment_id: str) -> None:
+        """Hand a placed (scheduling) deployment to its agent; idempotent."""
+        if deployment_id in self._busy:
+            return
+        self._busy.add(deployment_id)
+        try:
+            await self._launch(deployment_id)
+        finally:
+            self._busy.discard(deployment_id)
+
+    async def _launch(self, deployment_id: str) -> None:
+        async with self.db.session() as s:
+            deployment = await store.get_deployment(s, deployment_id)
+        if deployment.status is not State.SCHEDULING:
+            return
+        try:
+            resolved = await self.projects.resolve_secrets(deployment.project_id)
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() is grpc.StatusCode.NOT_FOUND:
+                await self.fail(deployment_id, "the project no longer exists")
+            else:
+                await self._fail_if_overdue(deployment, f"secrets unavailable: {exc.details()}")
+            return
+        async with self.db.transaction() as tx:
+            deployment = await store.lock_deployment(tx, deployment_id)
+            if deployment.status is not State.SCHEDULING:
+                return
+            await store.set_env_version(tx, deployment.id, resolved.version_hash)
+            container = await store.container_of(tx, deployment.id)
+            if container is None or not container.live:
+                container = await store.insert_container(tx, deployment)
+            server = await store.get_server(tx, deployment.server_id)
+        try:
+            started = await self.agents.start(
+                server.agent_address, container, deployment, resolved.env
+            )
+        except grpc.aio.AioRpcError as exc:
+            if is_transient(exc):
+                reason = f"the agent of server {server.name} did not take it: {exc.details()}"
+                await self._fail_if_overdue(deployment, reason)
+            else:
+                await self.fail(
+                    deployment_id, f"the agent refused to start it: {exc.details()}", container.id
+                )
+            return
+        async with self.db.transaction() as tx:
+            deployment = await store.lock_deployment(tx, deployment_id)
+            await store.update_container(
+                tx, container.id, address=started.address, pid=started.pid, started_at=_utcnow()
+            )
+            if deployment.status is State.SCHEDULING:
+                deployment = await self.scheduler.transition_in(tx, deployment, State.STARTING)
+        if deployment.status in ENDS:  # cancelled (or deleted) while the agent was starting it
+            self.stop_soon()
+
+    async def _fail_if_overdue(self, deployment: Deployment, reason: str) -> None:
+        if _utcnow() - deployment.updated_at < self.start_timeout:
+            log.warning("start will be retried", extra={"deployment_id": deployment.id})
+            return
+        await self.fail(deployment.id, reason)
+
+    async def fail(
+        self,
+        deployment_id: str,
+        reason: str,
+        container_id: str = "",
+        exit_code: int | None = None,
+    ) -> None:
+        """End a deployment as failed (releasing its capacity) unless it already ended."""
+        async with self.db.transaction() as tx:
+            deployment = await store.lock_deployment(tx, deployment_id)
+            if container_id:
+                await store.update_container(tx, container_id, status="failed")
+            if deployment.status in ENDS:
+                return
+            await self.scheduler.transition_in(
+                tx, deployment, State.FAILED, reason=reason, exit_code=exit_code
+            )
+        self.stop_soon()
+
+    # ------------------------------------------------------------------- reports
+
+    async def heartbeat(self, server: str, reports: list[agent_pb2.Container]) -> Server:
+        async with self.db.transaction() as tx:
+            found = await store.record_heartbeat(tx, server)
+        if found is None:
+            raise NotFound(f"no server {server!r} is registered", reason="SERVER_NOT_FOUND")
+        if reports:
+            async with self.db.session() as s:
+                known = await store.container_statuses(s, [r.container_id for r in reports])
+            for report in reports:
+                recorded = known.get(report.container_id)
+                if recorded is not None and recorded != CONTAINER_STATUS.get(report.status):
+                    await self.apply_report(found, report)
+        return found
+
+    async def report(self, server: str, report: agent_pb2.Container) -> None:
+        async with self.db.session() as s:
+            found = await store.find_server(s, server)
+        if found is None:
+            raise NotFound(f"no server {server!r} is registered", reason="SERVER_NOT_FOUND")
+        await self.apply_report(found, report)
+
+    async def apply_report(self, server: Server, report: agent_pb2.Container) -> None:
+        """Move a container, and the deployment it serves, to what its agent saw."""
+        status = CONTAINER_STATUS.get(report.status)
+        if status is None:
+            return
+        async with self.db.session() as s:
+            container = await store.get_container(s, report.container_id)
+            if container is None or container.server_id != server.id:
+                return  # not ours (or not on this server): nothing to move
+            deployment = await store.get_deployment(s, container.deployment_id)
+        stop = False
+        async with self.db.transaction() as tx:
+            if status == "running" and deployment.status in (State.SCHEDULING, State.STARTING):
+                await self.scheduler.lock_project(tx, deployment.project_id)
+            deployment = await store.lock_deployment(tx, deployment.id)
+            updated = await store.update_container(
+                tx,
+                container.id,
+                status=status,
+                address=report.address or None,
+                pid=report.pid or None,
+                exit_code=report.exit_code if report.HasField("exit_code") else None,
+            )
+            newest = await store.container_of(tx, deployment.id)
+            if updated is None or newest is None or newest.id != updated.id:
+                return  # an older container of the deployment: it drives nothing
+            if status == "running":
+                if deployment.status is State.SCHEDULING:
+                    deployment = await self.scheduler.transition_in(tx, deployment, State.STARTING)
+                if deployment.status is State.STARTING:
+                    deployment = await self.scheduler.transition_in(tx, deployment, State.RUNNING)
+                    stop = True  # the deployment it superseded, if any, stops now
+            elif status in ENDED and updated.sleep_status == "awake":
+                if deployment.status in HOLDS_CAPACITY:
+                    deployment = await self.scheduler.transition_in(
+                        tx,
+                        deployment,
+                        State.FAILED,
+                        reason=_ended_reason(report),
+                        exit_code=report.exit_code if report.HasField("exit_code") else None,
+                    )
+            stop = stop or (deployment.status in ENDS and updated.live)
+        if stop:
+            self.stop_soon()
+
+    # ----------------------------------------------------------------------- stops
+
+    async def stop_ended(self) -> int:
+        """Stop every live container whose deployment has ended; the count stopped."""
+        async with self.db.session() as s:
+            pending = await store.containers_to_stop(s)
+        results = await asyncio.gather(
+            *(self._stop(container, address) for container, address in pending),
+            return_exceptions=True,
+        )
+        return sum(1 for r in results if r is True)
+
+    async def _stop(self, container: Container, address: str) -> bool:
+        key = f"stop:{container.id}"
+        if key in self._busy:
+            return False
+        self._busy.add(key)
+        try:
+            try:
+                info = await self.agents.stop(address, container.id)
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() is not grpc.StatusCode.NOT_FOUND:
+                    log.warning(
+                        "stop will be retried",
+                        extra={"container_id": container.id, "code": exc.code().name},
+                    )
+                    return False
+                status, exit_code = "stopped", None  # the agent has no such process
+            else:
+                status = CONTAINER_STATUS.get(info.status, "stopped")
+                status = status if status in ENDED else "stopped"
+                exit_code = info.exit_code if info.HasField("exit_code") else None
+            async with self.db.transaction() as tx:
+                await store.update_container(tx, container.id, status=status, exit_code=exit_code)
+            return True
+        finally:
+            self._busy.discard(key)
+
+    # ----------------------------------------------------------------- the agents' view
+
+    async def check_agents(self, settled_seconds: float = 2.0) -> int:
+        """Starting and running deployments their agent does not run end failed (released);
+        reports the agent sent while runtime was away are applied. The count failed."""
+        async with self.db.session() as s:
+            rows = await store.deployments_on_agents(
+                s, (State.STARTING, State.RUNNING), settled_seconds
+            )
+        by_agent: dict[tuple[str, str], list[tuple[str, str]]] = {}
+        for deployment_id, container_id, server_id, address in rows:
+            by_agent.setdefault((server_id, address), []).append((deployment_id, container_id))
+        failed = 0
+        for (server_id, address), items in by_agent.items():
+            try:
+                seen = {c.container_id: c for c in await self.agents.list(address)}
+            except grpc.aio.AioRpcError as exc:
+                log.warning("agent unreachable", extra={"address": address, "code": exc.code()})
+                continue
+            async with self.db.session() as s:
+                server = await store.get_server(s, server_id)
+            for deployment_id, container_id in items:
+                report = seen.get(container_id)
+                if report is None:
+                    await self.fail(
+                        deployment_id,
+                        f"the agent of server {server.name} does not run it",
+                        container_id,
+                    )
+                    failed += 1
+                else:
+                    await self.apply_report(server, report)
+        return failed
+
+    # ------------------------------------------------------------------------ sweep
+
+    async def sweep(self) -> bool:
+        """One replica's catch-up pass; False when another replica holds the sweep."""
+        async with self.db.pool.acquire() as conn:
+            if not await conn.fetchval("SELECT pg_try_advisory_lock(hashtext($1))", SWEEP_LOCK):
+                return False
+            try:
+                async with self.db.transaction() as tx:
+                    down = await store.mark_silent_servers_down(tx, self.heartbeat_timeout)
+                if down:
+                    log.warning("servers missed their heartbeats", extra={"server_ids": down})
+                async with self.db.session() as s:
+                    placed = await store.deployment_ids(s, (State.SCHEDULING,))
+                await asyncio.gather(*(self.launch(d) for d in placed), return_exceptions=True)
+                await self.stop_ended()
+            finally:
+                await conn.execute("SELECT pg_advisory_unlock(hashtext($1))", SWEEP_LOCK)
+        return True
+
+    async def reconcile(self) -> int | None:
+        """check_agents under its own advisory lock; None when another replica has it."""
+        async with self.db.pool.acquire() as conn:
+            if not await conn.fetchval(
+                "SELECT pg_try_advisory_lock(hashtext($1))", AGENT_CHECK_LOCK
+            ):
+                return None
+            try:
+                return await self.check_agents()
+            finally:
+                await conn.execute("SELECT pg_advisory_unlock(hashtext($1))", AGENT_CHECK_LOCK)
+
+    async def run(self) -> None:
+        while True:
+            try:
+                await self.sweep()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("deploy sweep failed")
+            await asyncio.sleep(self.sweep_seconds)
+
+    # --------------------------------------------------------------- tenant clean-up
+
+    async def end_project(self, tx: Session, project_id: str) -> int:
+        """project.deleted: every deployment of the project ends, releasing its capacity;
+        its containers are stopped after the transaction commits. Idempotent."""
+        ended = 0
+        live = tuple(s for s in State if s not in ENDS)
+        for deployment_id in await store.deployment_ids(tx, live, project_id=project_id):
+            deployment = await store.lock_deployment(tx, deployment_id)
+            if deployment.status in ENDS:
+                continue
+            new = State.FAILED if deployment.status is State.RUNNING else State.CANCELLED
+            try:
+                await self.scheduler.transition_in(
+                    tx, deployment, new, reason="the project was deleted"
+                )
+            except FailedPrecondition:
+                continue
+            ended += 1
+        return ended

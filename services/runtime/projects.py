@@ -1,0 +1,104 @@
+"""What runtime needs from project: a project as its caller may see it, and its secrets."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import grpc
+
+from hangar.project.v1 import project_pb2, project_pb2_grpc
+from services.runtime.domain import Resources
+from shared.clients import Clients
+from shared.context import bearer_token_var
+from shared.errors import (
+    DomainError,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    Unauthenticated,
+    Unavailable,
+)
+
+PROJECT_SERVICE = project_pb2.DESCRIPTOR.services_by_name["ProjectService"]
+
+
+@dataclass(frozen=True)
+class ProjectInfo:
+    """The fields of a project a deployment copies at creation."""
+
+    id: str
+    organization_id: str
+    resources: Resources
+    region: str
+    default_command: str = ""
+    default_image: str = ""
+    health_check_path: str = ""
+
+
+@dataclass(frozen=True)
+class ResolvedEnv:
+    env: dict[str, str]
+    version_hash: str
+
+
+class Projects(Protocol):
+    async def get(self, project_id: str) -> ProjectInfo:
+        """The project, with the caller's own token: outsiders get PERMISSION_DENIED."""
+        ...
+
+    async def organization_of(self, project_id: str) -> str: ...
+
+    async def resolve_secrets(self, project_id: str) -> ResolvedEnv:
+        """Plaintext secrets, with runtime's service token (never logged or stored)."""
+        ...
+
+
+class RemoteProjects:
+    def __init__(self, clients: Clients) -> None:
+        self.clients = clients
+
+    def _stub(self) -> project_pb2_grpc.ProjectServiceStub:
+        return self.clients.stub("project", project_pb2_grpc.ProjectServiceStub, PROJECT_SERVICE)
+
+    async def get(self, project_id: str) -> ProjectInfo:
+        token = bearer_token_var.get()
+        metadata = (("authorization", f"Bearer {token}"),) if token else None
+        try:
+            p = await self._stub().GetProject(
+                project_pb2.GetProjectRequest(id=project_id), metadata=metadata
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise _project_error(exc) from None
+        return ProjectInfo(
+            id=p.id,
+            organization_id=p.organization_id,
+            resources=Resources(p.ram_mb, p.cpu_millis),
+            region=p.region,
+            default_command=p.default_command,
+            default_image=p.default_image,
+            health_check_path=p.health_check_path,
+        )
+
+    async def organization_of(self, project_id: str) -> str:
+        return (await self.get(project_id)).organization_id
+
+    async def resolve_secrets(self, project_id: str) -> ResolvedEnv:
+        reply = await self._stub().ResolveSecrets(
+            project_pb2.ResolveSecretsRequest(project_id=project_id)
+        )
+        return ResolvedEnv(dict(reply.env), reply.version_hash)
+
+
+def _project_error(exc: grpc.aio.AioRpcError) -> DomainError:
+    """Project's answer about the caller's access, as runtime's own error (AIP-193 kept)."""
+    code, message = exc.code(), exc.details() or "project refused"
+    if code is grpc.StatusCode.PERMISSION_DENIED:
+        return PermissionDenied(message)
+    if code is grpc.StatusCode.UNAUTHENTICATED:
+        return Unauthenticated(message)
+    if code is grpc.StatusCode.NOT_FOUND:
+        return NotFound(message)
+    if code is grpc.StatusCode.INVALID_ARGUMENT:
+        return InvalidArgument.field("project_id", message)
+    return Unavailable(f"project is unavailable: {code.name}", reason="PROJECT_UNAVAILABLE")
