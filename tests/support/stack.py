@@ -1,0 +1,306 @@
+"""The whole platform as real processes for end-to-end tests: identity, project, billing,
+runtime, an agent and the gateway, each `hangar serve NAME` on a free loopback port against a
+freshly migrated database, with the credentials `hangar up` would give them (shared.cli's
+load_credentials / service_environment). The agent is registered as a server through the
+gateway by a platform admin, made with `hangar admin promote` as an operator would.
+
+Each process writes stderr to a file; when one dies (at start-up or during the tests) its
+stderr is printed. Stopping sends SIGTERM in reverse start order, then SIGKILL after a grace.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+import httpx
+import pytest
+
+from shared.cli import load_credentials, service_environment, wait_healthy
+from tests.support.procs import free_port
+
+REPO = Path(__file__).resolve().parents[2]
+# Start order: identity first (everyone verifies its tokens), then its dependants; the agent
+# fetches identity's keys; the gateway last, healthy only once every upstream is.
+ORDER = ("identity", "billing", "project", "runtime", "agent", "gateway")
+PASSWORD = "correct horse battery staple"
+REGION = "local"  # project's DEFAULT_REGION: where a project's deployments are placed
+AGENT_SERVER_NAME = "e2e-agent"
+
+
+class StackError(RuntimeError):
+    """A process of the stack did not start, or died."""
+
+
+@dataclass
+class Process:
+    name: str
+    address: str
+    proc: subprocess.Popen[bytes]
+    stderr_path: Path
+    _stderr: IO[bytes] = field(repr=False)
+
+    def stderr(self, limit: int = 4000) -> str:
+        self._stderr.flush()
+        text = self.stderr_path.read_text(errors="replace")
+        return text[-limit:]
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+
+@dataclass
+class Stack:
+    """A running platform: `url` is the gateway's base URL."""
+
+    url: str
+    addresses: dict[str, str]
+    env: dict[str, str] = field(repr=False)
+    home: Path
+    processes: dict[str, Process] = field(default_factory=dict)
+    admin_token: str = field(default="", repr=False)
+    server_id: str = ""  # the agent, registered as a server (empty without an agent)
+
+    def client(self, token: str = "", **kwargs: Any) -> httpx.Client:
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        return httpx.Client(base_url=self.url, headers=headers, timeout=15, **kwargs)
+
+    def dead(self) -> dict[str, str]:
+        """Processes that exited, with the end of their stderr."""
+        return {
+            name: f"exit {p.proc.returncode}: {p.stderr()}"
+            for name, p in self.processes.items()
+            if not p.alive()
+        }
+
+    def check_alive(self) -> None:
+        dead = self.dead()
+        if dead:
+            raise StackError("; ".join(f"{name} died ({why})" for name, why in dead.items()))
+
+    def stop(self, grace: float = 8.0) -> dict[str, int]:
+        """SIGTERM everything in reverse start order, SIGKILL whatever outlives the grace."""
+        codes: dict[str, int] = {}
+        for name in reversed(list(self.processes)):
+            process = self.processes[name]
+            if process.alive():
+                process.proc.send_signal(signal.SIGTERM)
+                try:
+                    process.proc.wait(timeout=grace)
+                except subprocess.TimeoutExpired:
+                    process.proc.kill()
+                    process.proc.wait()
+            codes[name] = process.proc.returncode
+            process._stderr.close()
+        return codes
+
+
+def _start(stack: Stack, name: str, deadline: float) -> Process:
+    stderr_path = stack.home / f"{name}.stderr"
+    stderr = stderr_path.open("wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "shared.cli", "serve", name],
+        env=stack.env,
+        cwd=REPO,
+        stdout=stderr,  # services log to stderr; anything printed goes to the same file
+        stderr=stderr,
+    )
+    process = Process(name, stack.addresses[name], proc, stderr_path, stderr)
+    stack.processes[name] = process
+    while not wait_healthy(name, process.address, min(deadline, time.monotonic() + 0.5)):
+        if not process.alive() or time.monotonic() >= deadline:
+            why = "exited" if not process.alive() else "did not become healthy"
+            raise StackError(f"{name} {why}; its stderr:\n{process.stderr()}")
+    return process
+
+
+def _promote(stack: Stack, email: str) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "shared.cli", "admin", "promote", email],
+        env=stack.env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    if done.returncode != 0:
+        raise StackError(f"hangar admin promote failed: {done.stderr[-2000:]}")
+
+
+def _register_agent(stack: Stack, ram_mb: int, cpu_millis: int) -> None:
+    """A platform admin (signed up, promoted, logged in again) registers the agent."""
+    email = f"admin-{secrets.token_hex(4)}@example.com"
+    with stack.client() as http:
+        signup = http.post("/v1/auth/signup", json={"email": email, "password": PASSWORD})
+        if signup.status_code != 200:
+            raise StackError(f"admin sign-up failed: {signup.status_code} {signup.text}")
+        _promote(stack, email)
+        login = http.post("/v1/auth/login", json={"email": email, "password": PASSWORD})
+        if login.status_code != 200:
+            raise StackError(f"admin login failed: {login.status_code} {login.text}")
+        stack.admin_token = login.json()["accessToken"]
+        server = http.post(
+            "/v1/servers",
+            headers={"Authorization": f"Bearer {stack.admin_token}"},
+            json={
+                "name": AGENT_SERVER_NAME,
+                "region": REGION,
+                "agentAddress": stack.addresses["agent"],
+                "ramMb": ram_mb,
+                "cpuMillis": cpu_millis,
+            },
+        )
+        if server.status_code != 200:
+            raise StackError(f"registering the agent failed: {server.status_code} {server.text}")
+        stack.server_id = server.json()["id"]
+
+
+def start_stack(
+    database_url: str,
+    db_passwords: Mapping[str, str],
+    home: Path,
+    *,
+    agent: bool = True,
+    stripe_api_base: str = "",
+    extra_env: Mapping[str, str] | None = None,
+    timeout: float = 60.0,
+) -> Stack:
+    """Start everything against `database_url` (already migrated with `db_passwords`)."""
+    home.mkdir(parents=True, exist_ok=True)
+    creds = load_credentials(home)  # service secrets, JWT signing key, project master key
+    creds["db_passwords"] = dict(db_passwords)  # the roles the migration created
+    names = ORDER if agent else tuple(n for n in ORDER if n != "agent")
+    addresses = {name: f"127.0.0.1:{free_port()}" for name in ORDER}
+    env = service_environment(database_url, creds, addresses)
+    env.update(
+        {
+            "PYTHONUNBUFFERED": "1",
+            "HANGAR_LOG_LEVEL": "WARNING",
+            "HANGAR_GRACE_SECONDS": "2",
+            "HANGAR_AGENT_STOP_GRACE_SECONDS": "2",
+            "HANGAR_AGENT_START_TIMEOUT_SECONDS": "20",
+            "HANGAR_RUNTIME_SCHEDULE_RETRY_SECONDS": "0.5",
+            # the agent reports as the server it is registered as (_register_agent), often
+            "HANGAR_AGENT_SERVER": AGENT_SERVER_NAME,
+            "HANGAR_AGENT_HEARTBEAT_SECONDS": "1",
+            "HANGAR_RUNTIME_AGENT_SWEEP_SECONDS": "0.5",
+            "HANGAR_TELEMETRY_SAMPLE_SECONDS": "1",
+            "HANGAR_TELEMETRY_USAGE_SECONDS": "2",
+        }
+    )
+    if stripe_api_base:
+        env.update(
+            {
+                "STRIPE_API_KEY": "sk_test_hangar",
+                "STRIPE_API_BASE": stripe_api_base,
+                "STRIPE_WEBHOOK_SECRET": "whsec_" + secrets.token_hex(16),
+            }
+        )
+    else:  # invoices are computed and stored, not sent (DESIGN.md)
+        for key in ("STRIPE_API_KEY", "STRIPE_API_BASE", "STRIPE_WEBHOOK_SECRET"):
+            env.pop(key, None)
+    env.update(extra_env or {})
+    stack = Stack(f"http://{addresses['gateway']}", addresses, env, home)
+    deadline = time.monotonic() + timeout
+    try:
+        for name in names:
+            _start(stack, name, deadline)
+        if agent:
+            _register_agent(stack, ram_mb=8192, cpu_millis=8000)
+    except BaseException:
+        stack.stop(grace=3)
+        raise
+    return stack
+
+
+def migrated_database(
+    create_database: Callable[[str], str], db_passwords: Mapping[str, str]
+) -> str:
+    """A fresh database migrated to head: the stack's background loops see no other test's
+    rows (servers registered by in-process tests, for one)."""
+    from shared.migrate import migrate
+
+    url = create_database("hangar_e2e")
+    migrate(url, db_passwords)
+    return url
+
+
+@pytest.fixture(scope="module")
+def stack(
+    create_database: Callable[[str], str],
+    db_passwords: dict[str, str],
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[Stack]:
+    """The whole platform for one test module, stopped (and any death reported) after it."""
+    url = migrated_database(create_database, db_passwords)
+    running = start_stack(url, db_passwords, tmp_path_factory.mktemp("stack"))
+    try:
+        yield running
+    finally:
+        dead = running.dead()
+        codes = running.stop()
+        for name, why in dead.items():
+            print(f"\n[stack] {name} died during the tests ({why})", file=sys.stderr)
+        unclean = {n: c for n, c in codes.items() if n not in dead and c not in (0, -15)}
+        if unclean:
+            print(f"\n[stack] unclean exits on SIGTERM: {json.dumps(unclean)}", file=sys.stderr)
+            for name in unclean:
+                print(running.processes[name].stderr(), file=sys.stderr)
+
+
+@dataclass
+class Account:
+    """A signed-up user with a fresh access token."""
+
+    email: str
+    user_id: str
+    token: str = field(repr=False)
+    refresh_token: str = field(repr=False)
+
+    @property
+    def auth(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token}"}
+
+
+def sign_up(http: httpx.Client, name: str = "user") -> Account:
+    email = f"{name}-{secrets.token_hex(4)}@example.com"
+    response = http.post(
+        "/v1/auth/signup", json={"email": email, "password": PASSWORD, "name": name.title()}
+    )
+    assert response.status_code == 200, response.text
+    body = response.json()
+    return Account(email, body["user"]["id"], body["accessToken"], body["refreshToken"])
+
+
+def wait_for(probe: Callable[[], Any], what: str, within: float = 20.0, every: float = 0.2) -> Any:
+    """Poll `probe` until it returns something truthy; fail naming `what`."""
+    deadline = time.monotonic() + within
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = probe()
+        if last:
+            return last
+        time.sleep(every)
+    raise AssertionError(f"timed out after {within}s waiting for {what} (last: {last!r})")
+
+
+__all__ = [
+    "PASSWORD",
+    "REGION",
+    "Account",
+    "Stack",
+    "StackError",
+    "migrated_database",
+    "sign_up",
+    "stack",
+    "start_stack",
+    "wait_for",
+]
