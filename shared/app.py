@@ -6,11 +6,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from typing import Any
 
 import grpc
 
+from hangar.billing.v1 import billing_pb2, billing_pb2_grpc
+from hangar.events.v1 import events_pb2
+from hangar.identity.v1 import identity_pb2, identity_pb2_grpc
+from hangar.project.v1 import project_pb2, project_pb2_grpc
+from hangar.runtime.v1 import runtime_pb2, runtime_pb2_grpc
 from shared.auth import IdentityJwks, ServiceTokenSource, TokenVerifier
 from shared.clients import Clients
 from shared.db import Database
@@ -19,6 +24,28 @@ from shared.outbox import OutboxFeed
 from shared.settings import Settings
 
 log = logging.getLogger(__name__)
+
+EventFeed = Callable[[events_pb2.WatchEventsRequest], AsyncIterator[events_pb2.Event]]
+
+# Whose WatchEvents feed can be consumed: the stub and service descriptor of each source.
+_FEEDS: dict[str, tuple[Callable[[grpc.aio.Channel], Any], Any]] = {
+    "identity": (
+        identity_pb2_grpc.IdentityServiceStub,
+        identity_pb2.DESCRIPTOR.services_by_name["IdentityService"],
+    ),
+    "project": (
+        project_pb2_grpc.ProjectServiceStub,
+        project_pb2.DESCRIPTOR.services_by_name["ProjectService"],
+    ),
+    "runtime": (
+        runtime_pb2_grpc.RuntimeServiceStub,
+        runtime_pb2.DESCRIPTOR.services_by_name["RuntimeService"],
+    ),
+    "billing": (
+        billing_pb2_grpc.BillingServiceStub,
+        billing_pb2.DESCRIPTOR.services_by_name["BillingService"],
+    ),
+}
 
 
 class ServiceApp:
@@ -53,6 +80,17 @@ class ServiceApp:
         """Verifies bearer tokens locally against identity's published keys."""
         self._jwks = IdentityJwks(self.settings)
         return TokenVerifier.for_settings(self.settings, self._jwks)
+
+    def watch_events(self, source: str) -> EventFeed:
+        """Another service's WatchEvents feed, called with this service's token (for
+        shared.outbox.EventConsumer)."""
+        stub_class, service = _FEEDS[source]
+
+        def watch(request: events_pb2.WatchEventsRequest) -> AsyncIterator[events_pb2.Event]:
+            stub = self.clients.stub(source, stub_class, service)
+            return stub.WatchEvents(request)  # type: ignore[no-any-return]
+
+        return watch
 
     def add_loop(self, loop: Callable[[], Coroutine[Any, Any, None]]) -> None:
         """A background loop that runs while the server does (must be replica-safe)."""

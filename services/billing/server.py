@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import grpc
 
 from hangar.billing.v1 import billing_pb2, billing_pb2_grpc
 from hangar.events.v1 import events_pb2
-from hangar.identity.v1 import identity_pb2, identity_pb2_grpc
 from services.billing import store
 from services.billing.api import BillingApi
 from services.billing.cycle import BillingCycle
@@ -23,7 +22,6 @@ from shared.outbox import EventConsumer, write_event
 from shared.server import run_service
 from shared.settings import Settings
 
-IDENTITY_SERVICE = identity_pb2.DESCRIPTOR.services_by_name["IdentityService"]
 ORGANIZATION_EVENTS = ("organization.created", "organization.deleted")
 
 
@@ -60,7 +58,7 @@ class BillingApp(ServiceApp):
             "billing",
             consumer="billing",
             source="identity",
-            watch=self._watch_identity,
+            watch=self.watch_events("identity"),
             handler=self.on_identity_event,
             types=ORGANIZATION_EVENTS,
         )
@@ -72,14 +70,6 @@ class BillingApp(ServiceApp):
 
     def register(self, server: grpc.aio.Server) -> None:
         billing_pb2_grpc.add_BillingServiceServicer_to_server(BillingApi(self), server)
-
-    def _watch_identity(
-        self, request: events_pb2.WatchEventsRequest
-    ) -> AsyncIterator[events_pb2.Event]:
-        stub = self.clients.stub(
-            "identity", identity_pb2_grpc.IdentityServiceStub, IDENTITY_SERVICE
-        )
-        return stub.WatchEvents(request)  # type: ignore[no-any-return]
 
     async def on_identity_event(self, tx: Session, event: events_pb2.Event) -> None:
         """organization.created -> hobby subscription; organization.deleted -> cancel, free.

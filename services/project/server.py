@@ -4,12 +4,11 @@ releaser, the reconciler and the audit relay."""
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 
 import grpc
 
 from hangar.events.v1 import events_pb2
-from hangar.identity.v1 import identity_pb2_grpc
 from hangar.project.v1 import project_pb2, project_pb2_grpc
 from services.project.api import ProjectApi
 from services.project.crypto import Keyring
@@ -17,7 +16,7 @@ from services.project.reconciler import AllocationReleaser, Reconciler
 from services.project.service import BillingPool, Projects
 from shared.app import ServiceApp
 from shared.audit import AuditRelay
-from shared.auth import IDENTITY_SERVICE, Authorizer, RemoteAuthorizer
+from shared.auth import Authorizer, RemoteAuthorizer
 from shared.db import Database, Session
 from shared.outbox import EventConsumer
 from shared.server import run_service
@@ -59,7 +58,7 @@ class ProjectApp(ServiceApp):
             self.name,
             consumer="project",
             source="identity",
-            watch=self._watch_identity,
+            watch=self.watch_events("identity"),
             handler=self.on_identity_event,
             types=["organization.deleted"],
         )
@@ -82,14 +81,6 @@ class ProjectApp(ServiceApp):
         project_pb2_grpc.add_ProjectServiceServicer_to_server(
             ProjectApi(self.projects, self.feed), server
         )
-
-    def _watch_identity(
-        self, request: events_pb2.WatchEventsRequest
-    ) -> AsyncIterator[events_pb2.Event]:
-        stub = self.clients.stub(
-            "identity", identity_pb2_grpc.IdentityServiceStub, IDENTITY_SERVICE
-        )
-        return stub.WatchEvents(request)  # type: ignore[no-any-return]
 
     async def on_identity_event(self, tx: Session, event: events_pb2.Event) -> None:
         if event.type == "organization.deleted":

@@ -3,18 +3,17 @@ reconciler and the project.deleted consumer."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Any
 
 import grpc
 
 from hangar.events.v1 import events_pb2
-from hangar.project.v1 import project_pb2_grpc
 from hangar.runtime.v1 import runtime_pb2, runtime_pb2_grpc
 from services.runtime.agents import Agents
 from services.runtime.api import RuntimeApi
 from services.runtime.deployer import Deployer
-from services.runtime.projects import PROJECT_SERVICE, Projects, RemoteProjects
+from services.runtime.projects import Projects, RemoteProjects
 from services.runtime.reconciler import Reconciler
 from services.runtime.scheduler import Scheduler
 from services.runtime.telemetry import Telemetry
@@ -42,17 +41,11 @@ class ProjectEvents(EventConsumer):
             "runtime",
             consumer="runtime",
             source="project",
-            watch=self._watch,
+            watch=app.watch_events("project"),
             handler=self._handle,
             types=[PROJECT_DELETED],
         )
         self.app = app
-
-    def _watch(self, request: events_pb2.WatchEventsRequest) -> AsyncIterator[events_pb2.Event]:
-        stub = self.app.clients.stub(
-            "project", project_pb2_grpc.ProjectServiceStub, PROJECT_SERVICE
-        )
-        return stub.WatchEvents(request)  # type: ignore[no-any-return]
 
     async def _handle(self, tx: Session, event: events_pb2.Event) -> None:
         if event.type == PROJECT_DELETED:
