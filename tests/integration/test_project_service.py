@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+import shutil
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 
 import asyncpg
 import grpc
@@ -406,6 +408,16 @@ async def test_secrets_are_set_listed_without_values_revealed_and_resolved(stack
     )
 
 
+def _pg_dump() -> str:
+    """pg_dump no older than the server: pgserver's own, else the one on PATH."""
+    import pgserver
+
+    bundled = Path(pgserver.__file__).parent / "pginstall" / "bin" / "pg_dump"
+    found = str(bundled) if bundled.exists() else shutil.which("pg_dump")
+    assert found, "no pg_dump available"
+    return found
+
+
 async def _admin_connection(project_db: str) -> asyncpg.Connection:
     return await asyncpg.connect(project_db)
 
@@ -454,6 +466,21 @@ async def test_a_dump_of_the_project_schema_never_contains_a_plaintext(
     text = "\n".join(dump)
     assert plaintext not in text
     assert plaintext.encode().hex() not in text  # nor as bytea hex
+    # And what an operator's backup holds: a real pg_dump of both schemas.
+    proc = await asyncio.create_subprocess_exec(
+        _pg_dump(),
+        "--dbname",
+        project_db,
+        "--schema=project",
+        "--schema=identity",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    backup, errors = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 0, errors.decode()
+    assert project.id.encode() in backup  # the dump holds the project's rows
+    assert plaintext.encode() not in backup
+    assert plaintext.encode().hex().encode() not in backup
     actions = {r["action"] for r in audit}
     assert {"project.created", "secret.set", "secret.revealed"} <= actions
     assert all(plaintext not in r["metadata"] for r in audit)
