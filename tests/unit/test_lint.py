@@ -1,4 +1,4 @@
-"""House rule: ruff (lint and format) is clean on the whole tree."""
+"""House rules: ruff (lint and format) is clean on the whole tree; mypy on shared/ and services/."""
 
 from __future__ import annotations
 
@@ -16,5 +16,12 @@ RUFF = Path(sys.executable).parent / "ruff"
 def test_ruff_is_clean(args: list[str]) -> None:
     result = subprocess.run(
         [str(RUFF), *args], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_mypy_is_clean() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "mypy"], cwd=ROOT, capture_output=True, text=True, timeout=300
     )
     assert result.returncode == 0, result.stdout + result.stderr
