@@ -794,7 +794,14 @@ def _place_sql(skip_locked: bool) -> str:
                                       'target_type', 'deployment', 'target_id', d.id,
                                       'metadata', {payload} - 'deployment_id')
               FROM placed d)
-        SELECT * FROM placed"""
+        -- Exactly one row: the placed deployment, or (nothing placed) NULLs and whether any
+        -- server fits at all, locked or not, so a miss needs no second round trip.
+        SELECT p.*, CASE WHEN p.id IS NULL THEN EXISTS (
+                   SELECT 1 FROM {S}.servers
+                    WHERE status = 'active' AND region = $1 AND $2::text = ANY(drivers)
+                      AND ram_mb - ram_mb_reserved >= $3
+                      AND cpu_millis - cpu_millis_reserved >= $4) END AS any_fits
+          FROM (SELECT) one LEFT JOIN placed p ON true"""
 
 
 _PLACE_SKIP_LOCKED = _place_sql(skip_locked=True)
@@ -811,28 +818,19 @@ async def place_deployment(
     actor_id: str,
 ) -> Deployment | None:
     """reserve_capacity + the move to scheduling + its event and audit entry, as one
-    statement per attempt; the placed deployment, or None when no server has room."""
+    statement per attempt; the placed deployment, or None when no server has room.
+
+    A miss costs one round trip: the statement also says whether any server fits at all
+    (then the fitting ones were only locked: retry shortly, as reserve_capacity does). The
+    event and audit ids are made once: an attempt that placed nothing inserted nothing.
+    """
     need = deployment.resources
-    base = (deployment.region, driver, need.ram_mb, need.cpu_millis, deployment.id)
-    for attempt in range(len(_SKIP_LOCKED_BACKOFF) + 1):
-        row = await tx.fetchrow(
-            _PLACE_SKIP_LOCKED,
-            *base,
-            deployment.status.value,
-            new_id(),
-            new_id(),
-            event_type,
-            audit_type,
-            actor_id,
-        )
-        if row is not None:
-            return Deployment.from_row(row)
-        if attempt == len(_SKIP_LOCKED_BACKOFF) or not await tx.fetchval(_ANY_FITS, *base[:4]):
-            break
-        await asyncio.sleep(_SKIP_LOCKED_BACKOFF[attempt] * (0.5 + random.random()))
-    row = await tx.fetchrow(
-        _PLACE_WAITING,
-        *base,
+    args = (
+        deployment.region,
+        driver,
+        need.ram_mb,
+        need.cpu_millis,
+        deployment.id,
         deployment.status.value,
         new_id(),
         new_id(),
@@ -840,4 +838,13 @@ async def place_deployment(
         audit_type,
         actor_id,
     )
-    return Deployment.from_row(row) if row else None
+    for attempt in range(len(_SKIP_LOCKED_BACKOFF) + 1):
+        row = await tx.fetchrow(_PLACE_SKIP_LOCKED, *args)
+        assert row is not None
+        if row["id"] is not None:
+            return Deployment.from_row(row)
+        if attempt == len(_SKIP_LOCKED_BACKOFF) or not row["any_fits"]:
+            break
+        await asyncio.sleep(_SKIP_LOCKED_BACKOFF[attempt] * (0.5 + random.random()))
+    row = await tx.fetchrow(_PLACE_WAITING, *args)
+    return Deployment.from_row(row) if row is not None and row["id"] is not None else None
