@@ -28,10 +28,23 @@ from google.protobuf import timestamp_pb2
 
 from hangar.billing.v1 import billing_pb2, billing_pb2_grpc
 from hangar.events.v1 import events_pb2
+from shared.context import Principal, PrincipalKind
+from shared.errors import Unauthenticated
 from shared.ids import new_id
 from shared.settings import SERVICES, Settings
 
 BATCH = 1000
+
+
+class BenchTokenNames:
+    """BENCH ONLY, NOT FOR TESTS: believes "service:<name>" bearer tokens, so the bench times
+    ingest without an identity service (tests use real identity: house rule 2)."""
+
+    async def authenticate(self, token: str) -> Principal:
+        kind, _, subject = token.partition(":")
+        if kind == "service" and subject:
+            return Principal(kind=PrincipalKind.SERVICE, subject=subject)
+        raise Unauthenticated("bench tokens are 'service:<name>'")
 
 
 def _serve(admin_url: str, passwords: dict[str, str], port_queue: multiprocessing.Queue) -> None:
@@ -40,7 +53,6 @@ def _serve(admin_url: str, passwords: dict[str, str], port_queue: multiprocessin
     from services.billing.server import BillingApp
     from shared.db import Database
     from shared.server import start_server
-    from tests.support.billing import TokenNames
 
     async def main() -> None:
         settings = Settings(
@@ -51,7 +63,7 @@ def _serve(admin_url: str, passwords: dict[str, str], port_queue: multiprocessin
         )
         db = await Database.connect(settings.service_database_url(), min_size=8, max_size=16)
         app = BillingApp(settings, db, consume_identity=False, run_cycle=False)
-        running = await start_server(app, "127.0.0.1:0", authenticator=TokenNames())
+        running = await start_server(app, "127.0.0.1:0", authenticator=BenchTokenNames())
         port_queue.put(running.port)
         await asyncio.Event().wait()
 

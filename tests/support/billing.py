@@ -38,9 +38,7 @@ from hangar.identity.v1 import identity_pb2 as ipb
 from services.billing.domain import InvoiceStatus, Plan
 from services.billing.server import BillingApp
 from services.billing.stripe_gateway import InvoiceToSend, PriceRef, SentInvoice
-from shared.context import Principal, PrincipalKind
 from shared.db import Database
-from shared.errors import Unauthenticated
 from shared.ids import new_id
 from shared.outbox import START
 from shared.server import RunningServer, start_server
@@ -116,20 +114,6 @@ async def identity(database_url: str, db_passwords: dict[str, str]) -> AsyncIter
         tokens = {name: await running.service_token(name) for name in SERVICES_WITH_TOKENS}
         auth = await running.sign_up(name="Billing Owner")
         yield Identity(running, User(auth.user.id, auth.user.email, auth.access_token), tokens)
-
-
-class TokenNames:
-    """NOT FOR TESTS: an authenticator that believes "user:<id>" / "service:<name>" bearer
-    tokens. Kept only because bench/bench_record_usage.py (outside tests/) imports it to
-    time ingest without identity; no test uses it (house rule 2). Delete it with that import."""
-
-    async def authenticate(self, token: str) -> Principal:
-        kind, _, subject = token.partition(":")
-        if kind == "user" and subject:
-            return Principal(kind=PrincipalKind.USER, subject=subject)
-        if kind == "service" and subject:
-            return Principal(kind=PrincipalKind.SERVICE, subject=subject)
-        raise Unauthenticated("bad test token")
 
 
 def forged(token: str) -> str:
