@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import re
 import signal
-from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
@@ -144,6 +143,8 @@ class LogBuffer:
 
     Shipping (telemetry) reads `since(acknowledged)` and acknowledges what runtime stored;
     while runtime is away the buffer keeps the newest lines and `dropped` says how many went.
+    Sequences are contiguous, so the lines sit in a ring indexed by sequence: `since` costs
+    what it returns, not the size of the buffer.
     """
 
     def __init__(self, capacity: int = 5000, max_line_chars: int = 16 * 1024) -> None:
@@ -151,7 +152,8 @@ class LogBuffer:
             raise ValueError("a log buffer holds at least one line")
         self.capacity = capacity
         self.max_line_chars = max_line_chars
-        self._lines: deque[LogLine] = deque(maxlen=capacity)
+        self._ring: list[LogLine | None] = [None] * capacity  # line n at n % capacity
+        self._first_sequence = 1  # the oldest line kept
         self._next_sequence = 1
         self.dropped = 0  # lines evicted before anyone acknowledged them
         self.trimmed = 0  # lines cut to max_line_chars
@@ -161,17 +163,24 @@ class LogBuffer:
         if len(text) > self.max_line_chars:
             text = text[: self.max_line_chars]
             self.trimmed += 1
-        line = LogLine(self._next_sequence, stream, text, at or utcnow())
-        self._next_sequence += 1
-        if len(self._lines) == self.capacity and self._lines[0].sequence > self.acknowledged:
-            self.dropped += 1
-        self._lines.append(line)
+        sequence = self._next_sequence
+        line = LogLine(sequence, stream, text, at or utcnow())
+        if sequence - self._first_sequence == self.capacity:  # full: the oldest goes
+            if self._first_sequence > self.acknowledged:
+                self.dropped += 1
+            self._first_sequence += 1
+        self._ring[sequence % self.capacity] = line
+        self._next_sequence = sequence + 1
         return line
 
     def since(self, sequence: int = 0, limit: int | None = None) -> list[LogLine]:
-        """Lines after `sequence`, oldest first."""
-        picked = [line for line in self._lines if line.sequence > sequence]
-        return picked if limit is None else picked[:limit]
+        """Lines after `sequence`, oldest first (at most `limit`)."""
+        start = max(sequence + 1, self._first_sequence)
+        end = self._next_sequence
+        if limit is not None:
+            end = min(end, start + max(limit, 0))
+        ring, capacity = self._ring, self.capacity
+        return [ring[n % capacity] for n in range(start, end)]  # type: ignore[misc]
 
     def acknowledge(self, sequence: int) -> None:
         self.acknowledged = max(self.acknowledged, sequence)
@@ -180,11 +189,16 @@ class LogBuffer:
     def last_sequence(self) -> int:
         return self._next_sequence - 1
 
+    @property
+    def first_sequence(self) -> int:
+        """The oldest line still kept (last_sequence + 1 while empty)."""
+        return self._first_sequence
+
     def __len__(self) -> int:
-        return len(self._lines)
+        return self._next_sequence - self._first_sequence
 
     def text(self, stream: LogStream | None = None) -> str:
         """Every kept line joined (tests and debugging)."""
         return "\n".join(
-            line.text for line in self._lines if stream is None or line.stream is stream
+            line.text for line in self.since(0) if stream is None or line.stream is stream
         )

@@ -7,9 +7,12 @@ HTTP/2 flow control: that is the back-pressure), then half-closes and reads the 
 which acknowledges the highest sequence runtime stored per container. Runtime stores each
 batch as it arrives, so a line is readable long before its acknowledgement. A failed
 stream (runtime down or restarting) rewinds to the acknowledged sequences and retries with
-backoff; runtime drops the lines it already had, so nothing acknowledged is lost or stored
-twice. Lines evicted before they were sent are counted, logged by the agent, and announced
-in the container's own log with a line of the agent's.
+backoff (every cursor the session moved goes back, including a batch whose write failed
+because the stream was already dead); runtime drops the lines it already had, so nothing
+acknowledged is lost or stored twice. Lines evicted before they were sent are counted once,
+logged by the agent, and announced in the container's own log with a line of the agent's;
+a notice itself pushed out before runtime stored it gives its count back to the next one,
+so the notices always add up to the lines lost.
 
 Metrics: every `interval` seconds, each live container's RSS, CPU (millicores over the
 interval, from psutil's cumulative CPU time) and the server's totals; samples wait in a
@@ -39,7 +42,7 @@ from google.protobuf import timestamp_pb2
 
 from hangar.runtime.v1 import runtime_pb2 as pb
 from hangar.runtime.v1 import runtime_pb2_grpc
-from services.agent.domain import ContainerInfo, LogBuffer, LogStream
+from services.agent.domain import ContainerInfo, LogStream
 from services.agent.drivers import Driver
 from shared.auth import ServiceTokenSource
 from shared.clients import TokenProvider, open_channel
@@ -87,6 +90,9 @@ class LogShipper:
         self._stalls: dict[str, int] = {}  # sessions in a row without progress
         self._lost_through: dict[str, int] = {}  # lines up to here were counted as lost
         self._unannounced: dict[str, int] = {}  # lost lines the container's log was not told of
+        # Notices in a container's buffer not acknowledged yet: sequence -> the count it
+        # announces. One pushed out before runtime stored it hands its count back.
+        self._notices: dict[str, dict[int, int]] = {}
         self.shipped = 0
         self.sessions = 0
         self.failures = 0
@@ -162,8 +168,14 @@ class LogShipper:
             reply: pb.ShipLogsResponse = await call
         except BaseException:
             call.cancel()
-            for container_id in sent_here:  # rewind: re-send what was not acknowledged
-                self._sent[container_id] = at_start.get(container_id, 0)
+            # Rewind every cursor this session moved, written or not: a write fails at once
+            # when the stream is already dead (runtime down, no token), and a batch collected
+            # for it never left. Runtime drops what it had already.
+            for container_id in list(self._sent):
+                if container_id in at_start:
+                    self._sent[container_id] = at_start[container_id]
+                else:
+                    del self._sent[container_id]
             raise
         self.sessions += 1
         self.shipped += count
@@ -180,6 +192,7 @@ class LogShipper:
             buffer = self.driver.logs(container_id)
             if buffer is not None:
                 buffer.acknowledge(sequence)
+            self._forget_notices(container_id, sequence)
         if reply.rejected_lines:
             log.warning(
                 "runtime refused log lines",
@@ -201,6 +214,7 @@ class LogShipper:
                     extra={"container_id": container_id, "up_to": last_sent},
                 )
                 self._stalls.pop(container_id, None)
+                self._forget_notices(container_id, last_sent)
                 continue
             self._stalls[container_id] = stalls
             self._sent[container_id] = max(acked, 0)
@@ -222,7 +236,7 @@ class LogShipper:
             known_lost = max(cursor, self._lost_through.get(container_id, 0))
             if lines and lines[0].sequence > known_lost + 1:
                 self._lost_through[container_id] = lines[0].sequence - 1
-                self._announce_loss(info, buffer, lines[0].sequence - known_lost - 1)
+                self._count_gap(info, known_lost + 1, lines[0].sequence - 1)
             for line in lines:
                 out.append(
                     pb.LogLine(
@@ -239,9 +253,24 @@ class LogShipper:
             self._sent.pop(gone, None)
             self.acknowledged.pop(gone, None)
             self._lost_through.pop(gone, None)
+            self._notices.pop(gone, None)
+            self._stalls.pop(gone, None)
         return out
 
-    def _announce_loss(self, info: ContainerInfo, buffer: LogBuffer, count: int) -> None:
+    def _count_gap(self, info: ContainerInfo, first: int, last: int) -> None:
+        """Lines first..last left the buffer unshipped. The app's are lost (counted once);
+        a notice of ours among them gives its count back, to be announced again."""
+        container_id = info.container_id
+        notices = self._notices.get(container_id, {})
+        evicted = [sequence for sequence in notices if first <= sequence <= last]
+        for sequence in evicted:
+            count = notices.pop(sequence)
+            self._unannounced[container_id] = self._unannounced.get(container_id, 0) + count
+        lost = last - first + 1 - len(evicted)
+        if lost > 0:
+            self._announce_loss(info, lost)
+
+    def _announce_loss(self, info: ContainerInfo, count: int) -> None:
         self.lost[info.container_id] = self.lost.get(info.container_id, 0) + count
         self._unannounced[info.container_id] = self._unannounced.get(info.container_id, 0) + count
         log.warning(
@@ -249,17 +278,26 @@ class LogShipper:
             extra={"container_id": info.container_id, "count": count},
         )
 
+    def _forget_notices(self, container_id: str, through: int) -> None:
+        notices = self._notices.get(container_id)
+        if notices:
+            for sequence in [s for s in notices if s <= through]:
+                del notices[sequence]
+
     def announce_losses(self) -> None:
         """Tell each container's log how many lines it lost, once runtime takes lines again
-        (written during the outage, the notice itself could be pushed out of the buffer)."""
+        (written during the outage, the notice itself could be pushed out of the buffer).
+        The notice is a line like the app's; until runtime acknowledges it, its count is
+        remembered, and given back if the notice is pushed out unshipped (`_count_gap`)."""
         for container_id, count in list(self._unannounced.items()):
             buffer = self.driver.logs(container_id)
             if buffer is not None:
-                buffer.append(
+                notice = buffer.append(
                     LogStream.STDERR,
                     f"[hangar agent] {count} log lines were dropped: runtime could not take "
                     f"them and the agent keeps only the newest {buffer.capacity}",
                 )
+                self._notices.setdefault(container_id, {})[notice.sequence] = count
             del self._unannounced[container_id]
 
     def _unacknowledged(self) -> bool:
