@@ -33,24 +33,92 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import asyncpg
 
 from hangar.runtime.v1 import runtime_pb2 as pb
+from services.runtime.projects import ProjectInfo, ResolvedEnv
+from shared.context import Principal
 from shared.ids import new_id
 from shared.settings import SERVICES
 
 LINE = "GET /api/items?page={i} 200 12ms user-agent=bench-client/1.0 request-id={i:012d}"
 
 
+# ------------------------------------------------------------------------------------------
+# BENCH ONLY, NOT FOR TESTS: stand-ins for identity and project, so the bench times ingest
+# without them. They believe "user:<id>" / "service:<name>" bearer tokens, let user "bench"
+# read the projects "project" and "tailed" of organization "org", and nobody else anything.
+# Tests never use them (house rule 2: real identity and project, tests/support/runtime.py).
+# ------------------------------------------------------------------------------------------
+
+BENCH_PROJECTS = {"project": "org", "tailed": "org"}
+
+
+class BenchTokenNames:
+    """BENCH ONLY: an authenticator that believes the token names the principal."""
+
+    async def authenticate(self, token: str) -> Principal:
+        from shared.context import PrincipalKind
+        from shared.errors import Unauthenticated
+
+        kind, _, subject = token.partition(":")
+        if kind == "user" and subject:
+            return Principal(kind=PrincipalKind.USER, subject=subject)
+        if kind == "service" and subject:
+            return Principal(kind=PrincipalKind.SERVICE, subject=subject)
+        raise Unauthenticated("bad bench token")
+
+
+class BenchAccess:
+    """BENCH ONLY: Authorizer and Projects in one: user "bench" owns organization "org"."""
+
+    async def require(self, organization_id: str, permission: str) -> int:
+        from shared.auth import require_caller
+        from shared.errors import PermissionDenied
+
+        principal = require_caller()
+        if not principal.is_user or (organization_id, principal.subject) != ("org", "bench"):
+            raise PermissionDenied(f"missing permission {permission} in this organization")
+        return 4
+
+    async def organization_of(self, project_id: str) -> str:
+        await self.require(BENCH_PROJECTS.get(project_id, ""), "projects.get")
+        return BENCH_PROJECTS[project_id]
+
+    async def get(self, project_id: str) -> ProjectInfo:
+        from services.runtime.domain import Resources
+
+        return ProjectInfo(
+            project_id, await self.organization_of(project_id), Resources(128, 100), "local"
+        )
+
+    async def resolve_secrets(self, project_id: str) -> ResolvedEnv:
+        return ResolvedEnv({}, "")
+
+
+async def bench_agent_token() -> str:
+    return "service:agent"
+
+
 def serve_runtime(url: str, passwords: dict[str, str], port: int) -> None:
-    """Runtime (with the telemetry RPCs) in its own process until terminated."""
+    """Runtime (with the telemetry RPCs) in its own process until terminated, behind the
+    BENCH ONLY stand-ins above."""
     import uvloop
 
-    from tests.support.telemetry import Fleet
+    from services.runtime.server import RuntimeApp
+    from shared.db import Database
+    from shared.server import start_server
+    from tests.support.runtime import runtime_settings
 
     async def serve() -> None:
-        fleet = Fleet(url, passwords)
-        fleet.members.roles[("org", "bench")] = "owner"
-        fleet.projects.organizations.update({"project": "org", "tailed": "org"})
-        await fleet.start(port)
-        await asyncio.Event().wait()
+        config = runtime_settings(url, passwords, telemetry_sample_seconds=1.0)
+        db = await Database.connect(config.service_database_url(), min_size=1, max_size=20)
+        access = BenchAccess()
+        app = RuntimeApp(config, db, authorizer=access, projects=access, background=False)
+        server = await start_server(  # kept referenced: a collected server stops serving
+            app, f"127.0.0.1:{port}", authenticator=BenchTokenNames(), grace=0.2
+        )
+        try:
+            await asyncio.Event().wait()
+        finally:
+            await server.stop()
 
     uvloop.run(serve())
 
@@ -118,7 +186,9 @@ async def end_to_end(admin_url: str, address: str, lines: int, batch: int) -> fl
     from tests.support.telemetry import shipping_agent
 
     _, container = await place(admin_url)
-    async with shipping_agent(address, log_lines=lines + 10, batch_lines=batch) as (
+    async with shipping_agent(
+        address, bench_agent_token, log_lines=lines + 10, batch_lines=batch
+    ) as (
         driver,
         logs,
         _metrics,
@@ -204,7 +274,7 @@ async def tail_latency(admin_url: str, address: str, count: int) -> list[float]:
     )
     await tail.initial_metadata()
     latencies: list[float] = []
-    async with shipping_agent(address) as (driver, _logs, _metrics):
+    async with shipping_agent(address, bench_agent_token) as (driver, _logs, _metrics):
         await driver.start(
             ContainerSpec(
                 container_id=container,

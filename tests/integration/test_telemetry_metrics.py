@@ -1,5 +1,6 @@
 """Metric samples through ShipMetrics into the partitioned table, QueryMetrics' buckets, and
-the partition maintenance loop (real PostgreSQL, real gRPC, a real app process)."""
+the partition maintenance loop (real PostgreSQL, real gRPC, a real app process, real identity
+and project: the agent's service token, tenants' tokens, a promoted platform admin)."""
 
 from __future__ import annotations
 
@@ -13,10 +14,9 @@ import pytest
 from google.protobuf import duration_pb2
 
 from hangar.runtime.v1 import runtime_pb2 as pb
+from tests.support import runtime as runtime_fixtures
 from tests.support import telemetry as telemetry_fixtures
-from tests.support.runtime import admin, user
 from tests.support.telemetry import (
-    AGENT_TOKEN,
     Fleet,
     eventually,
     place_container,
@@ -27,7 +27,7 @@ from tests.support.telemetry import (
 
 pytestmark = pytest.mark.asyncio
 fleet = telemetry_fixtures.fleet
-AGENT = (("authorization", f"Bearer {AGENT_TOKEN}"),)
+neighbours = runtime_fixtures.neighbours
 
 
 def sample(cid: str, metric: int, value: float, at: datetime) -> pb.MetricSample:
@@ -40,7 +40,8 @@ def seconds(n: int) -> duration_pb2.Duration:
 
 async def test_samples_aggregate_over_steps_with_avg_and_max(fleet: Fleet) -> None:
     runtime = await fleet.start()
-    org, project = fleet.new_project(owner="ann")
+    tenant, org, project = await fleet.new_project("viewer")
+    ann = tenant.members["viewer"].md  # metrics.read: viewers read metrics
     placed = await place_container(runtime.db, project, org)
     other = await place_container(runtime.db, project, org, placed.server_id)
     start = datetime.now(UTC).replace(microsecond=0) - timedelta(minutes=5)
@@ -54,9 +55,10 @@ async def test_samples_aggregate_over_steps_with_avg_and_max(fleet: Fleet) -> No
     samples.append(sample("no-such-container", rss, 1.0, start))
     samples.append(sample(placed.container_id, rss, 1.0, start + timedelta(days=3)))
     request = pb.ShipMetricsRequest(server_id=placed.server_id, samples=samples)
-    reply = await runtime.stub.ShipMetrics(request, metadata=AGENT)
+    agent = await fleet.agent()
+    reply = await runtime.stub.ShipMetrics(request, metadata=agent)
     assert (reply.accepted, reply.rejected) == (8, 2)
-    again = await runtime.stub.ShipMetrics(request, metadata=AGENT)  # a retried call
+    again = await runtime.stub.ShipMetrics(request, metadata=agent)  # a retried call
     assert again.accepted == 8
 
     def query(aggregation: int, **kwargs: str) -> pb.QueryMetricsRequest:
@@ -71,7 +73,7 @@ async def test_samples_aggregate_over_steps_with_avg_and_max(fleet: Fleet) -> No
         )
 
     avg = await runtime.stub.QueryMetrics(
-        query(pb.AGGREGATION_AVG, container_id=placed.container_id), metadata=user("ann")
+        query(pb.AGGREGATION_AVG, container_id=placed.container_id), metadata=ann
     )
     (series,) = avg.series
     assert series.container_id == placed.container_id
@@ -80,34 +82,45 @@ async def test_samples_aggregate_over_steps_with_avg_and_max(fleet: Fleet) -> No
     assert [p.time.ToDatetime(UTC) for p in series.points] == [
         start + timedelta(seconds=s) for s in (0, 2, 4)
     ]
-    peak = await runtime.stub.QueryMetrics(query(pb.AGGREGATION_MAX), metadata=user("ann"))
+    peak = await runtime.stub.QueryMetrics(query(pb.AGGREGATION_MAX), metadata=ann)
     by_container = {s.container_id: [p.value for p in s.points] for s in peak.series}
     assert by_container == {placed.container_id: [20.0, 40.0, 60.0], other.container_id: [7.0]}
 
+    root = await fleet.neighbours.platform_admin()
     totals = await runtime.stub.QueryMetrics(
-        query(pb.AGGREGATION_MAX, server_id=placed.server_id), metadata=admin("root")
+        query(pb.AGGREGATION_MAX, server_id=placed.server_id), metadata=root.md
     )
     assert [(s.container_id, [p.value for p in s.points]) for s in totals.series] == [("", [999.0])]
+    # A server's own totals are for platform admins: the tenant's owner naming the server
+    # gets the project's containers on it, never the server's totals.
+    narrowed = await runtime.stub.QueryMetrics(
+        query(pb.AGGREGATION_MAX, server_id=placed.server_id), metadata=tenant.owner.md
+    )
+    assert {s.container_id for s in narrowed.series} == {placed.container_id, other.container_id}
+    mallory = (await fleet.tenant()).owner
     with pytest.raises(grpc.aio.AioRpcError) as denied:
-        await runtime.stub.QueryMetrics(query(pb.AGGREGATION_MAX), metadata=user("mallory"))
+        await runtime.stub.QueryMetrics(query(pb.AGGREGATION_MAX), metadata=mallory.md)
     assert denied.value.code() == grpc.StatusCode.PERMISSION_DENIED
     with pytest.raises(grpc.aio.AioRpcError) as bad:
         await runtime.stub.QueryMetrics(
             pb.QueryMetricsRequest(project_id=project, metric=rss, step=seconds(0)),
-            metadata=user("ann"),
+            metadata=ann,
         )
     assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
 async def test_a_running_apps_samples_appear(fleet: Fleet) -> None:
     runtime = await fleet.start()
-    org, project = fleet.new_project(owner="ann")
+    tenant, org, project = await fleet.new_project()
+    ann = tenant.owner.md
     placed = await place_container(runtime.db, project, org)
     server = await runtime.db.pool.fetchval(
         "SELECT name FROM runtime.servers WHERE id = $1", placed.server_id
     )
     busy = f'{sys.executable} -c "import time\nx=bytearray(20<<20)\nwhile 1: sum(range(9999))"'
-    async with shipping_agent(runtime.address, server=server, metrics_interval=0.2) as (
+    async with shipping_agent(
+        runtime.address, fleet.agent_token, server=server, metrics_interval=0.2
+    ) as (
         driver,
         _logs,
         metrics,
@@ -122,7 +135,7 @@ async def test_a_running_apps_samples_appear(fleet: Fleet) -> None:
                     step=seconds(1),
                     aggregation=pb.AGGREGATION_MAX,
                 ),
-                metadata=user("ann"),
+                metadata=ann,
             )
             return [p.value for s in reply.series for p in s.points]
 

@@ -1,6 +1,8 @@
 """Usage from samples to billing.RecordUsage: each (container, metric, window) counted exactly
 once across a billing outage and restart, a crash before runtime marked a report sent, and
-two runtime replicas working at once (real PostgreSQL, real gRPC, real billing server).
+two runtime replicas working at once (real PostgreSQL, real gRPC, a real billing server that
+verifies runtime's service token from identity and authorizes RecordUsage itself; tenants
+and projects from real identity and project).
 
 Samples are shipped through ShipMetrics with known values over a known run time (10 s at
 one sample a second), so the expected usage is exact."""
@@ -14,23 +16,20 @@ from datetime import UTC, datetime, timedelta
 import asyncpg
 import pytest
 
-from hangar.events.v1 import events_pb2
 from hangar.runtime.v1 import runtime_pb2 as pb
 from services.billing.server import BillingApp
 from services.runtime.telemetry import window_start_of
-from services.runtime.telemetry_api import RemoteBillingUsage
-from shared.clients import Clients
 from shared.db import Database
-from shared.ids import new_id
 from shared.migrate import migrate
 from shared.server import RunningServer, start_server
 from shared.settings import Settings
+from tests.support import runtime as runtime_fixtures
 from tests.support.procs import free_port
-from tests.support.runtime import Memberships, TokenNames
-from tests.support.telemetry import AGENT_TOKEN, Fleet, place_container, ts
+from tests.support.runtime import Neighbours
+from tests.support.telemetry import Fleet, place_container, ts
 
 pytestmark = pytest.mark.asyncio
-AGENT = (("authorization", f"Bearer {AGENT_TOKEN}"),)
+neighbours = runtime_fixtures.neighbours
 MIB = 1024 * 1024
 
 
@@ -43,17 +42,18 @@ def database_url(create_database: Callable[[str], str], db_passwords: dict[str, 
 
 
 @pytest.fixture
-async def fleet(database_url: str, db_passwords: dict[str, str]) -> AsyncIterator[Fleet]:
-    running = Fleet(database_url, db_passwords)
+async def fleet(neighbours: Neighbours) -> AsyncIterator[Fleet]:
+    running = Fleet(neighbours)
     yield running
-    for runtime in list(running.started):
-        await running.stop(runtime)
+    await running.close()
 
 
 class BillingAt:
-    """A billing server on a fixed port, stopped and started again like a process."""
+    """A billing server on a fixed port, stopped and started again like a process, wired to
+    identity as in production (TokenVerifier on identity's JWKS, RemoteAuthorizer)."""
 
-    def __init__(self, database_url: str, db_passwords: dict[str, str]) -> None:
+    def __init__(self, neighbours: Neighbours, database_url: str, db_passwords: dict[str, str]):
+        self.identity = neighbours.stack.identity
         self.database_url = database_url
         self.db_passwords = db_passwords
         self.address = f"127.0.0.1:{free_port()}"
@@ -61,58 +61,39 @@ class BillingAt:
         self.server: RunningServer | None = None
 
     async def start(self) -> BillingApp:
+        identity = self.identity.settings
         settings = Settings(
             service="billing",
             database_url=self.database_url,
-            addresses={name: "127.0.0.1:1" for name in ("identity", "billing")},
+            addresses={"identity": self.identity.address, "billing": self.address},
             db_passwords=self.db_passwords,
+            service_secrets={"billing": identity.service_secrets["billing"]},
+            jwt_issuer=identity.jwt_issuer,
+            jwt_audience=identity.jwt_audience,
         )
         db = await Database.connect(settings.service_database_url(), max_size=5)
-        self.app = BillingApp(
-            settings, db, authorizer=Memberships(), consume_identity=False, run_cycle=False
-        )
-        self.server = await start_server(
-            self.app, self.address, authenticator=TokenNames(), grace=0.2
-        )
+        self.app = BillingApp(settings, db, consume_identity=False, run_cycle=False)
+        self.server = await start_server(self.app, self.address, grace=0.2)
         return self.app
-
-    async def create_org(self) -> str:
-        """What identity's organization.created does to billing: a default subscription."""
-        assert self.app is not None
-        org = new_id()
-        event = events_pb2.Event(
-            id=new_id(), type="organization.created", organization_id=org, aggregate_id=org
-        )
-        async with self.app.db.transaction() as tx:
-            await self.app.on_identity_event(tx, event)
-        return org
 
     async def stop(self) -> None:
         if self.server is not None:
             await self.server.stop()
-            self.server = None
+            self.server = None  # stopping the server closes the app
 
 
 @pytest.fixture
-async def billing_at(database_url: str, db_passwords: dict[str, str]) -> AsyncIterator[BillingAt]:
-    at = BillingAt(database_url, db_passwords)
+async def billing_at(
+    neighbours: Neighbours, database_url: str, db_passwords: dict[str, str]
+) -> AsyncIterator[BillingAt]:
+    at = BillingAt(neighbours, database_url, db_passwords)
     yield at
     await at.stop()
 
 
-async def _as_runtime() -> str:
-    return "service:runtime"
-
-
-def sender(address: str) -> RemoteBillingUsage:
-    return RemoteBillingUsage(
-        Clients({"billing": address}, default_timeout=2.0, token_provider=_as_runtime)
-    )
-
-
-async def ship_known_run(fleet_runtime: object, container_id: str, start: datetime) -> None:
+async def ship_known_run(fleet: Fleet, runtime: object, container_id: str, start: datetime) -> None:
     """10 s of samples, one a second: 100 MiB, 250 millicores, 1000 B in and 500 B out."""
-    stub = fleet_runtime.stub  # type: ignore[attr-defined]
+    stub = runtime.stub  # type: ignore[attr-defined]
     samples = []
     for i in range(10):
         at = ts(start + timedelta(seconds=i + 0.5))
@@ -127,7 +108,9 @@ async def ship_known_run(fleet_runtime: object, container_id: str, start: dateti
                     container_id=container_id, metric=metric, value=value, sampled_at=at
                 )
             )
-    reply = await stub.ShipMetrics(pb.ShipMetricsRequest(samples=samples), metadata=AGENT)
+    reply = await stub.ShipMetrics(
+        pb.ShipMetricsRequest(samples=samples), metadata=await fleet.agent()
+    )
     assert reply.accepted == 40
 
 
@@ -152,14 +135,13 @@ async def test_usage_survives_a_billing_outage_and_a_lost_acknowledgement_exactl
     fleet: Fleet, billing_at: BillingAt, database_url: str
 ) -> None:
     await billing_at.start()
-    org = await billing_at.create_org()
-    runtime = await fleet.start(send_usage=sender(billing_at.address))
+    _, org, project = await fleet.new_project()  # billing's pool: the stack's subscription
+    runtime = await fleet.start(billing_address=billing_at.address)
     usage = runtime.app.telemetry.usage
     usage.retry = timedelta(milliseconds=50)
-    _, project = fleet.new_project(owner="ann", org=org)
     placed = await place_container(runtime.db, project, org)
     window = window_start_of(datetime.now(UTC) - timedelta(minutes=3), timedelta(minutes=1))
-    await ship_known_run(runtime, placed.container_id, window)
+    await ship_known_run(fleet, runtime, placed.container_id, window)
 
     await billing_at.stop()  # billing is down when the window is due
     assert await usage.compute_due() >= 3
@@ -196,12 +178,11 @@ async def test_two_runtime_replicas_report_each_window_once(
     fleet: Fleet, billing_at: BillingAt, database_url: str
 ) -> None:
     await billing_at.start()
-    org = await billing_at.create_org()
-    replicas = [await fleet.start(send_usage=sender(billing_at.address)) for _ in range(2)]
-    _, project = fleet.new_project(owner="ann", org=org)
+    _, org, project = await fleet.new_project()
+    replicas = [await fleet.start(billing_address=billing_at.address) for _ in range(2)]
     placed = await place_container(replicas[0].db, project, org)
     window = window_start_of(datetime.now(UTC), timedelta(minutes=1))
-    await ship_known_run(replicas[0], placed.container_id, window)
+    await ship_known_run(fleet, replicas[0], placed.container_id, window)
 
     due = window + timedelta(minutes=1, seconds=1)
     for _ in range(3):  # both at once, a few rounds

@@ -1,10 +1,15 @@
-"""Runtime for tests: an in-process server on a loopback port with stand-ins for identity and
-project (bearer tokens "user:<id>", "admin:<id>" (platform admin), "service:<name>";
-memberships and project owners set by the test), servers registered straight in the store,
-and the capacity invariant read back as a superuser."""
+"""Runtime for tests, beside the real services it calls: identity (signed tokens, Authorize,
+platform admins promoted as `hangar admin promote` does), project (projects made through
+CreateProject, read back by runtime's RemoteProjects with the caller's own token) and billing
+(the organization's pool), all in this process on loopback ports (tests/support/project.py).
+Runtime verifies tokens against identity's JWKS and asks identity.Authorize through its
+RemoteAuthorizer, as in production. Tests that drive the scheduler or the store directly
+need no callers: servers are registered straight in the store, and the capacity invariant is
+read back as a superuser."""
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -13,93 +18,25 @@ import asyncpg
 import grpc
 import pytest
 
+from hangar.identity.v1 import identity_pb2 as ipb
 from hangar.runtime.v1 import runtime_pb2_grpc
 from services.runtime import store
 from services.runtime.domain import Resources
-from services.runtime.projects import ProjectInfo, ResolvedEnv
 from services.runtime.server import RuntimeApp
 from services.runtime.store import DeploymentSpec
-from shared.auth import require_caller
-from shared.context import Principal, PrincipalKind
 from shared.db import Database
-from shared.errors import PermissionDenied, Unauthenticated
 from shared.ids import new_id
 from shared.server import RunningServer, start_server
 from shared.settings import Settings
+from tests.support.identity import PASSWORD, bearer
+from tests.support.procs import free_port
+from tests.support.project import Member, Stack, Tenant, running_stack
 
-ROLES = {"viewer": 1, "developer": 2, "admin": 3, "owner": 4}
-NEEDED = {
-    "deployments.list": 1,
-    "deployments.get": 1,
-    "deployments.create": 2,
-    "deployments.cancel": 2,
-    "deployments.rollback": 2,
-}
-
-
-class TokenNames:
-    """Authenticator: the token names the principal (tests only)."""
-
-    async def authenticate(self, token: str) -> Principal:
-        kind, _, subject = token.partition(":")
-        if kind in ("user", "admin") and subject:
-            return Principal(
-                kind=PrincipalKind.USER, subject=subject, is_platform_admin=kind == "admin"
-            )
-        if kind == "service" and subject:
-            return Principal(kind=PrincipalKind.SERVICE, subject=subject)
-        raise Unauthenticated("bad test token")
-
-
-@dataclass
-class Memberships:
-    """Authorizer: roles the test grants; anyone else gets PERMISSION_DENIED."""
-
-    roles: dict[tuple[str, str], str] = field(default_factory=dict)
-
-    async def require(self, organization_id: str, permission: str) -> int:
-        principal = require_caller()
-        role = ROLES.get(self.roles.get((organization_id, principal.subject), ""), 0)
-        if not principal.is_user or role < NEEDED[permission]:
-            raise PermissionDenied(f"missing permission {permission} in this organization")
-        return role
-
-
-@dataclass
-class ProjectDirectory:
-    """Projects: project -> organization, visible to that organization's members only."""
-
-    members: Memberships
-    organizations: dict[str, str] = field(default_factory=dict)
-
-    async def organization_of(self, project_id: str) -> str:
-        principal = require_caller()
-        org = self.organizations.get(project_id, "")
-        if not org or (org, principal.subject) not in self.members.roles:
-            raise PermissionDenied("missing permission projects.get")
-        return org
-
-    async def get(self, project_id: str) -> ProjectInfo:
-        org = await self.organization_of(project_id)
-        return ProjectInfo(project_id, org, Resources(128, 100), "local")
-
-    async def resolve_secrets(self, project_id: str) -> ResolvedEnv:
-        return ResolvedEnv({}, "")
-
-
-def user(user_id: str) -> tuple[tuple[str, str]]:
-    return (("authorization", f"Bearer user:{user_id}"),)
-
-
-def admin(user_id: str) -> tuple[tuple[str, str]]:
-    return (("authorization", f"Bearer admin:{user_id}"),)
-
-
-def service(name: str) -> tuple[tuple[str, str]]:
-    return (("authorization", f"Bearer service:{name}"),)
+Metadata = tuple[tuple[str, str], ...]
 
 
 def runtime_settings(database_url: str, db_passwords: dict[str, str], **kwargs: Any) -> Settings:
+    """Settings for runtime's database role only (tests that call no other service)."""
     return Settings(
         service="runtime",
         database_url=database_url,
@@ -118,58 +55,127 @@ async def runtime_database(
 
 
 @dataclass
+class Neighbours:
+    """Real identity, billing and project for runtime, and the callers tests need."""
+
+    stack: Stack
+    _tokens: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def identity_address(self) -> str:
+        return self.stack.identity.address
+
+    async def tenant(self, *roles: str) -> Tenant:
+        """A new organization (identity) with billing's pool: its owner and one member per
+        role ("viewer", "developer", "admin", "owner"), each with a SignUp access token."""
+        return await self.stack.tenant(*roles)
+
+    async def user(self) -> Member:
+        """A signed-up user in no organization."""
+        return await self.stack.user()
+
+    async def project(self, tenant: Tenant, region: str = "local") -> str:
+        """project.CreateProject by the tenant's owner; the project's id."""
+        return str((await self.stack.create(tenant, region=region)).id)
+
+    async def platform_admin(self) -> Member:
+        """A user promoted the way `hangar admin promote` does, then logged in again (the
+        claim is in tokens issued after the promotion)."""
+        member = await self.user()
+        identity = self.stack.identity
+        assert identity.app is not None
+        assert await identity.app.identity.promote(member.email)
+        auth = await identity.stub.Login(ipb.LoginRequest(email=member.email, password=PASSWORD))
+        return Member(member.user_id, member.email, auth.access_token)
+
+    async def service_token(self, name: str) -> str:
+        """A service's token from identity.IssueServiceToken (minted once per module)."""
+        if name not in self._tokens:
+            self._tokens[name] = await self.stack.identity.service_token(name)
+        return self._tokens[name]
+
+    async def service(self, name: str) -> Metadata:
+        return bearer(await self.service_token(name))
+
+    def settings(
+        self, runtime_address: str, *, billing_address: str = "", **overrides: Any
+    ) -> Settings:
+        """Runtime's settings next to these services (billing: the stack's, unless given)."""
+        settings = live_runtime_settings(
+            self.stack.identity, self.stack.project_address, runtime_address, **overrides
+        )
+        settings.addresses["billing"] = billing_address or self.stack.billing_address
+        return settings
+
+
+@pytest.fixture(scope="module")
+async def neighbours(database_url: str, db_passwords: dict[str, str]) -> AsyncIterator[Neighbours]:
+    """Identity, billing and project in this process, once per test module."""
+    async with running_stack(database_url, db_passwords) as stack:
+        yield Neighbours(stack)
+
+
+@dataclass
 class Runtime:
     app: RuntimeApp
     server: RunningServer
     channel: grpc.aio.Channel
-    members: Memberships
-    projects: ProjectDirectory
+    address: str
+    neighbours: Neighbours
 
     @property
     def stub(self) -> runtime_pb2_grpc.RuntimeServiceStub:
         return runtime_pb2_grpc.RuntimeServiceStub(self.channel)
 
-    def new_project(self, *, owner: str = "", org: str = "") -> tuple[str, str]:
-        """(organization id, project id), with `owner` as the organization's owner."""
-        org = org or new_id()
-        project = new_id()
-        self.projects.organizations[project] = org
-        if owner:
-            self.members.roles[(org, owner)] = "owner"
-        return org, project
+    @property
+    def db(self) -> Database:
+        return self.app.db
+
+    async def stop(self) -> None:
+        await self.channel.close()
+        await self.server.stop()
+
+
+async def launch_runtime(
+    neighbours: Neighbours, port: int = 0, *, billing_address: str = "", **settings: Any
+) -> Runtime:
+    """RuntimeApp as `hangar serve runtime` builds it (RemoteAuthorizer, RemoteProjects,
+    billing over gRPC), without its background loops, on a loopback port (fixed if given,
+    so it can be stopped and started again under an agent's feet)."""
+    address = f"127.0.0.1:{port or free_port()}"
+    config = neighbours.settings(address, billing_address=billing_address, **settings)
+    db = await Database.connect(config.service_database_url(), min_size=1, max_size=20)
+    app = RuntimeApp(config, db, background=False)
+    server = await start_server(app, address, grace=0.2)
+    channel = grpc.aio.insecure_channel(address)
+    return Runtime(app, server, channel, address, neighbours)
 
 
 RuntimeFactory = Callable[..., Any]
 
 
 @pytest.fixture
-async def start_runtime(
-    database_url: str, db_passwords: dict[str, str]
-) -> AsyncIterator[RuntimeFactory]:
+async def start_runtime(neighbours: Neighbours) -> AsyncIterator[RuntimeFactory]:
     """Start runtime servers (several may share the database); all stop at teardown."""
     started: list[Runtime] = []
 
     async def start(**settings_kwargs: Any) -> Runtime:
-        settings = runtime_settings(database_url, db_passwords, **settings_kwargs)
-        db = await Database.connect(settings.service_database_url(), max_size=40)
-        members = Memberships()
-        projects = ProjectDirectory(members)
-        app = RuntimeApp(settings, db, authorizer=members, projects=projects, background=False)
-        server = await start_server(app, "127.0.0.1:0", authenticator=TokenNames(), grace=0.5)
-        channel = grpc.aio.insecure_channel(f"127.0.0.1:{server.port}")
-        runtime = Runtime(app, server, channel, members, projects)
+        runtime = await launch_runtime(neighbours, **settings_kwargs)
         started.append(runtime)
         return runtime
 
     yield start
     for runtime in started:
-        await runtime.channel.close()
-        await runtime.server.stop()
+        await runtime.stop()
 
 
 @pytest.fixture
 async def runtime(start_runtime: RuntimeFactory) -> Runtime:
     return await start_runtime()  # type: ignore[no-any-return]
+
+
+def region_name(prefix: str) -> str:
+    return f"{prefix}-{secrets.token_hex(5)}"
 
 
 # ------------------------------------------------------------------- fleet and checks

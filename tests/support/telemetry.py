@@ -1,148 +1,102 @@
-"""Telemetry for tests: runtime with the telemetry RPCs on a fixed loopback port (so it can be
-restarted under the agent's feet), containers registered straight in runtime's tables, apps
-run through the agent's ProcessDriver, and the agent's shippers pointed at runtime with the
-test token "service:agent"."""
+"""Telemetry for tests: runtime (with its telemetry RPCs) beside real identity, project and
+billing (tests/support/runtime.py), on a fixed loopback port so it can be restarted under
+the agent's feet; containers registered straight in runtime's tables for projects made
+through project.CreateProject; apps run through the agent's ProcessDriver; the agent's
+shippers authenticate with the agent's real service token (ServiceTokenSource against
+identity.IssueServiceToken, as `hangar serve agent` does)."""
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
 
 import asyncpg
-import grpc
 import pytest
 
 from hangar.runtime.v1 import runtime_pb2 as pb
 from hangar.runtime.v1 import runtime_pb2_grpc
 from services.agent.domain import ContainerSpec
 from services.agent.drivers import ProcessDriver
-from services.agent.shipping import LogShipper, MetricShipper
+from services.agent.shipping import RUNTIME_SERVICE, LogShipper, MetricShipper
 from services.runtime import store
-from services.runtime.api import RuntimeApi
 from services.runtime.domain import Resources
-from services.runtime.server import RuntimeApp
-from services.runtime.telemetry import Telemetry, UsageReport, UsageSender
-from services.runtime.telemetry_api import TelemetryApi
+from shared.auth import ServiceTokenSource
+from shared.clients import TokenProvider, open_channel
 from shared.db import Database
 from shared.ids import new_id
-from shared.server import RunningServer, start_server
-from tests.support import runtime as runtime_support
-from tests.support.procs import free_port
-from tests.support.runtime import Memberships, ProjectDirectory, TokenNames, runtime_settings
+from tests.support.project import Member, Tenant
+from tests.support.runtime import Metadata, Neighbours, Runtime, launch_runtime
 
-# The permissions the telemetry RPCs ask for (identity grants both to viewers).
-runtime_support.NEEDED.setdefault("logs.read", 1)
-runtime_support.NEEDED.setdefault("metrics.read", 1)
-
-AGENT_TOKEN = "service:agent"
-
-
-async def _no_billing(reports: Sequence[UsageReport]) -> None:
-    raise ConnectionError("no billing in this test")
-
-
-def _api_class() -> type[RuntimeApi]:
-    """RuntimeApi with the telemetry RPCs (until RuntimeApi has TelemetryApi as a base)."""
-    if issubclass(RuntimeApi, TelemetryApi):
-        return RuntimeApi
-    return type("TelemetryRuntimeApi", (TelemetryApi, RuntimeApi), {})
-
-
-class TelemetryRuntimeApp(RuntimeApp):
-    def __init__(self, *args: Any, send_usage: UsageSender = _no_billing, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        # Always ours: the test decides where usage goes.
-        self.telemetry = Telemetry(self.db, self.settings, send_usage)
-
-    def register(self, server: grpc.aio.Server) -> None:
-        runtime_pb2_grpc.add_RuntimeServiceServicer_to_server(_api_class()(self), server)
-
-    async def close(self) -> None:
-        await self.telemetry.close()
-        await super().close()
-
-
-@dataclass
-class TelemetryRuntime:
-    address: str
-    app: TelemetryRuntimeApp
-    server: RunningServer
-    channel: grpc.aio.Channel
-    members: Memberships
-    projects: ProjectDirectory
-
-    @property
-    def stub(self) -> runtime_pb2_grpc.RuntimeServiceStub:
-        return runtime_pb2_grpc.RuntimeServiceStub(self.channel)
-
-    @property
-    def db(self) -> Database:
-        return self.app.db
+__all__ = ["Fleet", "Placed", "Runtime", "fleet"]
 
 
 @dataclass
 class Fleet:
-    """Runtime replicas sharing one database and one view of who may read what."""
+    """Runtime replicas sharing one database, beside the module's identity, project and
+    billing; the agent's token source for shippers and ShipLogs/ShipMetrics calls."""
 
-    database_url: str
-    db_passwords: dict[str, str]
-    members: Memberships = field(default_factory=Memberships)
-    started: list[TelemetryRuntime] = field(default_factory=list)
+    neighbours: Neighbours
+    started: list[Runtime] = field(default_factory=list)
+    _agent: ServiceTokenSource | None = None
 
-    def __post_init__(self) -> None:
-        self.projects = ProjectDirectory(self.members)
-
-    async def start(
-        self, port: int = 0, *, send_usage: UsageSender = _no_billing, **settings: Any
-    ) -> TelemetryRuntime:
+    async def start(self, port: int = 0, *, billing_address: str = "", **settings: Any) -> Runtime:
         values = {
             "telemetry_sample_seconds": 1.0,
             "telemetry_usage_window_seconds": 60.0,
             "telemetry_usage_lateness_seconds": 0.0,
             **settings,
         }
-        config = runtime_settings(self.database_url, self.db_passwords, **values)
-        db = await Database.connect(config.service_database_url(), min_size=1, max_size=20)
-        app = TelemetryRuntimeApp(
-            config,
-            db,
-            authorizer=self.members,
-            projects=self.projects,
-            background=False,
-            send_usage=send_usage,
+        running = await launch_runtime(
+            self.neighbours, port, billing_address=billing_address, **values
         )
-        address = f"127.0.0.1:{port or free_port()}"
-        server = await start_server(app, address, authenticator=TokenNames(), grace=0.2)
-        channel = grpc.aio.insecure_channel(address)
-        running = TelemetryRuntime(address, app, server, channel, self.members, self.projects)
         self.started.append(running)
         return running
 
-    async def stop(self, runtime: TelemetryRuntime) -> None:
+    async def stop(self, runtime: Runtime) -> None:
         if runtime in self.started:
             self.started.remove(runtime)
-            await runtime.channel.close()
-            await runtime.server.stop()
+            await runtime.stop()
 
-    def new_project(self, owner: str, org: str = "") -> tuple[str, str]:
-        org = org or new_id()
-        project = new_id()
-        self.projects.organizations[project] = org
-        self.members.roles[(org, owner)] = "owner"
-        return org, project
+    async def tenant(self, *roles: str) -> Tenant:
+        return await self.neighbours.tenant(*roles)
+
+    async def new_project(self, *roles: str) -> tuple[Tenant, str, str]:
+        """(tenant, organization id, project id): a new organization and a project in it."""
+        tenant = await self.neighbours.tenant(*roles)
+        return tenant, tenant.org_id, await self.neighbours.project(tenant)
+
+    async def user(self) -> Member:
+        return await self.neighbours.user()
+
+    @property
+    def agent_token(self) -> TokenProvider:
+        """The agent's token provider: identity.IssueServiceToken with the agent's secret."""
+        if self._agent is None:
+            identity = self.neighbours.stack.identity
+            self._agent = ServiceTokenSource(replace(identity.settings, service="agent"))
+        return self._agent
+
+    async def agent(self) -> Metadata:
+        """The agent's real token as call metadata."""
+        return (("authorization", f"Bearer {await self.agent_token()}"),)
+
+    async def close(self) -> None:
+        for runtime in list(self.started):
+            await self.stop(runtime)
+        if self._agent is not None:
+            await self._agent.close()
 
 
 @pytest.fixture
-async def fleet(database_url: str, db_passwords: dict[str, str]) -> AsyncIterator[Fleet]:
-    running = Fleet(database_url, db_passwords)
+async def fleet(neighbours: Neighbours) -> AsyncIterator[Fleet]:
+    running = Fleet(neighbours)
     yield running
-    for runtime in list(running.started):
-        await running.stop(runtime)
+    await running.close()
 
 
 @dataclass(frozen=True)
@@ -193,17 +147,12 @@ async def place_container(
 # ------------------------------------------------------------------------------ agent
 
 
-async def agent_token() -> str:
-    return AGENT_TOKEN
-
-
 @asynccontextmanager
-async def agent_channel(address: str) -> AsyncIterator[runtime_pb2_grpc.RuntimeServiceStub]:
+async def agent_channel(
+    address: str, token_provider: TokenProvider
+) -> AsyncIterator[runtime_pb2_grpc.RuntimeServiceStub]:
     """What the agent's shippers talk through (its service token on every call)."""
-    from services.agent.shipping import RUNTIME_SERVICE
-    from shared.clients import open_channel
-
-    channel = open_channel(address, services=[RUNTIME_SERVICE], token_provider=agent_token)
+    channel = open_channel(address, services=[RUNTIME_SERVICE], token_provider=token_provider)
     try:
         yield runtime_pb2_grpc.RuntimeServiceStub(channel)
     finally:
@@ -213,6 +162,7 @@ async def agent_channel(address: str) -> AsyncIterator[runtime_pb2_grpc.RuntimeS
 @asynccontextmanager
 async def shipping_agent(
     runtime_address: str,
+    token_provider: TokenProvider,
     *,
     server: str = "",
     log_lines: int = 5000,
@@ -222,7 +172,7 @@ async def shipping_agent(
     """A ProcessDriver running real app processes, with its shippers running against
     runtime (the metric loop only when metrics_interval > 0)."""
     driver = ProcessDriver(start_timeout=10, stop_grace=1, log_lines=log_lines)
-    async with agent_channel(runtime_address) as stub:
+    async with agent_channel(runtime_address, token_provider) as stub:
         logs = LogShipper(driver, stub, lambda: server, batch_lines=batch_lines)
         metrics = MetricShipper(
             driver, stub, lambda: server, interval_seconds=metrics_interval or 1.0
