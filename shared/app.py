@@ -116,4 +116,4 @@ class ServiceApp:
         if jwks is not None:
             await jwks.close()
         await self.feed.close()
-        await self.db.close()
+        await self.db.close(grace_seconds=self.settings.grace_seconds)

@@ -7,6 +7,7 @@ runs them. JSON/JSONB columns take and return plain Python values.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -116,8 +117,13 @@ class Database:
     async def connect(cls, url: str, **kwargs: Any) -> Database:
         return cls(await create_pool(url, **kwargs))
 
-    async def close(self) -> None:
-        await self.pool.close()
+    async def close(self, grace_seconds: float = 5.0) -> None:
+        """Close gracefully; connections still busy after `grace_seconds` are cut, so a
+        stuck query cannot hold a shutting-down process past its grace period."""
+        try:
+            await asyncio.wait_for(self.pool.close(), grace_seconds)
+        except TimeoutError:
+            self.pool.terminate()
 
     @asynccontextmanager
     async def transaction(self, *, isolation: str = "read_committed") -> AsyncIterator[Session]:

@@ -37,6 +37,8 @@ from shared.errors import FailedPrecondition, NotFound
 
 log = logging.getLogger(__name__)
 
+MAX_PARALLEL_STARTS = 8  # agent starts one sweep runs at once
+
 State = DeploymentState
 SWEEP_LOCK = "runtime.deployer.sweep"
 AGENT_CHECK_LOCK = "runtime.deployer.agents"
@@ -355,7 +357,15 @@ class Deployer:
                     log.warning("servers missed their heartbeats", extra={"server_ids": down})
                 async with self.db.session() as s:
                     placed = await store.deployment_ids(s, (State.SCHEDULING,))
-                await asyncio.gather(*(self.launch(d) for d in placed), return_exceptions=True)
+                # A bounded number at a time: a backlog (an agent away, a fleet restarting)
+                # must not flood the agents, project and this process all at once.
+                limit = asyncio.Semaphore(MAX_PARALLEL_STARTS)
+
+                async def launch_one(deployment_id: str) -> None:
+                    async with limit:
+                        await self.launch(deployment_id)
+
+                await asyncio.gather(*(launch_one(d) for d in placed), return_exceptions=True)
                 await self.stop_ended()
             finally:
                 await conn.execute("SELECT pg_advisory_unlock(hashtext($1))", SWEEP_LOCK)
