@@ -87,6 +87,7 @@ class Deployer:
         self.heartbeat_timeout = heartbeat_timeout_seconds
         self._busy: set[str] = set()  # deployment / container ids this process is working on
         self._tasks: set[asyncio.Task[None]] = set()
+        self._retrying: dict[str, int] = {}  # why starts will be retried -> how many
 
     # ------------------------------------------------------------------------ kicks
 
@@ -180,7 +181,8 @@ class Deployer:
 
     async def _fail_if_overdue(self, deployment: Deployment, reason: str) -> None:
         if _utcnow() - deployment.updated_at < self.start_timeout:
-            log.warning("start will be retried", extra={"deployment_id": deployment.id})
+            # Counted, and logged once per sweep: one line per deployment per pass floods logs.
+            self._retrying[reason] = self._retrying.get(reason, 0) + 1
             return
         await self.fail(deployment.id, reason)
 
@@ -366,6 +368,11 @@ class Deployer:
                         await self.launch(deployment_id)
 
                 await asyncio.gather(*(launch_one(d) for d in placed), return_exceptions=True)
+                retrying, self._retrying = self._retrying, {}
+                for reason, count in retrying.items():
+                    log.warning(
+                        "starts will be retried", extra={"deployments": count, "reason": reason}
+                    )
                 await self.stop_ended()
             finally:
                 await conn.execute("SELECT pg_advisory_unlock(hashtext($1))", SWEEP_LOCK)

@@ -32,19 +32,21 @@ import pytest
 from shared.ids import new_id
 from shared.settings import SERVICES
 from tests.support.billing import WEBHOOK_SECRET, sign, stripe_event
-from tests.support.procs import ServiceProcess, free_port, service_env
+from tests.support.procs import ServiceProcess, free_port, service_env, stderr_file
 
 PATH = "/v1/webhooks/stripe"
 
 
 def _start_gateway(address: str, env: dict[str, str]) -> ServiceProcess:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "shared.cli", "serve", "gateway"],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    started = ServiceProcess("gateway", address, proc, env)
+    log_path = stderr_file("gateway")
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "shared.cli", "serve", "gateway"],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=log,
+        )
+    started = ServiceProcess("gateway", address, proc, env, log_path)
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
         try:
@@ -54,9 +56,10 @@ def _start_gateway(address: str, env: dict[str, str]) -> ServiceProcess:
         except httpx.HTTPError:
             pass
         time.sleep(0.1)
-    started.stop()
-    err = proc.stderr.read().decode() if proc.stderr else ""
-    raise RuntimeError(f"gateway did not reach billing: {err[-2000:]}")
+    started.stop(keep_log=True)
+    err = started.stderr_text()[-2000:]
+    started.remove_log()
+    raise RuntimeError(f"gateway did not reach billing: {err}")
 
 
 @pytest.fixture(scope="module")

@@ -53,8 +53,7 @@ class Processes:
         )
 
     def kill_runtime(self) -> None:
-        self.runtime.proc.kill()  # SIGKILL: no graceful anything
-        self.runtime.proc.wait()
+        self.runtime.kill()  # SIGKILL: no graceful anything
 
     def start_agent(self) -> None:
         self.agent = start_agent_process(

@@ -81,5 +81,5 @@ def test_sigterm_exits_within_grace(processes: dict[str, ServiceProcess], svc: s
         proc.proc.kill()
         proc.proc.wait()
         code = None
-    stderr = proc.proc.stderr.read().decode() if proc.proc.stderr else ""
+    stderr = proc.stderr_text()
     assert code == 0, f"exit {code}; stderr:\n{stderr[-4000:]}"

@@ -27,11 +27,13 @@ def _binary() -> list[str]:
     return [sys.executable, "-m", "localstripe"]
 
 
-def _wait_listening(port: int, proc: subprocess.Popen[bytes], timeout: float = 15.0) -> None:
+def _wait_listening(
+    port: int, proc: subprocess.Popen[bytes], log_path: Path, timeout: float = 15.0
+) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            err = proc.stderr.read().decode() if proc.stderr else ""
+            err = log_path.read_text(errors="replace")
             raise RuntimeError(f"localstripe exited: {err[-2000:]}")
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=0.2):
@@ -47,14 +49,16 @@ def localstripe(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     reloads /tmp/localstripe.pickle, the one file every localstripe on the host writes)."""
     port = free_port()
     workdir = tmp_path_factory.mktemp("localstripe")
-    proc = subprocess.Popen(
-        [*_binary(), "--port", str(port), "--from-scratch"],
-        cwd=workdir,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
+    log_path = workdir / "stderr.log"  # a file, not a pipe: an unread pipe fills and blocks it
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(
+            [*_binary(), "--port", str(port), "--from-scratch"],
+            cwd=workdir,
+            stdout=subprocess.DEVNULL,
+            stderr=log,
+        )
     try:
-        _wait_listening(port, proc)
+        _wait_listening(port, proc, log_path)
         yield f"http://127.0.0.1:{port}"
     finally:
         proc.terminate()

@@ -7,9 +7,11 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from shared.cli import wait_healthy
 
@@ -38,38 +40,69 @@ def service_env(
     return env
 
 
+def stderr_file(name: str) -> Path:
+    """A file for a child's stderr. Never a pipe nobody reads: once its ~64 KiB buffer fills,
+    the child's next log line blocks its event loop (seen: runtime stopped answering)."""
+    handle, path = tempfile.mkstemp(prefix=f"hangar-{name}-", suffix=".log")
+    os.close(handle)
+    return Path(path)
+
+
 @dataclass
 class ServiceProcess:
     name: str
     address: str
     proc: subprocess.Popen[bytes]
     env: dict[str, str] = field(repr=False, default_factory=dict)
+    log_path: Path | None = None
 
     @classmethod
     def start(
         cls, name: str, address: str, env: dict[str, str], timeout: float = 20
     ) -> ServiceProcess:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "shared.cli", "serve", name],
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-        )
-        started = cls(name, address, proc, env)
+        log_path = stderr_file(name)
+        with log_path.open("wb") as log:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "shared.cli", "serve", name],
+                env=env,
+                stdout=subprocess.DEVNULL,
+                stderr=log,
+            )
+        started = cls(name, address, proc, env, log_path)
         if not wait_healthy(name, address, time.monotonic() + timeout):
-            started.stop()
-            err = proc.stderr.read().decode() if proc.stderr else ""
-            raise RuntimeError(f"{name} did not become healthy: {err[-2000:]}")
+            started.stop(keep_log=True)
+            err = started.stderr_text()[-2000:]
+            started.remove_log()
+            raise RuntimeError(f"{name} did not become healthy: {err}")
         return started
+
+    def stderr_text(self) -> str:
+        """What the process wrote to stderr so far (its JSON log lines)."""
+        if self.log_path is None or not self.log_path.exists():
+            return ""
+        return self.log_path.read_text(errors="replace")
 
     def terminate(self) -> None:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
 
-    def stop(self, timeout: float = 10) -> int:
+    def stop(self, timeout: float = 10, *, keep_log: bool = False) -> int:
         self.terminate()
         try:
-            return self.proc.wait(timeout=timeout)
+            code = self.proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             self.proc.kill()
-            return self.proc.wait()
+            code = self.proc.wait()
+        if not keep_log:
+            self.remove_log()
+        return code
+
+    def kill(self) -> None:
+        """SIGKILL: no graceful anything (a crash, for recovery tests)."""
+        self.proc.kill()
+        self.proc.wait()
+        self.remove_log()
+
+    def remove_log(self) -> None:
+        if self.log_path is not None:
+            self.log_path.unlink(missing_ok=True)
