@@ -27,6 +27,7 @@ from services.billing.domain import (
 from services.billing.stripe_gateway import InvoiceToSend, PriceRef, SendFailed, StripeGateway
 from shared.audit import record_audit
 from shared.db import Database, Session
+from shared.loops import run_every
 from shared.outbox import write_event
 
 log = logging.getLogger(__name__)
@@ -57,14 +58,7 @@ class BillingCycle:
 
     async def run(self) -> None:
         """The background loop: one pass per interval, errors logged and retried."""
-        while True:
-            try:
-                await self.run_once()
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("billing cycle pass failed")
-            await asyncio.sleep(self.interval_seconds)
+        await run_every(self.interval_seconds, self.run_once, "billing cycle pass")
 
     async def run_once(self) -> int:
         """Close every due period; then send and sync with Stripe. Returns invoices made."""

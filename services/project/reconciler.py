@@ -19,6 +19,7 @@ from services.project import store
 from services.project.service import Allocation, BillingPool
 from shared.db import Database
 from shared.errors import DomainError
+from shared.loops import run_every
 from shared.outbox import START, Cursor, OutboxFeed
 
 log = logging.getLogger(__name__)
@@ -171,11 +172,4 @@ class Reconciler:
             )
 
     async def run(self) -> None:
-        while True:
-            try:
-                await self.reconcile_once()
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                log.warning("reconciler pass failed", extra={"error": repr(exc)})
-            await asyncio.sleep(self.interval_seconds)
+        await run_every(self.interval_seconds, self.reconcile_once, "reconciler pass")

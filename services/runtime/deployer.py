@@ -34,6 +34,7 @@ from services.runtime.scheduler import Scheduler
 from services.runtime.store import Container, Deployment, Server
 from shared.db import Database, Session
 from shared.errors import FailedPrecondition, NotFound
+from shared.loops import run_every
 
 log = logging.getLogger(__name__)
 
@@ -391,14 +392,7 @@ class Deployer:
                 await conn.execute("SELECT pg_advisory_unlock(hashtext($1))", AGENT_CHECK_LOCK)
 
     async def run(self) -> None:
-        while True:
-            try:
-                await self.sweep()
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("deploy sweep failed")
-            await asyncio.sleep(self.sweep_seconds)
+        await run_every(self.sweep_seconds, self.sweep, "deploy sweep")
 
     # --------------------------------------------------------------- tenant clean-up
 

@@ -15,7 +15,6 @@ runtime or of the agent leave such deployments behind).
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -23,6 +22,7 @@ from dataclasses import dataclass, field
 from services.runtime import store
 from services.runtime.domain import Drift, find_drift
 from shared.db import Database
+from shared.loops import run_every
 
 log = logging.getLogger(__name__)
 
@@ -80,13 +80,10 @@ class Reconciler:
         return ReconcileReport(len(servers), repaired, unrepairable)
 
     async def run(self) -> None:
-        while True:
-            try:
-                await self.reconcile_once()
-                if self.check_agents is not None:
-                    await self.check_agents()
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("reconcile round failed")
-            await asyncio.sleep(self.interval)
+
+        async def round_() -> None:
+            await self.reconcile_once()
+            if self.check_agents is not None:
+                await self.check_agents()
+
+        await run_every(self.interval, round_, "reconcile round")

@@ -27,6 +27,7 @@ from services.runtime.store import Deployment, DeploymentSpec
 from shared.audit import AUDIT_PREFIX, current_actor, record_audit
 from shared.db import Database, Session
 from shared.errors import FailedPrecondition, InvalidArgument
+from shared.loops import run_every
 from shared.outbox import write_event
 
 log = logging.getLogger(__name__)
@@ -147,16 +148,13 @@ class Scheduler:
 
     async def run(self) -> None:
         """Retry queued deployments until they fit or their deadline passes."""
-        while True:
-            try:
-                result = await self.place_queued()
-                if result.placed or result.failed:
-                    log.info("queue pass", extra=result.__dict__)
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("queue pass failed")
-            await asyncio.sleep(self.retry_seconds)
+
+        async def queue_pass() -> None:
+            result = await self.place_queued()
+            if result.placed or result.failed:
+                log.info("queue pass", extra=result.__dict__)
+
+        await run_every(self.retry_seconds, queue_pass, "queue pass")
 
     async def _place(self, tx: Session, deployment: Deployment) -> Deployment:
         """Reserve on the best-fitting server and move to scheduling, or leave it queued."""

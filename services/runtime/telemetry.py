@@ -35,6 +35,7 @@ import asyncpg
 
 from shared.db import Database, Session
 from shared.errors import InvalidArgument, ResourceExhausted
+from shared.loops import run_every
 from shared.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -893,14 +894,7 @@ class PartitionMaintenance:
         return created, dropped
 
     async def run(self) -> None:
-        while True:
-            try:
-                await self.run_once()
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("partition maintenance failed")
-            await asyncio.sleep(self.interval)
+        await run_every(self.interval, self.run_once, "partition maintenance")
 
 
 # ------------------------------------------------------------------------------ usage
@@ -1004,14 +998,7 @@ class UsageReporter:
         await self.send_due()
 
     async def run(self) -> None:
-        while True:
-            try:
-                await self.run_once()
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("usage round failed")
-            await asyncio.sleep(self.interval)
+        await run_every(self.interval, self.run_once, "usage round")
 
 
 def _unreachable(exc: BaseException) -> bool:
