@@ -8,16 +8,15 @@ from __future__ import annotations
 
 import base64
 import binascii
-from datetime import datetime
 
 import grpc
-from google.protobuf import timestamp_pb2
 
 from hangar.agent.v1 import agent_pb2, agent_pb2_grpc
 from services.agent.domain import MAX_GRACE_SECONDS, ContainerInfo, ContainerSpec, ContainerState
 from services.agent.drivers import Driver
 from shared.auth import require_service
 from shared.errors import FailedPrecondition, InvalidArgument, NotFound
+from shared.proto import timestamp
 
 CALLER = "runtime"
 DEFAULT_PAGE_SIZE = 100
@@ -123,16 +122,10 @@ def container_to_proto(info: ContainerInfo) -> agent_pb2.Container:
     if info.exit_code is not None:
         message.exit_code = info.exit_code
     if info.started_at is not None:
-        message.started_at.CopyFrom(_timestamp(info.started_at))
+        message.started_at.CopyFrom(timestamp(info.started_at))
     if info.ended_at is not None:
-        message.ended_at.CopyFrom(_timestamp(info.ended_at))
+        message.ended_at.CopyFrom(timestamp(info.ended_at))
     return message
-
-
-def _timestamp(moment: datetime) -> timestamp_pb2.Timestamp:
-    stamp = timestamp_pb2.Timestamp()
-    stamp.FromDatetime(moment)
-    return stamp
 
 
 def _require_id(container_id: str) -> None:

@@ -46,21 +46,14 @@ from services.agent.domain import ContainerInfo, LogStream
 from services.agent.drivers import Driver
 from shared.auth import ServiceTokenSource
 from shared.clients import TokenProvider, open_channel
+from shared.proto import timestamp
 from shared.settings import Settings
 
 log = logging.getLogger("hangar.agent.shipping")
 
 RUNTIME_SERVICE = pb.DESCRIPTOR.services_by_name["RuntimeService"]
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _STREAM = {LogStream.STDOUT: pb.LOG_STREAM_STDOUT, LogStream.STDERR: pb.LOG_STREAM_STDERR}
 ServerName = Callable[[], str]
-
-
-def _timestamp(at: datetime) -> timestamp_pb2.Timestamp:
-    delta = at - _EPOCH
-    return timestamp_pb2.Timestamp(
-        seconds=delta.days * 86400 + delta.seconds, nanos=delta.microseconds * 1000
-    )
 
 
 class LogShipper:
@@ -243,7 +236,7 @@ class LogShipper:
                         container_id=container_id,
                         stream=_STREAM[line.stream],
                         line=line.text,
-                        emitted_at=_timestamp(line.emitted_at),
+                        emitted_at=timestamp(line.emitted_at),
                         sequence=line.sequence,
                     )
                 )
@@ -388,7 +381,7 @@ class MetricShipper:
     def sample(self) -> int:
         """Read every live container (and the server); how many samples were added."""
         now = time.time()
-        at = _timestamp(datetime.fromtimestamp(now, UTC))
+        at = timestamp(datetime.fromtimestamp(now, UTC))
         samples: list[pb.MetricSample] = []
         live = set()
         for info in self.driver.list():

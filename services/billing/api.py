@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
 import grpc
-from google.protobuf import empty_pb2, timestamp_pb2
+from google.protobuf import empty_pb2
 
 from hangar.billing.v1 import billing_pb2, billing_pb2_grpc
 from hangar.events.v1 import events_pb2
@@ -29,6 +29,7 @@ from shared.auth import require_caller, require_service
 from shared.errors import InvalidArgument, NotFound, PermissionDenied
 from shared.ids import new_id
 from shared.outbox import write_event
+from shared.proto import optional_timestamp
 
 if TYPE_CHECKING:
     from services.billing.server import BillingApp
@@ -62,14 +63,6 @@ _INVOICE_STATUS = {
 }
 
 
-def _ts(value: datetime | None) -> timestamp_pb2.Timestamp | None:
-    if value is None:
-        return None
-    ts = timestamp_pb2.Timestamp()
-    ts.FromDatetime(value)
-    return ts
-
-
 def _resources(r: Resources) -> billing_pb2.Resources:
     return billing_pb2.Resources(
         ram_mb=r.ram_mb, cpu_millis=r.cpu_millis, bandwidth_gb=r.bandwidth_gb
@@ -97,8 +90,8 @@ def subscription_to_proto(sub: store.Subscription) -> billing_pb2.Subscription:
         organization_id=sub.organization_id,
         plan_id=sub.plan_id,
         status=_SUBSCRIPTION_STATUS.get(sub.status, billing_pb2.SUBSCRIPTION_STATUS_UNSPECIFIED),
-        current_period_start=_ts(sub.current_period_start),
-        current_period_end=_ts(sub.current_period_end),
+        current_period_start=optional_timestamp(sub.current_period_start),
+        current_period_end=optional_timestamp(sub.current_period_end),
         pool=_resources(sub.pool),
         allocated=_resources(sub.allocated),
         stripe_customer_id=sub.stripe_customer_id,
@@ -111,8 +104,8 @@ def allocation_to_proto(a: store.Allocation) -> billing_pb2.Allocation:
         organization_id=a.organization_id,
         project_id=a.project_id,
         resources=_resources(a.resources),
-        created_at=_ts(a.created_at),
-        updated_at=_ts(a.updated_at),
+        created_at=optional_timestamp(a.created_at),
+        updated_at=optional_timestamp(a.updated_at),
     )
 
 
@@ -121,8 +114,8 @@ def invoice_to_proto(inv: store.Invoice) -> billing_pb2.Invoice:
         id=inv.id,
         organization_id=inv.organization_id,
         subscription_id=inv.subscription_id,
-        period_start=_ts(inv.period_start),
-        period_end=_ts(inv.period_end),
+        period_start=optional_timestamp(inv.period_start),
+        period_end=optional_timestamp(inv.period_end),
         status=_INVOICE_STATUS[inv.status.value],
         lines=[
             billing_pb2.InvoiceLine(
@@ -139,8 +132,8 @@ def invoice_to_proto(inv: store.Invoice) -> billing_pb2.Invoice:
         currency=inv.currency,
         stripe_invoice_id=inv.stripe_invoice_id,
         sent=inv.sent,
-        created_at=_ts(inv.created_at),
-        due_at=_ts(inv.due_at),
+        created_at=optional_timestamp(inv.created_at),
+        due_at=optional_timestamp(inv.due_at),
     )
 
 
@@ -321,8 +314,8 @@ class BillingApi(billing_pb2_grpc.BillingServiceServicer):
         return billing_pb2.UsageSummary(
             organization_id=sub.organization_id,
             plan_id=plan.id,
-            period_start=_ts(start),
-            period_end=_ts(end),
+            period_start=optional_timestamp(start),
+            period_end=optional_timestamp(end),
             metrics=[
                 billing_pb2.MetricUsage(
                     metric=_METRIC_TO_PROTO[m],

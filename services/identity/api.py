@@ -16,17 +16,16 @@ from services.identity import store
 from services.identity.service import AuditEventIn, Identity, SignedIn
 from shared.auth import require_service
 from shared.outbox import OutboxFeed
+from shared.proto import timestamp
 
 Context: TypeAlias = grpc.aio.ServicerContext
 
 
 def _ts(moment: datetime | int) -> timestamp_pb2.Timestamp:
-    out = timestamp_pb2.Timestamp()
+    """Timestamps from the store, or Unix seconds from token claims."""
     if isinstance(moment, int):
-        out.FromSeconds(moment)
-    else:
-        out.FromDatetime(moment)
-    return out
+        return timestamp_pb2.Timestamp(seconds=moment)
+    return timestamp(moment)
 
 
 def _user(user: store.User) -> pb.User:

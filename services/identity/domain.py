@@ -169,14 +169,6 @@ def slug_violation(slug: str, field: str = "organization.slug") -> FieldViolatio
     return None
 
 
-def require_id(value: str, field: str) -> str:
-    if not value:
-        raise InvalidArgument.field(field, "required")
-    if len(value) > 100:
-        raise InvalidArgument.field(field, "too long")
-    return value
-
-
 # ------------------------------------------------------------------ sign-in throttling
 
 FREE_FAILURES = 5  # failures before any delay

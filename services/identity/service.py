@@ -41,6 +41,7 @@ from shared.errors import (
 from shared.ids import new_id
 from shared.outbox import write_event
 from shared.settings import Settings
+from shared.validation import require_id
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +92,7 @@ class LocalAuthorizer:
 
     async def require(self, organization_id: str, permission: str) -> Role | None:
         principal = require_caller()
-        domain.require_id(organization_id, "organization_id")
+        require_id(organization_id, "organization_id")
         allowed, role = await decide(self.db, principal, organization_id, permission)
         if not allowed:
             raise PermissionDenied(f"missing permission {permission} in this organization")
@@ -359,7 +360,7 @@ class Identity:
         self, *, user_id: str, service: str, organization_id: str, permission: str
     ) -> tuple[bool, Role | None]:
         require_service()
-        domain.require_id(organization_id, "organization_id")
+        require_id(organization_id, "organization_id")
         if not permission:
             raise InvalidArgument.field("permission", "required")
         if user_id:
@@ -419,7 +420,7 @@ class Identity:
             return org
 
     async def get_organization(self, org_id: str) -> store.Organization:
-        domain.require_id(org_id, "id")
+        require_id(org_id, "id")
         await self.authorizer.require(org_id, "organizations.get")
         async with self.db.session() as s:
             org = await store.organization(s, org_id)
@@ -458,7 +459,7 @@ class Identity:
         self, org_id: str, name: str, slug: str, paths: Sequence[str]
     ) -> store.Organization:
         principal = require_user()
-        domain.require_id(org_id, "organization.id")
+        require_id(org_id, "organization.id")
         fields = list(paths) or [f for f, v in (("name", name), ("slug", slug)) if v]
         unknown = [p for p in fields if p not in ("name", "slug")]
         if unknown or not fields:
@@ -513,7 +514,7 @@ class Identity:
 
     async def delete_organization(self, org_id: str) -> None:
         principal = require_user()
-        domain.require_id(org_id, "id")
+        require_id(org_id, "id")
         async with self.db.transaction() as tx:
             role = await self._actor_role(tx, org_id, principal)
             if not domain.allows(role, "organizations.delete"):
@@ -573,7 +574,7 @@ class Identity:
             return store.Member(user.id, user.email, role)
 
     async def list_members(self, org_id: str, size: int, token: str) -> Page:
-        domain.require_id(org_id, "organization_id")
+        require_id(org_id, "organization_id")
         limit = pagination.page_size(size)
         key = pagination.decode_page_token(token, (str,))
         await self.authorizer.require(org_id, "members.list")
@@ -762,7 +763,7 @@ class Identity:
         start: datetime | None = None,
         end: datetime | None = None,
     ) -> Page:
-        domain.require_id(org_id, "organization_id")
+        require_id(org_id, "organization_id")
         limit = pagination.page_size(size)
         key = pagination.decode_page_token(token, (int,))
         await self.authorizer.require(org_id, "audit.read")
@@ -780,7 +781,7 @@ class Identity:
         return _page(found, limit, lambda a: [a.entry.seq])
 
     async def verify_audit_chain(self, org_id: str) -> ChainReport:
-        domain.require_id(org_id, "organization_id")
+        require_id(org_id, "organization_id")
         await self.authorizer.require(org_id, "audit.read")
         checked, prev, after = 0, None, 0
         async with self.db.session() as s:

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from datetime import datetime
 from typing import TypeAlias
 
 import grpc
-from google.protobuf import empty_pb2, timestamp_pb2
+from google.protobuf import empty_pb2
 
 from hangar.events.v1 import events_pb2
 from hangar.project.v1 import project_pb2 as pb
@@ -17,16 +16,11 @@ from services.project.service import Projects
 from services.project.store import StoredSecret
 from shared.auth import require_service
 from shared.outbox import OutboxFeed
+from shared.proto import timestamp
 
 Context: TypeAlias = grpc.aio.ServicerContext
 
 _SPEC_FIELDS = tuple(ProjectSpec.__dataclass_fields__)
-
-
-def _ts(moment: datetime) -> timestamp_pb2.Timestamp:
-    ts = timestamp_pb2.Timestamp()
-    ts.FromDatetime(moment)
-    return ts
 
 
 def project_to_proto(p: Project) -> pb.Project:
@@ -35,8 +29,8 @@ def project_to_proto(p: Project) -> pb.Project:
         id=p.id,
         organization_id=p.organization_id,
         **{name: getattr(spec, name) for name in _SPEC_FIELDS},
-        created_at=_ts(p.created_at),
-        updated_at=_ts(p.updated_at),
+        created_at=timestamp(p.created_at),
+        updated_at=timestamp(p.updated_at),
     )
 
 
@@ -49,7 +43,7 @@ def set_fields(p: pb.Project) -> list[str]:
 
 
 def secret_to_proto(s: StoredSecret) -> pb.Secret:
-    return pb.Secret(name=s.name, version=s.version, updated_at=_ts(s.updated_at))
+    return pb.Secret(name=s.name, version=s.version, updated_at=timestamp(s.updated_at))
 
 
 class ProjectApi(project_pb2_grpc.ProjectServiceServicer):

@@ -249,14 +249,6 @@ def check_secret_value(value: str) -> bytes:
     return data
 
 
-def require_id(value: str, field: str) -> str:
-    if not value:
-        raise InvalidArgument.field(field, "required")
-    if len(value) > 100:
-        raise InvalidArgument.field(field, "too long")
-    return value
-
-
 def secrets_version_hash(versions: Iterable[tuple[str, int]]) -> str:
     """A digest of names and versions: changes whenever any secret is set, added or removed."""
     digest = hashlib.sha256()

@@ -45,6 +45,7 @@ from shared.errors import (
 )
 from shared.ids import new_id
 from shared.outbox import write_event
+from shared.validation import require_id
 
 # Secrets and projects list in smaller pages than the AIP-158 default maximum.
 MAX_PAGE_SIZE = 500
@@ -211,7 +212,7 @@ class Projects:
         """The project after checking `permission` in its org. AIP-193: a user who may not see
         it gets PERMISSION_DENIED whether or not it exists; NOT_FOUND only for services, the
         one caller kind allowed in every organization."""
-        domain.require_id(project_id, "project_id" if permission.startswith("secrets") else "id")
+        require_id(project_id, "project_id" if permission.startswith("secrets") else "id")
         async with self.db.session() as s:
             project = await store.get_project(s, project_id)
         if project is None:
@@ -225,7 +226,7 @@ class Projects:
     # ------------------------------------------------------------ projects
 
     async def create_project(self, organization_id: str, spec: ProjectSpec) -> Project:
-        domain.require_id(organization_id, "organization_id")
+        require_id(organization_id, "organization_id")
         await self.authorizer.require(organization_id, domain.PERM_CREATE)
         spec = domain.validate_spec(domain.with_create_defaults(spec))
         async with self.db.session() as s:
@@ -278,7 +279,7 @@ class Projects:
     async def list_projects(
         self, organization_id: str, page_size: int, page_token: str, sleep_enabled: bool | None
     ) -> Page:
-        domain.require_id(organization_id, "organization_id")
+        require_id(organization_id, "organization_id")
         await self.authorizer.require(organization_id, domain.PERM_LIST)
         limit = pagination.page_size(page_size, maximum=MAX_PAGE_SIZE)
         key = pagination.decode_page_token(page_token, (str, str))
@@ -517,7 +518,7 @@ class Projects:
 
     async def resolve_secrets(self, project_id: str) -> ResolvedSecrets:
         require_service("runtime")
-        domain.require_id(project_id, "project_id")
+        require_id(project_id, "project_id")
         async with self.db.transaction(isolation="repeatable_read") as tx:
             if await store.get_project(tx, project_id) is None:
                 raise NotFound("no such project")

@@ -6,11 +6,10 @@ Logs, metrics and usage RPCs come from the TelemetryApi mixin (telemetry_api.py)
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from datetime import datetime
 from typing import TYPE_CHECKING, TypeAlias
 
 import grpc
-from google.protobuf import empty_pb2, timestamp_pb2
+from google.protobuf import empty_pb2
 
 from hangar.agent.v1 import agent_pb2
 from hangar.events.v1 import events_pb2
@@ -24,6 +23,7 @@ from services.runtime.telemetry_api import TelemetryApi
 from shared.audit import record_audit
 from shared.auth import require_caller, require_platform_admin, require_service
 from shared.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
+from shared.proto import optional_timestamp
 
 if TYPE_CHECKING:
     from services.runtime.server import RuntimeApp
@@ -40,14 +40,6 @@ _DEPLOYMENT_STATUS = {
 }
 
 
-def _ts(value: datetime | None) -> timestamp_pb2.Timestamp | None:
-    if value is None:
-        return None
-    ts = timestamp_pb2.Timestamp()
-    ts.FromDatetime(value)
-    return ts
-
-
 def server_to_proto(s: store.Server) -> pb.Server:
     return pb.Server(
         id=s.id,
@@ -59,8 +51,8 @@ def server_to_proto(s: store.Server) -> pb.Server:
         ram_mb_reserved=s.reserved.ram_mb,
         cpu_millis_reserved=s.reserved.cpu_millis,
         status=_SERVER_STATUS[s.status],
-        last_heartbeat_at=_ts(s.last_heartbeat_at),
-        created_at=_ts(s.created_at),
+        last_heartbeat_at=optional_timestamp(s.last_heartbeat_at),
+        created_at=optional_timestamp(s.created_at),
     )
 
 
@@ -77,8 +69,8 @@ def deployment_to_proto(d: store.Deployment) -> pb.Deployment:
         secrets_version=d.env_version,
         status_reason=d.status_reason,
         rolled_back_from=d.rolled_back_from,
-        created_at=_ts(d.created_at),
-        updated_at=_ts(d.updated_at),
+        created_at=optional_timestamp(d.created_at),
+        updated_at=optional_timestamp(d.updated_at),
     )
     if d.image is not None:
         out.image = d.image
@@ -120,8 +112,8 @@ def container_to_proto(c: store.Container) -> pb.Container:
         status=_CONTAINER_STATUS[c.status],
         sleep_status=_SLEEP_STATUS[c.sleep_status],
         address=c.address,
-        last_request_at=_ts(c.last_request_at),
-        started_at=_ts(c.started_at),
+        last_request_at=optional_timestamp(c.last_request_at),
+        started_at=optional_timestamp(c.started_at),
     )
 
 

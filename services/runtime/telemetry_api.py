@@ -32,6 +32,7 @@ from services.runtime.telemetry import (
 from shared.auth import Authorizer, require_caller, require_platform_admin, require_service
 from shared.clients import Clients
 from shared.errors import InvalidArgument
+from shared.proto import timestamp
 
 Context: TypeAlias = grpc.aio.ServicerContext
 
@@ -76,12 +77,6 @@ def _datetime(ts: timestamp_pb2.Timestamp) -> datetime:
     return _EPOCH + timedelta(seconds=ts.seconds, microseconds=ts.nanos // 1000)
 
 
-def _timestamp(value: datetime) -> timestamp_pb2.Timestamp:
-    ts = timestamp_pb2.Timestamp()
-    ts.FromDatetime(value)
-    return ts
-
-
 def entry_to_proto(e: LogEntry) -> pb.LogEntry:
     return pb.LogEntry(
         project_id=e.project_id,
@@ -89,7 +84,7 @@ def entry_to_proto(e: LogEntry) -> pb.LogEntry:
         container_id=e.container_id,
         stream=_STREAM_OUT.get(e.stream, pb.LOG_STREAM_UNSPECIFIED),
         line=e.line,
-        emitted_at=_timestamp(e.emitted_at),
+        emitted_at=timestamp(e.emitted_at),
     )
 
 
@@ -243,7 +238,7 @@ class TelemetryApi:
                     container_id=s.container_id,
                     server_id=s.server_id,
                     metric=request.metric,
-                    points=[pb.MetricPoint(time=_timestamp(t), value=v) for t, v in s.points],
+                    points=[pb.MetricPoint(time=timestamp(t), value=v) for t, v in s.points],
                 )
                 for s in series
             ]
@@ -270,7 +265,7 @@ def usage_request(reports: Sequence[UsageReport]) -> billing_pb2.RecordUsageRequ
                 project_id=r.project_id,
                 metric=_USAGE_OUT[r.metric],
                 quantity=r.quantity,
-                recorded_at=_timestamp(r.window_start),
+                recorded_at=timestamp(r.window_start),
                 idempotency_key=r.idempotency_key,
             )
             for r in reports
