@@ -86,6 +86,35 @@ def service_environment(
     return env
 
 
+def process_environment(name: str, env: dict[str, str]) -> dict[str, str]:
+    """What one service process may see (least privilege): its own database login (as its own
+    role, never the admin URL) and its own service secret; identity also every service's secret
+    (it checks them) and the token signing keys; project the master keys; the gateway nothing
+    secret."""
+    from shared.settings import role_name, url_with_credentials
+
+    own_password = f"HANGAR_{name.upper()}_DB_PASSWORD"
+    own_secret = f"HANGAR_{name.upper()}_SERVICE_SECRET"
+    view: dict[str, str] = {}
+    for key, value in env.items():
+        if key.endswith("_DB_PASSWORD") and key != own_password:
+            continue
+        if key.endswith("_SERVICE_SECRET") and key != own_secret and name != "identity":
+            continue
+        if key == "HANGAR_JWT_SIGNING_KEYS" and name != "identity":
+            continue
+        if key.startswith("HANGAR_PROJECT_MASTER_KEY") and name != "project":
+            continue
+        view[key] = value
+    if name in SERVICES:
+        view["DATABASE_URL"] = url_with_credentials(
+            env["DATABASE_URL"], role_name(name), env.get(own_password, "")
+        )
+    else:
+        view.pop("DATABASE_URL", None)
+    return view
+
+
 def agent_environment(env: dict[str, str], server_name: str) -> dict[str, str]:
     """The agent's environment: its own secret, none of the database's or other services'."""
     agent_env = {
@@ -267,7 +296,11 @@ def cmd_up(args: argparse.Namespace) -> int:
         for name in PROCESSES:
             procs[name] = subprocess.Popen(
                 [sys.executable, "-m", "shared.cli", "serve", name],
-                env=agent_environment(env, server_name) if name == "agent" else env,
+                env=(
+                    agent_environment(env, server_name)
+                    if name == "agent"
+                    else process_environment(name, env)
+                ),
                 start_new_session=True,  # Ctrl-C reaches us; we stop the children in order
             )
         deadline = time.monotonic() + args.timeout
