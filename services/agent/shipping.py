@@ -9,10 +9,13 @@ batch as it arrives, so a line is readable long before its acknowledgement. A fa
 stream (runtime down or restarting) rewinds to the acknowledged sequences and retries with
 backoff (every cursor the session moved goes back, including a batch whose write failed
 because the stream was already dead); runtime drops the lines it already had, so nothing
-acknowledged is lost or stored twice. Lines evicted before they were sent are counted once,
-logged by the agent, and announced in the container's own log with a line of the agent's;
-a notice itself pushed out before runtime stored it gives its count back to the next one,
-so the notices always add up to the lines lost.
+acknowledged is lost or stored twice. Losses are counted from acknowledged state only:
+when runtime acknowledges sequence A, every line up to A that no acknowledged session
+carried left the buffer unshipped; the app's are counted lost once, logged by the agent,
+and announced in the container's own log with a line of the agent's, and a notice of ours
+among them gives its count back to the next one. So a batch collected long before, a
+session that failed or was answered without storing, never counts or announces anything:
+the notices runtime stores add up to the lines lost.
 
 Metrics: every `interval` seconds, each live container's RSS, CPU (millicores over the
 interval, from psutil's cumulative CPU time) and the server's totals; samples wait in a
@@ -42,7 +45,7 @@ from google.protobuf import timestamp_pb2
 
 from hangar.runtime.v1 import runtime_pb2 as pb
 from hangar.runtime.v1 import runtime_pb2_grpc
-from services.agent.domain import ContainerInfo, LogStream
+from services.agent.domain import LogStream
 from services.agent.drivers import Driver
 from shared.auth import ServiceTokenSource
 from shared.clients import TokenProvider, open_channel
@@ -81,7 +84,8 @@ class LogShipper:
         self._sent: dict[str, int] = {}  # cursor: >= acknowledged (refused lines are skipped)
         self.lost: dict[str, int] = {}  # evicted before they could be sent
         self._stalls: dict[str, int] = {}  # sessions in a row without progress
-        self._lost_through: dict[str, int] = {}  # lines up to here were counted as lost
+        # Every line up to here is stored (acknowledged), counted lost, or skipped as refused.
+        self._accounted: dict[str, int] = {}
         self._unannounced: dict[str, int] = {}  # lost lines the container's log was not told of
         # Notices in a container's buffer not acknowledged yet: sequence -> the count it
         # announces. One pushed out before runtime stored it hands its count back.
@@ -136,6 +140,7 @@ class LogShipper:
             return 0
         call = self.stub.ShipLogs(timeout=self.session_seconds + 30)
         sent_here: dict[str, int] = {}
+        written: dict[str, set[int]] = {}  # what this session carried, per container
         count = 0
         try:
             batch = first
@@ -146,6 +151,7 @@ class LogShipper:
                     await call.write(pb.ShipLogsRequest(server_id=self.server(), lines=batch))
                     for line in batch:
                         sent_here[line.container_id] = line.sequence
+                        written.setdefault(line.container_id, set()).add(line.sequence)
                     count += len(batch)
                     idle_since = None
                 now = time.monotonic()
@@ -172,12 +178,16 @@ class LogShipper:
             raise
         self.sessions += 1
         self.shipped += count
-        self._apply(reply, sent_here, at_start)
+        self._apply(reply, sent_here, at_start, written)
         self.announce_losses()
         return count
 
     def _apply(
-        self, reply: pb.ShipLogsResponse, sent_here: dict[str, int], at_start: dict[str, int]
+        self,
+        reply: pb.ShipLogsResponse,
+        sent_here: dict[str, int],
+        at_start: dict[str, int],
+        written: dict[str, set[int]],
     ) -> None:
         for container_id, sequence in reply.acknowledged_sequences.items():
             if sequence > self.acknowledged.get(container_id, 0):
@@ -185,7 +195,7 @@ class LogShipper:
             buffer = self.driver.logs(container_id)
             if buffer is not None:
                 buffer.acknowledge(sequence)
-            self._forget_notices(container_id, sequence)
+            self._account(container_id, sequence, written.get(container_id, set()))
         if reply.rejected_lines:
             log.warning(
                 "runtime refused log lines",
@@ -208,6 +218,7 @@ class LogShipper:
                 )
                 self._stalls.pop(container_id, None)
                 self._forget_notices(container_id, last_sent)
+                self._accounted[container_id] = max(self._accounted.get(container_id, 0), last_sent)
                 continue
             self._stalls[container_id] = stalls
             self._sent[container_id] = max(acked, 0)
@@ -226,10 +237,6 @@ class LogShipper:
             if buffer.last_sequence <= cursor or len(out) >= self.batch_lines:
                 continue
             lines = buffer.since(cursor, self.batch_lines - len(out))
-            known_lost = max(cursor, self._lost_through.get(container_id, 0))
-            if lines and lines[0].sequence > known_lost + 1:
-                self._lost_through[container_id] = lines[0].sequence - 1
-                self._count_gap(info, known_lost + 1, lines[0].sequence - 1)
             for line in lines:
                 out.append(
                     pb.LogLine(
@@ -245,31 +252,34 @@ class LogShipper:
         for gone in [c for c in self._sent if c not in live]:  # the driver forgot them
             self._sent.pop(gone, None)
             self.acknowledged.pop(gone, None)
-            self._lost_through.pop(gone, None)
+            self._accounted.pop(gone, None)
             self._notices.pop(gone, None)
             self._stalls.pop(gone, None)
         return out
 
-    def _count_gap(self, info: ContainerInfo, first: int, last: int) -> None:
-        """Lines first..last left the buffer unshipped. The app's are lost (counted once);
-        a notice of ours among them gives its count back, to be announced again."""
-        container_id = info.container_id
+    def _account(self, container_id: str, acknowledged: int, written: set[int]) -> None:
+        """Runtime acknowledged `acknowledged`: every line after the accounted ones up to it
+        was carried by this session (stored) or left the buffer unshipped. Of the latter,
+        the app's are lost (counted once); a notice of ours gives its count back, to be
+        announced again. Stored notices are done with."""
+        first = self._accounted.get(container_id, 0) + 1
+        if acknowledged < first:
+            return
+        self._accounted[container_id] = acknowledged
         notices = self._notices.get(container_id, {})
-        evicted = [sequence for sequence in notices if first <= sequence <= last]
-        for sequence in evicted:
+        unshipped = acknowledged - first + 1 - sum(1 for s in written if first <= s <= acknowledged)
+        for sequence in [s for s in notices if s <= acknowledged]:
             count = notices.pop(sequence)
-            self._unannounced[container_id] = self._unannounced.get(container_id, 0) + count
-        lost = last - first + 1 - len(evicted)
-        if lost > 0:
-            self._announce_loss(info, lost)
-
-    def _announce_loss(self, info: ContainerInfo, count: int) -> None:
-        self.lost[info.container_id] = self.lost.get(info.container_id, 0) + count
-        self._unannounced[info.container_id] = self._unannounced.get(info.container_id, 0) + count
-        log.warning(
-            "log lines dropped before they could be shipped",
-            extra={"container_id": info.container_id, "count": count},
-        )
+            if sequence >= first and sequence not in written:
+                unshipped -= 1
+                self._unannounced[container_id] = self._unannounced.get(container_id, 0) + count
+        if unshipped > 0:
+            self.lost[container_id] = self.lost.get(container_id, 0) + unshipped
+            self._unannounced[container_id] = self._unannounced.get(container_id, 0) + unshipped
+            log.warning(
+                "log lines dropped before they could be shipped",
+                extra={"container_id": container_id, "count": unshipped},
+            )
 
     def _forget_notices(self, container_id: str, through: int) -> None:
         notices = self._notices.get(container_id)
@@ -281,7 +291,7 @@ class LogShipper:
         """Tell each container's log how many lines it lost, once runtime takes lines again
         (written during the outage, the notice itself could be pushed out of the buffer).
         The notice is a line like the app's; until runtime acknowledges it, its count is
-        remembered, and given back if the notice is pushed out unshipped (`_count_gap`)."""
+        remembered, and given back if the notice is pushed out unshipped (`_account`)."""
         for container_id, count in list(self._unannounced.items()):
             buffer = self.driver.logs(container_id)
             if buffer is not None:
