@@ -117,12 +117,15 @@ class ContainerInfo:
 
 @dataclass(frozen=True)
 class ResourceSample:
-    """One psutil reading of a container's process tree."""
+    """One psutil reading of a container's process tree, with its network bytes when the
+    driver counts them (the process driver's ingress proxy); None when it does not."""
 
     container_id: str
     rss_bytes: int
     cpu_seconds: float  # user + system, including children that have ended
     sampled_at: datetime
+    rx_bytes: int | None = None  # cumulative, received from clients
+    tx_bytes: int | None = None  # cumulative, sent to clients
 
 
 class LogStream(StrEnum):

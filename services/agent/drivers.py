@@ -1,5 +1,7 @@
 """How the agent runs containers: the `Driver` interface, and `ProcessDriver`, which runs a
-command line as a local process group on a free port.
+command line as a local process group on a free private port (its PORT) behind the agent's
+ingress proxy (services/agent/proxy.py) on the container's public port, which counts the
+app's network bytes.
 
 A Docker driver implements the same interface later (`runs_images = True`); the servicer
 only ever talks to a `Driver`.
@@ -37,6 +39,7 @@ from services.agent.domain import (
     exit_code_of,
     utcnow,
 )
+from services.agent.proxy import IngressProxy
 from shared.errors import AlreadyExists, FailedPrecondition, NotFound, Unavailable
 
 log = logging.getLogger("hangar.agent")
@@ -101,10 +104,18 @@ class _Container:
     stop_requested: bool = False
     failure: str = ""  # set when the driver itself ends the container as failed
     ended: asyncio.Event = field(default_factory=asyncio.Event)
+    private_port: int = 0  # the app's PORT; info.port is the proxy's public port
+    proxy: IngressProxy | None = None
+    proxy_closed: asyncio.Task[None] | None = None
 
 
 class ProcessDriver:
-    """Runs each container as `/bin/sh -c COMMAND` in its own process group."""
+    """Runs each container as `/bin/sh -c COMMAND` in its own process group.
+
+    The app listens on its PORT, a free private port that health checks probe directly;
+    clients reach it through the agent's ingress proxy on the public port that `start`
+    returns (on `listen_host`: empty for every interface), which counts bytes both ways.
+    """
 
     runs_images = False
 
@@ -120,8 +131,10 @@ class ProcessDriver:
         probe_interval: float = 0.1,
         base_env: Mapping[str, str] | None = None,
         workdir_root: str | None = None,
+        listen_host: str = "",
     ) -> None:
         self.advertise_host = advertise_host
+        self.listen_host = listen_host
         self.start_timeout = start_timeout
         self.stop_grace = stop_grace
         self.log_lines = log_lines
@@ -152,7 +165,8 @@ class ProcessDriver:
                 return existing.info
             if self._closing:
                 raise Unavailable("the agent is shutting down", reason="AGENT_SHUTTING_DOWN")
-            port = self._free_port()
+            proxy, private_port = await self._listen()
+            port = proxy.port
             record = _Container(
                 spec=spec,
                 info=ContainerInfo(
@@ -165,6 +179,8 @@ class ProcessDriver:
                     started_at=utcnow(),
                 ),
                 logs=LogBuffer(self.log_lines, self.max_line_chars),
+                private_port=private_port,
+                proxy=proxy,
             )
             self._containers[spec.container_id] = record
             await self._spawn(record)
@@ -182,6 +198,8 @@ class ProcessDriver:
                 self._stop(record, self.stop_grace if grace is None else grace)
             )
         await asyncio.shield(record.stop_task)
+        if record.proxy_closed is not None:  # its public port is closed once stop returns
+            await asyncio.shield(record.proxy_closed)
         return record.info
 
     def inspect(self, container_id: str) -> ContainerInfo | None:
@@ -196,7 +214,8 @@ class ProcessDriver:
         return record.logs if record else None
 
     def sample(self, container_id: str) -> ResourceSample | None:
-        """RSS and CPU time of the container's process tree; None once it has ended."""
+        """RSS and CPU time of the container's process tree, and the bytes its proxy
+        carried since it started; None once it has ended."""
         record = self._containers.get(container_id)
         if record is None or record.info.state.ended or not record.info.pid:
             return None
@@ -215,7 +234,15 @@ class ProcessDriver:
                     cpu += times.user + times.system + times.children_user + times.children_system
             except psutil.Error:
                 continue
-        return ResourceSample(container_id, rss, cpu, utcnow())
+        counters = record.proxy.counters if record.proxy is not None else None
+        return ResourceSample(
+            container_id,
+            rss,
+            cpu,
+            utcnow(),
+            rx_bytes=counters.rx_bytes if counters is not None else None,
+            tx_bytes=counters.tx_bytes if counters is not None else None,
+        )
 
     def subscribe(self, listener: ContainerListener) -> None:
         self._listeners.append(listener)
@@ -230,12 +257,16 @@ class ProcessDriver:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        for record in self._containers.values():  # ended by now; a failed supervisor's too
+            self._close_proxy(record)
+        closing = [c.proxy_closed for c in self._containers.values() if c.proxy_closed]
+        await asyncio.gather(*closing, return_exceptions=True)
 
     # ------------------------------------------------------------------ process lifecycle
 
     async def _spawn(self, record: _Container) -> None:
         spec = record.spec
-        env = {**self.base_env, **spec.env, "PORT": str(record.info.port)}
+        env = {**self.base_env, **spec.env, "PORT": str(record.private_port)}
         try:
             # A scratch working directory: never the agent's own (an app could serve it).
             record.workdir = Path(
@@ -254,6 +285,7 @@ class ProcessDriver:
             )
         except OSError as exc:
             self._remove_workdir(record)
+            self._close_proxy(record)
             self._set(
                 record,
                 state=ContainerState.FAILED,
@@ -268,7 +300,12 @@ class ProcessDriver:
         self._set(record, pid=process.pid)
         log.info(
             "container started",
-            extra={"container_id": spec.container_id, "pid": process.pid, "port": record.info.port},
+            extra={
+                "container_id": spec.container_id,
+                "pid": process.pid,
+                "port": record.info.port,
+                "private_port": record.private_port,
+            },
         )
         assert process.stdout is not None and process.stderr is not None
         readers = [
@@ -311,7 +348,7 @@ class ProcessDriver:
             while time.monotonic() < deadline:
                 if exited.done() or record.stop_requested:
                     return None
-                if await self._probe(client, record.info.port, path):
+                if await self._probe(client, record.private_port, path):
                     return True
                 await asyncio.wait({exited}, timeout=self.probe_interval)
         return None if exited.done() else False
@@ -384,6 +421,7 @@ class ProcessDriver:
             extra={"container_id": record.info.container_id, "state": state, "reason": reason},
         )
         self._remove_workdir(record)
+        self._close_proxy(record)
         record.spec = replace(record.spec, env={})  # its secrets need not outlive it
         record.ended.set()
         self._forget_old_ended()
@@ -424,9 +462,38 @@ class ProcessDriver:
             except Exception:  # a broken listener must not break the container
                 log.exception("container listener failed")
 
+    @staticmethod
+    def _close_proxy(record: _Container) -> None:
+        """Closes the container's public port and its live connections (in the background;
+        `stop` and `close` wait for it). Its counters stay readable."""
+        if record.proxy is not None and record.proxy_closed is None:
+            record.proxy_closed = asyncio.ensure_future(record.proxy.close())
+
+    async def _listen(self) -> tuple[IngressProxy, int]:
+        """The container's proxy, listening on a public port, and its app's private port."""
+        for _ in range(10):
+            private_port = self._free_port()
+            proxy = IngressProxy(self.listen_host)
+            try:
+                await proxy.start(0, private_port)
+            except OSError as exc:
+                raise Unavailable(
+                    f"cannot listen for the container: {exc.strerror or exc}",
+                    reason="NO_FREE_PORT",
+                ) from exc
+            if proxy.port != private_port:  # the probe's port was free again: not that one
+                return proxy, private_port
+            await proxy.close()
+        raise Unavailable("no free port on this server", reason="NO_FREE_PORT")
+
     def _free_port(self) -> int:
         """A port nothing listens on now, and not promised to another live container."""
-        taken = {c.info.port for c in self._containers.values() if not c.info.state.ended}
+        taken = {
+            port
+            for c in self._containers.values()
+            if not c.info.state.ended
+            for port in (c.info.port, c.private_port)
+        }
         for _ in range(100):
             with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
                 probe.bind(("", 0))

@@ -19,11 +19,16 @@ the notices runtime stores add up to the lines lost.
 
 Metrics: every `interval` seconds, each live container's RSS, CPU (millicores over the
 interval, from psutil's cumulative CPU time) and the server's totals; samples wait in a
-bounded deque (newest kept) until ShipMetrics accepts them. Network bytes per container:
-psutil has no per-process network counters, and a process driver's apps share the host's
-network namespace, so /proc/PID/net/dev would report the whole host. They are sampled only
-for a container in a network namespace of its own (a future image driver); the server's
-totals always carry network bytes.
+bounded deque (newest kept) until ShipMetrics accepts them. Network bytes per container
+(NETWORK_RX/TX: bytes over the interval, so runtime bills rx + tx): psutil has no
+per-process network counters, and a process driver's apps share the host's network
+namespace, so /proc/PID/net/dev would report the whole host. The process driver counts
+them instead in its ingress proxy (services/agent/proxy.py: rx from clients, tx to them),
+and its samples carry those totals; a container in a network namespace of its own (a
+future image driver) is read from that namespace's /proc/PID/net/dev. The first reading
+of a container counts from zero (the proxy starts with it); bytes after the last reading
+before a container ends are not sampled (nor is its CPU then). The server's totals always
+carry network bytes.
 """
 
 from __future__ import annotations
@@ -416,7 +421,11 @@ class MetricShipper:
                     self._sample(cid, pb.METRIC_TYPE_CPU_MILLICORES, used / elapsed * 1000, at)
                 )
             self._cpu[cid] = _CpuReading(reading.cpu_seconds, now)
-            if info.pid and _net_namespace(info.pid) not in ("", self._host_netns):
+            if reading.rx_bytes is not None and reading.tx_bytes is not None:
+                if cid not in self._net:  # counted by the driver since the container started
+                    self._net[cid] = (0, 0)
+                samples.extend(self._net_samples(cid, (reading.rx_bytes, reading.tx_bytes), at))
+            elif info.pid and _net_namespace(info.pid) not in ("", self._host_netns):
                 samples.extend(self._net_samples(cid, _net_dev_bytes(info.pid), at))
         for gone in [c for c in self._cpu if c not in live]:
             self._cpu.pop(gone, None)

@@ -162,7 +162,9 @@ async def test_app_env_is_the_given_env_and_port_without_the_agents_own(
     assert logs is not None
     seen = dict(line.split("=", 1) for line in logs.text().splitlines() if "=" in line)
     assert seen["MY_SECRET"] == "s3cret"
-    assert seen["PORT"] == str(started.port)  # the agent's PORT wins
+    # The agent's PORT wins: the app's private port, behind the proxy on the public one.
+    assert seen["PORT"] == str(driver._containers[started.container_id].private_port)
+    assert seen["PORT"] not in ("1", str(started.port))
     assert "HANGAR_AGENT_SERVICE_SECRET" not in seen
 
 
