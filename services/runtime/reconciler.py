@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 from services.runtime import store
 from services.runtime.domain import Drift, find_drift
+from services.runtime.scheduler import retry_deadlocks
 from shared.db import Database
 from shared.loops import run_every
 
@@ -50,6 +51,9 @@ class Reconciler:
 
     async def reconcile_once(self) -> ReconcileReport | None:
         """Check and repair every server; None when another replica is doing it right now."""
+        return await retry_deadlocks(self._reconcile)
+
+    async def _reconcile(self) -> ReconcileReport | None:
         async with self.db.transaction() as tx:
             if not await store.try_advisory_xact_lock(tx, LOCK_KEY):
                 return None

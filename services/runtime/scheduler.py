@@ -13,6 +13,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from typing import TypeVar
 
 import asyncpg
 
@@ -38,6 +39,7 @@ SYSTEM_ACTOR = "service:runtime"
 PROCESS_DRIVER = "process"
 IMAGE_DRIVER = "docker"
 DEADLOCK_RETRIES = 3
+T = TypeVar("T")
 
 State = DeploymentState
 # (transaction, region, driver, need) -> the server now holding the reservation, or None.
@@ -53,12 +55,13 @@ def _utcnow() -> datetime:
     return datetime.now(UTC)
 
 
-async def _retry_deadlocks(attempt: Callable[[], Awaitable[Deployment]]) -> Deployment:
-    """Run a placing transaction again when PostgreSQL broke a deadlock by aborting it.
+async def retry_deadlocks(attempt: Callable[[], Awaitable[T]]) -> T:
+    """Run a whole transaction again when PostgreSQL broke a deadlock by aborting it.
 
     A placement whose first (SKIP LOCKED) pass locked a row that then failed the re-check
-    keeps that lock while it waits in the second pass, so under heavy contention on a
-    nearly full region a cycle can close; the aborted transaction changed nothing.
+    keeps that lock while it waits in the second pass, so under heavy contention on a nearly
+    full region a cycle can close with other placements, releases or the reconciler; whichever
+    PostgreSQL aborts changed nothing, so every transaction that locks server rows retries.
     """
     for tries in range(DEADLOCK_RETRIES):
         try:
@@ -66,7 +69,7 @@ async def _retry_deadlocks(attempt: Callable[[], Awaitable[Deployment]]) -> Depl
         except asyncpg.DeadlockDetectedError:
             if tries == DEADLOCK_RETRIES - 1:
                 raise
-            log.info("placement deadlocked; retrying")
+            log.info("transaction deadlocked; retrying")
             await asyncio.sleep(0.01 * (tries + 1))
     raise AssertionError("unreachable")
 
@@ -116,14 +119,14 @@ class Scheduler:
                 await self._changed(tx, None, deployment)
                 return await self._place(tx, deployment)
 
-        return await _retry_deadlocks(attempt)
+        return await retry_deadlocks(attempt)
 
     async def place(self, deployment_id: str) -> Deployment:
         async def attempt() -> Deployment:
             async with self.db.transaction() as tx:
                 return await self._place(tx, await store.lock_deployment(tx, deployment_id))
 
-        return await _retry_deadlocks(attempt)
+        return await retry_deadlocks(attempt)
 
     async def place_queued(self) -> QueuePass:
         """One pass over the queue, oldest first, one transaction per deployment."""
@@ -223,14 +226,20 @@ class Scheduler:
         reason: str | None = None,
         exit_code: int | None = None,
     ) -> Deployment:
-        async with self.db.transaction() as tx:
-            if new is State.RUNNING:
-                # One project reaches running at a time: the supersede below must see the
-                # project's current running deployment, not race another one to it.
-                project_id = (await store.get_deployment(tx, deployment_id)).project_id
-                await self.lock_project(tx, project_id)
-            deployment = await store.lock_deployment(tx, deployment_id)
-            return await self._transition(tx, deployment, new, reason=reason, exit_code=exit_code)
+
+        async def attempt() -> Deployment:
+            async with self.db.transaction() as tx:
+                if new is State.RUNNING:
+                    # One project reaches running at a time: the supersede below must see the
+                    # project's current running deployment, not race another one to it.
+                    project_id = (await store.get_deployment(tx, deployment_id)).project_id
+                    await self.lock_project(tx, project_id)
+                deployment = await store.lock_deployment(tx, deployment_id)
+                return await self._transition(
+                    tx, deployment, new, reason=reason, exit_code=exit_code
+                )
+
+        return await retry_deadlocks(attempt)
 
     async def roll_back(self, deployment_id: str) -> Deployment:
         """A new deployment from the last spec that ran before this one.
