@@ -14,11 +14,13 @@ DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 1000
 
 
-def page_size(requested: int, maximum: int = MAX_PAGE_SIZE) -> int:
-    """The page size to use: the default for 0, capped at `maximum`, refused if negative."""
+def page_size(
+    requested: int, maximum: int = MAX_PAGE_SIZE, *, default: int = DEFAULT_PAGE_SIZE
+) -> int:
+    """The page size to use: `default` for 0, capped at `maximum`, refused if negative."""
     if requested < 0:
         raise InvalidArgument.field("page_size", "must not be negative")
-    return min(requested or DEFAULT_PAGE_SIZE, maximum)
+    return min(requested or default, maximum)
 
 
 def encode_page_token(key: list[Any]) -> str:

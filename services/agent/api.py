@@ -14,6 +14,7 @@ import grpc
 from hangar.agent.v1 import agent_pb2, agent_pb2_grpc
 from services.agent.domain import MAX_GRACE_SECONDS, ContainerInfo, ContainerSpec, ContainerState
 from services.agent.drivers import Driver
+from shared import pagination
 from shared.auth import require_service
 from shared.errors import FailedPrecondition, InvalidArgument, NotFound
 from shared.proto import timestamp
@@ -74,9 +75,7 @@ class AgentApi(agent_pb2_grpc.AgentServiceServicer):
         self, request: agent_pb2.ListContainersRequest, context: grpc.aio.ServicerContext
     ) -> agent_pb2.ListContainersResponse:
         require_service(CALLER)
-        if request.page_size < 0:
-            raise InvalidArgument.field("page_size", "must not be negative")
-        size = min(request.page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+        size = pagination.page_size(request.page_size, MAX_PAGE_SIZE, default=DEFAULT_PAGE_SIZE)
         after = _decode_page_token(request.page_token)
         listed = sorted(
             (

@@ -25,6 +25,7 @@ from services.billing.domain import (
     period_containing,
     validate_allocation,
 )
+from shared import pagination
 from shared.auth import require_caller, require_service
 from shared.errors import InvalidArgument, NotFound, PermissionDenied
 from shared.ids import new_id
@@ -33,6 +34,8 @@ from shared.proto import optional_timestamp
 
 if TYPE_CHECKING:
     from services.billing.server import BillingApp
+
+MAX_PAGE_SIZE = 500
 
 log = logging.getLogger(__name__)
 
@@ -278,7 +281,7 @@ class BillingApi(billing_pb2_grpc.BillingServiceServicer):
 
     async def ListAllocations(self, request, context):  # type: ignore[no-untyped-def]
         require_service("project")
-        limit = store.page_size(request.page_size)
+        limit = pagination.page_size(request.page_size, maximum=MAX_PAGE_SIZE)
         after = store.decode_page_token(request.page_token)
         async with self.db.session() as s:
             rows = await store.list_allocations(s, request.organization_id, after, limit + 1)
@@ -332,7 +335,7 @@ class BillingApi(billing_pb2_grpc.BillingServiceServicer):
 
     async def ListInvoices(self, request, context):  # type: ignore[no-untyped-def]
         await self.app.authorizer.require(request.organization_id, READ)
-        limit = store.page_size(request.page_size)
+        limit = pagination.page_size(request.page_size, maximum=MAX_PAGE_SIZE)
         after = None
         if request.page_token:
             created, _, invoice_id = store.decode_page_token(request.page_token).partition("|")

@@ -176,12 +176,6 @@ def decode_page_token(token: str) -> str:
         raise InvalidArgument.field("page_token", "not a token from a previous page") from None
 
 
-def page_size(requested: int, *, default: int = 50, maximum: int = 500) -> int:
-    if requested < 0:
-        raise InvalidArgument.field("page_size", "must not be negative")
-    return min(requested or default, maximum)
-
-
 # ------------------------------------------------------------------------------ plans
 
 

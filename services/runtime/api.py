@@ -20,6 +20,7 @@ from services.runtime.domain import DeploymentState, Resources, ServerState
 from services.runtime.scheduler import IMAGE_DRIVER
 from services.runtime.store import DeploymentSpec
 from services.runtime.telemetry_api import TelemetryApi
+from shared import pagination
 from shared.audit import record_audit
 from shared.auth import require_caller, require_platform_admin, require_service
 from shared.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
@@ -38,6 +39,8 @@ _SERVER_STATUS = {
 _DEPLOYMENT_STATUS = {
     state: pb.DeploymentStatus.Value(f"DEPLOYMENT_STATUS_{state.name}") for state in DeploymentState
 }
+
+MAX_PAGE_SIZE = 500
 
 
 def server_to_proto(s: store.Server) -> pb.Server:
@@ -173,7 +176,7 @@ class RuntimeApi(TelemetryApi, runtime_pb2_grpc.RuntimeServiceServicer):
         self, request: pb.ListServersRequest, context: Context
     ) -> pb.ListServersResponse:
         require_platform_admin()
-        size = store.page_size(request.page_size)
+        size = pagination.page_size(request.page_size, maximum=MAX_PAGE_SIZE)
         async with self.db.session() as s:
             page = await store.list_servers(s, size, request.page_token)
         return pb.ListServersResponse(
@@ -225,11 +228,8 @@ class RuntimeApi(TelemetryApi, runtime_pb2_grpc.RuntimeServiceServicer):
     async def ListDeployments(
         self, request: pb.ListDeploymentsRequest, context: Context
     ) -> pb.ListDeploymentsResponse:
-        require_caller()
-        project_id = _required(request.project_id, "project_id")
-        organization_id = await self.app.projects.organization_of(project_id)
-        await self.app.authorizer.require(organization_id, "deployments.list")
-        size = store.page_size(request.page_size)
+        project_id = await self._authorize_project(request.project_id, "deployments.list")
+        size = pagination.page_size(request.page_size, maximum=MAX_PAGE_SIZE)
         async with self.db.session() as s:
             page = await store.list_deployments(s, project_id, size, request.page_token)
         return pb.ListDeploymentsResponse(
@@ -288,11 +288,8 @@ class RuntimeApi(TelemetryApi, runtime_pb2_grpc.RuntimeServiceServicer):
     async def ListContainers(
         self, request: pb.ListContainersRequest, context: Context
     ) -> pb.ListContainersResponse:
-        require_caller()
-        project_id = _required(request.project_id, "project_id")
-        organization_id = await self.app.projects.organization_of(project_id)
-        await self.app.authorizer.require(organization_id, "containers.list")
-        size = store.page_size(request.page_size)
+        project_id = await self._authorize_project(request.project_id, "containers.list")
+        size = pagination.page_size(request.page_size, maximum=MAX_PAGE_SIZE)
         async with self.db.session() as s:
             page = await store.list_containers(s, project_id, size, request.page_token)
         return pb.ListContainersResponse(

@@ -145,12 +145,6 @@ def _decode(token: str, count: int) -> list[str]:
     return parts
 
 
-def page_size(requested: int, *, default: int = 50, maximum: int = 500) -> int:
-    if requested < 0:
-        raise InvalidArgument.field("page_size", "must not be negative")
-    return min(requested or default, maximum)
-
-
 # ---------------------------------------------------------------------------- servers
 
 

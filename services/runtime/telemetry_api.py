@@ -29,6 +29,7 @@ from services.runtime.telemetry import (
     UsageReport,
     utcnow,
 )
+from shared import pagination
 from shared.auth import Authorizer, require_caller, require_platform_admin, require_service
 from shared.clients import Clients
 from shared.errors import InvalidArgument
@@ -92,12 +93,6 @@ def _required(value: str, field: str) -> str:
     if not value.strip():
         raise InvalidArgument.field(field, "required")
     return value.strip()
-
-
-def _page_size(requested: int, default: int = 100, maximum: int = 1000) -> int:
-    if requested < 0:
-        raise InvalidArgument.field("page_size", "must not be negative")
-    return min(requested or default, maximum)
 
 
 class TelemetryApi:
@@ -172,7 +167,7 @@ class TelemetryApi:
             contains=request.contains,
         )
         entries, token = await telemetry.query_logs(
-            query, _page_size(request.page_size), request.page_token
+            query, pagination.page_size(request.page_size, 1000, default=100), request.page_token
         )
         return pb.QueryLogsResponse(
             entries=[entry_to_proto(e) for e in entries], next_page_token=token
