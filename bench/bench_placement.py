@@ -4,25 +4,27 @@ with a naive one, in one run on one database.
 - atomic: one conditional UPDATE that picks the best-fitting server with FOR UPDATE SKIP
   LOCKED (only that row is locked), with a waiting pass in id order only when every fitting
   server was momentarily locked; then the deployment's UPDATE, its event and audit entry.
-- atomic-cte: runtime's scheduler as shipped: the same UPDATE, the deployment's move to
-  scheduling, its event and its audit entry folded into one statement (store.place_deployment),
-  so the server row stays locked for one round trip plus the commit.
+- atomic-cte: runtime's scheduler as shipped (store.create_deployment): the same UPDATE, the
+  deployment's INSERT (already placed), and the creation's and the placement's events and
+  audit entries folded into one statement run on its own, outside any BEGIN/COMMIT: one round
+  trip per CreateDeployment, and the server row is locked for that one statement.
 - naive: the same transaction (deployment row, reservation, status, event, audit), but the
   reservation locks every candidate server of the region (SELECT ... FOR UPDATE), picks the
   best fit in Python, then UPDATEs it.
 
-Each call is a whole CreateDeployment transaction (insert queued, place, event, audit) made
-through services.runtime.scheduler; the fleet has room for ~90% of the calls, so the tail
+Each call is a whole CreateDeployment (insert, place, events, audit entries) made through
+services.runtime.scheduler; the fleet has room for ~90% of the calls, so the tail
 also exercises "no room". After each run: counters = sum over reserved deployments and never
 above capacity (zero over-commit), checked as a superuser.
 
 Same footing: one database, one pool, one event loop, so fsync / synchronous_commit (printed)
-and the outbox NOTIFY trigger are the same for every design; a CHECKPOINT before each timed
-run; the designs alternate for --rounds rounds on a fresh fleet each and the median round is
-shown (the p99 is that round's). Each round also shows CPU per call: this process (the
-scheduler's code, asyncpg, the load loop) and the PostgreSQL cluster (postmaster and its
-children, read from /proc; "-" when the server is not local) -- and how busy the whole
-machine was, to tell a CPU-bound design from a lock-bound one.
+and the outbox notification are the same for every design (an OutboxFeed runs as in the
+service: committed events wake it, and it sends the other replicas one coalesced NOTIFY);
+a CHECKPOINT before each timed run; the designs alternate for --rounds rounds on a fresh
+fleet each and the median round is shown (the p99 is that round's). Each round also shows
+CPU per call: this process (the scheduler's code, asyncpg, the load loop) and the PostgreSQL
+cluster (postmaster and its children, read from /proc; "-" when the server is not local) --
+and how busy the whole machine was, to tell a CPU-bound design from a lock-bound one.
 
     .venv/bin/python bench/bench_placement.py [--calls 4000] [--concurrency 32]
         [--servers 16] [--rounds 3]
@@ -53,6 +55,7 @@ from services.runtime.domain import Candidate, DeploymentState, Resources, best_
 from services.runtime.scheduler import Reserve, Scheduler
 from shared.db import Database, Session
 from shared.ids import new_id
+from shared.outbox import OutboxFeed
 from shared.settings import SERVICES, Settings
 
 RAM_MB, CPU_MILLIS = 128, 100
@@ -297,8 +300,12 @@ async def run_design(
 async def bench(admin_url: str, passwords: dict[str, str], args: argparse.Namespace) -> None:
     settings = Settings(service="runtime", database_url=admin_url, db_passwords=passwords)
     db = await Database.connect(
-        settings.service_database_url(), min_size=args.concurrency, max_size=args.concurrency
+        settings.service_database_url(),
+        min_size=args.concurrency + 1,  # + the feed's LISTEN connection
+        max_size=args.concurrency + 1,
     )
+    feed = OutboxFeed(db, "runtime")
+    await feed.start()
     designs: list[tuple[str, Reserve | None]] = [
         ("naive", naive_reserve),
         ("atomic", store.reserve_capacity),  # reservation, then the deployment's update
@@ -327,6 +334,7 @@ async def bench(admin_url: str, passwords: dict[str, str], args: argparse.Namesp
                 if args.rounds > 1:
                     print("  round  " + result.line(), flush=True)
     finally:
+        await feed.close()
         await db.close()
     print(
         f"placement: {args.calls} CreateDeployment transactions, {args.concurrency} concurrent"
@@ -346,6 +354,10 @@ async def bench(admin_url: str, passwords: dict[str, str], args: argparse.Namesp
             continue
         ratio = result.placements_per_second / naive.placements_per_second
         print(f"  {name} / naive placements/s: {ratio:.1f}x")
+    print(
+        f"  outbox notifications: {feed.notifies} NOTIFYs for {feed.pokes} commits with events"
+        " (coalesced; all designs, warm-up included)"
+    )
     overcommitted = sum(r.overcommit for results in rounds.values() for r in results)
     print(f"  over-commit or counter drift, all {args.rounds * len(designs)} runs: {overcommitted}")
     if overcommitted:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -83,6 +83,11 @@ class Session:
 
     def __init__(self, conn: asyncpg.Connection) -> None:
         self.conn = conn
+        self.wrote_events = False  # set by whoever writes outbox rows (note_events)
+
+    def note_events(self) -> None:
+        """This unit of work wrote outbox rows: the Database announces them once it commits."""
+        self.wrote_events = True
 
     @staticmethod
     def _prepare(query: Query, args: Sequence[Any]) -> tuple[str, Sequence[Any]]:
@@ -112,6 +117,9 @@ class Database:
 
     def __init__(self, pool: asyncpg.Pool) -> None:
         self.pool = pool
+        # Called after a unit of work that wrote outbox rows has committed (the process's
+        # OutboxFeed: wake its watchers, NOTIFY the other replicas', coalesced).
+        self.on_events: Callable[[], None] | None = None
 
     @classmethod
     async def connect(cls, url: str, **kwargs: Any) -> Database:
@@ -128,11 +136,22 @@ class Database:
     @asynccontextmanager
     async def transaction(self, *, isolation: str = "read_committed") -> AsyncIterator[Session]:
         """Commits when the block ends normally, rolls back on any exception."""
-        async with self.pool.acquire() as conn, conn.transaction(isolation=isolation):
-            yield Session(conn)
+        async with self.pool.acquire() as conn:
+            session = Session(conn)
+            async with conn.transaction(isolation=isolation):
+                yield session
+        self._committed(session)
 
     @asynccontextmanager
     async def session(self) -> AsyncIterator[Session]:
         """A connection in autocommit, for single statements that need no transaction."""
         async with self.pool.acquire() as conn:
-            yield Session(conn)
+            session = Session(conn)
+            try:
+                yield session
+            finally:  # each statement committed on its own, even if a later one failed
+                self._committed(session)
+
+    def _committed(self, session: Session) -> None:
+        if session.wrote_events and self.on_events is not None:
+            self.on_events()

@@ -347,6 +347,22 @@ def outbox_ddl(schema: str) -> list[str]:
     ]
 
 
+def outbox_notify_ddl(schema: str) -> list[str]:
+    """The per-statement NOTIFY trigger of outbox_ddl (what outbox_notify_drop_ddl removes)."""
+    return outbox_ddl(schema)[1:3]
+
+
+def outbox_notify_drop_ddl(schema: str) -> list[str]:
+    """Drop the outbox's NOTIFY trigger: a NOTIFY in the writer's transaction serialises the
+    commits of every notifying transaction; the writing process notifies after commit
+    instead (shared.outbox.OutboxFeed.poke)."""
+    s = _ident(schema)
+    return [
+        f"DROP TRIGGER trg_outbox_notify ON {s}.outbox",
+        f"DROP FUNCTION {s}.outbox_notify()",
+    ]
+
+
 def outbox_drop_ddl(schema: str) -> list[str]:
     s = _ident(schema)
     return [

@@ -68,6 +68,7 @@ async def write_event(
         aggregate_id,
         payload or {},
     )
+    tx.note_events()
     return event_id
 
 
@@ -88,28 +89,69 @@ def _to_proto(row: asyncpg.Record) -> events_pb2.Event:
 
 
 class OutboxFeed:
-    """Serves a service's outbox. One LISTEN connection per process wakes every watcher."""
+    """Serves a service's outbox. One LISTEN connection per process wakes every watcher.
+
+    Writers do not NOTIFY in their own transactions: PostgreSQL serialises the commits of
+    all notifying transactions of a database on one lock, held across the commit's WAL
+    flush, so a per-transaction NOTIFY (an outbox trigger) made every event-writing commit
+    wait for the one before it. Instead the Database calls `poke` after such a commit: the
+    process's own watchers wake at once and the other replicas get a NOTIFY from this
+    connection, one at a time however many commits asked for it (coalesced). Rows written
+    by anything else (a psql session, a one-off script) are found by the poll.
+    """
 
     def __init__(self, db: Database, schema: str, *, poll_seconds: float = 0.5) -> None:
         self.db = db
         self.schema = schema
+        self.channel = f"{schema}_outbox"
         self.poll_seconds = poll_seconds
         self._changed = asyncio.Event()
         self._listener: asyncpg.Connection | None = None
+        self._notify_wanted = False
+        self._notifier: asyncio.Task[None] | None = None
+        self.pokes = 0  # commits that announced events
+        self.notifies = 0  # NOTIFYs sent for them
 
     async def start(self) -> None:
         self._listener = await self.db.pool.acquire()
-        await self._listener.add_listener(f"{self.schema}_outbox", self._on_notify)
+        await self._listener.add_listener(self.channel, self._on_notify)
+        self.db.on_events = self.poke
 
     async def close(self) -> None:
+        if self.db.on_events == self.poke:
+            self.db.on_events = None
+        if self._notifier is not None:
+            self._notifier.cancel()
+            with contextlib.suppress(BaseException):
+                await self._notifier
+            self._notifier = None
         if self._listener is not None:
             with contextlib.suppress(Exception):
-                await self._listener.remove_listener(f"{self.schema}_outbox", self._on_notify)
+                await self._listener.remove_listener(self.channel, self._on_notify)
             await self.db.pool.release(self._listener)
             self._listener = None
 
     def _on_notify(self, *_: object) -> None:
         self._changed.set()
+
+    def poke(self) -> None:
+        """Events were committed by this process: wake its watchers and the other replicas'."""
+        self._changed.set()
+        self.pokes += 1
+        self._notify_wanted = True
+        if self._listener is not None and (self._notifier is None or self._notifier.done()):
+            self._notifier = asyncio.get_running_loop().create_task(self._notify())
+
+    async def _notify(self) -> None:
+        # One NOTIFY in flight at a time; pokes that arrive meanwhile share the next one.
+        while self._notify_wanted and self._listener is not None:
+            self._notify_wanted = False
+            try:
+                await self._listener.execute(f"NOTIFY {self.channel}")
+                self.notifies += 1
+            except (asyncpg.PostgresError, OSError) as exc:  # the poll still finds the rows
+                log.warning("outbox NOTIFY failed", extra={"error": repr(exc)})
+                return
 
     async def read(
         self, after: Cursor, types: Sequence[str] = (), limit: int = 500

@@ -58,10 +58,10 @@ def _utcnow() -> datetime:
 async def retry_deadlocks(attempt: Callable[[], Awaitable[T]]) -> T:
     """Run a whole transaction again when PostgreSQL broke a deadlock by aborting it.
 
-    A placement whose first (SKIP LOCKED) pass locked a row that then failed the re-check
-    keeps that lock while it waits in the second pass, so under heavy contention on a nearly
-    full region a cycle can close with other placements, releases or the reconciler; whichever
-    PostgreSQL aborts changed nothing, so every transaction that locks server rows retries.
+    Placements hold no server row they did not reserve (CreateDeployment is one statement;
+    a queued placement's misses roll back to a savepoint), but a transaction that ends
+    several deployments, or the reconciler, locks rows in an order another transaction may
+    not share. Whichever one PostgreSQL aborts changed nothing, so it is simply run again.
     """
     for tries in range(DEADLOCK_RETRIES):
         try:
@@ -111,11 +111,22 @@ class Scheduler:
             raise InvalidArgument.field("deployment.source", "exactly one of image or command")
         spec.resources.validate("resources.")
 
+        deadline = self.clock() + self.schedule_timeout
+
         async def attempt() -> Deployment:
+            if self.reserve is None:  # as shipped: one statement, no transaction around it
+                async with self.db.session() as s:
+                    return await store.create_deployment(
+                        s,
+                        spec,
+                        deadline,
+                        driver_for(spec.image, spec.command),
+                        event_type=STATUS_CHANGED,
+                        audit_type=AUDIT_PREFIX + STATUS_CHANGED,
+                        actor_id=current_actor() or SYSTEM_ACTOR,
+                    )
             async with self.db.transaction() as tx:
-                deployment = await store.insert_deployment(
-                    tx, spec, self.clock() + self.schedule_timeout
-                )
+                deployment = await store.insert_deployment(tx, spec, deadline)
                 await self._changed(tx, None, deployment)
                 return await self._place(tx, deployment)
 

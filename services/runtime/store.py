@@ -833,12 +833,136 @@ async def place_deployment(
         actor_id,
     )
     for attempt in range(len(_SKIP_LOCKED_BACKOFF) + 1):
+        # In a savepoint: a server row that failed the re-check stays locked by a statement
+        # that placed nothing; rolling back to the savepoint unlocks it, so this transaction
+        # never holds a row while it sleeps or waits for another (no deadlock cycle).
+        savepoint = tx.conn.transaction()
+        await savepoint.start()
         row = await tx.fetchrow(_PLACE_SKIP_LOCKED, *args)
         assert row is not None
         if row["id"] is not None:
+            await savepoint.commit()
+            tx.note_events()
             return Deployment.from_row(row)
+        await savepoint.rollback()
         if attempt == len(_SKIP_LOCKED_BACKOFF) or not row["any_fits"]:
             break
         await asyncio.sleep(_SKIP_LOCKED_BACKOFF[attempt] * (0.5 + random.random()))
     row = await tx.fetchrow(_PLACE_WAITING, *args)
-    return Deployment.from_row(row) if row is not None and row["id"] is not None else None
+    if row is None or row["id"] is None:
+        return None
+    tx.note_events()
+    return Deployment.from_row(row)
+
+
+# ------------------------------------------------------- a new deployment in one statement
+
+
+def _create_sql(skip_locked: bool) -> str:
+    # CreateDeployment as one statement run on its own (its own transaction, one round trip):
+    # the reservation of _reserve_sql, the deployment inserted already placed (or queued),
+    # and the outbox rows place_deployment's path would write -- the creation's event and
+    # audit entry, then the placement's -- in that order. The server row is locked for this
+    # one statement; a row that failed the re-check is unlocked when it ends, so a miss holds
+    # no lock while the caller waits to try again.
+    reserve = _reserve_sql(skip_locked).replace("RETURNING id", "RETURNING id AS server_id")
+
+    def payload(before: str, after: str, server: str, reserved: str) -> str:
+        return f"""jsonb_build_object(
+                   'deployment_id', d.id, 'project_id', d.project_id, 'from', {before}::text,
+                   'to', {after}::text, 'server_id', {server}, 'capacity_reserved', {reserved},
+                   'reason', '')"""
+
+    queued = payload("''", "'queued'", "''::text", "false")
+    placed = payload("'queued'", "d.status", "d.server_id", "d.capacity_reserved")
+    return f"""
+        WITH reserved AS ({reserve}),
+        fits AS (
+            SELECT EXISTS (SELECT 1 FROM {S}.servers
+                            WHERE status = 'active' AND region = $1 AND $2::text = ANY(drivers)
+                              AND ram_mb - ram_mb_reserved >= $3
+                              AND cpu_millis - cpu_millis_reserved >= $4) AS any_fits),
+        made AS (
+            INSERT INTO {S}.deployments (id, project_id, organization_id, image, command,
+                    ram_mb, cpu_millis, region, health_check_path, rolled_back_from,
+                    schedule_deadline, status, status_reason, server_id, capacity_reserved)
+            SELECT $5, $6, $7, $8, $9, $3, $4, $1, NULLIF($10, ''), NULLIF($11, ''), $12,
+                   CASE WHEN r.server_id IS NULL THEN 'queued' ELSE 'scheduling' END,
+                   CASE WHEN r.server_id IS NULL THEN NULL ELSE '' END,
+                   r.server_id, r.server_id IS NOT NULL
+              FROM fits f LEFT JOIN reserved r ON true
+             -- A miss while fitting servers were only locked inserts nothing: try again.
+             WHERE r.server_id IS NOT NULL OR $13 OR NOT f.any_fits
+            RETURNING *),
+        written AS (
+            INSERT INTO {S}.outbox (id, type, organization_id, aggregate_id, payload)
+            SELECT ($17::text[])[v.n], CASE WHEN v.audit THEN $15 ELSE $14 END,
+                   d.organization_id, d.id,
+                   CASE WHEN v.audit THEN jsonb_build_object(
+                            'actor_id', $16::text, 'action', $14::text,
+                            'target_type', 'deployment', 'target_id', d.id,
+                            'metadata', v.payload - 'deployment_id')
+                        ELSE v.payload END
+              FROM made d CROSS JOIN LATERAL (VALUES
+                   (1, false, {queued}), (2, true, {queued}),
+                   (3, false, {placed}), (4, true, {placed})) v(n, audit, payload)
+             WHERE v.n <= 2 OR d.capacity_reserved
+             ORDER BY v.n)
+        SELECT d.*, f.any_fits FROM fits f LEFT JOIN made d ON true"""
+
+
+_CREATE_SKIP_LOCKED = _create_sql(skip_locked=True)
+_CREATE_WAITING = _create_sql(skip_locked=False)
+
+
+async def create_deployment(
+    s: Session,
+    spec: DeploymentSpec,
+    schedule_deadline: datetime,
+    driver: str,
+    *,
+    event_type: str,
+    audit_type: str,
+    actor_id: str,
+) -> Deployment:
+    """insert_deployment, its status_changed event and audit entry, and place_deployment,
+    as one statement per attempt on a session outside any transaction.
+
+    The deployment comes back `scheduling` with its reservation, or `queued` when no server
+    has room. Attempts follow reserve_capacity: SKIP LOCKED, again after a short sleep while
+    the fitting servers are only locked, then once waiting for the locks.
+    """
+    need = spec.resources
+    args = [
+        spec.region,
+        driver,
+        need.ram_mb,
+        need.cpu_millis,
+        new_id(),
+        spec.project_id,
+        spec.organization_id,
+        spec.image,
+        spec.command,
+        spec.health_check_path,
+        spec.rolled_back_from,
+        schedule_deadline,
+        False,
+        event_type,
+        audit_type,
+        actor_id,
+        [new_id() for _ in range(4)],
+    ]
+    for attempt in range(len(_SKIP_LOCKED_BACKOFF) + 1):
+        row = await s.fetchrow(_CREATE_SKIP_LOCKED, *args)
+        assert row is not None
+        if row["id"] is not None:
+            s.note_events()
+            return Deployment.from_row(row)
+        if attempt == len(_SKIP_LOCKED_BACKOFF):
+            break
+        await asyncio.sleep(_SKIP_LOCKED_BACKOFF[attempt] * (0.5 + random.random()))
+    args[12] = True  # the last attempt inserts the deployment, placed or queued
+    row = await s.fetchrow(_CREATE_WAITING, *args)
+    assert row is not None and row["id"] is not None
+    s.note_events()
+    return Deployment.from_row(row)

@@ -89,6 +89,68 @@ async def test_watch_streams_history_then_live_events(db: Database) -> None:
         await feed.close()
 
 
+async def test_a_commit_wakes_another_replicas_watcher_without_waiting_for_its_poll(
+    db: Database, outbox_database_url: str, db_passwords: dict[str, str]
+) -> None:
+    """The writer's process NOTIFYs after its commit (the outbox has no trigger any more):
+    replica B, polling only every 60 s, still sees replica A's event as it commits."""
+    url = url_with_credentials(outbox_database_url, role_name(SCHEMA), db_passwords[SCHEMA])
+    other = await Database.connect(url, min_size=1, max_size=2)
+    writer, watcher = OutboxFeed(db, SCHEMA), OutboxFeed(other, SCHEMA, poll_seconds=60)
+    await writer.start()
+    await watcher.start()
+    try:
+        received: asyncio.Queue[events_pb2.Event] = asyncio.Queue()
+
+        async def watch() -> None:
+            async for event in watcher.watch(events_pb2.WatchEventsRequest(), None):  # type: ignore[arg-type]
+                received.put_nowait(event)
+
+        task = asyncio.create_task(watch())
+        await asyncio.sleep(0.2)  # the watcher has read the (empty) history and waits
+        async with db.transaction() as tx:
+            await write_event(tx, SCHEMA, "test.replicated", aggregate_id="a")
+        async with db.session() as s:  # autocommit writes announce themselves too
+            await write_event(s, SCHEMA, "test.replicated", aggregate_id="b")
+        got = [await asyncio.wait_for(received.get(), 30) for _ in range(2)]
+        assert [e.aggregate_id for e in got] == ["a", "b"]
+        task.cancel()
+    finally:
+        await watcher.close()
+        await writer.close()
+        await other.close()
+
+
+async def test_pokes_while_a_notify_is_pending_share_it(db: Database) -> None:
+    """However many commits poke at once, one NOTIFY is sent for them (coalesced)."""
+    feed = OutboxFeed(db, SCHEMA)
+    await feed.start()
+    seen: list[str] = []
+    done = asyncio.Event()
+    async with db.pool.acquire() as listener:
+
+        def on_notify(_conn: object, _pid: int, channel: str, _payload: str) -> None:
+            seen.append(channel)
+            if channel == "test_sentinel":
+                done.set()
+
+        await listener.add_listener(feed.channel, on_notify)
+        await listener.add_listener("test_sentinel", on_notify)
+        try:
+            for _ in range(100):
+                feed.poke()
+            assert feed._notifier is not None
+            await feed._notifier
+            async with db.session() as s:  # delivered after anything committed before it
+                await s.execute("NOTIFY test_sentinel")
+            await asyncio.wait_for(done.wait(), 30)
+        finally:
+            await listener.remove_listener(feed.channel, on_notify)
+            await listener.remove_listener("test_sentinel", on_notify)
+            await feed.close()
+    assert seen == [feed.channel, "test_sentinel"]
+
+
 async def test_two_consumer_replicas_apply_each_event_once_and_resume(db: Database) -> None:
     feed = OutboxFeed(db, SCHEMA, poll_seconds=0.1)
     await feed.start()

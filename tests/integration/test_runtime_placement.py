@@ -173,3 +173,74 @@ async def test_past_its_deadline_a_queued_deployment_fails_with_the_reason(
     assert failed.status is S.FAILED and not failed.capacity_reserved
     assert region in failed.status_reason and "512 MB" in failed.status_reason
     await assert_invariant(database_url, [server])
+
+
+async def _outbox(db: Database, deployment_id: str) -> list[tuple[str, dict[str, object]]]:
+    async with db.session() as s:
+        rows = await s.fetch(
+            "SELECT type, payload FROM runtime.outbox WHERE aggregate_id = $1"
+            " ORDER BY txid, position",
+            deployment_id,
+        )
+    return [(r["type"], r["payload"]) for r in rows]
+
+
+def _comparable(deployment: store.Deployment, written: list[tuple[str, dict]]) -> list[object]:
+    """The outbox rows with this deployment's own ids replaced by placeholders."""
+    own = {deployment.id: "<deployment>", deployment.server_id: "<server>"}
+
+    def plain(value: object) -> object:
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        return own.get(value, value) if isinstance(value, str) else value
+
+    return [(kind, plain(payload)) for kind, payload in written]
+
+
+@pytest.mark.parametrize("room", [True, False], ids=["placed", "queued"])
+async def test_one_statement_create_writes_what_the_transactional_path_writes(
+    db: Database, room: bool
+) -> None:
+    """CreateDeployment as one statement (as shipped) and as insert + place in a
+    transaction: the same row, the same events and audit entries in the same order."""
+    results = []
+    for reserve in (None, store.reserve_capacity):
+        region = f"same-{new_id()}"
+        await add_servers(db, region, 1, ram_mb=512 if room else 64, cpu_millis=500)
+        made = await Scheduler(db, reserve=reserve).create(
+            spec(region, 256, 100, project_id="p-same", organization_id="o-same")
+        )
+        assert made.status is (S.SCHEDULING if room else S.QUEUED)
+        assert made.capacity_reserved is room and bool(made.server_id) is room
+        results.append((made, _comparable(made, await _outbox(db, made.id))))
+    (one, one_written), (two, two_written) = results
+    assert one_written == two_written
+    assert len(one_written) == (4 if room else 2)  # an event and an audit entry per change
+    assert (one.status_reason, one.schedule_deadline is not None) == (
+        two.status_reason,
+        two.schedule_deadline is not None,
+    )
+
+
+async def test_create_while_the_only_fitting_server_is_locked_waits_for_it(
+    db: Database, database_url: str
+) -> None:
+    """SKIP LOCKED misses while another transaction holds the row: the create tries again,
+    then waits, and is placed once the row is free (never queued for a busy server)."""
+    region = f"locked-{new_id()}"
+    (server,) = await add_servers(db, region, 1, ram_mb=512, cpu_millis=500)
+    scheduler = Scheduler(db)
+    holder = await asyncpg.connect(database_url)
+    try:
+        tx = holder.transaction()
+        await tx.start()
+        await holder.execute("SELECT 1 FROM runtime.servers WHERE id = $1 FOR UPDATE", server)
+        creating = asyncio.create_task(scheduler.create(spec(region, 256, 100)))
+        await asyncio.sleep(0.3)  # past every SKIP LOCKED attempt: now waiting on the row
+        assert not creating.done()
+        await tx.rollback()
+        placed = await asyncio.wait_for(creating, 30)
+    finally:
+        await holder.close()
+    assert placed.status is S.SCHEDULING and placed.server_id == server
+    await assert_invariant(database_url, [server])

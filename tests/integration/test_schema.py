@@ -586,18 +586,22 @@ async def test_other_services_cannot_roll_partitions(
 
 
 @pytest.mark.parametrize("svc", SERVICES)
-async def test_outbox_insert_notifies_and_is_readable_in_order(
+async def test_outbox_insert_is_readable_in_order_and_notifies_no_one_in_its_transaction(
     scratch_url: str, db_passwords: dict[str, str], svc: str
 ) -> None:
+    """A NOTIFY inside the writer's transaction would serialise every event-writing commit
+    (migration 000x_outbox_notify_after_commit): the writer's process notifies after commit."""
     async with connect(as_service(scratch_url, db_passwords, svc)) as conn:
         heard: asyncio.Queue[str] = asyncio.Queue()
-        await conn.add_listener(f"{svc}_outbox", lambda *args: heard.put_nowait(args[2]))
+        for channel in (f"{svc}_outbox", "test_sentinel"):
+            await conn.add_listener(channel, lambda *args: heard.put_nowait(args[2]))
         async with conn.transaction():
             await conn.execute(
                 f"INSERT INTO {svc}.outbox (id, type, payload) VALUES"
                 " ('evt_1', 'thing.happened', '{}'), ('evt_2', 'thing.happened', '{}')"
             )
-        await asyncio.wait_for(heard.get(), timeout=5)
+        await conn.execute("NOTIFY test_sentinel")  # delivered after anything before it
+        assert await asyncio.wait_for(heard.get(), timeout=5) == "test_sentinel"
         rows = await conn.fetch(
             f"SELECT id FROM {svc}.outbox"
             " WHERE txid < pg_snapshot_xmin(pg_current_snapshot()) ORDER BY txid, position"

@@ -1,0 +1,32 @@
+"""identity: the outbox no longer notifies from the writer's transaction
+
+PostgreSQL serialises the commits of every transaction that issued a NOTIFY on one
+database-wide lock held across the commit's WAL flush, so the per-statement NOTIFY trigger
+put every event-writing commit of the service in one line. The writing process now notifies
+after its commit, coalesced (shared.outbox.OutboxFeed.poke); watchers still poll as well.
+
+Revision ID: identity_0002
+Revises: identity_0001
+Create Date: 2026-11-26
+"""
+
+from __future__ import annotations
+
+from alembic import op
+
+from shared.migrate import outbox_notify_ddl, outbox_notify_drop_ddl
+
+revision = "identity_0002"
+down_revision = "identity_0001"
+branch_labels = None
+depends_on = None
+
+
+def upgrade() -> None:
+    for statement in outbox_notify_drop_ddl("identity"):
+        op.execute(statement)
+
+
+def downgrade() -> None:
+    for statement in outbox_notify_ddl("identity"):
+        op.execute(statement)
