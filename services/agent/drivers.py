@@ -107,6 +107,8 @@ class _Container:
     private_port: int = 0  # the app's PORT; info.port is the proxy's public port
     proxy: IngressProxy | None = None
     proxy_closed: asyncio.Task[None] | None = None
+    reaped: Reaped | None = None  # the process's resource usage, read as it was reaped
+    final: ResourceSample | None = None  # the last reading, taken as the container ended
 
 
 class ProcessDriver:
@@ -215,9 +217,15 @@ class ProcessDriver:
 
     def sample(self, container_id: str) -> ResourceSample | None:
         """RSS and CPU time of the container's process tree, and the bytes its proxy
-        carried since it started; None once it has ended."""
+        carried since it started. Once it has ended: the reading taken as it ended (CPU
+        time exact from the kernel's account of the reaped process, RSS its peak, sampled
+        at its end), so the interval after the last periodic sample is not lost."""
         record = self._containers.get(container_id)
-        if record is None or record.info.state.ended or not record.info.pid:
+        if record is None:
+            return None
+        if record.info.state.ended:
+            return record.final
+        if not record.info.pid:
             return None
         try:
             root = psutil.Process(record.info.pid)
@@ -296,7 +304,7 @@ class ProcessDriver:
             self._forget_old_ended()
             return
         record.process = process
-        record.exited = asyncio.ensure_future(_wait_exit(process))
+        record.exited = asyncio.ensure_future(self._reap(record, process))
         self._set(record, pid=process.pid)
         log.info(
             "container started",
@@ -399,6 +407,11 @@ class ProcessDriver:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(record.process.pid, sig)  # start_new_session: pgid == pid
 
+    @staticmethod
+    async def _reap(record: _Container, process: subprocess.Popen[bytes]) -> int:
+        record.reaped = await _wait_exit(process)
+        return record.reaped.returncode
+
     def _finish(self, record: _Container, returncode: int) -> None:
         ending = describe_exit(returncode)
         if record.failure:
@@ -409,12 +422,23 @@ class ProcessDriver:
             state, reason = ContainerState.FAILED, f"{ending} during start-up"
         else:
             state, reason = ContainerState.EXITED, "" if returncode == 0 else ending
+        ended_at = utcnow()
+        if record.reaped is not None:
+            counters = record.proxy.counters if record.proxy is not None else None
+            record.final = ResourceSample(
+                record.info.container_id,
+                record.reaped.max_rss_bytes,
+                record.reaped.cpu_seconds,
+                ended_at,
+                rx_bytes=counters.rx_bytes if counters is not None else None,
+                tx_bytes=counters.tx_bytes if counters is not None else None,
+            )
         self._set(
             record,
             state=state,
             exit_code=exit_code_of(returncode),
             reason=reason,
-            ended_at=utcnow(),
+            ended_at=ended_at,
         )
         log.info(
             "container ended",
@@ -514,7 +538,23 @@ class ProcessDriver:
             del self._containers[cid]
 
 
-async def _wait_exit(process: subprocess.Popen[bytes]) -> int:
+@dataclass(frozen=True)
+class Reaped:
+    """How a container's process ended, and what it used (the kernel's account at reaping)."""
+
+    returncode: int  # as Popen: negative for a signal
+    cpu_seconds: float  # user + system of the process and every child it waited for
+    max_rss_bytes: int  # the peak resident set of the process or of one such child
+
+
+def _reap(process: subprocess.Popen[bytes]) -> Reaped:
+    """Reap an ended process with wait4, which also returns its resource usage."""
+    _, status, usage = os.wait4(process.pid, 0)
+    process.returncode = os.waitstatus_to_exitcode(status)  # Popen sees it reaped
+    return Reaped(process.returncode, usage.ru_utime + usage.ru_stime, usage.ru_maxrss * 1024)
+
+
+async def _wait_exit(process: subprocess.Popen[bytes]) -> Reaped:
     """The returncode once the process ends, reaped by us (not by the loop's child watcher).
 
     Whatever is left in its process group (background children) is killed with it, before
@@ -533,18 +573,18 @@ async def _wait_exit(process: subprocess.Popen[bytes]) -> int:
         loop.remove_reader(pidfd)
         os.close(pidfd)
     _kill_group(process.pid)
-    return process.wait()  # it has ended: reaps at once
+    return _reap(process)  # it has ended: reaps at once
 
 
-async def _wait_in_thread(process: subprocess.Popen[bytes]) -> int:
+async def _wait_in_thread(process: subprocess.Popen[bytes]) -> Reaped:
     loop = asyncio.get_running_loop()
-    done: asyncio.Future[int] = loop.create_future()
+    done: asyncio.Future[Reaped] = loop.create_future()
 
     def wait() -> None:
         os.waitid(os.P_PID, process.pid, os.WEXITED | os.WNOWAIT)  # ended, not reaped yet
         _kill_group(process.pid)
-        code = process.wait()
-        loop.call_soon_threadsafe(_resolve, done, code)
+        reaped = _reap(process)
+        loop.call_soon_threadsafe(_resolve, done, reaped)
 
     threading.Thread(target=wait, name=f"wait-{process.pid}", daemon=True).start()
     return await done

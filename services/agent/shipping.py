@@ -376,7 +376,9 @@ class MetricShipper:
         self.pending: deque[pb.MetricSample] = deque(maxlen=buffer_samples)
         self.dropped = 0
         self._cpu: dict[str, _CpuReading] = {}
+        self._rss: dict[str, int] = {}  # the last RSS read of each live container
         self._net: dict[str, tuple[int, int]] = {}
+        self._finished: set[str] = set()  # ended containers whose last reading was taken
         self._host_netns = _net_namespace("self")
         self._host_cpu: tuple[float, float] | None = None  # (busy seconds, at)
         self._host_net: tuple[int, int] | None = None
@@ -394,42 +396,66 @@ class MetricShipper:
             await asyncio.sleep(max(0.0, self.interval - (time.monotonic() - started)))
 
     def sample(self) -> int:
-        """Read every live container (and the server); how many samples were added."""
+        """Read every live container (and the server), and take the last reading of each
+        container that ended since; how many samples were added.
+
+        A container's last reading, stamped at its end, covers the time since its last
+        periodic sample (up to `interval` of CPU, memory and bytes that would otherwise go
+        unbilled): CPU and bytes exactly, memory as the last RSS read (its peak if it never
+        was read).
+        """
         now = time.time()
         at = timestamp(datetime.fromtimestamp(now, UTC))
         samples: list[pb.MetricSample] = []
-        live = set()
+        listed = set()
         for info in self.driver.list():
-            if info.state.ended:
+            cid, ended = info.container_id, info.state.ended
+            listed.add(cid)
+            if ended and cid in self._finished:
                 continue
-            reading = self.driver.sample(info.container_id)
+            reading = self.driver.sample(cid)
+            if ended:
+                self._finished.add(cid)
             if reading is None:
                 continue
-            cid = info.container_id
-            live.add(cid)
-            samples.append(
-                self._sample(cid, pb.METRIC_TYPE_MEMORY_RSS_BYTES, reading.rss_bytes, at)
+            read_at, stamp = (
+                (reading.sampled_at.timestamp(), timestamp(reading.sampled_at))
+                if ended
+                else (now, at)
             )
+            rss = self._rss.get(cid, reading.rss_bytes) if ended else reading.rss_bytes
+            self._rss[cid] = rss
+            samples.append(self._sample(cid, pb.METRIC_TYPE_MEMORY_RSS_BYTES, rss, stamp))
             previous = self._cpu.get(cid)
             if previous is None:  # the process's CPU time since it started
                 started = info.started_at.timestamp() if info.started_at else now - self.interval
                 previous = _CpuReading(0.0, started)
-            elapsed = now - previous.at
+                if info.started_at is not None:
+                    # Zeros at the start: runtime bills each sample for the time since the one
+                    # before, so the first reading stands for exactly the time since the start
+                    # (not a nominal interval: a 0.5 s job is not billed as 5 s).
+                    begun = timestamp(info.started_at)
+                    samples.append(self._sample(cid, pb.METRIC_TYPE_MEMORY_RSS_BYTES, 0, begun))
+                    samples.append(self._sample(cid, pb.METRIC_TYPE_CPU_MILLICORES, 0, begun))
+            elapsed = read_at - previous.at
             if elapsed > 0:
                 used = max(0.0, reading.cpu_seconds - previous.cpu_seconds)
                 samples.append(
-                    self._sample(cid, pb.METRIC_TYPE_CPU_MILLICORES, used / elapsed * 1000, at)
+                    self._sample(cid, pb.METRIC_TYPE_CPU_MILLICORES, used / elapsed * 1000, stamp)
                 )
-            self._cpu[cid] = _CpuReading(reading.cpu_seconds, now)
+            self._cpu[cid] = _CpuReading(reading.cpu_seconds, read_at)
             if reading.rx_bytes is not None and reading.tx_bytes is not None:
                 if cid not in self._net:  # counted by the driver since the container started
                     self._net[cid] = (0, 0)
-                samples.extend(self._net_samples(cid, (reading.rx_bytes, reading.tx_bytes), at))
+                samples.extend(self._net_samples(cid, (reading.rx_bytes, reading.tx_bytes), stamp))
             elif info.pid and _net_namespace(info.pid) not in ("", self._host_netns):
-                samples.extend(self._net_samples(cid, _net_dev_bytes(info.pid), at))
+                samples.extend(self._net_samples(cid, _net_dev_bytes(info.pid), stamp))
+        live = {i.container_id for i in self.driver.list() if not i.state.ended}
         for gone in [c for c in self._cpu if c not in live]:
             self._cpu.pop(gone, None)
+            self._rss.pop(gone, None)
             self._net.pop(gone, None)
+        self._finished &= listed  # the driver forgot the rest
         if self.server_totals:
             samples.extend(self._server_samples(now, at))
         before = len(self.pending)

@@ -198,8 +198,28 @@ async def test_samples_rss_and_cpu_time_of_the_process_tree(driver: ProcessDrive
     assert sample is not None
     assert sample.rss_bytes > 1_000_000
     assert sample.cpu_seconds >= 0.3  # the burner, reaped, counts through children_*
+    running = driver.sample(started.container_id)
     await driver.stop(started.container_id)
-    assert driver.sample(started.container_id) is None
+    final = driver.sample(started.container_id)  # the reading taken as it ended
+    assert final is not None and running is not None
+    info = driver.inspect(started.container_id)
+    assert info is not None and final.sampled_at == info.ended_at
+    assert final.cpu_seconds >= running.cpu_seconds - 0.01  # the kernel's account at reaping
+    assert final.rss_bytes > 1_000_000  # the peak
+    assert final.rx_bytes == 0 and final.tx_bytes == 0  # nobody called it
+
+
+async def test_a_short_lived_apps_cpu_is_read_when_it_is_reaped(driver: ProcessDriver) -> None:
+    """An app that works and exits between two periodic samples: its CPU time is still
+    known exactly (wait4's account of the process and the children it waited for)."""
+    burn = 'python3 -c "import time; end = time.time() + 0.6\nwhile time.time() < end: pass"'
+    started = await driver.start(spec(burn, health_check_path=""))
+    ended = await settle(driver, started.container_id, ContainerState.EXITED, ContainerState.FAILED)
+    final = driver.sample(started.container_id)
+    assert final is not None and final.sampled_at == ended.ended_at
+    assert 0.4 <= final.cpu_seconds < 5
+    assert final.rss_bytes > 1_000_000
+    assert final.rx_bytes == 0
 
 
 async def test_close_stops_every_app_and_its_background_children() -> None:

@@ -194,3 +194,53 @@ async def test_partitions_are_made_ahead_and_old_ones_dropped_by_one_replica(
         assert "logs_p20200101" not in names
     finally:
         await conn.close()
+
+
+async def test_a_short_lived_apps_whole_cpu_time_is_billed(fleet: Fleet) -> None:
+    """An app that burns about 1 s of CPU and exits between two of the agent's samples: the
+    reading taken as it ended still ships, so its usage is its real CPU time (before, the
+    time after its last sample was lost: here all of it)."""
+    from services.runtime.telemetry import UsageMetric, compute_usage
+
+    runtime = await fleet.start()
+    _tenant, org, project = await fleet.new_project()
+    placed = await place_container(runtime.db, project, org)
+    begun = datetime.now(UTC)
+    burn = (
+        f'{sys.executable} -c "import time\nend = time.process_time() + 1\n'
+        'while time.process_time() < end: pass"'
+    )
+    async with shipping_agent(runtime.address, fleet.agent_token, metrics_interval=30) as (
+        driver,
+        _logs,
+        metrics,
+    ):
+        await asyncio.sleep(0.3)  # the shipper's first round (nothing of ours yet) is done
+        await run_app(driver, placed, burn)
+
+        async def ended() -> bool:
+            info = driver.inspect(placed.container_id)
+            return info is not None and info.state.ended
+
+        await eventually(ended, within=30)
+        metrics.sample()  # the round that would come at the next interval
+        await metrics.ship()
+
+        async def cpu_seconds() -> float:
+            async with runtime.db.transaction() as tx:
+                reports = await compute_usage(
+                    tx,
+                    begun - timedelta(minutes=1),
+                    datetime.now(UTC) + timedelta(minutes=1),
+                    timedelta(seconds=90),
+                    timedelta(seconds=30),
+                )
+            return sum(
+                r.quantity / 1000
+                for r in reports
+                if r.container_id == placed.container_id
+                and r.metric is UsageMetric.CPU_MILLIS_SECONDS
+            )
+
+        billed = await eventually(cpu_seconds, within=10)
+        assert 0.9 <= billed <= 1.5  # 1 s of CPU, plus the interpreter's start-up

@@ -1,9 +1,10 @@
 """The agent's MetricShipper: network bytes a driver counts (the process driver's ingress
-proxy) become NETWORK_RX/TX samples per container, as deltas per interval."""
+proxy) become NETWORK_RX/TX samples per container, as deltas per interval; a container's
+last reading, taken as it ended, is shipped once, stamped at its end."""
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 from hangar.runtime.v1 import runtime_pb2 as pb
 from services.agent.domain import ContainerInfo, ContainerState, ResourceSample
@@ -18,6 +19,7 @@ class CountingDriver:
     def __init__(self) -> None:
         self.counters: dict[str, tuple[int, int] | None] = {}
         self.ended: set[str] = set()
+        self.final: ResourceSample | None = None  # what sample() returns once ended
 
     def list(self) -> list[ContainerInfo]:
         return [
@@ -32,6 +34,8 @@ class CountingDriver:
         ]
 
     def sample(self, container_id: str) -> ResourceSample | None:
+        if container_id in self.ended and self.final is not None:
+            return self.final
         counted = self.counters[container_id]
         rx, tx = counted if counted is not None else (None, None)
         return ResourceSample(container_id, 1 << 20, 0.5, datetime.now(UTC), rx, tx)
@@ -58,8 +62,29 @@ def test_counted_bytes_become_rx_and_tx_deltas_per_container() -> None:
     shipper.sample()  # nothing moved
     assert _net(shipper) == {("a", RX): 0, ("a", TX): 0, ("b", RX): 0, ("b", TX): 0}
 
-    driver.ended.add("a")  # an ended container is forgotten; "quiet" never counts bytes
-    driver.counters.update(b=(10, 100))
+    # "a" ends: its last reading (what the driver read as it ended) is taken once, then it
+    # is forgotten; "quiet" never counts bytes.
+    driver.ended.add("a")
+    driver.counters.update(a=(160, 9100), b=(10, 100))
     shipper.sample()
-    assert _net(shipper) == {("b", RX): 3, ("b", TX): 30}
+    assert _net(shipper) == {("a", RX): 10, ("a", TX): 100, ("b", RX): 3, ("b", TX): 30}
     assert "a" not in shipper._net
+    shipper.sample()
+    assert _net(shipper) == {("b", RX): 0, ("b", TX): 0}
+
+
+def test_the_last_reading_covers_the_time_since_the_last_sample_at_the_last_rss() -> None:
+    driver = CountingDriver()
+    shipper = MetricShipper(driver, stub=None, server=lambda: "s", server_totals=False)  # type: ignore[arg-type]
+    driver.counters = {"a": (0, 0)}
+    shipper.sample()
+    shipper.pending.clear()
+    ended_at = datetime.now(UTC) + timedelta(seconds=2)
+    driver.ended.add("a")
+    driver.final = ResourceSample("a", 9 << 30, 2.5, ended_at, 0, 0)  # peak RSS, all CPU
+    shipper.sample()
+    got = {s.metric: s for s in shipper.pending}
+    assert {s.sampled_at.ToDatetime(UTC) for s in got.values()} == {ended_at}
+    assert got[pb.METRIC_TYPE_MEMORY_RSS_BYTES].value == 1 << 20  # the last RSS read
+    # 0.5 s of CPU at the first reading, 2.5 s at the end: 2 s over the ~2 s between them.
+    assert 900 < got[pb.METRIC_TYPE_CPU_MILLICORES].value < 1001
