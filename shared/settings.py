@@ -151,6 +151,8 @@ class Settings:
     runtime_agent_sweep_seconds: float = 5.0
     runtime_start_timeout_seconds: float = 120.0
     runtime_heartbeat_timeout_seconds: float = 30.0
+    # How often the sleep controller looks for idle containers of projects with sleep on.
+    runtime_sleep_check_seconds: float = 10.0
     # Agent (runs apps on one server): the host apps are reached on, how long an app has
     # to answer its health check, SIGTERM -> SIGKILL grace, log lines kept per container.
     agent_app_host: str = "127.0.0.1"
@@ -222,6 +224,7 @@ class Settings:
             runtime_heartbeat_timeout_seconds=float(
                 _env("HANGAR_RUNTIME_HEARTBEAT_TIMEOUT_SECONDS", "30")
             ),
+            runtime_sleep_check_seconds=float(_env("HANGAR_RUNTIME_SLEEP_CHECK_SECONDS", "10")),
             agent_app_host=_env("HANGAR_AGENT_APP_HOST", "127.0.0.1"),
             agent_start_timeout_seconds=float(_env("HANGAR_AGENT_START_TIMEOUT_SECONDS", "30")),
             agent_stop_grace_seconds=float(_env("HANGAR_AGENT_STOP_GRACE_SECONDS", "10")),

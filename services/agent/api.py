@@ -8,11 +8,18 @@ from __future__ import annotations
 
 import base64
 import binascii
+from datetime import UTC
 
 import grpc
 
 from hangar.agent.v1 import agent_pb2, agent_pb2_grpc
-from services.agent.domain import MAX_GRACE_SECONDS, ContainerInfo, ContainerSpec, ContainerState
+from services.agent.domain import (
+    MAX_GRACE_SECONDS,
+    ContainerInfo,
+    ContainerSpec,
+    ContainerState,
+    SleepState,
+)
 from services.agent.drivers import Driver
 from shared import pagination
 from shared.auth import require_service
@@ -31,6 +38,12 @@ _STATUS = {
     ContainerState.EXITED: agent_pb2.CONTAINER_STATUS_EXITED,
     ContainerState.FAILED: agent_pb2.CONTAINER_STATUS_FAILED,
     ContainerState.STOPPED: agent_pb2.CONTAINER_STATUS_EXITED,
+}
+
+_SLEEP = {
+    SleepState.AWAKE: agent_pb2.SLEEP_STATUS_AWAKE,
+    SleepState.SLEEPING: agent_pb2.SLEEP_STATUS_SLEEPING,
+    SleepState.WAKING: agent_pb2.SLEEP_STATUS_WAKING,
 }
 
 
@@ -54,12 +67,17 @@ class AgentApi(agent_pb2_grpc.AgentServiceServicer):
     ) -> agent_pb2.Container:
         require_service(CALLER)
         _require_id(request.container_id)
-        grace = None
-        if request.HasField("grace"):
-            grace = request.grace.ToTimedelta().total_seconds()
-            if not 0 <= grace <= MAX_GRACE_SECONDS:
-                raise InvalidArgument.field("grace", f"between 0 and {MAX_GRACE_SECONDS:g}s")
-        return container_to_proto(await self.driver.stop(request.container_id, grace))
+        return container_to_proto(await self.driver.stop(request.container_id, _grace(request)))
+
+    async def SleepContainer(
+        self, request: agent_pb2.SleepContainerRequest, context: grpc.aio.ServicerContext
+    ) -> agent_pb2.Container:
+        require_service(CALLER)
+        _require_id(request.container_id)
+        grace = _grace(request)
+        idle_since = request.idle_since.ToDatetime(UTC) if request.HasField("idle_since") else None
+        info = await self.driver.sleep(request.container_id, idle_since, grace)
+        return container_to_proto(info)
 
     async def GetContainer(
         self, request: agent_pb2.GetContainerRequest, context: grpc.aio.ServicerContext
@@ -124,7 +142,21 @@ def container_to_proto(info: ContainerInfo) -> agent_pb2.Container:
         message.started_at.CopyFrom(timestamp(info.started_at))
     if info.ended_at is not None:
         message.ended_at.CopyFrom(timestamp(info.ended_at))
+    message.sleep_status = _SLEEP[info.sleep]
+    if info.last_request_at is not None:
+        message.last_request_at.CopyFrom(timestamp(info.last_request_at))
     return message
+
+
+def _grace(
+    request: agent_pb2.StopContainerRequest | agent_pb2.SleepContainerRequest,
+) -> float | None:
+    if not request.HasField("grace"):
+        return None
+    grace = request.grace.ToTimedelta().total_seconds()
+    if not 0 <= grace <= MAX_GRACE_SECONDS:
+        raise InvalidArgument.field("grace", f"between 0 and {MAX_GRACE_SECONDS:g}s")
+    return grace
 
 
 def _require_id(container_id: str) -> None:

@@ -35,6 +35,12 @@ class ContainerState(StrEnum):
         return self in (ContainerState.EXITED, ContainerState.FAILED, ContainerState.STOPPED)
 
 
+class SleepState(StrEnum):
+    AWAKE = "awake"
+    SLEEPING = "sleeping"  # its process stopped for idleness; its public port still open
+    WAKING = "waking"  # a connection arrived: the process is starting again
+
+
 def exit_code_of(returncode: int) -> int:
     """A process's exit code the way a shell reports it: killed by signal N -> 128 + N."""
     return returncode if returncode >= 0 else 128 - returncode
@@ -108,8 +114,11 @@ class ContainerInfo:
     pid: int = 0
     exit_code: int | None = None
     reason: str = ""
-    started_at: datetime | None = None
+    started_at: datetime | None = None  # of the current run (a wake starts a new one)
     ended_at: datetime | None = None
+    sleep: SleepState = SleepState.AWAKE
+    run: int = 1  # 1 at the start, one more at each wake
+    last_request_at: datetime | None = None  # a client connection last open
 
     def with_changes(self, **changes: object) -> ContainerInfo:
         return replace(self, **changes)  # type: ignore[arg-type]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import shutil
@@ -22,6 +23,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from datetime import datetime
 from pathlib import Path
 from typing import IO, Protocol, TypeVar
 
@@ -35,6 +37,7 @@ from services.agent.domain import (
     LogBuffer,
     LogStream,
     ResourceSample,
+    SleepState,
     describe_exit,
     exit_code_of,
     utcnow,
@@ -63,6 +66,12 @@ class Driver(Protocol):
 
     async def stop(self, container_id: str, grace: float | None = None) -> ContainerInfo:
         """Stops it (SIGTERM, SIGKILL after `grace`) and returns its final state. Idempotent."""
+        ...
+
+    async def sleep(
+        self, container_id: str, idle_since: datetime | None = None, grace: float | None = None
+    ) -> ContainerInfo:
+        """Stop an idle running container's process, keeping it to be woken by a request."""
         ...
 
     def inspect(self, container_id: str) -> ContainerInfo | None: ...
@@ -108,7 +117,11 @@ class _Container:
     proxy: IngressProxy | None = None
     proxy_closed: asyncio.Task[None] | None = None
     reaped: Reaped | None = None  # the process's resource usage, read as it was reaped
-    final: ResourceSample | None = None  # the last reading, taken as the container ended
+    final: ResourceSample | None = None  # the last reading, taken as a run ended
+    dozing: bool = False  # the process is being stopped to sleep, not to end
+    supervisor: asyncio.Task[None] | None = None  # of the current run
+    up: asyncio.Event = field(default_factory=asyncio.Event)  # the current run is healthy
+    waking: asyncio.Task[None] | None = None
 
 
 class ProcessDriver:
@@ -185,6 +198,7 @@ class ProcessDriver:
                 proxy=proxy,
             )
             self._containers[spec.container_id] = record
+            proxy.before_connect = functools.partial(self._wake, record)
             await self._spawn(record)
             return record.info
 
@@ -204,12 +218,53 @@ class ProcessDriver:
             await asyncio.shield(record.proxy_closed)
         return record.info
 
+    async def sleep(
+        self, container_id: str, idle_since: datetime | None = None, grace: float | None = None
+    ) -> ContainerInfo:
+        """Stop a running container's process for idleness; its public port stays open and
+        the next connection starts it again (`_wake`). Refused (NOT_IDLE) while a client is
+        connected, or if one connected after `idle_since`."""
+        record = self._containers.get(container_id)
+        if record is None:
+            raise NotFound("this agent runs no such container", reason="CONTAINER_NOT_FOUND")
+        if record.info.state is not ContainerState.RUNNING or record.stop_requested:
+            raise FailedPrecondition(
+                f"only a running container can sleep; this one is {record.info.state}",
+                reason="NOT_RUNNING",
+            )
+        if record.info.sleep is SleepState.SLEEPING and not record.dozing:
+            return self._view(record)
+        proxy = record.proxy
+        if not record.dozing:
+            last = proxy.last_request_at if proxy is not None else None
+            busy = proxy is not None and proxy.open > 0
+            if (
+                busy
+                or record.info.sleep is SleepState.WAKING
+                or (idle_since is not None and last is not None and last > idle_since)
+            ):
+                raise FailedPrecondition(
+                    "the app is serving, or served a request after idle_since",
+                    reason="NOT_IDLE",
+                )
+            record.dozing = True
+            log.info("container going to sleep", extra={"container_id": container_id})
+            await self._terminate(record, self.stop_grace if grace is None else grace)
+        if record.supervisor is not None:  # it records the sleep (or the end) of the run
+            await asyncio.shield(record.supervisor)
+        return self._view(record)
+
     def inspect(self, container_id: str) -> ContainerInfo | None:
         record = self._containers.get(container_id)
-        return record.info if record else None
+        return self._view(record) if record else None
 
     def list(self) -> list[ContainerInfo]:
-        return [record.info for record in self._containers.values()]
+        return [self._view(record) for record in self._containers.values()]
+
+    @staticmethod
+    def _view(record: _Container) -> ContainerInfo:
+        last = record.proxy.last_request_at if record.proxy is not None else None
+        return record.info if last is None else record.info.with_changes(last_request_at=last)
 
     def logs(self, container_id: str) -> LogBuffer | None:
         record = self._containers.get(container_id)
@@ -223,7 +278,7 @@ class ProcessDriver:
         record = self._containers.get(container_id)
         if record is None:
             return None
-        if record.info.state.ended:
+        if record.info.state.ended or record.info.sleep is SleepState.SLEEPING:
             return record.final
         if not record.info.pid:
             return None
@@ -320,7 +375,8 @@ class ProcessDriver:
             asyncio.create_task(self._read_lines(record, process.stdout, LogStream.STDOUT)),
             asyncio.create_task(self._read_lines(record, process.stderr, LogStream.STDERR)),
         ]
-        record.tasks = [*readers, asyncio.create_task(self._supervise(record, readers))]
+        record.supervisor = asyncio.create_task(self._supervise(record, readers))
+        record.tasks = [*(t for t in record.tasks if not t.done()), *readers, record.supervisor]
 
     async def _supervise(self, record: _Container, readers: Sequence[asyncio.Task[None]]) -> None:
         try:
@@ -337,7 +393,8 @@ class ProcessDriver:
         assert exited is not None
         healthy = await self._wait_healthy(record, exited)
         if healthy and not exited.done() and not record.stop_requested:
-            self._set(record, state=ContainerState.RUNNING)
+            self._set(record, state=ContainerState.RUNNING, sleep=SleepState.AWAKE)
+            record.up.set()
             log.info("container running", extra={"container_id": record.info.container_id})
         elif healthy is False and not record.stop_requested:
             record.failure = f"not healthy within {self.start_timeout:g}s"
@@ -346,6 +403,9 @@ class ProcessDriver:
         _, pending = await asyncio.wait(readers, timeout=2.0)
         for task in pending:  # a pipe held open by a process outside the group
             task.cancel()
+        if record.dozing and not record.stop_requested and not record.failure:
+            self._doze(record)
+            return
         self._finish(record, returncode)
 
     async def _wait_healthy(self, record: _Container, exited: asyncio.Future[int]) -> bool | None:
@@ -382,6 +442,10 @@ class ProcessDriver:
         record.stop_requested = True
         self._set(record, state=ContainerState.STOPPING)
         await self._terminate(record, grace)
+        if record.supervisor is not None:
+            await asyncio.shield(record.supervisor)
+        if not record.info.state.ended:  # asleep: no process was left to end it
+            self._finish(record, record.reaped.returncode if record.reaped else 0)
         await record.ended.wait()
 
     async def _terminate(self, record: _Container, grace: float) -> None:
@@ -412,6 +476,56 @@ class ProcessDriver:
         record.reaped = await _wait_exit(process)
         return record.reaped.returncode
 
+    def _take_final(self, record: _Container, at: datetime) -> None:
+        """The run's last reading: the kernel's account of the reaped process, the proxy's
+        byte counts now, stamped `at` (the shipper bills the time since its last sample)."""
+        if record.reaped is None:
+            return
+        counters = record.proxy.counters if record.proxy is not None else None
+        record.final = ResourceSample(
+            record.info.container_id,
+            record.reaped.max_rss_bytes,
+            record.reaped.cpu_seconds,
+            at,
+            rx_bytes=counters.rx_bytes if counters is not None else None,
+            tx_bytes=counters.tx_bytes if counters is not None else None,
+        )
+
+    def _doze(self, record: _Container) -> None:
+        """The process stopped for sleep ended: the container sleeps until a connection."""
+        record.dozing = False
+        record.up = asyncio.Event()
+        self._take_final(record, utcnow())
+        self._set(record, sleep=SleepState.SLEEPING, pid=0)
+        log.info("container asleep", extra={"container_id": record.info.container_id})
+
+    async def _wake(self, record: _Container) -> None:
+        """The proxy's before_connect: start a sleeping app again and wait until it answers
+        (connections arriving meanwhile wait for the same start)."""
+        if record.dozing and record.supervisor is not None:  # going to sleep: let it finish
+            await asyncio.shield(record.supervisor)
+        if record.info.sleep is SleepState.AWAKE:
+            return
+        if record.info.state.ended or record.stop_requested:
+            raise Unavailable("the container has ended")
+        if record.waking is None or record.waking.done():
+            record.waking = asyncio.create_task(self._start_again(record))
+        await asyncio.shield(record.waking)
+
+    async def _start_again(self, record: _Container) -> None:
+        log.info("waking container", extra={"container_id": record.info.container_id})
+        self._set(record, sleep=SleepState.WAKING, run=record.info.run + 1, started_at=utcnow())
+        await self._spawn(record)
+        ended = asyncio.ensure_future(record.ended.wait())
+        up = asyncio.ensure_future(record.up.wait())
+        try:
+            await asyncio.wait({ended, up}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            ended.cancel()
+            up.cancel()
+        if not record.up.is_set():
+            raise Unavailable(f"the app did not start again: {record.info.reason}")
+
     def _finish(self, record: _Container, returncode: int) -> None:
         ending = describe_exit(returncode)
         if record.failure:
@@ -423,16 +537,8 @@ class ProcessDriver:
         else:
             state, reason = ContainerState.EXITED, "" if returncode == 0 else ending
         ended_at = utcnow()
-        if record.reaped is not None:
-            counters = record.proxy.counters if record.proxy is not None else None
-            record.final = ResourceSample(
-                record.info.container_id,
-                record.reaped.max_rss_bytes,
-                record.reaped.cpu_seconds,
-                ended_at,
-                rx_bytes=counters.rx_bytes if counters is not None else None,
-                tx_bytes=counters.tx_bytes if counters is not None else None,
-            )
+        if record.info.sleep is not SleepState.SLEEPING:  # asleep: that run's reading stands
+            self._take_final(record, ended_at)
         self._set(
             record,
             state=state,

@@ -9,6 +9,10 @@ and copies each TCP connection both ways with asyncio streams, in chunks of up t
 Half-closes pass through (a client's EOF reaches the app as EOF, and the other way round);
 the connection ends once both directions did, or at once when either side fails (the other
 is aborted). `close()` closes the listener and aborts every live connection.
+
+Sleep: the proxy knows when the app last had a client (`last_request_at`, and `open` while a
+connection is live). `before_connect`, when set, runs before each connection reaches the
+app: the driver uses it to start a sleeping app again and hold the client until it answers.
 """
 
 from __future__ import annotations
@@ -16,7 +20,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from datetime import datetime
+
+from services.agent.domain import utcnow
 
 log = logging.getLogger("hangar.agent.proxy")
 
@@ -53,6 +61,14 @@ class IngressProxy:
         self._server: asyncio.Server | None = None
         self._live: dict[asyncio.Task[None], list[asyncio.StreamWriter]] = {}
         self._closed = False
+        self.last_request_at: datetime | None = None  # a client connected or left
+        # Runs before a connection reaches the app; an exception ends the connection.
+        self.before_connect: Callable[[], Awaitable[None]] | None = None
+
+    @property
+    def open(self) -> int:
+        """Client connections live now."""
+        return len(self._live)
 
     async def start(self, public_port: int, private_port: int) -> ProxyCounters:
         """Listens on `public_port` (0: any free port, then read `port`); returns the counters."""
@@ -102,6 +118,14 @@ class IngressProxy:
                 client_w.transport.abort()
                 return
             self.counters.connections += 1
+            self.last_request_at = utcnow()
+            if self.before_connect is not None:
+                try:
+                    await self.before_connect()
+                except Exception as exc:  # the app could not be woken: the connection ends
+                    log.warning("app not started for a connection", extra={"error": repr(exc)})
+                    client_w.transport.abort()
+                    return
             try:
                 app_r, app_w = await asyncio.wait_for(
                     asyncio.open_connection(
@@ -125,6 +149,7 @@ class IngressProxy:
             for writer in writers:
                 writer.close()
             self._live.pop(task, None)
+            self.last_request_at = utcnow()
 
     async def _copy(
         self,

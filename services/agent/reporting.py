@@ -17,9 +17,10 @@ import grpc
 
 from hangar.runtime.v1 import runtime_pb2 as rpb
 from hangar.runtime.v1 import runtime_pb2_grpc
-from services.agent.domain import ContainerInfo, ContainerState, utcnow
+from services.agent.domain import ContainerInfo, ContainerState, SleepState, utcnow
 from services.agent.drivers import Driver
 from shared.clients import Clients
+from shared.proto import timestamp
 
 log = logging.getLogger("hangar.agent.reporting")
 
@@ -35,12 +36,24 @@ _STATUS = {
 }
 
 
+_SLEEP = {
+    SleepState.AWAKE: rpb.SLEEP_STATUS_AWAKE,
+    SleepState.SLEEPING: rpb.SLEEP_STATUS_SLEEPING,
+    SleepState.WAKING: rpb.SLEEP_STATUS_WAKING,
+}
+
+
 def report_of(info: ContainerInfo) -> rpb.ContainerStatusReport:
     report = rpb.ContainerStatusReport(
-        container_id=info.container_id, status=_STATUS[info.state], reason=info.reason
+        container_id=info.container_id,
+        status=_STATUS[info.state],
+        reason=info.reason,
+        sleep_status=_SLEEP[info.sleep],
     )
     if info.exit_code is not None:
         report.exit_code = info.exit_code
+    if info.last_request_at is not None:
+        report.last_request_at.CopyFrom(timestamp(info.last_request_at))
     return report
 
 

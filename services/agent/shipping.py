@@ -50,7 +50,7 @@ from google.protobuf import timestamp_pb2
 
 from hangar.runtime.v1 import runtime_pb2 as pb
 from hangar.runtime.v1 import runtime_pb2_grpc
-from services.agent.domain import LogStream
+from services.agent.domain import LogStream, SleepState
 from services.agent.drivers import Driver
 from shared.auth import ServiceTokenSource
 from shared.clients import TokenProvider, open_channel
@@ -327,6 +327,7 @@ class LogShipper:
 class _CpuReading:
     cpu_seconds: float
     at: float  # time.time()
+    run: int = 1  # of the container's process (a wake starts a new one, from zero)
 
 
 def _net_namespace(pid: int | str) -> str:
@@ -378,7 +379,7 @@ class MetricShipper:
         self._cpu: dict[str, _CpuReading] = {}
         self._rss: dict[str, int] = {}  # the last RSS read of each live container
         self._net: dict[str, tuple[int, int]] = {}
-        self._finished: set[str] = set()  # ended containers whose last reading was taken
+        self._finished: set[tuple[str, int]] = set()  # (container, run): last reading taken
         self._host_netns = _net_namespace("self")
         self._host_cpu: tuple[float, float] | None = None  # (busy seconds, at)
         self._host_net: tuple[int, int] | None = None
@@ -397,65 +398,71 @@ class MetricShipper:
 
     def sample(self) -> int:
         """Read every live container (and the server), and take the last reading of each
-        container that ended since; how many samples were added.
+        run that ended since (the container ended, or went to sleep); how many samples were
+        added.
 
-        A container's last reading, stamped at its end, covers the time since its last
-        periodic sample (up to `interval` of CPU, memory and bytes that would otherwise go
-        unbilled): CPU and bytes exactly, memory as the last RSS read (its peak if it never
-        was read).
+        A run's last reading, stamped at its end, covers the time since its last periodic
+        sample (up to `interval` of CPU, memory and bytes that would otherwise go unbilled):
+        CPU and bytes exactly, memory as the last RSS read (its peak if it never was read).
+        Each run also starts with zero samples at its start, so its first reading is billed
+        for the time since the start, and a sleep is billed as nothing.
         """
         now = time.time()
         at = timestamp(datetime.fromtimestamp(now, UTC))
         samples: list[pb.MetricSample] = []
-        listed = set()
+        runs: set[tuple[str, int]] = set()
+        live: set[str] = set()
         for info in self.driver.list():
-            cid, ended = info.container_id, info.state.ended
-            listed.add(cid)
-            if ended and cid in self._finished:
+            cid = info.container_id
+            run = (cid, info.run)
+            runs.add(run)
+            if not info.state.ended:
+                live.add(cid)
+            resting = info.state.ended or info.sleep is SleepState.SLEEPING
+            if resting and run in self._finished:
                 continue
             reading = self.driver.sample(cid)
-            if ended:
-                self._finished.add(cid)
+            if resting:
+                self._finished.add(run)
             if reading is None:
                 continue
-            read_at, stamp = (
-                (reading.sampled_at.timestamp(), timestamp(reading.sampled_at))
-                if ended
-                else (now, at)
-            )
-            rss = self._rss.get(cid, reading.rss_bytes) if ended else reading.rss_bytes
-            self._rss[cid] = rss
-            samples.append(self._sample(cid, pb.METRIC_TYPE_MEMORY_RSS_BYTES, rss, stamp))
+            if resting:
+                read_at, stamp = reading.sampled_at.timestamp(), timestamp(reading.sampled_at)
+            else:
+                read_at, stamp = now, at
             previous = self._cpu.get(cid)
-            if previous is None:  # the process's CPU time since it started
+            if previous is None or previous.run != info.run:  # a new process: from its start
                 started = info.started_at.timestamp() if info.started_at else now - self.interval
-                previous = _CpuReading(0.0, started)
+                previous = _CpuReading(0.0, started, info.run)
+                self._rss.pop(cid, None)
                 if info.started_at is not None:
-                    # Zeros at the start: runtime bills each sample for the time since the one
-                    # before, so the first reading stands for exactly the time since the start
-                    # (not a nominal interval: a 0.5 s job is not billed as 5 s).
+                    # Runtime bills each sample for the time since the one before: zeros at
+                    # the start make the first reading stand for exactly the time since the
+                    # start (a 0.5 s job is not billed as a nominal interval).
                     begun = timestamp(info.started_at)
                     samples.append(self._sample(cid, pb.METRIC_TYPE_MEMORY_RSS_BYTES, 0, begun))
                     samples.append(self._sample(cid, pb.METRIC_TYPE_CPU_MILLICORES, 0, begun))
+            rss = self._rss.get(cid, reading.rss_bytes) if resting else reading.rss_bytes
+            self._rss[cid] = rss
+            samples.append(self._sample(cid, pb.METRIC_TYPE_MEMORY_RSS_BYTES, rss, stamp))
             elapsed = read_at - previous.at
             if elapsed > 0:
                 used = max(0.0, reading.cpu_seconds - previous.cpu_seconds)
                 samples.append(
                     self._sample(cid, pb.METRIC_TYPE_CPU_MILLICORES, used / elapsed * 1000, stamp)
                 )
-            self._cpu[cid] = _CpuReading(reading.cpu_seconds, read_at)
+            self._cpu[cid] = _CpuReading(reading.cpu_seconds, read_at, info.run)
             if reading.rx_bytes is not None and reading.tx_bytes is not None:
                 if cid not in self._net:  # counted by the driver since the container started
                     self._net[cid] = (0, 0)
                 samples.extend(self._net_samples(cid, (reading.rx_bytes, reading.tx_bytes), stamp))
             elif info.pid and _net_namespace(info.pid) not in ("", self._host_netns):
                 samples.extend(self._net_samples(cid, _net_dev_bytes(info.pid), stamp))
-        live = {i.container_id for i in self.driver.list() if not i.state.ended}
         for gone in [c for c in self._cpu if c not in live]:
             self._cpu.pop(gone, None)
             self._rss.pop(gone, None)
             self._net.pop(gone, None)
-        self._finished &= listed  # the driver forgot the rest
+        self._finished &= runs  # the driver forgot the rest
         if self.server_totals:
             samples.extend(self._server_samples(now, at))
         before = len(self.pending)

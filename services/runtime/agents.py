@@ -4,6 +4,7 @@ a deadline on every call. Nothing here touches the database."""
 from __future__ import annotations
 
 from collections.abc import Mapping
+from datetime import datetime
 
 import grpc
 from google.protobuf import duration_pb2
@@ -85,6 +86,23 @@ class Agents:
         # The agent answers once the process has ended: SIGTERM, then SIGKILL after the grace.
         timeout = self.timeout + (grace if grace is not None else 30.0)
         return await self.stub(address).StopContainer(request, timeout=timeout)
+
+    async def get(self, address: str, container_id: str) -> agent_pb2.Container:
+        return await self.stub(address).GetContainer(
+            agent_pb2.GetContainerRequest(container_id=container_id), timeout=self.timeout
+        )
+
+    async def sleep(
+        self, address: str, container_id: str, idle_since: datetime
+    ) -> agent_pb2.Container:
+        """Put an idle container to sleep, unless its agent saw a request after idle_since."""
+        request = agent_pb2.SleepContainerRequest(container_id=container_id)
+        request.idle_since.FromDatetime(idle_since)
+        grace = self.stop_grace
+        if grace is not None:
+            request.grace.CopyFrom(duration_pb2.Duration(seconds=int(grace)))
+        timeout = self.timeout + (grace if grace is not None else 30.0)
+        return await self.stub(address).SleepContainer(request, timeout=timeout)
 
     async def list(self, address: str) -> list[agent_pb2.Container]:
         found: list[agent_pb2.Container] = []

@@ -128,6 +128,10 @@ def report_from_proto(r: pb.ContainerStatusReport) -> agent_pb2.Container:
     )
     if r.HasField("exit_code"):
         report.exit_code = r.exit_code
+    # The two enums share their numbers (AWAKE 1, SLEEPING 2, WAKING 3).
+    report.sleep_status = r.sleep_status  # type: ignore[assignment]
+    if r.HasField("last_request_at"):
+        report.last_request_at.CopyFrom(r.last_request_at)
     return report
 
 
@@ -260,6 +264,7 @@ class RuntimeApi(TelemetryApi, runtime_pb2_grpc.RuntimeServiceServicer):
                 image=image,
                 command=command,
                 health_check_path=project.health_check_path,
+                sleep_after_seconds=project.sleep_after_seconds,
             )
         )
         if deployment.status is DeploymentState.SCHEDULING:

@@ -31,6 +31,7 @@ from services.runtime.agents import Agents, is_transient
 from services.runtime.domain import ENDS, HOLDS_CAPACITY, DeploymentState
 from services.runtime.projects import Projects
 from services.runtime.scheduler import Scheduler
+from services.runtime.sleeper import sleep_status_of
 from services.runtime.store import Container, Deployment, Server
 from shared.db import Database, Session
 from shared.errors import FailedPrecondition, NotFound
@@ -57,6 +58,10 @@ ENDED = ("stopped", "failed")
 
 def _utcnow() -> datetime:
     return datetime.now(UTC)
+
+
+def _last_request(report: agent_pb2.Container) -> datetime | None:
+    return report.last_request_at.ToDatetime(UTC) if report.HasField("last_request_at") else None
 
 
 def _ended_reason(report: agent_pb2.Container) -> str:
@@ -215,6 +220,12 @@ class Deployer:
             raise NotFound(f"no server {server!r} is registered", reason="SERVER_NOT_FOUND")
         if reports:
             async with self.db.session() as s:
+                # Requests and sleep as the agent sees them (the sleep controller's input).
+                await store.record_activity(
+                    s,
+                    found.id,
+                    [(r.container_id, _last_request(r), sleep_status_of(r)) for r in reports],
+                )
                 known = await store.container_statuses(s, [r.container_id for r in reports])
             for report in reports:
                 recorded = known.get(report.container_id)
@@ -251,6 +262,8 @@ class Deployer:
                 address=report.address or None,
                 pid=report.pid or None,
                 exit_code=report.exit_code if report.HasField("exit_code") else None,
+                last_request_at=_last_request(report),
+                sleep_status=sleep_status_of(report) if status not in ENDED else None,
             )
             newest = await store.container_of(tx, deployment.id)
             if updated is None or newest is None or newest.id != updated.id:
@@ -261,7 +274,7 @@ class Deployer:
                 if deployment.status is State.STARTING:
                     deployment = await self.scheduler.transition_in(tx, deployment, State.RUNNING)
                     stop = True  # the deployment it superseded, if any, stops now
-            elif status in ENDED and updated.sleep_status == "awake":
+            elif status in ENDED:  # on its own, or a sleeping app that did not start again
                 if deployment.status in HOLDS_CAPACITY:
                     deployment = await self.scheduler.transition_in(
                         tx,

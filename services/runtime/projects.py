@@ -34,6 +34,7 @@ class ProjectInfo:
     default_command: str = ""
     default_image: str = ""
     health_check_path: str = ""
+    sleep_after_seconds: int | None = None  # None: its apps never sleep
 
 
 @dataclass(frozen=True)
@@ -78,6 +79,7 @@ class RemoteProjects:
             default_command=p.default_command,
             default_image=p.default_image,
             health_check_path=p.health_check_path,
+            sleep_after_seconds=p.sleep_after_seconds if p.sleep_enabled else None,
         )
 
     async def organization_of(self, project_id: str) -> str:

@@ -276,6 +276,7 @@ class Scheduler:
                 command=previous.command,
                 health_check_path=previous.health_check_path,
                 rolled_back_from=current.id,
+                sleep_after_seconds=current.sleep_after_seconds,  # the project's setting now
             )
             rollback = await store.insert_deployment(tx, spec, self.clock() + self.schedule_timeout)
             await self._changed(tx, None, rollback)

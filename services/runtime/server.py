@@ -10,12 +10,14 @@ import grpc
 
 from hangar.events.v1 import events_pb2
 from hangar.runtime.v1 import runtime_pb2, runtime_pb2_grpc
+from services.runtime import store
 from services.runtime.agents import Agents
 from services.runtime.api import RuntimeApi
 from services.runtime.deployer import Deployer
 from services.runtime.projects import Projects, RemoteProjects
 from services.runtime.reconciler import Reconciler
 from services.runtime.scheduler import Scheduler
+from services.runtime.sleeper import SleepController
 from services.runtime.telemetry import Telemetry
 from services.runtime.telemetry_api import RemoteBillingUsage
 from shared.app import ServiceApp
@@ -27,13 +29,15 @@ from shared.server import run_service
 from shared.settings import Settings
 
 PROJECT_DELETED = "project.deleted"
+PROJECT_UPDATED = "project.updated"
 
 __all__ = ["Projects", "RemoteProjects", "RuntimeApp", "build", "main"]
 
 
 class ProjectEvents(EventConsumer):
     """project.deleted -> the project's deployments end in the cursor's transaction; its
-    containers are stopped on the agents once that has committed."""
+    containers are stopped on the agents once that has committed. project.updated -> its
+    live deployments take its sleep setting (the sleep controller reads it from them)."""
 
     def __init__(self, app: RuntimeApp) -> None:
         super().__init__(
@@ -43,13 +47,18 @@ class ProjectEvents(EventConsumer):
             source="project",
             watch=app.watch_events("project"),
             handler=self._handle,
-            types=[PROJECT_DELETED],
+            types=[PROJECT_DELETED, PROJECT_UPDATED],
         )
         self.app = app
 
     async def _handle(self, tx: Session, event: events_pb2.Event) -> None:
         if event.type == PROJECT_DELETED:
             await self.app.deployer.end_project(tx, event.aggregate_id)
+        elif event.type == PROJECT_UPDATED:
+            spec = event.payload
+            sleeps = bool(spec["sleep_enabled"]) if "sleep_enabled" in spec else False
+            after = int(spec["sleep_after_seconds"]) if sleeps else None
+            await store.set_sleep_after(tx, event.aggregate_id, after)
 
     async def apply(self, event: events_pb2.Event) -> None:
         await super().apply(event)
@@ -97,6 +106,9 @@ class RuntimeApp(ServiceApp):
             interval_seconds=settings.runtime_reconcile_seconds,
             check_agents=self.deployer.reconcile,
         )
+        self.sleeper = SleepController(
+            db, self.agents, interval_seconds=settings.runtime_sleep_check_seconds
+        )
         self.project_events = ProjectEvents(self)
         self.telemetry = Telemetry(db, settings, RemoteBillingUsage(self.clients))
         if background:
@@ -105,6 +117,7 @@ class RuntimeApp(ServiceApp):
             self.add_loop(self.scheduler.run)
             self.add_loop(self.deployer.run)
             self.add_loop(self.reconciler.run)
+            self.add_loop(self.sleeper.run)
             self.add_loop(AuditRelay(db, "runtime", self.clients).run)
         if consume_projects if consume_projects is not None else background:
             self.add_loop(self.project_events.run)

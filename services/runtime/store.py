@@ -81,6 +81,7 @@ class Deployment:
     status_reason: str
     rolled_back_from: str
     schedule_deadline: datetime | None
+    sleep_after_seconds: int | None  # None: never put to sleep
     created_at: datetime
     updated_at: datetime
 
@@ -103,6 +104,7 @@ class Deployment:
             status_reason=row["status_reason"] or "",
             rolled_back_from=row["rolled_back_from"] or "",
             schedule_deadline=row["schedule_deadline"],
+            sleep_after_seconds=row["sleep_after_seconds"],
             created_at=row["created_at"],
             updated_at=row["updated_at"],
         )
@@ -120,6 +122,7 @@ class DeploymentSpec:
     command: str | None = None
     health_check_path: str = ""
     rolled_back_from: str = ""
+    sleep_after_seconds: int | None = None  # the project's, when it sleeps idle apps
 
 
 @dataclass(frozen=True)
@@ -337,8 +340,8 @@ async def insert_deployment(
     row = await tx.fetchrow(
         f"""INSERT INTO {S}.deployments (id, project_id, organization_id, image, command,
                 ram_mb, cpu_millis, region, health_check_path, rolled_back_from,
-                schedule_deadline)
-            VALUES ($1, $2, $3, $4, $5, $6, $7, $8, NULLIF($9, ''), NULLIF($10, ''), $11)
+                schedule_deadline, sleep_after_seconds)
+            VALUES ($1, $2, $3, $4, $5, $6, $7, $8, NULLIF($9, ''), NULLIF($10, ''), $11, $12)
             RETURNING *""",
         new_id(),
         spec.project_id,
@@ -351,6 +354,7 @@ async def insert_deployment(
         spec.health_check_path,
         spec.rolled_back_from,
         schedule_deadline,
+        spec.sleep_after_seconds,
     )
     assert row is not None
     return Deployment.from_row(row)
@@ -666,6 +670,7 @@ async def update_container(
     exit_code: int | None = None,
     started_at: datetime | None = None,
     last_request_at: datetime | None = None,
+    sleep_status: str | None = None,
 ) -> Container | None:
     """Move a container forward; a report older than what is recorded changes no status."""
     current = await lock_container(tx, container_id)
@@ -684,6 +689,7 @@ async def update_container(
                    started_at = COALESCE(started_at, $6),
                    last_request_at = GREATEST(last_request_at, $7),
                    stopped_at = CASE WHEN $8 THEN now() ELSE stopped_at END,
+                   sleep_status = COALESCE($9, sleep_status),
                    updated_at = now()
              WHERE id = $1 RETURNING *""",
         container_id,
@@ -694,6 +700,7 @@ async def update_container(
         started_at,
         last_request_at,
         ended_now,
+        sleep_status,
     )
     assert row is not None
     return Container.from_row(row)
@@ -713,6 +720,75 @@ async def list_containers(s: Session, project_id: str, size: int, token: str) ->
     )
     items = [Container.from_row(r) for r in rows[:size]]
     return Page(items, _encode(items[-1].id) if len(rows) > size else "")
+
+
+async def record_activity(
+    s: Session, server_id: str, seen: list[tuple[str, datetime | None, str | None]]
+) -> int:
+    """What a heartbeat says of its live containers: (id, last request, sleep status), in
+    one statement; only rows it changes are written. How many changed."""
+    if not seen:
+        return 0
+    ids, requests, sleeps = (list(column) for column in zip(*seen, strict=True))
+    result = await s.execute(
+        f"""UPDATE {S}.containers c
+               SET last_request_at = GREATEST(c.last_request_at, r.last_request_at),
+                   sleep_status = COALESCE(r.sleep_status, c.sleep_status),
+                   updated_at = now()
+              FROM unnest($2::text[], $3::timestamptz[], $4::text[])
+                   AS r(id, last_request_at, sleep_status)
+             WHERE c.id = r.id AND c.server_id = $1 AND c.status = ANY($5::text[])
+               AND (r.last_request_at > c.last_request_at
+                    OR (c.last_request_at IS NULL AND r.last_request_at IS NOT NULL)
+                    OR r.sleep_status <> c.sleep_status)""",
+        server_id,
+        ids,
+        requests,
+        sleeps,
+        list(CONTAINER_LIVE),
+    )
+    return int(result.split()[-1])
+
+
+@dataclass(frozen=True)
+class IdleContainer:
+    container: Container
+    agent_address: str
+    idle_since: datetime  # its last request, else its start
+
+
+async def idle_containers(s: Session, now: datetime, limit: int) -> list[IdleContainer]:
+    """Awake running containers of running deployments with sleep on, idle past their
+    deployment's sleep_after_seconds at `now`, longest idle first."""
+    rows = await s.fetch(
+        f"""SELECT c.*, s.agent_address,
+                   COALESCE(c.last_request_at, c.started_at, c.created_at) AS idle_since
+              FROM {S}.containers c
+              JOIN {S}.deployments d ON d.id = c.deployment_id
+              JOIN {S}.servers s ON s.id = c.server_id
+             WHERE c.sleep_status = 'awake' AND c.status = 'running'
+               AND d.status = 'running' AND d.sleep_after_seconds IS NOT NULL
+               AND s.status <> 'down'
+               AND COALESCE(c.last_request_at, c.started_at, c.created_at)
+                   < $1::timestamptz - make_interval(secs => d.sleep_after_seconds)
+             ORDER BY COALESCE(c.last_request_at, c.started_at, c.created_at)
+             LIMIT $2""",
+        now,
+        limit,
+    )
+    return [IdleContainer(Container.from_row(r), r["agent_address"], r["idle_since"]) for r in rows]
+
+
+async def set_sleep_after(tx: Session, project_id: str, sleep_after_seconds: int | None) -> int:
+    """A project's sleep setting changed: its deployments that have not ended follow it."""
+    result = await tx.execute(
+        f"""UPDATE {S}.deployments SET sleep_after_seconds = $2, updated_at = now()
+             WHERE project_id = $1 AND sleep_after_seconds IS DISTINCT FROM $2
+               AND status NOT IN ('superseded', 'failed', 'cancelled', 'rolled_back')""",
+        project_id,
+        sleep_after_seconds,
+    )
+    return int(result.split()[-1])
 
 
 async def containers_to_stop(s: Session, limit: int = 200) -> list[tuple[Container, str]]:
@@ -885,8 +961,9 @@ def _create_sql(skip_locked: bool) -> str:
         made AS (
             INSERT INTO {S}.deployments (id, project_id, organization_id, image, command,
                     ram_mb, cpu_millis, region, health_check_path, rolled_back_from,
-                    schedule_deadline, status, status_reason, server_id, capacity_reserved)
-            SELECT $5, $6, $7, $8, $9, $3, $4, $1, NULLIF($10, ''), NULLIF($11, ''), $12,
+                    schedule_deadline, sleep_after_seconds,
+                    status, status_reason, server_id, capacity_reserved)
+            SELECT $5, $6, $7, $8, $9, $3, $4, $1, NULLIF($10, ''), NULLIF($11, ''), $12, $18,
                    CASE WHEN r.server_id IS NULL THEN 'queued' ELSE 'scheduling' END,
                    CASE WHEN r.server_id IS NULL THEN NULL ELSE '' END,
                    r.server_id, r.server_id IS NOT NULL
@@ -951,6 +1028,7 @@ async def create_deployment(
         audit_type,
         actor_id,
         [new_id() for _ in range(4)],
+        spec.sleep_after_seconds,
     ]
     for attempt in range(len(_SKIP_LOCKED_BACKOFF) + 1):
         row = await s.fetchrow(_CREATE_SKIP_LOCKED, *args)

@@ -8,13 +8,20 @@ import os
 import secrets
 import time
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 
 import httpx
 import psutil
 import pytest
 import uvloop
 
-from services.agent.domain import ContainerInfo, ContainerSpec, ContainerState, LogStream
+from services.agent.domain import (
+    ContainerInfo,
+    ContainerSpec,
+    ContainerState,
+    LogStream,
+    SleepState,
+)
 from services.agent.drivers import ProcessDriver, inherited_env
 from shared.errors import AlreadyExists, FailedPrecondition, NotFound
 from tests.support.agent import alive, process_tree
@@ -264,3 +271,86 @@ async def test_without_pidfd_a_thread_sees_the_exit_and_the_group_is_killed(
     logs = driver.logs(started.container_id)
     assert logs is not None
     assert not alive(int(logs.text()))  # the background child went with its leader
+
+
+# ------------------------------------------------------------------------ sleep and wake
+
+
+async def test_a_sleeping_app_is_woken_by_the_next_request_and_serves_it(
+    driver: ProcessDriver,
+) -> None:
+    started = await driver.start(spec(HTTP_SERVER))
+    running = await settle(driver, started.container_id, ContainerState.RUNNING)
+    async with httpx.AsyncClient(trust_env=False) as client:
+        assert (await client.get(f"http://{running.address}/")).status_code == 200
+    await asyncio.sleep(0.1)  # the client's kept-alive connection is closed
+    asleep = await driver.sleep(started.container_id)
+    assert asleep.sleep is SleepState.SLEEPING and asleep.pid == 0
+    assert asleep.state is ContainerState.RUNNING  # still deployed: capacity held
+    assert not alive(started.pid)
+    final = driver.sample(started.container_id)  # the first run's last reading
+    assert final is not None and final.rss_bytes > 1_000_000
+    assert (await driver.sleep(started.container_id)).sleep is SleepState.SLEEPING  # no-op
+
+    # The public port still listens; this request starts the app and is served by it.
+    async with httpx.AsyncClient(trust_env=False) as client:
+        reply = await client.get(f"http://{running.address}/", timeout=30)
+    assert reply.status_code == 200
+    awake = driver.inspect(started.container_id)
+    assert awake is not None and awake.sleep is SleepState.AWAKE
+    assert awake.run == 2 and awake.pid not in (0, started.pid) and alive(awake.pid)
+    assert awake.last_request_at is not None
+    stopped = await driver.stop(started.container_id)
+    assert stopped.state is ContainerState.STOPPED and not alive(awake.pid)
+
+
+async def test_requests_arriving_together_share_one_wake(driver: ProcessDriver) -> None:
+    started = await driver.start(spec(HTTP_SERVER))
+    running = await settle(driver, started.container_id, ContainerState.RUNNING)
+    await driver.sleep(started.container_id)
+    async with httpx.AsyncClient(trust_env=False, timeout=30) as client:
+        replies = await asyncio.gather(
+            *(client.get(f"http://{running.address}/") for _ in range(8))
+        )
+    assert [r.status_code for r in replies] == [200] * 8
+    awake = driver.inspect(started.container_id)
+    assert awake is not None and awake.run == 2  # one start for all of them
+
+
+async def test_sleep_is_refused_while_a_client_is_connected_or_came_after_idle_since(
+    driver: ProcessDriver,
+) -> None:
+    started = await driver.start(spec(HTTP_SERVER))
+    running = await settle(driver, started.container_id, ContainerState.RUNNING)
+    before = datetime.now(UTC)
+    async with httpx.AsyncClient(trust_env=False) as client:
+        assert (await client.get(f"http://{running.address}/")).status_code == 200
+    with pytest.raises(FailedPrecondition) as refused:  # runtime's view is older than that
+        await driver.sleep(started.container_id, idle_since=before)
+    assert refused.value.reason == "NOT_IDLE"
+    host, port = running.address.rsplit(":", 1)
+    _reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        await asyncio.sleep(0.1)
+        with pytest.raises(FailedPrecondition):  # a client is connected now
+            await driver.sleep(started.container_id)
+    finally:
+        writer.close()
+    await asyncio.sleep(0.1)
+    info = driver.inspect(started.container_id)
+    assert info is not None and info.sleep is SleepState.AWAKE and alive(info.pid)
+    asleep = await driver.sleep(started.container_id, idle_since=info.last_request_at)
+    assert asleep.sleep is SleepState.SLEEPING
+
+
+async def test_a_sleeping_container_stops_and_its_port_closes(driver: ProcessDriver) -> None:
+    started = await driver.start(spec(HTTP_SERVER))
+    running = await settle(driver, started.container_id, ContainerState.RUNNING)
+    await driver.sleep(started.container_id)
+    stopped = await driver.stop(started.container_id)
+    assert stopped.state is ContainerState.STOPPED and stopped.reason == "stopped"
+    host, port = running.address.rsplit(":", 1)
+    with pytest.raises(OSError):
+        await asyncio.open_connection(host, int(port))
+    with pytest.raises(FailedPrecondition):
+        await driver.sleep(started.container_id)

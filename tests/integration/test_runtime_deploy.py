@@ -369,3 +369,88 @@ async def test_a_silent_server_goes_down_takes_no_placement_and_comes_back_on_a_
         pb.HeartbeatRequest(server_id=name), metadata=bearer(token)
     )
     assert reply.server_status == D.SERVER_STATUS_ACTIVE
+
+
+async def _eventually(check: object, within: float = 15.0) -> object:
+    deadline = time.monotonic() + within
+    while True:
+        value = await check()  # type: ignore[operator]
+        if value:
+            return value
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.1)
+
+
+async def test_an_idle_app_sleeps_keeps_its_capacity_and_wakes_on_the_next_request(
+    live: Live, database_url: str
+) -> None:
+    """DESIGN flow 4 through the real path: the sleep controller finds the idle container
+    (the clock is moved past the project's sleep_after_seconds), the agent stops the app and
+    keeps its port; the next request starts it again and is served by it."""
+    from datetime import UTC, datetime, timedelta
+
+    tenant = await live.stack.tenant("viewer")
+    owner, viewer = tenant.owner.md, tenant.members["viewer"].md
+    project = await live.project(tenant, sleep_enabled=True, sleep_after_seconds=60)
+    deployment = await live.deploy(project.id, owner, SERVE)
+    await live.wait(deployment.id, owner, D.DEPLOYMENT_STATUS_RUNNING)
+    (container,) = await live.containers(project.id, viewer)
+    assert (await _http(container.address)).status_code == 200
+    first_pid = (await live.agent_container(container.id)).pid
+    reserved = (await assert_invariant(database_url, [live.server_id]))[live.server_id].reserved
+
+    # Not idle yet at the real clock: nothing sleeps.
+    assert (await live.app.sleeper.sleep_idle()).slept == 0
+    later = datetime.now(UTC) + timedelta(hours=1)
+    # Runtime may not know the last request yet (heartbeats carry it): the agent then
+    # refuses (NOT_IDLE) with the request it saw, runtime records it, the next pass sleeps it.
+    passes = [await live.app.sleeper.sleep_idle(now=later)]
+    while not passes[-1].slept and len(passes) < 3:
+        passes.append(await live.app.sleeper.sleep_idle(now=later))
+    assert passes[-1].slept >= 1 and all(p.busy for p in passes[:-1]), passes
+    (asleep,) = await live.containers(project.id, viewer)
+    assert asleep.sleep_status == D.SLEEP_STATUS_SLEEPING
+    assert asleep.status == D.CONTAINER_STATUS_RUNNING
+    assert await _gone(first_pid), "the sleeping app still runs"
+    running = await live.runtime.GetDeployment(
+        pb.GetDeploymentRequest(id=deployment.id), metadata=viewer
+    )
+    assert running.status == D.DEPLOYMENT_STATUS_RUNNING and running.capacity_reserved
+    now_reserved = (await assert_invariant(database_url, [live.server_id]))[live.server_id]
+    assert now_reserved.reserved == reserved  # capacity stays reserved while asleep
+
+    # The next request wakes it and is served by the started app.
+    async with httpx.AsyncClient(timeout=30, trust_env=False) as client:
+        assert (await client.get(f"http://{container.address}/")).status_code == 200
+    woken = await live.agent_container(container.id)
+    assert woken.sleep_status == apb.SLEEP_STATUS_AWAKE and woken.pid not in (0, first_pid)
+
+    async def reported_awake() -> bool:
+        (seen,) = await live.containers(project.id, viewer)
+        return seen.sleep_status == D.SLEEP_STATUS_AWAKE and seen.HasField("last_request_at")
+
+    await _eventually(reported_awake)
+
+    # Sleep turned off on the project: the controller leaves it awake however idle.
+    await live.stack.project.UpdateProject(
+        ppb.UpdateProjectRequest(
+            project=ppb.Project(id=project.id, sleep_enabled=False),
+            update_mask={"paths": ["sleep_enabled"]},
+        ),
+        metadata=owner,
+    )
+
+    async def sleep_off() -> bool:
+        row = await live.app.db.pool.fetchval(
+            "SELECT sleep_after_seconds IS NULL FROM runtime.deployments WHERE id = $1",
+            deployment.id,
+        )
+        return bool(row)
+
+    await _eventually(sleep_off)
+    await live.app.sleeper.sleep_idle(now=later + timedelta(days=1))
+    (still,) = await live.containers(project.id, viewer)
+    assert still.sleep_status == D.SLEEP_STATUS_AWAKE
+    await live.stack.project.DeleteProject(  # its app stops, its capacity returns
+        ppb.DeleteProjectRequest(id=project.id), metadata=owner
+    )

@@ -7,7 +7,7 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 
 from hangar.runtime.v1 import runtime_pb2 as pb
-from services.agent.domain import ContainerInfo, ContainerState, ResourceSample
+from services.agent.domain import ContainerInfo, ContainerState, ResourceSample, SleepState
 from services.agent.shipping import MetricShipper
 
 RX, TX = pb.METRIC_TYPE_NETWORK_RX_BYTES, pb.METRIC_TYPE_NETWORK_TX_BYTES
@@ -20,6 +20,8 @@ class CountingDriver:
         self.counters: dict[str, tuple[int, int] | None] = {}
         self.ended: set[str] = set()
         self.final: ResourceSample | None = None  # what sample() returns once ended
+        self.sleeping: set[str] = set()
+        self.runs: dict[str, tuple[int, datetime]] = {}  # container -> (run, its start)
 
     def list(self) -> list[ContainerInfo]:
         return [
@@ -28,13 +30,16 @@ class CountingDriver:
                 "d",
                 "p",
                 ContainerState.STOPPED if cid in self.ended else ContainerState.RUNNING,
-                started_at=datetime.now(UTC),
+                started_at=self.runs.get(cid, (1, datetime.now(UTC)))[1],
+                sleep=SleepState.SLEEPING if cid in self.sleeping else SleepState.AWAKE,
+                run=self.runs.get(cid, (1, datetime.now(UTC)))[0],
             )
             for cid in self.counters
         ]
 
     def sample(self, container_id: str) -> ResourceSample | None:
-        if container_id in self.ended and self.final is not None:
+        resting = container_id in self.ended or container_id in self.sleeping
+        if resting and self.final is not None:
             return self.final
         counted = self.counters[container_id]
         rx, tx = counted if counted is not None else (None, None)
@@ -88,3 +93,40 @@ def test_the_last_reading_covers_the_time_since_the_last_sample_at_the_last_rss(
     assert got[pb.METRIC_TYPE_MEMORY_RSS_BYTES].value == 1 << 20  # the last RSS read
     # 0.5 s of CPU at the first reading, 2.5 s at the end: 2 s over the ~2 s between them.
     assert 900 < got[pb.METRIC_TYPE_CPU_MILLICORES].value < 1001
+
+
+def test_a_sleep_ends_a_run_and_a_wake_starts_the_next_from_zero() -> None:
+    driver = CountingDriver()
+    shipper = MetricShipper(driver, stub=None, server=lambda: "s", server_totals=False)  # type: ignore[arg-type]
+    begun = datetime.now(UTC) - timedelta(seconds=10)
+    driver.counters = {"a": (0, 0)}
+    driver.runs = {"a": (1, begun)}
+    shipper.sample()
+    first = [(s.metric, s.value, s.sampled_at.ToDatetime(UTC)) for s in shipper.pending]
+    shipper.pending.clear()
+    # The run's start: zeros stamped there, so the first reading covers exactly 10 s.
+    assert (pb.METRIC_TYPE_CPU_MILLICORES, 0, begun) in first
+    assert (pb.METRIC_TYPE_MEMORY_RSS_BYTES, 0, begun) in first
+
+    slept_at = datetime.now(UTC) + timedelta(seconds=1)
+    driver.sleeping.add("a")
+    driver.final = ResourceSample("a", 1 << 20, 0.75, slept_at, 40, 400)
+    shipper.sample()
+    got = {s.metric: s for s in shipper.pending}
+    shipper.pending.clear()
+    assert {s.sampled_at.ToDatetime(UTC) for s in got.values()} == {slept_at}
+    assert got[RX].value == 40 and got[TX].value == 400
+    shipper.sample()  # asleep: nothing more for that run
+    assert not shipper.pending
+
+    woke_at = slept_at + timedelta(minutes=30)
+    driver.sleeping.discard("a")
+    driver.final = None
+    driver.runs = {"a": (2, woke_at)}
+    driver.counters = {"a": (50, 500)}  # the proxy's counts go on across runs
+    shipper.sample()
+    woke = [(s.metric, s.value, s.sampled_at.ToDatetime(UTC)) for s in shipper.pending]
+    # A new process: zeros at its start (the sleep is billed as nothing), bytes continue.
+    assert (pb.METRIC_TYPE_MEMORY_RSS_BYTES, 0, woke_at) in woke
+    assert (pb.METRIC_TYPE_CPU_MILLICORES, 0, woke_at) in woke
+    assert {m: v for m, v, _ in woke if m in (RX, TX)} == {RX: 10, TX: 100}

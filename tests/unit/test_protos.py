@@ -34,7 +34,13 @@ INTERNAL_RPCS = {
         "RecordUsage",
         "WatchEvents",
     },
-    "agent": {"StartContainer", "StopContainer", "GetContainer", "ListContainers"},
+    "agent": {
+        "StartContainer",
+        "StopContainer",
+        "SleepContainer",
+        "GetContainer",
+        "ListContainers",
+    },
 }
 
 # DESIGN.md "Public HTTP surface" (the gateway's own /openapi.json and /healthz excluded),

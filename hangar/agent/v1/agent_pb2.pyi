@@ -19,15 +19,26 @@ class ContainerStatus(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     CONTAINER_STATUS_STOPPING: _ClassVar[ContainerStatus]
     CONTAINER_STATUS_EXITED: _ClassVar[ContainerStatus]
     CONTAINER_STATUS_FAILED: _ClassVar[ContainerStatus]
+
+class SleepStatus(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    SLEEP_STATUS_UNSPECIFIED: _ClassVar[SleepStatus]
+    SLEEP_STATUS_AWAKE: _ClassVar[SleepStatus]
+    SLEEP_STATUS_SLEEPING: _ClassVar[SleepStatus]
+    SLEEP_STATUS_WAKING: _ClassVar[SleepStatus]
 CONTAINER_STATUS_UNSPECIFIED: ContainerStatus
 CONTAINER_STATUS_STARTING: ContainerStatus
 CONTAINER_STATUS_RUNNING: ContainerStatus
 CONTAINER_STATUS_STOPPING: ContainerStatus
 CONTAINER_STATUS_EXITED: ContainerStatus
 CONTAINER_STATUS_FAILED: ContainerStatus
+SLEEP_STATUS_UNSPECIFIED: SleepStatus
+SLEEP_STATUS_AWAKE: SleepStatus
+SLEEP_STATUS_SLEEPING: SleepStatus
+SLEEP_STATUS_WAKING: SleepStatus
 
 class Container(_message.Message):
-    __slots__ = ("container_id", "deployment_id", "project_id", "status", "exit_code", "reason", "address", "port", "pid", "started_at", "ended_at")
+    __slots__ = ("container_id", "deployment_id", "project_id", "status", "exit_code", "reason", "address", "port", "pid", "started_at", "ended_at", "sleep_status", "last_request_at")
     CONTAINER_ID_FIELD_NUMBER: _ClassVar[int]
     DEPLOYMENT_ID_FIELD_NUMBER: _ClassVar[int]
     PROJECT_ID_FIELD_NUMBER: _ClassVar[int]
@@ -39,6 +50,8 @@ class Container(_message.Message):
     PID_FIELD_NUMBER: _ClassVar[int]
     STARTED_AT_FIELD_NUMBER: _ClassVar[int]
     ENDED_AT_FIELD_NUMBER: _ClassVar[int]
+    SLEEP_STATUS_FIELD_NUMBER: _ClassVar[int]
+    LAST_REQUEST_AT_FIELD_NUMBER: _ClassVar[int]
     container_id: str
     deployment_id: str
     project_id: str
@@ -50,7 +63,9 @@ class Container(_message.Message):
     pid: int
     started_at: _timestamp_pb2.Timestamp
     ended_at: _timestamp_pb2.Timestamp
-    def __init__(self, container_id: _Optional[str] = ..., deployment_id: _Optional[str] = ..., project_id: _Optional[str] = ..., status: _Optional[_Union[ContainerStatus, str]] = ..., exit_code: _Optional[int] = ..., reason: _Optional[str] = ..., address: _Optional[str] = ..., port: _Optional[int] = ..., pid: _Optional[int] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., ended_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    sleep_status: SleepStatus
+    last_request_at: _timestamp_pb2.Timestamp
+    def __init__(self, container_id: _Optional[str] = ..., deployment_id: _Optional[str] = ..., project_id: _Optional[str] = ..., status: _Optional[_Union[ContainerStatus, str]] = ..., exit_code: _Optional[int] = ..., reason: _Optional[str] = ..., address: _Optional[str] = ..., port: _Optional[int] = ..., pid: _Optional[int] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., ended_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., sleep_status: _Optional[_Union[SleepStatus, str]] = ..., last_request_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class StartContainerRequest(_message.Message):
     __slots__ = ("container_id", "deployment_id", "project_id", "command", "image", "env", "ram_mb", "cpu_millis", "health_check_path")
@@ -98,6 +113,16 @@ class StopContainerRequest(_message.Message):
     container_id: str
     grace: _duration_pb2.Duration
     def __init__(self, container_id: _Optional[str] = ..., grace: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
+
+class SleepContainerRequest(_message.Message):
+    __slots__ = ("container_id", "idle_since", "grace")
+    CONTAINER_ID_FIELD_NUMBER: _ClassVar[int]
+    IDLE_SINCE_FIELD_NUMBER: _ClassVar[int]
+    GRACE_FIELD_NUMBER: _ClassVar[int]
+    container_id: str
+    idle_since: _timestamp_pb2.Timestamp
+    grace: _duration_pb2.Duration
+    def __init__(self, container_id: _Optional[str] = ..., idle_since: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., grace: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
 
 class GetContainerRequest(_message.Message):
     __slots__ = ("container_id",)

@@ -27,8 +27,9 @@ if _version_not_supported:
 
 class AgentServiceStub:
     """Runs on each server and starts / stops app processes for runtime. Every RPC is internal:
-    the agent accepts only runtime's service token. Sleep is a StopContainer; wake is a new
-    StartContainer for the same deployment.
+    the agent accepts only runtime's service token. Sleep: runtime's sleep controller asks the
+    agent to stop an idle app (SleepContainer); the agent keeps its public port open and starts
+    the app again when the next request arrives, which is served once the app answers.
     """
 
     def __init__(self, channel):
@@ -47,6 +48,11 @@ class AgentServiceStub:
                 request_serializer=hangar_dot_agent_dot_v1_dot_agent__pb2.StopContainerRequest.SerializeToString,
                 response_deserializer=hangar_dot_agent_dot_v1_dot_agent__pb2.Container.FromString,
                 _registered_method=True)
+        self.SleepContainer = channel.unary_unary(
+                '/hangar.agent.v1.AgentService/SleepContainer',
+                request_serializer=hangar_dot_agent_dot_v1_dot_agent__pb2.SleepContainerRequest.SerializeToString,
+                response_deserializer=hangar_dot_agent_dot_v1_dot_agent__pb2.Container.FromString,
+                _registered_method=True)
         self.GetContainer = channel.unary_unary(
                 '/hangar.agent.v1.AgentService/GetContainer',
                 request_serializer=hangar_dot_agent_dot_v1_dot_agent__pb2.GetContainerRequest.SerializeToString,
@@ -61,8 +67,9 @@ class AgentServiceStub:
 
 class AgentServiceServicer:
     """Runs on each server and starts / stops app processes for runtime. Every RPC is internal:
-    the agent accepts only runtime's service token. Sleep is a StopContainer; wake is a new
-    StartContainer for the same deployment.
+    the agent accepts only runtime's service token. Sleep: runtime's sleep controller asks the
+    agent to stop an idle app (SleepContainer); the agent keeps its public port open and starts
+    the app again when the next request arrives, which is served once the app answers.
     """
 
     def StartContainer(self, request, context):
@@ -78,6 +85,18 @@ class AgentServiceServicer:
     def StopContainer(self, request, context):
         """Stops a container: SIGTERM, then SIGKILL after the grace period. Idempotent.
         Internal: runtime (cancel, supersede, sleep, clean-up); refuses user tokens.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SleepContainer(self, request, context):
+        """Puts a running, idle container to sleep: its process is stopped (SIGTERM, then SIGKILL
+        after the grace period), its public port stays open, and the next connection starts it
+        again (the connection is served once the app answers). FAILED_PRECONDITION
+        (reason NOT_IDLE) when the app is serving a connection or got one after idle_since.
+        Sleeping a sleeping container is a no-op returning it.
+        Internal: runtime's sleep controller; refuses user tokens.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -112,6 +131,11 @@ def add_AgentServiceServicer_to_server(servicer, server):
                     request_deserializer=hangar_dot_agent_dot_v1_dot_agent__pb2.StopContainerRequest.FromString,
                     response_serializer=hangar_dot_agent_dot_v1_dot_agent__pb2.Container.SerializeToString,
             ),
+            'SleepContainer': grpc.unary_unary_rpc_method_handler(
+                    servicer.SleepContainer,
+                    request_deserializer=hangar_dot_agent_dot_v1_dot_agent__pb2.SleepContainerRequest.FromString,
+                    response_serializer=hangar_dot_agent_dot_v1_dot_agent__pb2.Container.SerializeToString,
+            ),
             'GetContainer': grpc.unary_unary_rpc_method_handler(
                     servicer.GetContainer,
                     request_deserializer=hangar_dot_agent_dot_v1_dot_agent__pb2.GetContainerRequest.FromString,
@@ -132,8 +156,9 @@ def add_AgentServiceServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class AgentService:
     """Runs on each server and starts / stops app processes for runtime. Every RPC is internal:
-    the agent accepts only runtime's service token. Sleep is a StopContainer; wake is a new
-    StartContainer for the same deployment.
+    the agent accepts only runtime's service token. Sleep: runtime's sleep controller asks the
+    agent to stop an idle app (SleepContainer); the agent keeps its public port open and starts
+    the app again when the next request arrives, which is served once the app answers.
     """
 
     @staticmethod
@@ -179,6 +204,33 @@ class AgentService:
             target,
             '/hangar.agent.v1.AgentService/StopContainer',
             hangar_dot_agent_dot_v1_dot_agent__pb2.StopContainerRequest.SerializeToString,
+            hangar_dot_agent_dot_v1_dot_agent__pb2.Container.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SleepContainer(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hangar.agent.v1.AgentService/SleepContainer',
+            hangar_dot_agent_dot_v1_dot_agent__pb2.SleepContainerRequest.SerializeToString,
             hangar_dot_agent_dot_v1_dot_agent__pb2.Container.FromString,
             options,
             channel_credentials,

@@ -230,18 +230,20 @@ class MetricSample(_message.Message):
     def __init__(self, container_id: _Optional[str] = ..., metric: _Optional[_Union[MetricType, str]] = ..., value: _Optional[float] = ..., sampled_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class ContainerStatusReport(_message.Message):
-    __slots__ = ("container_id", "status", "exit_code", "reason", "last_request_at")
+    __slots__ = ("container_id", "status", "exit_code", "reason", "last_request_at", "sleep_status")
     CONTAINER_ID_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
     EXIT_CODE_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
     LAST_REQUEST_AT_FIELD_NUMBER: _ClassVar[int]
+    SLEEP_STATUS_FIELD_NUMBER: _ClassVar[int]
     container_id: str
     status: ContainerStatus
     exit_code: int
     reason: str
     last_request_at: _timestamp_pb2.Timestamp
-    def __init__(self, container_id: _Optional[str] = ..., status: _Optional[_Union[ContainerStatus, str]] = ..., exit_code: _Optional[int] = ..., reason: _Optional[str] = ..., last_request_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    sleep_status: SleepStatus
+    def __init__(self, container_id: _Optional[str] = ..., status: _Optional[_Union[ContainerStatus, str]] = ..., exit_code: _Optional[int] = ..., reason: _Optional[str] = ..., last_request_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., sleep_status: _Optional[_Union[SleepStatus, str]] = ...) -> None: ...
 
 class RegisterServerRequest(_message.Message):
     __slots__ = ("server",)
