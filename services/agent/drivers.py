@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import ipaddress
 import logging
 import os
 import shutil
@@ -396,6 +397,7 @@ class ProcessDriver:
             self._set(record, state=ContainerState.RUNNING, sleep=SleepState.AWAKE)
             record.up.set()
             log.info("container running", extra={"container_id": record.info.container_id})
+            self._warn_if_exposed(record)
         elif healthy is False and not record.stop_requested:
             record.failure = f"not healthy within {self.start_timeout:g}s"
             await self._terminate(record, self.stop_grace)
@@ -407,6 +409,25 @@ class ProcessDriver:
             self._doze(record)
             return
         self._finish(record, returncode)
+
+    def _warn_if_exposed(self, record: _Container) -> None:
+        """Apps share the host's network here, so one listening beyond loopback can be reached
+        without the ingress proxy, unrouted and uncounted. Nothing short of a network namespace
+        (an image driver) prevents it; the agent tells the app's owner in its logs."""
+        exposed = sorted(_exposed_listeners(record.info.pid))
+        if not exposed:
+            return
+        where = ", ".join(exposed)
+        record.logs.append(
+            LogStream.STDERR,
+            f"[hangar agent] this app listens on {where}, beyond 127.0.0.1: clients must use "
+            f"its Hangar address ({record.info.address}); bind 127.0.0.1 on $PORT "
+            "to keep the port private",
+        )
+        log.warning(
+            "app listens beyond loopback",
+            extra={"container_id": record.info.container_id, "listening": where},
+        )
 
     async def _wait_healthy(self, record: _Container, exited: asyncio.Future[int]) -> bool | None:
         """True once healthy, False on timeout, None if the process ended or was stopped."""
@@ -642,6 +663,28 @@ class ProcessDriver:
         ended = [cid for cid, c in self._containers.items() if c.info.state.ended]
         for cid in ended[: max(0, len(ended) - self.keep_ended)]:
             del self._containers[cid]
+
+
+def _exposed_listeners(pid: int) -> set[str]:
+    """The non-loopback addresses a process tree listens on (TCP), as "ip:port"."""
+    try:
+        root = psutil.Process(pid)
+        tree = [root, *root.children(recursive=True)]
+    except psutil.Error:
+        return set()
+    found = set()
+    for proc in tree:
+        try:
+            connections = proc.net_connections(kind="inet")
+        except psutil.Error:
+            continue
+        for conn in connections:
+            if conn.status != psutil.CONN_LISTEN or not conn.laddr:
+                continue
+            ip, port = conn.laddr.ip, conn.laddr.port
+            if not ipaddress.ip_address(ip.split("%")[0]).is_loopback:
+                found.add(f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}")
+    return found
 
 
 @dataclass(frozen=True)

@@ -210,6 +210,11 @@ async def set_server_status(tx: Session, server_id: str, status: ServerState) ->
 # ----------------------------------------------------------------------- reservations
 
 
+# The servers that could take `need` ($3 MB, $4 mCPU) in region $1 with driver $2.
+_FITS = """status = 'active' AND region = $1 AND $2::text = ANY(drivers)
+           AND ram_mb - ram_mb_reserved >= $3 AND cpu_millis - cpu_millis_reserved >= $4"""
+
+
 def _reserve_sql(skip_locked: bool) -> str:
     # One statement that cannot over-commit. The subquery picks a fitting active server and
     # row-locks it; under READ COMMITTED a row changed since the statement's snapshot is
@@ -235,9 +240,7 @@ def _reserve_sql(skip_locked: bool) -> str:
                updated_at = now()
          WHERE id = (
                 SELECT id FROM {S}.servers
-                 WHERE status = 'active' AND region = $1 AND $2::text = ANY(drivers)
-                   AND ram_mb - ram_mb_reserved >= $3
-                   AND cpu_millis - cpu_millis_reserved >= $4
+                 WHERE {_FITS}
                  ORDER BY {order}
                  LIMIT 1 {lock})
            AND ram_mb - ram_mb_reserved >= $3
@@ -273,9 +276,7 @@ _SKIP_LOCKED_BACKOFF = (0.001, 0.002, 0.004, 0.008)
 # Is any server fitting at all, locked or not? (No lock: only decides whether to retry.)
 _ANY_FITS = f"""
     SELECT EXISTS (SELECT 1 FROM {S}.servers
-                    WHERE status = 'active' AND region = $1 AND $2::text = ANY(drivers)
-                      AND ram_mb - ram_mb_reserved >= $3
-                      AND cpu_millis - cpu_millis_reserved >= $4)"""
+                    WHERE {_FITS})"""
 
 
 async def release_capacity(tx: Session, deployment_id: str) -> bool:
@@ -868,9 +869,7 @@ def _place_sql(skip_locked: bool) -> str:
         -- server fits at all, locked or not, so a miss needs no second round trip.
         SELECT p.*, CASE WHEN p.id IS NULL THEN EXISTS (
                    SELECT 1 FROM {S}.servers
-                    WHERE status = 'active' AND region = $1 AND $2::text = ANY(drivers)
-                      AND ram_mb - ram_mb_reserved >= $3
-                      AND cpu_millis - cpu_millis_reserved >= $4) END AS any_fits
+                    WHERE {_FITS}) END AS any_fits
           FROM (SELECT) one LEFT JOIN placed p ON true"""
 
 
@@ -955,9 +954,7 @@ def _create_sql(skip_locked: bool) -> str:
         WITH reserved AS ({reserve}),
         fits AS (
             SELECT EXISTS (SELECT 1 FROM {S}.servers
-                            WHERE status = 'active' AND region = $1 AND $2::text = ANY(drivers)
-                              AND ram_mb - ram_mb_reserved >= $3
-                              AND cpu_millis - cpu_millis_reserved >= $4) AS any_fits),
+                            WHERE {_FITS}) AS any_fits),
         made AS (
             INSERT INTO {S}.deployments (id, project_id, organization_id, image, command,
                     ram_mb, cpu_millis, region, health_check_path, rolled_back_from,

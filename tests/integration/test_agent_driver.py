@@ -354,3 +354,21 @@ async def test_a_sleeping_container_stops_and_its_port_closes(driver: ProcessDri
         await asyncio.open_connection(host, int(port))
     with pytest.raises(FailedPrecondition):
         await driver.sleep(started.container_id)
+
+
+async def test_an_app_listening_beyond_loopback_is_told_in_its_logs(driver: ProcessDriver) -> None:
+    """Sharing the host's network, such an app can be reached around the counting proxy;
+    the agent says so in the app's own logs (one bound to 127.0.0.1 hears nothing)."""
+    everywhere = await driver.start(spec(HTTP_SERVER))  # http.server binds every interface
+    private = await driver.start(spec('exec python3 -m http.server --bind 127.0.0.1 "$PORT"'))
+    for started in (everywhere, private):
+        await settle(driver, started.container_id, ContainerState.RUNNING)
+
+    def notices(container_id: str) -> list[str]:
+        logs = driver.logs(container_id)
+        assert logs is not None
+        return [line.text for line in logs.since(0) if line.text.startswith("[hangar agent]")]
+
+    (notice,) = notices(everywhere.container_id)
+    assert "beyond 127.0.0.1" in notice and everywhere.address in notice
+    assert notices(private.container_id) == []
