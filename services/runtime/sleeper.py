@@ -81,14 +81,18 @@ class SleepController:
             try:
                 idle = await store.idle_containers(s, now or self.clock(), self.batch)
                 outcomes = await asyncio.gather(*(self._sleep(one) for one in idle))
+                # Recorded before the lock goes: the next pass must not find them awake.
+                for one, (status, last_request_at) in zip(idle, outcomes, strict=True):
+                    if status is not None or last_request_at is not None:
+                        async with self.db.transaction() as tx:
+                            await store.update_container(
+                                tx,
+                                one.container.id,
+                                sleep_status=status,
+                                last_request_at=last_request_at,
+                            )
             finally:
                 await s.fetchval("SELECT pg_advisory_unlock(hashtext($1))", LOCK_KEY)
-        for one, (status, last_request_at) in zip(idle, outcomes, strict=True):
-            if status is not None or last_request_at is not None:
-                async with self.db.transaction() as tx:
-                    await store.update_container(
-                        tx, one.container.id, sleep_status=status, last_request_at=last_request_at
-                    )
         return SleepPass(
             slept=sum(1 for status, _ in outcomes if status == "sleeping"),
             busy=sum(1 for status, last in outcomes if status != "sleeping" and last),

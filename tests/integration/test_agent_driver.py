@@ -34,6 +34,13 @@ STUBBORN = (
     's.listen(); time.sleep(600)"'
 )
 
+# An HTTP server that ignores SIGTERM (SIGKILL after the grace ends it).
+STUBBORN_BUT_SERVES = (
+    'exec python3 -c "import signal, sys; signal.signal(signal.SIGTERM, signal.SIG_IGN); '
+    "sys.argv = ['http.server', sys.argv[1]]; import runpy; "
+    "runpy.run_module('http.server', run_name='__main__')\" \"$PORT\""
+)
+
 
 @pytest.fixture
 async def driver() -> AsyncIterator[ProcessDriver]:
@@ -372,3 +379,22 @@ async def test_an_app_listening_beyond_loopback_is_told_in_its_logs(driver: Proc
     (notice,) = notices(everywhere.container_id)
     assert "beyond 127.0.0.1" in notice and everywhere.address in notice
     assert notices(private.container_id) == []
+
+
+async def test_a_request_during_the_going_to_sleep_waits_and_wakes_the_app(
+    driver: ProcessDriver,
+) -> None:
+    """Sleep and a request race: the request waits for the app to finish stopping, then
+    starts it again and is served; two sleeps at once stop it once."""
+    started = await driver.start(spec(STUBBORN_BUT_SERVES))
+    running = await settle(driver, started.container_id, ContainerState.RUNNING)
+    sleeps = [asyncio.create_task(driver.sleep(started.container_id, grace=1)) for _ in range(2)]
+    await asyncio.sleep(0.2)  # SIGTERM is ignored: the app is stopping for a second
+    async with httpx.AsyncClient(trust_env=False, timeout=30) as client:
+        reply = await client.get(f"http://{running.address}/")
+    assert reply.status_code == 200
+    slept = await asyncio.gather(*sleeps)
+    assert {info.sleep for info in slept} == {SleepState.SLEEPING}
+    awake = driver.inspect(started.container_id)
+    assert awake is not None and awake.sleep is SleepState.AWAKE and awake.run == 2
+    assert alive(awake.pid) and not alive(started.pid)

@@ -454,3 +454,30 @@ async def test_an_idle_app_sleeps_keeps_its_capacity_and_wakes_on_the_next_reque
     await live.stack.project.DeleteProject(  # its app stops, its capacity returns
         ppb.DeleteProjectRequest(id=project.id), metadata=owner
     )
+
+
+async def test_two_sleep_controllers_at_once_sleep_each_idle_app_once(live: Live) -> None:
+    """Two runtime replicas' passes at the same moment: one runs, the other stands aside
+    (advisory lock), so no agent is asked twice."""
+    from datetime import UTC, datetime, timedelta
+
+    from services.runtime.sleeper import SleepController
+
+    tenant = await live.stack.tenant()
+    owner = tenant.owner.md
+    project = await live.project(tenant, sleep_enabled=True, sleep_after_seconds=60)
+    deployment = await live.deploy(project.id, owner, SERVE)
+    await live.wait(deployment.id, owner, D.DEPLOYMENT_STATUS_RUNNING)
+    (container,) = await live.containers(project.id, owner)
+    replica = SleepController(live.app.db, live.app.agents)
+    later = datetime.now(UTC) + timedelta(hours=1)
+    passes = await asyncio.gather(
+        live.app.sleeper.sleep_idle(now=later), replica.sleep_idle(now=later)
+    )
+    assert sum(p.slept for p in passes) == 1, passes
+    assert (await live.agent_container(container.id)).sleep_status == apb.SLEEP_STATUS_SLEEPING
+    again = await asyncio.gather(
+        live.app.sleeper.sleep_idle(now=later), replica.sleep_idle(now=later)
+    )
+    assert sum(p.slept for p in again) == 0  # asleep: no longer idle-and-awake
+    await live.stack.project.DeleteProject(ppb.DeleteProjectRequest(id=project.id), metadata=owner)
