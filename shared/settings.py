@@ -124,6 +124,8 @@ class Settings:
     jwt_signing_keys: tuple[SigningKey, ...] = field(default=(), repr=False)
     access_token_ttl_seconds: int = 900
     refresh_token_ttl_seconds: int = 30 * 86400
+    # How often identity deletes dead refresh-token families and stale login-throttle rows.
+    identity_cleanup_seconds: float = 3600.0
     service_token_ttl_seconds: int = 600
     oauth_providers: dict[str, OAuthProvider] = field(default_factory=dict)
     # argon2id cost; never below the floor (19 MiB, t=2, p=1), see identity.passwords.
@@ -260,6 +262,7 @@ class Settings:
             refresh_token_ttl_seconds=int(
                 _env("HANGAR_REFRESH_TOKEN_TTL_SECONDS", str(30 * 86400))
             ),
+            identity_cleanup_seconds=float(_env("HANGAR_IDENTITY_CLEANUP_SECONDS", "3600")),
             service_token_ttl_seconds=int(_env("HANGAR_SERVICE_TOKEN_TTL_SECONDS", "600")),
             oauth_providers=_oauth_providers(_env("HANGAR_OAUTH_PROVIDERS")),
         )

@@ -6,6 +6,7 @@ import grpc
 
 from hangar.identity.v1 import identity_pb2, identity_pb2_grpc
 from services.identity.api import IdentityApi
+from services.identity.cleanup import Cleanup
 from services.identity.oauth import OidcVerifier
 from services.identity.passwords import Passwords
 from services.identity.service import Identity
@@ -32,6 +33,8 @@ class IdentityApp(ServiceApp):
             Passwords.from_settings(settings),
             OidcVerifier(settings.oauth_providers),
         )
+        self.cleanup = Cleanup(db, interval_seconds=settings.identity_cleanup_seconds)
+        self.add_loop(self.cleanup.run)
 
     def build_authenticator(self) -> Authenticator:
         # Identity verifies with its own key set: no call to itself.

@@ -630,3 +630,35 @@ async def audit_chain_page(
         .limit(limit)
     )
     return [StoredAudit(_entry(r), r["hash"]) for r in await s.fetch(stmt)]
+
+
+# ----------------------------------------------------------------------------- clean-up
+
+
+async def delete_dead_refresh_families(s: Session, limit: int) -> int:
+    """Delete up to `limit` refresh-token families whose newest token has expired: nothing
+    in them can be used, and a replay of one of them can no longer lead anywhere, so reuse
+    detection (which needs a live family) loses nothing. How many rows went."""
+    result = await s.execute(
+        """DELETE FROM identity.refresh_tokens
+            WHERE family_id IN (SELECT family_id FROM identity.refresh_tokens
+                                 GROUP BY family_id HAVING max(expires_at) < now()
+                                 LIMIT $1)""",
+        limit,
+    )
+    return int(result.split()[-1])
+
+
+async def delete_stale_login_throttle(s: Session, memory: timedelta, limit: int) -> int:
+    """Delete throttle rows that count nothing any more (failures older than `memory`, no
+    block in force): a later failure starts from zero either way."""
+    result = await s.execute(
+        """DELETE FROM identity.login_throttle
+            WHERE email IN (SELECT email FROM identity.login_throttle
+                             WHERE last_failure_at < now() - $1::interval
+                               AND (blocked_until IS NULL OR blocked_until < now())
+                             LIMIT $2)""",
+        memory,
+        limit,
+    )
+    return int(result.split()[-1])

@@ -7,6 +7,7 @@ import logging
 import secrets
 import time
 from collections.abc import AsyncIterator
+from datetime import timedelta
 
 import asyncpg
 import grpc
@@ -314,3 +315,62 @@ async def test_no_password_or_token_reaches_logs_or_audit(
         assert secret_password not in text
         assert reply.refresh_token not in text
         assert reply.access_token not in text
+
+
+async def test_clean_up_deletes_dead_families_and_stale_throttle_rows_once(
+    identity: RunningIdentity, database_url: str
+) -> None:
+    """Families whose newest token expired and throttle rows that count nothing go; a live
+    family (even with an expired, rotated first token) and throttle rows in force stay. Two
+    replicas cleaning at once delete each row once."""
+    assert identity.app is not None
+    live = await identity.sign_up()
+    rotated = await identity.sign_up()
+    newest = await identity.stub.Refresh(pb.RefreshRequest(refresh_token=rotated.refresh_token))
+    dead = await identity.sign_up()
+    dead_next = await identity.stub.Refresh(pb.RefreshRequest(refresh_token=dead.refresh_token))
+    stale, blocked, recent = _email(), _email(), _email()
+    conn = await asyncpg.connect(database_url)
+    try:
+        family = """SELECT family_id FROM identity.refresh_tokens
+                     WHERE user_id = $1 LIMIT 1"""
+        dead_family = await conn.fetchval(family, dead.user.id)
+        rotated_family = await conn.fetchval(family, rotated.user.id)
+        await conn.execute(
+            "UPDATE identity.refresh_tokens SET expires_at = now() - interval '1 second'"
+            " WHERE family_id = $1",
+            dead_family,
+        )
+        await conn.execute(  # the used first token only: the family lives on in `newest`
+            "UPDATE identity.refresh_tokens SET expires_at = now() - interval '1 day'"
+            " WHERE family_id = $1 AND used_at IS NOT NULL",
+            rotated_family,
+        )
+        await conn.executemany(
+            "INSERT INTO identity.login_throttle (email, failures, last_failure_at, blocked_until)"
+            " VALUES ($1, 3, now() - $2::interval, now() + $3::interval)",
+            [
+                (stale, timedelta(hours=2), timedelta(hours=-1)),
+                (blocked, timedelta(hours=2), timedelta(minutes=5)),
+                (recent, timedelta(minutes=5), timedelta(minutes=-1)),
+            ],
+        )
+        cleaned = await asyncio.gather(identity.app.cleanup.clean(), identity.app.cleanup.clean())
+        assert sum(c.refresh_tokens for c in cleaned) >= 2  # (others' dead families too)
+        left = await conn.fetchval(
+            "SELECT count(*) FROM identity.refresh_tokens WHERE family_id = $1", dead_family
+        )
+        throttled = await conn.fetch(
+            "SELECT email FROM identity.login_throttle WHERE email = ANY($1::text[])",
+            [stale, blocked, recent],
+        )
+    finally:
+        await conn.close()
+    assert left == 0
+    assert {r["email"] for r in throttled} == {blocked, recent}
+    # What stayed still works; what went is refused as any unknown token is.
+    await identity.stub.Refresh(pb.RefreshRequest(refresh_token=live.refresh_token))
+    await identity.stub.Refresh(pb.RefreshRequest(refresh_token=newest.refresh_token))
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await identity.stub.Refresh(pb.RefreshRequest(refresh_token=dead_next.refresh_token))
+    assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
