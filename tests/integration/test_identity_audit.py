@@ -18,7 +18,7 @@ from shared.audit import AuditRelay, record_audit
 from shared.auth import ServiceTokenSource
 from shared.clients import Clients
 from shared.db import Database
-from tests.support.identity import RunningIdentity, bearer, running_identity
+from tests.support.identity import PASSWORD, RunningIdentity, bearer, running_identity
 from tests.support.procs import free_port
 
 
@@ -232,3 +232,33 @@ async def test_relay_delivers_a_services_audit_outbox_until_accepted(
     assert [(e.id, e.actor_id, e.target_id) for e in logs.audit_logs] == [
         (event_id, "u-42", "DB_URL")
     ]
+
+
+async def test_a_deleted_organizations_trail_stays_readable_to_platform_admins_only(
+    identity: RunningIdentity,
+) -> None:
+    owner, org = await _org_with_admin(identity)
+    outsider = await identity.sign_up()
+    await identity.stub.DeleteOrganization(
+        pb.DeleteOrganizationRequest(id=org.id), metadata=bearer(owner.access_token)
+    )
+    admin = await identity.sign_up()
+    assert identity.app is not None
+    assert await identity.app.identity.promote(admin.user.email)
+    relogged = await identity.stub.Login(pb.LoginRequest(email=admin.user.email, password=PASSWORD))
+    # Its owner is no member any more, and no one else ever was.
+    for token in (owner.access_token, outsider.access_token):
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await identity.stub.ListAuditLogs(
+                pb.ListAuditLogsRequest(organization_id=org.id), metadata=bearer(token)
+            )
+        assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    reply = await identity.stub.ListAuditLogs(
+        pb.ListAuditLogsRequest(organization_id=org.id), metadata=bearer(relogged.access_token)
+    )
+    actions = [entry.action for entry in reply.audit_logs]
+    assert actions[0] == "organization.deleted" and "organization.created" in actions
+    chain = await identity.stub.VerifyAuditChain(
+        pb.VerifyAuditChainRequest(organization_id=org.id), metadata=bearer(relogged.access_token)
+    )
+    assert chain.ok and chain.checked == len(actions)
