@@ -333,9 +333,11 @@ class ProcessDriver:
         env = {**self.base_env, **spec.env, "PORT": str(record.private_port)}
         try:
             # A scratch working directory: never the agent's own (an app could serve it).
-            record.workdir = Path(
-                tempfile.mkdtemp(prefix=f"hangar-{spec.container_id}-", dir=self.workdir_root)
-            )
+            # Kept across a sleep, as a container's filesystem is across a stop and start.
+            if record.workdir is None:
+                record.workdir = Path(
+                    tempfile.mkdtemp(prefix=f"hangar-{spec.container_id}-", dir=self.workdir_root)
+                )
             # Popen, not the loop's subprocess API: CPython spawns with vfork, while uvloop
             # forks and gRPC's fork handlers then crash the child now and then (SIGSEGV).
             process = subprocess.Popen(  # noqa: ASYNC220 - vfork + exec: about a millisecond
@@ -555,6 +557,8 @@ class ProcessDriver:
             state, reason = ContainerState.STOPPED, "stopped"
         elif record.info.state is ContainerState.STARTING:
             state, reason = ContainerState.FAILED, f"{ending} during start-up"
+        elif record.info.sleep is SleepState.WAKING:
+            state, reason = ContainerState.FAILED, f"{ending} while waking from sleep"
         else:
             state, reason = ContainerState.EXITED, "" if returncode == 0 else ending
         ended_at = utcnow()
@@ -581,7 +585,22 @@ class ProcessDriver:
         """Splits output into lines; a line longer than the limit is cut, its rest skipped."""
         reader = asyncio.StreamReader()
         loop = asyncio.get_running_loop()
-        await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), pipe)
+        transport, _ = await loop.connect_read_pipe(
+            lambda: asyncio.StreamReaderProtocol(reader), pipe
+        )
+        try:
+            await self._split_lines(record, reader, stream)
+        finally:
+            # Closed here, which closes `pipe` too. uvloop leaves the transport open at EOF;
+            # left to the garbage collector, the transport and the pipe's file object each
+            # closed the descriptor, the second time after a new process (a wake) had been
+            # given that number: its output pipe broke and the app died of SIGPIPE.
+            transport.close()
+
+    @staticmethod
+    async def _split_lines(
+        record: _Container, reader: asyncio.StreamReader, stream: LogStream
+    ) -> None:
         limit = record.logs.max_line_chars
         pending = bytearray()
         skipping = False

@@ -4,6 +4,7 @@ log capture, resource samples, and that nothing it started outlives it."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import secrets
 import time
@@ -268,6 +269,32 @@ def test_under_uvloop_output_is_captured_and_exits_are_seen() -> None:
     assert stdout.startswith("hello")
 
 
+def test_under_uvloop_repeated_wakes_keep_each_runs_output_pipe() -> None:
+    """uvloop leaves a pipe transport open at EOF: if the driver left it to the garbage
+    collector, the descriptor was closed twice, the second time under a woken app's new
+    output pipe, and the app died of SIGPIPE mid-request (a real failure, 3 runs in 3)."""
+
+    async def scenario() -> list[int]:
+        driver = ProcessDriver(start_timeout=10, stop_grace=1, probe_interval=0.02)
+        limits = httpx.Limits(max_keepalive_connections=0)
+        codes = []
+        try:
+            started = await driver.start(spec(HTTP_SERVER))
+            running = await settle(driver, started.container_id, ContainerState.RUNNING)
+            async with httpx.AsyncClient(trust_env=False, timeout=30, limits=limits) as client:
+                for _ in range(12):
+                    await asyncio.sleep(0.05)
+                    await driver.sleep(started.container_id)
+                    gc.collect()  # what a busy agent's collector does at any moment
+                    for _ in range(2):  # the wake, then the app awake
+                        codes.append((await client.get(f"http://{running.address}/")).status_code)
+        finally:
+            await driver.close()
+        return codes
+
+    assert uvloop.run(scenario()) == [200] * 24
+
+
 async def test_without_pidfd_a_thread_sees_the_exit_and_the_group_is_killed(
     driver: ProcessDriver, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -398,3 +425,22 @@ async def test_a_request_during_the_going_to_sleep_waits_and_wakes_the_app(
     awake = driver.inspect(started.container_id)
     assert awake is not None and awake.sleep is SleepState.AWAKE and awake.run == 2
     assert alive(awake.pid) and not alive(started.pid)
+
+
+async def test_an_app_that_fails_to_start_again_ends_the_container_and_its_client_is_cut(
+    driver: ProcessDriver,
+) -> None:
+    """Its working directory survives the sleep (the marker is there), so the second start
+    exits 3: the waiting connection is closed and the container ends with that code."""
+    command = f"if [ -f slept ]; then echo refusing >&2; exit 3; fi; touch slept; {HTTP_SERVER}"
+    started = await driver.start(spec(command))
+    running = await settle(driver, started.container_id, ContainerState.RUNNING)
+    await driver.sleep(started.container_id)
+    async with httpx.AsyncClient(trust_env=False, timeout=30) as client:
+        with pytest.raises(httpx.HTTPError):
+            await client.get(f"http://{running.address}/")
+    ended = await settle(driver, started.container_id, ContainerState.FAILED)
+    assert ended.exit_code == 3 and ended.reason == "exited with code 3 while waking from sleep"
+    assert ended.run == 2
+    logs = driver.logs(started.container_id)
+    assert logs is not None and "refusing" in [line.text for line in logs.since(0)]
