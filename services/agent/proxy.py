@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -77,13 +78,19 @@ class IngressProxy:
         self.private_port = private_port
         # One address (IPv4 "" -> every interface): with host None asyncio would bind IPv4
         # and IPv6 sockets, on different ports when public_port is 0.
-        self._server = await asyncio.start_server(
-            self._handle,
-            self.host or "0.0.0.0",  # the public port: every interface, as apps bound it
-            public_port,
-            reuse_address=True,
-            limit=self.chunk_bytes,
+        # Listening from an empty context: connections (and a wake they start) must not
+        # carry the request id, caller or token of the RPC that happened to start the proxy.
+        listening = contextvars.Context().run(
+            asyncio.ensure_future,
+            asyncio.start_server(
+                self._handle,
+                self.host or "0.0.0.0",  # the public port: every interface, as apps bound it
+                public_port,
+                reuse_address=True,
+                limit=self.chunk_bytes,
+            ),
         )
+        self._server = await listening
         ports = {int(sock.getsockname()[1]) for sock in self._server.sockets}
         if len(ports) != 1:
             await self.close()

@@ -184,3 +184,36 @@ async def test_the_metric_shipper_emits_what_the_proxy_carried(driver: ProcessDr
     rx, tx = (s.value for s in second)
     assert [s.metric for s in second] == [RX_BYTES, TX_BYTES]
     assert rx > 2 * len("GET /blob.bin HTTP/1.1\r\n") and 2 * BLOB < tx < 2 * BLOB + 4000
+
+
+async def test_connections_do_not_inherit_the_context_the_proxy_was_started_in() -> None:
+    """The proxy starts inside a StartContainer RPC; its connections (and the wake one may
+    start) must not run as that RPC: no request id, no caller."""
+    from shared.context import request_id_var
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        nobody = probe.getsockname()[1]
+    seen: list[str] = []
+
+    async def before_connect() -> None:
+        seen.append(request_id_var.get())
+        raise ConnectionError("no app here")
+
+    proxy = IngressProxy("127.0.0.1")
+    token = request_id_var.set("rpc-that-started-it")
+    try:
+        await proxy.start(0, nobody)
+    finally:
+        request_id_var.reset(token)
+    proxy.before_connect = before_connect
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+        try:
+            assert await asyncio.wait_for(reader.read(), 5) == b""
+        except ConnectionResetError:
+            pass
+        writer.close()
+    finally:
+        await proxy.close()
+    assert seen == [""]
