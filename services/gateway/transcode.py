@@ -4,7 +4,9 @@ proto3 JSON mapping.
 Request: the body (JSON, or raw bytes for google.api.HttpBody) goes first, then the query
 string (fields bound by neither path nor body; dotted names for nested fields, repeated
 fields by repeating the parameter, original or lowerCamelCase names), then the path
-variables, so a path variable wins over a body or query field of the same name.
+variables, so a path variable wins over a body or query field of the same name. A request
+with an `update_mask` that neither query nor body gives takes the paths the body's JSON sets
+(AIP-134's implied mask, as grpc-gateway does): a PATCH updates what it names.
 
 Response: lowerCamelCase names, and every field without presence is printed even at its
 default (`always_print_fields_with_no_presence=True`): a list that is empty is `[]`, a zero
@@ -37,10 +39,11 @@ WRAPPERS = {
     f"google.protobuf.{name}Value"
     for name in ("Double", "Float", "Int64", "UInt64", "Int32", "UInt32", "Bool", "String", "Bytes")
 }
+FIELD_MASK = "google.protobuf.FieldMask"
 SCALAR_MESSAGES = {
     "google.protobuf.Timestamp",
     "google.protobuf.Duration",
-    "google.protobuf.FieldMask",
+    FIELD_MASK,
     *WRAPPERS,
 }
 # Messages with no meaningful query-string form.
@@ -108,6 +111,8 @@ class RequestPlan:
     header_fields: dict[bytes, str] = field(default_factory=dict)  # header -> field name
     response_field: str = ""  # json name of response_body, if any
     raw_response: bool = False
+    # AIP-134: a PATCH whose update_mask is not given updates the fields its body names.
+    implied_mask: bool = False
 
 
 def _field_ref(message: descriptor.Descriptor, path: tuple[str, ...]) -> FieldRef:
@@ -164,12 +169,21 @@ def prepare(route: Route) -> RequestPlan:
 
     response = route.method.output_type
     response_field = ""
+    mask = request.fields_by_name.get("update_mask")
+    implied_mask = (
+        body_field is not None
+        and body_field.message_type is not None
+        and mask is not None
+        and mask.message_type is not None
+        and mask.message_type.full_name == FIELD_MASK
+    )
     if route.response_body:
         response_field = response.fields_by_name[route.response_body].json_name
     return RequestPlan(
         body=route.body,
         body_field=body_field,
         raw_body=raw_body,
+        implied_mask=implied_mask,
         path_fields=path_fields,
         query_fields=query_fields,
         header_fields=header_fields,
@@ -297,14 +311,15 @@ def parse_failure(exc: Exception, field_prefix: str = "") -> tuple[str, str]:
     return ".".join(path) or "body", text
 
 
-def parse_body(plan: RequestPlan, message: Message, body: bytes, content_type: str) -> None:
+def parse_body(plan: RequestPlan, message: Message, body: bytes, content_type: str) -> Any:
+    """Fill the body's field(s); the parsed JSON (None for a raw or empty body)."""
     if plan.raw_body:
         target = message if plan.body == "*" else getattr(message, plan.body)
         target.content_type = content_type
         target.data = body
-        return
+        return None
     if not body:
-        return
+        return None
     try:
         data = json.loads(body)
     except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
@@ -313,7 +328,7 @@ def parse_body(plan: RequestPlan, message: Message, body: bytes, content_type: s
         if not isinstance(data, dict):
             raise invalid("request body must be a JSON object", "MALFORMED_JSON")
         _merge(message, data)
-        return
+        return data
     assert plan.body_field is not None
     if (
         plan.body_field.type == FD.TYPE_MESSAGE
@@ -324,8 +339,33 @@ def parse_body(plan: RequestPlan, message: Message, body: bytes, content_type: s
             raise invalid("request body must be a JSON object", "MALFORMED_JSON")
         _merge(getattr(message, plan.body), data, plan.body)
         getattr(message, plan.body).SetInParent()
-        return
+        return data
     _merge(message, {plan.body: data})
+    return data
+
+
+def mask_paths(message: descriptor.Descriptor, data: dict[str, Any]) -> list[str]:
+    """The field paths a JSON object sets (either spelling), nested through singular
+    messages, as grpc-gateway infers an update_mask from a PATCH body."""
+    paths = []
+    for key, value in data.items():
+        fd = message.fields_by_name.get(key) or next(
+            (f for f in message.fields if f.json_name == key), None
+        )
+        if fd is None:
+            continue  # _merge refused unknown fields already
+        nested = (
+            fd.type == FD.TYPE_MESSAGE
+            and not fd.is_repeated
+            and fd.message_type.full_name not in SCALAR_MESSAGES | OPAQUE_MESSAGES
+            and isinstance(value, dict)
+            and value
+        )
+        if nested:
+            paths += [f"{fd.name}.{p}" for p in mask_paths(fd.message_type, value)]
+        else:
+            paths.append(fd.name)
+    return paths
 
 
 def parse_query(plan: RequestPlan, message: Message, query: str) -> None:
@@ -375,11 +415,18 @@ def build_request(
     """The request message for one HTTP request; raises GatewayError (400) on bad input."""
     plan: RequestPlan = route.plan
     message = route.request_class()
+    data = None
     if plan.body:
         content_type = headers.get(b"content-type", b"").decode("latin-1")
-        parse_body(plan, message, body, content_type)
+        data = parse_body(plan, message, body, content_type)
     if query:
         parse_query(plan, message, query)
+    if plan.implied_mask and isinstance(data, dict) and not message.update_mask.paths:  # type: ignore[attr-defined]
+        assert plan.body_field is not None
+        named = f"{plan.body}."
+        in_path = {p.removeprefix(named) for p in plan.path_fields if p.startswith(named)}
+        paths = mask_paths(plan.body_field.message_type, data)
+        message.update_mask.paths.extend(p for p in paths if p not in in_path)  # type: ignore[attr-defined]
     for header, name in plan.header_fields.items():
         value = headers.get(header)
         if value is not None:

@@ -257,6 +257,16 @@ def test_a_viewer_reads_but_cannot_write(journey: Journey) -> None:
         response = j.http.request(method, url, headers=_as(j.viewer), json=body)
         assert response.status_code == 403, (method, url, response.text)
         assert response.json()["code"] == 7
+    # The owner's PATCH names no updateMask: the fields its body sets are the mask (AIP-134).
+    patched = _ok(
+        j.http.patch(
+            f"/v1/projects/{project_id}",
+            headers=_as(j.owner),
+            json={"description": "the journey's app", "sleepAfterSeconds": 120},
+        )
+    )
+    assert (patched["description"], patched["sleepAfterSeconds"]) == ("the journey's app", 120)
+    assert patched["name"] == j.project["name"]  # not named, so not changed
 
 
 def test_a_viewer_cannot_deploy(journey: Journey) -> None:

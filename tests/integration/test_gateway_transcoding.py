@@ -189,6 +189,18 @@ def test_path_body_and_query_reach_the_rpc(client: httpx.Client, upstream: Upstr
     assert response.headers["content-type"] == "application/json"
 
 
+def test_a_patch_without_update_mask_sends_the_fields_its_body_names(
+    client: httpx.Client, upstream: Upstream
+) -> None:
+    upstream.replies["UpdateProject"] = project_pb2.Project(id="p1", sleep_enabled=True)
+    response = client.patch("/v1/projects/p1", json={"sleepEnabled": True, "sleepAfterSeconds": 45})
+    assert response.status_code == 200, response.text
+    assert upstream.requests["UpdateProject"] == project_pb2.UpdateProjectRequest(
+        project=project_pb2.Project(id="p1", sleep_enabled=True, sleep_after_seconds=45),
+        update_mask={"paths": ["sleep_enabled", "sleep_after_seconds"]},
+    )
+
+
 def test_custom_verb_route(client: httpx.Client, upstream: Upstream) -> None:
     upstream.replies["RollbackDeployment"] = runtime_pb2.Deployment(id="d0")
     response = client.post("/v1/deployments/d1:rollback")

@@ -349,3 +349,21 @@ def test_any_json_body_or_query_is_a_message_or_a_400(
         request(router, *target, query=query, body=json.dumps(body).encode())
     except GatewayError as error:
         assert error.http == 400
+
+
+def test_a_patch_without_update_mask_updates_the_fields_its_body_names(router: Router) -> None:
+    """AIP-134's implied mask: the body's fields, in either spelling, minus the resource id
+    the path binds; a mask that is given is kept as it is."""
+    implied = request(
+        router,
+        "PATCH",
+        "/v1/projects/p1",
+        body={"id": "p1", "sleepEnabled": False, "sleep_after_seconds": 60, "name": "web"},
+    )
+    assert list(implied.update_mask.paths) == ["sleep_enabled", "sleep_after_seconds", "name"]
+    assert implied.project.id == "p1" and not implied.project.sleep_enabled
+    given = request(
+        router, "PATCH", "/v1/projects/p1", query="updateMask=name", body={"name": "x", "ramMb": 1}
+    )
+    assert list(given.update_mask.paths) == ["name"]
+    assert list(request(router, "PATCH", "/v1/projects/p1").update_mask.paths) == []
