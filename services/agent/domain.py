@@ -135,6 +135,7 @@ class ResourceSample:
     sampled_at: datetime
     rx_bytes: int | None = None  # cumulative, received from clients
     tx_bytes: int | None = None  # cumulative, sent to clients
+    run: int = 1  # the container's process run it was read from (see ContainerInfo.run)
 
 
 class LogStream(StrEnum):

@@ -83,6 +83,10 @@ class Driver(Protocol):
 
     def sample(self, container_id: str) -> ResourceSample | None: ...
 
+    def final_reading(self, container_id: str) -> ResourceSample | None:
+        """The last reading of the container's latest run that ended (a sleep or its end)."""
+        ...
+
     def subscribe(self, listener: ContainerListener) -> None:
         """Calls `listener` with every state change (status reports to runtime)."""
         ...
@@ -271,6 +275,10 @@ class ProcessDriver:
         record = self._containers.get(container_id)
         return record.logs if record else None
 
+    def final_reading(self, container_id: str) -> ResourceSample | None:
+        record = self._containers.get(container_id)
+        return record.final if record else None
+
     def sample(self, container_id: str) -> ResourceSample | None:
         """RSS and CPU time of the container's process tree, and the bytes its proxy
         carried since it started. Once it has ended: the reading taken as it ended (CPU
@@ -306,6 +314,7 @@ class ProcessDriver:
             utcnow(),
             rx_bytes=counters.rx_bytes if counters is not None else None,
             tx_bytes=counters.tx_bytes if counters is not None else None,
+            run=record.info.run,
         )
 
     def subscribe(self, listener: ContainerListener) -> None:
@@ -512,6 +521,7 @@ class ProcessDriver:
             at,
             rx_bytes=counters.rx_bytes if counters is not None else None,
             tx_bytes=counters.tx_bytes if counters is not None else None,
+            run=record.info.run,
         )
 
     def _doze(self, record: _Container) -> None:

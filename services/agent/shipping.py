@@ -50,7 +50,7 @@ from google.protobuf import timestamp_pb2
 
 from hangar.runtime.v1 import runtime_pb2 as pb
 from hangar.runtime.v1 import runtime_pb2_grpc
-from services.agent.domain import LogStream, SleepState
+from services.agent.domain import ContainerInfo, LogStream, ResourceSample, SleepState
 from services.agent.drivers import Driver
 from shared.auth import ServiceTokenSource
 from shared.clients import TokenProvider, open_channel
@@ -418,46 +418,23 @@ class MetricShipper:
             runs.add(run)
             if not info.state.ended:
                 live.add(cid)
+            previous = self._cpu.get(cid)
+            if previous is not None and previous.run < info.run:
+                # A run ended (a sleep) and the next began since the last round: its last
+                # reading is still owed.
+                if (cid, previous.run) not in self._finished:
+                    last = self.driver.final_reading(cid)
+                    if last is not None and last.run == previous.run:
+                        samples += self._reading_samples(info, last, now, at, ended=True)
+                    self._finished.add((cid, previous.run))
             resting = info.state.ended or info.sleep is SleepState.SLEEPING
             if resting and run in self._finished:
                 continue
             reading = self.driver.sample(cid)
             if resting:
                 self._finished.add(run)
-            if reading is None:
-                continue
-            if resting:
-                read_at, stamp = reading.sampled_at.timestamp(), timestamp(reading.sampled_at)
-            else:
-                read_at, stamp = now, at
-            previous = self._cpu.get(cid)
-            if previous is None or previous.run != info.run:  # a new process: from its start
-                started = info.started_at.timestamp() if info.started_at else now - self.interval
-                previous = _CpuReading(0.0, started, info.run)
-                self._rss.pop(cid, None)
-                if info.started_at is not None:
-                    # Runtime bills each sample for the time since the one before: zeros at
-                    # the start make the first reading stand for exactly the time since the
-                    # start (a 0.5 s job is not billed as a nominal interval).
-                    begun = timestamp(info.started_at)
-                    samples.append(self._sample(cid, pb.METRIC_TYPE_MEMORY_RSS_BYTES, 0, begun))
-                    samples.append(self._sample(cid, pb.METRIC_TYPE_CPU_MILLICORES, 0, begun))
-            rss = self._rss.get(cid, reading.rss_bytes) if resting else reading.rss_bytes
-            self._rss[cid] = rss
-            samples.append(self._sample(cid, pb.METRIC_TYPE_MEMORY_RSS_BYTES, rss, stamp))
-            elapsed = read_at - previous.at
-            if elapsed > 0:
-                used = max(0.0, reading.cpu_seconds - previous.cpu_seconds)
-                samples.append(
-                    self._sample(cid, pb.METRIC_TYPE_CPU_MILLICORES, used / elapsed * 1000, stamp)
-                )
-            self._cpu[cid] = _CpuReading(reading.cpu_seconds, read_at, info.run)
-            if reading.rx_bytes is not None and reading.tx_bytes is not None:
-                if cid not in self._net:  # counted by the driver since the container started
-                    self._net[cid] = (0, 0)
-                samples.extend(self._net_samples(cid, (reading.rx_bytes, reading.tx_bytes), stamp))
-            elif info.pid and _net_namespace(info.pid) not in ("", self._host_netns):
-                samples.extend(self._net_samples(cid, _net_dev_bytes(info.pid), stamp))
+            if reading is not None:
+                samples += self._reading_samples(info, reading, now, at, ended=resting)
         for gone in [c for c in self._cpu if c not in live]:
             self._cpu.pop(gone, None)
             self._rss.pop(gone, None)
@@ -469,6 +446,52 @@ class MetricShipper:
         self.pending.extend(samples)
         self.dropped += max(0, before + len(samples) - len(self.pending))
         return len(samples)
+
+    def _reading_samples(
+        self,
+        info: ContainerInfo,
+        reading: ResourceSample,
+        now: float,
+        at: timestamp_pb2.Timestamp,
+        *,
+        ended: bool,
+    ) -> list[pb.MetricSample]:
+        """One reading of one run as samples; a run's first also gets zeros at its start."""
+        cid, samples = info.container_id, []
+        read_at, stamp = (reading.sampled_at.timestamp(), timestamp(reading.sampled_at))
+        if not ended:
+            read_at, stamp = now, at
+        previous = self._cpu.get(cid)
+        if previous is None or previous.run != reading.run:  # a new process: from its start
+            started = info.started_at if reading.run == info.run else None
+            previous = _CpuReading(
+                0.0, started.timestamp() if started else now - self.interval, reading.run
+            )
+            self._rss.pop(cid, None)
+            if started is not None:
+                # Runtime bills each sample for the time since the one before: zeros at the
+                # start make the first reading stand for exactly the time since the start
+                # (a 0.5 s job is not billed as a nominal interval).
+                begun = timestamp(started)
+                samples.append(self._sample(cid, pb.METRIC_TYPE_MEMORY_RSS_BYTES, 0, begun))
+                samples.append(self._sample(cid, pb.METRIC_TYPE_CPU_MILLICORES, 0, begun))
+        rss = self._rss.get(cid, reading.rss_bytes) if ended else reading.rss_bytes
+        self._rss[cid] = rss
+        samples.append(self._sample(cid, pb.METRIC_TYPE_MEMORY_RSS_BYTES, rss, stamp))
+        elapsed = read_at - previous.at
+        if elapsed > 0:
+            used = max(0.0, reading.cpu_seconds - previous.cpu_seconds)
+            samples.append(
+                self._sample(cid, pb.METRIC_TYPE_CPU_MILLICORES, used / elapsed * 1000, stamp)
+            )
+        self._cpu[cid] = _CpuReading(reading.cpu_seconds, read_at, reading.run)
+        if reading.rx_bytes is not None and reading.tx_bytes is not None:
+            if cid not in self._net:  # counted by the driver since the container started
+                self._net[cid] = (0, 0)
+            samples.extend(self._net_samples(cid, (reading.rx_bytes, reading.tx_bytes), stamp))
+        elif info.pid and _net_namespace(info.pid) not in ("", self._host_netns):
+            samples.extend(self._net_samples(cid, _net_dev_bytes(info.pid), stamp))
+        return samples
 
     def _server_samples(self, now: float, at: timestamp_pb2.Timestamp) -> list[pb.MetricSample]:
         memory = psutil.virtual_memory()

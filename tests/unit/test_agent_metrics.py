@@ -43,7 +43,11 @@ class CountingDriver:
             return self.final
         counted = self.counters[container_id]
         rx, tx = counted if counted is not None else (None, None)
-        return ResourceSample(container_id, 1 << 20, 0.5, datetime.now(UTC), rx, tx)
+        run = self.runs.get(container_id, (1, None))[0]
+        return ResourceSample(container_id, 1 << 20, 0.5, datetime.now(UTC), rx, tx, run=run)
+
+    def final_reading(self, container_id: str) -> ResourceSample | None:
+        return self.final
 
 
 def _net(shipper: MetricShipper) -> dict[tuple[str, int], float]:
@@ -130,3 +134,30 @@ def test_a_sleep_ends_a_run_and_a_wake_starts_the_next_from_zero() -> None:
     assert (pb.METRIC_TYPE_MEMORY_RSS_BYTES, 0, woke_at) in woke
     assert (pb.METRIC_TYPE_CPU_MILLICORES, 0, woke_at) in woke
     assert {m: v for m, v, _ in woke if m in (RX, TX)} == {RX: 10, TX: 100}
+
+
+def test_a_sleep_and_a_wake_between_two_rounds_still_ship_the_first_runs_last_reading() -> None:
+    driver = CountingDriver()
+    shipper = MetricShipper(driver, stub=None, server=lambda: "s", server_totals=False)  # type: ignore[arg-type]
+    begun = datetime.now(UTC) - timedelta(seconds=10)
+    driver.counters = {"a": (0, 0)}
+    driver.runs = {"a": (1, begun)}
+    shipper.sample()
+    shipper.pending.clear()
+    # Between rounds: asleep at slept_at (its last reading kept), then woken at woke_at.
+    slept_at = datetime.now(UTC) + timedelta(seconds=2)
+    woke_at = slept_at + timedelta(seconds=1)
+    driver.final = ResourceSample("a", 1 << 20, 2.5, slept_at, 30, 300, run=1)
+    driver.runs = {"a": (2, woke_at)}
+    driver.counters = {"a": (35, 350)}
+    shipper.sample()
+    got = [(s.metric, round(s.value), s.sampled_at.ToDatetime(UTC)) for s in shipper.pending]
+    # Run 1's last reading, at its end: 2 s more CPU over the ~2 s since the first round.
+    owed = [(m, v) for m, v, t in got if t == slept_at]
+    assert (RX, 30) in owed and (TX, 300) in owed
+    assert any(m == pb.METRIC_TYPE_CPU_MILLICORES and 900 < v < 1001 for m, v in owed)
+    # Then run 2 from zero at its start.
+    assert (pb.METRIC_TYPE_CPU_MILLICORES, 0, woke_at) in got
+    shipper.pending.clear()
+    shipper.sample()  # owed once only
+    assert all(s.sampled_at.ToDatetime(UTC) != slept_at for s in shipper.pending)
