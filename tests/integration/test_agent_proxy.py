@@ -150,19 +150,29 @@ async def test_close_ends_live_connections_and_the_listener() -> None:
     app.close()
 
 
-async def test_a_client_is_closed_when_the_app_is_not_listening() -> None:
+def _unused_port() -> int:
+    """A loopback port nothing listens on (bound, then released)."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
-        nobody = probe.getsockname()[1]
+        return int(probe.getsockname()[1])
+
+
+async def _refused_by(proxy: IngressProxy) -> None:
+    """Connect through the proxy and see the connection closed with nothing said."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+    try:
+        assert await asyncio.wait_for(reader.read(), 5) == b""
+    except ConnectionResetError:
+        pass
+    writer.close()
+
+
+async def test_a_client_is_closed_when_the_app_is_not_listening() -> None:
+    nobody = _unused_port()
     proxy = IngressProxy("127.0.0.1")
     counters = await proxy.start(0, nobody)
     try:
-        reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
-        try:
-            assert await asyncio.wait_for(reader.read(), 5) == b""
-        except ConnectionResetError:
-            pass
-        writer.close()
+        await _refused_by(proxy)
         assert (counters.rx_bytes, counters.tx_bytes) == (0, 0)
     finally:
         await proxy.close()
@@ -191,9 +201,7 @@ async def test_connections_do_not_inherit_the_context_the_proxy_was_started_in()
     start) must not run as that RPC: no request id, no caller."""
     from shared.context import request_id_var
 
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        nobody = probe.getsockname()[1]
+    nobody = _unused_port()
     seen: list[str] = []
 
     async def before_connect() -> None:
@@ -208,12 +216,7 @@ async def test_connections_do_not_inherit_the_context_the_proxy_was_started_in()
         request_id_var.reset(token)
     proxy.before_connect = before_connect
     try:
-        reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
-        try:
-            assert await asyncio.wait_for(reader.read(), 5) == b""
-        except ConnectionResetError:
-            pass
-        writer.close()
+        await _refused_by(proxy)
     finally:
         await proxy.close()
     assert seen == [""]

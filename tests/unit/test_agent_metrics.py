@@ -99,13 +99,19 @@ def test_the_last_reading_covers_the_time_since_the_last_sample_at_the_last_rss(
     assert 900 < got[pb.METRIC_TYPE_CPU_MILLICORES].value < 1001
 
 
-def test_a_sleep_ends_a_run_and_a_wake_starts_the_next_from_zero() -> None:
+def _one_run_sampled_once() -> tuple[CountingDriver, MetricShipper, datetime]:
+    """Container "a" in its first run, begun 10 s ago, read once by the shipper."""
     driver = CountingDriver()
     shipper = MetricShipper(driver, stub=None, server=lambda: "s", server_totals=False)  # type: ignore[arg-type]
     begun = datetime.now(UTC) - timedelta(seconds=10)
     driver.counters = {"a": (0, 0)}
     driver.runs = {"a": (1, begun)}
     shipper.sample()
+    return driver, shipper, begun
+
+
+def test_a_sleep_ends_a_run_and_a_wake_starts_the_next_from_zero() -> None:
+    driver, shipper, begun = _one_run_sampled_once()
     first = [(s.metric, s.value, s.sampled_at.ToDatetime(UTC)) for s in shipper.pending]
     shipper.pending.clear()
     # The run's start: zeros stamped there, so the first reading covers exactly 10 s.
@@ -137,12 +143,7 @@ def test_a_sleep_ends_a_run_and_a_wake_starts_the_next_from_zero() -> None:
 
 
 def test_a_sleep_and_a_wake_between_two_rounds_still_ship_the_first_runs_last_reading() -> None:
-    driver = CountingDriver()
-    shipper = MetricShipper(driver, stub=None, server=lambda: "s", server_totals=False)  # type: ignore[arg-type]
-    begun = datetime.now(UTC) - timedelta(seconds=10)
-    driver.counters = {"a": (0, 0)}
-    driver.runs = {"a": (1, begun)}
-    shipper.sample()
+    driver, shipper, _ = _one_run_sampled_once()
     shipper.pending.clear()
     # Between rounds: asleep at slept_at (its last reading kept), then woken at woke_at.
     slept_at = datetime.now(UTC) + timedelta(seconds=2)
