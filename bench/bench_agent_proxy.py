@@ -21,11 +21,14 @@ from services.agent.drivers import ProcessDriver
 MB = 1024 * 1024
 
 
-async def _running(driver: ProcessDriver, container_id: str) -> None:
+async def running(driver: ProcessDriver, container_id: str, poll: float = 0.05) -> str:
+    """Wait until the container runs; its address."""
     while (info := driver.inspect(container_id)) and info.state is not ContainerState.RUNNING:
         if info.state.ended:
             raise RuntimeError(f"app ended: {info}")
-        await asyncio.sleep(0.05)
+        await asyncio.sleep(poll)
+    assert info is not None
+    return info.address
 
 
 async def _bulk(client: httpx.AsyncClient, base: str, count: int, size: int) -> float:
@@ -65,7 +68,7 @@ async def bench(args: argparse.Namespace) -> None:
     )
     try:
         started = await driver.start(spec)
-        await _running(driver, started.container_id)
+        await running(driver, started.container_id)
         private = driver._containers[started.container_id].private_port
         targets = {
             "through the proxy": f"http://{started.address}",

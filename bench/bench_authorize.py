@@ -23,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -59,47 +60,48 @@ async def serve_floor(port: int, dsn: str) -> None:
 # ------------------------------------------------------------------------------ client
 
 
-async def drive(
-    address: str, request: pb.AuthorizeRequest, metadata: tuple, seconds: float, inflight: int
+async def closed_loop(
+    call: Callable[[], Awaitable[object]], seconds: float, inflight: int, *, warm_up: int = 0
 ) -> tuple[float, float, float]:
-    """Calls per second, p50 and p99 latency in milliseconds."""
-    async with grpc.aio.insecure_channel(address) as channel:
-        stub = identity_pb2_grpc.IdentityServiceStub(channel)
-        for _ in range(200):  # warm up: connections, caches, JIT-free but still
-            await stub.Authorize(request, metadata=metadata)
-        latencies: list[float] = []
-        stop = time.perf_counter() + seconds
+    """`inflight` callers repeating `call` for `seconds` (after `warm_up` calls): calls per
+    second, p50 and p99 latency in milliseconds."""
+    for _ in range(warm_up):  # connections, caches
+        await call()
+    latencies: list[float] = []
+    stop = time.perf_counter() + seconds
 
-        async def worker() -> None:
-            while time.perf_counter() < stop:
-                started = time.perf_counter()
-                reply = await stub.Authorize(request, metadata=metadata)
-                latencies.append(time.perf_counter() - started)
-                assert reply.allowed
+    async def worker() -> None:
+        while time.perf_counter() < stop:
+            started = time.perf_counter()
+            await call()
+            latencies.append(time.perf_counter() - started)
 
-        began = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(inflight)))
-        elapsed = time.perf_counter() - began
+    began = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(inflight)))
+    elapsed = time.perf_counter() - began
     latencies.sort()
     p99 = latencies[int(len(latencies) * 0.99) - 1]
     return len(latencies) / elapsed, statistics.median(latencies) * 1000, p99 * 1000
 
 
+async def drive(
+    address: str, request: pb.AuthorizeRequest, metadata: tuple, seconds: float, inflight: int
+) -> tuple[float, float, float]:
+    """Authorize calls per second, p50 and p99 latency in milliseconds."""
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = identity_pb2_grpc.IdentityServiceStub(channel)
+
+        async def authorize() -> None:
+            assert (await stub.Authorize(request, metadata=metadata)).allowed
+
+        return await closed_loop(authorize, seconds, inflight, warm_up=200)
+
+
 async def logins(address: str, email: str, password: str, seconds: float, inflight: int) -> float:
     async with grpc.aio.insecure_channel(address) as channel:
         stub = identity_pb2_grpc.IdentityServiceStub(channel)
-        count = 0
-        stop = time.perf_counter() + seconds
-
-        async def worker() -> None:
-            nonlocal count
-            while time.perf_counter() < stop:
-                await stub.Login(pb.LoginRequest(email=email, password=password))
-                count += 1
-
-        began = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(inflight)))
-        return count / (time.perf_counter() - began)
+        request = pb.LoginRequest(email=email, password=password)
+        return (await closed_loop(lambda: stub.Login(request), seconds, inflight))[0]
 
 
 # ------------------------------------------------------------------------------- main
@@ -180,8 +182,8 @@ async def bench(args: argparse.Namespace) -> None:
             auth_runs.append(await drive(address, request, metadata, args.seconds, args.inflight))
         floor.terminate()
         floor.wait()
-        floor_rps, floor_p50, floor_p99 = _median_run(floor_runs)
-        auth_rps, auth_p50, auth_p99 = _median_run(auth_runs)
+        floor_rps, floor_p50, floor_p99 = median_run(floor_runs)
+        auth_rps, auth_p50, auth_p99 = median_run(auth_runs)
         login_rps = await logins(address, "bench@example.com", password, args.seconds, 8)
 
         print(
@@ -204,7 +206,7 @@ async def bench(args: argparse.Namespace) -> None:
         pg.stop()
 
 
-def _median_run(runs: list[tuple[float, float, float]]) -> tuple[float, float, float]:
+def median_run(runs: list[tuple[float, float, float]]) -> tuple[float, float, float]:
     return sorted(runs)[len(runs) // 2]
 
 

@@ -18,19 +18,17 @@ import base64
 import json
 import os
 import secrets
-import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import grpc
 
+from bench.bench_authorize import closed_loop, median_run, wait_ready
 from bench.bench_authorize import drive as drive_floor
-from bench.bench_authorize import wait_ready
 from hangar.identity.v1 import identity_pb2 as ipb
 from hangar.identity.v1 import identity_pb2_grpc
 from hangar.project.v1 import project_pb2 as pb
@@ -46,24 +44,12 @@ async def drive_get(
     request = pb.GetProjectRequest(id=project_id)
     async with grpc.aio.insecure_channel(address) as channel:
         stub = project_pb2_grpc.ProjectServiceStub(channel)
-        for _ in range(200):  # warm up: connections, token and Authorize caches
-            await stub.GetProject(request, metadata=metadata)
-        latencies: list[float] = []
-        stop = time.perf_counter() + seconds
 
-        async def worker() -> None:
-            while time.perf_counter() < stop:
-                started = time.perf_counter()
-                reply = await stub.GetProject(request, metadata=metadata)
-                latencies.append(time.perf_counter() - started)
-                assert reply.id == project_id
+        async def get() -> None:
+            assert (await stub.GetProject(request, metadata=metadata)).id == project_id
 
-        began = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(inflight)))
-        elapsed = time.perf_counter() - began
-    latencies.sort()
-    p99 = latencies[int(len(latencies) * 0.99) - 1]
-    return len(latencies) / elapsed, statistics.median(latencies) * 1000, p99 * 1000
+        # The warm-up also fills the token and Authorize caches.
+        return await closed_loop(get, seconds, inflight, warm_up=200)
 
 
 async def resolves(
@@ -73,18 +59,12 @@ async def resolves(
     async with grpc.aio.insecure_channel(address) as channel:
         stub = project_pb2_grpc.ProjectServiceStub(channel)
         size = len((await stub.ResolveSecrets(request, metadata=metadata)).env)
-        count = 0
-        stop = time.perf_counter() + seconds
-
-        async def worker() -> None:
-            nonlocal count
-            while time.perf_counter() < stop:
-                await stub.ResolveSecrets(request, metadata=metadata)
-                count += 1
-
-        began = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(inflight)))
-        return count / (time.perf_counter() - began), size
+        rps = (
+            await closed_loop(
+                lambda: stub.ResolveSecrets(request, metadata=metadata), seconds, inflight
+            )
+        )[0]
+        return rps, size
 
 
 async def bench(args: argparse.Namespace) -> None:
@@ -209,8 +189,8 @@ async def bench(args: argparse.Namespace) -> None:
             )
         floor.terminate()
         floor.wait()
-        floor_rps, floor_p50, floor_p99 = _median_run(floor_runs)
-        get_rps, get_p50, get_p99 = _median_run(get_runs)
+        floor_rps, floor_p50, floor_p99 = median_run(floor_runs)
+        get_rps, get_p50, get_p99 = median_run(get_runs)
         runtime_md = (("authorization", f"Bearer {runtime}"),)
         resolve_rps, size = await resolves(
             addresses["project"], with_secrets.id, runtime_md, args.seconds, 16
@@ -237,10 +217,6 @@ async def bench(args: argparse.Namespace) -> None:
         for proc in reversed(services):
             proc.stop()
         pg.stop()
-
-
-def _median_run(runs: list[tuple[float, float, float]]) -> tuple[float, float, float]:
-    return sorted(runs)[len(runs) // 2]
 
 
 def main() -> None:

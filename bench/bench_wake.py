@@ -24,19 +24,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import httpx
 
-from services.agent.domain import ContainerSpec, ContainerState
+from bench.bench_agent_proxy import running
+from services.agent.domain import ContainerSpec
 from services.agent.drivers import ProcessDriver
 
 APP = 'exec python3 -m http.server --bind 127.0.0.1 "$PORT"'
-
-
-async def _running(driver: ProcessDriver, container_id: str) -> str:
-    while (info := driver.inspect(container_id)) and info.state is not ContainerState.RUNNING:
-        if info.state.ended:
-            raise RuntimeError(f"app ended: {info}")
-        await asyncio.sleep(0.01)
-    assert info is not None
-    return info.address
 
 
 async def _get(client: httpx.AsyncClient, address: str) -> float:
@@ -61,7 +53,7 @@ async def bench(cycles: int) -> None:
     try:
         spec = ContainerSpec(container_id=f"wake-{secrets.token_hex(4)}", command=APP)
         await driver.start(spec)
-        address = await _running(driver, spec.container_id)
+        address = await running(driver, spec.container_id, poll=0.01)
         await _get(client, address)
         for _ in range(cycles):
             await asyncio.sleep(0.05)  # the last client's connection is closed
@@ -72,7 +64,7 @@ async def bench(cycles: int) -> None:
             started = time.perf_counter()
             one = ContainerSpec(container_id=f"fresh-{secrets.token_hex(4)}", command=APP)
             await driver.start(one)
-            await _get(client, await _running(driver, one.container_id))
+            await _get(client, await running(driver, one.container_id, poll=0.01))
             fresh.append((time.perf_counter() - started) * 1000)
             await driver.stop(one.container_id)
     finally:

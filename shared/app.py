@@ -4,7 +4,6 @@ channels to the services it calls, and background loops started and stopped with
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from typing import Any
@@ -20,6 +19,7 @@ from shared.auth import IdentityJwks, ServiceTokenSource, TokenVerifier
 from shared.clients import Clients
 from shared.db import Database
 from shared.interceptors import Authenticator
+from shared.loops import cancel_and_wait
 from shared.outbox import OutboxFeed
 from shared.settings import Settings
 
@@ -104,11 +104,7 @@ class ServiceApp:
         self._tasks = [asyncio.create_task(loop()) for loop in self._loops]
 
     async def close(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        await cancel_and_wait(self._tasks)
         await self.clients.close()
         if self.token_source is not None:
             await self.token_source.close()

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -23,3 +24,11 @@ async def run_every(seconds: float, step: Callable[[], Awaitable[object]], what:
         except Exception:
             log.exception("%s failed", what, extra={"loop": what})
         await asyncio.sleep(seconds)
+
+
+async def cancel_and_wait(tasks: Iterable[asyncio.Task[Any]]) -> None:
+    """Cancel the tasks and wait until every one has finished (whatever it raised)."""
+    pending = list(tasks)
+    for task in pending:
+        task.cancel()
+    await asyncio.gather(*pending, return_exceptions=True)

@@ -45,6 +45,7 @@ from services.agent.domain import (
 )
 from services.agent.proxy import IngressProxy
 from shared.errors import AlreadyExists, FailedPrecondition, NotFound, Unavailable
+from shared.loops import cancel_and_wait
 
 log = logging.getLogger("hangar.agent")
 
@@ -326,10 +327,7 @@ class ProcessDriver:
         if live:
             log.info("stopping containers", extra={"count": len(live)})
         await asyncio.gather(*(self.stop(cid) for cid in live), return_exceptions=True)
-        tasks = [task for c in self._containers.values() for task in c.tasks if not task.done()]
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await cancel_and_wait(t for c in self._containers.values() for t in c.tasks if not t.done())
         for record in self._containers.values():  # ended by now; a failed supervisor's too
             self._close_proxy(record)
         closing = [c.proxy_closed for c in self._containers.values() if c.proxy_closed]

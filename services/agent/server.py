@@ -22,6 +22,7 @@ from services.agent.shipping import AgentTelemetry
 from shared.auth import IdentityJwks, ServiceTokenSource, TokenVerifier
 from shared.clients import Clients
 from shared.interceptors import Authenticator
+from shared.loops import cancel_and_wait
 from shared.server import run_service
 from shared.settings import Settings
 
@@ -102,11 +103,7 @@ class AgentApp:
         if self.reporter is not None:  # runtime hears that they stopped, if it can
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self.reporter.beat(), 2.0)
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        await cancel_and_wait(self._tasks)
         await self.clients.close()
         if self.token_source is not None:
             await self.token_source.close()

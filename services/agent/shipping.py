@@ -54,6 +54,7 @@ from services.agent.domain import ContainerInfo, LogStream, ResourceSample, Slee
 from services.agent.drivers import Driver
 from shared.auth import ServiceTokenSource
 from shared.clients import TokenProvider, open_channel
+from shared.loops import cancel_and_wait
 from shared.proto import timestamp
 from shared.settings import Settings
 
@@ -458,8 +459,9 @@ class MetricShipper:
     ) -> list[pb.MetricSample]:
         """One reading of one run as samples; a run's first also gets zeros at its start."""
         cid, samples = info.container_id, []
-        read_at, stamp = (reading.sampled_at.timestamp(), timestamp(reading.sampled_at))
-        if not ended:
+        if ended:  # stamped at the run's end, not now
+            read_at, stamp = reading.sampled_at.timestamp(), timestamp(reading.sampled_at)
+        else:
             read_at, stamp = now, at
         previous = self._cpu.get(cid)
         if previous is None or previous.run != reading.run:  # a new process: from its start
@@ -602,11 +604,7 @@ class AgentTelemetry:
 
     async def close(self) -> None:
         """Call after the driver stopped the apps: their last lines still go out."""
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        await cancel_and_wait(self._tasks)
         with contextlib.suppress(Exception):
             await self.logs.flush(self.flush_seconds)
         if self._own_channel:

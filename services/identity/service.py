@@ -536,9 +536,7 @@ class Identity:
 
     async def add_member(self, org_id: str, email: str, role_value: int) -> store.Member:
         principal = require_user()
-        violations: list[FieldViolation] = []
-        if not org_id:
-            violations.append(FieldViolation("organization_id", "required"))
+        violations = _missing(organization_id=org_id)
         try:
             email = domain.normalize_email(email)
         except InvalidArgument as exc:
@@ -584,11 +582,7 @@ class Identity:
 
     async def update_member(self, org_id: str, user_id: str, role_value: int) -> store.Member:
         principal = require_user()
-        violations: list[FieldViolation] = []
-        if not org_id:
-            violations.append(FieldViolation("organization_id", "required"))
-        if not user_id:
-            violations.append(FieldViolation("user_id", "required"))
+        violations = _missing(organization_id=org_id, user_id=user_id)
         role = _role(role_value, violations)
         if violations or role is None:
             raise InvalidArgument(violations)
@@ -632,11 +626,7 @@ class Identity:
 
     async def remove_member(self, org_id: str, user_id: str) -> None:
         principal = require_user()
-        violations: list[FieldViolation] = []
-        if not org_id:
-            violations.append(FieldViolation("organization_id", "required"))
-        if not user_id:
-            violations.append(FieldViolation("user_id", "required"))
+        violations = _missing(organization_id=org_id, user_id=user_id)
         if violations:
             raise InvalidArgument(violations)
         leaving = user_id == principal.subject
@@ -814,6 +804,11 @@ class Identity:
             assert user is not None
             await self._audit(tx, None, "user.platform_admin_granted", "", "user", user.id)
             return True
+
+
+def _missing(**fields: str) -> list[FieldViolation]:
+    """A "required" violation for each field given empty, in order."""
+    return [FieldViolation(name, "required") for name, value in fields.items() if not value]
 
 
 def _role(value: int, violations: list[FieldViolation]) -> Role | None:

@@ -16,7 +16,6 @@ Where the work happens, and why it is replica-safe:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import contextvars
 import logging
 from collections.abc import Awaitable, Callable, Coroutine
@@ -35,7 +34,7 @@ from services.runtime.sleeper import sleep_status_of
 from services.runtime.store import Container, Deployment, Server
 from shared.db import Database, Session
 from shared.errors import FailedPrecondition, NotFound
-from shared.loops import run_every
+from shared.loops import cancel_and_wait, run_every
 
 log = logging.getLogger(__name__)
 
@@ -122,11 +121,7 @@ class Deployer:
             log.exception("deploy step failed", extra={"step": fn.__name__})
 
     async def close(self) -> None:
-        for task in list(self._tasks):
-            task.cancel()
-        for task in list(self._tasks):
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        await cancel_and_wait(self._tasks)
 
     # ----------------------------------------------------------------------- launch
 

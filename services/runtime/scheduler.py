@@ -196,7 +196,7 @@ class Scheduler:
                     f"{deployment.resources.ram_mb} MB RAM and "
                     f"{deployment.resources.cpu_millis} mCPU before {deadline.isoformat()}"
                 )
-                return await self._transition(tx, deployment, State.FAILED, reason=reason)
+                return await self.transition_in(tx, deployment, State.FAILED, reason=reason)
             return deployment
         placed = await store.update_deployment(
             tx,
@@ -246,7 +246,7 @@ class Scheduler:
                     project_id = (await store.get_deployment(tx, deployment_id)).project_id
                     await self.lock_project(tx, project_id)
                 deployment = await store.lock_deployment(tx, deployment_id)
-                return await self._transition(
+                return await self.transition_in(
                     tx, deployment, new, reason=reason, exit_code=exit_code
                 )
 
@@ -282,6 +282,10 @@ class Scheduler:
             await self._changed(tx, None, rollback)
             return await self._place(tx, rollback)
 
+    @staticmethod
+    async def lock_project(tx: Session, project_id: str) -> None:
+        await store.advisory_xact_lock(tx, f"runtime.project:{project_id}")
+
     async def transition_in(
         self,
         tx: Session,
@@ -293,21 +297,6 @@ class Scheduler:
     ) -> Deployment:
         """`transition` inside the caller's transaction, on a row the caller locked (and, for
         RUNNING, after the caller took `lock_project`)."""
-        return await self._transition(tx, deployment, new, reason=reason, exit_code=exit_code)
-
-    @staticmethod
-    async def lock_project(tx: Session, project_id: str) -> None:
-        await store.advisory_xact_lock(tx, f"runtime.project:{project_id}")
-
-    async def _transition(
-        self,
-        tx: Session,
-        deployment: Deployment,
-        new: DeploymentState,
-        *,
-        reason: str | None = None,
-        exit_code: int | None = None,
-    ) -> Deployment:
         ensure_transition(deployment.status, new)
         if new is State.RUNNING:
             previous = await store.lock_running_of_project(
@@ -315,7 +304,7 @@ class Scheduler:
             )
             if previous is not None:
                 rolled_back = deployment.rolled_back_from == previous.id
-                await self._transition(
+                await self.transition_in(
                     tx,
                     previous,
                     State.ROLLED_BACK if rolled_back else State.SUPERSEDED,

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import random
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Generic, TypeVar
@@ -260,19 +261,42 @@ async def reserve_capacity(tx: Session, region: str, driver: str, need: Resource
     for the locks, so a busy server is never mistaken for a full one.
     """
     args = (region, driver, need.ram_mb, need.cpu_millis)
-    for attempt in range(len(_SKIP_LOCKED_BACKOFF) + 1):
+
+    async def skip_locked() -> tuple[str | None, bool]:
         server_id = await tx.fetchval(_RESERVE_SKIP_LOCKED, *args)
         if server_id is not None:
-            return str(server_id)
-        if attempt == len(_SKIP_LOCKED_BACKOFF) or not await tx.fetchval(_ANY_FITS, *args):
-            break
-        await asyncio.sleep(_SKIP_LOCKED_BACKOFF[attempt] * (0.5 + random.random()))
-    server_id = await tx.fetchval(_RESERVE_WAITING, *args)
-    return str(server_id) if server_id is not None else None
+            return str(server_id), True
+        return None, bool(await tx.fetchval(_ANY_FITS, *args))
+
+    async def waiting() -> str | None:
+        server_id = await tx.fetchval(_RESERVE_WAITING, *args)
+        return str(server_id) if server_id is not None else None
+
+    return await _skip_locked_then_wait(skip_locked, waiting)
 
 
 # Seconds between SKIP LOCKED attempts while every fitting server is momentarily locked.
 _SKIP_LOCKED_BACKOFF = (0.001, 0.002, 0.004, 0.008)
+
+
+async def _skip_locked_then_wait(
+    skip_locked: Callable[[], Awaitable[tuple[T | None, bool]]],
+    waiting: Callable[[], Awaitable[T | None]],
+) -> T | None:
+    """The attempts of every placement: SKIP LOCKED (which answers what it got and whether
+    any server fits at all, locked or not), again after a short jittered sleep while the
+    fitting servers are only locked (their placements commit within milliseconds), then
+    once waiting for the locks, so a busy server is never mistaken for a full one."""
+    for attempt in range(len(_SKIP_LOCKED_BACKOFF) + 1):
+        got, any_fits = await skip_locked()
+        if got is not None:
+            return got
+        if attempt == len(_SKIP_LOCKED_BACKOFF) or not any_fits:
+            break
+        await asyncio.sleep(_SKIP_LOCKED_BACKOFF[attempt] * (0.5 + random.random()))
+    return await waiting()
+
+
 # Is any server fitting at all, locked or not? (No lock: only decides whether to retry.)
 _ANY_FITS = f"""
     SELECT EXISTS (SELECT 1 FROM {S}.servers
@@ -762,17 +786,17 @@ async def idle_containers(s: Session, now: datetime, limit: int) -> list[IdleCon
     """Awake running containers of running deployments with sleep on, idle past their
     deployment's sleep_after_seconds at `now`, longest idle first."""
     rows = await s.fetch(
-        f"""SELECT c.*, s.agent_address,
-                   COALESCE(c.last_request_at, c.started_at, c.created_at) AS idle_since
+        f"""SELECT c.*, s.agent_address, i.idle_since
               FROM {S}.containers c
               JOIN {S}.deployments d ON d.id = c.deployment_id
               JOIN {S}.servers s ON s.id = c.server_id
+             CROSS JOIN LATERAL (SELECT COALESCE(c.last_request_at, c.started_at, c.created_at)
+                                        AS idle_since) i
              WHERE c.sleep_status = 'awake' AND c.status = 'running'
                AND d.status = 'running' AND d.sleep_after_seconds IS NOT NULL
                AND s.status <> 'down'
-               AND COALESCE(c.last_request_at, c.started_at, c.created_at)
-                   < $1::timestamptz - make_interval(secs => d.sleep_after_seconds)
-             ORDER BY COALESCE(c.last_request_at, c.started_at, c.created_at)
+               AND i.idle_since < $1::timestamptz - make_interval(secs => d.sleep_after_seconds)
+             ORDER BY i.idle_since
              LIMIT $2""",
         now,
         limit,
@@ -838,39 +862,76 @@ async def container_statuses(s: Session, container_ids: list[str]) -> dict[str, 
 # ------------------------------------------------------------ placement in one statement
 
 
+def _reserved_cte(skip_locked: bool) -> str:
+    return _reserve_sql(skip_locked).replace("RETURNING id", "RETURNING id AS server_id")
+
+
+def _status_payload(before: str, after: str, server: str, reserved: str) -> str:
+    """A deployment.status_changed payload over row `d` (as Scheduler._changed writes it)."""
+    return f"""jsonb_build_object(
+               'deployment_id', d.id, 'project_id', d.project_id, 'from', {before}::text,
+               'to', {after}::text, 'server_id', {server}, 'capacity_reserved', {reserved},
+               'reason', '')"""
+
+
+# The move of a queued deployment to scheduling (reason '' as the move sets it).
+_PLACED_PAYLOAD = _status_payload("'queued'", "d.status", "d.server_id", "d.capacity_reserved")
+
+
+def _status_changes_sql(source: str, payloads: list[str], *, keep: str = "true") -> str:
+    """Outbox rows for status changes of the deployment row(s) in CTE `source`: per change
+    its event then its audit entry, in that order. Parameters: $ids text[] (one id a row),
+    $event_type, $audit_type, $actor_id; `keep` filters the rows (v.n counts from 1)."""
+    values = ", ".join(
+        f"({2 * i + 1}, false, {payload}), ({2 * i + 2}, true, {payload})"
+        for i, payload in enumerate(payloads)
+    )
+    return f"""
+            INSERT INTO {S}.outbox (id, type, organization_id, aggregate_id, payload)
+            SELECT ($ids::text[])[v.n], CASE WHEN v.audit THEN $audit_type ELSE $event_type END,
+                   d.organization_id, d.id,
+                   CASE WHEN v.audit THEN jsonb_build_object(
+                            'actor_id', $actor_id::text, 'action', $event_type::text,
+                            'target_type', 'deployment', 'target_id', d.id,
+                            'metadata', v.payload - 'deployment_id')
+                        ELSE v.payload END
+              FROM {source} d CROSS JOIN LATERAL (VALUES {values}) v(n, audit, payload)
+             WHERE {keep}
+             ORDER BY v.n"""
+
+
+def _numbered(sql: str, names: tuple[str, ...]) -> str:
+    """Named placeholders ($ids, ...) as asyncpg's numbers: names[0] is $1."""
+    for number, name in sorted(enumerate(names, 1), key=lambda n: -len(n[1])):
+        sql = sql.replace(f"${name}", f"${number}")
+    return sql
+
+
+_RESERVE_PARAMS = ("region", "driver", "ram_mb", "cpu_millis")
+_PLACE_PARAMS = (*_RESERVE_PARAMS, "deployment_id", "ids", "event_type", "audit_type", "actor_id")
+
+
 def _place_sql(skip_locked: bool) -> str:
     # The reservation of _reserve_sql, the deployment's move to scheduling, its
     # status_changed event and its audit entry in one statement: the server row is locked
     # for one round trip (plus the commit) instead of four.
-    reserve = _reserve_sql(skip_locked).replace("RETURNING id", "RETURNING id AS server_id")
-    payload = """jsonb_build_object(
-                   'deployment_id', d.id, 'project_id', d.project_id, 'from', $6::text,
-                   'to', d.status, 'server_id', d.server_id,
-                   'capacity_reserved', d.capacity_reserved, 'reason', d.status_reason)"""
-    return f"""
-        WITH reserved AS ({reserve}),
+    sql = f"""
+        WITH reserved AS ({_reserved_cte(skip_locked)}),
         placed AS (
             UPDATE {S}.deployments d
                SET status = 'scheduling', status_reason = '', server_id = r.server_id,
                    capacity_reserved = true, updated_at = now()
               FROM reserved r
-             WHERE d.id = $5
+             WHERE d.id = $deployment_id
             RETURNING d.*),
-        written AS (
-            INSERT INTO {S}.outbox (id, type, organization_id, aggregate_id, payload)
-            SELECT $7, $9, d.organization_id, d.id, {payload} FROM placed d
-            UNION ALL
-            SELECT $8, $10, d.organization_id, d.id,
-                   jsonb_build_object('actor_id', $11::text, 'action', $9::text,
-                                      'target_type', 'deployment', 'target_id', d.id,
-                                      'metadata', {payload} - 'deployment_id')
-              FROM placed d)
+        written AS ({_status_changes_sql("placed", [_PLACED_PAYLOAD])})
         -- Exactly one row: the placed deployment, or (nothing placed) NULLs and whether any
         -- server fits at all, locked or not, so a miss needs no second round trip.
         SELECT p.*, CASE WHEN p.id IS NULL THEN EXISTS (
                    SELECT 1 FROM {S}.servers
                     WHERE {_FITS}) END AS any_fits
           FROM (SELECT) one LEFT JOIN placed p ON true"""
+    return _numbered(sql, _PLACE_PARAMS)
 
 
 _PLACE_SKIP_LOCKED = _place_sql(skip_locked=True)
@@ -889,9 +950,8 @@ async def place_deployment(
     """reserve_capacity + the move to scheduling + its event and audit entry, as one
     statement per attempt; the placed deployment, or None when no server has room.
 
-    A miss costs one round trip: the statement also says whether any server fits at all
-    (then the fitting ones were only locked: retry shortly, as reserve_capacity does). The
-    event and audit ids are made once: an attempt that placed nothing inserted nothing.
+    A miss costs one round trip: the statement also says whether any server fits at all.
+    The event and audit ids are made once: an attempt that placed nothing inserted nothing.
     """
     need = deployment.resources
     args = (
@@ -900,14 +960,13 @@ async def place_deployment(
         need.ram_mb,
         need.cpu_millis,
         deployment.id,
-        deployment.status.value,
-        new_id(),
-        new_id(),
+        [new_id(), new_id()],
         event_type,
         audit_type,
         actor_id,
     )
-    for attempt in range(len(_SKIP_LOCKED_BACKOFF) + 1):
+
+    async def skip_locked() -> tuple[asyncpg.Record | None, bool]:
         # In a savepoint: a server row that failed the re-check stays locked by a statement
         # that placed nothing; rolling back to the savepoint unlocks it, so this transaction
         # never holds a row while it sleeps or waits for another (no deadlock cycle).
@@ -917,20 +976,40 @@ async def place_deployment(
         assert row is not None
         if row["id"] is not None:
             await savepoint.commit()
-            tx.note_events()
-            return Deployment.from_row(row)
+            return row, True
         await savepoint.rollback()
-        if attempt == len(_SKIP_LOCKED_BACKOFF) or not row["any_fits"]:
-            break
-        await asyncio.sleep(_SKIP_LOCKED_BACKOFF[attempt] * (0.5 + random.random()))
-    row = await tx.fetchrow(_PLACE_WAITING, *args)
-    if row is None or row["id"] is None:
+        return None, bool(row["any_fits"])
+
+    async def waiting() -> asyncpg.Record | None:
+        row = await tx.fetchrow(_PLACE_WAITING, *args)
+        return row if row is not None and row["id"] is not None else None
+
+    placed = await _skip_locked_then_wait(skip_locked, waiting)
+    if placed is None:
         return None
     tx.note_events()
-    return Deployment.from_row(row)
+    return Deployment.from_row(placed)
 
 
 # ------------------------------------------------------- a new deployment in one statement
+
+_CREATE_PARAMS = (
+    *_RESERVE_PARAMS,
+    "id",
+    "project_id",
+    "organization_id",
+    "image",
+    "command",
+    "health_check_path",
+    "rolled_back_from",
+    "schedule_deadline",
+    "final",
+    "event_type",
+    "audit_type",
+    "actor_id",
+    "ids",
+    "sleep_after_seconds",
+)
 
 
 def _create_sql(skip_locked: bool) -> str:
@@ -940,18 +1019,9 @@ def _create_sql(skip_locked: bool) -> str:
     # audit entry, then the placement's -- in that order. The server row is locked for this
     # one statement; a row that failed the re-check is unlocked when it ends, so a miss holds
     # no lock while the caller waits to try again.
-    reserve = _reserve_sql(skip_locked).replace("RETURNING id", "RETURNING id AS server_id")
-
-    def payload(before: str, after: str, server: str, reserved: str) -> str:
-        return f"""jsonb_build_object(
-                   'deployment_id', d.id, 'project_id', d.project_id, 'from', {before}::text,
-                   'to', {after}::text, 'server_id', {server}, 'capacity_reserved', {reserved},
-                   'reason', '')"""
-
-    queued = payload("''", "'queued'", "''::text", "false")
-    placed = payload("'queued'", "d.status", "d.server_id", "d.capacity_reserved")
-    return f"""
-        WITH reserved AS ({reserve}),
+    queued = _status_payload("''", "'queued'", "''::text", "false")
+    sql = f"""
+        WITH reserved AS ({_reserved_cte(skip_locked)}),
         fits AS (
             SELECT EXISTS (SELECT 1 FROM {S}.servers
                             WHERE {_FITS}) AS any_fits),
@@ -960,29 +1030,23 @@ def _create_sql(skip_locked: bool) -> str:
                     ram_mb, cpu_millis, region, health_check_path, rolled_back_from,
                     schedule_deadline, sleep_after_seconds,
                     status, status_reason, server_id, capacity_reserved)
-            SELECT $5, $6, $7, $8, $9, $3, $4, $1, NULLIF($10, ''), NULLIF($11, ''), $12, $18,
+            SELECT $id, $project_id, $organization_id, $image, $command, $ram_mb,
+                   $cpu_millis, $region, NULLIF($health_check_path, ''),
+                   NULLIF($rolled_back_from, ''), $schedule_deadline, $sleep_after_seconds,
                    CASE WHEN r.server_id IS NULL THEN 'queued' ELSE 'scheduling' END,
                    CASE WHEN r.server_id IS NULL THEN NULL ELSE '' END,
                    r.server_id, r.server_id IS NOT NULL
               FROM fits f LEFT JOIN reserved r ON true
              -- A miss while fitting servers were only locked inserts nothing: try again.
-             WHERE r.server_id IS NOT NULL OR $13 OR NOT f.any_fits
+             WHERE r.server_id IS NOT NULL OR $final OR NOT f.any_fits
             RETURNING *),
-        written AS (
-            INSERT INTO {S}.outbox (id, type, organization_id, aggregate_id, payload)
-            SELECT ($17::text[])[v.n], CASE WHEN v.audit THEN $15 ELSE $14 END,
-                   d.organization_id, d.id,
-                   CASE WHEN v.audit THEN jsonb_build_object(
-                            'actor_id', $16::text, 'action', $14::text,
-                            'target_type', 'deployment', 'target_id', d.id,
-                            'metadata', v.payload - 'deployment_id')
-                        ELSE v.payload END
-              FROM made d CROSS JOIN LATERAL (VALUES
-                   (1, false, {queued}), (2, true, {queued}),
-                   (3, false, {placed}), (4, true, {placed})) v(n, audit, payload)
-             WHERE v.n <= 2 OR d.capacity_reserved
-             ORDER BY v.n)
+        written AS ({
+        _status_changes_sql(
+            "made", [queued, _PLACED_PAYLOAD], keep="v.n <= 2 OR d.capacity_reserved"
+        )
+    })
         SELECT d.*, f.any_fits FROM fits f LEFT JOIN made d ON true"""
+    return _numbered(sql, _CREATE_PARAMS)
 
 
 _CREATE_SKIP_LOCKED = _create_sql(skip_locked=True)
@@ -1003,41 +1067,43 @@ async def create_deployment(
     as one statement per attempt on a session outside any transaction.
 
     The deployment comes back `scheduling` with its reservation, or `queued` when no server
-    has room. Attempts follow reserve_capacity: SKIP LOCKED, again after a short sleep while
-    the fitting servers are only locked, then once waiting for the locks.
+    has room (the last attempt inserts it either way).
     """
     need = spec.resources
-    args = [
-        spec.region,
-        driver,
-        need.ram_mb,
-        need.cpu_millis,
-        new_id(),
-        spec.project_id,
-        spec.organization_id,
-        spec.image,
-        spec.command,
-        spec.health_check_path,
-        spec.rolled_back_from,
-        schedule_deadline,
-        False,
-        event_type,
-        audit_type,
-        actor_id,
-        [new_id() for _ in range(4)],
-        spec.sleep_after_seconds,
-    ]
-    for attempt in range(len(_SKIP_LOCKED_BACKOFF) + 1):
-        row = await s.fetchrow(_CREATE_SKIP_LOCKED, *args)
+    deployment_id, ids = new_id(), [new_id() for _ in range(4)]
+
+    def args(final: bool) -> tuple[object, ...]:
+        return (
+            spec.region,
+            driver,
+            need.ram_mb,
+            need.cpu_millis,
+            deployment_id,
+            spec.project_id,
+            spec.organization_id,
+            spec.image,
+            spec.command,
+            spec.health_check_path,
+            spec.rolled_back_from,
+            schedule_deadline,
+            final,
+            event_type,
+            audit_type,
+            actor_id,
+            ids,
+            spec.sleep_after_seconds,
+        )
+
+    async def skip_locked() -> tuple[asyncpg.Record | None, bool]:
+        row = await s.fetchrow(_CREATE_SKIP_LOCKED, *args(False))
         assert row is not None
-        if row["id"] is not None:
-            s.note_events()
-            return Deployment.from_row(row)
-        if attempt == len(_SKIP_LOCKED_BACKOFF):
-            break
-        await asyncio.sleep(_SKIP_LOCKED_BACKOFF[attempt] * (0.5 + random.random()))
-    args[12] = True  # the last attempt inserts the deployment, placed or queued
-    row = await s.fetchrow(_CREATE_WAITING, *args)
+        # Nothing inserted means fitting servers were only locked: always worth a retry.
+        return (row if row["id"] is not None else None), True
+
+    async def waiting() -> asyncpg.Record | None:
+        return await s.fetchrow(_CREATE_WAITING, *args(True))
+
+    row = await _skip_locked_then_wait(skip_locked, waiting)
     assert row is not None and row["id"] is not None
     s.note_events()
     return Deployment.from_row(row)
