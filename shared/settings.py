@@ -165,6 +165,20 @@ class Settings:
     # and how often it heartbeats.
     agent_server: str = ""
     agent_heartbeat_seconds: float = 5.0
+    # How the agent runs apps: "container" (runc: isolated, limits enforced), "process"
+    # (plain processes: development machines only, nothing isolated), or "auto" (container
+    # wherever runc, slirp4netns and tini can run, else process, said loudly at start).
+    agent_driver: str = "auto"
+    # Container driver: bundles, network namespaces and the per-project uid table live here.
+    agent_state_dir: str = "/var/lib/hangar/agent"
+    agent_pids_limit: int = 256
+    agent_tmpfs_mb: int = 64  # each of /tmp and $HOME
+    # A sleeping container is first frozen (memory kept, woken in milliseconds); frozen this
+    # long, it is stopped for good (woken by starting it again). 0: stop at once.
+    agent_freeze_seconds: float = 600.0
+    # Runtime places one organization's apps on a server without isolation only if it runs
+    # no other organization's app, unless the whole platform is one tenant's (development).
+    single_tenant: bool = False
     # Telemetry. Agent: metric sampling interval, lines per ShipLogs batch, metric samples
     # kept while runtime is away. Runtime: days of logs/metrics kept and partitions made
     # ahead, how often partitions roll, the usage window, how late samples may arrive
@@ -233,6 +247,12 @@ class Settings:
             agent_log_buffer_lines=int(_env("HANGAR_AGENT_LOG_BUFFER_LINES", "5000")),
             agent_server=_env("HANGAR_AGENT_SERVER"),
             agent_heartbeat_seconds=float(_env("HANGAR_AGENT_HEARTBEAT_SECONDS", "5")),
+            agent_driver=_env("HANGAR_AGENT_DRIVER", "auto"),
+            agent_state_dir=_env("HANGAR_AGENT_STATE_DIR", "/var/lib/hangar/agent"),
+            agent_pids_limit=int(_env("HANGAR_AGENT_PIDS_LIMIT", "256")),
+            agent_tmpfs_mb=int(_env("HANGAR_AGENT_TMPFS_MB", "64")),
+            agent_freeze_seconds=float(_env("HANGAR_AGENT_FREEZE_SECONDS", "600")),
+            single_tenant=_env("HANGAR_SINGLE_TENANT").lower() in ("1", "true", "yes"),
             telemetry_sample_seconds=float(_env("HANGAR_TELEMETRY_SAMPLE_SECONDS", "5")),
             telemetry_ship_batch_lines=int(_env("HANGAR_TELEMETRY_SHIP_BATCH_LINES", "2000")),
             telemetry_metric_buffer_samples=int(

@@ -61,6 +61,9 @@ class Driver(Protocol):
     """Starts, stops and watches containers on this server."""
 
     runs_images: bool
+    # "container" when apps run isolated (runc), "none" for plain processes (runtime refuses
+    # to mix organizations on a server without isolation).
+    isolation: str
 
     async def start(self, spec: ContainerSpec) -> ContainerInfo:
         """Starts `spec` (idempotent on container_id); returns once it is started, not healthy."""
@@ -139,6 +142,7 @@ class ProcessDriver:
     """
 
     runs_images = False
+    isolation = "none"
 
     def __init__(
         self,
