@@ -28,7 +28,6 @@ from datetime import datetime
 from pathlib import Path
 from typing import IO, Protocol, TypeVar
 
-import httpx
 import psutil
 
 from services.agent.domain import (
@@ -43,7 +42,7 @@ from services.agent.domain import (
     exit_code_of,
     utcnow,
 )
-from services.agent.proxy import IngressProxy
+from services.agent.proxy import CHUNK_BYTES, IngressProxy
 from shared.errors import AlreadyExists, FailedPrecondition, NotFound, Unavailable
 from shared.loops import cancel_and_wait
 
@@ -131,6 +130,7 @@ class _Container:
     supervisor: asyncio.Task[None] | None = None  # of the current run
     up: asyncio.Event = field(default_factory=asyncio.Event)  # the current run is healthy
     waking: asyncio.Task[None] | None = None
+    kernel_reason: str = ""  # why the kernel ended the run (the container driver: OOM_KILLED)
 
 
 class ProcessDriver:
@@ -209,6 +209,7 @@ class ProcessDriver:
             )
             self._containers[spec.container_id] = record
             proxy.before_connect = functools.partial(self._wake, record)
+            proxy.open_app = functools.partial(self.open_app, record)
             await self._spawn(record)
             return record.info
 
@@ -257,12 +258,18 @@ class ProcessDriver:
                     "the app is serving, or served a request after idle_since",
                     reason="NOT_IDLE",
                 )
-            record.dozing = True
-            log.info("container going to sleep", extra={"container_id": container_id})
-            await self._terminate(record, self.stop_grace if grace is None else grace)
-        if record.supervisor is not None:  # it records the sleep (or the end) of the run
+            await self._rest(record, self.stop_grace if grace is None else grace)
+        elif record.supervisor is not None:  # another call is putting it to sleep
             await asyncio.shield(record.supervisor)
         return self._view(record)
+
+    async def _rest(self, record: _Container, grace: float) -> None:
+        """Puts an idle app to sleep: its process stops (the next connection starts it)."""
+        record.dozing = True
+        log.info("container going to sleep", extra={"container_id": record.info.container_id})
+        await self._terminate(record, grace)
+        if record.supervisor is not None:  # it records the sleep (or the end) of the run
+            await asyncio.shield(record.supervisor)
 
     def inspect(self, container_id: str) -> ContainerInfo | None:
         record = self._containers.get(container_id)
@@ -294,6 +301,11 @@ class ProcessDriver:
             return None
         if record.info.state.ended or record.info.sleep is SleepState.SLEEPING:
             return record.final
+        return self._read(record)
+
+    def _read(self, record: _Container) -> ResourceSample | None:
+        """A live reading of the app: psutil on its process tree."""
+        container_id = record.info.container_id
         if not record.info.pid:
             return None
         try:
@@ -311,15 +323,9 @@ class ProcessDriver:
                     cpu += times.user + times.system + times.children_user + times.children_system
             except psutil.Error:
                 continue
-        counters = record.proxy.counters if record.proxy is not None else None
+        rx, tx = self._network_bytes(record)
         return ResourceSample(
-            container_id,
-            rss,
-            cpu,
-            utcnow(),
-            rx_bytes=counters.rx_bytes if counters is not None else None,
-            tx_bytes=counters.tx_bytes if counters is not None else None,
-            run=record.info.run,
+            container_id, rss, cpu, utcnow(), rx_bytes=rx, tx_bytes=tx, run=record.info.run
         )
 
     def subscribe(self, listener: ContainerListener) -> None:
@@ -339,29 +345,37 @@ class ProcessDriver:
 
     # ------------------------------------------------------------------ process lifecycle
 
+    def app_env(self, record: _Container) -> dict[str, str]:
+        """What the app's environment holds: the base, its secrets, PORT, facts about it."""
+        spec = record.spec
+        return {
+            **self.base_env,
+            **spec.env,
+            "PORT": str(record.private_port),
+            "HANGAR_CONTAINER_ID": spec.container_id,
+            "HANGAR_DEPLOYMENT_ID": spec.deployment_id,
+            "HANGAR_PROJECT_ID": spec.project_id,
+            "HANGAR_RAM_MB": str(spec.ram_mb),
+            "HANGAR_CPU_MILLIS": str(spec.cpu_millis),
+        }
+
+    async def _launch(self, record: _Container) -> subprocess.Popen[bytes]:
+        """Starts the app's process with its output on pipes (OSError: it could not)."""
+        spec = record.spec
+        # A scratch working directory: never the agent's own (an app could serve it).
+        # Kept across a sleep, as a container's filesystem is across a stop and start.
+        if record.workdir is None:
+            record.workdir = Path(
+                tempfile.mkdtemp(prefix=f"hangar-{spec.container_id}-", dir=self.workdir_root)
+            )
+        return _popen(["/bin/sh", "-c", spec.command], env=self.app_env(record), cwd=record.workdir)
+
     async def _spawn(self, record: _Container) -> None:
         spec = record.spec
-        env = {**self.base_env, **spec.env, "PORT": str(record.private_port)}
         try:
-            # A scratch working directory: never the agent's own (an app could serve it).
-            # Kept across a sleep, as a container's filesystem is across a stop and start.
-            if record.workdir is None:
-                record.workdir = Path(
-                    tempfile.mkdtemp(prefix=f"hangar-{spec.container_id}-", dir=self.workdir_root)
-                )
-            # Popen, not the loop's subprocess API: CPython spawns with vfork, while uvloop
-            # forks and gRPC's fork handlers then crash the child now and then (SIGSEGV).
-            process = subprocess.Popen(  # noqa: ASYNC220 - vfork + exec: about a millisecond
-                ["/bin/sh", "-c", spec.command],
-                env=env,
-                cwd=record.workdir,
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                start_new_session=True,  # its own process group: signals reach the whole app
-            )
+            process = await self._launch(record)
         except OSError as exc:
-            self._remove_workdir(record)
+            self._release(record)
             self._close_proxy(record)
             self._set(
                 record,
@@ -398,7 +412,7 @@ class ProcessDriver:
         except Exception:  # never leave a container neither running nor ended
             log.exception("container supervisor crashed")
             record.failure = record.failure or "the agent lost track of the process"
-            self._signal_group(record, signal.SIGKILL)
+            await self._signal(record, signal.SIGKILL)
             if record.exited is not None:
                 self._finish(record, await asyncio.shield(record.exited))
 
@@ -445,32 +459,41 @@ class ProcessDriver:
     async def _wait_healthy(self, record: _Container, exited: asyncio.Future[int]) -> bool | None:
         """True once healthy, False on timeout, None if the process ended or was stopped."""
         deadline = time.monotonic() + self.start_timeout
-        path = record.spec.health_check_path
-        async with httpx.AsyncClient(timeout=1.0, trust_env=False) as client:
-            while time.monotonic() < deadline:
-                if exited.done() or record.stop_requested:
-                    return None
-                if await self._probe(client, record.private_port, path):
-                    return True
-                await asyncio.wait({exited}, timeout=self.probe_interval)
+        while time.monotonic() < deadline:
+            if exited.done() or record.stop_requested:
+                return None
+            if await self._probe(record):
+                return True
+            await asyncio.wait({exited}, timeout=self.probe_interval)
         return None if exited.done() else False
 
-    @staticmethod
-    async def _probe(client: httpx.AsyncClient, port: int, path: str) -> bool:
-        if path:
-            try:
-                reply = await client.get(f"http://127.0.0.1:{port}{path}")
-            except httpx.HTTPError:
-                return False
-            return 200 <= reply.status_code < 400
+    async def open_app(
+        self, record: _Container
+    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """A connection to the app's own port (its proxy's and health checks' way in)."""
+        return await asyncio.open_connection("127.0.0.1", record.private_port, limit=CHUNK_BYTES)
+
+    async def _probe(self, record: _Container) -> bool:
+        """The app accepts a connection on its port or, with a health check path, answers
+        it with a 2xx or 3xx status."""
+        path = record.spec.health_check_path
         try:
-            _, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), 1.0)
+            reader, writer = await asyncio.wait_for(self.open_app(record), 1.0)
         except (OSError, TimeoutError):
             return False
-        writer.close()
-        with contextlib.suppress(OSError):
-            await writer.wait_closed()
-        return True
+        try:
+            if not path:
+                return True
+            writer.write(f"GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n".encode())
+            status = await asyncio.wait_for(reader.readline(), 1.0)
+            parts = status.split()
+            return len(parts) >= 2 and parts[1].isdigit() and 200 <= int(parts[1]) < 400
+        except (OSError, TimeoutError, ValueError):
+            return False
+        finally:
+            writer.close()
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
 
     async def _stop(self, record: _Container, grace: float) -> None:
         record.stop_requested = True
@@ -487,7 +510,7 @@ class ProcessDriver:
         exited = record.exited
         if exited is None or exited.done():
             return
-        self._signal_group(record, signal.SIGTERM)
+        await self._signal(record, signal.SIGTERM)
         try:
             await asyncio.wait_for(asyncio.shield(exited), timeout=grace)
         except TimeoutError:
@@ -495,18 +518,17 @@ class ProcessDriver:
                 "container ignored SIGTERM; killing",
                 extra={"container_id": record.info.container_id, "grace_seconds": grace},
             )
-            self._signal_group(record, signal.SIGKILL)
+            await self._signal(record, signal.SIGKILL)
             await asyncio.shield(exited)
 
-    @staticmethod
-    def _signal_group(record: _Container, sig: signal.Signals) -> None:
+    async def _signal(self, record: _Container, sig: signal.Signals) -> None:
+        """Sends `sig` to every process of the app."""
         if record.process is None:
             return
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(record.process.pid, sig)  # start_new_session: pgid == pid
 
-    @staticmethod
-    async def _reap(record: _Container, process: subprocess.Popen[bytes]) -> int:
+    async def _reap(self, record: _Container, process: subprocess.Popen[bytes]) -> int:
         record.reaped = await _wait_exit(process)
         return record.reaped.returncode
 
@@ -515,16 +537,23 @@ class ProcessDriver:
         byte counts now, stamped `at` (the shipper bills the time since its last sample)."""
         if record.reaped is None:
             return
-        counters = record.proxy.counters if record.proxy is not None else None
+        rx, tx = self._network_bytes(record)
         record.final = ResourceSample(
             record.info.container_id,
             record.reaped.max_rss_bytes,
             record.reaped.cpu_seconds,
             at,
-            rx_bytes=counters.rx_bytes if counters is not None else None,
-            tx_bytes=counters.tx_bytes if counters is not None else None,
+            rx_bytes=rx,
+            tx_bytes=tx,
             run=record.info.run,
         )
+
+    def _network_bytes(self, record: _Container) -> tuple[int | None, int | None]:
+        """Cumulative bytes received and sent since the container started (its proxy's)."""
+        counters = record.proxy.counters if record.proxy is not None else None
+        if counters is None:
+            return None, None
+        return counters.rx_bytes, counters.tx_bytes
 
     def _doze(self, record: _Container) -> None:
         """The process stopped for sleep ended: the container sleeps until a connection."""
@@ -562,7 +591,7 @@ class ProcessDriver:
             raise Unavailable(f"the app did not start again: {record.info.reason}")
 
     def _finish(self, record: _Container, returncode: int) -> None:
-        ending = describe_exit(returncode)
+        ending = record.kernel_reason or describe_exit(returncode)
         if record.failure:
             state, reason = ContainerState.FAILED, record.failure
         elif record.stop_requested:
@@ -587,7 +616,7 @@ class ProcessDriver:
             "container ended",
             extra={"container_id": record.info.container_id, "state": state, "reason": reason},
         )
-        self._remove_workdir(record)
+        self._release(record)
         self._close_proxy(record)
         record.spec = replace(record.spec, env={})  # its secrets need not outlive it
         record.ended.set()
@@ -684,8 +713,8 @@ class ProcessDriver:
                 return port
         raise Unavailable("no free port on this server", reason="NO_FREE_PORT")
 
-    @staticmethod
-    def _remove_workdir(record: _Container) -> None:
+    def _release(self, record: _Container) -> None:
+        """Frees what the container held on this server once it has ended."""
         if record.workdir is not None:
             shutil.rmtree(record.workdir, ignore_errors=True)
             record.workdir = None
@@ -694,6 +723,25 @@ class ProcessDriver:
         ended = [cid for cid, c in self._containers.items() if c.info.state.ended]
         for cid in ended[: max(0, len(ended) - self.keep_ended)]:
             del self._containers[cid]
+
+
+def _popen(
+    args: Sequence[str], *, env: Mapping[str, str] | None = None, cwd: Path | None = None
+) -> subprocess.Popen[bytes]:
+    """Starts a process in its own session with its output on pipes.
+
+    Popen, not the loop's subprocess API: CPython spawns with vfork, while uvloop forks and
+    gRPC's fork handlers then crash the child now and then (SIGSEGV).
+    """
+    return subprocess.Popen(
+        list(args),
+        env=env,
+        cwd=cwd,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,  # its own process group: signals reach the whole app
+    )
 
 
 def _exposed_listeners(pid: int) -> set[str]:

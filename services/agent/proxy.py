@@ -65,6 +65,11 @@ class IngressProxy:
         self.last_request_at: datetime | None = None  # a client connected or left
         # Runs before a connection reaches the app; an exception ends the connection.
         self.before_connect: Callable[[], Awaitable[None]] | None = None
+        # Opens the connection to the app (a container's is inside its network namespace);
+        # None: target_host:private_port.
+        self.open_app: (
+            Callable[[], Awaitable[tuple[asyncio.StreamReader, asyncio.StreamWriter]]] | None
+        ) = None
 
     @property
     def open(self) -> int:
@@ -134,12 +139,7 @@ class IngressProxy:
                     client_w.transport.abort()
                     return
             try:
-                app_r, app_w = await asyncio.wait_for(
-                    asyncio.open_connection(
-                        self.target_host, self.private_port, limit=self.chunk_bytes
-                    ),
-                    self.connect_timeout,
-                )
+                app_r, app_w = await asyncio.wait_for(self._open_app(), self.connect_timeout)
             except (OSError, TimeoutError):
                 client_w.transport.abort()  # the app is not there: the connection ends
                 return
@@ -157,6 +157,13 @@ class IngressProxy:
                 writer.close()
             self._live.pop(task, None)
             self.last_request_at = utcnow()
+
+    async def _open_app(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        if self.open_app is not None:
+            return await self.open_app()
+        return await asyncio.open_connection(
+            self.target_host, self.private_port, limit=self.chunk_bytes
+        )
 
     async def _copy(
         self,
