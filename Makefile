@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test protos lint fmt bench clean
+.PHONY: run test system protos lint fmt bench clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -12,10 +12,15 @@ $(STAMP): pyproject.toml
 	@$(BIN)/python -m pip install -q -e '.[dev]'
 	@touch $(STAMP)
 
-run: $(STAMP)
+# System packages for the agent's container driver (runc, slirp4netns, tini, iproute2):
+# installed with apt-get as root, else one sentence saying what to install. Quiet when present.
+system:
+	@bash scripts/system-packages.sh
+
+run: $(STAMP) system
 	$(BIN)/hangar up
 
-test: $(STAMP)
+test: $(STAMP) system
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 protos: $(STAMP)

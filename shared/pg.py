@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
-from collections.abc import Callable
+import stat
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,14 +62,48 @@ def start_embedded(data_dir: Path, *, delete_on_stop: bool) -> Postgres:
         import pgserver
     except ImportError as exc:  # pragma: no cover - pgserver is a dependency
         raise PostgresUnavailable("the pgserver package is not installed") from exc
-    data_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        private_data_dir(data_dir)
+    except OSError as exc:
+        raise PostgresUnavailable(f"cannot make {data_dir} a private directory: {exc}") from exc
+    # As root, pgserver runs PostgreSQL as its own "pgserver" user and opens every directory
+    # above the data to g+rx,o+rx so that user can reach it; it only needs to traverse them.
+    ancestors = _modes(data_dir.resolve().parents) if os.geteuid() == 0 else {}
     try:
         server = pgserver.get_server(data_dir, cleanup_mode="delete" if delete_on_stop else "stop")
     except Exception as exc:
         raise PostgresUnavailable(
             f"embedded PostgreSQL did not start in {data_dir}: {exc}"
         ) from exc
+    finally:
+        _restore_traversable(ancestors)
     return Postgres(url=server.get_uri(), kind="embedded", _stop=server.cleanup)
+
+
+def private_data_dir(data_dir: Path) -> None:
+    """The data directory, created 0700 (an existing looser one is tightened): the database's
+    files are nobody else's business (PostgreSQL itself accepts only 0700 or 0750)."""
+    data_dir.parent.mkdir(parents=True, exist_ok=True)
+    data_dir.mkdir(mode=0o700, exist_ok=True)
+    if data_dir.stat().st_mode & 0o077:
+        data_dir.chmod(0o700)
+
+
+def _modes(paths: Iterable[Path]) -> dict[Path, int]:
+    modes = {}
+    for path in paths:
+        with contextlib.suppress(OSError):
+            modes[path] = stat.S_IMODE(path.stat().st_mode)
+    return modes
+
+
+def _restore_traversable(before: dict[Path, int]) -> None:
+    """Put back each directory's mode as it was, plus only the search (x) bits for group and
+    others that the pgserver user needs to reach the data."""
+    for path, mode in before.items():
+        with contextlib.suppress(OSError):
+            if stat.S_IMODE(path.stat().st_mode) != mode:
+                path.chmod(mode | 0o011)
 
 
 def start_docker() -> Postgres:
