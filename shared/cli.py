@@ -35,10 +35,37 @@ def state_dir() -> Path:
     return Path(os.environ.get("HANGAR_HOME", ".hangar")).resolve()
 
 
+def private_dir(directory: Path) -> Path:
+    """`directory` created 0700, or tightened to it when group or others have any access."""
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if directory.stat().st_mode & 0o077:
+        directory.chmod(0o700)
+    return directory
+
+
+def write_private(path: Path, text: str) -> None:
+    """Write `text` to `path` as a 0600 file, atomically (a crash leaves the old one whole)."""
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "w") as out:
+            out.write(text)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def load_credentials(directory: Path) -> dict[str, Any]:
-    """Local credentials, generated once and kept (0600) so `make run` reuses its data."""
+    """Local credentials, generated once and kept so `make run` reuses its data: the file 0600
+    in a 0700 directory (existing ones with looser modes are tightened)."""
+    private_dir(directory)
     path = directory / "credentials.json"
     if path.exists():
+        if path.stat().st_mode & 0o077:
+            path.chmod(0o600)
         creds: dict[str, Any] = json.loads(path.read_text())
     else:
         creds = {}
@@ -62,9 +89,7 @@ def load_credentials(directory: Path) -> dict[str, Any]:
         creds["project_master_key_id"] = kid
         changed = True
     if changed:
-        directory.mkdir(parents=True, exist_ok=True)
-        path.touch(mode=0o600)
-        path.write_text(json.dumps(creds, indent=2))
+        write_private(path, json.dumps(creds, indent=2))
     return creds
 
 
@@ -251,6 +276,16 @@ def stop_processes(procs: dict[str, subprocess.Popen[bytes]], grace: float) -> N
             proc.wait()
 
 
+def apps_unisolated(env: dict[str, str]) -> str | None:
+    """Why the local agent will run apps as plain processes, or None when in containers."""
+    from services.agent.containers import unavailable_reason
+
+    driver = env.get("HANGAR_AGENT_DRIVER", "auto")
+    if driver == "process":
+        return "HANGAR_AGENT_DRIVER=process"
+    return unavailable_reason() if driver == "auto" else None
+
+
 def cmd_up(args: argparse.Namespace) -> int:
     from shared.migrate import migrate
     from shared.pg import PostgresUnavailable, provision
@@ -292,6 +327,11 @@ def cmd_up(args: argparse.Namespace) -> int:
             first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
             return _fail(f"migrations failed against {pg.kind} PostgreSQL: {first_line}")
         env = service_environment(pg.url, creds, addresses)
+        env.setdefault("HANGAR_AGENT_STATE_DIR", str(home / "agent"))
+        if (why_not := apps_unisolated(env)) is not None:
+            # Every app runs as a plain process here: only one tenant may use this machine.
+            env.setdefault("HANGAR_SINGLE_TENANT", "1")
+            print(f"hangar: apps are NOT isolated on this machine ({why_not})", file=sys.stderr)
         server_name = socket.gethostname()
         for name in PROCESSES:
             procs[name] = subprocess.Popen(

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
 import grpc
 
 from hangar.agent.v1 import agent_pb2, agent_pb2_grpc
+from services.agent import containers
 from services.agent.api import AgentApi
 from services.agent.drivers import Driver, ProcessDriver
 from services.agent.reporting import RuntimeReporter, server_key
@@ -25,6 +27,8 @@ from shared.interceptors import Authenticator
 from shared.loops import cancel_and_wait
 from shared.server import run_service
 from shared.settings import Settings
+
+log = logging.getLogger("hangar.agent")
 
 AGENT_SERVICE = agent_pb2.DESCRIPTOR.services_by_name["AgentService"]
 
@@ -44,12 +48,7 @@ class AgentApp:
         report: bool | None = None,
     ) -> None:
         self.settings = settings
-        self.driver: Driver = driver or ProcessDriver(
-            advertise_host=settings.agent_app_host,
-            start_timeout=settings.agent_start_timeout_seconds,
-            stop_grace=settings.agent_stop_grace_seconds,
-            log_lines=settings.agent_log_buffer_lines,
-        )
+        self.driver: Driver = driver or build_driver(settings)
         self._jwks: IdentityJwks | None = None
         if authenticator is None:
             # Tokens are verified locally with identity's published keys.
@@ -109,6 +108,38 @@ class AgentApp:
             await self.token_source.close()
         if self._jwks is not None:
             await self._jwks.close()
+
+
+def build_driver(settings: Settings) -> Driver:
+    """The driver `agent_driver` names: "container" (runc), "process", or "auto" (runc
+    wherever it can run, else processes, said loudly: apps are not isolated then)."""
+    common: dict[str, Any] = {
+        "advertise_host": settings.agent_app_host,
+        "start_timeout": settings.agent_start_timeout_seconds,
+        "stop_grace": settings.agent_stop_grace_seconds,
+        "log_lines": settings.agent_log_buffer_lines,
+    }
+    choice = settings.agent_driver
+    if choice not in ("auto", "container", "process"):
+        raise ValueError(f"HANGAR_AGENT_DRIVER must be auto, container or process, not {choice!r}")
+    why_not = containers.unavailable_reason() if choice != "process" else None
+    if choice == "container" and why_not is not None:
+        raise RuntimeError(f"the container driver cannot run here: {why_not}")
+    if choice == "process" or why_not is not None:
+        log.warning(
+            "APPS ARE NOT ISOLATED: the agent runs them as plain processes of its own user, "
+            "on this machine's filesystem and network (development only; %s)",
+            why_not or "HANGAR_AGENT_DRIVER=process",
+        )
+        return ProcessDriver(**common)
+    log.info("apps run in containers (runc)", extra={"state_dir": settings.agent_state_dir})
+    return containers.ContainerDriver(
+        state_dir=settings.agent_state_dir,
+        pids_limit=settings.agent_pids_limit,
+        tmpfs_mb=settings.agent_tmpfs_mb,
+        freeze_seconds=settings.agent_freeze_seconds,
+        **common,
+    )
 
 
 def main() -> None:

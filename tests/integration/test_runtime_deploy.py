@@ -91,9 +91,13 @@ async def live(database_url: str, db_passwords: dict[str, str]) -> AsyncIterator
         app = RuntimeApp(settings, db)
         server = await start_server(app, runtime_address, grace=0.5)
         name = f"agent-{new_id()}"
-        agent = start_agent_process(
-            stack.identity.address, agent_env(stack.identity, runtime_address, name)
-        )
+        # Sleep stops apps here at once (the container driver's first step, freezing, is
+        # tested with the driver in test_agent_containers.py).
+        env = {
+            **agent_env(stack.identity, runtime_address, name),
+            "HANGAR_AGENT_FREEZE_SECONDS": "0",
+        }
+        agent = start_agent_process(stack.identity.address, env)
         server_id = await register_server(db, name, region, agent.address, 1024, 1000)
         channel = grpc.aio.insecure_channel(runtime_address)
         try:

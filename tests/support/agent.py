@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
+import tempfile
 import time
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
@@ -27,8 +29,14 @@ ENDED = (pb.CONTAINER_STATUS_EXITED, pb.CONTAINER_STATUS_FAILED)
 
 
 def agent_settings(identity_address: str, **overrides: Any) -> Settings:
+    """An agent's settings, with a state directory of its own (several agents share the
+    machine in tests; each clears what its directory's earlier agent left)."""
     base = Settings.from_env("agent")
-    settings = replace(base, addresses={**base.addresses, "identity": identity_address})
+    settings = replace(
+        base,
+        addresses={**base.addresses, "identity": identity_address},
+        agent_state_dir=tempfile.mkdtemp(prefix="hangar-agent-"),
+    )
     return replace(settings, **overrides)
 
 
@@ -38,6 +46,7 @@ class RunningAgent:
     app: AgentApp | None = None
     server: RunningServer | None = None
     process: ServiceProcess | None = None
+    state_dir: str = ""  # removed at close
     _channel: grpc.aio.Channel | None = field(default=None, repr=False)
 
     @property
@@ -74,6 +83,8 @@ class RunningAgent:
             await self.server.stop()
         if self.process is not None:
             self.process.stop()
+        if self.state_dir:
+            shutil.rmtree(self.state_dir, ignore_errors=True)
 
 
 @asynccontextmanager
@@ -81,9 +92,12 @@ async def running_agent(
     identity_address: str, *, driver: ProcessDriver | None = None
 ) -> AsyncIterator[RunningAgent]:
     """The agent in this process on a free loopback port; closing it stops its apps."""
-    app = AgentApp(agent_settings(identity_address), driver=driver)
+    settings = agent_settings(identity_address)
+    app = AgentApp(settings, driver=driver)
     server = await start_server(app, "127.0.0.1:0", grace=0.5)
-    running = RunningAgent(f"127.0.0.1:{server.port}", app=app, server=server)
+    running = RunningAgent(
+        f"127.0.0.1:{server.port}", app=app, server=server, state_dir=settings.agent_state_dir
+    )
     try:
         yield running
     finally:
@@ -95,6 +109,7 @@ def start_agent_process(
 ) -> RunningAgent:
     """`hangar serve agent` as a real process (on a free port unless `address` is given)."""
     address = address or f"127.0.0.1:{free_port()}"
+    state_dir = tempfile.mkdtemp(prefix="hangar-agent-")
     env = dict(os.environ)
     env.update(
         {
@@ -103,10 +118,13 @@ def start_agent_process(
             "HANGAR_GRACE_SECONDS": "1",
             "HANGAR_AGENT_STOP_GRACE_SECONDS": "1",
             "HANGAR_LOG_LEVEL": "WARNING",
+            "HANGAR_AGENT_STATE_DIR": state_dir,
         }
     )
     env.update(extra or {})
-    return RunningAgent(address, process=ServiceProcess.start("agent", address, env))
+    return RunningAgent(
+        address, process=ServiceProcess.start("agent", address, env), state_dir=state_dir
+    )
 
 
 async def caller_tokens(identity: RunningIdentity) -> dict[str, str]:

@@ -191,6 +191,7 @@ def start_stack(
             # the agent reports as the server it is registered as (_register_agent), often
             "HANGAR_AGENT_SERVER": AGENT_SERVER_NAME,
             "HANGAR_AGENT_HEARTBEAT_SECONDS": "1",
+            "HANGAR_AGENT_STATE_DIR": str(home / "agent"),
             "HANGAR_RUNTIME_AGENT_SWEEP_SECONDS": "0.5",
             "HANGAR_TELEMETRY_SAMPLE_SECONDS": "1",
             "HANGAR_TELEMETRY_USAGE_SECONDS": "2",

@@ -1,0 +1,246 @@
+"""The OCI runtime bundle of one container: its root filesystem and its config.json.
+
+Pure functions of what the container is (its command, environment, uid and limits); the
+runc driver writes them and runc does the rest (namespaces, mounts, cgroups, seccomp).
+
+The root filesystem is read-only and holds nothing of the host's but the *stack*, bound
+read-only: the host's /usr (interpreters, libraries, tini) and the few /etc entries an app
+needs (CA certificates, the alternatives links of /usr/bin). The rest of /etc is written
+for the container: its own user, hosts, hostname, resolv.conf. /tmp and $HOME are private
+tmpfs with a size cap (their pages count against the memory limit too).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+USER = "app"
+HOME = "/home/app"
+# Inside the container's own network namespace every app can have the same port.
+APP_PORT = 8080
+CPU_PERIOD_US = 100_000
+MIN_CPU_QUOTA_US = 1_000  # the kernel's floor
+DEFAULT_PATH = "/usr/local/bin:/usr/bin:/bin"
+
+# What container engines mask and make read-only by default (runc spec, moby, containerd).
+MASKED_PATHS = (
+    "/proc/acpi",
+    "/proc/asound",
+    "/proc/interrupts",
+    "/proc/kcore",
+    "/proc/keys",
+    "/proc/latency_stats",
+    "/proc/sched_debug",
+    "/proc/scsi",
+    "/proc/timer_list",
+    "/proc/timer_stats",
+    "/sys/devices/virtual/powercap",
+    "/sys/firmware",
+)
+READONLY_PATHS = ("/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger")
+NO_CAPABILITIES: dict[str, list[str]] = {
+    kind: [] for kind in ("bounding", "effective", "inheritable", "permitted", "ambient")
+}
+
+
+@dataclass(frozen=True)
+class Stack:
+    """The read-only base every container shares: host paths bound into it."""
+
+    usr: str = "/usr"
+    etc: tuple[str, ...] = ("/etc/ssl/certs", "/etc/alternatives", "/etc/ca-certificates")
+
+    def binds(self) -> list[tuple[str, str]]:
+        """(source, destination) pairs that exist on this host."""
+        pairs = [(self.usr, "/usr")]
+        pairs += [(path, path) for path in self.etc if os.path.isdir(path)]
+        return pairs
+
+
+@dataclass(frozen=True)
+class Limits:
+    ram_mb: int  # memory and memory + swap (no swap); 0: no limit
+    cpu_millis: int  # 1000 = one core; 0: no quota
+    pids: int
+    tmpfs_mb: int  # each of /tmp, $HOME and /dev/shm
+
+
+@dataclass(frozen=True)
+class Bundle:
+    """Everything config.json says about one container."""
+
+    container_id: str
+    command: str
+    uid: int
+    env: Mapping[str, str] = field(repr=False)
+    limits: Limits
+    netns_path: str
+    cgroups_path: str
+    hostname: str = "app"
+    stack: Stack = field(default_factory=Stack)
+
+
+def runtime_spec(
+    bundle: Bundle, seccomp_profile: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """The OCI runtime spec (config.json) of the bundle."""
+    uid, limits = bundle.uid, bundle.limits
+    # The container process cannot raise its hard limit past the agent's (no capabilities).
+    nofile = min(65536, resource.getrlimit(resource.RLIMIT_NOFILE)[1])
+    size = f"size={limits.tmpfs_mb}m"
+    env = {"PATH": DEFAULT_PATH, "HOME": HOME, "LANG": "C.UTF-8", "TZ": "UTC", **bundle.env}
+    mounts: list[dict[str, Any]] = [
+        {"destination": "/proc", "type": "proc", "source": "proc"},
+        {
+            "destination": "/dev",
+            "type": "tmpfs",
+            "source": "tmpfs",
+            "options": ["nosuid", "strictatime", "mode=755", "size=65536k"],
+        },
+        {
+            "destination": "/dev/pts",
+            "type": "devpts",
+            "source": "devpts",
+            "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620"],
+        },
+        {
+            "destination": "/dev/shm",
+            "type": "tmpfs",
+            "source": "shm",
+            "options": ["nosuid", "noexec", "nodev", "mode=1777", size],
+        },
+        {
+            "destination": "/dev/mqueue",
+            "type": "mqueue",
+            "source": "mqueue",
+            "options": ["nosuid", "noexec", "nodev"],
+        },
+        {
+            "destination": "/sys",
+            "type": "sysfs",
+            "source": "sysfs",
+            "options": ["nosuid", "noexec", "nodev", "ro"],
+        },
+        *(
+            {
+                "destination": destination,
+                "type": "bind",
+                "source": source,
+                "options": ["rbind", "ro", "nosuid", "nodev"],
+            }
+            for source, destination in bundle.stack.binds()
+        ),
+        {
+            "destination": "/tmp",
+            "type": "tmpfs",
+            "source": "tmpfs",
+            "options": ["nosuid", "nodev", "mode=1777", size],
+        },
+        {
+            "destination": HOME,
+            "type": "tmpfs",
+            "source": "tmpfs",
+            "options": ["nosuid", "nodev", "mode=0700", size, f"uid={uid}", f"gid={uid}"],
+        },
+    ]
+    resources: dict[str, Any] = {
+        "devices": [{"allow": False, "access": "rwm"}],
+        "pids": {"limit": limits.pids},
+    }
+    if limits.ram_mb > 0:
+        memory = limits.ram_mb * 1024 * 1024
+        resources["memory"] = {"limit": memory, "swap": memory}  # memory + swap: no swap
+    if limits.cpu_millis > 0:
+        quota = max(MIN_CPU_QUOTA_US, limits.cpu_millis * CPU_PERIOD_US // 1000)
+        resources["cpu"] = {"quota": quota, "period": CPU_PERIOD_US}
+    linux: dict[str, Any] = {
+        "cgroupsPath": bundle.cgroups_path,
+        "resources": resources,
+        "namespaces": [
+            {"type": "pid"},
+            {"type": "network", "path": bundle.netns_path},
+            {"type": "ipc"},
+            {"type": "uts"},
+            {"type": "mount"},
+            {"type": "cgroup"},
+        ],
+        "maskedPaths": list(MASKED_PATHS),
+        "readonlyPaths": list(READONLY_PATHS),
+    }
+    if seccomp_profile is not None:
+        linux["seccomp"] = dict(seccomp_profile)
+    return {
+        "ociVersion": "1.0.2",
+        "process": {
+            "terminal": False,
+            "user": {"uid": uid, "gid": uid, "additionalGids": []},
+            # tini as PID 1: it reaps orphans and passes SIGTERM to the app's whole process
+            # group (an app as PID 1 would ignore SIGTERM it has no handler for).
+            "args": ["/usr/bin/tini", "-g", "--", "/bin/sh", "-c", bundle.command],
+            "env": [f"{name}={value}" for name, value in env.items()],
+            "cwd": HOME,
+            "capabilities": NO_CAPABILITIES,
+            "rlimits": [{"type": "RLIMIT_NOFILE", "hard": nofile, "soft": nofile}],
+            "noNewPrivileges": True,
+            "oomScoreAdj": 500,  # the kernel's OOM killer takes apps before the platform
+        },
+        "root": {"path": "rootfs", "readonly": True},
+        "hostname": bundle.hostname,
+        "mounts": mounts,
+        "linux": linux,
+    }
+
+
+def write_bundle(
+    directory: Path, bundle: Bundle, seccomp_profile: Mapping[str, Any] | None
+) -> None:
+    """Writes config.json and the root filesystem's skeleton into `directory`."""
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    write_rootfs(directory / "rootfs", bundle.uid, bundle.hostname, bundle.stack)
+    spec = runtime_spec(bundle, seccomp_profile)
+    path = directory / "config.json"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # it holds the secrets
+    with os.fdopen(fd, "w", encoding="utf-8") as file:
+        json.dump(spec, file)
+
+
+def write_rootfs(rootfs: Path, uid: int, hostname: str, stack: Stack) -> None:
+    """Mount points, the /usr-merged links, and the container's own /etc files."""
+    rootfs.mkdir(mode=0o755, exist_ok=True)
+    os.chmod(rootfs, 0o755)  # the app's uid walks it
+    for name in ("usr", "tmp", "proc", "dev", "sys", "etc", "home", HOME.lstrip("/")):
+        (rootfs / name).mkdir(mode=0o755, parents=True, exist_ok=True)
+    # runc gives a tmpfs the mode of the directory it is mounted on.
+    os.chmod(rootfs / "tmp", 0o1777)
+    os.chmod(rootfs / HOME.lstrip("/"), 0o700)
+    for link in ("bin", "sbin", "lib", "lib32", "lib64", "libx32"):
+        if os.path.lexists(Path(stack.usr) / link) and not os.path.lexists(rootfs / link):
+            (rootfs / link).symlink_to(f"usr/{link}")
+    for _, destination in stack.binds():
+        (rootfs / destination.lstrip("/")).mkdir(mode=0o755, parents=True, exist_ok=True)
+    etc = rootfs / "etc"
+    files = {
+        "passwd": (
+            "root:x:0:0:root:/root:/usr/sbin/nologin\n"
+            f"{USER}:x:{uid}:{uid}:{USER}:{HOME}:/bin/sh\n"
+            "nobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin\n"
+        ),
+        "group": f"root:x:0:\n{USER}:x:{uid}:\nnogroup:x:65534:\n",
+        "hosts": f"127.0.0.1\tlocalhost {hostname}\n::1\tlocalhost ip6-localhost\n",
+        "hostname": f"{hostname}\n",
+        "resolv.conf": "nameserver 10.0.2.3\n",  # slirp4netns's DNS forwarder
+        "nsswitch.conf": "passwd: files\ngroup: files\nhosts: files dns\n",
+    }
+    for name, text in files.items():
+        (etc / name).write_text(text)
+        os.chmod(etc / name, 0o644)
+
+
+def tini_available(usr: str = "/usr") -> bool:
+    return os.access(os.path.join(usr, "bin", "tini"), os.X_OK)
