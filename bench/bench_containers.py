@@ -26,6 +26,7 @@ import httpx
 from services.agent.containers import ContainerDriver, unavailable_reason
 from services.agent.domain import ContainerSpec, ContainerState
 from services.agent.drivers import ProcessDriver
+from services.agent.oci import DEFAULT_PATH
 
 MB = 1024 * 1024
 SERVE = 'exec python3 -m http.server "$PORT"'
@@ -38,7 +39,7 @@ def _spec(command: str = SERVE, ram_mb: int = 256) -> ContainerSpec:
         project_id="bench",
         command=command,
         ram_mb=ram_mb,
-        cpu_millis=1000,
+        cpu_millis=2000,  # the whole machine: a process is not limited either
     )
 
 
@@ -148,7 +149,8 @@ async def bench(args: argparse.Namespace) -> None:
         state_dir=f"{state}/a", tmpfs_mb=args.mb + 16, freeze_seconds=3600, **common()
     )
     container_stops = ContainerDriver(state_dir=f"{state}/b", freeze_seconds=0, **common())
-    process = ProcessDriver(**common())  # type: ignore[arg-type]
+    # The same python3 in both (the stack's /usr/bin), not whatever the agent's PATH finds.
+    process = ProcessDriver(base_env={"PATH": DEFAULT_PATH}, **common())  # type: ignore[arg-type]
     try:
         starts = await start_latencies(
             {"container (runc)": container, "process": process}, args.starts

@@ -106,9 +106,8 @@ class ContainerDriver(ProcessDriver):
         self.stack = stack or oci.Stack()
         # Names under /run/netns and /sys/fs/cgroup are host-wide: this agent's carry a tag
         # of its state directory, so agents sharing a host never touch each other's.
-        tag = hashlib.sha256(str(self.state_dir).encode()).hexdigest()[:8]
-        self._netns_prefix = f"hangar-{tag}-"
-        self._cgroup_parent = f"/hangar/{tag}"
+        self.netns_prefix = netns_prefix(self.state_dir)
+        self._cgroup_parent = "/hangar/" + self.netns_prefix.removeprefix("hangar-").strip("-")
         self._runc_root = self.state_dir / "runc"
         self._bundles = self.state_dir / "bundles"
         self.uids = UidTable(self.state_dir / "uids.json")
@@ -126,7 +125,7 @@ class ContainerDriver(ProcessDriver):
         listed = self._runc_sync("list", "--quiet", check=False)
         for container_id in listed.split():
             self._runc_sync("delete", "--force", container_id, check=False)
-        removed = netns.remove_stale(self._netns_prefix)
+        removed = netns.remove_stale(self.netns_prefix)
         for bundle in self._bundles.iterdir():
             shutil.rmtree(bundle, ignore_errors=True)
         if listed.split() or removed:
@@ -181,14 +180,15 @@ class ContainerDriver(ProcessDriver):
         """The container's network namespace and bundle (blocking: runs in a thread)."""
         spec = record.spec
         container_id = spec.container_id
-        network = NetworkNamespace.create(self._netns_prefix + container_id)
+        network = NetworkNamespace.create(self.netns_prefix + container_id)
         try:
             directory = self._bundles / container_id
             cgroup_path = f"{self._cgroup_parent}/{container_id}"
             bundle = oci.Bundle(
                 container_id=container_id,
                 command=spec.command,
-                uid=self.uids.uid_of(spec.project_id),
+                # A container of no project (runtime always names one) shares no uid.
+                uid=self.uids.uid_of(spec.project_id or f"container:{container_id}"),
                 env=self.app_env(record),
                 limits=oci.Limits(
                     ram_mb=spec.ram_mb,
@@ -292,6 +292,11 @@ class ContainerDriver(ProcessDriver):
         await super().close()
         if self._teardowns:
             await asyncio.gather(*self._teardowns, return_exceptions=True)
+        # runc removed each container's cgroup; the agent's own parent goes with the agent.
+        relative = self._cgroup_parent.strip("/")
+        for hierarchy in (cgroups.ROOT, *cgroups.ROOT.iterdir()):
+            with contextlib.suppress(OSError):
+                (hierarchy / relative).rmdir()
 
     # ------------------------------------------------------------------ readings
 
@@ -411,6 +416,12 @@ class ContainerDriver(ProcessDriver):
             if check:
                 raise
             return None
+
+
+def netns_prefix(state_dir: str | Path) -> str:
+    """The names of the network namespaces of the agent with this state directory."""
+    tag = hashlib.sha256(str(Path(state_dir).resolve()).encode()).hexdigest()[:8]
+    return f"hangar-{tag}-"
 
 
 def _as_signal(returncode: int) -> int:

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from hangar.agent.v1 import agent_pb2 as pb
+from services.agent.containers import netns_prefix, unavailable_reason
 from tests.support.agent import alive, caller_tokens, process_tree, start_agent_process
 from tests.support.identity import RunningIdentity, bearer, running_identity
 
@@ -28,12 +29,18 @@ async def identity(
         yield running
 
 
+@pytest.mark.parametrize("driver", ["process", "container"])
 async def test_sigterm_stops_every_app_and_leaves_no_process(
-    identity: RunningIdentity, tmp_path: Path
+    identity: RunningIdentity, tmp_path: Path, driver: str
 ) -> None:
+    if driver == "container" and unavailable_reason() is not None:
+        pytest.skip(f"containers cannot run here: {unavailable_reason()}")
     tokens = await caller_tokens(identity)
     auth = bearer(tokens["runtime"])
-    agent = start_agent_process(identity.address, {"HANGAR_AGENT_SERVICE_SECRET": AGENT_SECRET})
+    agent = start_agent_process(
+        identity.address,
+        {"HANGAR_AGENT_SERVICE_SECRET": AGENT_SECRET, "HANGAR_AGENT_DRIVER": driver},
+    )
     assert agent.process is not None
     try:
         listed = await asyncio.to_thread(
@@ -50,7 +57,9 @@ async def test_sigterm_stops_every_app_and_leaves_no_process(
             'exec python3 -m http.server "$PORT"',
             # ignores SIGTERM: the agent's shutdown must SIGKILL it after its grace
             "trap '' TERM; python3 -m http.server \"$PORT\" & wait",
-            f'env > {env_file}; sleep 600 & exec python3 -m http.server "$PORT"',
+            # a container cannot write the host's files: it prints its environment
+            f"env | tee {env_file if driver == 'process' else '/dev/null'}; sleep 600 & "
+            'exec python3 -m http.server "$PORT"',
         ]
         pids: list[int] = []
         for index, command in enumerate(commands):
@@ -64,13 +73,25 @@ async def test_sigterm_stops_every_app_and_leaves_no_process(
             pids += process_tree(started.pid)
         assert len(pids) >= 5 and all(alive(pid) for pid in pids)
 
-        app_env = env_file.read_text()
-        assert "MY_SECRET=app-secret" in app_env
-        assert AGENT_SECRET not in app_env and "HANGAR_" not in app_env
+        if driver == "process":
+            app_env = env_file.read_text()
+            assert "MY_SECRET=app-secret" in app_env
+            assert AGENT_SECRET not in app_env
+            assert not [
+                line for line in app_env.splitlines() if "SECRET=" in line and "MY_" not in line
+            ]
+        prefix = netns_prefix(agent.state_dir)
+        namespaces = await asyncio.to_thread(_namespaces, prefix)
+        assert len(namespaces) == (3 if driver == "container" else 0)
 
         agent.process.terminate()
         code = await asyncio.to_thread(agent.process.proc.wait, 15)
         assert code == 0
         assert [pid for pid in pids if alive(pid)] == []
+        assert await asyncio.to_thread(_namespaces, prefix) == []  # each container's went
     finally:
         await agent.close()
+
+
+def _namespaces(prefix: str) -> list[str]:
+    return sorted(p.name for p in Path("/run/netns").glob(f"{prefix}*"))
