@@ -20,6 +20,7 @@ from typing import Any
 import httpx
 import pytest
 
+from services.agent.containers import unavailable_reason
 from tests.support import stack as stack_fixtures
 from tests.support.stack import PASSWORD, Account, Stack, sign_up, wait_for
 
@@ -504,6 +505,43 @@ def test_read_the_audit_log(journey: Journey) -> None:
     verify = _ok(j.http.get(f"{url}:verify", headers=_as(j.owner)))
     assert verify["ok"] is True and int(verify["checked"]) >= len(expected), verify
     assert j.http.get(url, headers=_as(j.viewer)).status_code == 403  # admins read the trail
+
+
+def test_an_app_over_its_memory_is_oom_killed_and_the_deployment_says_so(
+    journey: Journey,
+) -> None:
+    j = journey
+    j.need_deploy()
+    if (why_not := unavailable_reason()) is not None:
+        pytest.skip(f"apps run unlimited here (process driver): {why_not}")
+    hog = (
+        'echo "hog: allocating"; exec python3 -c "import os, socket, time; s = socket.socket(); '
+        "s.bind(('0.0.0.0', int(os.environ['PORT']))); s.listen(); time.sleep(2); "
+        'b = bytearray(2048 << 20); time.sleep(600)"'
+    )
+    created = _ok(
+        j.http.post(
+            f"/v1/projects/{j.project['id']}/deployments",
+            headers=_as(j.owner),
+            json={"command": hog},
+        )
+    )
+    failed = _wait_deployment(j, created["id"], "DEPLOYMENT_STATUS_FAILED", within=60)
+    assert failed["statusReason"].startswith("OOM_KILLED"), failed
+    assert f"{j.project['ramMb']} MiB" in failed["statusReason"]
+    assert failed["capacityReserved"] is False
+
+    def told() -> bool:
+        entries = _ok(
+            j.http.get(
+                f"/v1/projects/{j.project['id']}/logs",
+                headers=_as(j.owner),
+                params={"contains": "OOM_KILLED"},
+            )
+        )["entries"]
+        return bool(entries)
+
+    wait_for(told, "the OOM kill in the app's own logs", within=30)
 
 
 # --------------------------------------------------------------------------- the end
