@@ -51,7 +51,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import asyncpg
 
 from services.runtime import store
-from services.runtime.domain import Candidate, DeploymentState, Resources, best_fit
+from services.runtime.domain import Candidate, DeploymentState, Resources, Tenancy, best_fit
 from services.runtime.scheduler import Reserve, Scheduler
 from shared.db import Database, Session
 from shared.ids import new_id
@@ -61,8 +61,11 @@ from shared.settings import SERVICES, Settings
 RAM_MB, CPU_MILLIS = 128, 100
 
 
-async def naive_reserve(tx: Session, region: str, driver: str, need: Resources) -> str | None:
-    """Lock every candidate server, choose in Python, update the chosen one."""
+async def naive_reserve(
+    tx: Session, region: str, driver: str, need: Resources, tenancy: Tenancy
+) -> str | None:
+    """Lock every candidate server, choose in Python, update the chosen one (the bench's
+    deployments are all one organization's: tenancy never narrows the choice)."""
     rows = await tx.fetch(
         "SELECT id, ram_mb, cpu_millis, ram_mb_reserved, cpu_millis_reserved"
         " FROM runtime.servers WHERE status = 'active' AND region = $1 AND $2 = ANY(drivers)"

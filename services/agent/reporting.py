@@ -36,6 +36,12 @@ _STATUS = {
 }
 
 
+# The driver's isolation (Driver.isolation) as runtime's enum.
+_ISOLATION = {
+    "none": rpb.SERVER_ISOLATION_NONE,
+    "container": rpb.SERVER_ISOLATION_CONTAINER,
+}
+
 _SLEEP = {
     SleepState.AWAKE: rpb.SLEEP_STATUS_AWAKE,
     SleepState.SLEEPING: rpb.SLEEP_STATUS_SLEEPING,
@@ -128,7 +134,11 @@ class RuntimeReporter:
         started = utcnow()
         reply: rpb.HeartbeatResponse = await self._stub().Heartbeat(
             rpb.HeartbeatRequest(
-                server_id=self.server, containers=self._beat_reports(self.driver.list())
+                server_id=self.server,
+                containers=self._beat_reports(self.driver.list()),
+                isolation=_ISOLATION.get(
+                    getattr(self.driver, "isolation", "none"), rpb.SERVER_ISOLATION_NONE
+                ),
             )
         )
         self._last_beat = started

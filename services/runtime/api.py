@@ -16,7 +16,7 @@ from hangar.events.v1 import events_pb2
 from hangar.runtime.v1 import runtime_pb2 as pb
 from hangar.runtime.v1 import runtime_pb2_grpc
 from services.runtime import store
-from services.runtime.domain import DeploymentState, Resources, ServerState
+from services.runtime.domain import DeploymentState, Isolation, Resources, ServerState
 from services.runtime.scheduler import IMAGE_DRIVER
 from services.runtime.store import DeploymentSpec
 from services.runtime.telemetry_api import TelemetryApi
@@ -36,6 +36,11 @@ _SERVER_STATUS = {
     ServerState.DRAINING: pb.SERVER_STATUS_DRAINING,
     ServerState.DOWN: pb.SERVER_STATUS_DOWN,
 }
+_ISOLATION = {
+    Isolation.NONE: pb.SERVER_ISOLATION_NONE,
+    Isolation.CONTAINER: pb.SERVER_ISOLATION_CONTAINER,
+}
+_ISOLATION_OF: dict[int, Isolation] = {value: isolation for isolation, value in _ISOLATION.items()}
 _DEPLOYMENT_STATUS = {
     state: pb.DeploymentStatus.Value(f"DEPLOYMENT_STATUS_{state.name}") for state in DeploymentState
 }
@@ -56,6 +61,7 @@ def server_to_proto(s: store.Server) -> pb.Server:
         status=_SERVER_STATUS[s.status],
         last_heartbeat_at=optional_timestamp(s.last_heartbeat_at),
         created_at=optional_timestamp(s.created_at),
+        isolation=_ISOLATION[s.isolation],
     )
 
 
@@ -135,6 +141,15 @@ def report_from_proto(r: pb.ContainerStatusReport) -> agent_pb2.Container:
     return report
 
 
+def _isolation(value: int) -> Isolation:
+    """What a registering admin declares; unspecified: none, until the agent says."""
+    if value == pb.SERVER_ISOLATION_UNSPECIFIED:
+        return Isolation.NONE
+    if value not in _ISOLATION_OF:
+        raise InvalidArgument.field("server.isolation", "not a known isolation")
+    return _ISOLATION_OF[value]
+
+
 def _required(value: str, field: str) -> str:
     if not value.strip():
         raise InvalidArgument.field(field, "required")
@@ -164,6 +179,7 @@ class RuntimeApi(TelemetryApi, runtime_pb2_grpc.RuntimeServiceServicer):
                 region=_required(spec.region, "server.region"),
                 agent_address=_required(spec.agent_address, "server.agent_address"),
                 capacity=capacity,
+                isolation=_isolation(spec.isolation),
             )
             await record_audit(
                 tx,
@@ -172,7 +188,11 @@ class RuntimeApi(TelemetryApi, runtime_pb2_grpc.RuntimeServiceServicer):
                 action="server.registered",
                 target_type="server",
                 target_id=server.id,
-                metadata={"name": server.name, "region": server.region},
+                metadata={
+                    "name": server.name,
+                    "region": server.region,
+                    "isolation": server.isolation.value,
+                },
             )
         return server_to_proto(server)
 
@@ -310,7 +330,9 @@ class RuntimeApi(TelemetryApi, runtime_pb2_grpc.RuntimeServiceServicer):
         require_service("agent")
         reports = [report_from_proto(r) for r in request.containers]
         server = await self.app.deployer.heartbeat(
-            _required(request.server_id, "server_id"), reports
+            _required(request.server_id, "server_id"),
+            reports,
+            isolation=_ISOLATION_OF.get(request.isolation),
         )
         return pb.HeartbeatResponse(server_status=_SERVER_STATUS[server.status])
 

@@ -27,7 +27,7 @@ import grpc
 from hangar.agent.v1 import agent_pb2
 from services.runtime import store
 from services.runtime.agents import Agents, is_transient
-from services.runtime.domain import ENDS, HOLDS_CAPACITY, DeploymentState
+from services.runtime.domain import ENDS, HOLDS_CAPACITY, DeploymentState, Isolation
 from services.runtime.projects import Projects
 from services.runtime.scheduler import Scheduler
 from services.runtime.sleeper import sleep_status_of
@@ -208,9 +208,17 @@ class Deployer:
 
     # ------------------------------------------------------------------- reports
 
-    async def heartbeat(self, server: str, reports: list[agent_pb2.Container]) -> Server:
+    async def heartbeat(
+        self,
+        server: str,
+        reports: list[agent_pb2.Container],
+        *,
+        isolation: Isolation | None = None,
+    ) -> Server:
+        """A beat from a server's agent: it is alive, its driver isolates apps or not (None:
+        the agent did not say), and its containers are as reported."""
         async with self.db.transaction() as tx:
-            found = await store.record_heartbeat(tx, server)
+            found = await store.record_heartbeat(tx, server, isolation)
         if found is None:
             raise NotFound(f"no server {server!r} is registered", reason="SERVER_NOT_FOUND")
         if reports:

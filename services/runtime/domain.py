@@ -1,4 +1,5 @@
-"""Runtime's rules as plain Python: the deployment state machine, server states, best fit."""
+"""Runtime's rules as plain Python: the deployment state machine, server states, best fit,
+which organizations may share a server."""
 
 from __future__ import annotations
 
@@ -60,6 +61,43 @@ class ServerState(StrEnum):
     DOWN = "down"  # missed its heartbeats
 
 
+class Isolation(StrEnum):
+    """Whether a server's apps are isolated from each other (the agent's driver says)."""
+
+    NONE = "none"  # plain processes: one organization's apps at a time
+    CONTAINER = "container"  # each app in its own container: any organizations side by side
+
+
+# A server's tenant (servers.tenant_organization_id) when several organizations hold
+# capacity on it; None when none does.
+SEVERAL_TENANTS = "*"
+
+
+@dataclass(frozen=True)
+class Tenancy:
+    """Whose deployment a placement is for, and whether organizations may share a server
+    without isolation (settings.single_tenant: the whole platform is one tenant's)."""
+
+    organization_id: str
+    share_unisolated: bool = False
+
+
+def tenant_of(organization_ids: Iterable[str]) -> str | None:
+    """A server's tenant given the organizations of the deployments holding capacity on it."""
+    distinct = set(organization_ids)
+    if not distinct:
+        return None
+    return distinct.pop() if len(distinct) == 1 else SEVERAL_TENANTS
+
+
+def unisolated_reason(region: str) -> str:
+    """Why a deployment waits although servers have room: none of them may take it."""
+    return (
+        f"no server in region {region!r} is free for this organization: those with room run "
+        "another organization's apps without isolation"
+    )
+
+
 @dataclass(frozen=True)
 class Resources:
     ram_mb: int
@@ -102,6 +140,34 @@ def best_fit_key(candidate: Candidate, need: Resources) -> tuple[int, int, str]:
 def best_fit(candidates: Iterable[Candidate], need: Resources) -> Candidate | None:
     fitting = [c for c in candidates if c.fits(need)]
     return min(fitting, key=lambda c: best_fit_key(c, need)) if fitting else None
+
+
+@dataclass(frozen=True)
+class TenantDrift:
+    """A server whose recorded tenant is not the organization(s) holding capacity on it."""
+
+    server_id: str
+    recorded: str | None
+    actual: str | None
+
+    @property
+    def narrowing(self) -> bool:
+        """Once several organizations', now one's: releases leave SEVERAL_TENANTS (which
+        admits fewer, never more) until the server empties; not a fault."""
+        return self.recorded == SEVERAL_TENANTS and self.actual is not None
+
+
+def find_tenant_drift(
+    servers: Iterable[tuple[str, str | None]], organizations: dict[str, list[str]]
+) -> list[TenantDrift]:
+    """(server id, recorded tenant) against the organizations of the deployments holding
+    capacity on each server."""
+    drift = []
+    for server_id, recorded in servers:
+        actual = tenant_of(organizations.get(server_id, ()))
+        if actual != recorded:
+            drift.append(TenantDrift(server_id, recorded, actual))
+    return drift
 
 
 @dataclass(frozen=True)

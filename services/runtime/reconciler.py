@@ -1,6 +1,7 @@
 """The capacity reconciler: each server's reserved counters must equal the sum over its
-deployments with capacity_reserved, and never exceed its capacity. It repairs drift left by
-crashes or by hand edits.
+deployments with capacity_reserved, and never exceed its capacity; its tenant must be the
+organization of those deployments (none, one, or several). It repairs drift left by crashes
+or by hand edits.
 
 Replica-safe: a transaction-level advisory lock lets one replica check at a time (the other
 skips the round). Inside, every server row is locked in id order before the sums are read;
@@ -20,7 +21,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from services.runtime import store
-from services.runtime.domain import Drift, find_drift
+from services.runtime.domain import Drift, TenantDrift, find_drift, find_tenant_drift
 from services.runtime.scheduler import retry_deadlocks
 from shared.db import Database
 from shared.loops import run_every
@@ -35,6 +36,8 @@ class ReconcileReport:
     servers: int = 0
     repaired: list[Drift] = field(default_factory=list)
     unrepairable: list[Drift] = field(default_factory=list)
+    # Tenants that were wrong (not counting those narrowed from several to one).
+    retenanted: list[TenantDrift] = field(default_factory=list)
 
 
 class Reconciler:
@@ -58,8 +61,8 @@ class Reconciler:
             if not await store.try_advisory_xact_lock(tx, LOCK_KEY):
                 return None
             servers = await store.lock_servers(tx)
-            sums = await store.reserved_sums(tx)
-            drift = find_drift(((s.id, s.capacity, s.reserved) for s in servers), sums)
+            held = await store.reservations(tx)
+            drift = find_drift(((s.id, s.capacity, s.reserved) for s in servers), held.sums)
             repaired, unrepairable = [], []
             for d in drift:
                 if d.repairable:
@@ -67,6 +70,12 @@ class Reconciler:
                     repaired.append(d)
                 else:
                     unrepairable.append(d)
+            tenant_drift = find_tenant_drift(
+                ((s.id, s.tenant_organization_id) for s in servers), held.organizations
+            )
+            for t in tenant_drift:
+                await store.set_tenant(tx, t.server_id, t.actual)
+            retenanted = [t for t in tenant_drift if not t.narrowing]
         for d in repaired:
             log.warning(
                 "reserved counters repaired",
@@ -81,7 +90,12 @@ class Reconciler:
                 "deployments reserve more than a server's capacity",
                 extra={"server_id": d.server_id, "actual": (d.actual.ram_mb, d.actual.cpu_millis)},
             )
-        return ReconcileReport(len(servers), repaired, unrepairable)
+        for t in retenanted:
+            log.warning(
+                "server tenant repaired",
+                extra={"server_id": t.server_id, "recorded": t.recorded, "actual": t.actual},
+            )
+        return ReconcileReport(len(servers), repaired, unrepairable, retenanted)
 
     async def run(self) -> None:
 

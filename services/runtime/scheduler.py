@@ -4,6 +4,10 @@ Every status change happens in one transaction with its capacity change, its
 `deployment.status_changed` event and its audit entry. Replica-safe: deployment rows are
 locked before they change, queued ones are claimed with SKIP LOCKED, and server counters
 only move through store.reserve_capacity / store.release_capacity.
+
+Tenancy: a server without isolation runs one organization's apps at a time (unless
+`single_tenant`); the statement that reserves capacity also claims the server for the
+organization, and the release of its last reservation frees it (see store._reserve_sql).
 """
 
 from __future__ import annotations
@@ -22,7 +26,9 @@ from services.runtime.domain import (
     HOLDS_CAPACITY,
     DeploymentState,
     Resources,
+    Tenancy,
     ensure_transition,
+    unisolated_reason,
 )
 from services.runtime.store import Deployment, DeploymentSpec
 from shared.audit import AUDIT_PREFIX, current_actor, record_audit
@@ -42,8 +48,9 @@ DEADLOCK_RETRIES = 3
 T = TypeVar("T")
 
 State = DeploymentState
-# (transaction, region, driver, need) -> the server now holding the reservation, or None.
-Reserve = Callable[[Session, str, str, Resources], Awaitable[str | None]]
+# (transaction, region, driver, need, tenancy) -> the server now holding the reservation,
+# or None.
+Reserve = Callable[[Session, str, str, Resources, Tenancy], Awaitable[str | None]]
 
 
 def driver_for(image: str | None, command: str | None) -> str:
@@ -93,8 +100,11 @@ class Scheduler:
         clock: Callable[[], datetime] = _utcnow,
         reserve: Reserve | None = None,
         on_placed: Callable[[], None] | None = None,
+        single_tenant: bool = False,
     ) -> None:
         self.db = db
+        # settings.single_tenant: any organizations' apps may share a server without isolation.
+        self.single_tenant = single_tenant
         self.on_placed = on_placed  # the queue placed something: hand it to the agents
         # None: store.place_deployment, reservation and status change in one statement.
         # Swappable so bench/ can measure other designs side by side.
@@ -121,6 +131,8 @@ class Scheduler:
                         spec,
                         deadline,
                         driver_for(spec.image, spec.command),
+                        share_unisolated=self.single_tenant,
+                        waiting_reason=unisolated_reason(spec.region),
                         event_type=STATUS_CHANGED,
                         audit_type=AUDIT_PREFIX + STATUS_CHANGED,
                         actor_id=current_actor() or SYSTEM_ACTOR,
@@ -171,33 +183,42 @@ class Scheduler:
         await run_every(self.retry_seconds, queue_pass, "queue pass")
 
     async def _place(self, tx: Session, deployment: Deployment) -> Deployment:
-        """Reserve on the best-fitting server and move to scheduling, or leave it queued."""
+        """Reserve on the best-fitting server that may take it and move to scheduling, or
+        leave it queued (saying so when only other organizations' apps are in the way)."""
         ensure_transition(deployment.status, State.SCHEDULING)
         driver = driver_for(deployment.image, deployment.command)
+        tenancy = Tenancy(deployment.organization_id, self.single_tenant)
+        tenants_in_the_way = False
         if self.reserve is None:
-            placed_now = await store.place_deployment(
+            placement = await store.place_deployment(
                 tx,
                 deployment,
                 driver,
+                tenancy,
                 event_type=STATUS_CHANGED,
                 audit_type=AUDIT_PREFIX + STATUS_CHANGED,
                 actor_id=current_actor() or SYSTEM_ACTOR,
             )
-            if placed_now is not None:
-                return placed_now
-            server_id = None
+            if placement.placed is not None:
+                return placement.placed
+            server_id, tenants_in_the_way = None, placement.tenants_in_the_way
         else:
-            server_id = await self.reserve(tx, deployment.region, driver, deployment.resources)
+            server_id = await self.reserve(
+                tx, deployment.region, driver, deployment.resources, tenancy
+            )
         if server_id is None:
             deadline = deployment.schedule_deadline
             if deadline is not None and self.clock() >= deadline:
                 reason = (
-                    f"no server in region {deployment.region!r} had room for "
+                    f"{unisolated_reason(deployment.region)} (gave up at {deadline.isoformat()})"
+                    if tenants_in_the_way
+                    else f"no server in region {deployment.region!r} had room for "
                     f"{deployment.resources.ram_mb} MB RAM and "
                     f"{deployment.resources.cpu_millis} mCPU before {deadline.isoformat()}"
                 )
                 return await self.transition_in(tx, deployment, State.FAILED, reason=reason)
-            return deployment
+            waiting = unisolated_reason(deployment.region) if tenants_in_the_way else ""
+            return await store.set_waiting_reason(tx, deployment, waiting)
         placed = await store.update_deployment(
             tx,
             deployment.id,

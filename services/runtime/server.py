@@ -90,6 +90,7 @@ class RuntimeApp(ServiceApp):
             db,
             schedule_timeout_seconds=settings.runtime_schedule_timeout_seconds,
             retry_seconds=settings.runtime_schedule_retry_seconds,
+            single_tenant=settings.single_tenant,
         )
         self.deployer = Deployer(
             db,

@@ -20,7 +20,15 @@ from typing import Generic, TypeVar
 
 import asyncpg
 
-from services.runtime.domain import Candidate, DeploymentState, Resources, ServerState
+from services.runtime.domain import (
+    SEVERAL_TENANTS,
+    Candidate,
+    DeploymentState,
+    Isolation,
+    Resources,
+    ServerState,
+    Tenancy,
+)
 from shared.db import Session
 from shared.errors import AlreadyExists, InvalidArgument, NotFound
 from shared.ids import new_id
@@ -44,6 +52,9 @@ class Server:
     status: ServerState
     last_heartbeat_at: datetime | None
     created_at: datetime
+    isolation: Isolation
+    # The organization holding capacity here; SEVERAL_TENANTS for several, None for none.
+    tenant_organization_id: str | None
 
     @classmethod
     def from_row(cls, row: asyncpg.Record) -> Server:
@@ -58,6 +69,8 @@ class Server:
             status=ServerState(row["status"]),
             last_heartbeat_at=row["last_heartbeat_at"],
             created_at=row["created_at"],
+            isolation=Isolation(row["isolation"]),
+            tenant_organization_id=row["tenant_organization_id"],
         )
 
     def candidate(self) -> Candidate:
@@ -160,12 +173,13 @@ async def insert_server(
     agent_address: str,
     capacity: Resources,
     drivers: tuple[str, ...] = ("process",),
+    isolation: Isolation = Isolation.NONE,
 ) -> Server:
     try:
         row = await tx.fetchrow(
             f"""INSERT INTO {S}.servers (id, name, region, agent_address, drivers,
-                    ram_mb, cpu_millis)
-                VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING *""",
+                    ram_mb, cpu_millis, isolation)
+                VALUES ($1, $2, $3, $4, $5, $6, $7, $8) RETURNING *""",
             new_id(),
             name,
             region,
@@ -173,6 +187,7 @@ async def insert_server(
             list(drivers),
             capacity.ram_mb,
             capacity.cpu_millis,
+            isolation.value,
         )
     except asyncpg.UniqueViolationError:
         raise AlreadyExists(f"a server named {name!r} exists", reason="SERVER_EXISTS") from None
@@ -211,9 +226,22 @@ async def set_server_status(tx: Session, server_id: str, status: ServerState) ->
 # ----------------------------------------------------------------------- reservations
 
 
-# The servers that could take `need` ($3 MB, $4 mCPU) in region $1 with driver $2.
-_FITS = """status = 'active' AND region = $1 AND $2::text = ANY(drivers)
-           AND ram_mb - ram_mb_reserved >= $3 AND cpu_millis - cpu_millis_reserved >= $4"""
+# The servers that could take `need` ($ram_mb MB, $cpu_millis mCPU) in $region with $driver.
+_FITS = """status = 'active' AND region = $region AND $driver::text = ANY(drivers)
+           AND ram_mb - ram_mb_reserved >= $ram_mb
+           AND cpu_millis - cpu_millis_reserved >= $cpu_millis"""
+
+# ...and may take an app of $organization_id: its apps are isolated, or it runs no other
+# organization's (tenant_organization_id, kept by the statements that reserve and release),
+# or organizations may share any server ($share_unisolated: settings.single_tenant).
+_ADMITS = """($share_unisolated::boolean OR isolation = 'container'
+              OR tenant_organization_id IS NULL
+              OR tenant_organization_id = $organization_id::text)"""
+
+# What a reservation makes of the server's tenant: ours if it had none or ours, else several.
+_TENANT_AFTER = f"""CASE WHEN COALESCE(tenant_organization_id, $organization_id::text)
+                             = $organization_id::text
+                        THEN $organization_id::text ELSE '{SEVERAL_TENANTS}' END"""
 
 
 def _reserve_sql(skip_locked: bool) -> str:
@@ -222,6 +250,11 @@ def _reserve_sql(skip_locked: bool) -> str:
     # re-read and its WHERE re-checked once the lock is held, so the free space it tested is
     # the free space we add to. The outer WHERE repeats the test (belt and braces) and the
     # table's CHECKs refuse any counter above capacity anyway.
+    #
+    # The tenant works the same way: the statement that reserves sets the server's tenant,
+    # and a placer of another organization that tested the row before it committed re-checks
+    # _ADMITS on the committed row once it holds the lock, so two organizations never both
+    # land on an empty server without isolation.
     #
     # First pass: best fit (fewest RAM left, then CPU) with SKIP LOCKED, so concurrent placers
     # fan out over the servers instead of queueing behind one row; a placement locks one
@@ -236,31 +269,80 @@ def _reserve_sql(skip_locked: bool) -> str:
         order, lock = "id", "FOR UPDATE"
     return f"""
         UPDATE {S}.servers
-           SET ram_mb_reserved = ram_mb_reserved + $3,
-               cpu_millis_reserved = cpu_millis_reserved + $4,
+           SET ram_mb_reserved = ram_mb_reserved + $ram_mb,
+               cpu_millis_reserved = cpu_millis_reserved + $cpu_millis,
+               tenant_organization_id = {_TENANT_AFTER},
                updated_at = now()
          WHERE id = (
                 SELECT id FROM {S}.servers
-                 WHERE {_FITS}
+                 WHERE {_FITS} AND {_ADMITS}
                  ORDER BY {order}
                  LIMIT 1 {lock})
-           AND ram_mb - ram_mb_reserved >= $3
-           AND cpu_millis - cpu_millis_reserved >= $4
+           AND ram_mb - ram_mb_reserved >= $ram_mb
+           AND cpu_millis - cpu_millis_reserved >= $cpu_millis
+           AND {_ADMITS}
         RETURNING id"""
 
 
-_RESERVE_SKIP_LOCKED = _reserve_sql(skip_locked=True)
-_RESERVE_WAITING = _reserve_sql(skip_locked=False)
+# Is any server fitting and admitting the app (any_fits), and has any room at all
+# (any_room), locked or not? (No lock: they only decide whether to retry, and what a
+# waiting deployment's reason says.)
+# (OFFSET 0 keeps `a` from being pulled up, which would run its EXISTS once per reference.)
+_AVAILABILITY = f"""
+    SELECT a.any_fits,
+           CASE WHEN a.any_fits THEN true
+                ELSE EXISTS (SELECT 1 FROM {S}.servers WHERE {_FITS}) END AS any_room
+      FROM (SELECT EXISTS (SELECT 1 FROM {S}.servers
+                            WHERE {_FITS} AND {_ADMITS}) AS any_fits
+             OFFSET 0) a"""
+
+_RESERVE_PARAMS = (
+    "region",
+    "driver",
+    "ram_mb",
+    "cpu_millis",
+    "organization_id",
+    "share_unisolated",
+)
 
 
-async def reserve_capacity(tx: Session, region: str, driver: str, need: Resources) -> str | None:
-    """Add `need` to the best-fitting active server of the region; its id, or None if full.
+def _numbered(sql: str, names: tuple[str, ...]) -> str:
+    """Named placeholders ($ids, ...) as asyncpg's numbers: names[0] is $1."""
+    for number, name in sorted(enumerate(names, 1), key=lambda n: -len(n[1])):
+        sql = sql.replace(f"${name}", f"${number}")
+    return sql
+
+
+_RESERVE_SKIP_LOCKED = _numbered(_reserve_sql(skip_locked=True), _RESERVE_PARAMS)
+_RESERVE_WAITING = _numbered(_reserve_sql(skip_locked=False), _RESERVE_PARAMS)
+_ANY_FITS = _numbered(_AVAILABILITY, _RESERVE_PARAMS)
+
+
+def _reserve_args(
+    region: str, driver: str, need: Resources, tenancy: Tenancy
+) -> tuple[str, str, int, int, str, bool]:
+    """_RESERVE_PARAMS' values, in order."""
+    return (
+        region,
+        driver,
+        need.ram_mb,
+        need.cpu_millis,
+        tenancy.organization_id,
+        tenancy.share_unisolated,
+    )
+
+
+async def reserve_capacity(
+    tx: Session, region: str, driver: str, need: Resources, tenancy: Tenancy
+) -> str | None:
+    """Add `need` to the best-fitting active server of the region that may take the tenant's
+    app; its id, or None if none has room (or none with room may take it).
 
     When every fitting server is locked by other placements (they commit within a few
     milliseconds), try again shortly rather than queue behind one row; as a last resort wait
     for the locks, so a busy server is never mistaken for a full one.
     """
-    args = (region, driver, need.ram_mb, need.cpu_millis)
+    args = _reserve_args(region, driver, need, tenancy)
 
     async def skip_locked() -> tuple[str | None, bool]:
         server_id = await tx.fetchval(_RESERVE_SKIP_LOCKED, *args)
@@ -297,17 +379,16 @@ async def _skip_locked_then_wait(
     return await waiting()
 
 
-# Is any server fitting at all, locked or not? (No lock: only decides whether to retry.)
-_ANY_FITS = f"""
-    SELECT EXISTS (SELECT 1 FROM {S}.servers
-                    WHERE {_FITS})"""
-
-
 async def release_capacity(tx: Session, deployment_id: str) -> bool:
     """Give a deployment's capacity back to its server, exactly once.
 
     One statement: the flag flips only WHERE capacity_reserved, and the counters drop only
     for a row that flag flip returned, so a second call (or a racing one) changes nothing.
+    The release that empties the server clears its tenant: every reservation holds some RAM
+    and CPU, so counters at zero mean no deployment holds capacity there. A racing release
+    waits for the server row and computes this from the counters as the other one left them.
+    A release that leaves one organization on a server several shared keeps SEVERAL_TENANTS
+    (which admits fewer organizations, never more); the reconciler narrows it.
     """
     released = await tx.fetchval(
         f"""WITH released AS (
@@ -317,6 +398,9 @@ async def release_capacity(tx: Session, deployment_id: str) -> bool:
             UPDATE {S}.servers s
                SET ram_mb_reserved = s.ram_mb_reserved - r.ram_mb,
                    cpu_millis_reserved = s.cpu_millis_reserved - r.cpu_millis,
+                   tenant_organization_id = CASE
+                       WHEN s.ram_mb_reserved = r.ram_mb AND s.cpu_millis_reserved = r.cpu_millis
+                       THEN NULL ELSE s.tenant_organization_id END,
                    updated_at = now()
               FROM released r WHERE s.id = r.server_id
             RETURNING s.id""",
@@ -330,12 +414,24 @@ async def lock_servers(tx: Session) -> list[Server]:
     return [Server.from_row(r) for r in rows]
 
 
-async def reserved_sums(tx: Session) -> dict[str, Resources]:
+@dataclass(frozen=True)
+class Reservations:
+    """Per server, what its deployments with capacity_reserved hold, and whose they are."""
+
+    sums: dict[str, Resources]
+    organizations: dict[str, list[str]]  # distinct organization ids
+
+
+async def reservations(tx: Session) -> Reservations:
     rows = await tx.fetch(
-        f"""SELECT server_id, sum(ram_mb)::int AS ram_mb, sum(cpu_millis)::int AS cpu_millis
+        f"""SELECT server_id, sum(ram_mb)::int AS ram_mb, sum(cpu_millis)::int AS cpu_millis,
+                   array_agg(DISTINCT organization_id) AS organizations
               FROM {S}.deployments WHERE capacity_reserved GROUP BY server_id"""
     )
-    return {r["server_id"]: Resources(r["ram_mb"], r["cpu_millis"]) for r in rows}
+    return Reservations(
+        {r["server_id"]: Resources(r["ram_mb"], r["cpu_millis"]) for r in rows},
+        {r["server_id"]: list(r["organizations"]) for r in rows},
+    )
 
 
 async def set_reserved(tx: Session, server_id: str, reserved: Resources) -> None:
@@ -345,6 +441,15 @@ async def set_reserved(tx: Session, server_id: str, reserved: Resources) -> None
         server_id,
         reserved.ram_mb,
         reserved.cpu_millis,
+    )
+
+
+async def set_tenant(tx: Session, server_id: str, tenant: str | None) -> None:
+    await tx.execute(
+        f"""UPDATE {S}.servers SET tenant_organization_id = $2, updated_at = now()
+             WHERE id = $1""",
+        server_id,
+        tenant,
     )
 
 
@@ -543,17 +648,22 @@ async def any_active_server_with_driver(s: Session, driver: str) -> bool:
 # ------------------------------------------------------------------- server liveness
 
 
-async def record_heartbeat(tx: Session, server: str) -> Server | None:
-    """A beat from the agent of `server` (id or name): a down server is active again."""
+async def record_heartbeat(
+    tx: Session, server: str, isolation: Isolation | None = None
+) -> Server | None:
+    """A beat from the agent of `server` (id or name): a down server is active again, and
+    the server's isolation is what the agent's driver has (None: the agent did not say)."""
     row = await tx.fetchrow(
         f"""UPDATE {S}.servers
                SET last_heartbeat_at = now(),
                    status = CASE WHEN status = 'down' THEN 'active' ELSE status END,
+                   isolation = COALESCE($2, isolation),
                    updated_at = now()
              WHERE id = (SELECT id FROM {S}.servers WHERE id = $1 OR name = $1
                           ORDER BY id = $1 DESC LIMIT 1)
             RETURNING *""",
         server,
+        isolation.value if isolation is not None else None,
     )
     return Server.from_row(row) if row else None
 
@@ -900,14 +1010,6 @@ def _status_changes_sql(source: str, payloads: list[str], *, keep: str = "true")
              ORDER BY v.n"""
 
 
-def _numbered(sql: str, names: tuple[str, ...]) -> str:
-    """Named placeholders ($ids, ...) as asyncpg's numbers: names[0] is $1."""
-    for number, name in sorted(enumerate(names, 1), key=lambda n: -len(n[1])):
-        sql = sql.replace(f"${name}", f"${number}")
-    return sql
-
-
-_RESERVE_PARAMS = ("region", "driver", "ram_mb", "cpu_millis")
 _PLACE_PARAMS = (*_RESERVE_PARAMS, "deployment_id", "ids", "event_type", "audit_type", "actor_id")
 
 
@@ -926,10 +1028,13 @@ def _place_sql(skip_locked: bool) -> str:
             RETURNING d.*),
         written AS ({_status_changes_sql("placed", [_PLACED_PAYLOAD])})
         -- Exactly one row: the placed deployment, or (nothing placed) NULLs and whether any
-        -- server fits at all, locked or not, so a miss needs no second round trip.
-        SELECT p.*, CASE WHEN p.id IS NULL THEN EXISTS (
-                   SELECT 1 FROM {S}.servers
-                    WHERE {_FITS}) END AS any_fits
+        -- server fits (and admits the app) at all, locked or not, and whether any has room,
+        -- so a miss needs no second round trip.
+        SELECT p.*,
+               CASE WHEN p.id IS NULL THEN EXISTS (
+                   SELECT 1 FROM {S}.servers WHERE {_FITS} AND {_ADMITS}) END AS any_fits,
+               CASE WHEN p.id IS NULL THEN EXISTS (
+                   SELECT 1 FROM {S}.servers WHERE {_FITS}) END AS any_room
           FROM (SELECT) one LEFT JOIN placed p ON true"""
     return _numbered(sql, _PLACE_PARAMS)
 
@@ -938,33 +1043,43 @@ _PLACE_SKIP_LOCKED = _place_sql(skip_locked=True)
 _PLACE_WAITING = _place_sql(skip_locked=False)
 
 
+@dataclass(frozen=True)
+class Placement:
+    """What place_deployment did: the placed deployment, or nothing and why."""
+
+    placed: Deployment | None
+    # Nothing placed although servers had room: none of them may take this organization's
+    # app (no isolation, and another organization's apps run there).
+    tenants_in_the_way: bool = False
+
+
 async def place_deployment(
     tx: Session,
     deployment: Deployment,
     driver: str,
+    tenancy: Tenancy,
     *,
     event_type: str,
     audit_type: str,
     actor_id: str,
-) -> Deployment | None:
+) -> Placement:
     """reserve_capacity + the move to scheduling + its event and audit entry, as one
-    statement per attempt; the placed deployment, or None when no server has room.
+    statement per attempt.
 
-    A miss costs one round trip: the statement also says whether any server fits at all.
-    The event and audit ids are made once: an attempt that placed nothing inserted nothing.
+    A miss costs one round trip: the statement also says whether any server fits at all,
+    and whether any has room. The event and audit ids are made once: an attempt that placed
+    nothing inserted nothing.
     """
-    need = deployment.resources
     args = (
-        deployment.region,
-        driver,
-        need.ram_mb,
-        need.cpu_millis,
+        *_reserve_args(deployment.region, driver, deployment.resources, tenancy),
         deployment.id,
         [new_id(), new_id()],
         event_type,
         audit_type,
         actor_id,
     )
+
+    misses: list[asyncpg.Record] = []
 
     async def skip_locked() -> tuple[asyncpg.Record | None, bool]:
         # In a savepoint: a server row that failed the re-check stays locked by a statement
@@ -978,17 +1093,36 @@ async def place_deployment(
             await savepoint.commit()
             return row, True
         await savepoint.rollback()
+        misses.append(row)
         return None, bool(row["any_fits"])
 
     async def waiting() -> asyncpg.Record | None:
         row = await tx.fetchrow(_PLACE_WAITING, *args)
-        return row if row is not None and row["id"] is not None else None
+        assert row is not None
+        if row["id"] is not None:
+            return row
+        misses.append(row)
+        return None
 
     placed = await _skip_locked_then_wait(skip_locked, waiting)
     if placed is None:
-        return None
+        last = misses[-1]
+        return Placement(None, tenants_in_the_way=bool(last["any_room"] and not last["any_fits"]))
     tx.note_events()
-    return Deployment.from_row(placed)
+    return Placement(Deployment.from_row(placed))
+
+
+async def set_waiting_reason(tx: Session, deployment: Deployment, reason: str) -> Deployment:
+    """Why a queued deployment still waits (written only when it changes)."""
+    if deployment.status_reason == reason:
+        return deployment
+    row = await tx.fetchrow(
+        f"""UPDATE {S}.deployments SET status_reason = $2, updated_at = now()
+             WHERE id = $1 AND status = 'queued' RETURNING *""",
+        deployment.id,
+        reason,
+    )
+    return Deployment.from_row(row) if row is not None else deployment
 
 
 # ------------------------------------------------------- a new deployment in one statement
@@ -997,7 +1131,6 @@ _CREATE_PARAMS = (
     *_RESERVE_PARAMS,
     "id",
     "project_id",
-    "organization_id",
     "image",
     "command",
     "health_check_path",
@@ -1009,6 +1142,7 @@ _CREATE_PARAMS = (
     "actor_id",
     "ids",
     "sleep_after_seconds",
+    "waiting_reason",
 )
 
 
@@ -1022,9 +1156,7 @@ def _create_sql(skip_locked: bool) -> str:
     queued = _status_payload("''", "'queued'", "''::text", "false")
     sql = f"""
         WITH reserved AS ({_reserved_cte(skip_locked)}),
-        fits AS (
-            SELECT EXISTS (SELECT 1 FROM {S}.servers
-                            WHERE {_FITS}) AS any_fits),
+        fits AS ({_AVAILABILITY}),
         made AS (
             INSERT INTO {S}.deployments (id, project_id, organization_id, image, command,
                     ram_mb, cpu_millis, region, health_check_path, rolled_back_from,
@@ -1034,7 +1166,8 @@ def _create_sql(skip_locked: bool) -> str:
                    $cpu_millis, $region, NULLIF($health_check_path, ''),
                    NULLIF($rolled_back_from, ''), $schedule_deadline, $sleep_after_seconds,
                    CASE WHEN r.server_id IS NULL THEN 'queued' ELSE 'scheduling' END,
-                   CASE WHEN r.server_id IS NULL THEN NULL ELSE '' END,
+                   CASE WHEN r.server_id IS NOT NULL THEN ''
+                        WHEN f.any_room AND NOT f.any_fits THEN $waiting_reason::text END,
                    r.server_id, r.server_id IS NOT NULL
               FROM fits f LEFT JOIN reserved r ON true
              -- A miss while fitting servers were only locked inserts nothing: try again.
@@ -1059,6 +1192,8 @@ async def create_deployment(
     schedule_deadline: datetime,
     driver: str,
     *,
+    share_unisolated: bool,
+    waiting_reason: str,
     event_type: str,
     audit_type: str,
     actor_id: str,
@@ -1067,20 +1202,17 @@ async def create_deployment(
     as one statement per attempt on a session outside any transaction.
 
     The deployment comes back `scheduling` with its reservation, or `queued` when no server
-    has room (the last attempt inserts it either way).
+    has room (the last attempt inserts it either way), with `waiting_reason` as its reason
+    when servers had room but none may take its organization's app.
     """
-    need = spec.resources
+    tenancy = Tenancy(spec.organization_id, share_unisolated)
     deployment_id, ids = new_id(), [new_id() for _ in range(4)]
 
     def args(final: bool) -> tuple[object, ...]:
         return (
-            spec.region,
-            driver,
-            need.ram_mb,
-            need.cpu_millis,
+            *_reserve_args(spec.region, driver, spec.resources, tenancy),
             deployment_id,
             spec.project_id,
-            spec.organization_id,
             spec.image,
             spec.command,
             spec.health_check_path,
@@ -1092,6 +1224,7 @@ async def create_deployment(
             actor_id,
             ids,
             spec.sleep_after_seconds,
+            waiting_reason,
         )
 
     async def skip_locked() -> tuple[asyncpg.Record | None, bool]:

@@ -86,7 +86,12 @@ async def live(database_url: str, db_passwords: dict[str, str]) -> AsyncIterator
     async with running_stack(database_url, db_passwords) as stack:
         region = f"deploy-{new_id()}"
         runtime_address = f"127.0.0.1:{free_port()}"
-        settings = live_runtime_settings(stack.identity, stack.project_address, runtime_address)
+        # Every test is another organization on this one server: single-tenant, as on a
+        # development machine, so that an agent without isolation (the process driver) takes
+        # them all (tenancy is tested in test_runtime_isolation.py).
+        settings = live_runtime_settings(
+            stack.identity, stack.project_address, runtime_address, single_tenant=True
+        )
         db = await Database.connect(settings.service_database_url(), max_size=20)
         app = RuntimeApp(settings, db)
         server = await start_server(app, runtime_address, grace=0.5)

@@ -9,7 +9,8 @@ from collections.abc import AsyncIterator
 import asyncpg
 import pytest
 
-from services.runtime.domain import Resources
+from services.runtime import store
+from services.runtime.domain import SEVERAL_TENANTS, DeploymentState, Isolation, Resources
 from services.runtime.reconciler import Reconciler
 from services.runtime.scheduler import Scheduler
 from shared.db import Database
@@ -107,6 +108,7 @@ async def test_reconciling_while_placements_and_releases_run_keeps_the_invariant
             report = await reconciler.reconcile_once()
             if report is not None:
                 repairs.extend(d.server_id for d in report.repaired if d.server_id in servers)
+                repairs.extend(t.server_id for t in report.retenanted if t.server_id in servers)
 
     async def churn(i: int) -> None:
         d = await scheduler.create(spec(region, 100 + 10 * (i % 5), 100))
@@ -124,3 +126,109 @@ async def test_reconciling_while_placements_and_releases_run_keeps_the_invariant
     assert repairs == []  # nothing to repair: every change moved counters and flags together
     found = await counters(database_url, servers)
     assert all(c.reserved == c.actual == Resources(0, 0) for c in found.values())
+    assert await _tenants(db, servers) == {sid: None for sid in servers}
+
+
+async def _tenants(db: Database, server_ids: list[str]) -> dict[str, str | None]:
+    async with db.session() as s:
+        return {sid: (await store.get_server(s, sid)).tenant_organization_id for sid in server_ids}
+
+
+async def _set_tenants(admin_url: str, values: dict[str, str | None]) -> None:
+    """A hand edit (or a crash's leftovers) on servers' tenants, as a superuser."""
+    conn = await asyncpg.connect(admin_url)
+    try:
+        for server_id, tenant in values.items():
+            await conn.execute(
+                "UPDATE runtime.servers SET tenant_organization_id = $2 WHERE id = $1",
+                server_id,
+                tenant,
+            )
+    finally:
+        await conn.close()
+
+
+async def test_reconciler_repairs_server_tenants(db: Database, database_url: str) -> None:
+    region = f"recon-tenant-{new_id()}"
+    unisolated = await add_servers(db, region, 2, 1000, 1000, isolation=Isolation.NONE)
+    (shared,) = await add_servers(db, f"{region}-boxed", 1, 1000, 1000)
+    scheduler = Scheduler(db)
+    x, y = new_id(), new_id()
+    held = (await scheduler.create(spec(region, 600, 100, organization_id=x))).server_id
+    (empty,) = set(unisolated) - {held}
+    for org in (x, y):
+        await scheduler.create(spec(f"{region}-boxed", 100, 100, organization_id=org))
+    assert await _tenants(db, [held, empty, shared]) == {
+        held: x,
+        empty: None,
+        shared: SEVERAL_TENANTS,
+    }
+    await _set_tenants(database_url, {held: None, empty: "ghost", shared: y})
+    report = await Reconciler(db).reconcile_once()
+    assert report is not None
+    repaired = {t.server_id: (t.recorded, t.actual) for t in report.retenanted}
+    assert {sid: repaired.get(sid) for sid in (held, empty, shared)} == {
+        held: (None, x),
+        empty: ("ghost", None),
+        shared: (y, SEVERAL_TENANTS),
+    }
+    # Repaired: Y's app is refused where X's runs, and goes to the free server.
+    placed = await scheduler.create(spec(region, 100, 100, organization_id=y))
+    assert placed.status is DeploymentState.SCHEDULING and placed.server_id == empty
+
+
+async def test_churn_of_several_organizations_never_shares_an_unisolated_server(
+    db: Database, database_url: str
+) -> None:
+    region = f"recon-orgs-{new_id()}"
+    servers = await add_servers(db, region, 3, 1000, 1000, isolation=Isolation.NONE)
+    organizations = [new_id() for _ in range(5)]
+    scheduler = Scheduler(db)
+    reconciler = Reconciler(db)
+    stop = asyncio.Event()
+    repairs: list[str] = []
+    most: list[int] = []
+
+    async def reconcile_repeatedly() -> None:
+        while not stop.is_set():
+            report = await reconciler.reconcile_once()
+            if report is not None:
+                repairs.extend(t.server_id for t in report.retenanted if t.server_id in servers)
+
+    async def watch() -> None:
+        conn = await asyncpg.connect(database_url)
+        try:
+            while not stop.is_set():
+                most.append(
+                    await conn.fetchval(
+                        "SELECT COALESCE(max(n), 0) FROM (SELECT count(DISTINCT organization_id)"
+                        " AS n FROM runtime.deployments WHERE server_id = ANY($1::text[])"
+                        " AND capacity_reserved GROUP BY server_id) x",
+                        servers,
+                    )
+                )
+                await asyncio.sleep(0.002)
+        finally:
+            await conn.close()
+
+    async def churn(i: int) -> None:
+        org = organizations[i % len(organizations)]
+        d = await scheduler.create(spec(region, 100, 100, organization_id=org))
+        if d.server_id:
+            await asyncio.sleep(0.001 * (i % 7))
+            await scheduler.mark_starting(d.id)
+            if i % 2:
+                await scheduler.cancel(d.id)
+            else:
+                await scheduler.fail(d.id, "exited", exit_code=1)
+        else:
+            await scheduler.cancel(d.id)
+
+    tasks = [asyncio.create_task(reconcile_repeatedly()), asyncio.create_task(watch())]
+    await asyncio.gather(*(churn(i) for i in range(150)))
+    stop.set()
+    await asyncio.gather(*tasks)
+    assert most and max(most) <= 1
+    assert repairs == []  # every release that emptied a server freed it in the same statement
+    await assert_invariant(database_url, servers)
+    assert await _tenants(db, servers) == {sid: None for sid in servers}

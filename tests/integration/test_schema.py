@@ -176,6 +176,8 @@ COLUMNS: dict[tuple[str, str], dict[str, str]] = {
         "ram_mb_reserved": "integer",
         "cpu_millis_reserved": "integer",
         "drivers": "text[]",
+        "isolation": "text",
+        "tenant_organization_id": "text",
     },
     ("runtime", "deployments"): {"capacity_reserved": "boolean", "exit_code": "integer"},
     ("runtime", "logs"): {"sequence": "bigint", "line": "text"},
@@ -618,6 +620,11 @@ BAD_ROWS = [
         "runtime",
         "INSERT INTO runtime.servers (id, name, region, agent_address, ram_mb, cpu_millis,"
         " ram_mb_reserved) VALUES ('s1', 's1', 'local', 'x', 100, 100, 101)",
+    ),
+    (
+        "runtime",
+        "INSERT INTO runtime.servers (id, name, region, agent_address, ram_mb, cpu_millis,"
+        " isolation) VALUES ('s1', 's1', 'local', 'x', 100, 100, 'vm')",
     ),
     (
         "runtime",

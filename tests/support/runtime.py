@@ -21,7 +21,7 @@ import pytest
 from hangar.identity.v1 import identity_pb2 as ipb
 from hangar.runtime.v1 import runtime_pb2_grpc
 from services.runtime import store
-from services.runtime.domain import Resources
+from services.runtime.domain import Isolation, Resources
 from services.runtime.server import RuntimeApp
 from services.runtime.store import DeploymentSpec
 from shared.db import Database
@@ -182,8 +182,15 @@ def region_name(prefix: str) -> str:
 
 
 async def add_servers(
-    db: Database, region: str, count: int, ram_mb: int, cpu_millis: int
+    db: Database,
+    region: str,
+    count: int,
+    ram_mb: int,
+    cpu_millis: int,
+    isolation: Isolation = Isolation.CONTAINER,
 ) -> list[str]:
+    """Servers registered straight in the store. They isolate apps unless told otherwise, so
+    that tests of capacity may place any organizations' deployments side by side."""
     ids = []
     async with db.transaction() as tx:
         for i in range(count):
@@ -193,6 +200,7 @@ async def add_servers(
                 region=region,
                 agent_address=f"127.0.0.1:{60000 + i}",
                 capacity=Resources(ram_mb, cpu_millis),
+                isolation=isolation,
             )
             ids.append(server.id)
     return ids

@@ -21,6 +21,12 @@ class ServerStatus(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     SERVER_STATUS_DRAINING: _ClassVar[ServerStatus]
     SERVER_STATUS_DOWN: _ClassVar[ServerStatus]
 
+class ServerIsolation(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    SERVER_ISOLATION_UNSPECIFIED: _ClassVar[ServerIsolation]
+    SERVER_ISOLATION_NONE: _ClassVar[ServerIsolation]
+    SERVER_ISOLATION_CONTAINER: _ClassVar[ServerIsolation]
+
 class DeploymentStatus(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     DEPLOYMENT_STATUS_UNSPECIFIED: _ClassVar[DeploymentStatus]
@@ -72,6 +78,9 @@ SERVER_STATUS_UNSPECIFIED: ServerStatus
 SERVER_STATUS_ACTIVE: ServerStatus
 SERVER_STATUS_DRAINING: ServerStatus
 SERVER_STATUS_DOWN: ServerStatus
+SERVER_ISOLATION_UNSPECIFIED: ServerIsolation
+SERVER_ISOLATION_NONE: ServerIsolation
+SERVER_ISOLATION_CONTAINER: ServerIsolation
 DEPLOYMENT_STATUS_UNSPECIFIED: DeploymentStatus
 DEPLOYMENT_STATUS_QUEUED: DeploymentStatus
 DEPLOYMENT_STATUS_SCHEDULING: DeploymentStatus
@@ -104,7 +113,7 @@ AGGREGATION_AVG: Aggregation
 AGGREGATION_MAX: Aggregation
 
 class Server(_message.Message):
-    __slots__ = ("id", "name", "region", "agent_address", "ram_mb", "cpu_millis", "ram_mb_reserved", "cpu_millis_reserved", "status", "last_heartbeat_at", "created_at")
+    __slots__ = ("id", "name", "region", "agent_address", "ram_mb", "cpu_millis", "ram_mb_reserved", "cpu_millis_reserved", "status", "last_heartbeat_at", "created_at", "isolation")
     ID_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     REGION_FIELD_NUMBER: _ClassVar[int]
@@ -116,6 +125,7 @@ class Server(_message.Message):
     STATUS_FIELD_NUMBER: _ClassVar[int]
     LAST_HEARTBEAT_AT_FIELD_NUMBER: _ClassVar[int]
     CREATED_AT_FIELD_NUMBER: _ClassVar[int]
+    ISOLATION_FIELD_NUMBER: _ClassVar[int]
     id: str
     name: str
     region: str
@@ -127,7 +137,8 @@ class Server(_message.Message):
     status: ServerStatus
     last_heartbeat_at: _timestamp_pb2.Timestamp
     created_at: _timestamp_pb2.Timestamp
-    def __init__(self, id: _Optional[str] = ..., name: _Optional[str] = ..., region: _Optional[str] = ..., agent_address: _Optional[str] = ..., ram_mb: _Optional[int] = ..., cpu_millis: _Optional[int] = ..., ram_mb_reserved: _Optional[int] = ..., cpu_millis_reserved: _Optional[int] = ..., status: _Optional[_Union[ServerStatus, str]] = ..., last_heartbeat_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    isolation: ServerIsolation
+    def __init__(self, id: _Optional[str] = ..., name: _Optional[str] = ..., region: _Optional[str] = ..., agent_address: _Optional[str] = ..., ram_mb: _Optional[int] = ..., cpu_millis: _Optional[int] = ..., ram_mb_reserved: _Optional[int] = ..., cpu_millis_reserved: _Optional[int] = ..., status: _Optional[_Union[ServerStatus, str]] = ..., last_heartbeat_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., isolation: _Optional[_Union[ServerIsolation, str]] = ...) -> None: ...
 
 class Deployment(_message.Message):
     __slots__ = ("id", "project_id", "organization_id", "server_id", "status", "capacity_reserved", "image", "command", "ram_mb", "cpu_millis", "secrets_version", "exit_code", "status_reason", "rolled_back_from", "created_at", "updated_at")
@@ -424,12 +435,14 @@ class MetricPoint(_message.Message):
     def __init__(self, time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., value: _Optional[float] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
-    __slots__ = ("server_id", "containers")
+    __slots__ = ("server_id", "containers", "isolation")
     SERVER_ID_FIELD_NUMBER: _ClassVar[int]
     CONTAINERS_FIELD_NUMBER: _ClassVar[int]
+    ISOLATION_FIELD_NUMBER: _ClassVar[int]
     server_id: str
     containers: _containers.RepeatedCompositeFieldContainer[ContainerStatusReport]
-    def __init__(self, server_id: _Optional[str] = ..., containers: _Optional[_Iterable[_Union[ContainerStatusReport, _Mapping]]] = ...) -> None: ...
+    isolation: ServerIsolation
+    def __init__(self, server_id: _Optional[str] = ..., containers: _Optional[_Iterable[_Union[ContainerStatusReport, _Mapping]]] = ..., isolation: _Optional[_Union[ServerIsolation, str]] = ...) -> None: ...
 
 class HeartbeatResponse(_message.Message):
     __slots__ = ("server_status",)
