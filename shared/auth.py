@@ -29,7 +29,13 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hangar.identity.v1 import identity_pb2, identity_pb2_grpc
 from shared.clients import Clients, open_channel
 from shared.context import Principal, PrincipalKind, current_principal
-from shared.errors import InvalidArgument, PermissionDenied, Unauthenticated
+from shared.errors import (
+    DomainError,
+    InvalidArgument,
+    PermissionDenied,
+    Unauthenticated,
+    Unavailable,
+)
 from shared.interceptors import auth_error_for_call
 from shared.settings import Settings, SigningKey
 
@@ -125,10 +131,13 @@ class TokenVerifier:
             if self._fetched_at is None or now - self._fetched_at >= self.refetch_interval:
                 try:
                     keys = await self._jwks()
-                except Exception:
-                    raise Unauthenticated(
-                        "cannot fetch the token signing keys now", reason="KEYS_UNAVAILABLE"
-                    ) from None
+                except Exception as exc:
+                    # Identity is down or slow: the token may well be good, so not a 401
+                    # (clients would drop it) but a 503 to retry.
+                    raise Unavailable(
+                        "cannot fetch the token signing keys now; retry shortly",
+                        reason="KEYS_UNAVAILABLE",
+                    ) from exc
                 self._fetched_at = now
                 self._keys = _public_keys(keys)
                 self._verified.clear()  # a key may have been withdrawn
@@ -186,7 +195,7 @@ class IdentityJwks:
 # ----------------------------------------------------------------------------- guards
 
 
-def _anonymous_error(what: str) -> Unauthenticated:
+def _anonymous_error(what: str) -> DomainError:
     return auth_error_for_call() or Unauthenticated(f"{what}: send 'authorization: Bearer ...'")
 
 
@@ -272,7 +281,17 @@ class RemoteAuthorizer:
             stub = self.clients.stub(
                 "identity", identity_pb2_grpc.IdentityServiceStub, IDENTITY_SERVICE
             )
-            reply = await stub.Authorize(request)
+            try:
+                reply = await stub.Authorize(request)
+            except grpc.aio.AioRpcError as exc:
+                # Identity down or slow: a 503 to retry, not a 500. Any other failure of
+                # Authorize is a bug, left to the interceptor (INTERNAL).
+                if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                    raise Unavailable(
+                        "cannot check permissions now: identity is unavailable; retry shortly",
+                        reason="IDENTITY_UNAVAILABLE",
+                    ) from exc
+                raise
             allowed, role = reply.allowed, reply.role
             if len(self._cache) >= self.max_entries:
                 self._cache.clear()

@@ -7,11 +7,12 @@ field violations or a `QuotaFailure`.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import grpc
-from google.protobuf import any_pb2
+from google.protobuf import any_pb2, duration_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 
 ERROR_DOMAIN = "hangar.dev"
@@ -153,8 +154,23 @@ class ResourceExhausted(DomainError):
 
 
 class Unavailable(DomainError):
+    """Something this call needs is down; a RetryInfo detail says when to try again."""
+
     code = grpc.StatusCode.UNAVAILABLE
     default_reason = "UNAVAILABLE"
+
+    def __init__(self, message: str, *, retry_after: float = 1.0, **kwargs: object) -> None:
+        self.retry_after = retry_after
+        super().__init__(message, **kwargs)  # type: ignore[arg-type]
+
+    def details(self) -> list[any_pb2.Any]:
+        details = super().details()
+        delay = duration_pb2.Duration()
+        delay.FromNanoseconds(int(max(0.0, self.retry_after) * 1e9))
+        packed = any_pb2.Any()
+        packed.Pack(error_details_pb2.RetryInfo(retry_delay=delay))
+        details.append(packed)
+        return details
 
 
 class Unimplemented(DomainError):
@@ -169,3 +185,76 @@ def internal_status(message: str = "internal error") -> status_pb2.Status:
 class DeadlineExceeded(DomainError):
     code = grpc.StatusCode.DEADLINE_EXCEEDED
     default_reason = "DEADLINE_EXCEEDED"
+
+
+# ------------------------------------------------------------- failures of what a call uses
+
+
+def dependency_unavailable() -> Unavailable:
+    return Unavailable(
+        "a service this call needs is unavailable; retry shortly", reason="DEPENDENCY_UNAVAILABLE"
+    )
+
+
+def database_unavailable() -> Unavailable:
+    return Unavailable("the database is unavailable; retry shortly", reason="DATABASE_UNAVAILABLE")
+
+
+def translate(exc: BaseException) -> DomainError | None:
+    """The status an infrastructure failure a handler let through stands for, if it has one.
+
+    - a downstream gRPC call that failed UNAVAILABLE / DEADLINE_EXCEEDED (identity down while
+      project authorizes, ...): the same code, without the downstream's own text (it names
+      addresses);
+    - PostgreSQL unreachable, restarting or gone mid-query: UNAVAILABLE, and so is any other
+      refused connection;
+    - text PostgreSQL cannot store (NUL, an unpaired surrogate) that reached a query:
+      INVALID_ARGUMENT. Requests are checked field by field before their handler runs
+      (shared.validation.check_text); this is the net under it.
+
+    Anything else is a bug: None, and the caller answers INTERNAL.
+    """
+    if isinstance(exc, grpc.aio.AioRpcError):
+        code = exc.code()
+        if code is grpc.StatusCode.UNAVAILABLE:
+            return dependency_unavailable()
+        if code is grpc.StatusCode.DEADLINE_EXCEEDED:
+            return DeadlineExceeded(
+                "a service this call needs did not answer in time", reason="DEPENDENCY_TIMEOUT"
+            )
+        return None
+    if isinstance(exc, OSError):  # refused, reset, timed out, no such socket file
+        if _raised_in("asyncpg", exc):
+            return database_unavailable()
+        return dependency_unavailable() if isinstance(exc, ConnectionError) else None
+    asyncpg = sys.modules.get("asyncpg")  # not imported: the failure cannot be asyncpg's
+    if asyncpg is None:
+        return None
+    errors = asyncpg.exceptions
+    if isinstance(
+        exc,
+        errors.PostgresConnectionError  # class 08: cannot connect, connection lost
+        | errors.OperatorInterventionError  # class 57: shutting down, starting up
+        | errors.TooManyConnectionsError,
+    ) or (isinstance(exc, errors.InterfaceError) and "connection is closed" in str(exc)):
+        return database_unavailable()
+    if isinstance(
+        exc, errors.CharacterNotInRepertoireError | errors.UntranslatableCharacterError
+    ) or (isinstance(exc, errors.DataError) and isinstance(exc.__cause__, UnicodeError)):
+        return InvalidArgument(
+            [FieldViolation("request", "text must not contain NUL or unpaired surrogates")],
+            reason="INVALID_TEXT",
+        )
+    return None
+
+
+def _raised_in(package: str, exc: BaseException) -> bool:
+    """Whether a frame of `package` is on the exception's traceback."""
+    tb = exc.__traceback__
+    prefix = package + "."
+    while tb is not None:
+        name = tb.tb_frame.f_globals.get("__name__", "")
+        if name == package or name.startswith(prefix):
+            return True
+        tb = tb.tb_next
+    return False

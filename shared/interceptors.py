@@ -25,7 +25,15 @@ from shared.context import (
     principal_var,
     request_id_var,
 )
-from shared.errors import DomainError, Unauthenticated, Unimplemented, internal_status
+from shared.errors import (
+    DomainError,
+    Unauthenticated,
+    Unavailable,
+    Unimplemented,
+    internal_status,
+    translate,
+)
+from shared.validation import check_text
 
 log = logging.getLogger("hangar.rpc")
 
@@ -36,13 +44,15 @@ class Authenticator(Protocol):
     async def authenticate(self, token: str) -> Principal: ...
 
 
-# A token that was presented but did not verify; raised by the first RPC that needs a caller.
-_auth_error_var: contextvars.ContextVar[Unauthenticated | None] = contextvars.ContextVar(
+# A token that was presented but did not verify (Unauthenticated), or could not be checked
+# now (Unavailable: the signing keys could not be fetched); raised by the first guard that
+# needs a caller, so an anonymous RPC still answers.
+_auth_error_var: contextvars.ContextVar[DomainError | None] = contextvars.ContextVar(
     "auth_error", default=None
 )
 
 
-def auth_error_for_call() -> Unauthenticated | None:
+def auth_error_for_call() -> DomainError | None:
     return _auth_error_var.get()
 
 
@@ -61,17 +71,19 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
         method = handler_call_details.method
         metadata = dict(handler_call_details.invocation_metadata or ())
         if handler.unary_unary:
-            return handler._replace(unary_unary=self._unary(handler.unary_unary, method, metadata))
+            return handler._replace(
+                unary_unary=self._unary(handler.unary_unary, method, metadata, True)
+            )
         if handler.stream_unary:
             return handler._replace(
-                stream_unary=self._unary(handler.stream_unary, method, metadata)
+                stream_unary=self._unary(handler.stream_unary, method, metadata, False)
             )
         if handler.unary_stream:
             return handler._replace(
-                unary_stream=self._streaming(handler.unary_stream, method, metadata)
+                unary_stream=self._streaming(handler.unary_stream, method, metadata, True)
             )
         return handler._replace(
-            stream_stream=self._streaming(handler.stream_stream, method, metadata)
+            stream_stream=self._streaming(handler.stream_stream, method, metadata, False)
         )
 
     async def _enter(self, context: grpc.aio.ServicerContext, metadata: dict[str, Any]) -> None:
@@ -79,7 +91,8 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
         request_id_var.set(str(metadata.get("x-request-id") or os.urandom(12).hex()))
         remaining = context.time_remaining()
         deadline_var.set(None if remaining is None else time.monotonic() + remaining)
-        principal, error = ANONYMOUS, None
+        principal = ANONYMOUS
+        error: DomainError | None = None
         authorization = str(metadata.get("authorization", ""))
         if authorization:
             scheme, _, token = authorization.partition(" ")
@@ -91,18 +104,24 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
                 bearer_token_var.set(token)
                 try:
                     principal = await self.authenticator.authenticate(token)
-                except Unauthenticated as exc:
+                except (Unauthenticated, Unavailable) as exc:
                     error = exc
         principal_var.set(principal)
         _auth_error_var.set(error)
 
     def _unary(
-        self, behavior: Callable[..., Any], method: str, metadata: dict[str, Any]
+        self,
+        behavior: Callable[..., Any],
+        method: str,
+        metadata: dict[str, Any],
+        one_request: bool,
     ) -> Callable[..., Awaitable[Any]]:
         async def handle(request: Any, context: grpc.aio.ServicerContext) -> Any:
             await self._enter(context, metadata)
             started = time.perf_counter()
             try:
+                if one_request:
+                    check_text(request)
                 result = behavior(request, context)
                 if inspect.isawaitable(result):
                     result = await result
@@ -113,12 +132,18 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
         return handle
 
     def _streaming(
-        self, behavior: Callable[..., Any], method: str, metadata: dict[str, Any]
+        self,
+        behavior: Callable[..., Any],
+        method: str,
+        metadata: dict[str, Any],
+        one_request: bool,
     ) -> Callable[..., AsyncIterator[Any]]:
         async def handle(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
             await self._enter(context, metadata)
             started = time.perf_counter()
             try:
+                if one_request:
+                    check_text(request)
                 result = behavior(request, context)
                 if inspect.isasyncgen(result):
                     async for item in result:
@@ -140,11 +165,20 @@ async def _abort(
     elapsed_ms = round((time.perf_counter() - started) * 1000, 2)
     if isinstance(exc, NotImplementedError):
         exc = Unimplemented(f"{method} is not implemented yet")
+    cause: BaseException | None = exc.__cause__
+    if not isinstance(exc, DomainError):
+        # A dependency down (identity, PostgreSQL) or text a query refused: say so, no trace.
+        translated = translate(exc)
+        if translated is not None:
+            cause, exc = exc, translated
     if isinstance(exc, DomainError):
-        log.info(
-            "rpc failed",
-            extra={"method": method, "code": exc.code.name, "reason": exc.reason, "ms": elapsed_ms},
-        )
+        extra = {"method": method, "code": exc.code.name, "reason": exc.reason, "ms": elapsed_ms}
+        if isinstance(exc, Unavailable):
+            if cause is not None:
+                extra["cause"] = f"{type(cause).__name__}: {cause}"[:500]
+            log.warning("rpc failed: unavailable", extra=extra)
+        else:
+            log.info("rpc failed", extra=extra)
         await context.abort_with_status(rpc_status.to_status(exc.to_status()))
     # grpc's own abort raises an exception that must pass through untouched.
     if isinstance(exc, grpc.aio.AbortError) or type(exc).__name__ == "AbortError":

@@ -64,6 +64,11 @@ class GatewayOptions:
     """The gateway's own knobs (HANGAR_GATEWAY_*), on top of the shared Settings."""
 
     max_body_bytes: int = 1 << 20
+    # Per header line (name + value), as common proxies allow; larger answers 431.
+    max_header_bytes: int = 8192
+    # Authorization travels on as gRPC metadata, whose whole block the services cap at 8 KiB
+    # (grpc's default): a larger token must be a 431 here, not a RESOURCE_EXHAUSTED there.
+    max_authorization_bytes: int = 4096
     # Server-streaming calls (TailLogs) outlive call_timeout_seconds but still get a deadline.
     stream_timeout_seconds: float = 3600.0
 
@@ -71,6 +76,10 @@ class GatewayOptions:
     def from_env(cls, environ: Mapping[str, str] = os.environ) -> GatewayOptions:
         return cls(
             max_body_bytes=int(environ.get("HANGAR_GATEWAY_MAX_BODY_BYTES", 1 << 20)),
+            max_header_bytes=int(environ.get("HANGAR_GATEWAY_MAX_HEADER_BYTES", 8192)),
+            max_authorization_bytes=int(
+                environ.get("HANGAR_GATEWAY_MAX_AUTHORIZATION_BYTES", 4096)
+            ),
             stream_timeout_seconds=float(
                 environ.get("HANGAR_GATEWAY_STREAM_TIMEOUT_SECONDS", 3600.0)
             ),
@@ -168,7 +177,8 @@ class Gateway:
     # --- one request ------------------------------------------------------------------
 
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
-        headers: dict[bytes, bytes] = dict(scope["headers"])
+        raw_headers: list[tuple[bytes, bytes]] = scope["headers"]
+        headers: dict[bytes, bytes] = dict(raw_headers)
         given_id = headers.get(b"x-request-id")
         request_id = (
             given_id.decode()
@@ -181,6 +191,7 @@ class Gateway:
         path = raw_path.decode("utf-8", "replace") if raw_path else scope["path"]
         route: Route | None = None
         try:
+            self._check_headers(raw_headers)
             builtin = self._builtins.get(path)
             if builtin is not None:
                 if method not in ("GET", "HEAD"):
@@ -234,6 +245,30 @@ class Gateway:
             log.exception("gateway crashed", extra={"request_id": request_id, "path": path})
             crash = GatewayError.from_domain(DomainError("internal error"))
             await _respond(send, 500, _JSON, crash.body(), extra)
+
+    def _check_headers(self, raw_headers: list[tuple[bytes, bytes]]) -> None:
+        """431 for a header line too large to be sane or to pass on as gRPC metadata."""
+        options = self.options
+        fine = min(options.max_authorization_bytes, options.max_header_bytes)
+        for name, value in raw_headers:
+            size = len(name) + len(value)
+            if size <= fine:
+                continue
+            allowed = (
+                options.max_authorization_bytes
+                if name == b"authorization"
+                else options.max_header_bytes
+            )
+            if size > allowed:
+                header = name.decode("latin-1")
+                raise GatewayError.from_domain(
+                    ResourceExhausted(
+                        f"the {header} header is larger than {allowed} bytes",
+                        reason="HEADER_TOO_LARGE",
+                        metadata={"header": header, "limit": str(allowed)},
+                    ),
+                    431,
+                )
 
     async def _read_body(self, receive: Receive, headers: dict[bytes, bytes]) -> bytes:
         limit = self.options.max_body_bytes

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import base64
 import json
+import math
 from collections.abc import Sequence
 from typing import Any
 
 import grpc
 from google.protobuf import any_pb2, json_format
-from google.rpc import status_pb2
+from google.rpc import error_details_pb2, status_pb2
 
 from shared.errors import DomainError, FieldViolation, InvalidArgument
 
@@ -39,6 +40,9 @@ HTTP_STATUS: dict[grpc.StatusCode, int] = {
 
 _DETAILS_KEY = "grpc-status-details-bin"
 _CODES_BY_VALUE = {code.value[0]: code for code in grpc.StatusCode}
+_RETRY_INFO = "type.googleapis.com/google.rpc.RetryInfo"
+# An UNAVAILABLE without a RetryInfo (the upstream process itself is down) still says when.
+DEFAULT_RETRY_AFTER_SECONDS = 1
 
 
 def http_status(code: grpc.StatusCode) -> int:
@@ -62,6 +66,12 @@ class GatewayError(Exception):
         self.headers = list(headers)
         if code is grpc.StatusCode.UNAUTHENTICATED:
             self.headers.append((b"www-authenticate", b"Bearer"))
+        elif code is grpc.StatusCode.UNAVAILABLE or self.http == 429:
+            seconds = retry_after(status)
+            if seconds is None and code is grpc.StatusCode.UNAVAILABLE:
+                seconds = DEFAULT_RETRY_AFTER_SECONDS
+            if seconds is not None:
+                self.headers.append((b"retry-after", str(seconds).encode()))
 
     @classmethod
     def from_domain(
@@ -96,6 +106,16 @@ class GatewayError(Exception):
 
     def body(self) -> bytes:
         return json.dumps(self.payload(), separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def retry_after(status: status_pb2.Status) -> int | None:
+    """Whole seconds (at least 1) from the status's google.rpc.RetryInfo, if it has one."""
+    for detail in status.details:
+        if detail.type_url == _RETRY_INFO:
+            info = error_details_pb2.RetryInfo()
+            if detail.Unpack(info):
+                return max(1, math.ceil(info.retry_delay.ToNanoseconds() / 1e9))
+    return None
 
 
 def render_detail(detail: any_pb2.Any) -> dict[str, Any]:

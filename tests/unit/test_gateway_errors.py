@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import grpc
 import pytest
 from google.protobuf import any_pb2
 from google.rpc import status_pb2
 
+from services.gateway.app import Gateway
 from services.gateway.errors import GatewayError, http_status
-from shared.errors import InvalidArgument, NotFound
+from shared.errors import InvalidArgument, NotFound, Unavailable
+from shared.settings import Settings
 
 
 @pytest.mark.parametrize(
@@ -97,3 +100,58 @@ def test_unauthenticated_asks_for_a_bearer_token() -> None:
     gateway = GatewayError.from_call(grpc.StatusCode.UNAUTHENTICATED, "who?", ())
     assert gateway.http == 401
     assert (b"www-authenticate", b"Bearer") in gateway.headers
+
+
+def test_unavailable_says_when_to_retry_from_its_retry_info() -> None:
+    error = Unavailable("identity is down", retry_after=2.5)
+    gateway = GatewayError.from_call(
+        grpc.StatusCode.UNAVAILABLE, "down", trailers(error.to_status())
+    )
+    assert gateway.http == 503
+    assert (b"retry-after", b"3") in gateway.headers
+    retry = json.loads(gateway.body())["details"][-1]
+    assert retry == {"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": "2.500s"}
+
+
+def test_unavailable_without_details_still_says_when_to_retry() -> None:
+    # The upstream process itself is down: grpc's own UNAVAILABLE, no details.
+    gateway = GatewayError.from_call(grpc.StatusCode.UNAVAILABLE, "failed to connect", ())
+    assert gateway.http == 503
+    assert (b"retry-after", b"1") in gateway.headers
+
+
+def test_other_errors_have_no_retry_after() -> None:
+    gateway = GatewayError.from_call(grpc.StatusCode.NOT_FOUND, "gone", ())
+    assert not [h for h in gateway.headers if h[0] == b"retry-after"]
+
+
+async def _call(gateway: Gateway, headers: list[tuple[bytes, bytes]]) -> tuple[int, Any]:
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "http",
+        "method": "GET",
+        "path": "/v1/projects/p1",
+        "raw_path": b"/v1/projects/p1",
+        "query_string": b"",
+        "headers": headers,
+    }
+    await gateway(scope, receive, send)
+    return sent[0]["status"], json.loads(sent[1]["body"])
+
+
+async def test_an_oversize_header_is_a_431_before_any_upstream_call() -> None:
+    gateway = Gateway(Settings.from_env("gateway"))  # not started: no channel to call
+    status, body = await _call(gateway, [(b"authorization", b"Bearer " + b"x" * 100_000)])
+    assert status == 431
+    assert body["details"][0]["reason"] == "HEADER_TOO_LARGE"
+    assert body["details"][0]["metadata"] == {"header": "authorization", "limit": "4096"}
+    status, body = await _call(gateway, [(b"cookie", b"c" * 9000)])
+    assert status == 431
+    assert body["details"][0]["metadata"] == {"header": "cookie", "limit": "8192"}
