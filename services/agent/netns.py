@@ -26,6 +26,7 @@ import shutil
 import socket
 import subprocess
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -138,9 +139,17 @@ class NetworkNamespace:
             if self._fd >= 0:
                 os.close(self._fd)
                 self._fd = -1
-            if self.path.exists():
-                with contextlib.suppress(NetworkError):
+            # Its file cannot be unlinked while a mount namespace being made at that moment
+            # (a container starting) holds a copy of its mount: try again shortly.
+            for attempt in range(20):
+                if not self.path.exists():
+                    break
+                try:
                     _run("ip", "netns", "delete", self.name)
+                except NetworkError as exc:
+                    if attempt == 19:
+                        log.warning("network namespace not removed", extra={"error": str(exc)})
+                    time.sleep(0.1)
 
     async def connect(
         self, port: int, limit: int = 64 * 1024
