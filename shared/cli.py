@@ -14,7 +14,8 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -22,7 +23,17 @@ from urllib.parse import urlsplit, urlunsplit
 from shared.settings import DEFAULT_PORTS, SERVICES
 
 GRPC_SERVICES = SERVICES  # identity, project, runtime, billing
-PROCESSES = (*GRPC_SERVICES, "agent", "gateway")
+# What each process calls, so what must answer its health check before it starts (DESIGN's
+# call graph); PROCESSES lists them in an order that starts every one after what it needs.
+NEEDS: dict[str, tuple[str, ...]] = {
+    "identity": (),
+    "billing": ("identity",),
+    "project": ("identity", "billing"),
+    "runtime": ("identity", "project", "billing"),
+    "agent": ("identity", "runtime"),
+    "gateway": ("identity", "project", "runtime", "billing"),
+}
+PROCESSES = ("identity", "billing", "project", "runtime", "agent", "gateway")
 LOCAL_REGION = "local"  # project's default region: where local projects deploy
 
 
@@ -263,17 +274,123 @@ def check_reachable(url: str, timeout: float = 5.0) -> None:
         raise PostgresUnavailable(f"{redact(url)}: {reason}") from None
 
 
-def stop_processes(procs: dict[str, subprocess.Popen[bytes]], grace: float) -> None:
-    for proc in procs.values():
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-    end = time.monotonic() + grace
-    for proc in procs.values():
+def exit_description(code: int) -> str:
+    if code < 0:
         try:
-            proc.wait(timeout=max(0.1, end - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+            return f"was killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"was killed by signal {-code}"
+    return f"exited with {code}"
+
+
+@dataclass
+class Child:
+    """One supervised process: how to start it, the running one, and its back-off state."""
+
+    name: str
+    command: list[str]
+    env: dict[str, str] = field(repr=False)
+    needs: tuple[str, ...] = ()  # a restart waits while one of these waits for its own
+    proc: subprocess.Popen[bytes] | None = None
+    started_at: float = 0.0
+    crashes: int = 0  # in a row: each doubles the wait before the next start
+    restart_at: float | None = None  # set while a crashed child waits for its restart
+
+
+class Supervisor:
+    """Runs `hangar up`'s processes: starts them, restarts one that ends with back-off
+    (`first_delay` doubling up to `max_delay`, back to `first_delay` once a run lasted
+    `stable_after` seconds) while the others keep serving, and stops them all at the end."""
+
+    def __init__(
+        self,
+        *,
+        first_delay: float = 0.5,
+        max_delay: float = 30.0,
+        stable_after: float = 60.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.first_delay = first_delay
+        self.max_delay = max_delay
+        self.stable_after = stable_after
+        self.clock = clock
+        self.children: dict[str, Child] = {}
+
+    def start(
+        self, name: str, command: list[str], env: dict[str, str], needs: Sequence[str] = ()
+    ) -> Child:
+        child = self.children[name] = Child(name, command, env, tuple(needs))
+        self._spawn(child)
+        return child
+
+    def _spawn(self, child: Child) -> None:
+        child.proc = subprocess.Popen(
+            child.command,
+            env=child.env,
+            start_new_session=True,  # Ctrl-C reaches us; we stop the children in order
+        )
+        child.started_at = self.clock()
+        child.restart_at = None
+
+    def wait_ready(
+        self, name: str, address: str, deadline: float, stopping: Callable[[], bool]
+    ) -> str | None:
+        """Wait until `name` answers its health check; else why not (it exited, the deadline
+        passed, or a stop was asked for)."""
+        proc = self.children[name].proc
+        assert proc is not None
+        while not wait_healthy(name, address, min(deadline, time.monotonic() + 0.5)):
+            if stopping():
+                return "stopped while starting"
+            if proc.poll() is not None:
+                return f"{name} {exit_description(proc.returncode)}"
+            if time.monotonic() >= deadline:
+                return f"{name} did not become healthy"
+        return None
+
+    def check(self) -> None:
+        """Note the children that ended (one line each) and start those whose wait is over."""
+        now = self.clock()
+        for child in self.children.values():
+            assert child.proc is not None
+            if child.restart_at is not None:
+                if now >= child.restart_at and not self._restarting(child.needs):
+                    self._spawn(child)
+                continue
+            code = child.proc.poll()
+            if code is None:
+                continue
+            ran = now - child.started_at
+            if ran >= self.stable_after:
+                child.crashes = 0
+            delay = min(self.first_delay * 2**child.crashes, self.max_delay)
+            child.crashes += 1
+            child.restart_at = now + delay
+            print(
+                f"hangar: {child.name} {exit_description(code)} after {ran:.1f}s;"
+                f" restarting it in {delay:g}s",
+                file=sys.stderr,
+                flush=True,
+            )
+
+    def _restarting(self, names: Sequence[str]) -> bool:
+        return any(self.children[n].restart_at is not None for n in names if n in self.children)
+
+    def stop(self, grace: float) -> None:
+        """SIGTERM to every child, the last started first; SIGKILL to those that outlive
+        `grace`."""
+        running = [
+            c.proc for c in reversed(self.children.values()) if c.proc and c.proc.poll() is None
+        ]
+        for proc in running:
+            proc.send_signal(signal.SIGTERM)
+        end = time.monotonic() + grace
+        for proc in running:
+            try:
+                proc.wait(timeout=max(0.1, end - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
 
 
 def apps_unisolated(env: dict[str, str]) -> str | None:
@@ -311,7 +428,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     except PostgresUnavailable as exc:
         pg.stop()
         return _fail(f"PostgreSQL is not available: {exc}")
-    procs: dict[str, subprocess.Popen[bytes]] = {}
+    supervisor = Supervisor()
     stopping = False
 
     def request_stop(*_: object) -> None:
@@ -333,26 +450,24 @@ def cmd_up(args: argparse.Namespace) -> int:
             env.setdefault("HANGAR_SINGLE_TENANT", "1")
             print(f"hangar: apps are NOT isolated on this machine ({why_not})", file=sys.stderr)
         server_name = socket.gethostname()
-        for name in PROCESSES:
-            procs[name] = subprocess.Popen(
-                [sys.executable, "-m", "shared.cli", "serve", name],
-                env=(
-                    agent_environment(env, server_name)
-                    if name == "agent"
-                    else process_environment(name, env)
-                ),
-                start_new_session=True,  # Ctrl-C reaches us; we stop the children in order
-            )
-        deadline = time.monotonic() + args.timeout
-        for name in PROCESSES:
-            if not wait_healthy(name, addresses[name], deadline) or stopping:
-                code = procs[name].poll()
-                why = f"exited with {code}" if code is not None else "did not become healthy"
-                return _fail(f"{name} {why}; stopping everything")
-        # Runtime is migrated and healthy: this machine runs apps through the local agent.
+        # This machine runs apps through the local agent: registered before the agent starts,
+        # so its first heartbeat finds its server.
         server_id, ram_mb, cpu_millis = register_local_server(
             pg.url, creds["db_passwords"]["runtime"], server_name, addresses["agent"]
         )
+        deadline = time.monotonic() + args.timeout
+        for name in PROCESSES:  # each once what it needs answers its health check
+            supervisor.start(
+                name,
+                [sys.executable, "-m", "shared.cli", "serve", name],
+                agent_environment(env, server_name)
+                if name == "agent"
+                else process_environment(name, env),
+                NEEDS[name],
+            )
+            why = supervisor.wait_ready(name, addresses[name], deadline, lambda: stopping)
+            if why is not None:
+                return _fail(f"{why}; stopping everything")
         print(f"Hangar is up in {time.monotonic() - started:.1f}s  (Ctrl-C stops it)")
         print(f"  DATABASE_URL  {redact(pg.url)}  ({pg.kind})")
         print(
@@ -363,14 +478,12 @@ def cmd_up(args: argparse.Namespace) -> int:
             kind = "http" if name == "gateway" else "grpc"
             print(f"  {name:<9} {kind}://{addresses[name]}")
         sys.stdout.flush()
-        while not stopping:
-            for name, proc in procs.items():
-                if proc.poll() is not None:
-                    return _fail(f"{name} exited with {proc.returncode}; stopping everything")
+        while not stopping:  # a process that ends is restarted; only a signal stops them all
+            supervisor.check()
             time.sleep(0.2)
         return 0
     finally:
-        stop_processes(procs, grace=float(os.environ.get("HANGAR_GRACE_SECONDS", "5")) + 2)
+        supervisor.stop(grace=float(os.environ.get("HANGAR_GRACE_SECONDS", "5")) + 2)
         pg.stop()
         print("Hangar stopped.")
 

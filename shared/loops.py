@@ -1,5 +1,9 @@
 """Background loops: a pass every interval, a failed pass logged and tried again next time.
 
+A pass that failed because something it calls is down or slow (another service restarting,
+UNAVAILABLE / DEADLINE_EXCEEDED) is a warning of one line; anything else is logged with its
+traceback, as a bug.
+
 What makes a loop safe with two replicas (an advisory lock, FOR UPDATE SKIP LOCKED) belongs to
 the pass itself; this only keeps it going until the task is cancelled.
 """
@@ -11,7 +15,20 @@ import logging
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
+import grpc
+
+from shared.errors import DomainError
+
 log = logging.getLogger(__name__)
+
+_TRANSIENT = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+
+
+def _transient(exc: Exception) -> bool:
+    """A dependency down or too slow: the next pass will likely succeed."""
+    if isinstance(exc, DomainError):
+        return exc.code in _TRANSIENT
+    return isinstance(exc, grpc.aio.AioRpcError) and exc.code() in _TRANSIENT
 
 
 async def run_every(seconds: float, step: Callable[[], Awaitable[object]], what: str) -> None:
@@ -21,8 +38,11 @@ async def run_every(seconds: float, step: Callable[[], Awaitable[object]], what:
             await step()
         except asyncio.CancelledError:
             raise
-        except Exception:
-            log.exception("%s failed", what, extra={"loop": what})
+        except Exception as exc:
+            if _transient(exc):
+                log.warning("%s failed: %s", what, exc, extra={"loop": what})
+            else:
+                log.exception("%s failed", what, extra={"loop": what})
         await asyncio.sleep(seconds)
 
 

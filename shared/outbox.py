@@ -23,7 +23,7 @@ from google.protobuf import struct_pb2, timestamp_pb2
 
 from hangar.events.v1 import events_pb2
 from shared.db import Database, Session
-from shared.errors import InvalidArgument
+from shared.errors import InvalidArgument, Unavailable
 from shared.ids import new_id
 
 log = logging.getLogger(__name__)
@@ -106,6 +106,7 @@ class OutboxFeed:
         self.channel = f"{schema}_outbox"
         self.poll_seconds = poll_seconds
         self._changed = asyncio.Event()
+        self._ending = False  # set by end_watches: the server is shutting down
         self._listener: asyncpg.Connection | None = None
         self._notify_wanted = False
         self._notifier: asyncio.Task[None] | None = None
@@ -133,6 +134,13 @@ class OutboxFeed:
 
     def _on_notify(self, *_: object) -> None:
         self._changed.set()
+
+    def end_watches(self) -> None:
+        """The server is shutting down: every open `watch` ends now (UNAVAILABLE, so its
+        consumer reconnects to another replica or to this one once it is back). Without
+        this, the streams outlive the grace period and every shutdown takes all of it."""
+        self._ending = True
+        self._changed.set()  # wakes the waiting watchers; each sees `_ending` and ends
 
     def poke(self) -> None:
         """Events were committed by this process: wake its watchers and the other replicas'."""
@@ -176,7 +184,7 @@ class OutboxFeed:
     ) -> AsyncIterator[events_pb2.Event]:
         """The body of every service's WatchEvents: history after the cursor, then live."""
         cursor = Cursor.parse(request.after_cursor)
-        while True:
+        while not self._ending:
             self._changed.clear()
             batch = await self.read(cursor, request.types)
             for event in batch:
@@ -184,8 +192,11 @@ class OutboxFeed:
             if batch:
                 cursor = Cursor.parse(batch[-1].cursor)
                 continue
+            if self._ending:  # checked after the clear: end_watches' wake-up is not lost
+                break
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._changed.wait(), self.poll_seconds)
+        raise Unavailable("the server is shutting down", reason="SHUTTING_DOWN")
 
 
 EventHandler = Callable[[Session, events_pb2.Event], Awaitable[None]]

@@ -2,7 +2,8 @@
 
 uvloop, interceptors (request id, caller, deadline, error mapping), the standard health
 service with a status per service, reflection that lists health too, and graceful shutdown:
-SIGTERM/SIGINT -> health NOT_SERVING -> stop accepting -> drain in-flight calls -> close.
+SIGTERM/SIGINT -> health NOT_SERVING -> end the WatchEvents streams -> stop accepting ->
+drain in-flight calls -> close.
 """
 
 from __future__ import annotations
@@ -19,13 +20,18 @@ from grpc_reflection.v1alpha import reflection
 
 from shared.interceptors import Authenticator, ServerInterceptor
 from shared.logging import configure_logging
+from shared.outbox import OutboxFeed
 from shared.settings import Settings
 
 log = logging.getLogger("hangar.server")
 
 
 class Service(Protocol):
-    """What a service hands the bootstrap: its servicers, background loops and clean-up."""
+    """What a service hands the bootstrap: its servicers, background loops and clean-up.
+
+    A service with an outbox also has a `feed` attribute (an OutboxFeed): its WatchEvents
+    streams are ended when the server stops.
+    """
 
     service_names: Sequence[str]  # full names, e.g. "hangar.identity.v1.IdentityService"
 
@@ -53,6 +59,11 @@ class RunningServer:
 
     async def stop(self) -> None:
         await self.health.enter_graceful_shutdown()
+        # Server streams never end by themselves: end them first, so the grace period only
+        # waits for the unary calls in flight (not the whole of it for every watcher).
+        feed = getattr(self.service, "feed", None)
+        if isinstance(feed, OutboxFeed):
+            feed.end_watches()
         await self.server.stop(self.grace)
         await self.service.close()
 

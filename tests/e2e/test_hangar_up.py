@@ -1,5 +1,6 @@
 """`hangar up` (what `make run` calls) as a user runs it: everything healthy, Ctrl-C stops it
-all, the next run reuses the data, and a taken port fails fast with nothing left behind."""
+all, the next run reuses the data, a taken port fails fast with nothing left behind, a start
+logs no error, and a service that dies is restarted while the rest keep serving."""
 
 from __future__ import annotations
 
@@ -8,9 +9,12 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
+import httpx
+import psutil
 import pytest
 
 from shared.cli import PROCESSES, wait_healthy
@@ -30,14 +34,16 @@ def _env(home: Path) -> tuple[dict[str, str], dict[str, str]]:
     return env, addresses
 
 
-def _start(env: dict[str, str]) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "shared.cli", "up"],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+def _start(env: dict[str, str], stderr: Path | None = None) -> subprocess.Popen[str]:
+    """`hangar up`; its stderr (with every service's log lines) to a file when given: a pipe
+    nobody reads would block the services once full."""
+    command = [sys.executable, "-m", "shared.cli", "up"]
+    if stderr is None:
+        return subprocess.Popen(
+            command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+    with stderr.open("w") as err:
+        return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=err, text=True)
 
 
 def _wait_for_banner(proc: subprocess.Popen[str], timeout: float = 90) -> list[str]:
@@ -114,3 +120,93 @@ def test_unreachable_database_fails_in_one_line(tmp_path: Path) -> None:
     assert "secret" not in err
     for name in PROCESSES:
         assert _port_free(addresses[name])
+
+
+def _stop(proc: subprocess.Popen[str]) -> int:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGINT)
+    try:
+        return proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        return proc.wait()
+
+
+def _service_pid(up: subprocess.Popen[str], name: str) -> int | None:
+    """The pid of `hangar serve NAME` started by this `hangar up`, if one is running."""
+    for child in psutil.Process(up.pid).children():
+        try:
+            if child.cmdline()[-2:] == ["serve", name] and child.status() != "zombie":
+                return int(child.pid)
+        except psutil.NoSuchProcess:
+            continue
+    return None
+
+
+def test_a_normal_start_logs_no_error(tmp_path: Path) -> None:
+    """Each service starts once what it calls answers its health check, so no first pass of
+    a background loop meets a dependency that is not up yet."""
+    env, _ = _env(tmp_path / "home")
+    log = tmp_path / "up.log"
+    proc = _start(env, stderr=log)
+    try:
+        banner = "".join(_wait_for_banner(proc))
+        time.sleep(3)  # the loops' first passes (reconcilers, consumers, heartbeats) ran
+    finally:
+        assert _stop(proc) == 0
+    output = banner + log.read_text()
+    assert "Traceback" not in output, output
+    errors = [line for line in output.splitlines() if "ERROR" in line or '"level": "error"' in line]
+    assert not errors, output
+
+
+def test_a_killed_service_is_restarted_while_the_rest_keep_serving(tmp_path: Path) -> None:
+    env, addresses = _env(tmp_path / "home")
+    log = tmp_path / "up.log"
+    proc = _start(env, stderr=log)
+    answers: list[int | str] = []
+    done = threading.Event()
+
+    def poll_gateway() -> None:
+        with httpx.Client(base_url=f"http://{addresses['gateway']}", timeout=5) as client:
+            while not done.is_set():
+                try:
+                    answers.append(client.get("/healthz").status_code)
+                except httpx.HTTPError as exc:
+                    answers.append(repr(exc))
+                done.wait(0.1)
+
+    poller = threading.Thread(target=poll_gateway)
+    try:
+        _wait_for_banner(proc)
+        gateway_pid = _service_pid(proc, "gateway")
+        old_pid = _service_pid(proc, "runtime")
+        assert gateway_pid is not None and old_pid is not None
+        poller.start()
+        os.kill(old_pid, signal.SIGKILL)
+
+        deadline = time.monotonic() + 30
+        new_pid = None
+        while new_pid in (None, old_pid) and time.monotonic() < deadline:
+            new_pid = _service_pid(proc, "runtime")
+            time.sleep(0.1)
+        assert new_pid not in (None, old_pid), log.read_text()[-4000:]
+        assert wait_healthy("runtime", addresses["runtime"], deadline), log.read_text()[-4000:]
+        # The gateway sees runtime again (it said "degraded" meanwhile, but it answered).
+        assert wait_healthy("gateway", addresses["gateway"], deadline)
+        done.set()
+        poller.join()
+
+        assert proc.poll() is None, "hangar up stopped"
+        assert _service_pid(proc, "gateway") == gateway_pid
+        for name in PROCESSES:
+            assert wait_healthy(name, addresses[name], time.monotonic() + 5), name
+        assert answers and all(a in (200, 503) for a in answers), answers
+        assert "runtime was killed by SIGKILL" in log.read_text()
+    finally:
+        done.set()
+        if poller.is_alive():
+            poller.join()
+        assert _stop(proc) == 0
+    for name in PROCESSES:
+        assert _port_free(addresses[name]), f"{name} still listening after Ctrl-C"

@@ -11,6 +11,7 @@ import pytest
 
 from hangar.events.v1 import events_pb2
 from shared.db import Database, Session
+from shared.errors import Unavailable
 from shared.migrate import migrate
 from shared.outbox import START, Cursor, EventConsumer, OutboxFeed, write_event
 from shared.settings import role_name, url_with_credentials
@@ -85,6 +86,32 @@ async def test_watch_streams_history_then_live_events(db: Database) -> None:
         assert [e.type for e in received] == ["test.first", "test.second"]
         assert received[0].organization_id == "org-a"
         assert received[1].payload["n"] == 2
+    finally:
+        await feed.close()
+
+
+async def test_end_watches_ends_waiting_and_new_watchers_at_once(db: Database) -> None:
+    """At shutdown the server ends its streams (UNAVAILABLE: the consumer reconnects) instead
+    of leaving them to the end of the grace period; a long poll interval does not delay it."""
+    feed = OutboxFeed(db, SCHEMA, poll_seconds=60)
+    await feed.start()
+    try:
+        async with db.transaction() as tx:
+            await write_event(tx, SCHEMA, "test.history")
+        received: asyncio.Queue[events_pb2.Event] = asyncio.Queue()
+
+        async def watch() -> None:
+            async for event in feed.watch(events_pb2.WatchEventsRequest(), None):  # type: ignore[arg-type]
+                received.put_nowait(event)
+
+        watchers = [asyncio.create_task(watch()) for _ in range(3)]
+        for _ in watchers:  # each has its history, then waits for the next event
+            await asyncio.wait_for(received.get(), 10)
+        feed.end_watches()
+        results = await asyncio.wait_for(asyncio.gather(*watchers, return_exceptions=True), 5)
+        assert [type(r) for r in results] == [Unavailable] * 3
+        with pytest.raises(Unavailable):
+            await asyncio.wait_for(watch(), 5)
     finally:
         await feed.close()
 
