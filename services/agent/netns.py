@@ -22,6 +22,7 @@ import contextlib
 import ctypes
 import logging
 import os
+import select
 import shutil
 import socket
 import subprocess
@@ -234,7 +235,5 @@ def _run(*args: str) -> None:
 
 
 def _read_with_timeout(fd: int, timeout: float) -> bytes:
-    import select
-
     readable, _, _ = select.select([fd], [], [], timeout)
     return os.read(fd, 1) if readable else b""

@@ -20,7 +20,8 @@ from google.rpc import error_details_pb2, status_pb2
 
 from shared.errors import DomainError, FieldViolation, InvalidArgument
 
-# DESIGN.md "Contracts"; OUT_OF_RANGE and CANCELLED as google/rpc/code.proto documents them.
+# The contract of every Hangar route (README); OUT_OF_RANGE and CANCELLED as
+# google/rpc/code.proto documents them.
 HTTP_STATUS: dict[grpc.StatusCode, int] = {
     grpc.StatusCode.OK: 200,
     grpc.StatusCode.INVALID_ARGUMENT: 400,

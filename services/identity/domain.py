@@ -70,8 +70,9 @@ def required_role(permission: str) -> Role:
         raise InvalidArgument.field("permission", f"unknown permission {permission!r}") from None
 
 
-# What a service may do in any organization with its own token: only the reads DESIGN.md's
-# call graph needs. Anything else (an agent beside customer code, say) is refused.
+# What a service may do in any organization with its own token: only the reads the call
+# graph between services needs (README, Architecture). Anything else (an agent beside
+# customer code, say) is refused.
 SERVICE_GRANTS: dict[str, frozenset[str]] = {
     "runtime": frozenset({"projects.get"}),
     "billing": frozenset({"organizations.get"}),
