@@ -143,21 +143,25 @@ def _service_pid(up: subprocess.Popen[str], name: str) -> int | None:
     return None
 
 
-def test_a_normal_start_logs_no_error(tmp_path: Path) -> None:
+def test_three_starts_and_stops_log_no_error(tmp_path: Path) -> None:
     """Each service starts once what it calls answers its health check, so no first pass of
-    a background loop meets a dependency that is not up yet."""
+    a background loop meets a dependency that is not up yet; each stops without complaint.
+    Three times on the same home: the first run creates everything, the next ones reuse it."""
     env, _ = _env(tmp_path / "home")
-    log = tmp_path / "up.log"
-    proc = _start(env, stderr=log)
-    try:
-        banner = "".join(_wait_for_banner(proc))
-        time.sleep(3)  # the loops' first passes (reconcilers, consumers, heartbeats) ran
-    finally:
-        assert _stop(proc) == 0
-    output = banner + log.read_text()
-    assert "Traceback" not in output, output
-    errors = [line for line in output.splitlines() if "ERROR" in line or '"level": "error"' in line]
-    assert not errors, output
+    for run in range(3):
+        log = tmp_path / f"up-{run}.log"
+        proc = _start(env, stderr=log)
+        try:
+            banner = "".join(_wait_for_banner(proc))
+            time.sleep(3)  # the loops' first passes (reconcilers, consumers, heartbeats) ran
+        finally:
+            assert _stop(proc) == 0
+        output = banner + log.read_text()
+        assert "Traceback" not in output, f"run {run + 1}: {output}"
+        errors = [
+            line for line in output.splitlines() if "ERROR" in line or '"level": "error"' in line
+        ]
+        assert not errors, f"run {run + 1}: {output}"
 
 
 def test_a_killed_service_is_restarted_while_the_rest_keep_serving(tmp_path: Path) -> None:

@@ -86,6 +86,15 @@ class Stack:
         if dead:
             raise StackError("; ".join(f"{name} died ({why})" for name, why in dead.items()))
 
+    def restart(self, name: str, timeout: float = 60.0) -> Process:
+        """SIGKILL one process (no chance to clean up), then start it again, healthy."""
+        process = self.processes[name]
+        if process.alive():
+            process.proc.kill()
+        process.proc.wait()
+        process._stderr.close()
+        return _start(self, name, time.monotonic() + timeout)
+
     def stop(self, grace: float = 8.0) -> dict[str, int]:
         """SIGTERM everything in reverse start order, SIGKILL whatever outlives the grace."""
         codes: dict[str, int] = {}
@@ -105,7 +114,7 @@ class Stack:
 
 def _start(stack: Stack, name: str, deadline: float) -> Process:
     stderr_path = stack.home / f"{name}.stderr"
-    stderr = stderr_path.open("wb")
+    stderr = stderr_path.open("ab")  # a restart appends to what the process said before
     proc = subprocess.Popen(
         [sys.executable, "-m", "shared.cli", "serve", name],
         env=stack.env,
