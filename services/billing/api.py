@@ -200,6 +200,7 @@ class BillingApi(billing_pb2_grpc.BillingServiceServicer):
 
     async def GetSubscription(self, request, context):  # type: ignore[no-untyped-def]
         await self.app.authorizer.require(request.organization_id, READ)
+        await self.app.subscriptions.ensure(request.organization_id)
         async with self.db.session() as s:
             sub = await store.get_subscription(s, request.organization_id)
         return subscription_to_proto(sub)
@@ -207,6 +208,7 @@ class BillingApi(billing_pb2_grpc.BillingServiceServicer):
     async def ChangePlan(self, request, context):  # type: ignore[no-untyped-def]
         await self.app.authorizer.require(request.organization_id, MANAGE)
         plan_id = _require_id(request.plan_id, "plan_id")
+        await self.app.subscriptions.ensure(request.organization_id)
         async with self.db.transaction() as tx:
             plan = await store.get_plan(tx, plan_id)
             sub = await store.get_subscription(tx, request.organization_id, for_update=True)
@@ -250,6 +252,7 @@ class BillingApi(billing_pb2_grpc.BillingServiceServicer):
             request.resources.ram_mb, request.resources.cpu_millis, request.resources.bandwidth_gb
         )
         validate_allocation(size)
+        await self.app.subscriptions.ensure(org)
         async with self.db.transaction() as tx:
             allocation, changed = await store.reserve_allocation(tx, org, project, size)
             if changed:
@@ -305,6 +308,7 @@ class BillingApi(billing_pb2_grpc.BillingServiceServicer):
 
     async def GetUsageSummary(self, request, context):  # type: ignore[no-untyped-def]
         await self.app.authorizer.require(request.organization_id, READ)
+        await self.app.subscriptions.ensure(request.organization_id)
         async with self.db.session() as s:
             sub = await store.get_subscription(s, request.organization_id)
             plan = await store.get_plan(s, sub.plan_id)

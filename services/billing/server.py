@@ -12,7 +12,8 @@ from hangar.events.v1 import events_pb2
 from services.billing import store
 from services.billing.api import BillingApi
 from services.billing.cycle import BillingCycle
-from services.billing.domain import Clock, SystemClock, add_months
+from services.billing.domain import Clock, SystemClock
+from services.billing.provisioning import IdentityOrganizations, Organizations, Subscriptions
 from services.billing.stripe_gateway import SdkStripeGateway, StripeGateway
 from shared.app import ServiceApp
 from shared.audit import AuditRelay, record_audit
@@ -37,6 +38,7 @@ class BillingApp(ServiceApp):
         clock: Clock | None = None,
         gateway: StripeGateway | None = None,
         authorizer: Authorizer | None = None,
+        organizations: Organizations | None = None,
         consume_identity: bool = True,
         run_cycle: bool = True,
     ) -> None:
@@ -44,6 +46,9 @@ class BillingApp(ServiceApp):
         self.clock = clock or SystemClock()
         self.gateway = gateway or SdkStripeGateway.from_settings(settings)
         self.authorizer: Authorizer = authorizer or RemoteAuthorizer(self.clients)
+        self.subscriptions = Subscriptions(
+            db, self.clock, organizations or IdentityOrganizations(self.clients)
+        )
         self.cycle = BillingCycle(
             db,
             self.clock,
@@ -72,35 +77,18 @@ class BillingApp(ServiceApp):
         billing_pb2_grpc.add_BillingServiceServicer_to_server(BillingApi(self), server)
 
     async def on_identity_event(self, tx: Session, event: events_pb2.Event) -> None:
-        """organization.created -> hobby subscription; organization.deleted -> cancel, free.
+        """organization.created -> hobby subscription (unless a call opened it already);
+        organization.deleted -> cancel, free.
 
         Stripe is not called here (this runs inside the cursor's transaction): the cycle's
         Stripe sync creates the customer and subscription, or cancels it, on its next pass."""
         org = event.organization_id or event.aggregate_id
         if not org:
             return
-        now = self.clock.now()
         if event.type == "organization.created":
-            sub = await store.create_default_subscription(tx, org, now, add_months(now, 1))
-            if sub is not None:
-                await write_event(
-                    tx,
-                    "billing",
-                    "subscription.created",
-                    organization_id=org,
-                    aggregate_id=sub.id,
-                    payload={"plan_id": sub.plan_id},
-                )
-                await self.audit(
-                    tx,
-                    organization_id=org,
-                    action="billing.subscription_created",
-                    target_type="subscription",
-                    target_id=sub.id,
-                    metadata={"plan_id": sub.plan_id},
-                )
+            await self.subscriptions.open(tx, org)
         elif event.type == "organization.deleted":
-            sub = await store.cancel_organization(tx, org, now)
+            sub = await store.cancel_organization(tx, org, self.clock.now())
             if sub is not None:
                 await write_event(
                     tx,

@@ -212,14 +212,25 @@ async def get_plan(s: Session, plan_id: str) -> Plan:
 async def create_default_subscription(
     tx: Session, organization_id: str, period_start: datetime, period_end: datetime
 ) -> Subscription | None:
-    """The hobby subscription of a new organization; None if it already has a live one."""
+    """The hobby subscription an organization starts with; None if it has ever had one.
+
+    Both ways in (identity's organization.created, and a call that finds the organization
+    without one) come here. They take turns on a per-organization lock, and an organization
+    whose subscription ended (deleted, or canceled in Stripe) never gets a new one here, so
+    a late event or a racing caller can neither double it nor revive it."""
+    await tx.execute(
+        "SELECT pg_advisory_xact_lock(hashtext('billing.subscriptions'), hashtext($1))",
+        organization_id,
+    )
     row = await tx.fetchrow(
         f"""INSERT INTO {S}.subscriptions (
                 id, organization_id, plan_id, status, current_period_start, current_period_end,
                 pool_ram_mb, pool_cpu_millis, pool_bandwidth_gb, created_at)
             SELECT $1, $2, p.id, 'active', $3, $4,
                    p.pool_ram_mb, p.pool_cpu_millis, p.pool_bandwidth_gb, $3
-            FROM {S}.plans p WHERE p.id = $5
+            FROM {S}.plans p
+            WHERE p.id = $5
+              AND NOT EXISTS (SELECT 1 FROM {S}.subscriptions WHERE organization_id = $2)
             ON CONFLICT (organization_id) WHERE status NOT IN {DEAD} DO NOTHING
             RETURNING *""",
         new_id(),
@@ -229,6 +240,16 @@ async def create_default_subscription(
         HOBBY,
     )
     return Subscription.from_row(row) if row else None
+
+
+async def has_subscription(s: Session, organization_id: str) -> bool:
+    """Has the organization ever had a subscription (live or ended)?"""
+    return bool(
+        await s.fetchval(
+            f"SELECT EXISTS (SELECT 1 FROM {S}.subscriptions WHERE organization_id = $1)",
+            organization_id,
+        )
+    )
 
 
 async def find_subscription(

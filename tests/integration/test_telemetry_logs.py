@@ -6,12 +6,16 @@ from __future__ import annotations
 
 import asyncio
 import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import grpc
 import pytest
 
 from hangar.runtime.v1 import runtime_pb2 as pb
+from services.runtime.telemetry import IncomingLine, LogIngest
 from tests.support import runtime as runtime_fixtures
 from tests.support import telemetry as telemetry_fixtures
 from tests.support.telemetry import (
@@ -187,14 +191,51 @@ async def test_bad_lines_are_refused_or_trimmed_and_the_rest_of_the_stream_goes_
     assert [r["sequence"] for r in await stored_lines(database_url, cid)] == [1, 3, 4]
 
 
+def printer_in_two_parts(first: int, total: int, go: Path, *, every: float = 0.001) -> str:
+    """A shell command: an app printing lines 1..`first`, then, once the file `go` exists,
+    the rest up to `total`."""
+    code = (
+        "import os,time\n"
+        f"for i in range(1, {total + 1}):\n"
+        f"    if i == {first + 1}:\n"
+        f"        while not os.path.exists({str(go)!r}): time.sleep(0.01)\n"
+        "    print('line', i, flush=True)\n"
+        f"    time.sleep({every})\n"
+        "time.sleep(30)\n"
+    )
+    return f'{PY} -c "{code}"'
+
+
+@dataclass
+class HeldIngest(LogIngest):
+    """Runtime's ingest of one ShipLogs stream that stores the first batch it is given, and
+    then neither reads more nor answers: the stream stays open with lines stored that no
+    acknowledgement covers, until runtime stops and cancels it."""
+
+    held: asyncio.Event = field(default_factory=asyncio.Event)
+    stored_sequences: list[int] = field(default_factory=list)
+
+    async def add(self, lines: Sequence[IncomingLine]) -> None:
+        await super().add(lines)
+        await self.finish()  # the batch is in runtime.logs
+        self.stored_sequences += [line.sequence for line in lines]
+        self.held.set()
+        await asyncio.Future()  # until the server cancels the call
+
+
 async def test_runtime_restarted_mid_stream_loses_and_doubles_no_acknowledged_line(
-    fleet: Fleet, database_url: str
+    fleet: Fleet, database_url: str, tmp_path: Path
 ) -> None:
+    """Runtime stops while a stream is open with lines it stored but never acknowledged
+    (the stream is held there, so this happens every run). The agent sends them again to
+    the restarted runtime, which skips them: every line is stored once, in order; the lines
+    acknowledged before the stop are not sent again; only the unacknowledged ones are."""
     runtime = await fleet.start()
     port = int(runtime.address.rsplit(":", 1)[1])
     _, org, project = await fleet.new_project()
     placed = await place_container(runtime.db, project, org)
-    total = 3000
+    first, total = 1000, 3000
+    go = tmp_path / "go"
     async with shipping_agent(
         runtime.address, fleet.agent_token, log_lines=10_000, batch_lines=100
     ) as (
@@ -202,21 +243,31 @@ async def test_runtime_restarted_mid_stream_loses_and_doubles_no_acknowledged_li
         logs,
         _metrics,
     ):
-        await run_app(driver, placed, printer(total, every=0.001))
-        await eventually(lambda: 200 < logs.shipped, within=10)
-        await fleet.stop(runtime)  # mid-stream: a session is open with unacknowledged lines
-        assert logs.shipped < total
-        await asyncio.sleep(0.5)
-        assert logs.failures > 0
+        await run_app(driver, placed, printer_in_two_parts(first, total, go))
+        cid = placed.container_id
+        await eventually(lambda: logs.acknowledged.get(cid) == first, within=20)
+
+        telemetry = runtime.app.telemetry
+        holding = HeldIngest(telemetry.db, telemetry.directory, telemetry.limits, telemetry.stats)
+        telemetry.log_ingest = lambda: holding  # type: ignore[method-assign]
+        go.touch()  # the app prints the rest; the next stream is held after one batch
+        await asyncio.wait_for(holding.held.wait(), 20)
+        failures = logs.failures
+        await fleet.stop(runtime)  # mid-stream: stored, never acknowledged
+        assert holding.stored_sequences[0] == first + 1
+        assert logs.acknowledged[cid] == first and logs.shipped < total
+        await eventually(lambda: logs.failures > failures, within=20)  # the held stream failed
+
         runtime = await fleet.start(port)
-        buffer = driver.logs(placed.container_id)
+        buffer = driver.logs(cid)
         assert buffer is not None
-        await eventually(lambda: logs.acknowledged.get(placed.container_id) == total, within=20)
-        rows = await stored_lines(database_url, placed.container_id)
+        await eventually(lambda: logs.acknowledged.get(cid) == total, within=30)
+        rows = await stored_lines(database_url, cid)
         assert [r["sequence"] for r in rows] == list(range(1, total + 1))
         assert [r["line"] for r in rows] == [f"line {i}" for i in range(1, total + 1)]
         assert buffer.dropped == 0
-        assert runtime.app.telemetry.stats.lines_duplicate > 0  # re-sent, and skipped
+        # Re-sent and skipped: exactly the lines stored without an acknowledgement.
+        assert runtime.app.telemetry.stats.lines_duplicate == len(holding.stored_sequences) > 0
 
 
 async def test_lines_beyond_the_buffer_while_runtime_is_down_are_counted_and_announced(
