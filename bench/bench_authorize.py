@@ -1,4 +1,5 @@
-"""Authorize throughput and latency next to the bare floor, and Login per second.
+"""Authorize throughput and latency next to the bare floor, Login per second, and the cost
+of a cached decision in a service (RemoteAuthorizer.require's hit path).
 
 Both servers run as subprocesses on this machine, one after the other, against the same
 PostgreSQL (DATABASE_URL if set, else an embedded pgserver), driven by the same client
@@ -8,6 +9,11 @@ PostgreSQL (DATABASE_URL if set, else an embedded pgserver), driven by the same 
   membership lookup, role mapping;
 - floor: a bare grpc.aio server answering the same Authorize RPC with one asyncpg lookup of
   the same row by its unique key, no interceptor, no auth.
+
+The hit path runs in this process, as a service runs it: shared.auth.RemoteAuthorizer with a
+live AccessWatch on the identity process, next to the pre-#14 TTL-only cache (copied below as
+`TtlOnlyAuthorizer`), alternating short rounds (a round blocks the event loop, so it stays
+well inside the watch's lease) and checking that no round left the cache.
 
 Run: .venv/bin/python bench/bench_authorize.py [--seconds 5] [--inflight 64]
 """
@@ -32,6 +38,8 @@ import grpc
 
 from hangar.identity.v1 import identity_pb2 as pb
 from hangar.identity.v1 import identity_pb2_grpc
+from shared.auth import require_caller
+from shared.errors import InvalidArgument, PermissionDenied
 
 # ---------------------------------------------------------------------- the floor server
 
@@ -102,6 +110,74 @@ async def logins(address: str, email: str, password: str, seconds: float, inflig
         stub = identity_pb2_grpc.IdentityServiceStub(channel)
         request = pb.LoginRequest(email=email, password=password)
         return (await closed_loop(lambda: stub.Login(request), seconds, inflight))[0]
+
+
+# ---------------------------------------------------------------------- the hit path
+
+
+class TtlOnlyAuthorizer:
+    """The hit path of RemoteAuthorizer before issue #14 (a 5 s TTL cache, nothing else)."""
+
+    def __init__(self, role: int) -> None:
+        self._cache: dict[tuple[str, str, str, str], tuple[float, bool, int]] = {}
+        self.role = role
+
+    async def require(self, organization_id: str, permission: str) -> int:
+        principal = require_caller()
+        if not organization_id:
+            raise InvalidArgument.field("organization_id", "required")
+        key = (principal.kind.value, principal.subject, organization_id, permission)
+        now = time.monotonic()
+        cached = self._cache.get(key)
+        if cached is not None and cached[0] > now:
+            _, allowed, role = cached
+        else:  # the bench only times hits; a miss fills the entry as identity would
+            allowed, role = True, self.role
+            self._cache[key] = (now + 5.0, allowed, role)
+        if not allowed:
+            raise PermissionDenied(f"missing permission {permission} in this organization")
+        return role
+
+
+async def hit_path(settings: object, user_id: str, org_id: str, rounds: int) -> tuple[float, float]:
+    """ns per cached require(): (pre-#14 TTL-only, RemoteAuthorizer under a live watch)."""
+    from dataclasses import replace
+
+    from shared.auth import AccessWatch, RemoteAuthorizer, ServiceTokenSource
+    from shared.clients import Clients
+    from shared.context import Principal, PrincipalKind, principal_var
+    from shared.loops import cancel_and_wait
+
+    project = replace(settings, service="project")  # type: ignore[type-var]
+    source = ServiceTokenSource(project)
+    clients = Clients(project.addresses, token_provider=source)
+    watch = AccessWatch(clients)
+    current = RemoteAuthorizer(clients, watch=watch)
+    legacy = TtlOnlyAuthorizer(pb.ROLE_OWNER)
+    watching = asyncio.create_task(watch.run())
+    principal_var.set(Principal(kind=PrincipalKind.USER, subject=user_id))
+    calls = 100_000
+    try:
+        async with asyncio.timeout(30):
+            await watch.wait_live()
+        figures: dict[str, list[float]] = {"legacy": [], "current": []}
+        for _ in range(rounds):
+            for name, authorizer in (("legacy", legacy), ("current", current)):
+                await asyncio.sleep(0.05)  # let the watch ping and renew its lease
+                await authorizer.require(org_id, "projects.get")  # a miss fills the cache
+                entries = dict(current._cache)
+                require = authorizer.require
+                started = time.perf_counter()
+                for _ in range(calls):
+                    await require(org_id, "projects.get")
+                figures[name].append((time.perf_counter() - started) / calls * 1e9)
+                assert watch.live(), "the lease ran out during a round: rounds are too long"
+                assert current._cache == entries, "a miss was timed"
+        return statistics.median(figures["legacy"]), statistics.median(figures["current"])
+    finally:
+        await cancel_and_wait([watching])
+        await clients.close()
+        await source.close()
 
 
 # ------------------------------------------------------------------------------- main
@@ -185,6 +261,7 @@ async def bench(args: argparse.Namespace) -> None:
         floor_rps, floor_p50, floor_p99 = median_run(floor_runs)
         auth_rps, auth_p50, auth_p99 = median_run(auth_runs)
         login_rps = await logins(address, "bench@example.com", password, args.seconds, 8)
+        legacy_ns, current_ns = await hit_path(settings, user.user.id, org.id, args.hit_rounds)
 
         print(
             f"{args.inflight} calls in flight, {args.rounds} alternating rounds of"
@@ -196,6 +273,11 @@ async def bench(args: argparse.Namespace) -> None:
         print(f"{'identity.Authorize':<22}{auth_rps:>10.0f}{auth_p50:>10.2f}{auth_p99:>10.2f}")
         print(f"Authorize / floor = {auth_rps / floor_rps:.2f}  (aim >= 0.80)")
         print(f"Login (argon2id m=19MiB t=2 p=1, 8 in flight): {login_rps:.1f} per second")
+        print(
+            f"cached RemoteAuthorizer.require (median of {args.hit_rounds} rounds of 100k):"
+            f" TTL-only (pre-#14) {legacy_ns:.0f} ns, under a live AccessWatch"
+            f" {current_ns:.0f} ns, ratio {current_ns / legacy_ns:.3f}  (aim <= 1.05)"
+        )
     finally:
         for proc in procs:
             if proc.poll() is None:
@@ -215,6 +297,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--inflight", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--hit-rounds", type=int, default=15)
     parser.add_argument("--floor", nargs=2, metavar=("PORT", "DSN"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     import uvloop

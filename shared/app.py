@@ -15,7 +15,7 @@ from hangar.events.v1 import events_pb2
 from hangar.identity.v1 import identity_pb2, identity_pb2_grpc
 from hangar.project.v1 import project_pb2, project_pb2_grpc
 from hangar.runtime.v1 import runtime_pb2, runtime_pb2_grpc
-from shared.auth import IdentityJwks, ServiceTokenSource, TokenVerifier
+from shared.auth import AccessWatch, IdentityJwks, ServiceTokenSource, TokenVerifier
 from shared.clients import Clients
 from shared.db import Database
 from shared.interceptors import Authenticator
@@ -53,6 +53,7 @@ class ServiceApp:
 
     name: str = ""
     service_names: Sequence[str] = ()
+    watches_access = True  # holds identity's WatchAccess open (see shared.auth.AccessWatch)
 
     def __init__(self, settings: Settings, db: Database) -> None:
         self.settings = settings
@@ -67,9 +68,13 @@ class ServiceApp:
             default_timeout=settings.call_timeout_seconds,
             token_provider=self.token_source,
         )
+        # What keeps this process's token and Authorize caches true (RemoteAuthorizer's watch).
+        self.access_watch = AccessWatch(self.clients) if self.watches_access else None
         self.authenticator: Authenticator = self.build_authenticator()
         self._loops: list[Callable[[], Coroutine[Any, Any, None]]] = []
         self._tasks: list[asyncio.Task[None]] = []
+        if self.access_watch is not None:
+            self.add_loop(self.access_watch.run)
 
     @classmethod
     async def create(cls, settings: Settings) -> ServiceApp:
@@ -79,7 +84,7 @@ class ServiceApp:
     def build_authenticator(self) -> Authenticator:
         """Verifies bearer tokens locally against identity's published keys."""
         self._jwks = IdentityJwks(self.settings)
-        return TokenVerifier.for_settings(self.settings, self._jwks)
+        return TokenVerifier.for_settings(self.settings, self._jwks, sessions=self.access_watch)
 
     def watch_events(self, source: str) -> EventFeed:
         """Another service's WatchEvents feed, called with this service's token (for

@@ -45,7 +45,9 @@ class BillingApp(ServiceApp):
         super().__init__(settings, db)
         self.clock = clock or SystemClock()
         self.gateway = gateway or SdkStripeGateway.from_settings(settings)
-        self.authorizer: Authorizer = authorizer or RemoteAuthorizer(self.clients)
+        self.authorizer: Authorizer = authorizer or RemoteAuthorizer(
+            self.clients, watch=self.access_watch
+        )
         self.subscriptions = Subscriptions(
             db, self.clock, organizations or IdentityOrganizations(self.clients)
         )

@@ -7,12 +7,20 @@ from datetime import UTC, datetime
 from typing import Any, TypeAlias
 
 import grpc
-from google.protobuf import empty_pb2, json_format, struct_pb2, timestamp_pb2
+from google.protobuf import duration_pb2, empty_pb2, json_format, struct_pb2, timestamp_pb2
 
 from hangar.events.v1 import events_pb2
 from hangar.identity.v1 import identity_pb2 as pb
 from hangar.identity.v1 import identity_pb2_grpc
 from services.identity import store
+from services.identity.access import (
+    Heartbeat,
+    Invalidation,
+    Outgoing,
+    RevokedSession,
+    Snapshot,
+    WatcherMessage,
+)
 from services.identity.service import AuditEventIn, Identity, SignedIn
 from shared.auth import require_service
 from shared.outbox import OutboxFeed
@@ -97,6 +105,40 @@ def _event_in(event: pb.AuditEvent) -> AuditEventIn:
     )
 
 
+def _revoked(sessions: tuple[RevokedSession, ...]) -> list[pb.RevokedSession]:
+    return [pb.RevokedSession(id=r.id, forget_after=_ts(r.forget_after)) for r in sessions]
+
+
+def _access_message(message: Outgoing) -> pb.WatchAccessResponse:
+    if isinstance(message, Snapshot):
+        lease = duration_pb2.Duration()
+        lease.FromNanoseconds(int(message.lease_seconds * 1e9))
+        snapshot = pb.AccessSnapshot(
+            revoked_sessions=_revoked(message.revoked_sessions), lease=lease
+        )
+        return pb.WatchAccessResponse(snapshot=snapshot)
+    if isinstance(message, Invalidation):
+        change = message.change
+        invalidation = pb.AccessInvalidation(
+            sequence=message.sequence,
+            scopes=[
+                pb.AccessScope(user_id=s.user_id, organization_id=s.organization_id)
+                for s in change.scopes
+            ],
+            revoked_sessions=_revoked(change.revoked_sessions),
+        )
+        return pb.WatchAccessResponse(invalidation=invalidation)
+    assert isinstance(message, Heartbeat)
+    return pb.WatchAccessResponse(heartbeat=pb.AccessHeartbeat(ping=message.ping))
+
+
+async def _watcher_messages(
+    requests: AsyncIterator[pb.WatchAccessRequest],
+) -> AsyncIterator[WatcherMessage]:
+    async for request in requests:
+        yield WatcherMessage(request.acked_sequence, request.ping, request.goodbye)
+
+
 class IdentityApi(identity_pb2_grpc.IdentityServiceServicer):
     def __init__(self, identity: Identity, feed: OutboxFeed) -> None:
         self.identity = identity
@@ -105,7 +147,10 @@ class IdentityApi(identity_pb2_grpc.IdentityServiceServicer):
     # accounts and sessions
 
     async def SignUp(self, request: pb.SignUpRequest, context: Context) -> pb.AuthResponse:
-        return _auth(await self.identity.sign_up(request.email, request.password, request.name))
+        signed_in = await self.identity.sign_up(
+            request.email, request.password, request.name, request.request_id
+        )
+        return _auth(signed_in)
 
     async def Login(self, request: pb.LoginRequest, context: Context) -> pb.AuthResponse:
         return _auth(await self.identity.login(request.email, request.password))
@@ -155,6 +200,17 @@ class IdentityApi(identity_pb2_grpc.IdentityServiceServicer):
         return pb.AuthorizeResponse(
             allowed=allowed, role=pb.Role.ValueType(role) if role else pb.ROLE_UNSPECIFIED
         )
+
+    async def CheckSession(
+        self, request: pb.CheckSessionRequest, context: Context
+    ) -> pb.CheckSessionResponse:
+        return pb.CheckSessionResponse(active=await self.identity.check_session(request.session_id))
+
+    async def WatchAccess(
+        self, request_iterator: AsyncIterator[pb.WatchAccessRequest], context: Context
+    ) -> AsyncIterator[pb.WatchAccessResponse]:
+        async for message in self.identity.watch_access(_watcher_messages(request_iterator)):
+            yield _access_message(message)
 
     # organizations
 

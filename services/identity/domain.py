@@ -170,6 +170,21 @@ def slug_violation(slug: str, field: str = "organization.slug") -> FieldViolatio
     return None
 
 
+# --------------------------------------------------------------------- sign-up retries
+
+# How long a SignUp's request_id keeps answering with the account it created (AIP-155).
+SIGNUP_REPLAY_WINDOW = timedelta(days=1)
+MAX_REQUEST_ID = 100
+
+
+def request_id_violation(request_id: str) -> FieldViolation | None:
+    if len(request_id) > MAX_REQUEST_ID:
+        return FieldViolation("request_id", f"at most {MAX_REQUEST_ID} characters")
+    if request_id and (not request_id.isprintable() or request_id != request_id.strip()):
+        return FieldViolation("request_id", "printable characters, no surrounding spaces")
+    return None
+
+
 # ------------------------------------------------------------------ sign-in throttling
 
 FREE_FAILURES = 5  # failures before any delay

@@ -8,12 +8,20 @@ from __future__ import annotations
 
 import hmac
 import logging
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from services.identity import domain, store
+from services.identity.access import (
+    AccessBroadcaster,
+    AccessChange,
+    Outgoing,
+    RevokedSession,
+    Scope,
+    WatcherMessage,
+)
 from services.identity.domain import Role
 from services.identity.oauth import OidcVerifier
 from services.identity.passwords import Passwords
@@ -24,7 +32,7 @@ from services.identity.tokens import (
     refresh_token_hash,
 )
 from shared import pagination
-from shared.auth import require_caller, require_service, require_user
+from shared.auth import require_caller, require_service, require_user, session_ended
 from shared.context import Principal, PrincipalKind, current_principal
 from shared.db import Database, Session
 from shared.errors import (
@@ -48,6 +56,9 @@ log = logging.getLogger(__name__)
 SCHEMA = "identity"
 SERVICE = "identity"
 MAX_AUDIT_BATCH = 1000
+# Beyond an access token's own lifetime, how long a revoked session is still announced (the
+# verifiers' clock leeway, and then some).
+REVOKED_MARGIN = timedelta(seconds=60)
 
 
 @dataclass(frozen=True)
@@ -99,6 +110,19 @@ class LocalAuthorizer:
         return role
 
 
+class LocalSessions:
+    """shared.auth.SessionCheck for identity itself: the session's rows, read at once (the
+    database has every revocation the moment it commits; other services learn of it through
+    WatchAccess)."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    async def require_session(self, session_id: str) -> None:
+        if not await store.session_active(self.db, session_id):
+            raise session_ended()
+
+
 async def decide(
     db: Database, principal: Principal, organization_id: str, permission: str
 ) -> tuple[bool, Role | None]:
@@ -118,6 +142,7 @@ class Identity:
         keys: KeySet,
         passwords: Passwords,
         oidc: OidcVerifier | None = None,
+        access: AccessBroadcaster | None = None,
     ) -> None:
         self.db = db
         self.settings = settings
@@ -125,6 +150,8 @@ class Identity:
         self.passwords = passwords
         self.oidc = oidc or OidcVerifier(settings.oauth_providers)
         self.authorizer = LocalAuthorizer(db)
+        self.sessions = LocalSessions(db)
+        self.access = access or AccessBroadcaster()
 
     # ------------------------------------------------------------------ sessions
 
@@ -132,11 +159,12 @@ class Identity:
         self, tx: Session, user: store.User, family_id: str | None = None
     ) -> SignedIn:
         refresh = new_refresh_token()
+        family_id = family_id or new_id()  # the session: access tokens carry it as `sid`
         await store.insert_refresh_token(
             tx,
             token_id=new_id(),
             user_id=user.id,
-            family_id=family_id or new_id(),
+            family_id=family_id,
             token_hash=refresh_token_hash(refresh),
             expires_at=datetime.now(UTC)
             + timedelta(seconds=self.settings.refresh_token_ttl_seconds),
@@ -145,10 +173,29 @@ class Identity:
             user.id,
             is_platform_admin=user.is_platform_admin,
             ttl=self.settings.access_token_ttl_seconds,
+            session_id=family_id,
         )
         return SignedIn(user, access, refresh)
 
-    async def sign_up(self, email: str, password: str, name: str) -> SignedIn:
+    def _revoked(self, family_id: str) -> AccessChange:
+        forget_after = (
+            datetime.now(UTC)
+            + timedelta(seconds=self.settings.access_token_ttl_seconds)
+            + REVOKED_MARGIN
+        )
+        return AccessChange(revoked_sessions=(RevokedSession(family_id, forget_after),))
+
+    async def revoked_sessions(self) -> list[RevokedSession]:
+        """Sessions revoked while some of their access tokens may still be unexpired."""
+        lifetime = timedelta(seconds=self.settings.access_token_ttl_seconds) + REVOKED_MARGIN
+        async with self.db.session() as s:
+            found = await store.revoked_sessions(s, lifetime)
+        return [RevokedSession(family, at + lifetime) for family, at in found]
+
+    async def sign_up(self, email: str, password: str, name: str, request_id: str = "") -> SignedIn:
+        """A new account, signed in. Safe to retry with the same `request_id` (AIP-155): the
+        retry of a sign-up that created the account answers with it (see _replay_sign_up).
+        Saturated, the password pool refuses (RESOURCE_EXHAUSTED) before anything is written."""
         violations: list[FieldViolation] = []
         try:
             email = domain.normalize_email(email)
@@ -160,16 +207,55 @@ class Identity:
             name = domain.clean_name(name, "name", required=False)
         except InvalidArgument as exc:
             violations += exc.violations
+        if (bad := domain.request_id_violation(request_id)) is not None:
+            violations.append(bad)
         if violations:
             raise InvalidArgument(violations)
+        if request_id:
+            async with self.db.session() as s:
+                earlier = await store.user_by_signup_request(s, request_id)
+            if earlier is not None:
+                return await self._replay_sign_up(earlier, email, password)
         password_hash = await self.passwords.hash(password)
         async with self.db.transaction() as tx:
             user = await store.insert_user(
-                tx, user_id=new_id(), email=email, name=name, password_hash=password_hash
+                tx,
+                user_id=new_id(),
+                email=email,
+                name=name,
+                password_hash=password_hash,
+                signup_request_id=request_id or None,
             )
-            if user is None:
-                raise AlreadyExists("an account with this email exists", reason="EMAIL_TAKEN")
-            await self._audit(tx, None, "user.signed_up", user.id, "user", user.id)
+            if user is not None:
+                await self._audit(tx, None, "user.signed_up", user.id, "user", user.id)
+                return await self._sign_in(tx, user)
+        if request_id:  # a concurrent twin of this request may have won the insert
+            async with self.db.session() as s:
+                earlier = await store.user_by_signup_request(s, request_id)
+            if earlier is not None:
+                return await self._replay_sign_up(earlier, email, password)
+        raise AlreadyExists("an account with this email exists", reason="EMAIL_TAKEN")
+
+    async def _replay_sign_up(self, user: store.User, email: str, password: str) -> SignedIn:
+        """The account an earlier SignUp with this request id created, signed in anew: only
+        for the same email and password (the request id is no credential) and within a day.
+        Anything else answers as a fresh sign-up of a taken email would."""
+        if user.email != email:
+            raise InvalidArgument.field("request_id", "already used by another sign-up")
+        fresh = datetime.now(UTC) - user.created_at < domain.SIGNUP_REPLAY_WINDOW
+        verdict = await self.passwords.verify(user.password_hash, password)
+        if not fresh or not verdict.ok:
+            raise AlreadyExists("an account with this email exists", reason="EMAIL_TAKEN")
+        async with self.db.transaction() as tx:
+            await self._audit(
+                tx,
+                None,
+                "user.login_succeeded",
+                user.id,
+                "user",
+                user.id,
+                {"method": "signup_retry"},
+            )
             return await self._sign_in(tx, user)
 
     async def login(self, email: str, password: str) -> SignedIn:
@@ -223,6 +309,7 @@ class Identity:
         if not token:
             raise InvalidArgument.field("refresh_token", "required")
         digest = refresh_token_hash(token)
+        family: str | None = None
         async with self.db.transaction() as tx:
             used = await store.use_refresh_token(tx, digest)
             if used is not None:
@@ -234,6 +321,8 @@ class Identity:
                 if family is not None:
                     # Rotated, revoked or expired: whoever holds the family is suspect.
                     await store.revoke_family(tx, family)
+        if family is not None:  # whatever the family issued stops working everywhere
+            await self.access.announce(self._revoked(family))
         raise Unauthenticated(
             "refresh token is not valid; sign in again", reason="REFRESH_TOKEN_INVALID"
         )
@@ -245,6 +334,8 @@ class Identity:
             family = await store.refresh_token_family(tx, refresh_token_hash(token))
             if family is not None:
                 await store.revoke_family(tx, family)
+        if family is not None:  # its access tokens stop working everywhere before we answer
+            await self.access.announce(self._revoked(family))
 
     async def current_user(self) -> store.User:
         principal = require_user()
@@ -371,6 +462,15 @@ class Identity:
             raise InvalidArgument.field("user_id", "a user_id or a service is required")
         return await decide(self.db, principal, organization_id, permission)
 
+    async def check_session(self, session_id: str) -> bool:
+        require_service()
+        require_id(session_id, "session_id")
+        return await store.session_active(self.db, session_id)
+
+    def watch_access(self, requests: AsyncIterator[WatcherMessage]) -> AsyncIterator[Outgoing]:
+        caller = require_service()
+        return self.access.watch(caller.subject, requests, self.revoked_sessions)
+
     # ------------------------------------------------------------ organizations
 
     async def create_organization(self, name: str, slug: str) -> store.Organization:
@@ -417,7 +517,8 @@ class Identity:
                 org.id,
                 {"slug": org.slug},
             )
-            return org
+        # No announcement: the id is new, so no service can hold a decision about it.
+        return org
 
     async def get_organization(self, org_id: str) -> store.Organization:
         require_id(org_id, "id")
@@ -531,6 +632,7 @@ class Identity:
                 payload={"id": org_id},
             )
             await store.delete_organization(tx, org_id)
+        await self.access.announce(AccessChange((Scope(organization_id=org_id),)))
 
     # ------------------------------------------------------------------ members
 
@@ -569,7 +671,8 @@ class Identity:
                 user.id,
                 {"role": role.db_name},
             )
-            return store.Member(user.id, user.email, role)
+        await self.access.announce(AccessChange((Scope(user.id, org_id),)))
+        return store.Member(user.id, user.email, role)
 
     async def list_members(self, org_id: str, size: int, token: str) -> Page:
         require_id(org_id, "organization_id")
@@ -622,7 +725,9 @@ class Identity:
                 )
             updated = await store.member(tx, org_id, user_id)
             assert updated is not None
-            return updated
+        if current is not role:
+            await self.access.announce(AccessChange((Scope(user_id, org_id),)))
+        return updated
 
     async def remove_member(self, org_id: str, user_id: str) -> None:
         principal = require_user()
@@ -658,6 +763,7 @@ class Identity:
                 user_id,
                 {"role": current.db_name},
             )
+        await self.access.announce(AccessChange((Scope(user_id, org_id),)))
 
     # -------------------------------------------------------------------- audit
 

@@ -21,6 +21,7 @@ from sqlalchemy import (
     bindparam,
     case,
     delete,
+    exists,
     func,
     insert,
     select,
@@ -46,6 +47,7 @@ users = Table(
     Column("oauth_provider", Text),
     Column("oauth_subject", Text),
     Column("is_platform_admin", Boolean, nullable=False),
+    Column("signup_request_id", Text),
     Column("created_at", DateTime(timezone=True), nullable=False),
     Column("updated_at", DateTime(timezone=True), nullable=False),
 )
@@ -171,8 +173,10 @@ async def insert_user(
     email_verified: bool = False,
     oauth_provider: str | None = None,
     oauth_subject: str | None = None,
+    signup_request_id: str | None = None,
 ) -> User | None:
-    """The new user, or None when the email (or OAuth identity) is taken."""
+    """The new user, or None when the email, the OAuth identity or the sign-up request id
+    is taken."""
     stmt = (
         pg_insert(users)
         .values(
@@ -184,6 +188,7 @@ async def insert_user(
             oauth_provider=oauth_provider,
             oauth_subject=oauth_subject,
             is_platform_admin=False,
+            signup_request_id=signup_request_id,
         )
         .on_conflict_do_nothing()
         .returning(*_USER_COLUMNS)
@@ -193,6 +198,11 @@ async def insert_user(
 
 async def user_by_email(s: Session, email: str) -> User | None:
     return _user(await s.fetchrow(select(*_USER_COLUMNS).where(users.c.email == email)))
+
+
+async def user_by_signup_request(s: Session, request_id: str) -> User | None:
+    stmt = select(*_USER_COLUMNS).where(users.c.signup_request_id == request_id)
+    return _user(await s.fetchrow(stmt))
 
 
 async def user_by_id(s: Session, user_id: str) -> User | None:
@@ -269,8 +279,10 @@ async def insert_refresh_token(
 async def use_refresh_token(tx: Session, token_hash: bytes) -> tuple[str, str] | None:
     """Mark a live token used; (user_id, family_id), or None if it is not live.
 
-    The row lock makes a concurrent second use wait, then find it used.
+    The row lock makes a concurrent second use wait, then find it used. A token its family's
+    revocation missed (rotated in while the family was being revoked) is not live either.
     """
+    revoked = refresh_tokens.alias("revoked")
     row = await tx.fetchrow(
         update(refresh_tokens)
         .where(
@@ -278,6 +290,10 @@ async def use_refresh_token(tx: Session, token_hash: bytes) -> tuple[str, str] |
             refresh_tokens.c.used_at.is_(None),
             refresh_tokens.c.revoked_at.is_(None),
             refresh_tokens.c.expires_at > func.now(),
+            ~exists().where(
+                revoked.c.family_id == refresh_tokens.c.family_id,
+                revoked.c.revoked_at.is_not(None),
+            ),
         )
         .values(used_at=func.now())
         .returning(refresh_tokens.c.user_id, refresh_tokens.c.family_id)
@@ -297,6 +313,28 @@ async def revoke_family(tx: Session, family_id: str) -> None:
         .where(refresh_tokens.c.family_id == family_id, refresh_tokens.c.revoked_at.is_(None))
         .values(revoked_at=func.now())
     )
+
+
+# Every user request to identity checks its session: compiled once, then plain asyncpg.
+# NULL (no rows: never issued, or cleaned up long after its tokens expired) is not active.
+_SESSION_ACTIVE_SQL = (
+    "SELECT bool_and(revoked_at IS NULL) FROM identity.refresh_tokens WHERE family_id = $1"
+)
+
+
+async def session_active(db: Database, family_id: str) -> bool:
+    """Whether a session (refresh-token family, the access tokens' `sid`) is not revoked."""
+    return bool(await db.pool.fetchval(_SESSION_ACTIVE_SQL, family_id))
+
+
+async def revoked_sessions(s: Session, since: timedelta) -> list[tuple[str, datetime]]:
+    """Sessions revoked within `since`: (family id, when), newest revocation per family."""
+    stmt = (
+        select(refresh_tokens.c.family_id, func.max(refresh_tokens.c.revoked_at))
+        .where(refresh_tokens.c.revoked_at > func.now() - since)
+        .group_by(refresh_tokens.c.family_id)
+    )
+    return [(r[0], r[1]) for r in await s.fetch(stmt)]
 
 
 # ------------------------------------------------------------------ login throttle

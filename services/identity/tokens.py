@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from jwt.algorithms import OKPAlgorithm
 
-from shared.auth import ALGORITHM, CLAIM_ADMIN, CLAIM_KIND, generate_signing_key
+from shared.auth import ALGORITHM, CLAIM_ADMIN, CLAIM_KIND, CLAIM_SESSION, generate_signing_key
 from shared.ids import new_id
 from shared.settings import Settings, SigningKey
 
@@ -88,8 +88,13 @@ class KeySet:
         )
         return IssuedToken(token, now + ttl)
 
-    def access_token(self, user_id: str, *, is_platform_admin: bool, ttl: int) -> IssuedToken:
-        return self._sign(user_id, "user", ttl, {CLAIM_ADMIN: is_platform_admin})
+    def access_token(
+        self, user_id: str, *, is_platform_admin: bool, ttl: int, session_id: str
+    ) -> IssuedToken:
+        """A user's token; `session_id` (the refresh-token family) revokes it with the session."""
+        return self._sign(
+            user_id, "user", ttl, {CLAIM_ADMIN: is_platform_admin, CLAIM_SESSION: session_id}
+        )
 
     def service_token(self, service: str, *, ttl: int) -> IssuedToken:
         return self._sign(service, "service", ttl, {})

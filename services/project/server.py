@@ -46,7 +46,9 @@ class ProjectApp(ServiceApp):
         if not self.keyring.configured:
             log.warning("no master keys (HANGAR_PROJECT_MASTER_KEYS): secrets are unavailable")
         self.pool = BillingPool(self.clients)
-        self.authorizer: Authorizer = authorizer or RemoteAuthorizer(self.clients)
+        self.authorizer: Authorizer = authorizer or RemoteAuthorizer(
+            self.clients, watch=self.access_watch
+        )
         self.projects = Projects(db, self.authorizer, self.pool, self.keyring)
         self.releaser = AllocationReleaser(db, self.feed, self.pool)
         self.reconciler = Reconciler(

@@ -83,7 +83,9 @@ class RuntimeApp(ServiceApp):
         consume_projects: bool | None = None,
     ) -> None:
         super().__init__(settings, db)
-        self.authorizer: Authorizer = authorizer or RemoteAuthorizer(self.clients)
+        self.authorizer: Authorizer = authorizer or RemoteAuthorizer(
+            self.clients, watch=self.access_watch
+        )
         self.projects: Projects = projects or RemoteProjects(self.clients)
         self.agents = Agents(self.token_source, timeout=settings.call_timeout_seconds)
         self.scheduler = Scheduler(

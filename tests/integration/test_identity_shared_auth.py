@@ -1,5 +1,6 @@
 """What other services get from shared.auth, against a real identity: local verification
-with identity's JWKS, Authorize with a short cache, service tokens; identity as a process."""
+with identity's JWKS, Authorize with a cache an AccessWatch keeps true, service tokens;
+identity as a process."""
 
 from __future__ import annotations
 
@@ -16,10 +17,17 @@ import grpc
 import pytest
 
 from hangar.identity.v1 import identity_pb2 as pb
-from shared.auth import IdentityJwks, RemoteAuthorizer, ServiceTokenSource, TokenVerifier
+from shared.auth import (
+    AccessWatch,
+    IdentityJwks,
+    RemoteAuthorizer,
+    ServiceTokenSource,
+    TokenVerifier,
+)
 from shared.clients import Clients
 from shared.context import principal_var
 from shared.errors import PermissionDenied, Unauthenticated
+from shared.loops import cancel_and_wait
 from tests.support.identity import (
     RunningIdentity,
     bearer,
@@ -52,39 +60,54 @@ async def test_another_service_verifies_identity_tokens_locally(identity: Runnin
         await jwks.close()
 
 
-async def test_authorizer_answers_from_identity_with_a_short_cache(
+class CountingAuthorizer(RemoteAuthorizer):
+    """Counts the questions that reach identity (the others were answered from the cache)."""
+
+    asked = 0
+
+    async def _ask(self, request: pb.AuthorizeRequest) -> pb.AuthorizeResponse:
+        self.asked += 1
+        return await super()._ask(request)
+
+
+async def test_authorizer_caches_under_a_live_watch_and_forgets_a_removed_member_at_once(
     identity: RunningIdentity,
 ) -> None:
     settings = replace(identity.settings, service="project")
     source = ServiceTokenSource(settings)
     clients = Clients(settings.addresses, token_provider=source)
-    authorizer = RemoteAuthorizer(clients, ttl_seconds=0.5)
+    watch = AccessWatch(clients)
+    authorizer = CountingAuthorizer(clients, watch=watch)
     verifier = TokenVerifier.for_settings(settings, identity.app.keys.jwks_source)  # type: ignore[union-attr]
     owner = await identity.sign_up()
     viewer = await identity.sign_up()
     stranger = await identity.sign_up()
     org = await identity.create_org(owner.access_token)
     await identity.add_member(owner.access_token, org.id, viewer.user.email, pb.ROLE_VIEWER)
+    watching = asyncio.create_task(watch.run())
     try:
+        async with asyncio.timeout(30):
+            await watch.wait_live()
         principal_var.set(await verifier.authenticate(viewer.access_token))
         assert await authorizer.require(org.id, "projects.get") == pb.ROLE_VIEWER
+        assert await authorizer.require(org.id, "projects.get") == pb.ROLE_VIEWER
+        assert authorizer.asked == 1 or not watch.live()  # the second from the cache
         with pytest.raises(PermissionDenied):
             await authorizer.require(org.id, "projects.delete")
         principal_var.set(await verifier.authenticate(stranger.access_token))
         for org_id in (org.id, "no-such-org"):  # AIP-193: the same answer either way
             with pytest.raises(PermissionDenied):
                 await authorizer.require(org_id, "projects.get")
-        # Removing the viewer takes effect once the cache entry expires.
+        # Removing the viewer holds here from the moment RemoveMember returns.
         principal_var.set(await verifier.authenticate(viewer.access_token))
         await identity.stub.RemoveMember(
             pb.RemoveMemberRequest(organization_id=org.id, user_id=viewer.user.id),
             metadata=bearer(owner.access_token),
         )
-        assert await authorizer.require(org.id, "projects.get") == pb.ROLE_VIEWER  # cached
-        await asyncio.sleep(0.6)
         with pytest.raises(PermissionDenied):
             await authorizer.require(org.id, "projects.get")
     finally:
+        await cancel_and_wait([watching])
         await clients.close()
         await source.close()
 

@@ -39,7 +39,7 @@ async def test_user_and_service_tokens_verify_into_principals() -> None:
     keyset = KeySet(_keys("a"), issuer=ISSUER, audience=AUDIENCE)
     verifier = _verifier(keyset.jwks_source)
     user = await verifier.authenticate(
-        keyset.access_token("u1", is_platform_admin=True, ttl=60).token
+        keyset.access_token("u1", is_platform_admin=True, ttl=60, session_id="s1").token
     )
     assert (user.kind, user.subject, user.is_platform_admin) == (PrincipalKind.USER, "u1", True)
     service = await verifier.authenticate(keyset.service_token("runtime", ttl=60).token)
@@ -88,7 +88,7 @@ async def test_tampered_tokens_are_unauthenticated(forge: str) -> None:
 async def test_payload_edited_after_signing_is_refused() -> None:
     keyset = KeySet(_keys("a"), issuer=ISSUER, audience=AUDIENCE)
     verifier = _verifier(keyset.jwks_source)
-    token = keyset.access_token("u1", is_platform_admin=False, ttl=60).token
+    token = keyset.access_token("u1", is_platform_admin=False, ttl=60, session_id="s1").token
     header, payload, signature = token.split(".")
     forged_payload = jwt.utils.base64url_encode(
         jwt.utils.base64url_decode(payload).replace(b'"adm":false', b'"adm":true ')
@@ -102,14 +102,14 @@ async def test_rotation_keeps_old_tokens_valid_and_unknown_kids_refetch_rate_lim
     before = KeySet(old, issuer=ISSUER, audience=AUDIENCE)
     source = CountingJwks(before)
     verifier = _verifier(source, refetch_interval=0.2)
-    old_token = before.access_token("u1", is_platform_admin=False, ttl=60).token
+    old_token = before.access_token("u1", is_platform_admin=False, ttl=60, session_id="s1").token
     await verifier.authenticate(old_token)
     assert source.calls == 1
 
     # Rotate: a new key signs, the old one still verifies.
     after = KeySet((*_keys("new"), *old), issuer=ISSUER, audience=AUDIENCE)
     source.keyset = after
-    new_token = after.access_token("u2", is_platform_admin=False, ttl=60).token
+    new_token = after.access_token("u2", is_platform_admin=False, ttl=60, session_id="s1").token
     await asyncio_sleep(0.25)
     assert (await verifier.authenticate(new_token)).subject == "u2"
     assert (await verifier.authenticate(old_token)).subject == "u1"
@@ -120,7 +120,7 @@ async def test_rotation_keeps_old_tokens_valid_and_unknown_kids_refetch_rate_lim
     for _ in range(20):
         with pytest.raises(Unauthenticated):
             await verifier.authenticate(
-                stranger.access_token("x", is_platform_admin=False, ttl=60).token
+                stranger.access_token("x", is_platform_admin=False, ttl=60, session_id="s1").token
             )
     assert source.calls <= 3
 

@@ -24,7 +24,14 @@ PUBLIC_SERVICES = ("identity", "project", "runtime", "billing")
 # RPCs called only by other services or by the agent; they refuse user tokens and must not be
 # reachable through the gateway. Must match the "// Internal:" comments in the protos.
 INTERNAL_RPCS = {
-    "identity": {"Authorize", "AppendAuditEvents", "IssueServiceToken", "WatchEvents"},
+    "identity": {
+        "Authorize",
+        "AppendAuditEvents",
+        "IssueServiceToken",
+        "WatchEvents",
+        "WatchAccess",
+        "CheckSession",
+    },
     "project": {"ResolveSecrets", "WatchEvents"},
     "runtime": {"Heartbeat", "ShipLogs", "ShipMetrics", "ReportContainerStatus", "WatchEvents"},
     "billing": {

@@ -1,6 +1,7 @@
 import datetime
 
 from google.api import annotations_pb2 as _annotations_pb2
+from google.protobuf import duration_pb2 as _duration_pb2
 from google.protobuf import empty_pb2 as _empty_pb2
 from google.protobuf import field_mask_pb2 as _field_mask_pb2
 from google.protobuf import struct_pb2 as _struct_pb2
@@ -103,14 +104,16 @@ class AuthResponse(_message.Message):
     def __init__(self, user: _Optional[_Union[User, _Mapping]] = ..., access_token: _Optional[str] = ..., refresh_token: _Optional[str] = ..., access_token_expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class SignUpRequest(_message.Message):
-    __slots__ = ("email", "password", "name")
+    __slots__ = ("email", "password", "name", "request_id")
     EMAIL_FIELD_NUMBER: _ClassVar[int]
     PASSWORD_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     email: str
     password: str
     name: str
-    def __init__(self, email: _Optional[str] = ..., password: _Optional[str] = ..., name: _Optional[str] = ...) -> None: ...
+    request_id: str
+    def __init__(self, email: _Optional[str] = ..., password: _Optional[str] = ..., name: _Optional[str] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class LoginRequest(_message.Message):
     __slots__ = ("email", "password")
@@ -377,3 +380,75 @@ class IssueServiceTokenResponse(_message.Message):
     token: str
     expires_at: _timestamp_pb2.Timestamp
     def __init__(self, token: _Optional[str] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
+class WatchAccessRequest(_message.Message):
+    __slots__ = ("acked_sequence", "ping", "goodbye")
+    ACKED_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    PING_FIELD_NUMBER: _ClassVar[int]
+    GOODBYE_FIELD_NUMBER: _ClassVar[int]
+    acked_sequence: int
+    ping: int
+    goodbye: bool
+    def __init__(self, acked_sequence: _Optional[int] = ..., ping: _Optional[int] = ..., goodbye: _Optional[bool] = ...) -> None: ...
+
+class WatchAccessResponse(_message.Message):
+    __slots__ = ("snapshot", "invalidation", "heartbeat")
+    SNAPSHOT_FIELD_NUMBER: _ClassVar[int]
+    INVALIDATION_FIELD_NUMBER: _ClassVar[int]
+    HEARTBEAT_FIELD_NUMBER: _ClassVar[int]
+    snapshot: AccessSnapshot
+    invalidation: AccessInvalidation
+    heartbeat: AccessHeartbeat
+    def __init__(self, snapshot: _Optional[_Union[AccessSnapshot, _Mapping]] = ..., invalidation: _Optional[_Union[AccessInvalidation, _Mapping]] = ..., heartbeat: _Optional[_Union[AccessHeartbeat, _Mapping]] = ...) -> None: ...
+
+class AccessSnapshot(_message.Message):
+    __slots__ = ("revoked_sessions", "lease")
+    REVOKED_SESSIONS_FIELD_NUMBER: _ClassVar[int]
+    LEASE_FIELD_NUMBER: _ClassVar[int]
+    revoked_sessions: _containers.RepeatedCompositeFieldContainer[RevokedSession]
+    lease: _duration_pb2.Duration
+    def __init__(self, revoked_sessions: _Optional[_Iterable[_Union[RevokedSession, _Mapping]]] = ..., lease: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
+
+class AccessInvalidation(_message.Message):
+    __slots__ = ("sequence", "scopes", "revoked_sessions")
+    SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    SCOPES_FIELD_NUMBER: _ClassVar[int]
+    REVOKED_SESSIONS_FIELD_NUMBER: _ClassVar[int]
+    sequence: int
+    scopes: _containers.RepeatedCompositeFieldContainer[AccessScope]
+    revoked_sessions: _containers.RepeatedCompositeFieldContainer[RevokedSession]
+    def __init__(self, sequence: _Optional[int] = ..., scopes: _Optional[_Iterable[_Union[AccessScope, _Mapping]]] = ..., revoked_sessions: _Optional[_Iterable[_Union[RevokedSession, _Mapping]]] = ...) -> None: ...
+
+class AccessScope(_message.Message):
+    __slots__ = ("user_id", "organization_id")
+    USER_ID_FIELD_NUMBER: _ClassVar[int]
+    ORGANIZATION_ID_FIELD_NUMBER: _ClassVar[int]
+    user_id: str
+    organization_id: str
+    def __init__(self, user_id: _Optional[str] = ..., organization_id: _Optional[str] = ...) -> None: ...
+
+class RevokedSession(_message.Message):
+    __slots__ = ("id", "forget_after")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    FORGET_AFTER_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    forget_after: _timestamp_pb2.Timestamp
+    def __init__(self, id: _Optional[str] = ..., forget_after: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
+class AccessHeartbeat(_message.Message):
+    __slots__ = ("ping",)
+    PING_FIELD_NUMBER: _ClassVar[int]
+    ping: int
+    def __init__(self, ping: _Optional[int] = ...) -> None: ...
+
+class CheckSessionRequest(_message.Message):
+    __slots__ = ("session_id",)
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    def __init__(self, session_id: _Optional[str] = ...) -> None: ...
+
+class CheckSessionResponse(_message.Message):
+    __slots__ = ("active",)
+    ACTIVE_FIELD_NUMBER: _ClassVar[int]
+    active: bool
+    def __init__(self, active: _Optional[bool] = ...) -> None: ...

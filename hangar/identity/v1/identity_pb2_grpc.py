@@ -153,6 +153,16 @@ class IdentityServiceStub:
                 request_serializer=hangar_dot_events_dot_v1_dot_events__pb2.WatchEventsRequest.SerializeToString,
                 response_deserializer=hangar_dot_events_dot_v1_dot_events__pb2.Event.FromString,
                 _registered_method=True)
+        self.WatchAccess = channel.stream_stream(
+                '/hangar.identity.v1.IdentityService/WatchAccess',
+                request_serializer=hangar_dot_identity_dot_v1_dot_identity__pb2.WatchAccessRequest.SerializeToString,
+                response_deserializer=hangar_dot_identity_dot_v1_dot_identity__pb2.WatchAccessResponse.FromString,
+                _registered_method=True)
+        self.CheckSession = channel.unary_unary(
+                '/hangar.identity.v1.IdentityService/CheckSession',
+                request_serializer=hangar_dot_identity_dot_v1_dot_identity__pb2.CheckSessionRequest.SerializeToString,
+                response_deserializer=hangar_dot_identity_dot_v1_dot_identity__pb2.CheckSessionResponse.FromString,
+                _registered_method=True)
 
 
 class IdentityServiceServicer:
@@ -161,7 +171,9 @@ class IdentityServiceServicer:
     """
 
     def SignUp(self, request, context):
-        """Creates an account and signs it in. Role: none (anonymous).
+        """Creates an account and signs it in. A retry with the same request_id, email and
+        password answers with the same account (AIP-155). Refused with RESOURCE_EXHAUSTED (and a
+        RetryInfo) before anything is written when identity is saturated. Role: none (anonymous).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -183,7 +195,8 @@ class IdentityServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Logout(self, request, context):
-        """Revokes the refresh token's family. Role: none (the refresh token).
+        """Revokes the refresh token's family (the session) and every access token it issued, on
+        every service, before it returns. Role: none (the refresh token).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -327,6 +340,25 @@ class IdentityServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WatchAccess(self, request_iterator, context):
+        """Keeps a service's access caches true: a snapshot of revoked sessions, then every access
+        change (memberships, roles, sign-outs) as an invalidation the watcher acknowledges once
+        applied, and a heartbeat for every ping. A change's RPC returns only after every watcher
+        acknowledged it, or was cut off and its lease ran out (shared/auth.py, AccessWatch).
+        Internal: every service's shared.auth.AccessWatch; refuses user tokens.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CheckSession(self, request, context):
+        """Says whether a sign-in session (an access token's `sid` claim) is still active.
+        Internal: shared.auth.AccessWatch while its WatchAccess stream is down; refuses user tokens.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_IdentityServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -444,6 +476,16 @@ def add_IdentityServiceServicer_to_server(servicer, server):
                     servicer.WatchEvents,
                     request_deserializer=hangar_dot_events_dot_v1_dot_events__pb2.WatchEventsRequest.FromString,
                     response_serializer=hangar_dot_events_dot_v1_dot_events__pb2.Event.SerializeToString,
+            ),
+            'WatchAccess': grpc.stream_stream_rpc_method_handler(
+                    servicer.WatchAccess,
+                    request_deserializer=hangar_dot_identity_dot_v1_dot_identity__pb2.WatchAccessRequest.FromString,
+                    response_serializer=hangar_dot_identity_dot_v1_dot_identity__pb2.WatchAccessResponse.SerializeToString,
+            ),
+            'CheckSession': grpc.unary_unary_rpc_method_handler(
+                    servicer.CheckSession,
+                    request_deserializer=hangar_dot_identity_dot_v1_dot_identity__pb2.CheckSessionRequest.FromString,
+                    response_serializer=hangar_dot_identity_dot_v1_dot_identity__pb2.CheckSessionResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1069,6 +1111,60 @@ class IdentityService:
             '/hangar.identity.v1.IdentityService/WatchEvents',
             hangar_dot_events_dot_v1_dot_events__pb2.WatchEventsRequest.SerializeToString,
             hangar_dot_events_dot_v1_dot_events__pb2.Event.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchAccess(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/hangar.identity.v1.IdentityService/WatchAccess',
+            hangar_dot_identity_dot_v1_dot_identity__pb2.WatchAccessRequest.SerializeToString,
+            hangar_dot_identity_dot_v1_dot_identity__pb2.WatchAccessResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CheckSession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hangar.identity.v1.IdentityService/CheckSession',
+            hangar_dot_identity_dot_v1_dot_identity__pb2.CheckSessionRequest.SerializeToString,
+            hangar_dot_identity_dot_v1_dot_identity__pb2.CheckSessionResponse.FromString,
             options,
             channel_credentials,
             insecure,
