@@ -20,7 +20,14 @@ from shared.proto import timestamp
 
 Context: TypeAlias = grpc.aio.ServicerContext
 
-_SPEC_FIELDS = tuple(ProjectSpec.__dataclass_fields__)
+# Fields that are the same in the proto and the domain (restart_policy is an enum there).
+_SPEC_FIELDS = tuple(name for name in ProjectSpec.__dataclass_fields__ if name != "restart_policy")
+_RESTART_POLICY: dict[str, pb.RestartPolicy] = {
+    "on-failure": pb.RESTART_POLICY_ON_FAILURE,
+    "always": pb.RESTART_POLICY_ALWAYS,
+    "never": pb.RESTART_POLICY_NEVER,
+}
+_RESTART_POLICY_NAME: dict[int, str] = {v: k for k, v in _RESTART_POLICY.items()}
 
 
 def project_to_proto(p: Project) -> pb.Project:
@@ -29,13 +36,17 @@ def project_to_proto(p: Project) -> pb.Project:
         id=p.id,
         organization_id=p.organization_id,
         **{name: getattr(spec, name) for name in _SPEC_FIELDS},
+        restart_policy=_RESTART_POLICY.get(spec.restart_policy, pb.RESTART_POLICY_UNSPECIFIED),
         created_at=timestamp(p.created_at),
         updated_at=timestamp(p.updated_at),
     )
 
 
 def spec_from_proto(p: pb.Project) -> ProjectSpec:
-    return ProjectSpec(**{name: getattr(p, name) for name in _SPEC_FIELDS})
+    # Unspecified: "" (the create default applies; an update naming it is refused); an
+    # unknown number stays unknown, so validation names the field.
+    policy = _RESTART_POLICY_NAME.get(p.restart_policy, "" if not p.restart_policy else "?")
+    return ProjectSpec(**{name: getattr(p, name) for name in _SPEC_FIELDS}, restart_policy=policy)
 
 
 def set_fields(p: pb.Project) -> list[str]:

@@ -17,6 +17,7 @@ SECRET_NAME = re.compile(r"^[A-Z_][A-Z0-9_]*$")
 REGION = re.compile(r"^[a-z][a-z0-9]*(-[a-z0-9]+)*$")
 URL = re.compile(r"^(https?|ssh|git)://[^\s/$.?#][^\s]*$|^git@[^\s:]+:[^\s]+$")
 IMAGE = re.compile(r"^[a-z0-9]+([._/:@-][A-Za-z0-9_.-]+)*$")
+HTTP_PATH = re.compile(r"^/[^\s]*$")
 
 MAX_SLUG = 40
 MAX_NAME = 100
@@ -34,11 +35,18 @@ RAM_MB = (32, 256 * 1024)
 CPU_MILLIS = (10, 64_000)
 BANDWIDTH_GB = (0, 100_000)
 SLEEP_AFTER_SECONDS = (30, 7 * 86400)
+LIVENESS_PERIOD_SECONDS = (1, 3600)
+LIVENESS_FAILURE_THRESHOLD = (1, 100)
+# What the agent does when an app ends on its own after it was healthy (agent.RestartPolicy).
+RESTART_POLICIES = ("on-failure", "always", "never")
 
 # Server-side defaults for fields a create leaves unset (proto3 zero values).
 DEFAULT_RAM_MB = 256
 DEFAULT_CPU_MILLIS = 250
 DEFAULT_SLEEP_AFTER_SECONDS = 900
+DEFAULT_RESTART_POLICY = "on-failure"
+DEFAULT_LIVENESS_PERIOD_SECONDS = 10
+DEFAULT_LIVENESS_FAILURE_THRESHOLD = 3
 DEFAULT_REGION = "local"
 
 PERM_LIST = "projects.list"
@@ -84,6 +92,10 @@ class ProjectSpec:
     default_command: str = ""
     default_image: str = ""
     health_check_path: str = ""
+    restart_policy: str = DEFAULT_RESTART_POLICY  # one of RESTART_POLICIES
+    liveness_check_path: str = ""  # empty: no liveness check
+    liveness_period_seconds: int = DEFAULT_LIVENESS_PERIOD_SECONDS
+    liveness_failure_threshold: int = DEFAULT_LIVENESS_FAILURE_THRESHOLD
 
     @property
     def resources(self) -> Resources:
@@ -110,6 +122,11 @@ def with_create_defaults(spec: ProjectSpec) -> ProjectSpec:
         cpu_millis=spec.cpu_millis or DEFAULT_CPU_MILLIS,
         sleep_after_seconds=spec.sleep_after_seconds or DEFAULT_SLEEP_AFTER_SECONDS,
         region=spec.region or DEFAULT_REGION,
+        restart_policy=spec.restart_policy or DEFAULT_RESTART_POLICY,
+        liveness_period_seconds=spec.liveness_period_seconds or DEFAULT_LIVENESS_PERIOD_SECONDS,
+        liveness_failure_threshold=(
+            spec.liveness_failure_threshold or DEFAULT_LIVENESS_FAILURE_THRESHOLD
+        ),
     )
 
 
@@ -188,8 +205,28 @@ def spec_violations(spec: ProjectSpec, only: Iterable[str] | None = None) -> lis
             spec.health_check_path,
             "project.health_check_path",
             MAX_PATH,
-            re.compile(r"^/[^\s]*$"),
+            HTTP_PATH,
             "an absolute path such as /healthz",
+        ),
+        "restart_policy": None
+        if spec.restart_policy in RESTART_POLICIES
+        else FieldViolation("project.restart_policy", "one of on-failure, always or never"),
+        "liveness_check_path": _text(
+            spec.liveness_check_path,
+            "project.liveness_check_path",
+            MAX_PATH,
+            HTTP_PATH,
+            "an absolute path such as /healthz (empty: no liveness check)",
+        ),
+        "liveness_period_seconds": _bounded(
+            spec.liveness_period_seconds,
+            LIVENESS_PERIOD_SECONDS,
+            "project.liveness_period_seconds",
+        ),
+        "liveness_failure_threshold": _bounded(
+            spec.liveness_failure_threshold,
+            LIVENESS_FAILURE_THRESHOLD,
+            "project.liveness_failure_threshold",
         ),
     }
     return [v for key, v in candidates.items() if key in checked and v is not None]

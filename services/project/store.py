@@ -35,6 +35,10 @@ projects = sa.Table(
     sa.Column("default_command", sa.Text),
     sa.Column("default_image", sa.Text),
     sa.Column("health_check_path", sa.Text),
+    sa.Column("restart_policy", sa.Text, nullable=False),
+    sa.Column("liveness_check_path", sa.Text),
+    sa.Column("liveness_period_seconds", sa.Integer, nullable=False),
+    sa.Column("liveness_failure_threshold", sa.Integer, nullable=False),
     sa.Column("data_key_wrapped", sa.LargeBinary),
     sa.Column("data_key_id", sa.Text),
     sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
@@ -55,7 +59,13 @@ project_secrets = sa.Table(
     sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
 )
 
-_NULLABLE_TEXT = ("repository_url", "default_command", "default_image", "health_check_path")
+_NULLABLE_TEXT = (
+    "repository_url",
+    "default_command",
+    "default_image",
+    "health_check_path",
+    "liveness_check_path",
+)
 _PROJECT_COLUMNS = [c for c in projects.c if c.name not in ("data_key_wrapped", "data_key_id")]
 
 
@@ -84,6 +94,10 @@ def _project(row: asyncpg.Record) -> Project:
         default_command=row["default_command"] or "",
         default_image=row["default_image"] or "",
         health_check_path=row["health_check_path"] or "",
+        restart_policy=row["restart_policy"],
+        liveness_check_path=row["liveness_check_path"] or "",
+        liveness_period_seconds=row["liveness_period_seconds"],
+        liveness_failure_threshold=row["liveness_failure_threshold"],
     )
     return Project(row["id"], row["organization_id"], spec, row["created_at"], row["updated_at"])
 

@@ -45,6 +45,12 @@ def test_a_valid_spec_passes_and_the_name_is_trimmed() -> None:
         ({"default_image": "Bad Image"}, "project.default_image"),
         ({"health_check_path": "/a b"}, "project.health_check_path"),
         ({"default_command": "x" * 5000}, "project.default_command"),
+        ({"restart_policy": "sometimes"}, "project.restart_policy"),
+        ({"restart_policy": ""}, "project.restart_policy"),
+        ({"liveness_check_path": "healthz"}, "project.liveness_check_path"),
+        ({"liveness_period_seconds": -5}, "project.liveness_period_seconds"),
+        ({"liveness_period_seconds": 3601}, "project.liveness_period_seconds"),
+        ({"liveness_failure_threshold": 0}, "project.liveness_failure_threshold"),
     ],
 )
 def test_each_rule_names_its_field(change: dict[str, object], field: str) -> None:
@@ -56,6 +62,15 @@ def test_each_rule_names_its_field(change: dict[str, object], field: str) -> Non
 def test_create_defaults_fill_unset_resources_and_region() -> None:
     spec = domain.with_create_defaults(replace(SPEC, ram_mb=0, cpu_millis=0, region=""))
     assert (spec.ram_mb, spec.cpu_millis, spec.region) == (256, 250, "local")
+
+
+def test_create_defaults_restart_on_failure_and_check_liveness_every_10s_3_times() -> None:
+    unset = replace(
+        SPEC, restart_policy="", liveness_period_seconds=0, liveness_failure_threshold=0
+    )
+    spec = domain.validate_spec(domain.with_create_defaults(unset))
+    assert (spec.restart_policy, spec.liveness_check_path) == ("on-failure", "")
+    assert (spec.liveness_period_seconds, spec.liveness_failure_threshold) == (10, 3)
 
 
 def test_update_paths_follow_aip_134() -> None:

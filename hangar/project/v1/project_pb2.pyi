@@ -6,6 +6,7 @@ from google.protobuf import field_mask_pb2 as _field_mask_pb2
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from hangar.events.v1 import events_pb2 as _events_pb2
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from collections.abc import Iterable as _Iterable, Mapping as _Mapping
@@ -13,8 +14,19 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class RestartPolicy(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    RESTART_POLICY_UNSPECIFIED: _ClassVar[RestartPolicy]
+    RESTART_POLICY_ON_FAILURE: _ClassVar[RestartPolicy]
+    RESTART_POLICY_ALWAYS: _ClassVar[RestartPolicy]
+    RESTART_POLICY_NEVER: _ClassVar[RestartPolicy]
+RESTART_POLICY_UNSPECIFIED: RestartPolicy
+RESTART_POLICY_ON_FAILURE: RestartPolicy
+RESTART_POLICY_ALWAYS: RestartPolicy
+RESTART_POLICY_NEVER: RestartPolicy
+
 class Project(_message.Message):
-    __slots__ = ("id", "organization_id", "name", "slug", "ram_mb", "cpu_millis", "bandwidth_gb", "region", "sleep_enabled", "sleep_after_seconds", "description", "repository_url", "default_command", "default_image", "health_check_path", "created_at", "updated_at")
+    __slots__ = ("id", "organization_id", "name", "slug", "ram_mb", "cpu_millis", "bandwidth_gb", "region", "sleep_enabled", "sleep_after_seconds", "description", "repository_url", "default_command", "default_image", "health_check_path", "created_at", "updated_at", "restart_policy", "liveness_check_path", "liveness_period_seconds", "liveness_failure_threshold")
     ID_FIELD_NUMBER: _ClassVar[int]
     ORGANIZATION_ID_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
@@ -32,6 +44,10 @@ class Project(_message.Message):
     HEALTH_CHECK_PATH_FIELD_NUMBER: _ClassVar[int]
     CREATED_AT_FIELD_NUMBER: _ClassVar[int]
     UPDATED_AT_FIELD_NUMBER: _ClassVar[int]
+    RESTART_POLICY_FIELD_NUMBER: _ClassVar[int]
+    LIVENESS_CHECK_PATH_FIELD_NUMBER: _ClassVar[int]
+    LIVENESS_PERIOD_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    LIVENESS_FAILURE_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     id: str
     organization_id: str
     name: str
@@ -49,7 +65,11 @@ class Project(_message.Message):
     health_check_path: str
     created_at: _timestamp_pb2.Timestamp
     updated_at: _timestamp_pb2.Timestamp
-    def __init__(self, id: _Optional[str] = ..., organization_id: _Optional[str] = ..., name: _Optional[str] = ..., slug: _Optional[str] = ..., ram_mb: _Optional[int] = ..., cpu_millis: _Optional[int] = ..., bandwidth_gb: _Optional[int] = ..., region: _Optional[str] = ..., sleep_enabled: _Optional[bool] = ..., sleep_after_seconds: _Optional[int] = ..., description: _Optional[str] = ..., repository_url: _Optional[str] = ..., default_command: _Optional[str] = ..., default_image: _Optional[str] = ..., health_check_path: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    restart_policy: RestartPolicy
+    liveness_check_path: str
+    liveness_period_seconds: int
+    liveness_failure_threshold: int
+    def __init__(self, id: _Optional[str] = ..., organization_id: _Optional[str] = ..., name: _Optional[str] = ..., slug: _Optional[str] = ..., ram_mb: _Optional[int] = ..., cpu_millis: _Optional[int] = ..., bandwidth_gb: _Optional[int] = ..., region: _Optional[str] = ..., sleep_enabled: _Optional[bool] = ..., sleep_after_seconds: _Optional[int] = ..., description: _Optional[str] = ..., repository_url: _Optional[str] = ..., default_command: _Optional[str] = ..., default_image: _Optional[str] = ..., health_check_path: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., restart_policy: _Optional[_Union[RestartPolicy, str]] = ..., liveness_check_path: _Optional[str] = ..., liveness_period_seconds: _Optional[int] = ..., liveness_failure_threshold: _Optional[int] = ...) -> None: ...
 
 class Secret(_message.Message):
     __slots__ = ("name", "version", "updated_at")
