@@ -176,6 +176,13 @@ class Settings:
     # A sleeping container is first frozen (memory kept, woken in milliseconds); frozen this
     # long, it is stopped for good (woken by starting it again). 0: stop at once.
     agent_freeze_seconds: float = 600.0
+    # An app that ends on its own after it was healthy is started again (per its project's
+    # restart policy) after a back-off that doubles from the first to the max; a run healthy
+    # for `stable` seconds resets it. This many quick crashes in a row make a crash loop.
+    agent_restart_backoff_seconds: float = 1.0
+    agent_restart_max_backoff_seconds: float = 60.0
+    agent_restart_stable_seconds: float = 30.0
+    agent_crash_loop_restarts: int = 5
     # Runtime places one organization's apps on a server without isolation only if it runs
     # no other organization's app, unless the whole platform is one tenant's (development).
     single_tenant: bool = False
@@ -252,6 +259,12 @@ class Settings:
             agent_pids_limit=int(_env("HANGAR_AGENT_PIDS_LIMIT", "256")),
             agent_tmpfs_mb=int(_env("HANGAR_AGENT_TMPFS_MB", "64")),
             agent_freeze_seconds=float(_env("HANGAR_AGENT_FREEZE_SECONDS", "600")),
+            agent_restart_backoff_seconds=float(_env("HANGAR_AGENT_RESTART_BACKOFF_SECONDS", "1")),
+            agent_restart_max_backoff_seconds=float(
+                _env("HANGAR_AGENT_RESTART_MAX_BACKOFF_SECONDS", "60")
+            ),
+            agent_restart_stable_seconds=float(_env("HANGAR_AGENT_RESTART_STABLE_SECONDS", "30")),
+            agent_crash_loop_restarts=int(_env("HANGAR_AGENT_CRASH_LOOP_RESTARTS", "5")),
             single_tenant=_env("HANGAR_SINGLE_TENANT").lower() in ("1", "true", "yes"),
             telemetry_sample_seconds=float(_env("HANGAR_TELEMETRY_SAMPLE_SECONDS", "5")),
             telemetry_ship_batch_lines=int(_env("HANGAR_TELEMETRY_SHIP_BATCH_LINES", "2000")),

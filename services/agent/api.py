@@ -18,6 +18,8 @@ from services.agent.domain import (
     ContainerInfo,
     ContainerSpec,
     ContainerState,
+    LivenessCheck,
+    RestartPolicy,
     SleepState,
 )
 from services.agent.drivers import Driver
@@ -45,6 +47,15 @@ _SLEEP = {
     SleepState.SLEEPING: agent_pb2.SLEEP_STATUS_SLEEPING,
     SleepState.WAKING: agent_pb2.SLEEP_STATUS_WAKING,
 }
+
+_RESTART_POLICY: dict[int, RestartPolicy] = {
+    agent_pb2.RESTART_POLICY_UNSPECIFIED: RestartPolicy.ON_FAILURE,
+    agent_pb2.RESTART_POLICY_ON_FAILURE: RestartPolicy.ON_FAILURE,
+    agent_pb2.RESTART_POLICY_ALWAYS: RestartPolicy.ALWAYS,
+    agent_pb2.RESTART_POLICY_NEVER: RestartPolicy.NEVER,
+}
+DEFAULT_LIVENESS_PERIOD_SECONDS = 10.0
+DEFAULT_LIVENESS_FAILURE_THRESHOLD = 3
 
 
 class AgentApi(agent_pb2_grpc.AgentServiceServicer):
@@ -122,6 +133,31 @@ def spec_from_proto(request: agent_pb2.StartContainerRequest) -> ContainerSpec:
         ram_mb=request.ram_mb,
         cpu_millis=request.cpu_millis,
         health_check_path=request.health_check_path,
+        restart_policy=_restart_policy(request.restart_policy),
+        liveness=_liveness(request),
+    )
+
+
+def _restart_policy(value: int) -> RestartPolicy:
+    try:
+        return _RESTART_POLICY[value]
+    except KeyError:
+        raise InvalidArgument.field("restart_policy", "on-failure, always or never") from None
+
+
+def _liveness(request: agent_pb2.StartContainerRequest) -> LivenessCheck | None:
+    """The liveness check asked for (validated with the spec); None without a path."""
+    if not request.liveness_check_path:
+        return None
+    period = (
+        request.liveness_period.ToTimedelta().total_seconds()
+        if request.HasField("liveness_period")
+        else DEFAULT_LIVENESS_PERIOD_SECONDS
+    )
+    return LivenessCheck(
+        path=request.liveness_check_path,
+        period_seconds=period,
+        failure_threshold=request.liveness_failure_threshold or DEFAULT_LIVENESS_FAILURE_THRESHOLD,
     )
 
 
@@ -145,6 +181,13 @@ def container_to_proto(info: ContainerInfo) -> agent_pb2.Container:
     message.sleep_status = _SLEEP[info.sleep]
     if info.last_request_at is not None:
         message.last_request_at.CopyFrom(timestamp(info.last_request_at))
+    message.restart_count = info.restarts
+    message.last_exit_reason = info.last_exit_reason
+    message.last_log_lines.extend(info.last_log_lines)
+    message.crash_loop = info.crash_loop
+    if info.next_restart_at is not None:
+        message.next_restart_at.CopyFrom(timestamp(info.next_restart_at))
+        message.restart_backoff.FromNanoseconds(round(info.restart_delay * 1e9))
     return message
 
 

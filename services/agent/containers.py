@@ -10,11 +10,17 @@ What a container gets (services/agent/oci.py writes its bundle):
 - a network of its own (services/agent/netns.py): egress through slirp4netns without the
   host's loopback; ingress only through the agent's proxy, which connects from inside.
 
-The lifecycle is the process driver's (health checks, logs, stop, sleep and wake: see
-drivers.py); this driver only changes how a run is launched, signalled, reaped and read.
-A run is `runc run --keep` in the foreground: runc's stdout and stderr are the app's, its
-exit status is the app's, and its cgroup outlives the run until the agent has read what
-the kernel accounted (CPU, peak memory, OOM kills) and deletes it.
+The lifecycle is the process driver's (health checks, logs, stop, sleep and wake, and the
+shim that owns each run so that apps outlive the agent: see drivers.py and runs.py); this
+driver only changes how a run is launched, signalled, reaped and read. A run is
+`runc run --keep` in the foreground under its shim: runc's stdout and stderr are the app's
+(files the agent tails), its exit status is the app's (which the shim writes down), and its
+cgroup outlives the run until the agent has read what the kernel accounted (CPU, peak
+memory, OOM kills) and deletes it, even when the run ended while no agent was there.
+
+An agent that starts again adopts the containers of its state directory (`adopt`): the
+runc container, its network namespace and slirp4netns, its bundle; a frozen one stays
+frozen. What no record explains (a runc container, a namespace, a bundle) is removed.
 
 Sleep first freezes the container (cgroup freezer through `runc pause`): memory kept, no
 CPU, woken by `runc resume` in milliseconds. Frozen for `freeze_seconds`, it is stopped
@@ -26,20 +32,24 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import json
 import logging
 import os
 import shutil
 import signal
 import subprocess
+import time
+from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from services.agent import cgroups, netns, oci, seccomp
+from services.agent import cgroups, netns, oci, runs, seccomp
 from services.agent.domain import LogStream, ResourceSample, SleepState, utcnow
-from services.agent.drivers import ProcessDriver, Reaped, _Container, _popen, _wait_exit
+from services.agent.drivers import LOST_RUN, ProcessDriver, Reaped, _Container
 from services.agent.netns import NetworkNamespace
 from services.agent.proxy import CHUNK_BYTES, IngressProxy
+from services.agent.runs import AppRun
 from services.agent.uids import UidTable
 from shared.errors import Unavailable
 
@@ -73,6 +83,8 @@ class _Sandbox:
     ram_mb: int
     pid: int = 0  # the container's init (tini), in the host's PID namespace
     frozen: bool = False
+    frozen_at: float = 0.0  # wall-clock time it was frozen (a later agent counts from it)
+    thawed: asyncio.Event = field(default_factory=asyncio.Event)  # set when resumed
     cpu_base: float = 0.0  # the cgroup's CPU seconds when the current run began (a thaw)
     oom_kills: int = 0  # OOM kills already told to the app's logs
     tap: netns.TapCounters | None = None  # egress counters, last read
@@ -97,8 +109,8 @@ class ContainerDriver(ProcessDriver):
         stack: oci.Stack | None = None,
         **kwargs: Any,
     ) -> None:
-        super().__init__(base_env={}, **kwargs)  # nothing of the host's environment
-        self.state_dir = Path(state_dir).resolve()
+        # Nothing of the host's environment reaches apps.
+        super().__init__(base_env={}, state_dir=state_dir, **kwargs)
         self.pids_limit = pids_limit
         self.tmpfs_mb = tmpfs_mb
         self.freeze_seconds = freeze_seconds
@@ -117,22 +129,11 @@ class ContainerDriver(ProcessDriver):
         self._prepare_state_dir()
 
     def _prepare_state_dir(self) -> None:
-        """Makes the state directory (0700) and clears what an earlier agent left in it:
-        nothing this driver started outlives it, as with the process driver."""
-        for path in (self.state_dir, self._runc_root, self._bundles):
+        """Makes runc's and the bundles' directories (0700). What an earlier agent left there
+        is adopted or removed by `adopt`."""
+        for path in (self._runc_root, self._bundles):
             path.mkdir(mode=0o700, parents=True, exist_ok=True)
             os.chmod(path, 0o700)
-        listed = self._runc_sync("list", "--quiet", check=False)
-        for container_id in listed.split():
-            self._runc_sync("delete", "--force", container_id, check=False)
-        removed = netns.remove_stale(self.netns_prefix)
-        for bundle in self._bundles.iterdir():
-            shutil.rmtree(bundle, ignore_errors=True)
-        if listed.split() or removed:
-            log.warning(
-                "removed containers an earlier agent left",
-                extra={"containers": len(listed.split()), "namespaces": removed},
-            )
 
     # ------------------------------------------------------------------ launching a run
 
@@ -147,8 +148,9 @@ class ContainerDriver(ProcessDriver):
             ) from exc
         return proxy, oci.APP_PORT
 
-    async def _launch(self, record: _Container) -> subprocess.Popen[bytes]:
+    async def _launch(self, record: _Container) -> AppRun:
         container_id = record.info.container_id
+        home = self._home_of(record)
         sandbox = self._sandboxes.get(container_id)
         if sandbox is None:
             try:
@@ -156,10 +158,12 @@ class ContainerDriver(ProcessDriver):
             except (netns.NetworkError, subprocess.SubprocessError, ValueError) as exc:
                 raise OSError(str(exc)) from exc
             self._sandboxes[container_id] = sandbox
+            self._save(record)  # its network's slirp4netns, for a later agent
         sandbox.pid, sandbox.cpu_base, sandbox.oom_kills = 0, 0.0, 0
         pid_file = sandbox.bundle / "pid"
         pid_file.unlink(missing_ok=True)
-        return _popen(
+        return await runs.launch(
+            home,
             [
                 self.runc,
                 "--root",
@@ -230,11 +234,15 @@ class ContainerDriver(ProcessDriver):
         killed = await self._runc_async("kill", record.info.container_id, sig.name, check=False)
         if killed is None and record.process is not None:  # not created yet: runc itself
             with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(record.process.pid, sig)
+                os.killpg(record.process.pgid, sig)
 
-    async def _reap(self, record: _Container, process: subprocess.Popen[bytes]) -> int:
-        reaped = await _wait_exit(process)
-        returncode = _as_signal(reaped.returncode)
+    async def _reap(self, record: _Container, run: AppRun) -> int:
+        assert record.home is not None
+        end = await runs.wait_end(run, record.home)
+        if not end.known:
+            record.failure = record.failure or LOST_RUN
+        returncode = _as_signal(end.returncode)
+        reaped = Reaped(returncode, end.cpu_seconds, end.max_rss_bytes)
         sandbox = self._sandboxes.get(record.info.container_id)
         if sandbox is not None:
             reading = sandbox.cgroup.read()  # kept by --keep: what the kernel accounted
@@ -298,6 +306,121 @@ class ContainerDriver(ProcessDriver):
             with contextlib.suppress(OSError):
                 (hierarchy / relative).rmdir()
 
+    # ------------------------------------------------------------------ adoption
+
+    def _saved(self, record: _Container) -> dict[str, Any]:
+        saved = super()._saved(record)
+        sandbox = self._sandboxes.get(record.info.container_id)
+        if sandbox is not None:
+            saved["sandbox"] = {
+                "slirp_pid": sandbox.network.slirp_pid,
+                "slirp_start": sandbox.network.slirp_start,
+                "frozen": sandbox.frozen,
+                "frozen_at": sandbox.frozen_at,
+                "oom_kills": sandbox.oom_kills,
+            }
+        return saved
+
+    async def _restore_sandbox(self, record: _Container, saved: dict[str, Any]) -> None:
+        """An adopted container's bundle, cgroup and network (its slirp4netns re-attached,
+        or started again); a frozen one stays frozen, its deep sleep due when it was."""
+        found = saved.get("sandbox")
+        if found is None:
+            return  # never launched: its sandbox is made at its first run
+        container_id = record.info.container_id
+        bundle = self._bundles / container_id
+        if not (bundle / "config.json").is_file():
+            raise ValueError("its bundle is gone")
+        try:
+            network = await asyncio.to_thread(
+                NetworkNamespace.attach,
+                self.netns_prefix + container_id,
+                int(found["slirp_pid"]),
+                int(found["slirp_start"]),
+            )
+        except netns.NetworkError as exc:
+            raise OSError(str(exc)) from exc
+        sandbox = _Sandbox(
+            bundle,
+            network,
+            cgroups.Cgroup(f"{self._cgroup_parent}/{container_id}"),
+            record.spec.ram_mb,
+            oom_kills=int(found.get("oom_kills", 0)),
+        )
+        self._sandboxes[container_id] = sandbox
+        if found.get("frozen") and await self._runc_status(container_id) == "paused":
+            sandbox.frozen, sandbox.frozen_at = True, float(found.get("frozen_at") or time.time())
+            left = max(0.0, self.freeze_seconds - (time.time() - sandbox.frozen_at))
+            sandbox.deep_sleep = asyncio.create_task(
+                self._stop_when_frozen_long(record, sandbox, left)
+            )
+
+    def _meter_from_now(self, record: _Container, *, live: bool) -> None:
+        sandbox = self._sandboxes.get(record.info.container_id)
+        reading = sandbox.cgroup.read() if sandbox is not None else None
+        if sandbox is not None and reading is not None:  # kept by --keep if it ended
+            sandbox.cpu_base = reading.cpu_seconds
+
+    def _supervision(
+        self, record: _Container, readers: Sequence[asyncio.Task[None]]
+    ) -> Coroutine[Any, Any, None]:
+        sandbox = self._sandboxes.get(record.info.container_id)
+        if sandbox is None or not sandbox.frozen:
+            return super()._supervision(record, readers)
+        return self._supervise_once_thawed(record, sandbox, readers)
+
+    async def _supervise_once_thawed(
+        self, record: _Container, sandbox: _Sandbox, readers: Sequence[asyncio.Task[None]]
+    ) -> None:
+        """An adopted frozen app is checked once it runs again (a connection or a stop
+        thawed it, or it went on to a deep sleep): frozen, it could not answer."""
+        exited = record.exited
+        assert exited is not None
+        thawed: asyncio.Future[Any] = asyncio.ensure_future(sandbox.thawed.wait())
+        try:
+            await asyncio.wait([thawed, exited], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            thawed.cancel()
+        await self._supervise(record, readers)
+
+    def _discard(self, home: runs.AppHome, saved: dict[str, Any]) -> None:
+        super()._discard(home, saved)
+        sandbox = self._sandboxes.pop(home.container_id, None)
+        if sandbox is not None:
+            if sandbox.deep_sleep is not None:
+                sandbox.deep_sleep.cancel()
+            self._teardown(home.container_id, sandbox)
+
+    async def _clear_leftovers(self) -> None:
+        await asyncio.to_thread(self._clear_unadopted, frozenset(self._sandboxes))
+
+    def _clear_unadopted(self, kept: frozenset[str]) -> None:
+        """Removes what an earlier agent of this state directory left that no adopted
+        container holds: runc containers, network namespaces (and their slirp4netns),
+        bundles."""
+        listed = self._runc_sync("list", "--quiet", check=False).split()
+        stale = [c for c in listed if c not in kept]
+        for container_id in stale:
+            self._runc_sync("delete", "--force", container_id, check=False)
+        keep = frozenset(self.netns_prefix + c for c in kept)
+        removed = netns.remove_stale(self.netns_prefix, keep)
+        for bundle in self._bundles.iterdir():
+            if bundle.name not in kept:
+                shutil.rmtree(bundle, ignore_errors=True)
+        if stale or removed:
+            log.warning(
+                "removed containers an earlier agent left",
+                extra={"containers": len(stale), "namespaces": removed},
+            )
+
+    async def _runc_status(self, container_id: str) -> str:
+        """runc's status of the container ("running", "paused", "stopped"), "" if none."""
+        found = await self._runc_async("state", container_id, check=False)
+        try:
+            return str(json.loads(found or "{}").get("status", ""))
+        except ValueError:
+            return ""
+
     # ------------------------------------------------------------------ readings
 
     def _read(self, record: _Container) -> ResourceSample | None:
@@ -348,14 +471,17 @@ class ContainerDriver(ProcessDriver):
             return
         final = self._read(record)
         await self._runc_async("pause", record.info.container_id)
-        sandbox.frozen = True
+        sandbox.frozen, sandbox.frozen_at = True, time.time()
+        sandbox.thawed = asyncio.Event()
         record.final = final
         self._set(record, sleep=SleepState.SLEEPING)
         sandbox.deep_sleep = asyncio.create_task(self._stop_when_frozen_long(record, sandbox))
         log.info("container frozen", extra={"container_id": record.info.container_id})
 
-    async def _stop_when_frozen_long(self, record: _Container, sandbox: _Sandbox) -> None:
-        await asyncio.sleep(self.freeze_seconds)
+    async def _stop_when_frozen_long(
+        self, record: _Container, sandbox: _Sandbox, after: float | None = None
+    ) -> None:
+        await asyncio.sleep(self.freeze_seconds if after is None else after)
         if not sandbox.frozen or record.stop_requested:
             return
         sandbox.deep_sleep = None
@@ -385,6 +511,7 @@ class ContainerDriver(ProcessDriver):
         cpu = sandbox.cgroup.read()
         await self._runc_async("resume", record.info.container_id)
         sandbox.frozen = False
+        sandbox.thawed.set()
         if cpu is not None:  # the next run's CPU counts from here
             sandbox.cpu_base = cpu.cpu_seconds
 

@@ -1,5 +1,6 @@
 """The agent's rules as plain Python: what a container is, the states it goes through, what a
-start request must say, and the bounded per-container log buffer that telemetry ships."""
+start request must say (with its restart policy and liveness check), and the bounded
+per-container log buffer that telemetry ships."""
 
 from __future__ import annotations
 
@@ -16,6 +17,10 @@ from shared.errors import FieldViolation, InvalidArgument
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _CONTAINER_ID = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
 MAX_GRACE_SECONDS = 300.0
+MAX_LIVENESS_PERIOD_SECONDS = 3600.0
+MAX_LIVENESS_FAILURE_THRESHOLD = 100
+# Lines the agent itself writes into an app's logs start with this (never the app's own).
+AGENT_NOTICE = "[hangar agent]"
 
 
 def utcnow() -> datetime:
@@ -56,6 +61,44 @@ def describe_exit(returncode: int) -> str:
     return f"killed by {name}"
 
 
+class RestartPolicy(StrEnum):
+    """What the agent does when an app that has been healthy ends without being asked to."""
+
+    ON_FAILURE = "on-failure"  # restart after a non-zero exit, a signal, an OOM kill or a
+    # failed liveness check; an exit with code 0 ends the container
+    ALWAYS = "always"  # restart after any end, exit code 0 included
+    NEVER = "never"  # the container ends with the app
+
+
+@dataclass(frozen=True)
+class LivenessCheck:
+    """GET `path` on the app every `period_seconds` once it is healthy; `failure_threshold`
+    failures in a row and the agent stops the app (which then restarts per its policy)."""
+
+    path: str
+    period_seconds: float = 10.0
+    failure_threshold: int = 3
+
+    def violations(self, prefix: str = "liveness_") -> list[FieldViolation]:
+        found = []
+        if not self.path.startswith("/"):
+            found.append(FieldViolation(f"{prefix}check_path", "must start with '/'"))
+        elif "\x00" in self.path or any(c.isspace() for c in self.path):
+            found.append(FieldViolation(f"{prefix}check_path", "must not contain spaces or NUL"))
+        if not 0 < self.period_seconds <= MAX_LIVENESS_PERIOD_SECONDS:
+            found.append(
+                FieldViolation(f"{prefix}period", f"between 0 and {MAX_LIVENESS_PERIOD_SECONDS:g}s")
+            )
+        if not 1 <= self.failure_threshold <= MAX_LIVENESS_FAILURE_THRESHOLD:
+            found.append(
+                FieldViolation(
+                    f"{prefix}failure_threshold",
+                    f"between 1 and {MAX_LIVENESS_FAILURE_THRESHOLD}",
+                )
+            )
+        return found
+
+
 @dataclass(frozen=True)
 class ContainerSpec:
     """What runtime asks the agent to run."""
@@ -69,6 +112,8 @@ class ContainerSpec:
     ram_mb: int = 0
     cpu_millis: int = 0
     health_check_path: str = ""  # empty: the app is up once its port accepts connections
+    restart_policy: RestartPolicy = RestartPolicy.ON_FAILURE
+    liveness: LivenessCheck | None = None  # None: no liveness check once it is healthy
 
     def validate(self) -> None:
         violations = []
@@ -93,6 +138,8 @@ class ContainerSpec:
             violations.append(FieldViolation("cpu_millis", "must not be negative"))
         if self.health_check_path and not self.health_check_path.startswith("/"):
             violations.append(FieldViolation("health_check_path", "must start with '/'"))
+        if self.liveness is not None:
+            violations += self.liveness.violations()
         if violations:
             raise InvalidArgument(violations)
 
@@ -117,8 +164,15 @@ class ContainerInfo:
     started_at: datetime | None = None  # of the current run (a wake starts a new one)
     ended_at: datetime | None = None
     sleep: SleepState = SleepState.AWAKE
-    run: int = 1  # 1 at the start, one more at each wake
+    run: int = 1  # 1 at the start, one more at each wake and each restart
     last_request_at: datetime | None = None  # a client connection last open
+    restarts: int = 0  # times the app ended on its own and the agent starts it again (the
+    # start a back-off waits for included)
+    last_exit_reason: str = ""  # why its last run ended on its own (a crash, a kill...)
+    last_log_lines: tuple[str, ...] = ()  # the app's last lines before that end
+    crash_loop: bool = False  # it keeps crashing soon after each start (still restarted)
+    restart_delay: float = 0.0  # the back-off before its next start; 0: none pending
+    next_restart_at: datetime | None = None  # when that start is due
 
     def with_changes(self, **changes: object) -> ContainerInfo:
         return replace(self, **changes)  # type: ignore[arg-type]
@@ -171,6 +225,16 @@ class LogBuffer:
         self.dropped = 0  # lines evicted before anyone acknowledged them
         self.trimmed = 0  # lines cut to max_line_chars
         self.acknowledged = 0  # highest sequence runtime confirmed it stored
+        # An adopted container's lines continue past the sequences an earlier agent could
+        # have issued: those are neither this buffer's to reuse nor its losses to count.
+        self.resumed_after = 0
+
+    def resume_after(self, sequence: int) -> None:
+        """Continue an earlier agent's sequences (an empty buffer only)."""
+        if self._next_sequence != 1:
+            raise ValueError("only an empty buffer resumes")
+        self._first_sequence = self._next_sequence = sequence + 1
+        self.acknowledged = self.resumed_after = sequence
 
     def append(self, stream: LogStream, text: str, at: datetime | None = None) -> LogLine:
         if len(text) > self.max_line_chars:

@@ -6,8 +6,9 @@ egress (slirp4netns) and nothing else.
 - slirp4netns gives it a tap device with a default route through a user-mode TCP/IP stack
   in the host's namespace: the app reaches the internet as the agent would, but
   `--disable-host-loopback` keeps it off the host's 127.0.0.1 (PostgreSQL, the internal
-  gRPC ports, the agent, other apps' private ports). Its exit fd is a pipe the agent holds:
-  if the agent dies, slirp4netns ends with it.
+  gRPC ports, the agent, other apps' private ports). It outlives the agent, as the app does:
+  the next agent of the same state directory re-attaches to it (by pid and start time), or
+  starts a new one for the namespace if it is gone; `destroy` ends it.
 - Ingress never goes through slirp4netns: the agent's proxy opens its connection to the
   app from inside the namespace (`connect`), to the app's own loopback, so clients reach
   the app only through the proxy that counts their bytes; other apps cannot reach it.
@@ -24,6 +25,7 @@ import logging
 import os
 import select
 import shutil
+import signal
 import socket
 import subprocess
 import threading
@@ -31,6 +33,10 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import psutil
+
+from services.agent.shim import start_ticks
 
 log = logging.getLogger("hangar.agent.netns")
 
@@ -64,8 +70,9 @@ def available() -> str | None:
 class NetworkNamespace:
     name: str
     path: Path
-    slirp: subprocess.Popen[bytes] | None = None
-    _exit_w: int = -1  # closing it ends slirp4netns
+    slirp: subprocess.Popen[bytes] | None = None  # when this agent started it
+    slirp_pid: int = 0
+    slirp_start: int = 0  # its start time (clock ticks since boot): a recycled pid is not it
     _fd: int = -1  # the namespace, held open for connects
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -83,10 +90,32 @@ class NetworkNamespace:
             raise
         return netns
 
+    @classmethod
+    def attach(
+        cls, name: str, slirp_pid: int, slirp_start: int, *, ready_timeout: float = 10.0
+    ) -> NetworkNamespace:
+        """The namespace an earlier agent made, with its slirp4netns if that still runs, or
+        a new one (blocking: call in a thread). NetworkError if the namespace is gone."""
+        path = NETNS_DIR / name
+        netns = cls(name, path, slirp_pid=slirp_pid, slirp_start=slirp_start)
+        try:
+            netns._fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as exc:
+            raise NetworkError(f"the network namespace {name} is gone") from exc
+        try:
+            if not netns.slirp_alive():
+                log.warning("slirp4netns of an adopted container is gone; starting it again")
+                netns._start_slirp(ready_timeout)
+        except BaseException:
+            netns.destroy()
+            raise
+        return netns
+
+    def slirp_alive(self) -> bool:
+        return self.slirp_pid > 0 and start_ticks(self.slirp_pid) == self.slirp_start
+
     def _start_slirp(self, ready_timeout: float) -> None:
         ready_r, ready_w = os.pipe()
-        exit_r, self._exit_w = os.pipe()
-        os.set_inheritable(self._exit_w, False)
         try:
             self.slirp = subprocess.Popen(
                 [
@@ -95,12 +124,11 @@ class NetworkNamespace:
                     "--mtu=65520",
                     "--disable-host-loopback",
                     f"--ready-fd={ready_w}",
-                    f"--exit-fd={exit_r}",
                     "--netns-type=path",
                     str(self.path),
                     TAP,
                 ],
-                pass_fds=(ready_w, exit_r),
+                pass_fds=(ready_w,),
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.PIPE,
@@ -108,7 +136,7 @@ class NetworkNamespace:
             )
         finally:
             os.close(ready_w)
-            os.close(exit_r)
+        self.slirp_pid, self.slirp_start = self.slirp.pid, start_ticks(self.slirp.pid)
         try:
             ready = _read_with_timeout(ready_r, ready_timeout)
         finally:
@@ -127,16 +155,17 @@ class NetworkNamespace:
     def destroy(self) -> None:
         """Stops slirp4netns and removes the namespace (blocking; idempotent)."""
         with self._lock:
-            if self._exit_w >= 0:
-                os.close(self._exit_w)
-                self._exit_w = -1
             if self.slirp is not None:
+                self.slirp.terminate()
                 try:
                     self.slirp.wait(timeout=5)
                 except subprocess.TimeoutExpired:
                     self.slirp.kill()
                     self.slirp.wait()
                 self.slirp = None
+            elif self.slirp_alive():  # an earlier agent's: not this one's child
+                _end(self.slirp_pid)
+            self.slirp_pid = 0
             if self._fd >= 0:
                 os.close(self._fd)
                 self._fd = -1
@@ -181,13 +210,21 @@ class NetworkNamespace:
         return None
 
 
-def remove_stale(prefix: str) -> int:
-    """Deletes namespaces named `prefix`* that an earlier agent left (blocking)."""
+def remove_stale(prefix: str, keep: frozenset[str] = frozenset()) -> int:
+    """Deletes namespaces named `prefix`* that an earlier agent left (blocking), but those
+    in `keep` (adopted), and ends their slirp4netns."""
+    for proc in psutil.process_iter(["name", "cmdline"]):
+        cmdline = proc.info["cmdline"] or []
+        if proc.info["name"] != "slirp4netns" or not cmdline:
+            continue
+        name = Path(cmdline[-2]).name if len(cmdline) >= 2 else ""
+        if name.startswith(prefix) and name not in keep:
+            _end(proc.pid)
     removed = 0
     if not NETNS_DIR.is_dir():
         return 0
     for entry in NETNS_DIR.iterdir():
-        if entry.name.startswith(prefix):
+        if entry.name.startswith(prefix) and entry.name not in keep:
             with contextlib.suppress(NetworkError):
                 _run("ip", "netns", "delete", entry.name)
                 removed += 1
@@ -226,6 +263,23 @@ def _socket_in(netns_fd: int) -> socket.socket:
         return socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     finally:
         _setns(home)
+
+
+def _end(pid: int, within: float = 5.0) -> None:
+    """SIGTERM, and SIGKILL if it is still there after `within` (blocking; it need not be
+    a child of this process, so it is polled)."""
+    started = start_ticks(pid)
+    if not started:
+        return
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + within
+    while start_ticks(pid) == started:
+        if time.monotonic() > deadline:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+            return
+        time.sleep(0.02)
 
 
 def _run(*args: str) -> None:

@@ -55,6 +55,10 @@ def report_of(info: ContainerInfo) -> rpb.ContainerStatusReport:
         status=_STATUS[info.state],
         reason=info.reason,
         sleep_status=_SLEEP[info.sleep],
+        restart_count=info.restarts,
+        last_exit_reason=info.last_exit_reason,
+        last_log_lines=info.last_log_lines,
+        crash_loop=info.crash_loop,
     )
     if info.exit_code is not None:
         report.exit_code = info.exit_code

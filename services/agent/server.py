@@ -1,6 +1,9 @@
 """The agent process: runs on each server and starts / stops app processes for runtime.
 
-It has no database: its state is the processes it runs. Shutting it down stops them all.
+It has no database: its state is the apps it runs, each owned by a shim of its own, and a
+record of each in its state directory. Shutting it down (SIGTERM) stops them all; an agent
+that dies (SIGKILL, a crash) leaves them running, and the next agent of the same state
+directory adopts them before it serves (`AgentApp.adopt`), so runtime sees them running on.
 With its own service secret (HANGAR_AGENT_SERVICE_SECRET) it also reports to runtime:
 status changes as they happen, a heartbeat, and the apps' logs and metrics (shipping.py).
 """
@@ -20,6 +23,7 @@ from services.agent import containers
 from services.agent.api import AgentApi
 from services.agent.drivers import Driver, ProcessDriver
 from services.agent.reporting import RuntimeReporter, server_key
+from services.agent.restarts import RestartRules
 from services.agent.shipping import AgentTelemetry
 from shared.auth import IdentityJwks, ServiceTokenSource, TokenVerifier
 from shared.clients import Clients
@@ -31,6 +35,9 @@ from shared.settings import Settings
 log = logging.getLogger("hangar.agent")
 
 AGENT_SERVICE = agent_pb2.DESCRIPTOR.services_by_name["AgentService"]
+# After its apps are stopped, what a stopping agent still gives runtime: their last log
+# lines and a last heartbeat, at once: it ends within its stop grace and a second.
+FAREWELL_SECONDS = 0.5
 
 
 class AgentApp:
@@ -70,6 +77,7 @@ class AgentApp:
         self.telemetry: AgentTelemetry | None = None
         if report if report is not None else self.token_source is not None:
             self.telemetry = AgentTelemetry(settings, self.driver, token_provider=self.token_source)
+            self.telemetry.flush_seconds = min(self.telemetry.flush_seconds, FAREWELL_SECONDS)
             self.reporter = RuntimeReporter(
                 self.driver,
                 self.clients,
@@ -81,7 +89,17 @@ class AgentApp:
 
     @classmethod
     async def create(cls, settings: Settings) -> AgentApp:
-        return cls(settings)
+        app = cls(settings)
+        try:
+            await app.adopt()  # before the port opens: what it lists then is all it runs
+        except BaseException:
+            await app.close()
+            raise
+        return app
+
+    async def adopt(self) -> None:
+        """Takes over the apps an earlier agent of this state directory left (once)."""
+        await self.driver.adopt()
 
     def add_loop(self, loop: Callable[[], Coroutine[Any, Any, None]]) -> None:
         """A background task that runs while the agent serves (status reports, shipping)."""
@@ -91,23 +109,30 @@ class AgentApp:
         agent_pb2_grpc.add_AgentServiceServicer_to_server(AgentApi(self.driver), server)
 
     async def start(self) -> None:
+        await self.adopt()  # a no-op once done (an app built by `create`)
         self._tasks = [asyncio.create_task(loop()) for loop in self._loops]
         if self.telemetry is not None:
             await self.telemetry.start()
 
     async def close(self) -> None:
-        await self.driver.close()  # no app outlives the agent
-        if self.telemetry is not None:  # after the apps: their last lines still go out
-            await self.telemetry.close()
-        if self.reporter is not None:  # runtime hears that they stopped, if it can
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self.reporter.beat(), 2.0)
+        await self.driver.close()  # no app outlives the agent (SIGKILL after the stop grace)
+        # After the apps, together: their last lines go out, runtime hears they stopped.
+        await asyncio.gather(self._last_lines(), self._last_beat())
         await cancel_and_wait(self._tasks)
         await self.clients.close()
         if self.token_source is not None:
             await self.token_source.close()
         if self._jwks is not None:
             await self._jwks.close()
+
+    async def _last_lines(self) -> None:
+        if self.telemetry is not None:
+            await self.telemetry.close()
+
+    async def _last_beat(self) -> None:
+        if self.reporter is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.reporter.beat(), FAREWELL_SECONDS)
 
 
 def build_driver(settings: Settings) -> Driver:
@@ -118,6 +143,12 @@ def build_driver(settings: Settings) -> Driver:
         "start_timeout": settings.agent_start_timeout_seconds,
         "stop_grace": settings.agent_stop_grace_seconds,
         "log_lines": settings.agent_log_buffer_lines,
+        "restart_rules": RestartRules(
+            backoff_seconds=settings.agent_restart_backoff_seconds,
+            max_backoff_seconds=settings.agent_restart_max_backoff_seconds,
+            stable_seconds=settings.agent_restart_stable_seconds,
+            crash_loop_after=settings.agent_crash_loop_restarts,
+        ),
     }
     choice = settings.agent_driver
     if choice not in ("auto", "container", "process"):
@@ -131,7 +162,7 @@ def build_driver(settings: Settings) -> Driver:
             "on this machine's filesystem and network (development only; %s)",
             why_not or "HANGAR_AGENT_DRIVER=process",
         )
-        return ProcessDriver(**common)
+        return ProcessDriver(state_dir=settings.agent_state_dir, **common)
     log.info("apps run in containers (runc)", extra={"state_dir": settings.agent_state_dir})
     return containers.ContainerDriver(
         state_dir=settings.agent_state_dir,

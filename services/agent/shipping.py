@@ -239,6 +239,10 @@ class LogShipper:
             buffer = self.driver.logs(container_id)
             if buffer is None:
                 continue
+            if container_id not in self._sent and buffer.resumed_after:
+                # Adopted after an agent restart: its lines go on past the earlier agent's.
+                for cursors in (self._sent, self._accounted, self.acknowledged):
+                    cursors[container_id] = buffer.resumed_after
             cursor = self._sent.get(container_id, 0)
             if buffer.last_sequence <= cursor or len(out) >= self.batch_lines:
                 continue

@@ -14,6 +14,11 @@ from services.runtime.store import Container, Deployment
 from shared.clients import TokenProvider, open_channel
 
 AGENT_SERVICE = agent_pb2.DESCRIPTOR.services_by_name["AgentService"]
+_RESTART_POLICY = {
+    "on-failure": agent_pb2.RESTART_POLICY_ON_FAILURE,
+    "always": agent_pb2.RESTART_POLICY_ALWAYS,
+    "never": agent_pb2.RESTART_POLICY_NEVER,
+}
 
 # Codes after which asking the same agent again may succeed.
 TRANSIENT = frozenset(
@@ -71,7 +76,14 @@ class Agents:
             ram_mb=deployment.resources.ram_mb,
             cpu_millis=deployment.resources.cpu_millis,
             health_check_path=deployment.health_check_path,
+            restart_policy=_RESTART_POLICY.get(
+                deployment.restart_policy, agent_pb2.RESTART_POLICY_ON_FAILURE
+            ),
+            liveness_check_path=deployment.liveness_check_path,
+            liveness_failure_threshold=deployment.liveness_failure_threshold,
         )
+        if deployment.liveness_check_path:
+            request.liveness_period.FromSeconds(deployment.liveness_period_seconds)
         if deployment.image is not None:
             request.image = deployment.image
         else:

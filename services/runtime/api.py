@@ -123,6 +123,9 @@ def container_to_proto(c: store.Container) -> pb.Container:
         address=c.address,
         last_request_at=optional_timestamp(c.last_request_at),
         started_at=optional_timestamp(c.started_at),
+        restart_count=c.restart_count,
+        last_exit_reason=c.last_exit_reason,
+        crash_loop=c.crash_loop,
     )
 
 
@@ -131,6 +134,10 @@ def report_from_proto(r: pb.ContainerStatusReport) -> agent_pb2.Container:
         container_id=_required(r.container_id, "report.container_id"),
         status=_REPORTED_STATUS.get(r.status, agent_pb2.CONTAINER_STATUS_UNSPECIFIED),
         reason=r.reason,
+        restart_count=r.restart_count,
+        last_exit_reason=r.last_exit_reason,
+        last_log_lines=r.last_log_lines,
+        crash_loop=r.crash_loop,
     )
     if r.HasField("exit_code"):
         report.exit_code = r.exit_code
@@ -285,6 +292,10 @@ class RuntimeApi(TelemetryApi, runtime_pb2_grpc.RuntimeServiceServicer):
                 command=command,
                 health_check_path=project.health_check_path,
                 sleep_after_seconds=project.sleep_after_seconds,
+                restart_policy=project.restart_policy,
+                liveness_check_path=project.liveness_check_path,
+                liveness_period_seconds=project.liveness_period_seconds,
+                liveness_failure_threshold=project.liveness_failure_threshold,
             )
         )
         if deployment.status is DeploymentState.SCHEDULING:

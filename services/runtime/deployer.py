@@ -27,11 +27,19 @@ import grpc
 from hangar.agent.v1 import agent_pb2
 from services.runtime import store
 from services.runtime.agents import Agents, is_transient
-from services.runtime.domain import ENDS, HOLDS_CAPACITY, DeploymentState, Isolation
+from services.runtime.domain import (
+    ENDS,
+    HOLDS_CAPACITY,
+    SERVING,
+    DeploymentState,
+    Isolation,
+    crash_loop_reason,
+    with_log_lines,
+)
 from services.runtime.projects import Projects
 from services.runtime.scheduler import Scheduler
 from services.runtime.sleeper import sleep_status_of
-from services.runtime.store import Container, Deployment, Server
+from services.runtime.store import Container, Deployment, RestartState, Server
 from shared.db import Database, Session
 from shared.errors import FailedPrecondition, NotFound
 from shared.loops import cancel_and_wait, run_every
@@ -61,6 +69,10 @@ def _utcnow() -> datetime:
 
 def _last_request(report: agent_pb2.Container) -> datetime | None:
     return report.last_request_at.ToDatetime(UTC) if report.HasField("last_request_at") else None
+
+
+def _restarts_of(report: agent_pb2.Container) -> RestartState:
+    return RestartState(report.restart_count, report.crash_loop, report.last_exit_reason)
 
 
 def _ended_reason(report: agent_pb2.Container) -> str:
@@ -232,7 +244,10 @@ class Deployer:
                 known = await store.container_statuses(s, [r.container_id for r in reports])
             for report in reports:
                 recorded = known.get(report.container_id)
-                if recorded is not None and recorded != CONTAINER_STATUS.get(report.status):
+                if recorded is not None and recorded != (
+                    CONTAINER_STATUS.get(report.status),
+                    _restarts_of(report),
+                ):
                     await self.apply_report(found, report)
         return found
 
@@ -253,9 +268,12 @@ class Deployer:
             if container is None or container.server_id != server.id:
                 return  # not ours (or not on this server): nothing to move
             deployment = await store.get_deployment(s, container.deployment_id)
-        stop = False
         async with self.db.transaction() as tx:
-            if status == "running" and deployment.status in (State.SCHEDULING, State.STARTING):
+            if status == "running" and deployment.status in (
+                State.SCHEDULING,
+                State.STARTING,
+                State.CRASH_LOOP,
+            ):
                 await self.scheduler.lock_project(tx, deployment.project_id)
             deployment = await store.lock_deployment(tx, deployment.id)
             updated = await store.update_container(
@@ -267,28 +285,64 @@ class Deployer:
                 exit_code=report.exit_code if report.HasField("exit_code") else None,
                 last_request_at=_last_request(report),
                 sleep_status=sleep_status_of(report) if status not in ENDED else None,
+                restarts=_restarts_of(report),
             )
             newest = await store.container_of(tx, deployment.id)
             if updated is None or newest is None or newest.id != updated.id:
                 return  # an older container of the deployment: it drives nothing
-            if status == "running":
-                if deployment.status is State.SCHEDULING:
-                    deployment = await self.scheduler.transition_in(tx, deployment, State.STARTING)
-                if deployment.status is State.STARTING:
-                    deployment = await self.scheduler.transition_in(tx, deployment, State.RUNNING)
-                    stop = True  # the deployment it superseded, if any, stops now
-            elif status in ENDED:  # on its own, or a sleeping app that did not start again
-                if deployment.status in HOLDS_CAPACITY:
-                    deployment = await self.scheduler.transition_in(
-                        tx,
-                        deployment,
-                        State.FAILED,
-                        reason=_ended_reason(report),
-                        exit_code=report.exit_code if report.HasField("exit_code") else None,
-                    )
-            stop = stop or (deployment.status in ENDS and updated.live)
+            deployment, superseding = await self._follow(tx, deployment, updated, report)
+            stop = superseding or (deployment.status in ENDS and updated.live)
         if stop:
             self.stop_soon()
+
+    async def _follow(
+        self, tx: Session, deployment: Deployment, container: Container, report: agent_pb2.Container
+    ) -> tuple[Deployment, bool]:
+        """The deployment as its (newest) container now is; True when it superseded another.
+
+        Running once its app answered its health check, and only then does it supersede the
+        project's serving deployment. Crash-looping while its agent says so (capacity held,
+        the agent still restarting it), running again once the app stays up. Failed when the
+        app ended for good, or when it crash-loops before runtime ever saw it running: a
+        release that never worked does not replace the one serving (the agent restarts only
+        apps that answered once, so this is the rare case of reports lost meanwhile).
+        """
+        exit_code = report.exit_code if report.HasField("exit_code") else None
+        if container.status in ENDED:  # on its own, or a sleeping app that did not start again
+            if deployment.status in HOLDS_CAPACITY:
+                reason = with_log_lines(_ended_reason(report), report.last_log_lines)
+                deployment = await self.scheduler.transition_in(
+                    tx, deployment, State.FAILED, reason=reason, exit_code=exit_code
+                )
+            return deployment, False
+        if container.crash_loop:
+            reason = crash_loop_reason(
+                container.last_exit_reason, container.restart_count, report.last_log_lines
+            )
+            if deployment.status is State.RUNNING:
+                deployment = await self.scheduler.transition_in(
+                    tx, deployment, State.CRASH_LOOP, reason=reason
+                )
+            elif deployment.status in (State.SCHEDULING, State.STARTING):
+                deployment = await self.scheduler.transition_in(
+                    tx,
+                    deployment,
+                    State.FAILED,
+                    reason=f"crash-looping before it was ever seen running: {reason}",
+                )
+            return deployment, False
+        if container.status != "running":
+            return deployment, False
+        if deployment.status is State.SCHEDULING:
+            deployment = await self.scheduler.transition_in(tx, deployment, State.STARTING)
+        if deployment.status is State.STARTING:
+            deployment = await self.scheduler.transition_in(tx, deployment, State.RUNNING)
+            return deployment, True  # the deployment it superseded, if any, stops now
+        if deployment.status is State.CRASH_LOOP:  # it stayed up: recovered
+            deployment = await self.scheduler.transition_in(
+                tx, deployment, State.RUNNING, reason=""
+            )
+        return deployment, False
 
     # ----------------------------------------------------------------------- stops
 
@@ -331,22 +385,32 @@ class Deployer:
     # ----------------------------------------------------------------- the agents' view
 
     async def check_agents(self, settled_seconds: float = 2.0) -> int:
-        """Starting and running deployments their agent does not run end failed (released);
-        reports the agent sent while runtime was away are applied. The count failed."""
+        """Each agent's containers against the deployments. Starting and running deployments
+        their agent does not run end failed (released); reports the agent sent while runtime
+        was away are applied; containers it runs that no deployment wants are stopped.
+
+        An agent that does not answer fails nothing: it may be restarting, and its apps run
+        on without it. One that answers has adopted what it runs (an agent adopts its
+        earlier self's apps before it serves), so what it does not list is gone. The count
+        failed."""
         async with self.db.session() as s:
             rows = await store.deployments_on_agents(
-                s, (State.STARTING, State.RUNNING), settled_seconds
+                s, (State.STARTING, State.RUNNING, State.CRASH_LOOP), settled_seconds
             )
-        by_agent: dict[tuple[str, str], list[tuple[str, str]]] = {}
+            # Agents that beat lately: only those are asked about containers nobody wants
+            # (an address of a server long silent may be another agent's by now).
+            heard = set(await store.agents_heard_from(s, self.heartbeat_timeout))
+        by_agent: dict[tuple[str, str], list[tuple[str, str]]] = {agent: [] for agent in heard}
         for deployment_id, container_id, server_id, address in rows:
             by_agent.setdefault((server_id, address), []).append((deployment_id, container_id))
         failed = 0
         for (server_id, address), items in by_agent.items():
             try:
-                seen = {c.container_id: c for c in await self.agents.list(address)}
+                listed = await self.agents.list(address)
             except grpc.aio.AioRpcError as exc:
                 log.warning("agent unreachable", extra={"address": address, "code": exc.code()})
                 continue
+            seen = {c.container_id: c for c in listed}
             async with self.db.session() as s:
                 server = await store.get_server(s, server_id)
             for deployment_id, container_id in items:
@@ -360,7 +424,50 @@ class Deployer:
                     failed += 1
                 else:
                     await self.apply_report(server, report)
+            if (server_id, address) in heard:
+                await self.stop_unwanted(server, listed)
         return failed
+
+    async def stop_unwanted(self, server: Server, listed: list[agent_pb2.Container]) -> int:
+        """Stops what a server's agent runs that no deployment wants, so that nothing is
+        left running unaccounted: a container runtime has no row for (its organization was
+        deleted), one whose deployment ended (stopped or replaced while the agent was away),
+        or an older container of a deployment. The agent removes an ended container's
+        files. The count stopped."""
+        live = [c.container_id for c in listed if CONTAINER_STATUS.get(c.status) not in ENDED]
+        if not live:
+            return 0
+        async with self.db.session() as s:
+            claims = await store.container_claims(s, live)
+        stops: list[Awaitable[bool]] = []
+        for container_id in live:
+            claim = claims.get(container_id)
+            if claim is None:
+                stops.append(self._stop_unknown(server.agent_address, container_id))
+            elif claim.container.server_id != server.id:
+                continue  # another server's, as runtime knows it: not this agent's to judge
+            elif claim.deployment_status in ENDS or not claim.newest:
+                stops.append(self._stop(claim.container, server.agent_address))
+        if not stops:
+            return 0
+        log.warning(
+            "stopping containers no deployment wants",
+            extra={"server_id": server.id, "count": len(stops)},
+        )
+        results = await asyncio.gather(*stops, return_exceptions=True)
+        return sum(1 for r in results if r is True)
+
+    async def _stop_unknown(self, address: str, container_id: str) -> bool:
+        try:
+            await self.agents.stop(address, container_id)
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() is not grpc.StatusCode.NOT_FOUND:
+                log.warning(
+                    "stop will be retried",
+                    extra={"container_id": container_id, "code": exc.code().name},
+                )
+                return False
+        return True
 
     # ------------------------------------------------------------------------ sweep
 
@@ -421,7 +528,7 @@ class Deployer:
             deployment = await store.lock_deployment(tx, deployment_id)
             if deployment.status in ENDS:
                 continue
-            new = State.FAILED if deployment.status is State.RUNNING else State.CANCELLED
+            new = State.FAILED if deployment.status in SERVING else State.CANCELLED
             try:
                 await self.scheduler.transition_in(
                     tx, deployment, new, reason="the project was deleted"

@@ -3,7 +3,7 @@ which organizations may share a server."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -15,6 +15,9 @@ class DeploymentState(StrEnum):
     SCHEDULING = "scheduling"  # placed: capacity reserved, being handed to the agent
     STARTING = "starting"  # the agent started it; health check not passed yet
     RUNNING = "running"
+    # It ran, then kept crashing soon after each restart: its agent still restarts it (with
+    # back-off), it is still placed and holds its capacity; back to running once it stays up.
+    CRASH_LOOP = "crash_loop"
     SUPERSEDED = "superseded"  # a newer deployment of the project reached running
     FAILED = "failed"
     CANCELLED = "cancelled"
@@ -28,7 +31,9 @@ TRANSITIONS: dict[DeploymentState, frozenset[DeploymentState]] = {
     S.QUEUED: frozenset({S.SCHEDULING, S.CANCELLED, S.FAILED}),
     S.SCHEDULING: frozenset({S.STARTING, S.CANCELLED, S.FAILED}),
     S.STARTING: frozenset({S.RUNNING, S.CANCELLED, S.FAILED}),
-    S.RUNNING: frozenset({S.SUPERSEDED, S.FAILED, S.ROLLED_BACK}),
+    S.RUNNING: frozenset({S.SUPERSEDED, S.FAILED, S.ROLLED_BACK, S.CRASH_LOOP}),
+    # Stops as a running one does (superseded, rolled back, failed), or cancelled by its user.
+    S.CRASH_LOOP: frozenset({S.RUNNING, S.SUPERSEDED, S.FAILED, S.ROLLED_BACK, S.CANCELLED}),
     S.SUPERSEDED: frozenset(),
     S.FAILED: frozenset(),
     S.CANCELLED: frozenset(),
@@ -36,7 +41,10 @@ TRANSITIONS: dict[DeploymentState, frozenset[DeploymentState]] = {
 }
 
 # States in which a deployment holds capacity on its server (capacity_reserved = true).
-HOLDS_CAPACITY = frozenset({S.SCHEDULING, S.STARTING, S.RUNNING})
+HOLDS_CAPACITY = frozenset({S.SCHEDULING, S.STARTING, S.RUNNING, S.CRASH_LOOP})
+# The project's current release (at most one per project): it has run, and a newer one that
+# reaches running supersedes it.
+SERVING = frozenset({S.RUNNING, S.CRASH_LOOP})
 CANCELLABLE = frozenset(s for s, nexts in TRANSITIONS.items() if S.CANCELLED in nexts)
 ENDS = frozenset(s for s, nexts in TRANSITIONS.items() if not nexts)
 
@@ -53,6 +61,30 @@ def ensure_transition(current: DeploymentState, new: DeploymentState) -> None:
             reason="ILLEGAL_TRANSITION",
             metadata={"from": current.value, "to": new.value},
         )
+
+
+LOG_LINES_HEADING = "\nlast log lines:\n"
+
+
+def with_log_lines(reason: str, lines: Sequence[str]) -> str:
+    """A status reason followed by the app's last log lines, when the agent sent some."""
+    if not lines:
+        return reason
+    return reason + LOG_LINES_HEADING + "\n".join(lines)
+
+
+def without_log_lines(reason: str) -> str:
+    """The reason alone: what events and audit entries carry (an app's output may hold
+    anything, and the audit trail is kept for good)."""
+    return reason.split(LOG_LINES_HEADING, 1)[0]
+
+
+def crash_loop_reason(exit_reason: str, restarts: int, lines: Sequence[str]) -> str:
+    """A crash-looping deployment's status_reason: how its app last ended, and its last lines."""
+    times = "once" if restarts == 1 else f"{restarts} times"
+    return with_log_lines(
+        f"{exit_reason or 'the app ended'} (crash loop: restarted {times})", lines
+    )
 
 
 class ServerState(StrEnum):

@@ -21,6 +21,11 @@ from shared.errors import (
 )
 
 PROJECT_SERVICE = project_pb2.DESCRIPTOR.services_by_name["ProjectService"]
+_RESTART_POLICY = {
+    project_pb2.RESTART_POLICY_ON_FAILURE: "on-failure",
+    project_pb2.RESTART_POLICY_ALWAYS: "always",
+    project_pb2.RESTART_POLICY_NEVER: "never",
+}
 
 
 @dataclass(frozen=True)
@@ -35,6 +40,10 @@ class ProjectInfo:
     default_image: str = ""
     health_check_path: str = ""
     sleep_after_seconds: int | None = None  # None: its apps never sleep
+    restart_policy: str = "on-failure"  # on-failure | always | never
+    liveness_check_path: str = ""  # empty: no liveness check
+    liveness_period_seconds: int = 10
+    liveness_failure_threshold: int = 3
 
 
 @dataclass(frozen=True)
@@ -80,6 +89,10 @@ class RemoteProjects:
             default_image=p.default_image,
             health_check_path=p.health_check_path,
             sleep_after_seconds=p.sleep_after_seconds if p.sleep_enabled else None,
+            restart_policy=_RESTART_POLICY.get(p.restart_policy, "on-failure"),
+            liveness_check_path=p.liveness_check_path,
+            liveness_period_seconds=p.liveness_period_seconds or 10,
+            liveness_failure_threshold=p.liveness_failure_threshold or 3,
         )
 
     async def organization_of(self, project_id: str) -> str:

@@ -11,7 +11,10 @@ ones the locked counters should show.
 
 With a deployer, each round also asks the agents what they run: a deployment starting or
 running on an agent that does not run it ends failed and releases its capacity (crashes of
-runtime or of the agent leave such deployments behind).
+runtime, or an agent's state lost, leave such deployments behind), and a container an agent
+runs that no deployment wants is stopped. An agent that does not answer fails nothing: a
+restarting agent adopts its apps before it answers (services/agent/runs.py), so its silence
+says nothing of them, and counters stay as they are.
 """
 
 from __future__ import annotations

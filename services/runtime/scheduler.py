@@ -29,6 +29,7 @@ from services.runtime.domain import (
     Tenancy,
     ensure_transition,
     unisolated_reason,
+    without_log_lines,
 )
 from services.runtime.store import Deployment, DeploymentSpec
 from shared.audit import AUDIT_PREFIX, current_actor, record_audit
@@ -298,6 +299,11 @@ class Scheduler:
                 health_check_path=previous.health_check_path,
                 rolled_back_from=current.id,
                 sleep_after_seconds=current.sleep_after_seconds,  # the project's setting now
+                restart_policy=current.restart_policy,
+                # The liveness check goes with the code, as its health check path does.
+                liveness_check_path=previous.liveness_check_path,
+                liveness_period_seconds=previous.liveness_period_seconds,
+                liveness_failure_threshold=previous.liveness_failure_threshold,
             )
             rollback = await store.insert_deployment(tx, spec, self.clock() + self.schedule_timeout)
             await self._changed(tx, None, rollback)
@@ -348,7 +354,7 @@ class Scheduler:
             "to": after.status.value,
             "server_id": after.server_id,
             "capacity_reserved": after.capacity_reserved,
-            "reason": after.status_reason,
+            "reason": without_log_lines(after.status_reason),
         }
         if after.exit_code is not None:
             payload["exit_code"] = after.exit_code

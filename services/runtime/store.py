@@ -98,6 +98,10 @@ class Deployment:
     sleep_after_seconds: int | None  # None: never put to sleep
     created_at: datetime
     updated_at: datetime
+    restart_policy: str = "on-failure"  # what its agent does when the app ends on its own
+    liveness_check_path: str = ""  # empty: no liveness check
+    liveness_period_seconds: int = 10
+    liveness_failure_threshold: int = 3
 
     @classmethod
     def from_row(cls, row: asyncpg.Record) -> Deployment:
@@ -121,6 +125,10 @@ class Deployment:
             sleep_after_seconds=row["sleep_after_seconds"],
             created_at=row["created_at"],
             updated_at=row["updated_at"],
+            restart_policy=row["restart_policy"],
+            liveness_check_path=row["liveness_check_path"] or "",
+            liveness_period_seconds=row["liveness_period_seconds"],
+            liveness_failure_threshold=row["liveness_failure_threshold"],
         )
 
 
@@ -137,6 +145,10 @@ class DeploymentSpec:
     health_check_path: str = ""
     rolled_back_from: str = ""
     sleep_after_seconds: int | None = None  # the project's, when it sleeps idle apps
+    restart_policy: str = "on-failure"  # the project's restart and liveness settings
+    liveness_check_path: str = ""
+    liveness_period_seconds: int = 10
+    liveness_failure_threshold: int = 3
 
 
 @dataclass(frozen=True)
@@ -470,8 +482,10 @@ async def insert_deployment(
     row = await tx.fetchrow(
         f"""INSERT INTO {S}.deployments (id, project_id, organization_id, image, command,
                 ram_mb, cpu_millis, region, health_check_path, rolled_back_from,
-                schedule_deadline, sleep_after_seconds)
-            VALUES ($1, $2, $3, $4, $5, $6, $7, $8, NULLIF($9, ''), NULLIF($10, ''), $11, $12)
+                schedule_deadline, sleep_after_seconds, restart_policy, liveness_check_path,
+                liveness_period_seconds, liveness_failure_threshold)
+            VALUES ($1, $2, $3, $4, $5, $6, $7, $8, NULLIF($9, ''), NULLIF($10, ''), $11, $12,
+                    $13, NULLIF($14, ''), $15, $16)
             RETURNING *""",
         new_id(),
         spec.project_id,
@@ -485,6 +499,10 @@ async def insert_deployment(
         spec.rolled_back_from,
         schedule_deadline,
         spec.sleep_after_seconds,
+        spec.restart_policy,
+        spec.liveness_check_path,
+        spec.liveness_period_seconds,
+        spec.liveness_failure_threshold,
     )
     assert row is not None
     return Deployment.from_row(row)
@@ -522,9 +540,11 @@ async def claim_queued(tx: Session, after: tuple[datetime, str] | None) -> Deplo
 async def lock_running_of_project(
     tx: Session, project_id: str, excluding: str
 ) -> Deployment | None:
+    """The project's serving deployment (running or crash-looping; at most one), locked."""
     row = await tx.fetchrow(
         f"""SELECT * FROM {S}.deployments
-             WHERE project_id = $1 AND status = 'running' AND id <> $2 FOR UPDATE""",
+             WHERE project_id = $1 AND status IN ('running', 'crash_loop') AND id <> $2
+             FOR UPDATE""",
         project_id,
         excluding,
     )
@@ -718,6 +738,16 @@ async def upsert_local_server(
 
 # ------------------------------------------------------------------------- containers
 
+
+@dataclass(frozen=True)
+class RestartState:
+    """A container's restarts as its agent reports them."""
+
+    count: int = 0
+    crash_loop: bool = False
+    last_exit_reason: str = ""
+
+
 # Database container states; "stopped" and "failed" are ends.
 CONTAINER_LIVE = ("starting", "running", "stopping")
 _CONTAINER_RANK = {"starting": 0, "running": 1, "stopping": 2, "stopped": 3, "failed": 3}
@@ -738,6 +768,9 @@ class Container:
     started_at: datetime | None
     stopped_at: datetime | None
     created_at: datetime
+    restart_count: int = 0  # times its agent started the app again after it crashed
+    crash_loop: bool = False
+    last_exit_reason: str = ""
 
     @classmethod
     def from_row(cls, row: asyncpg.Record) -> Container:
@@ -755,6 +788,9 @@ class Container:
             started_at=row["started_at"],
             stopped_at=row["stopped_at"],
             created_at=row["created_at"],
+            restart_count=row["restart_count"],
+            crash_loop=row["crash_loop"],
+            last_exit_reason=row["last_exit_reason"] or "",
         )
 
     @property
@@ -806,14 +842,22 @@ async def update_container(
     started_at: datetime | None = None,
     last_request_at: datetime | None = None,
     sleep_status: str | None = None,
+    restarts: RestartState | None = None,
 ) -> Container | None:
-    """Move a container forward; a report older than what is recorded changes no status."""
+    """Move a container forward; a report older than what is recorded changes no status.
+    A restart (a higher restart count) starts its life over: starting again after running."""
     current = await lock_container(tx, container_id)
     if current is None:
         return None
     new_status = current.status
-    if status is not None and _CONTAINER_RANK[status] > _CONTAINER_RANK[current.status]:
+    restarted = restarts is not None and restarts.count > current.restart_count
+    if status is not None and (
+        _CONTAINER_RANK[status] > _CONTAINER_RANK[current.status]
+        or (restarted and current.live and status in CONTAINER_LIVE)
+    ):
         new_status = status
+    if restarts is not None and restarts.count < current.restart_count:
+        restarts = None  # an older report: what is recorded stands
     ended_now = new_status in ("stopped", "failed") and current.live
     row = await tx.fetchrow(
         f"""UPDATE {S}.containers
@@ -825,6 +869,9 @@ async def update_container(
                    last_request_at = GREATEST(last_request_at, $7),
                    stopped_at = CASE WHEN $8 THEN now() ELSE stopped_at END,
                    sleep_status = COALESCE($9, sleep_status),
+                   restart_count = COALESCE($10, restart_count),
+                   crash_loop = COALESCE($11, crash_loop),
+                   last_exit_reason = COALESCE(NULLIF($12, ''), last_exit_reason),
                    updated_at = now()
              WHERE id = $1 RETURNING *""",
         container_id,
@@ -836,6 +883,9 @@ async def update_container(
         last_request_at,
         ended_now,
         sleep_status,
+        restarts.count if restarts is not None else None,
+        restarts.crash_loop if restarts is not None else None,
+        restarts.last_exit_reason if restarts is not None else None,
     )
     assert row is not None
     return Container.from_row(row)
@@ -962,11 +1012,64 @@ async def deployments_on_agents(
     return [(r["id"], r["container_id"] or "", r["server_id"], r["agent_address"]) for r in rows]
 
 
-async def container_statuses(s: Session, container_ids: list[str]) -> dict[str, str]:
+async def container_statuses(
+    s: Session, container_ids: list[str]
+) -> dict[str, tuple[str, RestartState]]:
+    """What is recorded of these containers: status, and restarts as last reported."""
     rows = await s.fetch(
-        f"SELECT id, status FROM {S}.containers WHERE id = ANY($1::text[])", container_ids
+        f"""SELECT id, status, restart_count, crash_loop, last_exit_reason
+              FROM {S}.containers WHERE id = ANY($1::text[])""",
+        container_ids,
     )
-    return {r["id"]: r["status"] for r in rows}
+    return {
+        r["id"]: (
+            r["status"],
+            RestartState(r["restart_count"], r["crash_loop"], r["last_exit_reason"] or ""),
+        )
+        for r in rows
+    }
+
+
+async def agents_heard_from(s: Session, within_seconds: float) -> list[tuple[str, str]]:
+    """(server id, agent address) of servers whose agent beat within `within_seconds`: the
+    agent at that address is that server's, and alive."""
+    rows = await s.fetch(
+        f"""SELECT id, agent_address FROM {S}.servers
+             WHERE status <> 'down'
+               AND last_heartbeat_at > now() - make_interval(secs => $1)
+             ORDER BY id""",
+        within_seconds,
+    )
+    return [(r["id"], r["agent_address"]) for r in rows]
+
+
+@dataclass(frozen=True)
+class ContainerClaim:
+    """What runtime wants of a container an agent runs: its row, its deployment's status,
+    and whether it is that deployment's newest container."""
+
+    container: Container
+    deployment_status: DeploymentState
+    newest: bool
+
+
+async def container_claims(s: Session, container_ids: list[str]) -> dict[str, ContainerClaim]:
+    """The claims on these containers; an id runtime has no row for is absent."""
+    rows = await s.fetch(
+        f"""SELECT c.*, d.status AS deployment_status,
+                   c.id = (SELECT n.id FROM {S}.containers n WHERE n.deployment_id = d.id
+                            ORDER BY n.created_at DESC, n.id DESC LIMIT 1) AS newest
+              FROM {S}.containers c
+              JOIN {S}.deployments d ON d.id = c.deployment_id
+             WHERE c.id = ANY($1::text[])""",
+        container_ids,
+    )
+    return {
+        r["id"]: ContainerClaim(
+            Container.from_row(r), DeploymentState(r["deployment_status"]), bool(r["newest"])
+        )
+        for r in rows
+    }
 
 
 # ------------------------------------------------------------ placement in one statement
@@ -1143,6 +1246,10 @@ _CREATE_PARAMS = (
     "ids",
     "sleep_after_seconds",
     "waiting_reason",
+    "restart_policy",
+    "liveness_check_path",
+    "liveness_period_seconds",
+    "liveness_failure_threshold",
 )
 
 
@@ -1160,11 +1267,14 @@ def _create_sql(skip_locked: bool) -> str:
         made AS (
             INSERT INTO {S}.deployments (id, project_id, organization_id, image, command,
                     ram_mb, cpu_millis, region, health_check_path, rolled_back_from,
-                    schedule_deadline, sleep_after_seconds,
+                    schedule_deadline, sleep_after_seconds, restart_policy,
+                    liveness_check_path, liveness_period_seconds, liveness_failure_threshold,
                     status, status_reason, server_id, capacity_reserved)
             SELECT $id, $project_id, $organization_id, $image, $command, $ram_mb,
                    $cpu_millis, $region, NULLIF($health_check_path, ''),
                    NULLIF($rolled_back_from, ''), $schedule_deadline, $sleep_after_seconds,
+                   $restart_policy, NULLIF($liveness_check_path, ''),
+                   $liveness_period_seconds::integer, $liveness_failure_threshold::integer,
                    CASE WHEN r.server_id IS NULL THEN 'queued' ELSE 'scheduling' END,
                    CASE WHEN r.server_id IS NOT NULL THEN ''
                         WHEN f.any_room AND NOT f.any_fits THEN $waiting_reason::text END,
@@ -1225,6 +1335,10 @@ async def create_deployment(
             ids,
             spec.sleep_after_seconds,
             waiting_reason,
+            spec.restart_policy,
+            spec.liveness_check_path,
+            spec.liveness_period_seconds,
+            spec.liveness_failure_threshold,
         )
 
     async def skip_locked() -> tuple[asyncpg.Record | None, bool]:

@@ -507,7 +507,7 @@ def test_read_the_audit_log(journey: Journey) -> None:
     assert j.http.get(url, headers=_as(j.viewer)).status_code == 403  # admins read the trail
 
 
-def test_an_app_over_its_memory_is_oom_killed_and_the_deployment_says_so(
+def test_an_app_over_its_memory_is_oom_killed_restarted_and_the_deployment_says_so(
     journey: Journey,
 ) -> None:
     j = journey
@@ -526,10 +526,16 @@ def test_an_app_over_its_memory_is_oom_killed_and_the_deployment_says_so(
             json={"command": hog},
         )
     )
-    failed = _wait_deployment(j, created["id"], "DEPLOYMENT_STATUS_FAILED", within=60)
-    assert failed["statusReason"].startswith("OOM_KILLED"), failed
-    assert f"{j.project['ramMb']} MiB" in failed["statusReason"]
-    assert failed["capacityReserved"] is False
+    # Each OOM kill is a crash: the agent restarts it with back-off until it crash-loops.
+    looping = _wait_deployment(j, created["id"], "DEPLOYMENT_STATUS_CRASH_LOOP", within=120)
+    assert looping["statusReason"].startswith("OOM_KILLED"), looping
+    assert f"{j.project['ramMb']} MiB" in looping["statusReason"]
+    assert looping["capacityReserved"] is True  # still placed while it crash-loops
+    cancelled = _ok(
+        j.http.post(f"/v1/deployments/{created['id']}:cancel", headers=_as(j.owner), json={})
+    )
+    assert cancelled["status"] == "DEPLOYMENT_STATUS_CANCELLED", cancelled
+    assert cancelled["capacityReserved"] is False
 
     def told() -> bool:
         entries = _ok(

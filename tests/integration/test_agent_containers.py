@@ -88,6 +88,7 @@ async def start(
     env: dict[str, str] | None = None,
     ram_mb: int = 128,
     cpu_millis: int = 1000,
+    restart_policy: pb.RestartPolicy.ValueType = pb.RESTART_POLICY_UNSPECIFIED,
 ) -> pb.Container:
     request = pb.StartContainerRequest(
         container_id=f"c-{secrets.token_hex(4)}",
@@ -97,6 +98,7 @@ async def start(
         env=env or {},
         ram_mb=ram_mb,
         cpu_millis=cpu_millis,
+        restart_policy=restart_policy,
     )
     await agent.stub.StartContainer(request, metadata=bearer(token))
     return await agent.wait_for(
@@ -275,7 +277,16 @@ async def test_an_app_over_its_memory_is_oom_killed_and_told_so(
         "s.bind(('0.0.0.0', int(os.environ['PORT']))); s.listen(); time.sleep(1); "
         'b = bytearray(512 << 20); time.sleep(600)"'
     )
-    app = await start(agent, tokens["runtime"], hog, project="p-hog", ram_mb=64)
+    # Policy never: the container ends with the kill (an OOM kill is restarted like any crash
+    # under on-failure: test_agent_restart.py).
+    app = await start(
+        agent,
+        tokens["runtime"],
+        hog,
+        project="p-hog",
+        ram_mb=64,
+        restart_policy=pb.RESTART_POLICY_NEVER,
+    )
     ended = await agent.wait_for(app.container_id, ENDED, tokens["runtime"], within=60)
     assert ended.reason.startswith("OOM_KILLED") and "64 MiB" in ended.reason
     assert ended.exit_code == 137

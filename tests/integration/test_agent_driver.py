@@ -21,6 +21,7 @@ from services.agent.domain import (
     ContainerSpec,
     ContainerState,
     LogStream,
+    RestartPolicy,
     SleepState,
 )
 from services.agent.drivers import ProcessDriver, inherited_env
@@ -431,9 +432,11 @@ async def test_an_app_that_fails_to_start_again_ends_the_container_and_its_clien
     driver: ProcessDriver,
 ) -> None:
     """Its working directory survives the sleep (the marker is there), so the second start
-    exits 3: the waiting connection is closed and the container ends with that code."""
+    exits 3: the waiting connection is closed and the container ends with that code (with
+    restart policy never; under on-failure the agent would start it again after a back-off,
+    see test_agent_restart.py)."""
     command = f"if [ -f slept ]; then echo refusing >&2; exit 3; fi; touch slept; {HTTP_SERVER}"
-    started = await driver.start(spec(command))
+    started = await driver.start(spec(command, restart_policy=RestartPolicy.NEVER))
     running = await settle(driver, started.container_id, ContainerState.RUNNING)
     await driver.sleep(started.container_id)
     async with httpx.AsyncClient(trust_env=False, timeout=30) as client:

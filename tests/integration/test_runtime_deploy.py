@@ -80,6 +80,17 @@ class Live:
         )
         return list(reply.containers)
 
+    async def only_container(self, project_id: str, md: object, deployment_id: str) -> pb.Container:
+        """The project's one container, once the listing has settled on `deployment_id`'s: the
+        agent reports a replaced app's end a moment after its process is gone."""
+        deadline = time.monotonic() + 30
+        while True:
+            listed = await self.containers(project_id, md)
+            if len(listed) == 1 and listed[0].deployment_id == deployment_id:
+                return listed[0]
+            assert time.monotonic() < deadline, f"containers did not settle: {listed}"
+            await asyncio.sleep(0.05)
+
 
 @pytest.fixture(scope="module")
 async def live(database_url: str, db_passwords: dict[str, str]) -> AsyncIterator[Live]:
@@ -184,8 +195,7 @@ async def test_a_command_runs_serves_http_with_its_secret_and_stops_when_replace
     old = await live.wait(first.id, dev, D.DEPLOYMENT_STATUS_SUPERSEDED)
     assert not old.capacity_reserved and second.id in old.status_reason
     assert await _gone(pid), "the superseded app still runs"
-    (now_running,) = await live.containers(project.id, viewer)
-    assert now_running.deployment_id == second.id
+    now_running = await live.only_container(project.id, viewer, second.id)
     assert (await _http(now_running.address)).status_code == 200
     second_pid = (await live.agent_container(now_running.id)).pid
 
@@ -198,7 +208,7 @@ async def test_a_command_runs_serves_http_with_its_secret_and_stops_when_replace
     rolled = await live.wait(second.id, dev, D.DEPLOYMENT_STATUS_ROLLED_BACK)
     assert not rolled.capacity_reserved
     assert await _gone(second_pid)
-    (back,) = await live.containers(project.id, viewer)
+    back = await live.only_container(project.id, viewer, rollback.id)
     assert (await _http(back.address, "/greeting.txt")).text == greeting
 
     # Cancel while starting: the half-started app is stopped and its capacity released.

@@ -105,11 +105,15 @@ async def running_agent(
 
 
 def start_agent_process(
-    identity_address: str, extra: Mapping[str, str] | None = None, address: str = ""
+    identity_address: str,
+    extra: Mapping[str, str] | None = None,
+    address: str = "",
+    state_dir: str = "",
 ) -> RunningAgent:
-    """`hangar serve agent` as a real process (on a free port unless `address` is given)."""
+    """`hangar serve agent` as a real process (on a free port unless `address` is given),
+    with a state directory of its own unless `state_dir` names an earlier agent's."""
     address = address or f"127.0.0.1:{free_port()}"
-    state_dir = tempfile.mkdtemp(prefix="hangar-agent-")
+    state_dir = state_dir or tempfile.mkdtemp(prefix="hangar-agent-")
     env = dict(os.environ)
     env.update(
         {

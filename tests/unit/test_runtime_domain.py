@@ -17,8 +17,11 @@ from services.runtime.domain import (
     Resources,
     best_fit,
     can_transition,
+    crash_loop_reason,
     ensure_transition,
     find_drift,
+    with_log_lines,
+    without_log_lines,
 )
 from shared.errors import FailedPrecondition
 
@@ -41,6 +44,14 @@ ALLOWED = {
     (S.RUNNING, S.FAILED),
     # rollback ends the running one
     (S.RUNNING, S.ROLLED_BACK),
+    # a running one that keeps crashing after restarts, running again once it stays up;
+    # it ends as a running one does, or cancelled
+    (S.RUNNING, S.CRASH_LOOP),
+    (S.CRASH_LOOP, S.RUNNING),
+    (S.CRASH_LOOP, S.SUPERSEDED),
+    (S.CRASH_LOOP, S.FAILED),
+    (S.CRASH_LOOP, S.ROLLED_BACK),
+    (S.CRASH_LOOP, S.CANCELLED),
 }
 
 
@@ -69,14 +80,14 @@ def test_every_other_pair_is_refused_with_failed_precondition(
 def test_the_graph_has_every_state_and_only_the_listed_edges() -> None:
     assert set(TRANSITIONS) == set(S)
     assert {(a, b) for a, nexts in TRANSITIONS.items() for b in nexts} == ALLOWED
-    assert len(ILLEGAL) == 64 - len(ALLOWED)
+    assert len(ILLEGAL) == len(S) ** 2 - len(ALLOWED)
 
 
-def test_ends_hold_no_capacity_and_cancel_is_only_before_running() -> None:
+def test_ends_hold_no_capacity_and_cancel_is_before_running_or_while_crash_looping() -> None:
     assert ENDS == {S.SUPERSEDED, S.FAILED, S.CANCELLED, S.ROLLED_BACK}
-    assert HOLDS_CAPACITY == {S.SCHEDULING, S.STARTING, S.RUNNING}
+    assert HOLDS_CAPACITY == {S.SCHEDULING, S.STARTING, S.RUNNING, S.CRASH_LOOP}
     assert not ENDS & HOLDS_CAPACITY
-    assert CANCELLABLE == {S.QUEUED, S.SCHEDULING, S.STARTING}
+    assert CANCELLABLE == {S.QUEUED, S.SCHEDULING, S.STARTING, S.CRASH_LOOP}
 
 
 def _server(sid: str, ram: int, cpu: int, ram_used: int = 0, cpu_used: int = 0) -> Candidate:
@@ -110,3 +121,13 @@ def test_drift_names_servers_whose_counters_disagree() -> None:
     assert set(drift) == {"leaked", "empty-but-counted", "over"}
     assert drift["empty-but-counted"].actual == Resources(0, 0)
     assert drift["leaked"].repairable and not drift["over"].repairable
+
+
+def test_a_crash_loop_reason_says_how_the_app_ended_then_its_last_lines() -> None:
+    reason = crash_loop_reason("exited with code 1", 5, ["boom", "Traceback: db down"])
+    assert reason == (
+        "exited with code 1 (crash loop: restarted 5 times)\n"
+        "last log lines:\nboom\nTraceback: db down"
+    )
+    assert without_log_lines(reason) == "exited with code 1 (crash loop: restarted 5 times)"
+    assert with_log_lines("stopped", []) == without_log_lines("stopped") == "stopped"

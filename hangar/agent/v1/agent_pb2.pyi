@@ -20,6 +20,13 @@ class ContainerStatus(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     CONTAINER_STATUS_EXITED: _ClassVar[ContainerStatus]
     CONTAINER_STATUS_FAILED: _ClassVar[ContainerStatus]
 
+class RestartPolicy(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    RESTART_POLICY_UNSPECIFIED: _ClassVar[RestartPolicy]
+    RESTART_POLICY_ON_FAILURE: _ClassVar[RestartPolicy]
+    RESTART_POLICY_ALWAYS: _ClassVar[RestartPolicy]
+    RESTART_POLICY_NEVER: _ClassVar[RestartPolicy]
+
 class SleepStatus(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     SLEEP_STATUS_UNSPECIFIED: _ClassVar[SleepStatus]
@@ -32,13 +39,17 @@ CONTAINER_STATUS_RUNNING: ContainerStatus
 CONTAINER_STATUS_STOPPING: ContainerStatus
 CONTAINER_STATUS_EXITED: ContainerStatus
 CONTAINER_STATUS_FAILED: ContainerStatus
+RESTART_POLICY_UNSPECIFIED: RestartPolicy
+RESTART_POLICY_ON_FAILURE: RestartPolicy
+RESTART_POLICY_ALWAYS: RestartPolicy
+RESTART_POLICY_NEVER: RestartPolicy
 SLEEP_STATUS_UNSPECIFIED: SleepStatus
 SLEEP_STATUS_AWAKE: SleepStatus
 SLEEP_STATUS_SLEEPING: SleepStatus
 SLEEP_STATUS_WAKING: SleepStatus
 
 class Container(_message.Message):
-    __slots__ = ("container_id", "deployment_id", "project_id", "status", "exit_code", "reason", "address", "port", "pid", "started_at", "ended_at", "sleep_status", "last_request_at")
+    __slots__ = ("container_id", "deployment_id", "project_id", "status", "exit_code", "reason", "address", "port", "pid", "started_at", "ended_at", "sleep_status", "last_request_at", "restart_count", "last_exit_reason", "last_log_lines", "crash_loop", "next_restart_at", "restart_backoff")
     CONTAINER_ID_FIELD_NUMBER: _ClassVar[int]
     DEPLOYMENT_ID_FIELD_NUMBER: _ClassVar[int]
     PROJECT_ID_FIELD_NUMBER: _ClassVar[int]
@@ -52,6 +63,12 @@ class Container(_message.Message):
     ENDED_AT_FIELD_NUMBER: _ClassVar[int]
     SLEEP_STATUS_FIELD_NUMBER: _ClassVar[int]
     LAST_REQUEST_AT_FIELD_NUMBER: _ClassVar[int]
+    RESTART_COUNT_FIELD_NUMBER: _ClassVar[int]
+    LAST_EXIT_REASON_FIELD_NUMBER: _ClassVar[int]
+    LAST_LOG_LINES_FIELD_NUMBER: _ClassVar[int]
+    CRASH_LOOP_FIELD_NUMBER: _ClassVar[int]
+    NEXT_RESTART_AT_FIELD_NUMBER: _ClassVar[int]
+    RESTART_BACKOFF_FIELD_NUMBER: _ClassVar[int]
     container_id: str
     deployment_id: str
     project_id: str
@@ -65,10 +82,16 @@ class Container(_message.Message):
     ended_at: _timestamp_pb2.Timestamp
     sleep_status: SleepStatus
     last_request_at: _timestamp_pb2.Timestamp
-    def __init__(self, container_id: _Optional[str] = ..., deployment_id: _Optional[str] = ..., project_id: _Optional[str] = ..., status: _Optional[_Union[ContainerStatus, str]] = ..., exit_code: _Optional[int] = ..., reason: _Optional[str] = ..., address: _Optional[str] = ..., port: _Optional[int] = ..., pid: _Optional[int] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., ended_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., sleep_status: _Optional[_Union[SleepStatus, str]] = ..., last_request_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    restart_count: int
+    last_exit_reason: str
+    last_log_lines: _containers.RepeatedScalarFieldContainer[str]
+    crash_loop: bool
+    next_restart_at: _timestamp_pb2.Timestamp
+    restart_backoff: _duration_pb2.Duration
+    def __init__(self, container_id: _Optional[str] = ..., deployment_id: _Optional[str] = ..., project_id: _Optional[str] = ..., status: _Optional[_Union[ContainerStatus, str]] = ..., exit_code: _Optional[int] = ..., reason: _Optional[str] = ..., address: _Optional[str] = ..., port: _Optional[int] = ..., pid: _Optional[int] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., ended_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., sleep_status: _Optional[_Union[SleepStatus, str]] = ..., last_request_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., restart_count: _Optional[int] = ..., last_exit_reason: _Optional[str] = ..., last_log_lines: _Optional[_Iterable[str]] = ..., crash_loop: _Optional[bool] = ..., next_restart_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., restart_backoff: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
 
 class StartContainerRequest(_message.Message):
-    __slots__ = ("container_id", "deployment_id", "project_id", "command", "image", "env", "ram_mb", "cpu_millis", "health_check_path")
+    __slots__ = ("container_id", "deployment_id", "project_id", "command", "image", "env", "ram_mb", "cpu_millis", "health_check_path", "restart_policy", "liveness_check_path", "liveness_period", "liveness_failure_threshold")
     class EnvEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -85,6 +108,10 @@ class StartContainerRequest(_message.Message):
     RAM_MB_FIELD_NUMBER: _ClassVar[int]
     CPU_MILLIS_FIELD_NUMBER: _ClassVar[int]
     HEALTH_CHECK_PATH_FIELD_NUMBER: _ClassVar[int]
+    RESTART_POLICY_FIELD_NUMBER: _ClassVar[int]
+    LIVENESS_CHECK_PATH_FIELD_NUMBER: _ClassVar[int]
+    LIVENESS_PERIOD_FIELD_NUMBER: _ClassVar[int]
+    LIVENESS_FAILURE_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     container_id: str
     deployment_id: str
     project_id: str
@@ -94,7 +121,11 @@ class StartContainerRequest(_message.Message):
     ram_mb: int
     cpu_millis: int
     health_check_path: str
-    def __init__(self, container_id: _Optional[str] = ..., deployment_id: _Optional[str] = ..., project_id: _Optional[str] = ..., command: _Optional[str] = ..., image: _Optional[str] = ..., env: _Optional[_Mapping[str, str]] = ..., ram_mb: _Optional[int] = ..., cpu_millis: _Optional[int] = ..., health_check_path: _Optional[str] = ...) -> None: ...
+    restart_policy: RestartPolicy
+    liveness_check_path: str
+    liveness_period: _duration_pb2.Duration
+    liveness_failure_threshold: int
+    def __init__(self, container_id: _Optional[str] = ..., deployment_id: _Optional[str] = ..., project_id: _Optional[str] = ..., command: _Optional[str] = ..., image: _Optional[str] = ..., env: _Optional[_Mapping[str, str]] = ..., ram_mb: _Optional[int] = ..., cpu_millis: _Optional[int] = ..., health_check_path: _Optional[str] = ..., restart_policy: _Optional[_Union[RestartPolicy, str]] = ..., liveness_check_path: _Optional[str] = ..., liveness_period: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., liveness_failure_threshold: _Optional[int] = ...) -> None: ...
 
 class StartContainerResponse(_message.Message):
     __slots__ = ("address", "port", "pid")

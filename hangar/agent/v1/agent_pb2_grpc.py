@@ -30,6 +30,10 @@ class AgentServiceStub:
     the agent accepts only runtime's service token. Sleep: runtime's sleep controller asks the
     agent to stop an idle app (SleepContainer); the agent keeps its public port open and starts
     the app again when the next request arrives, which is served once the app answers.
+    Restarts: an app that has answered its health check once and then ends on its own (or
+    fails its liveness check) is started again by the agent itself, per its restart policy,
+    after an exponential back-off, on the same public port; the container stays STARTING
+    meanwhile and reports restart_count, last_exit_reason and crash_loop.
     """
 
     def __init__(self, channel):
@@ -70,6 +74,10 @@ class AgentServiceServicer:
     the agent accepts only runtime's service token. Sleep: runtime's sleep controller asks the
     agent to stop an idle app (SleepContainer); the agent keeps its public port open and starts
     the app again when the next request arrives, which is served once the app answers.
+    Restarts: an app that has answered its health check once and then ends on its own (or
+    fails its liveness check) is started again by the agent itself, per its restart policy,
+    after an exponential back-off, on the same public port; the container stays STARTING
+    meanwhile and reports restart_count, last_exit_reason and crash_loop.
     """
 
     def StartContainer(self, request, context):
@@ -159,6 +167,10 @@ class AgentService:
     the agent accepts only runtime's service token. Sleep: runtime's sleep controller asks the
     agent to stop an idle app (SleepContainer); the agent keeps its public port open and starts
     the app again when the next request arrives, which is served once the app answers.
+    Restarts: an app that has answered its health check once and then ends on its own (or
+    fails its liveness check) is started again by the agent itself, per its restart policy,
+    after an exponential back-off, on the same public port; the container stays STARTING
+    meanwhile and reports restart_count, last_exit_reason and crash_loop.
     """
 
     @staticmethod

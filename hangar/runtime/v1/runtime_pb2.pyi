@@ -38,6 +38,7 @@ class DeploymentStatus(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     DEPLOYMENT_STATUS_FAILED: _ClassVar[DeploymentStatus]
     DEPLOYMENT_STATUS_CANCELLED: _ClassVar[DeploymentStatus]
     DEPLOYMENT_STATUS_ROLLED_BACK: _ClassVar[DeploymentStatus]
+    DEPLOYMENT_STATUS_CRASH_LOOP: _ClassVar[DeploymentStatus]
 
 class ContainerStatus(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -90,6 +91,7 @@ DEPLOYMENT_STATUS_SUPERSEDED: DeploymentStatus
 DEPLOYMENT_STATUS_FAILED: DeploymentStatus
 DEPLOYMENT_STATUS_CANCELLED: DeploymentStatus
 DEPLOYMENT_STATUS_ROLLED_BACK: DeploymentStatus
+DEPLOYMENT_STATUS_CRASH_LOOP: DeploymentStatus
 CONTAINER_STATUS_UNSPECIFIED: ContainerStatus
 CONTAINER_STATUS_STARTING: ContainerStatus
 CONTAINER_STATUS_RUNNING: ContainerStatus
@@ -177,7 +179,7 @@ class Deployment(_message.Message):
     def __init__(self, id: _Optional[str] = ..., project_id: _Optional[str] = ..., organization_id: _Optional[str] = ..., server_id: _Optional[str] = ..., status: _Optional[_Union[DeploymentStatus, str]] = ..., capacity_reserved: _Optional[bool] = ..., image: _Optional[str] = ..., command: _Optional[str] = ..., ram_mb: _Optional[int] = ..., cpu_millis: _Optional[int] = ..., secrets_version: _Optional[str] = ..., exit_code: _Optional[int] = ..., status_reason: _Optional[str] = ..., rolled_back_from: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class Container(_message.Message):
-    __slots__ = ("id", "project_id", "deployment_id", "server_id", "status", "sleep_status", "address", "last_request_at", "started_at")
+    __slots__ = ("id", "project_id", "deployment_id", "server_id", "status", "sleep_status", "address", "last_request_at", "started_at", "restart_count", "last_exit_reason", "crash_loop")
     ID_FIELD_NUMBER: _ClassVar[int]
     PROJECT_ID_FIELD_NUMBER: _ClassVar[int]
     DEPLOYMENT_ID_FIELD_NUMBER: _ClassVar[int]
@@ -187,6 +189,9 @@ class Container(_message.Message):
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     LAST_REQUEST_AT_FIELD_NUMBER: _ClassVar[int]
     STARTED_AT_FIELD_NUMBER: _ClassVar[int]
+    RESTART_COUNT_FIELD_NUMBER: _ClassVar[int]
+    LAST_EXIT_REASON_FIELD_NUMBER: _ClassVar[int]
+    CRASH_LOOP_FIELD_NUMBER: _ClassVar[int]
     id: str
     project_id: str
     deployment_id: str
@@ -196,7 +201,10 @@ class Container(_message.Message):
     address: str
     last_request_at: _timestamp_pb2.Timestamp
     started_at: _timestamp_pb2.Timestamp
-    def __init__(self, id: _Optional[str] = ..., project_id: _Optional[str] = ..., deployment_id: _Optional[str] = ..., server_id: _Optional[str] = ..., status: _Optional[_Union[ContainerStatus, str]] = ..., sleep_status: _Optional[_Union[SleepStatus, str]] = ..., address: _Optional[str] = ..., last_request_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    restart_count: int
+    last_exit_reason: str
+    crash_loop: bool
+    def __init__(self, id: _Optional[str] = ..., project_id: _Optional[str] = ..., deployment_id: _Optional[str] = ..., server_id: _Optional[str] = ..., status: _Optional[_Union[ContainerStatus, str]] = ..., sleep_status: _Optional[_Union[SleepStatus, str]] = ..., address: _Optional[str] = ..., last_request_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., restart_count: _Optional[int] = ..., last_exit_reason: _Optional[str] = ..., crash_loop: _Optional[bool] = ...) -> None: ...
 
 class LogEntry(_message.Message):
     __slots__ = ("project_id", "deployment_id", "container_id", "stream", "line", "emitted_at")
@@ -241,20 +249,28 @@ class MetricSample(_message.Message):
     def __init__(self, container_id: _Optional[str] = ..., metric: _Optional[_Union[MetricType, str]] = ..., value: _Optional[float] = ..., sampled_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class ContainerStatusReport(_message.Message):
-    __slots__ = ("container_id", "status", "exit_code", "reason", "last_request_at", "sleep_status")
+    __slots__ = ("container_id", "status", "exit_code", "reason", "last_request_at", "sleep_status", "restart_count", "last_exit_reason", "last_log_lines", "crash_loop")
     CONTAINER_ID_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
     EXIT_CODE_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
     LAST_REQUEST_AT_FIELD_NUMBER: _ClassVar[int]
     SLEEP_STATUS_FIELD_NUMBER: _ClassVar[int]
+    RESTART_COUNT_FIELD_NUMBER: _ClassVar[int]
+    LAST_EXIT_REASON_FIELD_NUMBER: _ClassVar[int]
+    LAST_LOG_LINES_FIELD_NUMBER: _ClassVar[int]
+    CRASH_LOOP_FIELD_NUMBER: _ClassVar[int]
     container_id: str
     status: ContainerStatus
     exit_code: int
     reason: str
     last_request_at: _timestamp_pb2.Timestamp
     sleep_status: SleepStatus
-    def __init__(self, container_id: _Optional[str] = ..., status: _Optional[_Union[ContainerStatus, str]] = ..., exit_code: _Optional[int] = ..., reason: _Optional[str] = ..., last_request_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., sleep_status: _Optional[_Union[SleepStatus, str]] = ...) -> None: ...
+    restart_count: int
+    last_exit_reason: str
+    last_log_lines: _containers.RepeatedScalarFieldContainer[str]
+    crash_loop: bool
+    def __init__(self, container_id: _Optional[str] = ..., status: _Optional[_Union[ContainerStatus, str]] = ..., exit_code: _Optional[int] = ..., reason: _Optional[str] = ..., last_request_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., sleep_status: _Optional[_Union[SleepStatus, str]] = ..., restart_count: _Optional[int] = ..., last_exit_reason: _Optional[str] = ..., last_log_lines: _Optional[_Iterable[str]] = ..., crash_loop: _Optional[bool] = ...) -> None: ...
 
 class RegisterServerRequest(_message.Message):
     __slots__ = ("server",)

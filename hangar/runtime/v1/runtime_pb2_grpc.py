@@ -195,7 +195,8 @@ class RuntimeServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def CancelDeployment(self, request, context):
-        """Cancels a queued, scheduling or starting deployment. Role: developer.
+        """Cancels a queued, scheduling, starting or crash-looping deployment (its app stops).
+        Role: developer.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
