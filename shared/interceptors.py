@@ -117,9 +117,11 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
         one_request: bool,
     ) -> Callable[..., Awaitable[Any]]:
         async def handle(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            await self._enter(context, metadata)
             started = time.perf_counter()
             try:
+                # Inside the try: a session check that meets PostgreSQL or identity down is a
+                # 503 like any handler's, not an unhandled exception.
+                await self._enter(context, metadata)
                 if one_request:
                     check_text(request)
                 result = behavior(request, context)
@@ -139,9 +141,11 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
         one_request: bool,
     ) -> Callable[..., AsyncIterator[Any]]:
         async def handle(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-            await self._enter(context, metadata)
             started = time.perf_counter()
             try:
+                # Inside the try: a session check that meets PostgreSQL or identity down is a
+                # 503 like any handler's, not an unhandled exception.
+                await self._enter(context, metadata)
                 if one_request:
                     check_text(request)
                 result = behavior(request, context)
