@@ -1,79 +1,55 @@
-"""BillingService servicer: proto in -> domain call -> proto out."""
+"""BillingService servicer: proto in -> use case (service.Billing) -> proto out."""
 
 from __future__ import annotations
 
-import logging
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING
+from typing import TypeAlias
 
 import grpc
 from google.protobuf import empty_pb2
 
-from hangar.billing.v1 import billing_pb2, billing_pb2_grpc
+from hangar.billing.v1 import billing_pb2 as pb
+from hangar.billing.v1 import billing_pb2_grpc
 from hangar.events.v1 import events_pb2
-from services.billing import store, webhooks
-from services.billing.domain import (
-    METRICS,
-    Metric,
-    Plan,
-    Resources,
-    SubscriptionStatus,
-    downgrade_blocked,
-    overage,
-    overage_cents,
-    period_containing,
-    validate_allocation,
-)
-from shared import pagination
-from shared.auth import require_caller, require_service
-from shared.errors import InvalidArgument, NotFound, PermissionDenied
-from shared.ids import new_id
-from shared.outbox import write_event
+from services.billing import store
+from services.billing.domain import Metric, Plan, Resources, SubscriptionStatus
+from services.billing.service import Billing, UsageSummary
+from shared.auth import require_service
+from shared.outbox import OutboxFeed
 from shared.proto import optional_timestamp
 
-if TYPE_CHECKING:
-    from services.billing.server import BillingApp
-
-MAX_PAGE_SIZE = 500
-
-log = logging.getLogger(__name__)
-
-READ = "billing.read"
-MANAGE = "billing.manage"
-MAX_USAGE_BATCH = 10_000
+Context: TypeAlias = grpc.aio.ServicerContext
 
 _METRIC_TO_PROTO = {
-    Metric.RAM_MB_SECONDS: billing_pb2.USAGE_METRIC_RAM_MB_SECONDS,
-    Metric.CPU_MILLIS_SECONDS: billing_pb2.USAGE_METRIC_CPU_MILLIS_SECONDS,
-    Metric.BANDWIDTH_BYTES: billing_pb2.USAGE_METRIC_BANDWIDTH_BYTES,
+    Metric.RAM_MB_SECONDS: pb.USAGE_METRIC_RAM_MB_SECONDS,
+    Metric.CPU_MILLIS_SECONDS: pb.USAGE_METRIC_CPU_MILLIS_SECONDS,
+    Metric.BANDWIDTH_BYTES: pb.USAGE_METRIC_BANDWIDTH_BYTES,
 }
 _METRIC_FROM_PROTO = {v: k.value for k, v in _METRIC_TO_PROTO.items()}
 _SUBSCRIPTION_STATUS = {
-    SubscriptionStatus.ACTIVE: billing_pb2.SUBSCRIPTION_STATUS_ACTIVE,
-    SubscriptionStatus.TRIALING: billing_pb2.SUBSCRIPTION_STATUS_ACTIVE,
-    SubscriptionStatus.PAST_DUE: billing_pb2.SUBSCRIPTION_STATUS_PAST_DUE,
-    SubscriptionStatus.UNPAID: billing_pb2.SUBSCRIPTION_STATUS_UNPAID,
-    SubscriptionStatus.CANCELED: billing_pb2.SUBSCRIPTION_STATUS_CANCELED,
-    SubscriptionStatus.INCOMPLETE_EXPIRED: billing_pb2.SUBSCRIPTION_STATUS_CANCELED,
+    SubscriptionStatus.ACTIVE: pb.SUBSCRIPTION_STATUS_ACTIVE,
+    SubscriptionStatus.TRIALING: pb.SUBSCRIPTION_STATUS_ACTIVE,
+    SubscriptionStatus.PAST_DUE: pb.SUBSCRIPTION_STATUS_PAST_DUE,
+    SubscriptionStatus.UNPAID: pb.SUBSCRIPTION_STATUS_UNPAID,
+    SubscriptionStatus.CANCELED: pb.SUBSCRIPTION_STATUS_CANCELED,
+    SubscriptionStatus.INCOMPLETE_EXPIRED: pb.SUBSCRIPTION_STATUS_CANCELED,
 }
 _INVOICE_STATUS = {
-    "draft": billing_pb2.INVOICE_STATUS_DRAFT,
-    "open": billing_pb2.INVOICE_STATUS_OPEN,
-    "paid": billing_pb2.INVOICE_STATUS_PAID,
-    "uncollectible": billing_pb2.INVOICE_STATUS_UNCOLLECTIBLE,
-    "void": billing_pb2.INVOICE_STATUS_VOID,
+    "draft": pb.INVOICE_STATUS_DRAFT,
+    "open": pb.INVOICE_STATUS_OPEN,
+    "paid": pb.INVOICE_STATUS_PAID,
+    "uncollectible": pb.INVOICE_STATUS_UNCOLLECTIBLE,
+    "void": pb.INVOICE_STATUS_VOID,
 }
 
 
-def _resources(r: Resources) -> billing_pb2.Resources:
-    return billing_pb2.Resources(
-        ram_mb=r.ram_mb, cpu_millis=r.cpu_millis, bandwidth_gb=r.bandwidth_gb
-    )
+def _resources(r: Resources) -> pb.Resources:
+    return pb.Resources(ram_mb=r.ram_mb, cpu_millis=r.cpu_millis, bandwidth_gb=r.bandwidth_gb)
 
 
-def plan_to_proto(plan: Plan) -> billing_pb2.Plan:
-    return billing_pb2.Plan(
+def plan_to_proto(plan: Plan) -> pb.Plan:
+    return pb.Plan(
         id=plan.id,
         name=plan.name,
         price_cents=plan.price_cents,
@@ -88,11 +64,11 @@ def plan_to_proto(plan: Plan) -> billing_pb2.Plan:
     )
 
 
-def subscription_to_proto(sub: store.Subscription) -> billing_pb2.Subscription:
-    return billing_pb2.Subscription(
+def subscription_to_proto(sub: store.Subscription) -> pb.Subscription:
+    return pb.Subscription(
         organization_id=sub.organization_id,
         plan_id=sub.plan_id,
-        status=_SUBSCRIPTION_STATUS.get(sub.status, billing_pb2.SUBSCRIPTION_STATUS_UNSPECIFIED),
+        status=_SUBSCRIPTION_STATUS.get(sub.status, pb.SUBSCRIPTION_STATUS_UNSPECIFIED),
         current_period_start=optional_timestamp(sub.current_period_start),
         current_period_end=optional_timestamp(sub.current_period_end),
         pool=_resources(sub.pool),
@@ -102,8 +78,8 @@ def subscription_to_proto(sub: store.Subscription) -> billing_pb2.Subscription:
     )
 
 
-def allocation_to_proto(a: store.Allocation) -> billing_pb2.Allocation:
-    return billing_pb2.Allocation(
+def allocation_to_proto(a: store.Allocation) -> pb.Allocation:
+    return pb.Allocation(
         organization_id=a.organization_id,
         project_id=a.project_id,
         resources=_resources(a.resources),
@@ -112,8 +88,8 @@ def allocation_to_proto(a: store.Allocation) -> billing_pb2.Allocation:
     )
 
 
-def invoice_to_proto(inv: store.Invoice) -> billing_pb2.Invoice:
-    return billing_pb2.Invoice(
+def invoice_to_proto(inv: store.Invoice) -> pb.Invoice:
+    return pb.Invoice(
         id=inv.id,
         organization_id=inv.organization_id,
         subscription_id=inv.subscription_id,
@@ -121,7 +97,7 @@ def invoice_to_proto(inv: store.Invoice) -> billing_pb2.Invoice:
         period_end=optional_timestamp(inv.period_end),
         status=_INVOICE_STATUS[inv.status.value],
         lines=[
-            billing_pb2.InvoiceLine(
+            pb.InvoiceLine(
                 description=line.description,
                 metric=_METRIC_TO_PROTO[line.metric],
                 quantity=line.quantity,
@@ -140,254 +116,171 @@ def invoice_to_proto(inv: store.Invoice) -> billing_pb2.Invoice:
     )
 
 
-def _require_id(value: str, field: str) -> str:
-    if not value:
-        raise InvalidArgument.field(field, "required")
-    return value
+def usage_summary_to_proto(summary: UsageSummary) -> pb.UsageSummary:
+    return pb.UsageSummary(
+        organization_id=summary.organization_id,
+        plan_id=summary.plan_id,
+        period_start=optional_timestamp(summary.period_start),
+        period_end=optional_timestamp(summary.period_end),
+        metrics=[
+            pb.MetricUsage(
+                metric=_METRIC_TO_PROTO[m.metric],
+                used=m.used,
+                included=m.included,
+                overage=m.overage,
+                overage_cents=m.overage_cents,
+            )
+            for m in summary.metrics
+        ],
+    )
 
 
-def _usage_rows(request: billing_pb2.RecordUsageRequest) -> list[store.UsageRow]:
-    if len(request.records) > MAX_USAGE_BATCH:
-        raise InvalidArgument.field("records", f"at most {MAX_USAGE_BATCH} per call")
-    rows: list[store.UsageRow] = []
-    for i, r in enumerate(request.records):
-        metric = _METRIC_FROM_PROTO.get(r.metric)
-        if metric is None:
-            raise InvalidArgument.field(f"records[{i}].metric", "required")
-        if not r.organization_id or not r.project_id or not r.idempotency_key:
-            raise InvalidArgument.field(
-                f"records[{i}]", "organization_id, project_id and idempotency_key are required"
-            )
-        if r.quantity < 0:
-            raise InvalidArgument.field(f"records[{i}].quantity", "must not be negative")
-        if not r.HasField("recorded_at"):
-            raise InvalidArgument.field(f"records[{i}].recorded_at", "required")
-        recorded_at = r.recorded_at.ToDatetime(tzinfo=UTC)
-        rows.append(
-            (
-                new_id(),
-                r.organization_id,
-                r.project_id,
-                metric,
-                r.quantity,
-                recorded_at,
-                r.idempotency_key,
-            )
-        )
-    return rows
+class _UsageRecordIn:
+    """A UsageRecord as service.UsageIn, read off the proto as the use case asks for it."""
+
+    __slots__ = ("_record",)
+
+    def __init__(self, record: pb.UsageRecord) -> None:
+        self._record = record
+
+    @property
+    def metric(self) -> str | None:
+        return _METRIC_FROM_PROTO.get(self._record.metric)
+
+    @property
+    def organization_id(self) -> str:
+        return self._record.organization_id
+
+    @property
+    def project_id(self) -> str:
+        return self._record.project_id
+
+    @property
+    def quantity(self) -> int:
+        return self._record.quantity
+
+    @property
+    def recorded_at(self) -> datetime | None:
+        if not self._record.HasField("recorded_at"):
+            return None
+        return self._record.recorded_at.ToDatetime(tzinfo=UTC)
+
+    @property
+    def idempotency_key(self) -> str:
+        return self._record.idempotency_key
+
+
+def resources_from_proto(r: pb.Resources) -> Resources:
+    return Resources(r.ram_mb, r.cpu_millis, r.bandwidth_gb)
 
 
 class BillingApi(billing_pb2_grpc.BillingServiceServicer):
-    def __init__(self, app: BillingApp) -> None:
-        self.app = app
-        self.db = app.db
+    def __init__(self, billing: Billing, feed: OutboxFeed) -> None:
+        self.billing = billing
+        self.feed = feed
 
     # ---------------------------------------------------------------------- plans
 
-    async def ListPlans(self, request, context):  # type: ignore[no-untyped-def]
-        require_caller()
-        async with self.db.session() as s:
-            plans = await store.list_plans(s)
-        return billing_pb2.ListPlansResponse(plans=[plan_to_proto(p) for p in plans])
+    async def ListPlans(
+        self, request: pb.ListPlansRequest, context: Context
+    ) -> pb.ListPlansResponse:
+        plans = await self.billing.list_plans()
+        return pb.ListPlansResponse(plans=[plan_to_proto(p) for p in plans])
 
-    async def GetPlan(self, request, context):  # type: ignore[no-untyped-def]
-        require_caller()
-        async with self.db.session() as s:
-            plan = await store.get_plan(s, _require_id(request.id, "id"))
-        return plan_to_proto(plan)
+    async def GetPlan(self, request: pb.GetPlanRequest, context: Context) -> pb.Plan:
+        return plan_to_proto(await self.billing.get_plan(request.id))
 
     # -------------------------------------------------------------- subscriptions
 
-    async def GetSubscription(self, request, context):  # type: ignore[no-untyped-def]
-        await self.app.authorizer.require(request.organization_id, READ)
-        await self.app.subscriptions.ensure(request.organization_id)
-        async with self.db.session() as s:
-            sub = await store.get_subscription(s, request.organization_id)
+    async def GetSubscription(
+        self, request: pb.GetSubscriptionRequest, context: Context
+    ) -> pb.Subscription:
+        sub = await self.billing.get_subscription(request.organization_id)
         return subscription_to_proto(sub)
 
-    async def ChangePlan(self, request, context):  # type: ignore[no-untyped-def]
-        await self.app.authorizer.require(request.organization_id, MANAGE)
-        plan_id = _require_id(request.plan_id, "plan_id")
-        await self.app.subscriptions.ensure(request.organization_id)
-        async with self.db.transaction() as tx:
-            plan = await store.get_plan(tx, plan_id)
-            sub = await store.get_subscription(tx, request.organization_id, for_update=True)
-            if sub.status.is_dead:
-                raise NotFound("this organization has no active subscription")
-            if sub.plan_id == plan.id:
-                return subscription_to_proto(sub)
-            downgrade_blocked(plan.id, plan.pool, sub.allocated)
-            changed = await store.change_plan(tx, sub.id, plan)
-            await write_event(
-                tx,
-                "billing",
-                "subscription.plan_changed",
-                organization_id=sub.organization_id,
-                aggregate_id=sub.id,
-                payload={"from": sub.plan_id, "to": plan.id},
-            )
-            await self.app.audit(
-                tx,
-                organization_id=sub.organization_id,
-                action="billing.plan_changed",
-                target_type="subscription",
-                target_id=sub.id,
-                metadata={"from": sub.plan_id, "to": plan.id},
-            )
-        # Stripe follows after the commit: at once when it answers, else on the cycle's next
-        # pass (the row stays out of step, plan_version ahead of stripe_plan_version).
-        try:
-            await self.app.cycle.sync_subscription(sub.id)
-        except Exception:
-            log.warning("Stripe sync after ChangePlan failed; the cycle retries", exc_info=True)
-        return subscription_to_proto(changed)
+    async def ChangePlan(self, request: pb.ChangePlanRequest, context: Context) -> pb.Subscription:
+        sub = await self.billing.change_plan(request.organization_id, request.plan_id)
+        return subscription_to_proto(sub)
 
     # ---------------------------------------------------------------- allocations
 
-    async def ReserveAllocation(self, request, context):  # type: ignore[no-untyped-def]
-        require_service("project")
-        org = _require_id(request.organization_id, "organization_id")
-        project = _require_id(request.project_id, "project_id")
-        size = Resources(
-            request.resources.ram_mb, request.resources.cpu_millis, request.resources.bandwidth_gb
+    async def ReserveAllocation(
+        self, request: pb.ReserveAllocationRequest, context: Context
+    ) -> pb.Allocation:
+        allocation = await self.billing.reserve_allocation(
+            request.organization_id, request.project_id, resources_from_proto(request.resources)
         )
-        validate_allocation(size)
-        await self.app.subscriptions.ensure(org)
-        async with self.db.transaction() as tx:
-            allocation, changed = await store.reserve_allocation(tx, org, project, size)
-            if changed:
-                await self.app.audit(
-                    tx,
-                    organization_id=org,
-                    action="billing.allocation_reserved",
-                    target_type="project",
-                    target_id=project,
-                    metadata=dict(size.items()),
-                )
         return allocation_to_proto(allocation)
 
-    async def ReleaseAllocation(self, request, context):  # type: ignore[no-untyped-def]
-        require_service("project")
-        org = _require_id(request.organization_id, "organization_id")
-        project = _require_id(request.project_id, "project_id")
-        async with self.db.transaction() as tx:
-            if await store.release_allocation(tx, org, project):
-                await self.app.audit(
-                    tx,
-                    organization_id=org,
-                    action="billing.allocation_released",
-                    target_type="project",
-                    target_id=project,
-                    metadata={},
-                )
+    async def ReleaseAllocation(
+        self, request: pb.ReleaseAllocationRequest, context: Context
+    ) -> empty_pb2.Empty:
+        await self.billing.release_allocation(request.organization_id, request.project_id)
         return empty_pb2.Empty()
 
-    async def ListAllocations(self, request, context):  # type: ignore[no-untyped-def]
-        require_service("project")
-        limit = pagination.page_size(request.page_size, maximum=MAX_PAGE_SIZE)
-        after = store.decode_page_token(request.page_token)
-        async with self.db.session() as s:
-            rows = await store.list_allocations(s, request.organization_id, after, limit + 1)
-        more = len(rows) > limit
-        rows = rows[:limit]
-        return billing_pb2.ListAllocationsResponse(
-            allocations=[allocation_to_proto(a) for a in rows],
-            next_page_token=store.encode_page_token(rows[-1].project_id) if more else "",
+    async def ListAllocations(
+        self, request: pb.ListAllocationsRequest, context: Context
+    ) -> pb.ListAllocationsResponse:
+        page = await self.billing.list_allocations(
+            request.organization_id, request.page_size, request.page_token
+        )
+        return pb.ListAllocationsResponse(
+            allocations=[allocation_to_proto(a) for a in page.items],
+            next_page_token=page.next_page_token,
         )
 
     # ---------------------------------------------------------------------- usage
 
-    async def RecordUsage(self, request, context):  # type: ignore[no-untyped-def]
-        require_service("runtime")
-        rows = _usage_rows(request)
-        if not rows:
-            return billing_pb2.RecordUsageResponse()
-        async with self.db.transaction() as tx:
-            accepted, duplicates = await store.record_usage(tx, rows)
-        return billing_pb2.RecordUsageResponse(accepted=accepted, duplicates=duplicates)
-
-    async def GetUsageSummary(self, request, context):  # type: ignore[no-untyped-def]
-        await self.app.authorizer.require(request.organization_id, READ)
-        await self.app.subscriptions.ensure(request.organization_id)
-        async with self.db.session() as s:
-            sub = await store.get_subscription(s, request.organization_id)
-            plan = await store.get_plan(s, sub.plan_id)
-            if request.HasField("period_start"):
-                instant = request.period_start.ToDatetime(tzinfo=UTC)
-                start, end = period_containing(sub.created_at, instant)
-            else:
-                start, end = sub.current_period_start, sub.current_period_end
-            totals = await store.usage_totals(s, sub.id, start, end)
-        return billing_pb2.UsageSummary(
-            organization_id=sub.organization_id,
-            plan_id=plan.id,
-            period_start=optional_timestamp(start),
-            period_end=optional_timestamp(end),
-            metrics=[
-                billing_pb2.MetricUsage(
-                    metric=_METRIC_TO_PROTO[m],
-                    used=totals[m],
-                    included=plan.included[m],
-                    overage=overage(totals[m], plan.included[m]),
-                    overage_cents=overage_cents(totals[m], plan.included[m], plan.unit_cents[m]),
-                )
-                for m in METRICS
-            ],
+    async def RecordUsage(
+        self, request: pb.RecordUsageRequest, context: Context
+    ) -> pb.RecordUsageResponse:
+        accepted, duplicates = await self.billing.record_usage(
+            [_UsageRecordIn(r) for r in request.records]
         )
+        return pb.RecordUsageResponse(accepted=accepted, duplicates=duplicates)
+
+    async def GetUsageSummary(
+        self, request: pb.GetUsageSummaryRequest, context: Context
+    ) -> pb.UsageSummary:
+        instant = (
+            request.period_start.ToDatetime(tzinfo=UTC)
+            if request.HasField("period_start")
+            else None
+        )
+        summary = await self.billing.usage_summary(request.organization_id, instant)
+        return usage_summary_to_proto(summary)
 
     # ------------------------------------------------------------------- invoices
 
-    async def ListInvoices(self, request, context):  # type: ignore[no-untyped-def]
-        await self.app.authorizer.require(request.organization_id, READ)
-        limit = pagination.page_size(request.page_size, maximum=MAX_PAGE_SIZE)
-        after = None
-        if request.page_token:
-            created, _, invoice_id = store.decode_page_token(request.page_token).partition("|")
-            try:
-                after = (datetime.fromisoformat(created), invoice_id)
-            except ValueError:
-                raise InvalidArgument.field(
-                    "page_token", "not a token from a previous page"
-                ) from None
-        async with self.db.session() as s:
-            rows = await store.list_invoices(s, request.organization_id, after, limit + 1)
-        more = len(rows) > limit
-        rows = rows[:limit]
-        token = ""
-        if more:
-            token = store.encode_page_token(f"{rows[-1].created_at.isoformat()}|{rows[-1].id}")
-        return billing_pb2.ListInvoicesResponse(
-            invoices=[invoice_to_proto(i) for i in rows], next_page_token=token
+    async def ListInvoices(
+        self, request: pb.ListInvoicesRequest, context: Context
+    ) -> pb.ListInvoicesResponse:
+        page = await self.billing.list_invoices(
+            request.organization_id, request.page_size, request.page_token
+        )
+        return pb.ListInvoicesResponse(
+            invoices=[invoice_to_proto(i) for i in page.items],
+            next_page_token=page.next_page_token,
         )
 
-    async def GetInvoice(self, request, context):  # type: ignore[no-untyped-def]
-        require_caller()
-        async with self.db.session() as s:
-            invoice = await store.get_invoice(s, _require_id(request.id, "id"))
-        if invoice is None:
-            # AIP-193: nobody learns whether an invoice id exists without access to it.
-            raise PermissionDenied("no access to this invoice, or it does not exist")
-        await self.app.authorizer.require(invoice.organization_id, READ)
-        return invoice_to_proto(invoice)
+    async def GetInvoice(self, request: pb.GetInvoiceRequest, context: Context) -> pb.Invoice:
+        return invoice_to_proto(await self.billing.get_invoice(request.id))
 
     # ------------------------------------------------------------------- webhooks
 
-    async def HandleStripeWebhook(self, request, context):  # type: ignore[no-untyped-def]
-        result = await webhooks.handle(
-            self.db,
-            request.body.data,
-            request.stripe_signature,
-            self.app.settings.stripe_webhook_secret,
+    async def HandleStripeWebhook(
+        self, request: pb.HandleStripeWebhookRequest, context: Context
+    ) -> pb.HandleStripeWebhookResponse:
+        result = await self.billing.handle_stripe_webhook(
+            request.body.data, request.stripe_signature
         )
-        return billing_pb2.HandleStripeWebhookResponse(
-            event_id=result.event_id, duplicate=result.duplicate
-        )
+        return pb.HandleStripeWebhookResponse(event_id=result.event_id, duplicate=result.duplicate)
 
     # --------------------------------------------------------------------- events
 
     async def WatchEvents(
-        self, request: events_pb2.WatchEventsRequest, context: grpc.aio.ServicerContext
+        self, request: events_pb2.WatchEventsRequest, context: Context
     ) -> AsyncIterator[events_pb2.Event]:
         require_service()
-        async for event in self.app.feed.watch(request, context):
+        async for event in self.feed.watch(request, context):
             yield event

@@ -20,6 +20,7 @@ from services.billing.domain import (
     Clock,
     InvoiceDraft,
     InvoiceStatus,
+    Plan,
     adjustment_line,
     next_period_end,
     period_line,
@@ -85,7 +86,7 @@ class BillingCycle:
         return True
 
     async def _fill_invoice(
-        self, tx: Session, sub: store.Subscription, plan: store.Plan, invoice_id: str, now: datetime
+        self, tx: Session, sub: store.Subscription, plan: Plan, invoice_id: str, now: datetime
     ) -> None:
         billed = await store.bill_unbilled_usage(tx, sub, invoice_id)
         current = dict.fromkeys(METRICS, 0)

@@ -2,24 +2,21 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
-
 import grpc
 
 from hangar.billing.v1 import billing_pb2, billing_pb2_grpc
 from hangar.events.v1 import events_pb2
-from services.billing import store
 from services.billing.api import BillingApi
 from services.billing.cycle import BillingCycle
 from services.billing.domain import Clock, SystemClock
 from services.billing.provisioning import IdentityOrganizations, Organizations, Subscriptions
+from services.billing.service import Billing
 from services.billing.stripe_gateway import SdkStripeGateway, StripeGateway
 from shared.app import ServiceApp
-from shared.audit import AuditRelay, record_audit
+from shared.audit import AuditRelay
 from shared.auth import Authorizer, RemoteAuthorizer
 from shared.db import Database, Session
-from shared.outbox import EventConsumer, write_event
+from shared.outbox import EventConsumer
 from shared.server import run_service
 from shared.settings import Settings
 
@@ -60,6 +57,14 @@ class BillingApp(ServiceApp):
             retry_base_seconds=settings.billing_send_retry_base_seconds,
             retry_max_seconds=settings.billing_send_retry_max_seconds,
         )
+        self.billing = Billing(
+            db,
+            self.clock,
+            self.authorizer,
+            self.subscriptions,
+            self.cycle,
+            stripe_webhook_secret=settings.stripe_webhook_secret,
+        )
         self.identity_events = EventConsumer(
             db,
             "billing",
@@ -76,7 +81,9 @@ class BillingApp(ServiceApp):
             self.add_loop(AuditRelay(db, "billing", self.clients).run)
 
     def register(self, server: grpc.aio.Server) -> None:
-        billing_pb2_grpc.add_BillingServiceServicer_to_server(BillingApi(self), server)
+        billing_pb2_grpc.add_BillingServiceServicer_to_server(
+            BillingApi(self.billing, self.feed), server
+        )
 
     async def on_identity_event(self, tx: Session, event: events_pb2.Event) -> None:
         """organization.created -> hobby subscription (unless a call opened it already);
@@ -90,45 +97,7 @@ class BillingApp(ServiceApp):
         if event.type == "organization.created":
             await self.subscriptions.open(tx, org)
         elif event.type == "organization.deleted":
-            sub = await store.cancel_organization(tx, org, self.clock.now())
-            if sub is not None:
-                await write_event(
-                    tx,
-                    "billing",
-                    "subscription.canceled",
-                    organization_id=org,
-                    aggregate_id=sub.id,
-                    payload={},
-                )
-                await self.audit(
-                    tx,
-                    organization_id=org,
-                    action="billing.subscription_canceled",
-                    target_type="subscription",
-                    target_id=sub.id,
-                    metadata={},
-                )
-
-    async def audit(
-        self,
-        tx: Session,
-        *,
-        organization_id: str,
-        action: str,
-        target_type: str,
-        target_id: str,
-        metadata: Mapping[str, Any],
-    ) -> None:
-        """Record an audit entry in this transaction (relayed to identity by shared's relay)."""
-        await record_audit(
-            tx,
-            "billing",
-            organization_id=organization_id,
-            action=action,
-            target_type=target_type,
-            target_id=target_id,
-            metadata=dict(metadata),
-        )
+            await self.billing.close_organization(tx, org)
 
 
 def main() -> None:

@@ -1,0 +1,152 @@
+"""The rows billing reads back, the schema constants every query names, and page tokens."""
+
+from __future__ import annotations
+
+import base64
+from dataclasses import dataclass
+from datetime import datetime
+
+import asyncpg
+
+from services.billing.domain import (
+    InvoiceLine,
+    InvoiceStatus,
+    Metric,
+    Resources,
+    SubscriptionStatus,
+)
+from shared.errors import InvalidArgument
+
+S = "billing"
+DEAD = "('canceled', 'incomplete_expired')"
+HOBBY = "hobby"
+
+
+# ---------------------------------------------------------------------------- records
+
+
+@dataclass(frozen=True)
+class Subscription:
+    id: str
+    organization_id: str
+    plan_id: str
+    status: SubscriptionStatus
+    current_period_start: datetime
+    current_period_end: datetime
+    pool: Resources
+    allocated: Resources
+    stripe_customer_id: str
+    stripe_subscription_id: str
+    stripe_synced_at: datetime | None
+    created_at: datetime
+    plan_version: int = 0  # counts plan changes
+    stripe_plan_version: int | None = None  # the version Stripe is on; None: not created
+    stripe_canceled_at: datetime | None = None
+
+    @classmethod
+    def from_row(cls, row: asyncpg.Record) -> Subscription:
+        return cls(
+            id=row["id"],
+            organization_id=row["organization_id"],
+            plan_id=row["plan_id"],
+            status=SubscriptionStatus(row["status"]),
+            current_period_start=row["current_period_start"],
+            current_period_end=row["current_period_end"],
+            pool=Resources(row["pool_ram_mb"], row["pool_cpu_millis"], row["pool_bandwidth_gb"]),
+            allocated=Resources(
+                row["allocated_ram_mb"], row["allocated_cpu_millis"], row["allocated_bandwidth_gb"]
+            ),
+            stripe_customer_id=row["stripe_customer_id"] or "",
+            stripe_subscription_id=row["stripe_subscription_id"] or "",
+            stripe_synced_at=row["stripe_synced_at"],
+            created_at=row["created_at"],
+            plan_version=row["plan_version"],
+            stripe_plan_version=row["stripe_plan_version"],
+            stripe_canceled_at=row["stripe_canceled_at"],
+        )
+
+
+@dataclass(frozen=True)
+class Allocation:
+    organization_id: str
+    project_id: str
+    resources: Resources
+    created_at: datetime
+    updated_at: datetime
+
+    @classmethod
+    def from_row(cls, row: asyncpg.Record) -> Allocation:
+        return cls(
+            organization_id=row["organization_id"],
+            project_id=row["project_id"],
+            resources=Resources(row["ram_mb"], row["cpu_millis"], row["bandwidth_gb"]),
+            created_at=row["created_at"],
+            updated_at=row["updated_at"],
+        )
+
+
+@dataclass(frozen=True)
+class Invoice:
+    id: str
+    organization_id: str
+    subscription_id: str
+    period_start: datetime
+    period_end: datetime
+    status: InvoiceStatus
+    lines: list[InvoiceLine]
+    total_cents: int
+    currency: str
+    stripe_invoice_id: str
+    sent: bool
+    created_at: datetime
+    due_at: datetime | None
+    send_attempts: int = 0
+    next_attempt_at: datetime | None = None
+    last_error: str = ""
+
+    @classmethod
+    def from_row(cls, row: asyncpg.Record) -> Invoice:
+        return cls(
+            id=row["id"],
+            organization_id=row["organization_id"],
+            subscription_id=row["subscription_id"],
+            period_start=row["period_start"],
+            period_end=row["period_end"],
+            status=InvoiceStatus(row["status"]),
+            lines=[InvoiceLine.from_json(line) for line in row["lines"] or []],
+            total_cents=row["total_cents"],
+            currency=row["currency"],
+            stripe_invoice_id=row["stripe_invoice_id"] or "",
+            sent=row["sent"],
+            created_at=row["created_at"],
+            due_at=row["due_at"],
+            send_attempts=row["send_attempts"],
+            next_attempt_at=row["next_attempt_at"],
+            last_error=row["last_error"] or "",
+        )
+
+
+@dataclass(frozen=True)
+class BilledUsage:
+    metric: Metric
+    period_start: datetime | None  # None: the invoice's own period
+    quantity: int
+
+
+UsageRow = tuple[str, str, str, str, int, datetime, str]
+
+
+# ------------------------------------------------------------------------ page tokens
+
+
+def encode_page_token(last: str) -> str:
+    return base64.urlsafe_b64encode(last.encode()).decode() if last else ""
+
+
+def decode_page_token(token: str) -> str:
+    if not token:
+        return ""
+    try:
+        return base64.urlsafe_b64decode(token.encode()).decode()
+    except (ValueError, UnicodeDecodeError):
+        raise InvalidArgument.field("page_token", "not a token from a previous page") from None
