@@ -21,15 +21,11 @@ from enum import StrEnum
 from typing import Protocol
 
 from shared.errors import FailedPrecondition, InvalidArgument, QuotaViolation, ResourceExhausted
+from shared.usage import USAGE_METRICS, UsageMetric
 
-
-class Metric(StrEnum):
-    RAM_MB_SECONDS = "ram_mb_seconds"
-    CPU_MILLIS_SECONDS = "cpu_millis_seconds"
-    BANDWIDTH_BYTES = "bandwidth_bytes"
-
-
-METRICS: tuple[Metric, ...] = tuple(Metric)
+# What runtime reports and billing charges for: one definition for both services.
+Metric = UsageMetric
+METRICS: tuple[Metric, ...] = USAGE_METRICS
 
 
 class SubscriptionStatus(StrEnum):

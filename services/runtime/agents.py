@@ -10,7 +10,7 @@ import grpc
 from google.protobuf import duration_pb2
 
 from hangar.agent.v1 import agent_pb2, agent_pb2_grpc
-from services.runtime.store import Container, Deployment
+from services.runtime.store.records import Container, Deployment
 from shared.clients import TokenProvider, open_channel
 
 AGENT_SERVICE = agent_pb2.DESCRIPTOR.services_by_name["AgentService"]

@@ -1,4 +1,4 @@
-"""RuntimeService servicer: proto in -> domain call -> proto out.
+"""RuntimeService servicer: proto in -> use case (service.py) -> proto out.
 
 Logs, metrics and usage RPCs come from the TelemetryApi mixin (telemetry_api.py).
 """
@@ -6,7 +6,8 @@ Logs, metrics and usage RPCs come from the TelemetryApi mixin (telemetry_api.py)
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING, TypeAlias
+from dataclasses import dataclass
+from typing import TypeAlias
 
 import grpc
 from google.protobuf import empty_pb2
@@ -15,19 +16,21 @@ from hangar.agent.v1 import agent_pb2
 from hangar.events.v1 import events_pb2
 from hangar.runtime.v1 import runtime_pb2 as pb
 from hangar.runtime.v1 import runtime_pb2_grpc
-from services.runtime import store
-from services.runtime.domain import DeploymentState, Isolation, Resources, ServerState
-from services.runtime.scheduler import IMAGE_DRIVER
-from services.runtime.store import DeploymentSpec
+from services.runtime.domain import (
+    DeploymentState,
+    Isolation,
+    RequestedSource,
+    Resources,
+    ServerState,
+)
+from services.runtime.projects import Projects
+from services.runtime.service import AgentReports, Containers, Deployments, Servers
+from services.runtime.store import Container, Deployment, Server
+from services.runtime.telemetry import Telemetry
 from services.runtime.telemetry_api import TelemetryApi
-from shared import pagination
-from shared.audit import record_audit
-from shared.auth import require_caller, require_platform_admin, require_service
-from shared.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
+from shared.auth import Authorizer, require_service
+from shared.outbox import OutboxFeed
 from shared.proto import optional_timestamp
-
-if TYPE_CHECKING:
-    from services.runtime.server import RuntimeApp
 
 Context: TypeAlias = grpc.aio.ServicerContext
 
@@ -45,10 +48,8 @@ _DEPLOYMENT_STATUS = {
     state: pb.DeploymentStatus.Value(f"DEPLOYMENT_STATUS_{state.name}") for state in DeploymentState
 }
 
-MAX_PAGE_SIZE = 500
 
-
-def server_to_proto(s: store.Server) -> pb.Server:
+def server_to_proto(s: Server) -> pb.Server:
     return pb.Server(
         id=s.id,
         name=s.name,
@@ -65,7 +66,7 @@ def server_to_proto(s: store.Server) -> pb.Server:
     )
 
 
-def deployment_to_proto(d: store.Deployment) -> pb.Deployment:
+def deployment_to_proto(d: Deployment) -> pb.Deployment:
     out = pb.Deployment(
         id=d.id,
         project_id=d.project_id,
@@ -112,7 +113,7 @@ _REPORTED_STATUS = {
 }
 
 
-def container_to_proto(c: store.Container) -> pb.Container:
+def container_to_proto(c: Container) -> pb.Container:
     return pb.Container(
         id=c.id,
         project_id=c.project_id,
@@ -131,7 +132,7 @@ def container_to_proto(c: store.Container) -> pb.Container:
 
 def report_from_proto(r: pb.ContainerStatusReport) -> agent_pb2.Container:
     report = agent_pb2.Container(
-        container_id=_required(r.container_id, "report.container_id"),
+        container_id=r.container_id,
         status=_REPORTED_STATUS.get(r.status, agent_pb2.CONTAINER_STATUS_UNSPECIFIED),
         reason=r.reason,
         restart_count=r.restart_count,
@@ -148,121 +149,95 @@ def report_from_proto(r: pb.ContainerStatusReport) -> agent_pb2.Container:
     return report
 
 
-def _isolation(value: int) -> Isolation:
-    """What a registering admin declares; unspecified: none, until the agent says."""
+def isolation_from_proto(value: int) -> Isolation | None:
+    """What a registering admin declares (unspecified: none, until the agent says); None
+    for a number that names no isolation (the use case refuses it)."""
     if value == pb.SERVER_ISOLATION_UNSPECIFIED:
         return Isolation.NONE
-    if value not in _ISOLATION_OF:
-        raise InvalidArgument.field("server.isolation", "not a known isolation")
-    return _ISOLATION_OF[value]
+    return _ISOLATION_OF.get(value)
 
 
-def _required(value: str, field: str) -> str:
-    if not value.strip():
-        raise InvalidArgument.field(field, "required")
-    return value.strip()
+def source_from_proto(requested: pb.Deployment) -> RequestedSource:
+    which = requested.WhichOneof("source")
+    if which == "image":
+        return RequestedSource(image=requested.image)
+    if which == "command":
+        return RequestedSource(command=requested.command)
+    return RequestedSource()
+
+
+@dataclass
+class TelemetryParts:
+    """What the TelemetryApi mixin reads as `self.app` (its TelemetryHost)."""
+
+    telemetry: Telemetry
+    authorizer: Authorizer
+    projects: Projects
 
 
 class RuntimeApi(TelemetryApi, runtime_pb2_grpc.RuntimeServiceServicer):
-    # RuntimeApp is a TelemetryHost; mypy holds the Protocol's mutable `projects` invariant.
-    app: RuntimeApp  # type: ignore[assignment]
+    # A TelemetryHost; mypy holds the Protocol's mutable `projects` invariant.
+    app: TelemetryParts  # type: ignore[assignment]
 
-    def __init__(self, app: RuntimeApp) -> None:
-        self.app = app
-        self.db = app.db
+    def __init__(
+        self,
+        *,
+        servers: Servers,
+        deployments: Deployments,
+        containers: Containers,
+        agent_reports: AgentReports,
+        feed: OutboxFeed,
+        telemetry: TelemetryParts,
+    ) -> None:
+        self.servers = servers
+        self.deployments = deployments
+        self.containers = containers
+        self.agent_reports = agent_reports
+        self.feed = feed
+        self.app = telemetry
 
     # -------------------------------------------------------------------- servers
 
     async def RegisterServer(
         self, request: pb.RegisterServerRequest, context: Context
     ) -> pb.Server:
-        require_platform_admin()
         spec = request.server
-        capacity = Resources(spec.ram_mb, spec.cpu_millis).validate("server.")
-        async with self.db.transaction() as tx:
-            server = await store.insert_server(
-                tx,
-                name=_required(spec.name, "server.name"),
-                region=_required(spec.region, "server.region"),
-                agent_address=_required(spec.agent_address, "server.agent_address"),
-                capacity=capacity,
-                isolation=_isolation(spec.isolation),
-            )
-            await record_audit(
-                tx,
-                "runtime",
-                organization_id="",
-                action="server.registered",
-                target_type="server",
-                target_id=server.id,
-                metadata={
-                    "name": server.name,
-                    "region": server.region,
-                    "isolation": server.isolation.value,
-                },
-            )
+        server = await self.servers.register_server(
+            name=spec.name,
+            region=spec.region,
+            agent_address=spec.agent_address,
+            capacity=Resources(spec.ram_mb, spec.cpu_millis),
+            isolation=isolation_from_proto(spec.isolation),
+        )
         return server_to_proto(server)
 
     async def ListServers(
         self, request: pb.ListServersRequest, context: Context
     ) -> pb.ListServersResponse:
-        require_platform_admin()
-        size = pagination.page_size(request.page_size, maximum=MAX_PAGE_SIZE)
-        async with self.db.session() as s:
-            page = await store.list_servers(s, size, request.page_token)
+        page = await self.servers.list_servers(request.page_size, request.page_token)
         return pb.ListServersResponse(
             servers=[server_to_proto(x) for x in page.items], next_page_token=page.next_page_token
         )
 
     async def GetServer(self, request: pb.GetServerRequest, context: Context) -> pb.Server:
-        require_platform_admin()
-        async with self.db.session() as s:
-            server = await store.get_server(s, _required(request.id, "id"))
-        return server_to_proto(server)
+        return server_to_proto(await self.servers.get_server(request.id))
 
     async def DrainServer(self, request: pb.DrainServerRequest, context: Context) -> pb.Server:
-        require_platform_admin()
-        async with self.db.transaction() as tx:
-            server = await store.set_server_status(
-                tx, _required(request.id, "id"), ServerState.DRAINING
-            )
-            await record_audit(
-                tx,
-                "runtime",
-                organization_id="",
-                action="server.drained",
-                target_type="server",
-                target_id=server.id,
-            )
-        return server_to_proto(server)
+        return server_to_proto(await self.servers.drain_server(request.id))
 
     # ---------------------------------------------------------------- deployments
-
-    async def _readable(self, deployment_id: str, permission: str) -> store.Deployment:
-        """The deployment, if the caller may use `permission` on it (AIP-193 otherwise)."""
-        principal = require_caller()
-        try:
-            async with self.db.session() as s:
-                deployment = await store.get_deployment(s, _required(deployment_id, "id"))
-        except NotFound:
-            if principal.is_platform_admin:
-                raise
-            raise PermissionDenied(f"missing permission {permission} on this deployment") from None
-        await self.app.authorizer.require(deployment.organization_id, permission)
-        return deployment
 
     async def GetDeployment(
         self, request: pb.GetDeploymentRequest, context: Context
     ) -> pb.Deployment:
-        return deployment_to_proto(await self._readable(request.id, "deployments.get"))
+        return deployment_to_proto(await self.deployments.get_deployment(request.id))
 
     async def ListDeployments(
         self, request: pb.ListDeploymentsRequest, context: Context
     ) -> pb.ListDeploymentsResponse:
-        project_id = await self._authorize_project(request.project_id, "deployments.list")
-        size = pagination.page_size(request.page_size, maximum=MAX_PAGE_SIZE)
-        async with self.db.session() as s:
-            page = await store.list_deployments(s, project_id, size, request.page_token)
+        page = await self.deployments.list_deployments(
+            request.project_id, request.page_size, request.page_token
+        )
         return pb.ListDeploymentsResponse(
             deployments=[deployment_to_proto(d) for d in page.items],
             next_page_token=page.next_page_token,
@@ -271,63 +246,29 @@ class RuntimeApi(TelemetryApi, runtime_pb2_grpc.RuntimeServiceServicer):
     async def CreateDeployment(
         self, request: pb.CreateDeploymentRequest, context: Context
     ) -> pb.Deployment:
-        require_caller()
-        project = await self.app.projects.get(_required(request.project_id, "project_id"))
-        await self.app.authorizer.require(project.organization_id, "deployments.create")
-        image, command = _source(request.deployment, project.default_image, project.default_command)
-        if image is not None:
-            async with self.db.session() as s:
-                if not await store.any_active_server_with_driver(s, IMAGE_DRIVER):
-                    raise FailedPrecondition(
-                        "no server has a driver that runs images; deploy a command",
-                        reason="NO_IMAGE_DRIVER",
-                    )
-        deployment = await self.app.scheduler.create(
-            DeploymentSpec(
-                project_id=project.id,
-                organization_id=project.organization_id,
-                resources=project.resources,
-                region=project.region,
-                image=image,
-                command=command,
-                health_check_path=project.health_check_path,
-                sleep_after_seconds=project.sleep_after_seconds,
-                restart_policy=project.restart_policy,
-                liveness_check_path=project.liveness_check_path,
-                liveness_period_seconds=project.liveness_period_seconds,
-                liveness_failure_threshold=project.liveness_failure_threshold,
-            )
+        deployment = await self.deployments.create_deployment(
+            request.project_id, source_from_proto(request.deployment)
         )
-        if deployment.status is DeploymentState.SCHEDULING:
-            self.app.deployer.launch_soon(deployment.id)
         return deployment_to_proto(deployment)
 
     async def RollbackDeployment(
         self, request: pb.RollbackDeploymentRequest, context: Context
     ) -> pb.Deployment:
-        deployment = await self._readable(request.id, "deployments.rollback")
-        rollback = await self.app.scheduler.roll_back(deployment.id)
-        if rollback.status is DeploymentState.SCHEDULING:
-            self.app.deployer.launch_soon(rollback.id)
-        return deployment_to_proto(rollback)
+        return deployment_to_proto(await self.deployments.roll_back_deployment(request.id))
 
     async def CancelDeployment(
         self, request: pb.CancelDeploymentRequest, context: Context
     ) -> pb.Deployment:
-        deployment = await self._readable(request.id, "deployments.cancel")
-        cancelled = await self.app.scheduler.cancel(deployment.id)
-        self.app.deployer.stop_soon()
-        return deployment_to_proto(cancelled)
+        return deployment_to_proto(await self.deployments.cancel_deployment(request.id))
 
     # ----------------------------------------------------------------- containers
 
     async def ListContainers(
         self, request: pb.ListContainersRequest, context: Context
     ) -> pb.ListContainersResponse:
-        project_id = await self._authorize_project(request.project_id, "containers.list")
-        size = pagination.page_size(request.page_size, maximum=MAX_PAGE_SIZE)
-        async with self.db.session() as s:
-            page = await store.list_containers(s, project_id, size, request.page_token)
+        page = await self.containers.list_containers(
+            request.project_id, request.page_size, request.page_token
+        )
         return pb.ListContainersResponse(
             containers=[container_to_proto(c) for c in page.items],
             next_page_token=page.next_page_token,
@@ -338,11 +279,9 @@ class RuntimeApi(TelemetryApi, runtime_pb2_grpc.RuntimeServiceServicer):
     async def Heartbeat(
         self, request: pb.HeartbeatRequest, context: Context
     ) -> pb.HeartbeatResponse:
-        require_service("agent")
-        reports = [report_from_proto(r) for r in request.containers]
-        server = await self.app.deployer.heartbeat(
-            _required(request.server_id, "server_id"),
-            reports,
+        server = await self.agent_reports.heartbeat(
+            request.server_id,
+            [report_from_proto(r) for r in request.containers],
             isolation=_ISOLATION_OF.get(request.isolation),
         )
         return pb.HeartbeatResponse(server_status=_SERVER_STATUS[server.status])
@@ -350,39 +289,16 @@ class RuntimeApi(TelemetryApi, runtime_pb2_grpc.RuntimeServiceServicer):
     async def ReportContainerStatus(
         self, request: pb.ReportContainerStatusRequest, context: Context
     ) -> empty_pb2.Empty:
-        require_service("agent")
-        await self.app.deployer.report(
-            _required(request.server_id, "server_id"), report_from_proto(request.report)
+        await self.agent_reports.report_container(
+            request.server_id, report_from_proto(request.report)
         )
         return empty_pb2.Empty()
 
     # --------------------------------------------------------------------- events
 
     async def WatchEvents(
-        self, request: events_pb2.WatchEventsRequest, context: grpc.aio.ServicerContext
+        self, request: events_pb2.WatchEventsRequest, context: Context
     ) -> AsyncIterator[events_pb2.Event]:
         require_service()
-        async for event in self.app.feed.watch(request, context):
+        async for event in self.feed.watch(request, context):
             yield event
-
-
-def _source(
-    requested: pb.Deployment, default_image: str, default_command: str
-) -> tuple[str | None, str | None]:
-    """(image, command): what the request names, else the project's default."""
-    which = requested.WhichOneof("source")
-    if which == "image":
-        return _required(requested.image, "deployment.image"), None
-    if which == "command":
-        command = _required(requested.command, "deployment.command")
-    elif default_image:
-        return default_image, None
-    elif default_command:
-        command = default_command
-    else:
-        raise InvalidArgument.field(
-            "deployment.command", "required: the project has no default command or image"
-        )
-    if "\x00" in command:
-        raise InvalidArgument.field("deployment.command", "must not contain NUL")
-    return None, command

@@ -39,7 +39,7 @@ from services.runtime.domain import (
 from services.runtime.projects import Projects
 from services.runtime.scheduler import Scheduler
 from services.runtime.sleeper import sleep_status_of
-from services.runtime.store import Container, Deployment, RestartState, Server
+from services.runtime.store.records import Container, Deployment, RestartState, Server
 from shared.db import Database, Session
 from shared.errors import FailedPrecondition, NotFound
 from shared.loops import cancel_and_wait, run_every

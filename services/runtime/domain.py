@@ -230,3 +230,39 @@ def find_drift(
         if actual != recorded:
             drift.append(Drift(server_id, recorded, actual, capacity))
     return drift
+
+
+def required(value: str, field: str) -> str:
+    """A text field that must not be blank, trimmed; INVALID_ARGUMENT naming it otherwise."""
+    if not value.strip():
+        raise InvalidArgument.field(field, "required")
+    return value.strip()
+
+
+@dataclass(frozen=True)
+class RequestedSource:
+    """What a new deployment's request names to run: an image, a command, or neither."""
+
+    image: str | None = None
+    command: str | None = None
+
+
+def choose_source(
+    requested: RequestedSource, default_image: str, default_command: str
+) -> tuple[str | None, str | None]:
+    """(image, command): what the request names, else the project's default."""
+    if requested.image is not None:
+        return required(requested.image, "deployment.image"), None
+    if requested.command is not None:
+        command = required(requested.command, "deployment.command")
+    elif default_image:
+        return default_image, None
+    elif default_command:
+        command = default_command
+    else:
+        raise InvalidArgument.field(
+            "deployment.command", "required: the project has no default command or image"
+        )
+    if "\x00" in command:
+        raise InvalidArgument.field("deployment.command", "must not contain NUL")
+    return None, command

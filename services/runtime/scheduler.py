@@ -7,7 +7,8 @@ only move through store.reserve_capacity / store.release_capacity.
 
 Tenancy: a server without isolation runs one organization's apps at a time (unless
 `single_tenant`); the statement that reserves capacity also claims the server for the
-organization, and the release of its last reservation frees it (see store._reserve_sql).
+organization, and the release of its last reservation frees it (see
+store.placement._reserve_sql).
 """
 
 from __future__ import annotations

@@ -12,14 +12,15 @@ from hangar.events.v1 import events_pb2
 from hangar.runtime.v1 import runtime_pb2, runtime_pb2_grpc
 from services.runtime import store
 from services.runtime.agents import Agents
-from services.runtime.api import RuntimeApi
+from services.runtime.api import RuntimeApi, TelemetryParts
+from services.runtime.billing_usage import RemoteBillingUsage
 from services.runtime.deployer import Deployer
 from services.runtime.projects import Projects, RemoteProjects
 from services.runtime.reconciler import Reconciler
 from services.runtime.scheduler import Scheduler
+from services.runtime.service import AgentReports, Containers, Deployments, ProjectAccess, Servers
 from services.runtime.sleeper import SleepController
 from services.runtime.telemetry import Telemetry
-from services.runtime.telemetry_api import RemoteBillingUsage
 from shared.app import ServiceApp
 from shared.audit import AuditRelay
 from shared.auth import Authorizer, RemoteAuthorizer
@@ -114,6 +115,11 @@ class RuntimeApp(ServiceApp):
         )
         self.project_events = ProjectEvents(self)
         self.telemetry = Telemetry(db, settings, RemoteBillingUsage(self.clients))
+        access = ProjectAccess(self.authorizer, self.projects)
+        self.servers = Servers(db)
+        self.deployments = Deployments(db, access, self.scheduler, self.deployer)
+        self.containers = Containers(db, access)
+        self.agent_reports = AgentReports(self.deployer)
         if background:
             for loop in self.telemetry.loops():
                 self.add_loop(_coroutine(loop))
@@ -126,7 +132,15 @@ class RuntimeApp(ServiceApp):
             self.add_loop(self.project_events.run)
 
     def register(self, server: grpc.aio.Server) -> None:
-        runtime_pb2_grpc.add_RuntimeServiceServicer_to_server(RuntimeApi(self), server)
+        api = RuntimeApi(
+            servers=self.servers,
+            deployments=self.deployments,
+            containers=self.containers,
+            agent_reports=self.agent_reports,
+            feed=self.feed,
+            telemetry=TelemetryParts(self.telemetry, self.authorizer, self.projects),
+        )
+        runtime_pb2_grpc.add_RuntimeServiceServicer_to_server(api, server)
 
     async def close(self) -> None:
         await self.deployer.close()

@@ -7,14 +7,13 @@ outsiders get PERMISSION_DENIED whether or not the project exists (AIP-193).
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Protocol, TypeAlias
 
 import grpc
 from google.protobuf import timestamp_pb2
 
-from hangar.billing.v1 import billing_pb2, billing_pb2_grpc
 from hangar.runtime.v1 import runtime_pb2 as pb
 from services.runtime.telemetry import (
     Aggregation,
@@ -25,13 +24,10 @@ from services.runtime.telemetry import (
     MetricName,
     MetricQuery,
     Telemetry,
-    UsageMetric,
-    UsageReport,
     utcnow,
 )
 from shared import pagination
 from shared.auth import Authorizer, require_caller, require_platform_admin, require_service
-from shared.clients import Clients
 from shared.errors import InvalidArgument
 from shared.proto import timestamp
 
@@ -53,12 +49,6 @@ _AGGREGATION_IN = {
     pb.AGGREGATION_AVG: Aggregation.AVG,
     pb.AGGREGATION_MAX: Aggregation.MAX,
 }
-_USAGE_OUT = {
-    UsageMetric.RAM_MB_SECONDS: billing_pb2.USAGE_METRIC_RAM_MB_SECONDS,
-    UsageMetric.CPU_MILLIS_SECONDS: billing_pb2.USAGE_METRIC_CPU_MILLIS_SECONDS,
-    UsageMetric.BANDWIDTH_BYTES: billing_pb2.USAGE_METRIC_BANDWIDTH_BYTES,
-}
-BILLING_SERVICE = billing_pb2.DESCRIPTOR.services_by_name["BillingService"]
 
 
 class Projects(Protocol):
@@ -238,31 +228,3 @@ class TelemetryApi:
                 for s in series
             ]
         )
-
-
-class RemoteBillingUsage:
-    """A UsageSender: billing.RecordUsage with runtime's service token."""
-
-    def __init__(self, clients: Clients) -> None:
-        self.clients = clients
-
-    async def __call__(self, reports: Sequence[UsageReport]) -> None:
-        stub = self.clients.stub("billing", billing_pb2_grpc.BillingServiceStub, BILLING_SERVICE)
-        # wait_for_ready: a billing that is coming back gets the call once it is reachable.
-        await stub.RecordUsage(usage_request(reports), wait_for_ready=True)
-
-
-def usage_request(reports: Sequence[UsageReport]) -> billing_pb2.RecordUsageRequest:
-    return billing_pb2.RecordUsageRequest(
-        records=[
-            billing_pb2.UsageRecord(
-                organization_id=r.organization_id,
-                project_id=r.project_id,
-                metric=_USAGE_OUT[r.metric],
-                quantity=r.quantity,
-                recorded_at=timestamp(r.window_start),
-                idempotency_key=r.idempotency_key,
-            )
-            for r in reports
-        ]
-    )

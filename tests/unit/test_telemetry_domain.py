@@ -21,13 +21,13 @@ from services.runtime.telemetry import (
     MetricQuery,
     TailSubscription,
     UsageMetric,
-    _notify_payloads,
     decode_log_token,
     encode_log_token,
     parse_notify_payload,
     usage_key,
     window_start_of,
 )
+from services.runtime.telemetry.store import _notify_payloads
 from shared.errors import InvalidArgument
 
 NOW = datetime(2026, 11, 26, 12, 0, 30, tzinfo=UTC)

@@ -1,0 +1,151 @@
+"""Runtime's tables and queries: the only SQL in runtime, one module per concern.
+
+records      the rows as Python (Server, Deployment, Container, ...) and page tokens
+servers      registration, liveness, the reconciler's books
+placement    reserving and releasing capacity; placing or creating a deployment in one statement
+deployments  deployment rows, status moves, listings, advisory locks
+containers   container rows and what their agents report
+sleep        activity, idle containers, projects' sleep settings
+
+Statements are SQL text (asyncpg `$n` parameters), as in billing: the capacity arithmetic is
+a handful of single statements whose exact shape (row locks, conditional updates, CTEs) is
+the point, and they read more plainly as SQL than as expression trees.
+
+Lock order, so that nothing deadlocks: project advisory lock (mark_running only) ->
+deployment rows -> one server row. The reconciler locks servers only, in id order.
+
+Callers use the package (`from services.runtime import store; store.get_deployment(...)`):
+this module re-exports every name the single-file store had.
+"""
+
+from __future__ import annotations
+
+from services.runtime.store.containers import (
+    ContainerClaim,
+    container_claims,
+    container_of,
+    container_statuses,
+    containers_to_stop,
+    deployments_on_agents,
+    get_container,
+    insert_container,
+    list_containers,
+    lock_container,
+    update_container,
+)
+from services.runtime.store.deployments import (
+    advisory_xact_lock,
+    claim_queued,
+    deployment_ids,
+    get_deployment,
+    insert_deployment,
+    last_successful_before,
+    list_deployments,
+    lock_deployment,
+    lock_running_of_project,
+    project_organization,
+    set_env_version,
+    try_advisory_xact_lock,
+    update_deployment,
+)
+from services.runtime.store.placement import (
+    Placement,
+    create_deployment,
+    place_deployment,
+    release_capacity,
+    reserve_capacity,
+    set_waiting_reason,
+)
+from services.runtime.store.records import (
+    CONTAINER_LIVE,
+    Container,
+    Deployment,
+    DeploymentSpec,
+    Page,
+    RestartState,
+    S,
+    Server,
+)
+from services.runtime.store.servers import (
+    Reservations,
+    agents_heard_from,
+    any_active_server_with_driver,
+    find_server,
+    get_server,
+    insert_server,
+    list_servers,
+    lock_servers,
+    mark_silent_servers_down,
+    record_heartbeat,
+    reservations,
+    set_reserved,
+    set_server_status,
+    set_tenant,
+    upsert_local_server,
+)
+from services.runtime.store.sleep import (
+    IdleContainer,
+    idle_containers,
+    record_activity,
+    set_sleep_after,
+)
+
+__all__ = [
+    "CONTAINER_LIVE",
+    "Container",
+    "ContainerClaim",
+    "Deployment",
+    "DeploymentSpec",
+    "IdleContainer",
+    "Page",
+    "Placement",
+    "Reservations",
+    "RestartState",
+    "S",
+    "Server",
+    "advisory_xact_lock",
+    "agents_heard_from",
+    "any_active_server_with_driver",
+    "claim_queued",
+    "container_claims",
+    "container_of",
+    "container_statuses",
+    "containers_to_stop",
+    "create_deployment",
+    "deployment_ids",
+    "deployments_on_agents",
+    "find_server",
+    "get_container",
+    "get_deployment",
+    "get_server",
+    "idle_containers",
+    "insert_container",
+    "insert_deployment",
+    "insert_server",
+    "last_successful_before",
+    "list_containers",
+    "list_deployments",
+    "list_servers",
+    "lock_container",
+    "lock_deployment",
+    "lock_running_of_project",
+    "lock_servers",
+    "mark_silent_servers_down",
+    "place_deployment",
+    "project_organization",
+    "record_activity",
+    "record_heartbeat",
+    "release_capacity",
+    "reservations",
+    "reserve_capacity",
+    "set_env_version",
+    "set_reserved",
+    "set_server_status",
+    "set_sleep_after",
+    "set_tenant",
+    "set_waiting_reason",
+    "try_advisory_xact_lock",
+    "update_container",
+    "update_deployment",
+    "upsert_local_server",
+]

@@ -1,0 +1,209 @@
+"""Runtime's rows as Python records, and the page tokens its listings share."""
+
+from __future__ import annotations
+
+import base64
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Generic, TypeVar
+
+import asyncpg
+
+from services.runtime.domain import Candidate, DeploymentState, Isolation, Resources, ServerState
+from shared.errors import InvalidArgument
+
+S = "runtime"
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Server:
+    id: str
+    name: str
+    region: str
+    agent_address: str
+    drivers: tuple[str, ...]
+    capacity: Resources
+    reserved: Resources
+    status: ServerState
+    last_heartbeat_at: datetime | None
+    created_at: datetime
+    isolation: Isolation
+    # The organization holding capacity here; SEVERAL_TENANTS for several, None for none.
+    tenant_organization_id: str | None
+
+    @classmethod
+    def from_row(cls, row: asyncpg.Record) -> Server:
+        return cls(
+            id=row["id"],
+            name=row["name"],
+            region=row["region"],
+            agent_address=row["agent_address"],
+            drivers=tuple(row["drivers"]),
+            capacity=Resources(row["ram_mb"], row["cpu_millis"]),
+            reserved=Resources(row["ram_mb_reserved"], row["cpu_millis_reserved"]),
+            status=ServerState(row["status"]),
+            last_heartbeat_at=row["last_heartbeat_at"],
+            created_at=row["created_at"],
+            isolation=Isolation(row["isolation"]),
+            tenant_organization_id=row["tenant_organization_id"],
+        )
+
+    def candidate(self) -> Candidate:
+        return Candidate(self.id, self.capacity, self.reserved)
+
+
+@dataclass(frozen=True)
+class Deployment:
+    id: str
+    project_id: str
+    organization_id: str
+    server_id: str
+    status: DeploymentState
+    capacity_reserved: bool
+    image: str | None
+    command: str | None
+    resources: Resources
+    region: str
+    health_check_path: str
+    env_version: str
+    exit_code: int | None
+    status_reason: str
+    rolled_back_from: str
+    schedule_deadline: datetime | None
+    sleep_after_seconds: int | None  # None: never put to sleep
+    created_at: datetime
+    updated_at: datetime
+    restart_policy: str = "on-failure"  # what its agent does when the app ends on its own
+    liveness_check_path: str = ""  # empty: no liveness check
+    liveness_period_seconds: int = 10
+    liveness_failure_threshold: int = 3
+
+    @classmethod
+    def from_row(cls, row: asyncpg.Record) -> Deployment:
+        return cls(
+            id=row["id"],
+            project_id=row["project_id"],
+            organization_id=row["organization_id"],
+            server_id=row["server_id"] or "",
+            status=DeploymentState(row["status"]),
+            capacity_reserved=row["capacity_reserved"],
+            image=row["image"],
+            command=row["command"],
+            resources=Resources(row["ram_mb"], row["cpu_millis"]),
+            region=row["region"],
+            health_check_path=row["health_check_path"] or "",
+            env_version=row["env_version"] or "",
+            exit_code=row["exit_code"],
+            status_reason=row["status_reason"] or "",
+            rolled_back_from=row["rolled_back_from"] or "",
+            schedule_deadline=row["schedule_deadline"],
+            sleep_after_seconds=row["sleep_after_seconds"],
+            created_at=row["created_at"],
+            updated_at=row["updated_at"],
+            restart_policy=row["restart_policy"],
+            liveness_check_path=row["liveness_check_path"] or "",
+            liveness_period_seconds=row["liveness_period_seconds"],
+            liveness_failure_threshold=row["liveness_failure_threshold"],
+        )
+
+
+@dataclass(frozen=True)
+class DeploymentSpec:
+    """What a new deployment runs and needs, copied from the project at creation."""
+
+    project_id: str
+    organization_id: str
+    resources: Resources
+    region: str
+    image: str | None = None
+    command: str | None = None
+    health_check_path: str = ""
+    rolled_back_from: str = ""
+    sleep_after_seconds: int | None = None  # the project's, when it sleeps idle apps
+    restart_policy: str = "on-failure"  # the project's restart and liveness settings
+    liveness_check_path: str = ""
+    liveness_period_seconds: int = 10
+    liveness_failure_threshold: int = 3
+
+
+@dataclass(frozen=True)
+class Page(Generic[T]):
+    items: list[T]
+    next_page_token: str
+
+
+# ------------------------------------------------------------------------ page tokens
+
+
+def encode_token(*parts: str) -> str:
+    return base64.urlsafe_b64encode("\x1f".join(parts).encode()).decode()
+
+
+def decode_token(token: str, count: int) -> list[str]:
+    try:
+        parts = base64.urlsafe_b64decode(token.encode()).decode().split("\x1f")
+    except (ValueError, UnicodeDecodeError):
+        parts = []
+    if len(parts) != count:
+        raise InvalidArgument.field("page_token", "not a token from a previous page")
+    return parts
+
+
+@dataclass(frozen=True)
+class RestartState:
+    """A container's restarts as its agent reports them."""
+
+    count: int = 0
+    crash_loop: bool = False
+    last_exit_reason: str = ""
+
+
+# Database container states; "stopped" and "failed" are ends.
+CONTAINER_LIVE = ("starting", "running", "stopping")
+_CONTAINER_RANK = {"starting": 0, "running": 1, "stopping": 2, "stopped": 3, "failed": 3}
+
+
+@dataclass(frozen=True)
+class Container:
+    id: str
+    project_id: str
+    deployment_id: str
+    server_id: str
+    status: str
+    sleep_status: str
+    address: str
+    pid: int | None
+    exit_code: int | None
+    last_request_at: datetime | None
+    started_at: datetime | None
+    stopped_at: datetime | None
+    created_at: datetime
+    restart_count: int = 0  # times its agent started the app again after it crashed
+    crash_loop: bool = False
+    last_exit_reason: str = ""
+
+    @classmethod
+    def from_row(cls, row: asyncpg.Record) -> Container:
+        return cls(
+            id=row["id"],
+            project_id=row["project_id"],
+            deployment_id=row["deployment_id"],
+            server_id=row["server_id"],
+            status=row["status"],
+            sleep_status=row["sleep_status"],
+            address=row["address"] or "",
+            pid=row["pid"],
+            exit_code=row["exit_code"],
+            last_request_at=row["last_request_at"],
+            started_at=row["started_at"],
+            stopped_at=row["stopped_at"],
+            created_at=row["created_at"],
+            restart_count=row["restart_count"],
+            crash_loop=row["crash_loop"],
+            last_exit_reason=row["last_exit_reason"] or "",
+        )
+
+    @property
+    def live(self) -> bool:
+        return self.status in CONTAINER_LIVE
