@@ -1,4 +1,5 @@
-"""IdentityService servicer: proto in -> use case (service.py) -> proto out."""
+"""IdentityService servicer: proto in -> use case (accounts.py, orgs.py, service_auth.py,
+audit.py) -> proto out."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from google.protobuf import duration_pb2, empty_pb2, json_format, struct_pb2, ti
 from hangar.events.v1 import events_pb2
 from hangar.identity.v1 import identity_pb2 as pb
 from hangar.identity.v1 import identity_pb2_grpc
-from services.identity import store
+from services.identity import audit_store, store
 from services.identity.access import (
     Heartbeat,
     Invalidation,
@@ -21,7 +22,10 @@ from services.identity.access import (
     Snapshot,
     WatcherMessage,
 )
-from services.identity.service import AuditEventIn, Identity, SignedIn
+from services.identity.accounts import Accounts, SignedIn
+from services.identity.audit import AuditEventIn, AuditTrail
+from services.identity.orgs import Organizations
+from services.identity.service_auth import ServiceAuth
 from shared.auth import require_service
 from shared.outbox import OutboxFeed
 from shared.proto import timestamp
@@ -71,7 +75,7 @@ def _auth(signed_in: SignedIn) -> pb.AuthResponse:
     )
 
 
-def _audit_log(stored: store.StoredAudit) -> pb.AuditLog:
+def _audit_log(stored: audit_store.StoredAudit) -> pb.AuditLog:
     entry = stored.entry
     metadata = struct_pb2.Struct()
     metadata.update(entry.metadata)
@@ -140,58 +144,68 @@ async def _watcher_messages(
 
 
 class IdentityApi(identity_pb2_grpc.IdentityServiceServicer):
-    def __init__(self, identity: Identity, feed: OutboxFeed) -> None:
-        self.identity = identity
+    def __init__(
+        self,
+        accounts: Accounts,
+        orgs: Organizations,
+        service_auth: ServiceAuth,
+        audit: AuditTrail,
+        feed: OutboxFeed,
+    ) -> None:
+        self.accounts = accounts
+        self.orgs = orgs
+        self.service_auth = service_auth
+        self.audit = audit
         self.feed = feed
 
     # accounts and sessions
 
     async def SignUp(self, request: pb.SignUpRequest, context: Context) -> pb.AuthResponse:
-        signed_in = await self.identity.sign_up(
+        signed_in = await self.accounts.sign_up(
             request.email, request.password, request.name, request.request_id
         )
         return _auth(signed_in)
 
     async def Login(self, request: pb.LoginRequest, context: Context) -> pb.AuthResponse:
-        return _auth(await self.identity.login(request.email, request.password))
+        return _auth(await self.accounts.login(request.email, request.password))
 
     async def Refresh(self, request: pb.RefreshRequest, context: Context) -> pb.AuthResponse:
-        return _auth(await self.identity.refresh(request.refresh_token))
+        return _auth(await self.accounts.refresh(request.refresh_token))
 
     async def Logout(self, request: pb.LogoutRequest, context: Context) -> empty_pb2.Empty:
-        await self.identity.logout(request.refresh_token)
+        await self.accounts.logout(request.refresh_token)
         return empty_pb2.Empty()
 
     async def GetCurrentUser(self, request: pb.GetCurrentUserRequest, context: Context) -> pb.User:
-        return _user(await self.identity.current_user())
+        return _user(await self.accounts.current_user())
 
     async def LoginWithOAuth(
         self, request: pb.LoginWithOAuthRequest, context: Context
     ) -> pb.AuthResponse:
-        return _auth(await self.identity.login_with_oauth(request.provider, request.id_token))
+        return _auth(await self.accounts.login_with_oauth(request.provider, request.id_token))
 
     async def LinkOAuthAccount(
         self, request: pb.LinkOAuthAccountRequest, context: Context
     ) -> pb.User:
-        return _user(await self.identity.link_oauth(request.provider, request.id_token))
+        return _user(await self.accounts.link_oauth(request.provider, request.id_token))
 
     async def GetJwks(self, request: pb.GetJwksRequest, context: Context) -> pb.GetJwksResponse:
         keys = [
             pb.Jwk(kty=k["kty"], crv=k["crv"], x=k["x"], kid=k["kid"], use=k["use"], alg=k["alg"])
-            for k in self.identity.keys.jwks()
+            for k in self.service_auth.keys.jwks()
         ]
         return pb.GetJwksResponse(keys=keys)
 
     async def IssueServiceToken(
         self, request: pb.IssueServiceTokenRequest, context: Context
     ) -> pb.IssueServiceTokenResponse:
-        issued = self.identity.issue_service_token(request.service, request.secret)
+        issued = self.service_auth.issue_service_token(request.service, request.secret)
         return pb.IssueServiceTokenResponse(token=issued.token, expires_at=_ts(issued.expires_at))
 
     async def Authorize(
         self, request: pb.AuthorizeRequest, context: Context
     ) -> pb.AuthorizeResponse:
-        allowed, role = await self.identity.authorize(
+        allowed, role = await self.service_auth.authorize(
             user_id=request.user_id,
             service=request.service,
             organization_id=request.organization_id,
@@ -204,12 +218,14 @@ class IdentityApi(identity_pb2_grpc.IdentityServiceServicer):
     async def CheckSession(
         self, request: pb.CheckSessionRequest, context: Context
     ) -> pb.CheckSessionResponse:
-        return pb.CheckSessionResponse(active=await self.identity.check_session(request.session_id))
+        return pb.CheckSessionResponse(
+            active=await self.service_auth.check_session(request.session_id)
+        )
 
     async def WatchAccess(
         self, request_iterator: AsyncIterator[pb.WatchAccessRequest], context: Context
     ) -> AsyncIterator[pb.WatchAccessResponse]:
-        async for message in self.identity.watch_access(_watcher_messages(request_iterator)):
+        async for message in self.service_auth.watch_access(_watcher_messages(request_iterator)):
             yield _access_message(message)
 
     # organizations
@@ -218,17 +234,17 @@ class IdentityApi(identity_pb2_grpc.IdentityServiceServicer):
         self, request: pb.CreateOrganizationRequest, context: Context
     ) -> pb.Organization:
         org = request.organization
-        return _org(await self.identity.create_organization(org.name, org.slug))
+        return _org(await self.orgs.create_organization(org.name, org.slug))
 
     async def GetOrganization(
         self, request: pb.GetOrganizationRequest, context: Context
     ) -> pb.Organization:
-        return _org(await self.identity.get_organization(request.id))
+        return _org(await self.orgs.get_organization(request.id))
 
     async def ListOrganizations(
         self, request: pb.ListOrganizationsRequest, context: Context
     ) -> pb.ListOrganizationsResponse:
-        page = await self.identity.list_organizations(request.page_size, request.page_token)
+        page = await self.orgs.list_organizations(request.page_size, request.page_token)
         return pb.ListOrganizationsResponse(
             organizations=[_org(o) for o in page.items], next_page_token=page.next_page_token
         )
@@ -237,7 +253,7 @@ class IdentityApi(identity_pb2_grpc.IdentityServiceServicer):
         self, request: pb.UpdateOrganizationRequest, context: Context
     ) -> pb.Organization:
         org = request.organization
-        updated = await self.identity.update_organization(
+        updated = await self.orgs.update_organization(
             org.id, org.name, org.slug, list(request.update_mask.paths)
         )
         return _org(updated)
@@ -245,21 +261,19 @@ class IdentityApi(identity_pb2_grpc.IdentityServiceServicer):
     async def DeleteOrganization(
         self, request: pb.DeleteOrganizationRequest, context: Context
     ) -> empty_pb2.Empty:
-        await self.identity.delete_organization(request.id)
+        await self.orgs.delete_organization(request.id)
         return empty_pb2.Empty()
 
     # members
 
     async def AddMember(self, request: pb.AddMemberRequest, context: Context) -> pb.Member:
-        member = await self.identity.add_member(
-            request.organization_id, request.email, request.role
-        )
+        member = await self.orgs.add_member(request.organization_id, request.email, request.role)
         return _member(member)
 
     async def ListMembers(
         self, request: pb.ListMembersRequest, context: Context
     ) -> pb.ListMembersResponse:
-        page = await self.identity.list_members(
+        page = await self.orgs.list_members(
             request.organization_id, request.page_size, request.page_token
         )
         return pb.ListMembersResponse(
@@ -267,7 +281,7 @@ class IdentityApi(identity_pb2_grpc.IdentityServiceServicer):
         )
 
     async def UpdateMember(self, request: pb.UpdateMemberRequest, context: Context) -> pb.Member:
-        member = await self.identity.update_member(
+        member = await self.orgs.update_member(
             request.organization_id, request.user_id, request.role
         )
         return _member(member)
@@ -275,7 +289,7 @@ class IdentityApi(identity_pb2_grpc.IdentityServiceServicer):
     async def RemoveMember(
         self, request: pb.RemoveMemberRequest, context: Context
     ) -> empty_pb2.Empty:
-        await self.identity.remove_member(request.organization_id, request.user_id)
+        await self.orgs.remove_member(request.organization_id, request.user_id)
         return empty_pb2.Empty()
 
     # audit
@@ -283,7 +297,7 @@ class IdentityApi(identity_pb2_grpc.IdentityServiceServicer):
     async def AppendAuditEvents(
         self, request: pb.AppendAuditEventsRequest, context: Context
     ) -> pb.AppendAuditEventsResponse:
-        accepted, duplicates = await self.identity.append_audit_events(
+        accepted, duplicates = await self.audit.append_audit_events(
             [_event_in(e) for e in request.events]
         )
         return pb.AppendAuditEventsResponse(accepted=accepted, duplicates=duplicates)
@@ -291,7 +305,7 @@ class IdentityApi(identity_pb2_grpc.IdentityServiceServicer):
     async def ListAuditLogs(
         self, request: pb.ListAuditLogsRequest, context: Context
     ) -> pb.ListAuditLogsResponse:
-        page = await self.identity.list_audit_logs(
+        page = await self.audit.list_audit_logs(
             request.organization_id,
             request.page_size,
             request.page_token,
@@ -309,7 +323,7 @@ class IdentityApi(identity_pb2_grpc.IdentityServiceServicer):
     async def VerifyAuditChain(
         self, request: pb.VerifyAuditChainRequest, context: Context
     ) -> pb.VerifyAuditChainResponse:
-        report = await self.identity.verify_audit_chain(request.organization_id)
+        report = await self.audit.verify_audit_chain(request.organization_id)
         return pb.VerifyAuditChainResponse(
             ok=report.ok, checked=report.checked, first_broken_entry_id=report.first_broken_entry_id
         )

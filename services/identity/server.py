@@ -6,11 +6,14 @@ import grpc
 
 from hangar.identity.v1 import identity_pb2, identity_pb2_grpc
 from services.identity.access import AccessBroadcaster
+from services.identity.accounts import Accounts
 from services.identity.api import IdentityApi
+from services.identity.audit import AuditTrail
 from services.identity.cleanup import Cleanup
 from services.identity.oauth import OidcVerifier
+from services.identity.orgs import Organizations
 from services.identity.passwords import Passwords
-from services.identity.service import Identity
+from services.identity.service_auth import LocalAuthorizer, LocalSessions, ServiceAuth
 from services.identity.tokens import KeySet
 from shared.app import ServiceApp
 from shared.auth import TokenVerifier
@@ -42,11 +45,23 @@ class IdentityApp(ServiceApp):
     def __init__(self, settings: Settings, db: Database, *, keys: KeySet | None = None) -> None:
         self.keys = keys or KeySet.from_settings(settings)
         self.passwords = Passwords.from_settings(settings)
-        self.identity = Identity(
-            db, settings, self.keys, self.passwords, OidcVerifier(settings.oauth_providers)
+        self.access = AccessBroadcaster()
+        self.sessions = LocalSessions(db)
+        authorizer = LocalAuthorizer(db)
+        self.audit = AuditTrail(db, authorizer)
+        self.accounts = Accounts(
+            db,
+            settings,
+            self.keys,
+            self.passwords,
+            self.audit,
+            self.access,
+            OidcVerifier(settings.oauth_providers),
         )
+        self.orgs = Organizations(db, authorizer, self.audit, self.access)
+        self.service_auth = ServiceAuth(db, settings, self.keys, self.access)
         super().__init__(settings, db)
-        self.feed = IdentityFeed(db, self.identity.access)
+        self.feed = IdentityFeed(db, self.access)
         self.cleanup = Cleanup(db, interval_seconds=settings.identity_cleanup_seconds)
         self.add_loop(self.cleanup.run)
 
@@ -54,12 +69,12 @@ class IdentityApp(ServiceApp):
         # Identity verifies with its own key set (no call to itself), and checks sessions in
         # its own database: a sign-out is refused here from the moment it commits.
         return TokenVerifier.for_settings(
-            self.settings, self.keys.jwks_source, sessions=self.identity.sessions
+            self.settings, self.keys.jwks_source, sessions=self.sessions
         )
 
     def register(self, server: grpc.aio.Server) -> None:
         identity_pb2_grpc.add_IdentityServiceServicer_to_server(
-            IdentityApi(self.identity, self.feed), server
+            IdentityApi(self.accounts, self.orgs, self.service_auth, self.audit, self.feed), server
         )
 
     async def close(self) -> None:

@@ -17,7 +17,7 @@ import httpx
 import psutil
 import pytest
 
-from shared.cli import PROCESSES, wait_healthy
+from hangar_cli.cli import PROCESSES, wait_healthy
 from tests.support.procs import free_port
 
 pytestmark = pytest.mark.slow
@@ -37,7 +37,7 @@ def _env(home: Path) -> tuple[dict[str, str], dict[str, str]]:
 def _start(env: dict[str, str], stderr: Path | None = None) -> subprocess.Popen[str]:
     """`hangar up`; its stderr (with every service's log lines) to a file when given: a pipe
     nobody reads would block the services once full."""
-    command = [sys.executable, "-m", "shared.cli", "up"]
+    command = [sys.executable, "-m", "hangar_cli", "up"]
     if stderr is None:
         return subprocess.Popen(
             command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True

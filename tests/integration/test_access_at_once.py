@@ -365,7 +365,7 @@ async def own_identity(
     """An identity of this test alone, with short leases (so a laggard is waited out fast)."""
     async with running_identity(database_url, db_passwords) as identity:
         assert identity.app is not None
-        access = identity.app.identity.access
+        access = identity.app.access
         access.set_lease(1.0)
         access.ack_timeout = 0.5
         yield identity
@@ -412,7 +412,7 @@ async def test_a_watcher_that_stops_acknowledging_neither_hangs_identity_nor_kee
             timeout=WITHIN,
         )
         assert watch.stuck.is_set()
-        assert identity.app is not None and identity.app.identity.access.cut_off == 1
+        assert identity.app is not None and identity.app.access.cut_off == 1
         for watching in (laggard, healthy):  # the laggard's cache no longer answers
             await watching.as_user(viewer.access_token)
             with pytest.raises(PermissionDenied):
@@ -473,7 +473,7 @@ async def test_a_service_that_shuts_down_says_goodbye_so_no_change_waits_for_it(
 ) -> None:
     identity = own_identity
     assert identity.app is not None
-    access = identity.app.identity.access
+    access = identity.app.access
     leaving, vanishing = _Watching(identity), _Watching(identity, watch_class=RudeWatch)
     async with asyncio.timeout(WITHIN):
         await leaving.watch.wait_live()

@@ -41,7 +41,7 @@ def _start_gateway(address: str, env: dict[str, str]) -> ServiceProcess:
     log_path = stderr_file("gateway")
     with log_path.open("wb") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "shared.cli", "serve", "gateway"],
+            [sys.executable, "-m", "hangar_cli", "serve", "gateway"],
             env=env,
             stdout=subprocess.DEVNULL,
             stderr=log,

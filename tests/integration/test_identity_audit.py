@@ -244,7 +244,7 @@ async def test_a_deleted_organizations_trail_stays_readable_to_platform_admins_o
     )
     admin = await identity.sign_up()
     assert identity.app is not None
-    assert await identity.app.identity.promote(admin.user.email)
+    assert await identity.app.accounts.promote(admin.user.email)
     relogged = await identity.stub.Login(pb.LoginRequest(email=admin.user.email, password=PASSWORD))
     # Its owner is no member any more, and no one else ever was.
     for token in (owner.access_token, outsider.access_token):

@@ -170,7 +170,7 @@ def test_hangar_admin_promote_sets_the_flag(
 
     asyncio.run(create_user())
     done = subprocess.run(
-        [sys.executable, "-m", "shared.cli", "admin", "promote", " To-Promote@example.com"],
+        [sys.executable, "-m", "hangar_cli", "admin", "promote", " To-Promote@example.com"],
         env=env,
         capture_output=True,
         text=True,
@@ -178,7 +178,7 @@ def test_hangar_admin_promote_sets_the_flag(
     )
     assert done.returncode == 0, done.stderr
     missing = subprocess.run(
-        [sys.executable, "-m", "shared.cli", "admin", "promote", "ghost@example.com"],
+        [sys.executable, "-m", "hangar_cli", "admin", "promote", "ghost@example.com"],
         env=env,
         capture_output=True,
         text=True,
@@ -204,7 +204,7 @@ def test_local_credentials_include_a_signing_key_passed_to_services(
 ) -> None:
     from pathlib import Path
 
-    from shared.cli import load_credentials, service_environment
+    from hangar_cli.cli import load_credentials, service_environment
     from shared.settings import Settings
 
     creds = load_credentials(Path(tmp_path))

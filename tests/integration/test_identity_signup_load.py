@@ -34,7 +34,7 @@ async def identity(
     async with running_identity(database_url, db_passwords) as running:
         assert running.app is not None
         small = Passwords(2, 19 * 1024, 1, workers=1, queue=3, wait_seconds=0.5)
-        running.app.identity.passwords = small
+        running.app.accounts.passwords = small
         try:
             yield running
         finally:
@@ -153,7 +153,7 @@ async def test_a_sign_up_whose_answer_was_lost_is_retried_into_the_same_account(
     assert identity.app is not None
     email, rid = _email("lost"), _request_id()
     # The first attempt reached identity and committed; its caller never heard back.
-    first = await identity.app.identity.sign_up(email, PASSWORD, "", rid)
+    first = await identity.app.accounts.sign_up(email, PASSWORD, "", rid)
 
     retried = await identity.stub.SignUp(
         pb.SignUpRequest(email=email, password=PASSWORD, request_id=rid), timeout=WITHIN

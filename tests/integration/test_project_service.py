@@ -590,7 +590,7 @@ async def test_rotation_keeps_old_and_new_secrets_readable_and_rewraps_every_dat
                     == Code.PERMISSION_DENIED
                 )
                 assert stack.identity.app is not None
-                await stack.identity.app.identity.promote(tenant.owner.email)
+                await stack.identity.app.accounts.promote(tenant.owner.email)
                 login = await stack.identity.stub.Login(
                     ipb.LoginRequest(email=tenant.owner.email, password=PASSWORD)
                 )

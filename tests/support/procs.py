@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from shared.cli import wait_healthy
+from hangar_cli.cli import wait_healthy
 
 
 def free_port() -> int:
@@ -63,7 +63,7 @@ class ServiceProcess:
         log_path = stderr_file(name)
         with log_path.open("wb") as log:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "shared.cli", "serve", name],
+                [sys.executable, "-m", "hangar_cli", "serve", name],
                 env=env,
                 stdout=subprocess.DEVNULL,
                 stderr=log,

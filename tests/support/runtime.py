@@ -84,7 +84,7 @@ class Neighbours:
         member = await self.user()
         identity = self.stack.identity
         assert identity.app is not None
-        assert await identity.app.identity.promote(member.email)
+        assert await identity.app.accounts.promote(member.email)
         auth = await identity.stub.Login(ipb.LoginRequest(email=member.email, password=PASSWORD))
         return Member(member.user_id, member.email, auth.access_token)
 

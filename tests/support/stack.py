@@ -1,6 +1,6 @@
 """The whole platform as real processes for end-to-end tests: identity, project, billing,
 runtime, an agent and the gateway, each `hangar serve NAME` on a free loopback port against a
-freshly migrated database, with the credentials `hangar up` would give them (shared.cli's
+freshly migrated database, with the credentials `hangar up` would give them (hangar_cli's
 load_credentials / service_environment). The agent is registered as a server through the
 gateway by a platform admin, made with `hangar admin promote` as an operator would.
 
@@ -24,7 +24,7 @@ from typing import IO, Any
 import httpx
 import pytest
 
-from shared.cli import load_credentials, service_environment, wait_healthy
+from hangar_cli.cli import load_credentials, service_environment, wait_healthy
 from tests.support.procs import free_port
 
 REPO = Path(__file__).resolve().parents[2]
@@ -116,7 +116,7 @@ def _start(stack: Stack, name: str, deadline: float) -> Process:
     stderr_path = stack.home / f"{name}.stderr"
     stderr = stderr_path.open("ab")  # a restart appends to what the process said before
     proc = subprocess.Popen(
-        [sys.executable, "-m", "shared.cli", "serve", name],
+        [sys.executable, "-m", "hangar_cli", "serve", name],
         env=stack.env,
         cwd=REPO,
         stdout=stderr,  # services log to stderr; anything printed goes to the same file
@@ -133,7 +133,7 @@ def _start(stack: Stack, name: str, deadline: float) -> Process:
 
 def _promote(stack: Stack, email: str) -> None:
     done = subprocess.run(
-        [sys.executable, "-m", "shared.cli", "admin", "promote", email],
+        [sys.executable, "-m", "hangar_cli", "admin", "promote", email],
         env=stack.env,
         cwd=REPO,
         capture_output=True,

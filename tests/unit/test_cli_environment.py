@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from shared.cli import agent_environment, process_environment, service_environment
+from hangar_cli.cli import agent_environment, process_environment, service_environment
 from shared.settings import SERVICES
 
 CREDS = {

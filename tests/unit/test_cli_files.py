@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from hangar_cli.cli import load_credentials
 from shared import pg
-from shared.cli import load_credentials
 
 
 def _mode(path: Path) -> int:

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from shared.cli import NEEDS, PROCESSES, Supervisor
+from hangar_cli.cli import NEEDS, PROCESSES, Supervisor
 
 EXITS = [sys.executable, "-c", "raise SystemExit(3)"]
 SLEEPS = [sys.executable, "-c", "import time; time.sleep(60)"]

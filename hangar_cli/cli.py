@@ -459,7 +459,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         for name in PROCESSES:  # each once what it needs answers its health check
             supervisor.start(
                 name,
-                [sys.executable, "-m", "shared.cli", "serve", name],
+                [sys.executable, "-m", "hangar_cli", "serve", name],
                 agent_environment(env, server_name)
                 if name == "agent"
                 else process_environment(name, env),
@@ -540,8 +540,11 @@ def cmd_admin_promote(args: argparse.Namespace) -> int:
 
 
 async def _promote(identity_url: str, email: str) -> bool:
+    from services.identity.access import AccessBroadcaster
+    from services.identity.accounts import Accounts
+    from services.identity.audit import AuditTrail
     from services.identity.passwords import Passwords
-    from services.identity.service import Identity
+    from services.identity.service_auth import LocalAuthorizer
     from services.identity.tokens import KeySet
     from shared.db import Database
     from shared.settings import Settings
@@ -549,10 +552,15 @@ async def _promote(identity_url: str, email: str) -> bool:
     settings = Settings.from_env("identity")
     db = await Database.connect(identity_url, min_size=1, max_size=1)
     try:
-        identity = Identity(
-            db, settings, KeySet.from_settings(settings), Passwords.from_settings(settings)
+        accounts = Accounts(
+            db,
+            settings,
+            KeySet.from_settings(settings),
+            Passwords.from_settings(settings),
+            AuditTrail(db, LocalAuthorizer(db)),
+            AccessBroadcaster(),
         )
-        return await identity.promote(email)
+        return await accounts.promote(email)
     finally:
         await db.close()
 
@@ -582,7 +590,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     serve.set_defaults(func=cmd_serve)
     args = parser.parse_args(argv)
     return int(args.func(args))
-
-
-if __name__ == "__main__":
-    sys.exit(main())
