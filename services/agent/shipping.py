@@ -128,12 +128,17 @@ class LogShipper:
     async def flush(self, within_seconds: float) -> bool:
         """Ship what is buffered (the agent's shutdown); True once everything is acknowledged."""
         deadline = time.monotonic() + within_seconds
-        while time.monotonic() < deadline:
+        while (remaining := deadline - time.monotonic()) > 0:
             try:
-                if not await self.ship_session() and not self._unacknowledged():
+                # Bounded as a whole: a runtime that accepts the stream but never answers
+                # must not hold the agent's shutdown for the session's own timeout.
+                shipped = await asyncio.wait_for(self.ship_session(), remaining)
+                if not shipped and not self._unacknowledged():
                     return True
+            except TimeoutError:
+                return False
             except Exception:  # runtime away: give up at the deadline
-                await asyncio.sleep(0.1)
+                await asyncio.sleep(min(0.1, max(0.0, deadline - time.monotonic())))
         return False
 
     # ------------------------------------------------------------------- session

@@ -135,6 +135,7 @@ class Agents:
             "HANGAR_AGENT_SERVER": "adoption",
             "HANGAR_AGENT_HEARTBEAT_SECONDS": "0.5",
             "HANGAR_AGENT_START_TIMEOUT_SECONDS": "30",
+            "HANGAR_AGENT_STOP_GRACE_SECONDS": "2",  # apps that ignore SIGTERM end sooner
             **self.extra,
         }
         self.current = start_agent_process(self.identity.address, env, state_dir=self.state_dir)

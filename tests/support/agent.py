@@ -81,8 +81,8 @@ class RunningAgent:
             self._channel = None
         if self.server is not None:
             await self.server.stop()
-        if self.process is not None:
-            self.process.stop()
+        if self.process is not None:  # off the loop: servers of this test keep answering
+            await asyncio.to_thread(self.process.stop)
         if self.state_dir:
             shutil.rmtree(self.state_dir, ignore_errors=True)
 

@@ -196,6 +196,7 @@ def start_stack(
             "HANGAR_GRACE_SECONDS": "2",
             "HANGAR_AGENT_STOP_GRACE_SECONDS": "2",
             "HANGAR_AGENT_START_TIMEOUT_SECONDS": "20",
+            "HANGAR_AGENT_RESTART_BACKOFF_SECONDS": "0.2",  # a crash loop in seconds, not 15
             "HANGAR_RUNTIME_SCHEDULE_RETRY_SECONDS": "0.5",
             # the agent reports as the server it is registered as (_register_agent), often
             "HANGAR_AGENT_SERVER": AGENT_SERVER_NAME,
