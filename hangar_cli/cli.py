@@ -23,8 +23,9 @@ from urllib.parse import urlsplit, urlunsplit
 from shared.settings import DEFAULT_PORTS, SERVICES
 
 GRPC_SERVICES = SERVICES  # identity, project, runtime, billing
-# What each process calls, so what must answer its health check before it starts (DESIGN's
-# call graph); PROCESSES lists them in an order that starts every one after what it needs.
+# What each process calls, so what must answer its health check before it starts (the call
+# graph in docs/architecture.md); PROCESSES lists them in an order that starts every one after
+# what it needs.
 NEEDS: dict[str, tuple[str, ...]] = {
     "identity": (),
     "billing": ("identity",),

@@ -403,7 +403,8 @@ async def _eventually(check: object, within: float = 15.0) -> object:
 async def test_an_idle_app_sleeps_keeps_its_capacity_and_wakes_on_the_next_request(
     live: Live, database_url: str
 ) -> None:
-    """DESIGN flow 4 through the real path: the sleep controller finds the idle container
+    """The sleep flow (docs/architecture.md, main flow 5) through the real path: the sleep
+    controller finds the idle container
     (the clock is moved past the project's sleep_after_seconds), the agent stops the app and
     keeps its port; the next request starts it again and is served by it."""
     from datetime import UTC, datetime, timedelta

@@ -84,8 +84,8 @@ def uq(schema: str, table: str, *columns: str) -> Index:
     return Index(schema, table, f"uq_{table}_{'_'.join(columns)}", columns, "unique")
 
 
-# Every index and unique constraint of DESIGN.md's seed schema (first block, in the seed's
-# order), then those the flows rely on.
+# Every index and unique constraint the schemas must have: the tables' keys and lookups (first
+# block), then those particular flows rely on (each table's role: docs/services/*.md).
 INDEXES: list[Index] = [
     uq("identity", "users", "email"),
     uq("identity", "users", "oauth_provider", "oauth_subject"),

@@ -215,7 +215,7 @@ def start_stack(
                 "STRIPE_WEBHOOK_SECRET": "whsec_" + secrets.token_hex(16),
             }
         )
-    else:  # invoices are computed and stored, not sent (DESIGN.md)
+    else:  # without STRIPE_API_KEY, invoices are computed and stored, not sent
         for key in ("STRIPE_API_KEY", "STRIPE_API_BASE", "STRIPE_WEBHOOK_SECRET"):
             env.pop(key, None)
     env.update(extra_env or {})

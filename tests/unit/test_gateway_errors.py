@@ -1,4 +1,4 @@
-"""gRPC status -> HTTP status and the JSON error body, as DESIGN.md's mapping says."""
+"""gRPC status -> HTTP status and the JSON error body (docs/architecture.md, "Errors")."""
 
 from __future__ import annotations
 

@@ -50,8 +50,8 @@ INTERNAL_RPCS = {
     },
 }
 
-# DESIGN.md "Public HTTP surface" (the gateway's own /openapi.json and /healthz excluded),
-# plus the JWKS path; path variables are compared as "{}".
+# The core HTTP surface (docs/architecture.md, "HTTP surface": the routes marked core; the
+# gateway's own /openapi.json and /healthz excluded); path variables are compared as "{}".
 DESIGN_HTTP_SURFACE = {
     ("POST", "/v1/auth/signup"),
     ("POST", "/v1/auth/login"),
@@ -210,7 +210,7 @@ def test_http_surface_covers_design_and_has_no_duplicate_routes() -> None:
             assert route not in routes, f"{method.full_name} and {routes[route]} share {route}"
             routes[route] = method.full_name
     missing = sorted(DESIGN_HTTP_SURFACE - set(routes))
-    assert not missing, f"DESIGN.md routes without an RPC: {missing}"
+    assert not missing, f"core routes (docs/architecture.md) without an RPC: {missing}"
 
 
 def test_all_generated_modules_import() -> None:
