@@ -1,5 +1,5 @@
 """What an agent writes down about each container so that the next agent of the same state
-directory adopts it (services/agent/runs.py keeps the file; drivers.py `adopt` reads it).
+directory adopts it (services/agent/runs.py keeps the file; driver_adoption.py `adopt` reads it).
 
 The record is JSON, read tolerantly: a field a newer agent added is ignored by an older one
 and a field it lacks takes its default, so an agent upgraded while apps run still adopts

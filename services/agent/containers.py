@@ -46,7 +46,8 @@ from typing import Any
 
 from services.agent import cgroups, netns, oci, runs, seccomp
 from services.agent.domain import LogStream, ResourceSample, SleepState, utcnow
-from services.agent.drivers import LOST_RUN, ProcessDriver, Reaped, _Container
+from services.agent.driver_base import LOST_RUN, Reaped, _Container
+from services.agent.drivers import ProcessDriver
 from services.agent.netns import NetworkNamespace
 from services.agent.proxy import CHUNK_BYTES, IngressProxy
 from services.agent.runs import AppRun
