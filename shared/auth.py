@@ -43,6 +43,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from hangar.identity.v1 import identity_pb2, identity_pb2_grpc
+from shared.cache import TtlCache
 from shared.clients import Clients, open_channel
 from shared.context import Principal, PrincipalKind, current_principal
 from shared.errors import (
@@ -118,8 +119,10 @@ class TokenVerifier:
         self._fetch_lock = asyncio.Lock()
         self.refetch_interval = refetch_interval
         self.leeway = leeway
-        self._verified: dict[str, tuple[float, Principal, str]] = {}
-        self._cache_size = cache_size
+        # token -> (principal, session) until the token's own expiry (`exp`, wall clock)
+        self._verified: TtlCache[str, tuple[Principal, str]] = TtlCache(
+            0.0, cache_size, clock=time.time
+        )
         self.sessions = sessions
 
     @classmethod
@@ -135,8 +138,8 @@ class TokenVerifier:
 
     async def authenticate(self, token: str) -> Principal:
         cached = self._verified.get(token)
-        if cached is not None and cached[0] > time.time():
-            principal, session = cached[1], cached[2]
+        if cached is not None:
+            principal, session = cached
         else:
             principal, session = await self._verify(token)
         if session and self.sessions is not None:
@@ -168,9 +171,7 @@ class TokenVerifier:
             raise Unauthenticated("token did not verify", reason="TOKEN_INVALID") from None
         principal = principal_from_claims(claims)
         session = str(claims.get(CLAIM_SESSION) or "") if principal.is_user else ""
-        if len(self._verified) >= self._cache_size:
-            self._verified.clear()
-        self._verified[token] = (float(claims["exp"]), principal, session)
+        self._verified.put(token, (principal, session), expires_at=float(claims["exp"]))
         return principal, session
 
     async def _key(self, kid: str) -> Any:

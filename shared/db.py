@@ -152,6 +152,20 @@ class Database:
             finally:  # each statement committed on its own, even if a later one failed
                 self._committed(session)
 
+    @asynccontextmanager
+    async def advisory_lock(self, key: str) -> AsyncIterator[Session | None]:
+        """A session-level advisory lock on `key` for the block if no other replica holds it:
+        the session holding it (autocommit, usable for queries), or None when it is taken.
+        Released when the block ends, even on error."""
+        async with self.session() as session:
+            if not await session.fetchval("SELECT pg_try_advisory_lock(hashtext($1))", key):
+                yield None
+                return
+            try:
+                yield session
+            finally:
+                await session.execute("SELECT pg_advisory_unlock(hashtext($1))", key)
+
     def _committed(self, session: Session) -> None:
         if session.wrote_events and self.on_events is not None:
             self.on_events()

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import grpc
 from google.protobuf import any_pb2, duration_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_status import rpc_status
 
 ERROR_DOMAIN = "hangar.dev"
 
@@ -246,6 +247,58 @@ def translate(exc: BaseException) -> DomainError | None:
             reason="INVALID_TEXT",
         )
     return None
+
+
+# ------------------------------------------------------------- what a downstream answered
+
+_PASSED_ON: dict[grpc.StatusCode, type[DomainError]] = {
+    grpc.StatusCode.PERMISSION_DENIED: PermissionDenied,
+    grpc.StatusCode.UNAUTHENTICATED: Unauthenticated,
+    grpc.StatusCode.NOT_FOUND: NotFound,
+    grpc.StatusCode.ALREADY_EXISTS: AlreadyExists,
+    grpc.StatusCode.ABORTED: Aborted,
+    grpc.StatusCode.FAILED_PRECONDITION: FailedPrecondition,
+}
+
+
+def from_downstream(
+    exc: grpc.aio.AioRpcError,
+    service: str,
+    passed_on: Mapping[grpc.StatusCode, str | None],
+    *,
+    field: str = "request",
+) -> DomainError:
+    """What `service` answered an outbound call, as this service's own error.
+
+    A code in `passed_on` keeps its code and the downstream's message, with the reason given
+    there (None: the code's default); INVALID_ARGUMENT is reported against `field`, and
+    RESOURCE_EXHAUSTED keeps its quota violations. Any other code is UNAVAILABLE
+    `<SERVICE>_UNAVAILABLE`, without the downstream's text. (`translate` is the net under
+    handlers for a call nobody caught; this is for the clients that know which of a
+    downstream's answers their own callers should see.)
+    """
+    code = exc.code()
+    if code not in passed_on:
+        return Unavailable(
+            f"{service} is unavailable: {code.name}", reason=f"{service.upper()}_UNAVAILABLE"
+        )
+    message, reason = exc.details() or f"{service} refused", passed_on[code]
+    if code is grpc.StatusCode.INVALID_ARGUMENT:
+        return InvalidArgument([FieldViolation(field, message)], reason=reason)
+    if code is grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return ResourceExhausted(message, _quota_violations(exc), reason=reason)
+    return _PASSED_ON[code](message, reason=reason)
+
+
+def _quota_violations(exc: grpc.aio.AioRpcError) -> list[QuotaViolation]:
+    violations = []
+    status = rpc_status.from_call(exc)
+    for detail in status.details if status else ():
+        quota = error_details_pb2.QuotaFailure()
+        if detail.Is(quota.DESCRIPTOR):
+            detail.Unpack(quota)
+            violations += [QuotaViolation(v.subject, v.description) for v in quota.violations]
+    return violations
 
 
 def _raised_in(package: str, exc: BaseException) -> bool:

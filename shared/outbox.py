@@ -257,16 +257,11 @@ class EventConsumer:
         lock_key = f"{self.schema}:{self.consumer}:{self.source}"
         while True:
             try:
-                async with self.db.pool.acquire() as lock_conn:
-                    if not await lock_conn.fetchval(
-                        "SELECT pg_try_advisory_lock(hashtext($1))", lock_key
-                    ):
+                async with self.db.advisory_lock(lock_key) as held:
+                    if held is None:
                         await asyncio.sleep(self.retry_seconds)
                         continue
-                    try:
-                        await self._consume()
-                    finally:
-                        await lock_conn.execute("SELECT pg_advisory_unlock(hashtext($1))", lock_key)
+                    await self._consume()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:

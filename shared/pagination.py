@@ -6,12 +6,24 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-from typing import Any
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
 
 from shared.errors import InvalidArgument
 
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 1000
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Page(Generic[T]):
+    """One page of a list and the token to the next one ("" on the last page)."""
+
+    items: list[T]
+    next_page_token: str
 
 
 def page_size(
@@ -21,6 +33,14 @@ def page_size(
     if requested < 0:
         raise InvalidArgument.field("page_size", "must not be negative")
     return min(requested or default, maximum)
+
+
+def page_of(items: list[T], limit: int, key: Callable[[T], list[Any]]) -> Page[T]:
+    """`items` (fetched with one extra row) cut to `limit`, with the token to the next page."""
+    if len(items) > limit:
+        items = items[:limit]
+        return Page(items, encode_page_token(key(items[-1])))
+    return Page(items, "")
 
 
 def encode_page_token(key: list[Any]) -> str:

@@ -199,13 +199,10 @@ class BillingCycle:
         if self.gateway is None:
             return False
         key = f"billing.stripe-sync:{subscription_id}"
-        async with self.db.session() as lock:
-            if not await lock.fetchval("SELECT pg_try_advisory_lock(hashtext($1))", key):
+        async with self.db.advisory_lock(key) as held:
+            if held is None:
                 return False
-            try:
-                return await self._sync_locked(subscription_id)
-            finally:
-                await lock.execute("SELECT pg_advisory_unlock(hashtext($1))", key)
+            return await self._sync_locked(subscription_id)
 
     async def _sync_locked(self, subscription_id: str) -> bool:
         assert self.gateway is not None

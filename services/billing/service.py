@@ -31,6 +31,8 @@ from shared.db import Database, Session
 from shared.errors import InvalidArgument, NotFound, PermissionDenied
 from shared.ids import new_id
 from shared.outbox import write_event
+from shared.pagination import Page
+from shared.validation import require_id
 
 SCHEMA = "billing"
 MAX_PAGE_SIZE = 500
@@ -40,12 +42,6 @@ READ = "billing.read"
 MANAGE = "billing.manage"
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Page:
-    items: list[Any]
-    next_page_token: str
 
 
 class UsageIn(Protocol):
@@ -82,12 +78,6 @@ class UsageSummary:
     period_start: datetime
     period_end: datetime
     metrics: list[MetricUsage]
-
-
-def _require_id(value: str, field: str) -> str:
-    if not value:
-        raise InvalidArgument.field(field, "required")
-    return value
 
 
 def _usage_rows(records: Sequence[UsageIn]) -> list[store.UsageRow]:
@@ -172,7 +162,7 @@ class Billing:
     async def get_plan(self, plan_id: str) -> Plan:
         require_caller()
         async with self.db.session() as s:
-            return await store.get_plan(s, _require_id(plan_id, "id"))
+            return await store.get_plan(s, require_id(plan_id, "id"))
 
     # -------------------------------------------------------------- subscriptions
 
@@ -184,7 +174,7 @@ class Billing:
 
     async def change_plan(self, organization_id: str, plan_id: str) -> store.Subscription:
         await self.authorizer.require(organization_id, MANAGE)
-        plan_id = _require_id(plan_id, "plan_id")
+        plan_id = require_id(plan_id, "plan_id")
         await self.subscriptions.ensure(organization_id)
         async with self.db.transaction() as tx:
             plan = await store.get_plan(tx, plan_id)
@@ -250,8 +240,8 @@ class Billing:
         self, organization_id: str, project_id: str, size: Resources
     ) -> store.Allocation:
         require_service("project")
-        org = _require_id(organization_id, "organization_id")
-        project = _require_id(project_id, "project_id")
+        org = require_id(organization_id, "organization_id")
+        project = require_id(project_id, "project_id")
         validate_allocation(size)
         await self.subscriptions.ensure(org)
         async with self.db.transaction() as tx:
@@ -269,8 +259,8 @@ class Billing:
 
     async def release_allocation(self, organization_id: str, project_id: str) -> None:
         require_service("project")
-        org = _require_id(organization_id, "organization_id")
-        project = _require_id(project_id, "project_id")
+        org = require_id(organization_id, "organization_id")
+        project = require_id(project_id, "project_id")
         async with self.db.transaction() as tx:
             if await store.release_allocation(tx, org, project):
                 await _audit(
@@ -282,15 +272,16 @@ class Billing:
                     metadata={},
                 )
 
-    async def list_allocations(self, organization_id: str, page_size: int, page_token: str) -> Page:
+    async def list_allocations(
+        self, organization_id: str, page_size: int, page_token: str
+    ) -> Page[store.Allocation]:
         require_service("project")
         limit = pagination.page_size(page_size, maximum=MAX_PAGE_SIZE)
-        after = store.decode_page_token(page_token)
+        key = pagination.decode_page_token(page_token, (str,))
+        after = key[0] if key else ""
         async with self.db.session() as s:
             rows = await store.list_allocations(s, organization_id, after, limit + 1)
-        more = len(rows) > limit
-        rows = rows[:limit]
-        return Page(rows, store.encode_page_token(rows[-1].project_id) if more else "")
+        return pagination.page_of(rows, limit, lambda a: [a.project_id])
 
     # ---------------------------------------------------------------------- usage
 
@@ -336,31 +327,29 @@ class Billing:
 
     # ------------------------------------------------------------------- invoices
 
-    async def list_invoices(self, organization_id: str, page_size: int, page_token: str) -> Page:
+    async def list_invoices(
+        self, organization_id: str, page_size: int, page_token: str
+    ) -> Page[store.Invoice]:
         await self.authorizer.require(organization_id, READ)
         limit = pagination.page_size(page_size, maximum=MAX_PAGE_SIZE)
         after = None
-        if page_token:
-            created, _, invoice_id = store.decode_page_token(page_token).partition("|")
+        key = pagination.decode_page_token(page_token, (str, str))
+        if key:
+            created, invoice_id = key
             try:
                 after = (datetime.fromisoformat(created), invoice_id)
             except ValueError:
                 raise InvalidArgument.field(
-                    "page_token", "not a token from a previous page"
+                    "page_token", "not a page token from this list"
                 ) from None
         async with self.db.session() as s:
             rows = await store.list_invoices(s, organization_id, after, limit + 1)
-        more = len(rows) > limit
-        rows = rows[:limit]
-        token = ""
-        if more:
-            token = store.encode_page_token(f"{rows[-1].created_at.isoformat()}|{rows[-1].id}")
-        return Page(rows, token)
+        return pagination.page_of(rows, limit, lambda i: [i.created_at.isoformat(), i.id])
 
     async def get_invoice(self, invoice_id: str) -> store.Invoice:
         require_caller()
         async with self.db.session() as s:
-            invoice = await store.get_invoice(s, _require_id(invoice_id, "id"))
+            invoice = await store.get_invoice(s, require_id(invoice_id, "id"))
         if invoice is None:
             # AIP-193: nobody learns whether an invoice id exists without access to it.
             raise PermissionDenied("no access to this invoice, or it does not exist")

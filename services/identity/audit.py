@@ -10,13 +10,13 @@ from datetime import UTC, datetime
 from typing import Any
 
 from services.identity import audit_store, domain
-from services.identity.domain import Page
 from services.identity.service_auth import LocalAuthorizer
 from shared import pagination
 from shared.auth import require_caller, require_service
 from shared.db import Database, Session
 from shared.errors import FieldViolation, InvalidArgument
 from shared.ids import new_id
+from shared.pagination import Page
 from shared.validation import require_id
 
 SERVICE = "identity"
@@ -140,7 +140,7 @@ class AuditTrail:
         action: str = "",
         start: datetime | None = None,
         end: datetime | None = None,
-    ) -> Page:
+    ) -> Page[audit_store.StoredAudit]:
         require_id(org_id, "organization_id")
         limit = pagination.page_size(size)
         key = pagination.decode_page_token(token, (int,))
@@ -156,7 +156,7 @@ class AuditTrail:
                 start=start,
                 end=end,
             )
-        return domain.page_of(found, limit, lambda a: [a.entry.seq])
+        return pagination.page_of(found, limit, lambda a: [a.entry.seq])
 
     async def _require_audit_read(self, org_id: str) -> None:
         """Members with audit.read, and platform admins for any organization: a deleted

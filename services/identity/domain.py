@@ -13,7 +13,6 @@ from functools import cache
 from importlib import resources
 from typing import Any
 
-from shared import pagination
 from shared.errors import FailedPrecondition, FieldViolation, InvalidArgument, PermissionDenied
 
 
@@ -210,23 +209,6 @@ REVOKED_MARGIN = timedelta(seconds=60)
 def revoked_lifetime(access_token_ttl_seconds: int) -> timedelta:
     """How long after its revocation a session is still announced to the verifiers."""
     return timedelta(seconds=access_token_ttl_seconds) + REVOKED_MARGIN
-
-
-# ----------------------------------------------------------------------------- pages
-
-
-@dataclass(frozen=True)
-class Page:
-    items: list[Any]
-    next_page_token: str
-
-
-def page_of(items: list[Any], limit: int, key: Any) -> Page:
-    """`items` (fetched with one extra row) cut to `limit`, with the token to the next page."""
-    if len(items) > limit:
-        items = items[:limit]
-        return Page(items, pagination.encode_page_token(key(items[-1])))
-    return Page(items, "")
 
 
 # ----------------------------------------------------------------------- audit chain

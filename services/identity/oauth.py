@@ -10,6 +10,7 @@ from typing import Any
 import httpx
 import jwt
 
+from shared.cache import TtlCache
 from shared.errors import InvalidArgument, Unauthenticated
 from shared.settings import OAuthProvider
 
@@ -28,7 +29,8 @@ class OidcIdentity:
 class OidcVerifier:
     def __init__(self, providers: dict[str, OAuthProvider]) -> None:
         self.providers = providers
-        self._keys: dict[str, tuple[float, dict[str, Any]]] = {}
+        # provider -> (fetched at, its JWKS), for JWKS_MAX_AGE
+        self._keys: TtlCache[str, tuple[float, dict[str, Any]]] = TtlCache(JWKS_MAX_AGE)
         self._locks: dict[str, asyncio.Lock] = {}
 
     async def verify(self, provider_name: str, id_token: str) -> OidcIdentity:
@@ -68,7 +70,8 @@ class OidcVerifier:
         jwks = await self._jwks(name, provider, refresh=False)
         key = _find(jwks, kid)
         if key is None and provider.jwks is None:
-            fetched_at = self._keys.get(name, (0.0, {}))[0]
+            cached = self._keys.get(name)
+            fetched_at = cached[0] if cached else 0.0
             if time.monotonic() - fetched_at > JWKS_REFETCH_INTERVAL:
                 key = _find(await self._jwks(name, provider, refresh=True), kid)
         if key is None:
@@ -79,7 +82,7 @@ class OidcVerifier:
         if provider.jwks is not None:
             return provider.jwks
         cached = self._keys.get(name)
-        if cached and not refresh and time.monotonic() - cached[0] < JWKS_MAX_AGE:
+        if cached and not refresh:
             return cached[1]
         async with self._locks.setdefault(name, asyncio.Lock()):
             try:
@@ -91,7 +94,8 @@ class OidcVerifier:
                 raise Unauthenticated(
                     "cannot fetch the provider's keys now", reason="PROVIDER_UNAVAILABLE"
                 ) from None
-            self._keys[name] = (time.monotonic(), jwks)
+            fetched_at = time.monotonic()
+            self._keys.put(name, (fetched_at, jwks), expires_at=fetched_at + JWKS_MAX_AGE)
             return jwks
 
 

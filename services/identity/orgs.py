@@ -10,7 +10,7 @@ from datetime import datetime
 from services.identity import domain, store
 from services.identity.access import AccessBroadcaster, AccessChange, Scope
 from services.identity.audit import AuditTrail
-from services.identity.domain import Page, Role
+from services.identity.domain import Role
 from services.identity.service_auth import LocalAuthorizer
 from shared import pagination
 from shared.auth import require_user
@@ -19,6 +19,7 @@ from shared.db import Database, Session
 from shared.errors import AlreadyExists, FieldViolation, InvalidArgument, NotFound, PermissionDenied
 from shared.ids import new_id
 from shared.outbox import write_event
+from shared.pagination import Page
 from shared.validation import require_id
 
 SCHEMA = "identity"
@@ -93,7 +94,7 @@ class Organizations:
             raise NotFound("organization not found")
         return org
 
-    async def list_organizations(self, size: int, token: str) -> Page:
+    async def list_organizations(self, size: int, token: str) -> Page[store.Organization]:
         principal = require_user()
         limit = pagination.page_size(size)
         key = pagination.decode_page_token(token, (str, str))
@@ -107,7 +108,7 @@ class Organizations:
                 ) from None
         async with self.db.session() as s:
             orgs = await store.organizations_of(s, principal.subject, after, limit + 1)
-        return domain.page_of(orgs, limit, lambda o: [o.created_at.isoformat(), o.id])
+        return pagination.page_of(orgs, limit, lambda o: [o.created_at.isoformat(), o.id])
 
     async def _actor_role(self, tx: Session, org_id: str, principal: Principal) -> Role:
         """Lock the organization (member changes take turns), then the caller's role.
@@ -236,14 +237,14 @@ class Organizations:
         await self.access.announce(AccessChange((Scope(user.id, org_id),)))
         return store.Member(user.id, user.email, role)
 
-    async def list_members(self, org_id: str, size: int, token: str) -> Page:
+    async def list_members(self, org_id: str, size: int, token: str) -> Page[store.Member]:
         require_id(org_id, "organization_id")
         limit = pagination.page_size(size)
         key = pagination.decode_page_token(token, (str,))
         await self.authorizer.require(org_id, "members.list")
         async with self.db.session() as s:
             found = await store.list_members(s, org_id, key[0] if key else None, limit + 1)
-        return domain.page_of(found, limit, lambda m: [m.user_id])
+        return pagination.page_of(found, limit, lambda m: [m.user_id])
 
     async def update_member(self, org_id: str, user_id: str, role_value: int) -> store.Member:
         principal = require_user()

@@ -10,8 +10,6 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import grpc
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
 
 from hangar.billing.v1 import billing_pb2, billing_pb2_grpc
 from services.project import domain, store
@@ -39,12 +37,12 @@ from shared.errors import (
     InvalidArgument,
     NotFound,
     PermissionDenied,
-    QuotaViolation,
     ResourceExhausted,
-    Unavailable,
+    from_downstream,
 )
 from shared.ids import new_id
 from shared.outbox import write_event
+from shared.pagination import Page
 from shared.validation import require_id
 
 # Secrets and projects list in smaller pages than the AIP-158 default maximum.
@@ -59,21 +57,11 @@ BILLING_SERVICE = billing_pb2.DESCRIPTOR.services_by_name["BillingService"]
 # ------------------------------------------------------------------ billing's pool
 
 
-def _billing_error(exc: grpc.aio.AioRpcError) -> DomainError:
-    """Billing's refusal as our own error, keeping its quota details (never a stack trace)."""
-    code, message = exc.code(), exc.details() or "billing refused"
-    if code is grpc.StatusCode.RESOURCE_EXHAUSTED:
-        violations = []
-        status = rpc_status.from_call(exc)
-        for detail in status.details if status else ():
-            quota = error_details_pb2.QuotaFailure()
-            if detail.Is(quota.DESCRIPTOR):
-                detail.Unpack(quota)
-                violations += [QuotaViolation(v.subject, v.description) for v in quota.violations]
-        return ResourceExhausted(message, violations, reason="POOL_EXHAUSTED")
-    if code is grpc.StatusCode.FAILED_PRECONDITION:
-        return FailedPrecondition(message, reason="BILLING_PRECONDITION")
-    return Unavailable(f"billing is unavailable: {code.name}", reason="BILLING_UNAVAILABLE")
+# Billing's refusals our callers see (its quota details kept); anything else is UNAVAILABLE.
+_BILLING_PASSED_ON = {
+    grpc.StatusCode.RESOURCE_EXHAUSTED: "POOL_EXHAUSTED",
+    grpc.StatusCode.FAILED_PRECONDITION: "BILLING_PRECONDITION",
+}
 
 
 @dataclass(frozen=True)
@@ -103,7 +91,7 @@ class BillingPool:
                 )
             )
         except grpc.aio.AioRpcError as exc:
-            raise _billing_error(exc) from None
+            raise from_downstream(exc, "billing", _BILLING_PASSED_ON) from None
 
     async def release(self, organization_id: str, project_id: str) -> None:
         try:
@@ -113,7 +101,7 @@ class BillingPool:
                 )
             )
         except grpc.aio.AioRpcError as exc:
-            raise _billing_error(exc) from None
+            raise from_downstream(exc, "billing", _BILLING_PASSED_ON) from None
 
     async def allocations(self, organization_id: str = "") -> AsyncIterator[Allocation]:
         token = ""
@@ -125,7 +113,7 @@ class BillingPool:
                     )
                 )
             except grpc.aio.AioRpcError as exc:
-                raise _billing_error(exc) from None
+                raise from_downstream(exc, "billing", _BILLING_PASSED_ON) from None
             for a in reply.allocations:
                 r = a.resources
                 yield Allocation(
@@ -181,12 +169,6 @@ async def project_deleted(tx: Session, project: Project, *, cause: str) -> None:
         metadata={"slug": project.spec.slug, "cause": cause},
         actor_id=None if cause == "request" else "service:project",
     )
-
-
-@dataclass(frozen=True)
-class Page:
-    items: list[Any]
-    next_page_token: str
 
 
 @dataclass(frozen=True)
@@ -278,7 +260,7 @@ class Projects:
 
     async def list_projects(
         self, organization_id: str, page_size: int, page_token: str, sleep_enabled: bool | None
-    ) -> Page:
+    ) -> Page[Project]:
         require_id(organization_id, "organization_id")
         await self.authorizer.require(organization_id, domain.PERM_LIST)
         limit = pagination.page_size(page_size, maximum=MAX_PAGE_SIZE)
@@ -297,14 +279,7 @@ class Projects:
             rows = await store.list_projects(
                 s, organization_id, sleep_enabled=sleep_enabled, after=after, limit=limit + 1
             )
-        more = len(rows) > limit
-        rows = rows[:limit]
-        token = (
-            pagination.encode_page_token([rows[-1].created_at.isoformat(), rows[-1].id])
-            if more
-            else ""
-        )
-        return Page(rows, token)
+        return pagination.page_of(rows, limit, lambda p: [p.created_at.isoformat(), p.id])
 
     async def update_project(
         self,
@@ -451,15 +426,15 @@ class Projects:
             )
         return secret
 
-    async def list_secrets(self, project_id: str, page_size: int, page_token: str) -> Page:
+    async def list_secrets(
+        self, project_id: str, page_size: int, page_token: str
+    ) -> Page[store.StoredSecret]:
         await self._project_for(project_id, domain.PERM_SECRETS_LIST)
         limit = pagination.page_size(page_size, maximum=MAX_PAGE_SIZE)
         key = pagination.decode_page_token(page_token, (str,))
         async with self.db.session() as s:
             rows = await store.list_secrets(s, project_id, key[0] if key else "", limit + 1)
-        more = len(rows) > limit
-        rows = rows[:limit]
-        return Page(rows, pagination.encode_page_token([rows[-1].name]) if more else "")
+        return pagination.page_of(rows, limit, lambda secret: [secret.name])
 
     async def delete_secret(self, project_id: str, name: str) -> None:
         domain.check_secret_name(name)

@@ -41,7 +41,7 @@ from services.runtime.scheduler import Scheduler
 from services.runtime.sleeper import sleep_status_of
 from services.runtime.store.records import Container, Deployment, RestartState, Server
 from shared.db import Database, Session
-from shared.errors import FailedPrecondition, NotFound
+from shared.errors import FailedPrecondition, NotFound, Unavailable
 from shared.loops import cancel_and_wait, run_every
 
 log = logging.getLogger(__name__)
@@ -154,11 +154,11 @@ class Deployer:
             return
         try:
             resolved = await self.projects.resolve_secrets(deployment.project_id)
-        except grpc.aio.AioRpcError as exc:
-            if exc.code() is grpc.StatusCode.NOT_FOUND:
-                await self.fail(deployment_id, "the project no longer exists")
-            else:
-                await self._fail_if_overdue(deployment, f"secrets unavailable: {exc.details()}")
+        except NotFound:
+            await self.fail(deployment_id, "the project no longer exists")
+            return
+        except Unavailable as exc:
+            await self._fail_if_overdue(deployment, f"secrets unavailable: {exc.message}")
             return
         async with self.db.transaction() as tx:
             deployment = await store.lock_deployment(tx, deployment_id)
@@ -473,46 +473,38 @@ class Deployer:
 
     async def sweep(self) -> bool:
         """One replica's catch-up pass; False when another replica holds the sweep."""
-        async with self.db.pool.acquire() as conn:
-            if not await conn.fetchval("SELECT pg_try_advisory_lock(hashtext($1))", SWEEP_LOCK):
+        async with self.db.advisory_lock(SWEEP_LOCK) as held:
+            if held is None:
                 return False
-            try:
-                async with self.db.transaction() as tx:
-                    down = await store.mark_silent_servers_down(tx, self.heartbeat_timeout)
-                if down:
-                    log.warning("servers missed their heartbeats", extra={"server_ids": down})
-                async with self.db.session() as s:
-                    placed = await store.deployment_ids(s, (State.SCHEDULING,))
-                # A bounded number at a time: a backlog (an agent away, a fleet restarting)
-                # must not flood the agents, project and this process all at once.
-                limit = asyncio.Semaphore(MAX_PARALLEL_STARTS)
+            async with self.db.transaction() as tx:
+                down = await store.mark_silent_servers_down(tx, self.heartbeat_timeout)
+            if down:
+                log.warning("servers missed their heartbeats", extra={"server_ids": down})
+            async with self.db.session() as s:
+                placed = await store.deployment_ids(s, (State.SCHEDULING,))
+            # A bounded number at a time: a backlog (an agent away, a fleet restarting)
+            # must not flood the agents, project and this process all at once.
+            limit = asyncio.Semaphore(MAX_PARALLEL_STARTS)
 
-                async def launch_one(deployment_id: str) -> None:
-                    async with limit:
-                        await self.launch(deployment_id)
+            async def launch_one(deployment_id: str) -> None:
+                async with limit:
+                    await self.launch(deployment_id)
 
-                await asyncio.gather(*(launch_one(d) for d in placed), return_exceptions=True)
-                retrying, self._retrying = self._retrying, {}
-                for reason, count in retrying.items():
-                    log.warning(
-                        "starts will be retried", extra={"deployments": count, "reason": reason}
-                    )
-                await self.stop_ended()
-            finally:
-                await conn.execute("SELECT pg_advisory_unlock(hashtext($1))", SWEEP_LOCK)
+            await asyncio.gather(*(launch_one(d) for d in placed), return_exceptions=True)
+            retrying, self._retrying = self._retrying, {}
+            for reason, count in retrying.items():
+                log.warning(
+                    "starts will be retried", extra={"deployments": count, "reason": reason}
+                )
+            await self.stop_ended()
         return True
 
     async def reconcile(self) -> int | None:
         """check_agents under its own advisory lock; None when another replica has it."""
-        async with self.db.pool.acquire() as conn:
-            if not await conn.fetchval(
-                "SELECT pg_try_advisory_lock(hashtext($1))", AGENT_CHECK_LOCK
-            ):
+        async with self.db.advisory_lock(AGENT_CHECK_LOCK) as held:
+            if held is None:
                 return None
-            try:
-                return await self.check_agents()
-            finally:
-                await conn.execute("SELECT pg_advisory_unlock(hashtext($1))", AGENT_CHECK_LOCK)
+            return await self.check_agents()
 
     async def run(self) -> None:
         await run_every(self.sweep_seconds, self.sweep, "deploy sweep")

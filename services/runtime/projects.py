@@ -11,14 +11,7 @@ from hangar.project.v1 import project_pb2, project_pb2_grpc
 from services.runtime.domain import Resources
 from shared.clients import Clients
 from shared.context import bearer_token_var
-from shared.errors import (
-    DomainError,
-    InvalidArgument,
-    NotFound,
-    PermissionDenied,
-    Unauthenticated,
-    Unavailable,
-)
+from shared.errors import from_downstream
 
 PROJECT_SERVICE = project_pb2.DESCRIPTOR.services_by_name["ProjectService"]
 _RESTART_POLICY = {
@@ -26,6 +19,16 @@ _RESTART_POLICY = {
     project_pb2.RESTART_POLICY_ALWAYS: "always",
     project_pb2.RESTART_POLICY_NEVER: "never",
 }
+
+# Project's answers about the caller's access, kept as they are (AIP-193); anything else is
+# UNAVAILABLE.
+_PROJECT_PASSED_ON: dict[grpc.StatusCode, str | None] = {
+    grpc.StatusCode.PERMISSION_DENIED: None,
+    grpc.StatusCode.UNAUTHENTICATED: None,
+    grpc.StatusCode.NOT_FOUND: None,
+    grpc.StatusCode.INVALID_ARGUMENT: None,
+}
+_SECRETS_PASSED_ON: dict[grpc.StatusCode, str | None] = {grpc.StatusCode.NOT_FOUND: None}
 
 
 @dataclass(frozen=True)
@@ -60,7 +63,8 @@ class Projects(Protocol):
     async def organization_of(self, project_id: str) -> str: ...
 
     async def resolve_secrets(self, project_id: str) -> ResolvedEnv:
-        """Plaintext secrets, with runtime's service token (never logged or stored)."""
+        """Plaintext secrets, with runtime's service token (never logged or stored); NOT_FOUND
+        once the project is gone, UNAVAILABLE for anything else project answers."""
         ...
 
 
@@ -79,7 +83,7 @@ class RemoteProjects:
                 project_pb2.GetProjectRequest(id=project_id), metadata=metadata
             )
         except grpc.aio.AioRpcError as exc:
-            raise _project_error(exc) from None
+            raise from_downstream(exc, "project", _PROJECT_PASSED_ON, field="project_id") from None
         return ProjectInfo(
             id=p.id,
             organization_id=p.organization_id,
@@ -99,21 +103,10 @@ class RemoteProjects:
         return (await self.get(project_id)).organization_id
 
     async def resolve_secrets(self, project_id: str) -> ResolvedEnv:
-        reply = await self._stub().ResolveSecrets(
-            project_pb2.ResolveSecretsRequest(project_id=project_id)
-        )
+        try:
+            reply = await self._stub().ResolveSecrets(
+                project_pb2.ResolveSecretsRequest(project_id=project_id)
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise from_downstream(exc, "project", _SECRETS_PASSED_ON) from None
         return ResolvedEnv(dict(reply.env), reply.version_hash)
-
-
-def _project_error(exc: grpc.aio.AioRpcError) -> DomainError:
-    """Project's answer about the caller's access, as runtime's own error (AIP-193 kept)."""
-    code, message = exc.code(), exc.details() or "project refused"
-    if code is grpc.StatusCode.PERMISSION_DENIED:
-        return PermissionDenied(message)
-    if code is grpc.StatusCode.UNAUTHENTICATED:
-        return Unauthenticated(message)
-    if code is grpc.StatusCode.NOT_FOUND:
-        return NotFound(message)
-    if code is grpc.StatusCode.INVALID_ARGUMENT:
-        return InvalidArgument.field("project_id", message)
-    return Unavailable(f"project is unavailable: {code.name}", reason="PROJECT_UNAVAILABLE")

@@ -20,7 +20,7 @@ from services.runtime.domain import (
 )
 from services.runtime.projects import Projects
 from services.runtime.scheduler import IMAGE_DRIVER, Scheduler
-from services.runtime.store import Container, Deployment, DeploymentSpec, Page, Server
+from services.runtime.store import Container, Deployment, DeploymentSpec, Server
 from shared import pagination
 from shared.audit import record_audit
 from shared.auth import Authorizer, require_caller, require_platform_admin, require_service
@@ -89,7 +89,7 @@ class Servers:
             )
         return server
 
-    async def list_servers(self, page_size: int, page_token: str) -> Page[Server]:
+    async def list_servers(self, page_size: int, page_token: str) -> pagination.Page[Server]:
         require_platform_admin()
         size = pagination.page_size(page_size, maximum=MAX_PAGE_SIZE)
         async with self.db.session() as s:
@@ -156,7 +156,7 @@ class Deployments:
 
     async def list_deployments(
         self, project_id: str, page_size: int, page_token: str
-    ) -> Page[Deployment]:
+    ) -> pagination.Page[Deployment]:
         project_id = await self.access.authorize_project(project_id, "deployments.list")
         size = pagination.page_size(page_size, maximum=MAX_PAGE_SIZE)
         async with self.db.session() as s:
@@ -219,7 +219,7 @@ class Containers:
 
     async def list_containers(
         self, project_id: str, page_size: int, page_token: str
-    ) -> Page[Container]:
+    ) -> pagination.Page[Container]:
         project_id = await self.access.authorize_project(project_id, "containers.list")
         size = pagination.page_size(page_size, maximum=MAX_PAGE_SIZE)
         async with self.db.session() as s:

@@ -1,5 +1,6 @@
-"""The sleep controller (DESIGN flow 4): containers of projects with sleep on that served no
-request for the project's sleep_after_seconds are put to sleep by their agent.
+"""The sleep controller (docs/architecture.md, main flow 5): containers of projects with
+sleep on that served no request for the project's sleep_after_seconds are put to sleep by their
+agent.
 
 One replica runs a pass at a time (a session advisory lock; no row stays locked while agents
 are called), and a pass asks each idle container's agent, with a deadline, to stop its
@@ -75,24 +76,21 @@ class SleepController:
     async def sleep_idle(self, now: datetime | None = None) -> SleepPass:
         """One pass: the idle containers (up to `batch`) are asked to sleep; an empty pass
         if another replica is running one."""
-        async with self.db.session() as s:
-            if not await s.fetchval("SELECT pg_try_advisory_lock(hashtext($1))", LOCK_KEY):
+        async with self.db.advisory_lock(LOCK_KEY) as s:
+            if s is None:
                 return SleepPass()
-            try:
-                idle = await store.idle_containers(s, now or self.clock(), self.batch)
-                outcomes = await asyncio.gather(*(self._sleep(one) for one in idle))
-                # Recorded before the lock goes: the next pass must not find them awake.
-                for one, (status, last_request_at) in zip(idle, outcomes, strict=True):
-                    if status is not None or last_request_at is not None:
-                        async with self.db.transaction() as tx:
-                            await store.update_container(
-                                tx,
-                                one.container.id,
-                                sleep_status=status,
-                                last_request_at=last_request_at,
-                            )
-            finally:
-                await s.fetchval("SELECT pg_advisory_unlock(hashtext($1))", LOCK_KEY)
+            idle = await store.idle_containers(s, now or self.clock(), self.batch)
+            outcomes = await asyncio.gather(*(self._sleep(one) for one in idle))
+            # Recorded before the lock goes: the next pass must not find them awake.
+            for one, (status, last_request_at) in zip(idle, outcomes, strict=True):
+                if status is not None or last_request_at is not None:
+                    async with self.db.transaction() as tx:
+                        await store.update_container(
+                            tx,
+                            one.container.id,
+                            sleep_status=status,
+                            last_request_at=last_request_at,
+                        )
         return SleepPass(
             slept=sum(1 for status, _ in outcomes if status == "sleeping"),
             busy=sum(1 for status, last in outcomes if status != "sleeping" and last),

@@ -15,6 +15,7 @@ import grpc
 from google.protobuf import timestamp_pb2
 
 from hangar.runtime.v1 import runtime_pb2 as pb
+from services.runtime.domain import required
 from services.runtime.telemetry import (
     Aggregation,
     IncomingLine,
@@ -79,18 +80,12 @@ def entry_to_proto(e: LogEntry) -> pb.LogEntry:
     )
 
 
-def _required(value: str, field: str) -> str:
-    if not value.strip():
-        raise InvalidArgument.field(field, "required")
-    return value.strip()
-
-
 class TelemetryApi:
     app: TelemetryHost
 
     async def _authorize_project(self, project_id: str, permission: str) -> str:
         require_caller()
-        project_id = _required(project_id, "project_id")
+        project_id = required(project_id, "project_id")
         organization_id = await self.app.projects.organization_of(project_id)
         await self.app.authorizer.require(organization_id, permission)
         return project_id

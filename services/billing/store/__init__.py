@@ -5,7 +5,7 @@ staging insert and the billing-cycle aggregation are single statements whose exa
 matters, and they read more plainly as SQL than as expression trees.
 
 Callers use the package as one store (`store.get_plan`, `store.Subscription`); the modules
-only split it by concern: records (rows, schema names, page tokens), plans, subscriptions,
+only split it by concern: records (rows, schema names), plans, subscriptions,
 allocations, usage, cycle (closing periods and sending invoices), invoices, webhooks.
 """
 
@@ -47,8 +47,6 @@ from services.billing.store.records import (
     S,
     Subscription,
     UsageRow,
-    decode_page_token,
-    encode_page_token,
 )
 from services.billing.store.subscriptions import (
     apply_stripe_subscription_status,
@@ -99,9 +97,7 @@ __all__ = [
     "claim_due_subscription",
     "claim_invoice_to_send",
     "create_default_subscription",
-    "decode_page_token",
     "earlier_invoice",
-    "encode_page_token",
     "find_subscription",
     "finish_invoice",
     "finish_webhook_event",

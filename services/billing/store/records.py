@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -15,7 +14,6 @@ from services.billing.domain import (
     Resources,
     SubscriptionStatus,
 )
-from shared.errors import InvalidArgument
 
 S = "billing"
 DEAD = "('canceled', 'incomplete_expired')"
@@ -134,19 +132,3 @@ class BilledUsage:
 
 
 UsageRow = tuple[str, str, str, str, int, datetime, str]
-
-
-# ------------------------------------------------------------------------ page tokens
-
-
-def encode_page_token(last: str) -> str:
-    return base64.urlsafe_b64encode(last.encode()).decode() if last else ""
-
-
-def decode_page_token(token: str) -> str:
-    if not token:
-        return ""
-    try:
-        return base64.urlsafe_b64decode(token.encode()).decode()
-    except (ValueError, UnicodeDecodeError):
-        raise InvalidArgument.field("page_token", "not a token from a previous page") from None

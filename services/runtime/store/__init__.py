@@ -1,6 +1,6 @@
 """Runtime's tables and queries: the only SQL in runtime, one module per concern.
 
-records      the rows as Python (Server, Deployment, Container, ...) and page tokens
+records      the rows as Python (Server, Deployment, Container, ...)
 servers      registration, liveness, the reconciler's books
 placement    reserving and releasing capacity; placing or creating a deployment in one statement
 deployments  deployment rows, status moves, listings, advisory locks
@@ -61,7 +61,6 @@ from services.runtime.store.records import (
     Container,
     Deployment,
     DeploymentSpec,
-    Page,
     RestartState,
     S,
     Server,
@@ -97,7 +96,6 @@ __all__ = [
     "Deployment",
     "DeploymentSpec",
     "IdleContainer",
-    "Page",
     "Placement",
     "Reservations",
     "RestartState",

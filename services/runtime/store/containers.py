@@ -10,14 +10,12 @@ from services.runtime.store.records import (
     CONTAINER_LIVE,
     Container,
     Deployment,
-    Page,
     RestartState,
     S,
-    decode_token,
-    encode_token,
 )
 from shared.db import Session
 from shared.ids import new_id
+from shared.pagination import Page, decode_page_token, encode_page_token
 
 # Database container states; "stopped" and "failed" are ends.
 _CONTAINER_RANK = {"starting": 0, "running": 1, "stopping": 2, "stopped": 3, "failed": 3}
@@ -118,7 +116,8 @@ async def update_container(
 
 async def list_containers(s: Session, project_id: str, size: int, token: str) -> Page[Container]:
     """A project's live containers (starting, running, stopping; awake or asleep), by id."""
-    after = decode_token(token, 1)[0] if token else ""
+    key = decode_page_token(token, (str,))
+    after = key[0] if key else ""
     rows = await s.fetch(
         f"""SELECT * FROM {S}.containers
              WHERE project_id = $1 AND status = ANY($2::text[]) AND id > $3
@@ -129,7 +128,7 @@ async def list_containers(s: Session, project_id: str, size: int, token: str) ->
         size + 1,
     )
     items = [Container.from_row(r) for r in rows[:size]]
-    return Page(items, encode_token(items[-1].id) if len(rows) > size else "")
+    return Page(items, encode_page_token([items[-1].id]) if len(rows) > size else "")
 
 
 async def containers_to_stop(s: Session, limit: int = 200) -> list[tuple[Container, str]]:

@@ -5,17 +5,11 @@ from __future__ import annotations
 from datetime import datetime
 
 from services.runtime.domain import DeploymentState
-from services.runtime.store.records import (
-    Deployment,
-    DeploymentSpec,
-    Page,
-    S,
-    decode_token,
-    encode_token,
-)
+from services.runtime.store.records import Deployment, DeploymentSpec, S
 from shared.db import Session
 from shared.errors import NotFound
 from shared.ids import new_id
+from shared.pagination import Page, decode_page_token, encode_page_token
 
 # ------------------------------------------------------------------------ deployments
 
@@ -132,8 +126,9 @@ async def update_deployment(
 
 async def list_deployments(s: Session, project_id: str, size: int, token: str) -> Page[Deployment]:
     """Newest first; keyset on (created_at, id)."""
-    if token:
-        created, last_id = decode_token(token, 2)
+    key = decode_page_token(token, (str, str))
+    if key:
+        created, last_id = key
         after: tuple[datetime | None, str] = (datetime.fromisoformat(created), last_id)
     else:
         after = (None, "")
@@ -149,7 +144,7 @@ async def list_deployments(s: Session, project_id: str, size: int, token: str) -
     )
     items = [Deployment.from_row(r) for r in rows[:size]]
     more = len(rows) > size
-    token_out = encode_token(items[-1].created_at.isoformat(), items[-1].id) if more else ""
+    token_out = encode_page_token([items[-1].created_at.isoformat(), items[-1].id]) if more else ""
     return Page(items, token_out)
 
 

@@ -1,19 +1,15 @@
-"""Runtime's rows as Python records, and the page tokens its listings share."""
+"""Runtime's rows as Python records."""
 
 from __future__ import annotations
 
-import base64
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Generic, TypeVar
 
 import asyncpg
 
 from services.runtime.domain import Candidate, DeploymentState, Isolation, Resources, ServerState
-from shared.errors import InvalidArgument
 
 S = "runtime"
-T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -125,29 +121,6 @@ class DeploymentSpec:
     liveness_check_path: str = ""
     liveness_period_seconds: int = 10
     liveness_failure_threshold: int = 3
-
-
-@dataclass(frozen=True)
-class Page(Generic[T]):
-    items: list[T]
-    next_page_token: str
-
-
-# ------------------------------------------------------------------------ page tokens
-
-
-def encode_token(*parts: str) -> str:
-    return base64.urlsafe_b64encode("\x1f".join(parts).encode()).decode()
-
-
-def decode_token(token: str, count: int) -> list[str]:
-    try:
-        parts = base64.urlsafe_b64decode(token.encode()).decode().split("\x1f")
-    except (ValueError, UnicodeDecodeError):
-        parts = []
-    if len(parts) != count:
-        raise InvalidArgument.field("page_token", "not a token from a previous page")
-    return parts
 
 
 @dataclass(frozen=True)

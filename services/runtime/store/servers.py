@@ -8,10 +8,11 @@ from dataclasses import dataclass
 import asyncpg
 
 from services.runtime.domain import Isolation, Resources, ServerState
-from services.runtime.store.records import Page, S, Server, decode_token, encode_token
+from services.runtime.store.records import S, Server
 from shared.db import Session
 from shared.errors import AlreadyExists, NotFound
 from shared.ids import new_id
+from shared.pagination import Page, decode_page_token, encode_page_token
 
 # ---------------------------------------------------------------------------- servers
 
@@ -54,13 +55,14 @@ async def get_server(s: Session, server_id: str) -> Server:
 
 
 async def list_servers(s: Session, size: int, token: str) -> Page[Server]:
-    after = decode_token(token, 1)[0] if token else ""
+    key = decode_page_token(token, (str,))
+    after = key[0] if key else ""
     rows = await s.fetch(
         f"SELECT * FROM {S}.servers WHERE id > $1 ORDER BY id LIMIT $2", after, size + 1
     )
     servers = [Server.from_row(r) for r in rows[:size]]
     more = len(rows) > size
-    return Page(servers, encode_token(servers[-1].id) if more else "")
+    return Page(servers, encode_page_token([servers[-1].id]) if more else "")
 
 
 async def set_server_status(tx: Session, server_id: str, status: ServerState) -> Server:

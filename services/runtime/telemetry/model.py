@@ -3,13 +3,13 @@ queries and what they return, usage reports and their keys, log page tokens. No 
 
 from __future__ import annotations
 
-import base64
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 
 import asyncpg
 
+from shared import pagination
 from shared.errors import InvalidArgument
 from shared.usage import UsageMetric
 
@@ -161,13 +161,17 @@ def window_start_of(at: datetime, width: timedelta) -> datetime:
 
 
 def encode_log_token(entry: LogEntry) -> str:
-    text = f"{entry.emitted_at.isoformat()}\x1f{entry.container_id}\x1f{entry.sequence}"
-    return base64.urlsafe_b64encode(text.encode()).decode()
+    return pagination.encode_page_token(
+        [entry.emitted_at.isoformat(), entry.container_id, entry.sequence]
+    )
 
 
 def decode_log_token(token: str) -> tuple[datetime, str, int]:
+    key = pagination.decode_page_token(token, (str, str, int))
+    if key is None:
+        raise InvalidArgument.field("page_token", "not a page token from this list")
+    at, container_id, sequence = key
     try:
-        at, container_id, sequence = base64.urlsafe_b64decode(token.encode()).decode().split("\x1f")
-        return datetime.fromisoformat(at), container_id, int(sequence)
+        return datetime.fromisoformat(at), container_id, sequence
     except ValueError:
-        raise InvalidArgument.field("page_token", "not a token from a previous page") from None
+        raise InvalidArgument.field("page_token", "not a page token from this list") from None
