@@ -18,7 +18,8 @@ from sqlalchemy.dialects.postgresql.asyncpg import PGDialect_asyncpg
 from sqlalchemy.sql import ClauseElement
 from sqlalchemy.sql.compiler import SQLCompiler
 
-_dialect = PGDialect_asyncpg(paramstyle="numeric_dollar")
+# SQLAlchemy's dialect constructors are unannotated.
+_dialect = PGDialect_asyncpg(paramstyle="numeric_dollar")  # type: ignore[no-untyped-call]
 _compiled: dict[Any, SQLCompiler | None] = {}
 _CACHE_LIMIT = 2000
 _MISSING = object()
@@ -97,11 +98,13 @@ class Session:
 
     async def execute(self, query: Query, *args: Any) -> str:
         sql, params = self._prepare(query, args)
-        return await self.conn.execute(sql, *params)
+        status: str = await self.conn.execute(sql, *params)
+        return status
 
     async def fetch(self, query: Query, *args: Any) -> list[asyncpg.Record]:
         sql, params = self._prepare(query, args)
-        return await self.conn.fetch(sql, *params)
+        rows: list[asyncpg.Record] = await self.conn.fetch(sql, *params)
+        return rows
 
     async def fetchrow(self, query: Query, *args: Any) -> asyncpg.Record | None:
         sql, params = self._prepare(query, args)

@@ -280,4 +280,5 @@ class EventConsumer:
 
 
 def event_time(event: events_pb2.Event) -> datetime:
-    return event.occurred_at.ToDatetime()
+    at: datetime = event.occurred_at.ToDatetime()
+    return at

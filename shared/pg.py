@@ -59,7 +59,7 @@ def docker_engine_answers(timeout: float = 1.0) -> bool:
 def start_embedded(data_dir: Path, *, delete_on_stop: bool) -> Postgres:
     """An embedded PostgreSQL (pgserver's own binaries), reachable over a unix socket."""
     try:
-        import pgserver
+        from pgserver import postgres_server
     except ImportError as exc:  # pragma: no cover - pgserver is a dependency
         raise PostgresUnavailable("the pgserver package is not installed") from exc
     try:
@@ -70,7 +70,9 @@ def start_embedded(data_dir: Path, *, delete_on_stop: bool) -> Postgres:
     # above the data to g+rx,o+rx so that user can reach it; it only needs to traverse them.
     ancestors = _modes(data_dir.resolve().parents) if os.geteuid() == 0 else {}
     try:
-        server = pgserver.get_server(data_dir, cleanup_mode="delete" if delete_on_stop else "stop")
+        server = postgres_server.get_server(
+            data_dir, cleanup_mode="delete" if delete_on_stop else "stop"
+        )
     except Exception as exc:
         raise PostgresUnavailable(
             f"embedded PostgreSQL did not start in {data_dir}: {exc}"

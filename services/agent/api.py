@@ -196,7 +196,7 @@ def _grace(
 ) -> float | None:
     if not request.HasField("grace"):
         return None
-    grace = request.grace.ToTimedelta().total_seconds()
+    grace: float = request.grace.ToTimedelta().total_seconds()
     if not 0 <= grace <= MAX_GRACE_SECONDS:
         raise InvalidArgument.field("grace", f"between 0 and {MAX_GRACE_SECONDS:g}s")
     return grace

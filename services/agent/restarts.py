@@ -34,7 +34,8 @@ class RestartRules:
 
     def delay(self, streak: int) -> float:
         """The wait before the start that follows the `streak`+1-th crash in a row."""
-        return min(self.max_backoff_seconds, self.backoff_seconds * 2 ** min(streak, 32))
+        factor: int = 2 ** min(streak, 32)  # typeshed: int ** int is Any (negative exponents)
+        return min(self.max_backoff_seconds, self.backoff_seconds * factor)
 
 
 def restarts_after(policy: RestartPolicy, returncode: int, *, killed_by_agent: bool) -> bool:

@@ -163,7 +163,8 @@ class _UsageRecordIn:
     def recorded_at(self) -> datetime | None:
         if not self._record.HasField("recorded_at"):
             return None
-        return self._record.recorded_at.ToDatetime(tzinfo=UTC)
+        at: datetime = self._record.recorded_at.ToDatetime(tzinfo=UTC)
+        return at
 
     @property
     def idempotency_key(self) -> str:

@@ -91,7 +91,8 @@ class ClientGone(Exception):
 
 
 def _message_class(desc: descriptor.Descriptor) -> type[Message]:
-    return message_factory.GetMessageClass(desc)
+    cls: type[Message] = message_factory.GetMessageClass(desc)
+    return cls
 
 
 def _new_request_id() -> str:

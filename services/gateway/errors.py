@@ -115,14 +115,16 @@ def retry_after(status: status_pb2.Status) -> int | None:
         if detail.type_url == _RETRY_INFO:
             info = error_details_pb2.RetryInfo()
             if detail.Unpack(info):
-                return max(1, math.ceil(info.retry_delay.ToNanoseconds() / 1e9))
+                nanos: int = info.retry_delay.ToNanoseconds()
+                return max(1, math.ceil(nanos / 1e9))
     return None
 
 
 def render_detail(detail: any_pb2.Any) -> dict[str, Any]:
     """An Any as proto3 JSON with "@type"; a type this process does not know stays opaque."""
     try:
-        return json_format.MessageToDict(detail)
+        rendered: dict[str, Any] = json_format.MessageToDict(detail)
+        return rendered
     except Exception:
         return {
             "@type": detail.type_url,

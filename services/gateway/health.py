@@ -19,8 +19,10 @@ async def upstream_health(
                 health_pb2.HealthCheckRequest(), timeout=per_call_seconds
             )
         except grpc.aio.AioRpcError as exc:
-            return exc.code().name
-        return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+            code: str = exc.code().name
+            return code
+        status: str = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+        return status
 
     names = list(channels)
     results = await asyncio.gather(*(check(channels[n]) for n in names))

@@ -74,7 +74,10 @@ def is_scalar_like(fd: FD) -> bool:
 
 
 def _is_map(fd: FD) -> bool:
-    return fd.type == FD.TYPE_MESSAGE and fd.message_type.GetOptions().map_entry
+    if fd.type != FD.TYPE_MESSAGE:
+        return False
+    map_entry: bool = fd.message_type.GetOptions().map_entry
+    return map_entry
 
 
 def _leaf_kind(fd: FD) -> str:
@@ -421,12 +424,12 @@ def build_request(
         data = parse_body(plan, message, body, content_type)
     if query:
         parse_query(plan, message, query)
-    if plan.implied_mask and isinstance(data, dict) and not message.update_mask.paths:  # type: ignore[attr-defined]
+    if plan.implied_mask and isinstance(data, dict) and not message.update_mask.paths:
         assert plan.body_field is not None
         named = f"{plan.body}."
         in_path = {p.removeprefix(named) for p in plan.path_fields if p.startswith(named)}
         paths = mask_paths(plan.body_field.message_type, data)
-        message.update_mask.paths.extend(p for p in paths if p not in in_path)  # type: ignore[attr-defined]
+        message.update_mask.paths.extend(p for p in paths if p not in in_path)
     for header, name in plan.header_fields.items():
         value = headers.get(header)
         if value is not None:
@@ -439,7 +442,7 @@ def build_request(
 def render_response(plan: RequestPlan, reply: Message) -> tuple[bytes, bytes]:
     """(content type, body) for a reply."""
     if plan.raw_response:
-        return (reply.content_type or "application/octet-stream").encode(), reply.data  # type: ignore[attr-defined]
+        return (reply.content_type or "application/octet-stream").encode(), reply.data
     data = json_format.MessageToDict(reply, always_print_fields_with_no_presence=True)
     if plan.response_field:
         data = data.get(plan.response_field)

@@ -89,7 +89,7 @@ class OidcVerifier:
                 async with httpx.AsyncClient(timeout=5) as client:
                     response = await client.get(provider.jwks_url)
                     response.raise_for_status()
-                    jwks = response.json()
+                    jwks: dict[str, Any] = response.json()
             except (httpx.HTTPError, ValueError):
                 raise Unauthenticated(
                     "cannot fetch the provider's keys now", reason="PROVIDER_UNAVAILABLE"

@@ -281,9 +281,10 @@ async def use_refresh_token(tx: Session, token_hash: bytes) -> tuple[str, str] |
 
 
 async def refresh_token_family(s: Session, token_hash: bytes) -> str | None:
-    return await s.fetchval(
+    family_id: str | None = await s.fetchval(
         select(refresh_tokens.c.family_id).where(refresh_tokens.c.token_hash == token_hash)
     )
+    return family_id
 
 
 async def revoke_family(tx: Session, family_id: str) -> None:
@@ -320,11 +321,12 @@ async def revoked_sessions(s: Session, since: timedelta) -> list[tuple[str, date
 
 
 async def blocked_until(s: Session, email: str) -> datetime | None:
-    return await s.fetchval(
+    until: datetime | None = await s.fetchval(
         select(login_throttle.c.blocked_until).where(
             login_throttle.c.email == email, login_throttle.c.blocked_until > func.now()
         )
     )
+    return until
 
 
 async def record_login_failure(tx: Session, email: str, memory: timedelta) -> int:

@@ -88,7 +88,10 @@ class Agents:
             request.image = deployment.image
         else:
             request.command = deployment.command or ""
-        return await self.stub(address).StartContainer(request, timeout=self.timeout)
+        reply: agent_pb2.StartContainerResponse = await self.stub(address).StartContainer(
+            request, timeout=self.timeout
+        )
+        return reply
 
     async def stop(self, address: str, container_id: str) -> agent_pb2.Container:
         request = agent_pb2.StopContainerRequest(container_id=container_id)
@@ -97,12 +100,16 @@ class Agents:
             request.grace.CopyFrom(duration_pb2.Duration(seconds=int(grace)))
         # The agent answers once the process has ended: SIGTERM, then SIGKILL after the grace.
         timeout = self.timeout + (grace if grace is not None else 30.0)
-        return await self.stub(address).StopContainer(request, timeout=timeout)
+        stopped: agent_pb2.Container = await self.stub(address).StopContainer(
+            request, timeout=timeout
+        )
+        return stopped
 
     async def get(self, address: str, container_id: str) -> agent_pb2.Container:
-        return await self.stub(address).GetContainer(
+        container: agent_pb2.Container = await self.stub(address).GetContainer(
             agent_pb2.GetContainerRequest(container_id=container_id), timeout=self.timeout
         )
+        return container
 
     async def sleep(
         self, address: str, container_id: str, idle_since: datetime
@@ -114,7 +121,10 @@ class Agents:
         if grace is not None:
             request.grace.CopyFrom(duration_pb2.Duration(seconds=int(grace)))
         timeout = self.timeout + (grace if grace is not None else 30.0)
-        return await self.stub(address).SleepContainer(request, timeout=timeout)
+        asleep: agent_pb2.Container = await self.stub(address).SleepContainer(
+            request, timeout=timeout
+        )
+        return asleep
 
     async def list(self, address: str) -> list[agent_pb2.Container]:
         found: list[agent_pb2.Container] = []

@@ -120,4 +120,5 @@ class SleepController:
 def _last_request(container: agent_pb2.Container) -> datetime | None:
     if not container.HasField("last_request_at"):
         return None
-    return container.last_request_at.ToDatetime(UTC)
+    at: datetime = container.last_request_at.ToDatetime(UTC)
+    return at

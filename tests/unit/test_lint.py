@@ -1,4 +1,5 @@
-"""House rules: ruff (lint and format) is clean on the whole tree; mypy on shared/ and services/."""
+"""House rules: ruff (lint and format) is clean on the whole tree; mypy (strict, per
+pyproject.toml's [tool.mypy]) on shared/, services/ and hangar_cli/."""
 
 from __future__ import annotations
 

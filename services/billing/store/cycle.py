@@ -26,7 +26,7 @@ async def claim_due_subscription(tx: Session, now: datetime) -> Subscription | N
 
 async def insert_invoice(tx: Session, sub: Subscription, currency: str) -> str | None:
     """The period's invoice row; None if this period already has one."""
-    return await tx.fetchval(
+    invoice_id: str | None = await tx.fetchval(
         f"""INSERT INTO {S}.invoices (id, organization_id, subscription_id, period_start,
                 period_end, currency)
             VALUES ($1, $2, $3, $4, $5, $6)
@@ -38,6 +38,7 @@ async def insert_invoice(tx: Session, sub: Subscription, currency: str) -> str |
         sub.current_period_end,
         currency,
     )
+    return invoice_id
 
 
 async def bill_unbilled_usage(tx: Session, sub: Subscription, invoice_id: str) -> list[BilledUsage]:

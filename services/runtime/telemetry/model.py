@@ -11,7 +11,7 @@ import asyncpg
 
 from shared import pagination
 from shared.errors import InvalidArgument
-from shared.usage import UsageMetric
+from shared.usage import UsageMetric as UsageMetric  # re-exported: telemetry's public name
 
 
 def utcnow() -> datetime:
