@@ -90,6 +90,10 @@ class OidcVerifier:
                     response = await client.get(provider.jwks_url)
                     response.raise_for_status()
                     jwks: dict[str, Any] = response.json()
+                if not isinstance(jwks, dict) or not isinstance(jwks.get("keys"), list):
+                    raise ValueError("not a JWK set")  # never cached: the next call asks again
+                if not all(isinstance(jwk, dict) for jwk in jwks["keys"]):
+                    raise ValueError("a key of the set is not a JWK")
             except (httpx.HTTPError, ValueError):
                 raise Unauthenticated(
                     "cannot fetch the provider's keys now", reason="PROVIDER_UNAVAILABLE"
