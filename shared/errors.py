@@ -132,13 +132,23 @@ class ResourceExhausted(DomainError):
     default_reason = "RESOURCE_EXHAUSTED"
 
     def __init__(
-        self, message: str, violations: Sequence[QuotaViolation] = (), **kwargs: object
+        self,
+        message: str,
+        violations: Sequence[QuotaViolation] = (),
+        *,
+        retry_after: float | None = None,
+        **kwargs: object,
     ) -> None:
+        """`retry_after`: a load to shed, not a quota spent; clients get a RetryInfo (and the
+        gateway a Retry-After) saying when to try again."""
         self.violations = list(violations)
+        self.retry_after = retry_after
         super().__init__(message, **kwargs)  # type: ignore[arg-type]
 
     def details(self) -> list[any_pb2.Any]:
         details = super().details()
+        if self.retry_after is not None:
+            details.append(retry_info(self.retry_after))
         if self.violations:
             quota = error_details_pb2.QuotaFailure(
                 violations=[
@@ -165,13 +175,16 @@ class Unavailable(DomainError):
         super().__init__(message, **kwargs)  # type: ignore[arg-type]
 
     def details(self) -> list[any_pb2.Any]:
-        details = super().details()
-        delay = duration_pb2.Duration()
-        delay.FromNanoseconds(int(max(0.0, self.retry_after) * 1e9))
-        packed = any_pb2.Any()
-        packed.Pack(error_details_pb2.RetryInfo(retry_delay=delay))
-        details.append(packed)
-        return details
+        return [*super().details(), retry_info(self.retry_after)]
+
+
+def retry_info(seconds: float) -> any_pb2.Any:
+    """A google.rpc.RetryInfo detail: try again in `seconds`."""
+    delay = duration_pb2.Duration()
+    delay.FromNanoseconds(int(max(0.0, seconds) * 1e9))
+    packed = any_pb2.Any()
+    packed.Pack(error_details_pb2.RetryInfo(retry_delay=delay))
+    return packed
 
 
 class Unimplemented(DomainError):

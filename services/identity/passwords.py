@@ -24,8 +24,6 @@ from typing import TypeVar
 
 from argon2 import PasswordHasher, Type
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
-from google.protobuf import any_pb2, duration_pb2
-from google.rpc import error_details_pb2
 
 from shared.context import remaining_seconds
 from shared.errors import QuotaViolation, ResourceExhausted
@@ -46,27 +44,18 @@ class Verdict:
 
 
 class Overloaded(ResourceExhausted):
-    """RESOURCE_EXHAUSTED with a google.rpc.RetryInfo: try again in `retry_after` seconds."""
+    """The hashing pool is saturated: RESOURCE_EXHAUSTED, try again in `retry_after` s."""
 
     def __init__(self, message: str, *, retry_after: float, **kwargs: object) -> None:
-        self.retry_after = retry_after
         seconds = str(max(1, math.ceil(retry_after)))
         super().__init__(
             message,
             [QuotaViolation("identity:password-hashing", "hashing pool saturated")],
+            retry_after=retry_after,
             reason="OVERLOADED",
             metadata={"retry_after_seconds": seconds},
             **kwargs,
         )
-
-    def details(self) -> list[any_pb2.Any]:
-        details = super().details()
-        delay = duration_pb2.Duration()
-        delay.FromNanoseconds(int(max(0.0, self.retry_after) * 1e9))
-        packed = any_pb2.Any()
-        packed.Pack(error_details_pb2.RetryInfo(retry_delay=delay))
-        details.append(packed)
-        return details
 
 
 class Admission:
@@ -169,7 +158,12 @@ class Passwords:
     @classmethod
     def from_settings(cls, settings: Settings) -> Passwords:
         return cls(
-            settings.argon2_time_cost, settings.argon2_memory_kib, settings.argon2_parallelism
+            settings.argon2_time_cost,
+            settings.argon2_memory_kib,
+            settings.argon2_parallelism,
+            workers=settings.identity_hash_workers or None,
+            queue=settings.identity_hash_queue or None,
+            wait_seconds=settings.identity_hash_wait_seconds,
         )
 
     async def _run(self, work: Callable[[], T]) -> T:
