@@ -59,6 +59,15 @@ class OAuthProvider:
     algorithms: tuple[str, ...] = ("RS256", "ES256", "EdDSA")
 
 
+def default_agent_state_dir() -> str:
+    """/var/lib/hangar/agent for root (the container driver needs root); a user's own state
+    directory otherwise, so an agent started without HANGAR_AGENT_STATE_DIR can write it."""
+    if os.geteuid() == 0:
+        return "/var/lib/hangar/agent"
+    base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local/state")
+    return os.path.join(base, "hangar", "agent")
+
+
 def _signing_keys(text: str) -> tuple[SigningKey, ...]:
     """HANGAR_JWT_SIGNING_KEYS: JSON [{"kid", "private_key_pem"}]; the first one signs."""
     if not text:
@@ -132,6 +141,15 @@ class Settings:
     argon2_time_cost: int = 2
     argon2_memory_kib: int = 19456
     argon2_parallelism: int = 1
+    # The hashing pool: threads (0: one per CPU), how many may wait for one (0: 64 a thread),
+    # and how long a request may wait before it is refused with RESOURCE_EXHAUSTED.
+    identity_hash_workers: int = 0
+    identity_hash_queue: int = 0
+    identity_hash_wait_seconds: float = 2.0
+    # WatchAccess: a watcher's lease on its caches, and how long a change waits for every
+    # watcher to acknowledge before cutting a laggard off (then waiting out its lease).
+    access_lease_seconds: float = 3.0
+    access_ack_timeout_seconds: float = 2.0
     # Stripe (billing): without an API key invoices are computed and stored, not sent.
     stripe_api_key: str = field(default="", repr=False)
     stripe_api_base: str = ""  # empty: Stripe's own; tests point it at localstripe
@@ -255,7 +273,7 @@ class Settings:
             agent_server=_env("HANGAR_AGENT_SERVER"),
             agent_heartbeat_seconds=float(_env("HANGAR_AGENT_HEARTBEAT_SECONDS", "5")),
             agent_driver=_env("HANGAR_AGENT_DRIVER", "auto"),
-            agent_state_dir=_env("HANGAR_AGENT_STATE_DIR", "/var/lib/hangar/agent"),
+            agent_state_dir=_env("HANGAR_AGENT_STATE_DIR", default_agent_state_dir()),
             agent_pids_limit=int(_env("HANGAR_AGENT_PIDS_LIMIT", "256")),
             agent_tmpfs_mb=int(_env("HANGAR_AGENT_TMPFS_MB", "64")),
             agent_freeze_seconds=float(_env("HANGAR_AGENT_FREEZE_SECONDS", "600")),
@@ -298,6 +316,14 @@ class Settings:
             identity_cleanup_seconds=float(_env("HANGAR_IDENTITY_CLEANUP_SECONDS", "3600")),
             service_token_ttl_seconds=int(_env("HANGAR_SERVICE_TOKEN_TTL_SECONDS", "600")),
             oauth_providers=_oauth_providers(_env("HANGAR_OAUTH_PROVIDERS")),
+            argon2_time_cost=int(_env("HANGAR_ARGON2_TIME_COST", "2")),
+            argon2_memory_kib=int(_env("HANGAR_ARGON2_MEMORY_KIB", "19456")),
+            argon2_parallelism=int(_env("HANGAR_ARGON2_PARALLELISM", "1")),
+            identity_hash_workers=int(_env("HANGAR_IDENTITY_HASH_WORKERS", "0")),
+            identity_hash_queue=int(_env("HANGAR_IDENTITY_HASH_QUEUE", "0")),
+            identity_hash_wait_seconds=float(_env("HANGAR_IDENTITY_HASH_WAIT_SECONDS", "2")),
+            access_lease_seconds=float(_env("HANGAR_ACCESS_LEASE_SECONDS", "3")),
+            access_ack_timeout_seconds=float(_env("HANGAR_ACCESS_ACK_TIMEOUT_SECONDS", "2")),
         )
 
     @property

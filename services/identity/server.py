@@ -45,7 +45,10 @@ class IdentityApp(ServiceApp):
     def __init__(self, settings: Settings, db: Database, *, keys: KeySet | None = None) -> None:
         self.keys = keys or KeySet.from_settings(settings)
         self.passwords = Passwords.from_settings(settings)
-        self.access = AccessBroadcaster()
+        self.access = AccessBroadcaster(
+            lease_seconds=settings.access_lease_seconds,
+            ack_timeout_seconds=settings.access_ack_timeout_seconds,
+        )
         self.sessions = LocalSessions(db)
         authorizer = LocalAuthorizer(db)
         self.audit = AuditTrail(db, authorizer)
