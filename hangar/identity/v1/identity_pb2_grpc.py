@@ -334,7 +334,8 @@ class IdentityServiceServicer:
 
     def WatchEvents(self, request, context):
         """Streams identity's outbox events (organization.*, member.*) after a cursor.
-        Internal: project, runtime and billing event consumers; refuses user tokens.
+        Internal: project and billing consume it (runtime learns of projects from project);
+        refuses user tokens.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

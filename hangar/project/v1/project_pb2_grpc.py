@@ -186,7 +186,7 @@ class ProjectServiceServicer:
 
     def WatchEvents(self, request, context):
         """Streams project's outbox events (project.created/updated/deleted) after a cursor.
-        Internal: runtime and billing event consumers; refuses user tokens.
+        Internal: runtime consumes it; refuses user tokens.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -266,7 +266,8 @@ class RuntimeServiceServicer:
 
     def WatchEvents(self, request, context):
         """Streams runtime's outbox events (deployment.status_changed...) after a cursor.
-        Internal: project and billing event consumers; refuses user tokens.
+        Internal: for event consumers (none inside Hangar yet: an integration point); refuses
+        user tokens.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
