@@ -8,10 +8,11 @@ runs them. JSON/JSONB columns take and return plain Python values.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, TypeVar
 
 import asyncpg
 from sqlalchemy.dialects.postgresql.asyncpg import PGDialect_asyncpg
@@ -172,3 +173,26 @@ class Database:
     def _committed(self, session: Session) -> None:
         if session.wrote_events and self.on_events is not None:
             self.on_events()
+
+
+R = TypeVar("R")
+
+
+def from_row(cls: type[R], row: Mapping[str, Any], **computed: Any) -> R:
+    """A record (a dataclass) from a row: each field takes `computed[name]` when given, else
+    the column of its name; a NULL in a field declared plain `str` reads as "" (how records
+    say "none" in text). A field with a default whose column the query did not select keeps
+    its default."""
+    values: dict[str, Any] = {}
+    for field in dataclasses.fields(cls):  # type: ignore[arg-type]
+        if not field.init:
+            continue
+        if field.name in computed:
+            values[field.name] = computed[field.name]
+            continue
+        try:
+            value = row[field.name]
+        except KeyError:
+            continue  # not selected: the field's default (or a TypeError naming it)
+        values[field.name] = "" if value is None and field.type in ("str", str) else value
+    return cls(**values)

@@ -12,7 +12,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql as pg
 
 from services.project.domain import Project, ProjectSpec, Resources
-from shared.db import Session, compile_query
+from shared.db import Session, compile_query, from_row
 
 SCHEMA = "project"
 metadata = sa.MetaData(schema=SCHEMA)
@@ -80,25 +80,7 @@ def _spec_values(spec: ProjectSpec, only: Sequence[str] | None = None) -> dict[s
 
 
 def _project(row: asyncpg.Record) -> Project:
-    spec = ProjectSpec(
-        name=row["name"],
-        slug=row["slug"],
-        ram_mb=row["ram_mb"],
-        cpu_millis=row["cpu_millis"],
-        bandwidth_gb=row["bandwidth_gb"],
-        region=row["region"],
-        sleep_enabled=row["sleep_enabled"],
-        sleep_after_seconds=row["sleep_after_seconds"],
-        description=row["description"],
-        repository_url=row["repository_url"] or "",
-        default_command=row["default_command"] or "",
-        default_image=row["default_image"] or "",
-        health_check_path=row["health_check_path"] or "",
-        restart_policy=row["restart_policy"],
-        liveness_check_path=row["liveness_check_path"] or "",
-        liveness_period_seconds=row["liveness_period_seconds"],
-        liveness_failure_threshold=row["liveness_failure_threshold"],
-    )
+    spec = from_row(ProjectSpec, row)
     return Project(row["id"], row["organization_id"], spec, row["created_at"], row["updated_at"])
 
 

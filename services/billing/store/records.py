@@ -14,6 +14,7 @@ from services.billing.domain import (
     Resources,
     SubscriptionStatus,
 )
+from shared.db import from_row
 
 S = "billing"
 DEAD = "('canceled', 'incomplete_expired')"
@@ -43,24 +44,14 @@ class Subscription:
 
     @classmethod
     def from_row(cls, row: asyncpg.Record) -> Subscription:
-        return cls(
-            id=row["id"],
-            organization_id=row["organization_id"],
-            plan_id=row["plan_id"],
+        return from_row(
+            cls,
+            row,
             status=SubscriptionStatus(row["status"]),
-            current_period_start=row["current_period_start"],
-            current_period_end=row["current_period_end"],
             pool=Resources(row["pool_ram_mb"], row["pool_cpu_millis"], row["pool_bandwidth_gb"]),
             allocated=Resources(
                 row["allocated_ram_mb"], row["allocated_cpu_millis"], row["allocated_bandwidth_gb"]
             ),
-            stripe_customer_id=row["stripe_customer_id"] or "",
-            stripe_subscription_id=row["stripe_subscription_id"] or "",
-            stripe_synced_at=row["stripe_synced_at"],
-            created_at=row["created_at"],
-            plan_version=row["plan_version"],
-            stripe_plan_version=row["stripe_plan_version"],
-            stripe_canceled_at=row["stripe_canceled_at"],
         )
 
 
@@ -74,12 +65,8 @@ class Allocation:
 
     @classmethod
     def from_row(cls, row: asyncpg.Record) -> Allocation:
-        return cls(
-            organization_id=row["organization_id"],
-            project_id=row["project_id"],
-            resources=Resources(row["ram_mb"], row["cpu_millis"], row["bandwidth_gb"]),
-            created_at=row["created_at"],
-            updated_at=row["updated_at"],
+        return from_row(
+            cls, row, resources=Resources(row["ram_mb"], row["cpu_millis"], row["bandwidth_gb"])
         )
 
 
@@ -104,23 +91,11 @@ class Invoice:
 
     @classmethod
     def from_row(cls, row: asyncpg.Record) -> Invoice:
-        return cls(
-            id=row["id"],
-            organization_id=row["organization_id"],
-            subscription_id=row["subscription_id"],
-            period_start=row["period_start"],
-            period_end=row["period_end"],
+        return from_row(
+            cls,
+            row,
             status=InvoiceStatus(row["status"]),
             lines=[InvoiceLine.from_json(line) for line in row["lines"] or []],
-            total_cents=row["total_cents"],
-            currency=row["currency"],
-            stripe_invoice_id=row["stripe_invoice_id"] or "",
-            sent=row["sent"],
-            created_at=row["created_at"],
-            due_at=row["due_at"],
-            send_attempts=row["send_attempts"],
-            next_attempt_at=row["next_attempt_at"],
-            last_error=row["last_error"] or "",
         )
 
 

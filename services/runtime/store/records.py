@@ -8,6 +8,7 @@ from datetime import datetime
 import asyncpg
 
 from services.runtime.domain import Candidate, DeploymentState, Isolation, Resources, ServerState
+from shared.db import from_row
 
 S = "runtime"
 
@@ -30,19 +31,14 @@ class Server:
 
     @classmethod
     def from_row(cls, row: asyncpg.Record) -> Server:
-        return cls(
-            id=row["id"],
-            name=row["name"],
-            region=row["region"],
-            agent_address=row["agent_address"],
+        return from_row(
+            cls,
+            row,
             drivers=tuple(row["drivers"]),
             capacity=Resources(row["ram_mb"], row["cpu_millis"]),
             reserved=Resources(row["ram_mb_reserved"], row["cpu_millis_reserved"]),
             status=ServerState(row["status"]),
-            last_heartbeat_at=row["last_heartbeat_at"],
-            created_at=row["created_at"],
             isolation=Isolation(row["isolation"]),
-            tenant_organization_id=row["tenant_organization_id"],
         )
 
     def candidate(self) -> Candidate:
@@ -77,30 +73,11 @@ class Deployment:
 
     @classmethod
     def from_row(cls, row: asyncpg.Record) -> Deployment:
-        return cls(
-            id=row["id"],
-            project_id=row["project_id"],
-            organization_id=row["organization_id"],
-            server_id=row["server_id"] or "",
+        return from_row(
+            cls,
+            row,
             status=DeploymentState(row["status"]),
-            capacity_reserved=row["capacity_reserved"],
-            image=row["image"],
-            command=row["command"],
             resources=Resources(row["ram_mb"], row["cpu_millis"]),
-            region=row["region"],
-            health_check_path=row["health_check_path"] or "",
-            env_version=row["env_version"] or "",
-            exit_code=row["exit_code"],
-            status_reason=row["status_reason"] or "",
-            rolled_back_from=row["rolled_back_from"] or "",
-            schedule_deadline=row["schedule_deadline"],
-            sleep_after_seconds=row["sleep_after_seconds"],
-            created_at=row["created_at"],
-            updated_at=row["updated_at"],
-            restart_policy=row["restart_policy"],
-            liveness_check_path=row["liveness_check_path"] or "",
-            liveness_period_seconds=row["liveness_period_seconds"],
-            liveness_failure_threshold=row["liveness_failure_threshold"],
         )
 
 
@@ -158,24 +135,7 @@ class Container:
 
     @classmethod
     def from_row(cls, row: asyncpg.Record) -> Container:
-        return cls(
-            id=row["id"],
-            project_id=row["project_id"],
-            deployment_id=row["deployment_id"],
-            server_id=row["server_id"],
-            status=row["status"],
-            sleep_status=row["sleep_status"],
-            address=row["address"] or "",
-            pid=row["pid"],
-            exit_code=row["exit_code"],
-            last_request_at=row["last_request_at"],
-            started_at=row["started_at"],
-            stopped_at=row["stopped_at"],
-            created_at=row["created_at"],
-            restart_count=row["restart_count"],
-            crash_loop=row["crash_loop"],
-            last_exit_reason=row["last_exit_reason"] or "",
-        )
+        return from_row(cls, row)
 
     @property
     def live(self) -> bool:
