@@ -59,11 +59,16 @@ def _reserve_sql(skip_locked: bool) -> str:
     # Second pass, only when every fitting server was locked: wait, in id order. Rows that
     # fail the re-check stay locked until commit, so waiters must all lock in one order or
     # two of them can deadlock; first pass placers never wait, so they cannot close a cycle.
+    #
+    # NO KEY UPDATE, not UPDATE: the counters change, never the key. A plain FOR UPDATE also
+    # conflicts with the KEY SHARE lock every insert of a deployment or container referencing
+    # the server takes for its foreign key, so a start recording its container made the first
+    # pass skip the best-fitting server.
     if skip_locked:
         order = "ram_mb - ram_mb_reserved, cpu_millis - cpu_millis_reserved, id"
-        lock = "FOR UPDATE SKIP LOCKED"
+        lock = "FOR NO KEY UPDATE SKIP LOCKED"
     else:
-        order, lock = "id", "FOR UPDATE"
+        order, lock = "id", "FOR NO KEY UPDATE"
     return f"""
         UPDATE {S}.servers
            SET ram_mb_reserved = ram_mb_reserved + $ram_mb,

@@ -174,7 +174,9 @@ async def agents_heard_from(s: Session, within_seconds: float) -> list[tuple[str
 
 
 async def lock_servers(tx: Session) -> list[Server]:
-    rows = await tx.fetch(f"SELECT * FROM {S}.servers ORDER BY id FOR UPDATE")
+    # NO KEY UPDATE: enough to hold placements and releases off (they take the same), without
+    # holding up the foreign-key checks of deployments and containers being written.
+    rows = await tx.fetch(f"SELECT * FROM {S}.servers ORDER BY id FOR NO KEY UPDATE")
     return [Server.from_row(r) for r in rows]
 
 
