@@ -10,7 +10,8 @@ caller the error it always got.
 
 from __future__ import annotations
 
-from typing import Protocol
+from collections.abc import Awaitable, Callable
+from typing import Protocol, TypeVar
 
 import grpc
 
@@ -20,10 +21,16 @@ from services.billing.domain import Clock, add_months
 from shared.audit import record_audit
 from shared.clients import Clients
 from shared.db import Database, Session
-from shared.errors import Unavailable
+from shared.errors import DomainError, Unavailable
 from shared.outbox import write_event
 
 IDENTITY_SERVICE = identity_pb2.DESCRIPTOR.services_by_name["IdentityService"]
+
+T = TypeVar("T")
+
+# The reasons a call gives when it finds no subscription (store.get_subscription,
+# store.reserve_allocation): the signal to open one and try once more.
+MISSING = frozenset({store.NO_SUBSCRIPTION, store.NO_ACTIVE_SUBSCRIPTION})
 
 
 class Organizations(Protocol):
@@ -65,10 +72,22 @@ class Subscriptions:
         self.clock = clock
         self.organizations = organizations
 
+    async def opening(self, organization_id: str, call: Callable[[], Awaitable[T]]) -> T:
+        """Run `call`; if it finds no subscription, open the organization's (when it exists
+        and never had one) and run it once more. The common case costs nothing extra: only a
+        call that misses looks further."""
+        try:
+            return await call()
+        except DomainError as exc:
+            if exc.reason not in MISSING:
+                raise
+        await self.ensure(organization_id)
+        return await call()
+
     async def ensure(self, organization_id: str) -> None:
-        """Before a call that needs the organization's subscription: open it if the
-        organization exists and never had one. Otherwise change nothing (the call then
-        finds the subscription, or fails as it would have)."""
+        """Open the organization's subscription if the organization exists and never had
+        one. Otherwise change nothing (a retried call then finds the subscription, or fails
+        as it would have)."""
         async with self.db.session() as s:
             if await store.has_subscription(s, organization_id):
                 return

@@ -168,21 +168,40 @@ class Billing:
 
     async def get_subscription(self, organization_id: str) -> store.Subscription:
         await self.authorizer.require(organization_id, READ)
-        await self.subscriptions.ensure(organization_id)
-        async with self.db.session() as s:
-            return await store.get_subscription(s, organization_id)
+
+        async def read() -> store.Subscription:
+            async with self.db.session() as s:
+                return await store.get_subscription(s, organization_id)
+
+        return await self.subscriptions.opening(organization_id, read)
 
     async def change_plan(self, organization_id: str, plan_id: str) -> store.Subscription:
         await self.authorizer.require(organization_id, MANAGE)
         plan_id = require_id(plan_id, "plan_id")
-        await self.subscriptions.ensure(organization_id)
+        sub, changed = await self.subscriptions.opening(
+            organization_id, lambda: self._change_plan(organization_id, plan_id)
+        )
+        if changed is None:
+            return sub
+        # Stripe follows after the commit: at once when it answers, else on the cycle's next
+        # pass (the row stays out of step, plan_version ahead of stripe_plan_version).
+        try:
+            await self.cycle.sync_subscription(sub.id)
+        except Exception:
+            log.warning("Stripe sync after ChangePlan failed; the cycle retries", exc_info=True)
+        return changed
+
+    async def _change_plan(
+        self, organization_id: str, plan_id: str
+    ) -> tuple[store.Subscription, store.Subscription | None]:
+        """(the subscription as it was, as it is now; None when the plan was already set)."""
         async with self.db.transaction() as tx:
             plan = await store.get_plan(tx, plan_id)
             sub = await store.get_subscription(tx, organization_id, for_update=True)
             if sub.status.is_dead:
                 raise NotFound("this organization has no active subscription")
             if sub.plan_id == plan.id:
-                return sub
+                return sub, None
             downgrade_blocked(plan.id, plan.pool, sub.allocated)
             changed = await store.change_plan(tx, sub.id, plan)
             await write_event(
@@ -201,13 +220,7 @@ class Billing:
                 target_id=sub.id,
                 metadata={"from": sub.plan_id, "to": plan.id},
             )
-        # Stripe follows after the commit: at once when it answers, else on the cycle's next
-        # pass (the row stays out of step, plan_version ahead of stripe_plan_version).
-        try:
-            await self.cycle.sync_subscription(sub.id)
-        except Exception:
-            log.warning("Stripe sync after ChangePlan failed; the cycle retries", exc_info=True)
-        return changed
+        return sub, changed
 
     async def close_organization(self, tx: Session, organization_id: str) -> None:
         """identity's organization.deleted: cancel the live subscription and free its pool.
@@ -243,19 +256,22 @@ class Billing:
         org = require_id(organization_id, "organization_id")
         project = require_id(project_id, "project_id")
         validate_allocation(size)
-        await self.subscriptions.ensure(org)
-        async with self.db.transaction() as tx:
-            allocation, changed = await store.reserve_allocation(tx, org, project, size)
-            if changed:
-                await _audit(
-                    tx,
-                    organization_id=org,
-                    action="billing.allocation_reserved",
-                    target_type="project",
-                    target_id=project,
-                    metadata=dict(size.items()),
-                )
-        return allocation
+
+        async def reserve() -> store.Allocation:
+            async with self.db.transaction() as tx:
+                allocation, changed = await store.reserve_allocation(tx, org, project, size)
+                if changed:
+                    await _audit(
+                        tx,
+                        organization_id=org,
+                        action="billing.allocation_reserved",
+                        target_type="project",
+                        target_id=project,
+                        metadata=dict(size.items()),
+                    )
+            return allocation
+
+        return await self.subscriptions.opening(org, reserve)
 
     async def release_allocation(self, organization_id: str, project_id: str) -> None:
         require_service("project")
@@ -299,9 +315,10 @@ class Billing:
     ) -> UsageSummary:
         """The usage of the current period, or of the period holding the given instant."""
         await self.authorizer.require(organization_id, READ)
-        await self.subscriptions.ensure(organization_id)
         async with self.db.session() as s:
-            sub = await store.get_subscription(s, organization_id)
+            sub = await self.subscriptions.opening(
+                organization_id, lambda: store.get_subscription(s, organization_id)
+            )
             plan = await store.get_plan(s, sub.plan_id)
             if period_containing_instant is not None:
                 start, end = period_containing(sub.created_at, period_containing_instant)

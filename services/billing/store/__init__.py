@@ -49,6 +49,8 @@ from services.billing.store.records import (
     UsageRow,
 )
 from services.billing.store.subscriptions import (
+    NO_ACTIVE_SUBSCRIPTION,
+    NO_SUBSCRIPTION,
     apply_stripe_subscription_status,
     cancel_organization,
     change_plan,
@@ -78,6 +80,8 @@ from services.billing.store.webhooks import (
 __all__ = [
     "DEAD",
     "HOBBY",
+    "NO_ACTIVE_SUBSCRIPTION",
+    "NO_SUBSCRIPTION",
     "STAGING",
     "STAGING_COLUMNS",
     "Allocation",

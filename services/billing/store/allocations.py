@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from services.billing.domain import Resources, pool_shortfall
 from services.billing.store.records import DEAD, Allocation, S
-from services.billing.store.subscriptions import get_subscription_by_id
+from services.billing.store.subscriptions import NO_ACTIVE_SUBSCRIPTION, get_subscription_by_id
 from shared.db import Session
 from shared.errors import FailedPrecondition
 
@@ -31,7 +31,7 @@ async def reserve_allocation(
     )
     if row is None:
         raise FailedPrecondition(
-            "this organization has no active subscription", reason="NO_ACTIVE_SUBSCRIPTION"
+            "this organization has no active subscription", reason=NO_ACTIVE_SUBSCRIPTION
         )
     current = Allocation.from_row(row)
     if current.organization_id != organization_id:

@@ -10,6 +10,9 @@ from shared.db import Session
 from shared.errors import NotFound
 from shared.ids import new_id
 
+NO_SUBSCRIPTION = "NO_SUBSCRIPTION"
+NO_ACTIVE_SUBSCRIPTION = "NO_ACTIVE_SUBSCRIPTION"
+
 
 async def create_default_subscription(
     tx: Session, organization_id: str, period_start: datetime, period_end: datetime
@@ -72,7 +75,7 @@ async def get_subscription(
 ) -> Subscription:
     sub = await find_subscription(s, organization_id, for_update=for_update)
     if sub is None:
-        raise NotFound("this organization has no subscription")
+        raise NotFound("this organization has no subscription", reason=NO_SUBSCRIPTION)
     return sub
 
 
