@@ -446,6 +446,7 @@ def cmd_up(args: argparse.Namespace) -> int:
             return _fail(f"migrations failed against {pg.kind} PostgreSQL: {first_line}")
         env = service_environment(pg.url, creds, addresses)
         env.setdefault("HANGAR_AGENT_STATE_DIR", str(home / "agent"))
+        env.setdefault("HANGAR_ARTIFACTS_DIR", str(home / "artifacts"))
         if (why_not := apps_unisolated(env)) is not None:
             # Every app runs as a plain process here: only one tenant may use this machine.
             env.setdefault("HANGAR_SINGLE_TENANT", "1")

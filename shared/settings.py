@@ -59,13 +59,18 @@ class OAuthProvider:
     algorithms: tuple[str, ...] = ("RS256", "ES256", "EdDSA")
 
 
+def default_data_dir(name: str) -> str:
+    """/var/lib/hangar/<name> for root; the user's own state directory otherwise."""
+    if os.geteuid() == 0:
+        return f"/var/lib/hangar/{name}"
+    base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local/state")
+    return os.path.join(base, "hangar", name)
+
+
 def default_agent_state_dir() -> str:
     """/var/lib/hangar/agent for root (the container driver needs root); a user's own state
     directory otherwise, so an agent started without HANGAR_AGENT_STATE_DIR can write it."""
-    if os.geteuid() == 0:
-        return "/var/lib/hangar/agent"
-    base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local/state")
-    return os.path.join(base, "hangar", "agent")
+    return default_data_dir("agent")
 
 
 def _signing_keys(text: str) -> tuple[SigningKey, ...]:
@@ -222,6 +227,14 @@ class Settings:
     project_master_keys: dict[str, bytes] = field(default_factory=dict, repr=False)
     project_master_key_id: str = ""
     project_reconcile_seconds: float = 30.0
+    # Uploaded sources and built slugs, by sha256: a local directory unless an S3 bucket is
+    # set (an S3-compatible server's URL in artifacts_s3_endpoint). The largest upload taken.
+    artifacts_dir: str = field(default_factory=lambda: default_data_dir("artifacts"))
+    artifacts_s3_bucket: str = ""
+    artifacts_s3_endpoint: str = ""
+    max_source_bytes: int = 200 * 1024 * 1024
+    # How long a build may take before it is stopped (and its deployment fails).
+    agent_build_timeout_seconds: float = 900.0
 
     @classmethod
     def from_env(cls, service: str) -> Settings:
@@ -283,6 +296,11 @@ class Settings:
             ),
             agent_restart_stable_seconds=float(_env("HANGAR_AGENT_RESTART_STABLE_SECONDS", "30")),
             agent_crash_loop_restarts=int(_env("HANGAR_AGENT_CRASH_LOOP_RESTARTS", "5")),
+            agent_build_timeout_seconds=float(_env("HANGAR_AGENT_BUILD_TIMEOUT_SECONDS", "900")),
+            artifacts_dir=_env("HANGAR_ARTIFACTS_DIR", default_data_dir("artifacts")),
+            artifacts_s3_bucket=_env("HANGAR_ARTIFACTS_S3_BUCKET"),
+            artifacts_s3_endpoint=_env("HANGAR_ARTIFACTS_S3_ENDPOINT"),
+            max_source_bytes=int(_env("HANGAR_MAX_SOURCE_BYTES", str(200 * 1024 * 1024))),
             single_tenant=_env("HANGAR_SINGLE_TENANT").lower() in ("1", "true", "yes"),
             telemetry_sample_seconds=float(_env("HANGAR_TELEMETRY_SAMPLE_SECONDS", "5")),
             telemetry_ship_batch_lines=int(_env("HANGAR_TELEMETRY_SHIP_BATCH_LINES", "2000")),

@@ -135,6 +135,9 @@ def spec_from_proto(request: agent_pb2.StartContainerRequest) -> ContainerSpec:
         health_check_path=request.health_check_path,
         restart_policy=_restart_policy(request.restart_policy),
         liveness=_liveness(request),
+        source_sha256=request.source_sha256,
+        slug_sha256=request.slug_sha256,
+        process_type=request.process_type,
     )
 
 
@@ -185,6 +188,8 @@ def container_to_proto(info: ContainerInfo) -> agent_pb2.Container:
     message.last_exit_reason = info.last_exit_reason
     message.last_log_lines.extend(info.last_log_lines)
     message.crash_loop = info.crash_loop
+    message.building = info.building
+    message.slug_sha256 = info.slug_sha256
     if info.next_restart_at is not None:
         message.next_restart_at.CopyFrom(timestamp(info.next_restart_at))
         message.restart_backoff.FromNanoseconds(round(info.restart_delay * 1e9))

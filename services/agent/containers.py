@@ -45,8 +45,10 @@ from pathlib import Path
 from typing import Any
 
 from services.agent import cgroups, netns, oci, runs, seccomp
+from services.agent.builds import Builder, Sandboxing
 from services.agent.domain import LogStream, ResourceSample, SleepState, utcnow
 from services.agent.driver_base import LOST_RUN, Reaped, _Container
+from services.agent.driver_builds import BuildMixin
 from services.agent.drivers import ProcessDriver
 from services.agent.netns import NetworkNamespace
 from services.agent.proxy import CHUNK_BYTES, IngressProxy
@@ -94,10 +96,11 @@ class _Sandbox:
     tasks: list[asyncio.Task[Any]] = field(default_factory=list)
 
 
-class ContainerDriver(ProcessDriver):
+class ContainerDriver(BuildMixin, ProcessDriver):
     """Runs each container with runc (see the module's docstring)."""
 
     isolation = "container"
+    builds = True
 
     def __init__(
         self,
@@ -106,6 +109,7 @@ class ContainerDriver(ProcessDriver):
         pids_limit: int = 256,
         tmpfs_mb: int = 64,
         freeze_seconds: float = 600.0,
+        build_timeout: float = 900.0,
         runc: str = "runc",
         stack: oci.Stack | None = None,
         **kwargs: Any,
@@ -125,6 +129,22 @@ class ContainerDriver(ProcessDriver):
         self._bundles = self.state_dir / "bundles"
         self.uids = UidTable(self.state_dir / "uids.json")
         self._seccomp = seccomp.default_profile()
+        self.builder = Builder(
+            self.state_dir,
+            Sandboxing(
+                runc=runc,
+                runc_root=self._runc_root,
+                uids=self.uids,
+                stack=self.stack,
+                seccomp=self._seccomp,
+                cgroup_parent=self._cgroup_parent,
+                netns_prefix=self.netns_prefix,
+                pids_limit=pids_limit,
+                tmpfs_mb=tmpfs_mb,
+            ),
+            artifacts=None,  # the agent gives it its way to runtime (AgentApp)
+            timeout_seconds=build_timeout,
+        )
         self._sandboxes: dict[str, _Sandbox] = {}
         self._teardowns: set[asyncio.Future[None]] = set()
         self._prepare_state_dir()
@@ -205,6 +225,9 @@ class ContainerDriver(ProcessDriver):
                 cgroups_path=cgroup_path,
                 hostname=_hostname(container_id),
                 stack=self.stack,
+                # A built app: its slug, read-only, where it was built.
+                binds=(oci.Bind(spec.app_dir, oci.APP_DIR),) if spec.app_dir else (),
+                cwd=oci.APP_DIR if spec.app_dir else oci.HOME,
             )
             oci.write_bundle(directory, bundle, self._seccomp)
         except BaseException:

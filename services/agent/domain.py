@@ -16,6 +16,7 @@ from shared.errors import FieldViolation, InvalidArgument
 # Env names a POSIX shell accepts; anything else could not be read by the app anyway.
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _CONTAINER_ID = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
 MAX_GRACE_SECONDS = 300.0
 MAX_LIVENESS_PERIOD_SECONDS = 3600.0
 MAX_LIVENESS_FAILURE_THRESHOLD = 100
@@ -114,6 +115,12 @@ class ContainerSpec:
     health_check_path: str = ""  # empty: the app is up once its port accepts connections
     restart_policy: RestartPolicy = RestartPolicy.ON_FAILURE
     liveness: LivenessCheck | None = None  # None: no liveness check once it is healthy
+    # Built from an uploaded source (fetched from runtime) before it starts, or run from a
+    # slug already built; `command` then overrides the Procfile's command for process_type.
+    source_sha256: str = ""
+    slug_sha256: str = ""
+    process_type: str = ""
+    app_dir: str = ""  # where its slug is unpacked on this server, once it is
 
     def validate(self) -> None:
         violations = []
@@ -123,8 +130,15 @@ class ContainerSpec:
             violations.append(
                 FieldViolation("container_id", "1 to 128 of letters, digits, '-', '_', '.'")
             )
-        if bool(self.command.strip()) == bool(self.image.strip()):
-            violations.append(FieldViolation("source", "exactly one of command or image"))
+        built = bool(self.source_sha256 or self.slug_sha256)
+        if bool(self.image.strip()) == bool(self.command.strip() or built):
+            violations.append(
+                FieldViolation("source", "exactly one of command, image or a source to build")
+            )
+        for name in ("source_sha256", "slug_sha256"):
+            digest = getattr(self, name)
+            if digest and not _SHA256.match(digest):
+                violations.append(FieldViolation(name, "must be 64 lowercase hex digits"))
         if "\x00" in self.command:
             violations.append(FieldViolation("command", "must not contain NUL"))
         for name, value in self.env.items():
@@ -142,6 +156,12 @@ class ContainerSpec:
             violations += self.liveness.violations()
         if violations:
             raise InvalidArgument(violations)
+
+    @property
+    def serves_http(self) -> bool:
+        """A web process (the default) gets traffic and is health-checked over HTTP; any
+        other process type (a worker) is healthy while it runs."""
+        return self.process_type in ("", "web")
 
     def same_container(self, other: ContainerSpec) -> bool:
         """Whether a repeated start names the container already known (idempotency)."""
@@ -173,6 +193,8 @@ class ContainerInfo:
     crash_loop: bool = False  # it keeps crashing soon after each start (still restarted)
     restart_delay: float = 0.0  # the back-off before its next start; 0: none pending
     next_restart_at: datetime | None = None  # when that start is due
+    building: bool = False  # its source is being built (state stays STARTING)
+    slug_sha256: str = ""  # the slug it runs, once built (or as it was started from)
 
     def with_changes(self, **changes: object) -> ContainerInfo:
         return replace(self, **changes)  # type: ignore[arg-type]
@@ -195,6 +217,7 @@ class ResourceSample:
 class LogStream(StrEnum):
     STDOUT = "stdout"
     STDERR = "stderr"
+    BUILD = "build"  # a build's output (and a release command's)
 
 
 @dataclass(frozen=True)

@@ -120,6 +120,7 @@ class _Container:
     restart_due: float | None = None  # monotonic time of the next start, during a back-off
     run_over: asyncio.Event = field(default_factory=asyncio.Event)  # set as the run ends
     log_mark: int = 0  # the last log sequence before the current run
+    build: asyncio.Task[None] | None = None  # its build (then first run), while under way
 
 
 @dataclass(frozen=True)

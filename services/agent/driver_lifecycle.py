@@ -157,7 +157,10 @@ class LifecycleMixin(DriverBase):
             self._run_over(record)
 
     async def _wait_healthy(self, record: _Container, exited: asyncio.Future[int]) -> bool | None:
-        """True once healthy, False on timeout, None if the process ended or was stopped."""
+        """True once healthy, False on timeout, None if the process ended or was stopped.
+        A worker (no HTTP) is healthy once it runs."""
+        if not record.spec.serves_http:
+            return None if exited.done() or record.stop_requested else True
         deadline = time.monotonic() + self.start_timeout
         while time.monotonic() < deadline:
             if exited.done() or record.stop_requested:

@@ -89,6 +89,7 @@ class ProcessDriver(LifecycleMixin, SleepMixin, RestartMixin, AdoptionMixin, Ing
 
     runs_images = False
     isolation = "none"
+    builds = False  # builds (tenant code) run only in the container sandbox
 
     def __init__(
         self,
@@ -136,6 +137,11 @@ class ProcessDriver(LifecycleMixin, SleepMixin, RestartMixin, AdoptionMixin, Ing
         spec.validate()
         if spec.image:
             raise FailedPrecondition("this agent has no image driver", reason="NO_IMAGE_DRIVER")
+        if (spec.source_sha256 or spec.slug_sha256) and not self.builds:
+            raise FailedPrecondition(
+                "this agent runs no container sandbox, which builds and slugs need",
+                reason="NO_BUILD_SANDBOX",
+            )
         async with self._lock:
             existing = self._containers.get(spec.container_id)
             if existing is not None:

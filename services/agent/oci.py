@@ -72,6 +72,19 @@ class Limits:
 
 
 @dataclass(frozen=True)
+class Bind:
+    """A host directory bound into the container (the app's slug, a build's directories)."""
+
+    source: str
+    destination: str
+    readonly: bool = True
+
+
+APP_DIR = "/app"  # where a built app (its slug) is, and where builds build it
+CACHE_DIR = "/cache"  # a build's dependency cache, kept per project between builds
+
+
+@dataclass(frozen=True)
 class Bundle:
     """Everything config.json says about one container."""
 
@@ -84,6 +97,8 @@ class Bundle:
     cgroups_path: str
     hostname: str = "app"
     stack: Stack = field(default_factory=Stack)
+    binds: tuple[Bind, ...] = ()
+    cwd: str = HOME
 
 
 def runtime_spec(
@@ -148,6 +163,15 @@ def runtime_spec(
             "source": "tmpfs",
             "options": ["nosuid", "nodev", "mode=0700", size, f"uid={uid}", f"gid={uid}"],
         },
+        *(
+            {
+                "destination": bind.destination,
+                "type": "bind",
+                "source": bind.source,
+                "options": ["rbind", "ro" if bind.readonly else "rw", "nosuid", "nodev"],
+            }
+            for bind in bundle.binds
+        ),
     ]
     resources: dict[str, Any] = {
         "devices": [{"allow": False, "access": "rwm"}],
@@ -184,7 +208,7 @@ def runtime_spec(
             # group (an app as PID 1 would ignore SIGTERM it has no handler for).
             "args": ["/usr/bin/tini", "-g", "--", "/bin/sh", "-c", bundle.command],
             "env": [f"{name}={value}" for name, value in env.items()],
-            "cwd": HOME,
+            "cwd": bundle.cwd,
             "capabilities": NO_CAPABILITIES,
             "rlimits": [{"type": "RLIMIT_NOFILE", "hard": nofile, "soft": nofile}],
             "noNewPrivileges": True,
@@ -203,6 +227,10 @@ def write_bundle(
     """Writes config.json and the root filesystem's skeleton into `directory`."""
     directory.mkdir(mode=0o700, parents=True, exist_ok=True)
     write_rootfs(directory / "rootfs", bundle.uid, bundle.hostname, bundle.stack)
+    for bind in bundle.binds:
+        (directory / "rootfs" / bind.destination.lstrip("/")).mkdir(
+            mode=0o755, parents=True, exist_ok=True
+        )
     spec = runtime_spec(bundle, seccomp_profile)
     path = directory / "config.json"
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # it holds the secrets

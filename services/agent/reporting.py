@@ -59,6 +59,8 @@ def report_of(info: ContainerInfo) -> rpb.ContainerStatusReport:
         last_exit_reason=info.last_exit_reason,
         last_log_lines=info.last_log_lines,
         crash_loop=info.crash_loop,
+        building=info.building,
+        slug_sha256=info.slug_sha256,
     )
     if info.exit_code is not None:
         report.exit_code = info.exit_code

@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable, Coroutine, Sequence
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -21,6 +22,7 @@ import grpc
 from hangar.agent.v1 import agent_pb2, agent_pb2_grpc
 from services.agent import containers
 from services.agent.api import AgentApi
+from services.agent.artifacts import RuntimeArtifacts
 from services.agent.drivers import Driver, ProcessDriver
 from services.agent.reporting import RuntimeReporter, server_key
 from services.agent.restarts import RestartRules
@@ -71,6 +73,11 @@ class AgentApp:
             default_timeout=settings.call_timeout_seconds,
             token_provider=self.token_source,
         )
+        builder = getattr(self.driver, "builder", None)
+        if builder is not None and self.token_source is not None:
+            builder.artifacts = RuntimeArtifacts(
+                self.clients, Path(settings.agent_state_dir) / "artifacts"
+            )
         self._loops: list[Callable[[], Coroutine[Any, Any, None]]] = []
         self._tasks: list[asyncio.Task[None]] = []
         self.reporter: RuntimeReporter | None = None
@@ -169,6 +176,7 @@ def build_driver(settings: Settings) -> Driver:
         pids_limit=settings.agent_pids_limit,
         tmpfs_mb=settings.agent_tmpfs_mb,
         freeze_seconds=settings.agent_freeze_seconds,
+        build_timeout=settings.agent_build_timeout_seconds,
         **common,
     )
 

@@ -61,7 +61,11 @@ from shared.settings import Settings
 log = logging.getLogger("hangar.agent.shipping")
 
 RUNTIME_SERVICE = pb.DESCRIPTOR.services_by_name["RuntimeService"]
-_STREAM = {LogStream.STDOUT: pb.LOG_STREAM_STDOUT, LogStream.STDERR: pb.LOG_STREAM_STDERR}
+_STREAM = {
+    LogStream.STDOUT: pb.LOG_STREAM_STDOUT,
+    LogStream.STDERR: pb.LOG_STREAM_STDERR,
+    LogStream.BUILD: pb.LOG_STREAM_BUILD,
+}
 ServerName = Callable[[], str]
 
 

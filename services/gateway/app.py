@@ -13,7 +13,7 @@ import asyncio
 import logging
 import os
 import re
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,6 +56,7 @@ Headers = list[tuple[bytes, bytes]]
 
 _REQUEST_ID = re.compile(rb"[A-Za-z0-9._:\-]{1,128}")
 _JSON = b"application/json"
+UPLOAD_CHUNK_BYTES = 1 << 20
 _NDJSON = b"application/x-ndjson"
 
 
@@ -71,6 +72,9 @@ class GatewayOptions:
     max_authorization_bytes: int = 4096
     # Server-streaming calls (TailLogs) outlive call_timeout_seconds but still get a deadline.
     stream_timeout_seconds: float = 3600.0
+    # Uploads (a streamed request body: source archives) up to this size; larger is a 413.
+    # The same variable sets runtime's own limit.
+    max_upload_bytes: int = 200 * 1024 * 1024
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] = os.environ) -> GatewayOptions:
@@ -83,6 +87,7 @@ class GatewayOptions:
             stream_timeout_seconds=float(
                 environ.get("HANGAR_GATEWAY_STREAM_TIMEOUT_SECONDS", 3600.0)
             ),
+            max_upload_bytes=int(environ.get("HANGAR_MAX_SOURCE_BYTES", 200 * 1024 * 1024)),
         )
 
 
@@ -140,7 +145,12 @@ class Gateway:
         # No client interceptors: the gateway sets deadline and metadata itself, per call.
         for route in self.routes:
             channel = self.channels[route.upstream]
-            make = channel.unary_stream if route.streaming else channel.unary_unary
+            if route.method.client_streaming:
+                make = channel.stream_unary
+            elif route.streaming:
+                make = channel.unary_stream
+            else:
+                make = channel.unary_unary
             route.invoke = make(
                 route.rpc_path,
                 request_serializer=route.request_class.SerializeToString,
@@ -208,7 +218,10 @@ class Gateway:
             if isinstance(match, set):
                 raise _method_not_allowed(method, path, match)
             route = match.route
-            body = await self._read_body(receive, headers) if route.plan.body else b""
+            streamed = route.plan.streamed_body
+            body = (
+                await self._read_body(receive, headers) if route.plan.body and not streamed else b""
+            )
             request = build_request(
                 route,
                 match.variables,
@@ -224,7 +237,9 @@ class Gateway:
                         Unauthenticated("the Authorization header must be ASCII")
                     )
                 metadata.append(("authorization", authorization.decode()))
-            if route.streaming:
+            if streamed:
+                await self._upload(route, request, metadata, headers, receive, send, extra)
+            elif route.streaming:
                 await self._stream(route, request, metadata, receive, send, extra)
             else:
                 await self._unary(route, request, metadata, receive, send, extra)
@@ -311,6 +326,75 @@ class Gateway:
             raise GatewayError.from_rpc_error(exc) from None
         finally:
             watcher.cancel()
+        content_type, body = render_response(route.plan, reply)
+        await _respond(send, 200, content_type, body, extra)
+
+    async def _upload(
+        self,
+        route: Route,
+        first: Message,
+        metadata: list[tuple[str, str]],
+        headers: dict[bytes, bytes],
+        receive: Receive,
+        send: Send,
+        extra: Headers,
+    ) -> None:
+        """A client-streaming call fed with the raw request body as it arrives: the first
+        message is `first` (path, query and header fields) with the first chunk, then one
+        message per chunk of about UPLOAD_CHUNK_BYTES. Past max_upload_bytes the call is
+        cancelled (the service stores nothing) and the answer is 413."""
+        limit = self.options.max_upload_bytes
+        declared = headers.get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise _too_large(limit)
+        name = route.plan.body
+        outcome: dict[str, bool] = {}
+
+        async def messages() -> AsyncIterator[Message]:
+            pending: list[bytes] = []
+            size = total = 0
+            sent_first = False
+            while True:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    outcome["gone"] = True
+                    call.cancel()
+                    return
+                chunk = message.get("body", b"")
+                total += len(chunk)
+                if total > limit:
+                    outcome["too_large"] = True
+                    call.cancel()
+                    return
+                pending.append(chunk)
+                size += len(chunk)
+                more = message.get("more_body", False)
+                if size < UPLOAD_CHUNK_BYTES and more:
+                    continue
+                data = b"".join(pending)
+                pending, size = [], 0
+                if not sent_first:
+                    setattr(first, name, data)
+                    sent_first = True
+                    yield first
+                else:
+                    yield route.request_class(**{name: data})
+                if not more:
+                    return
+
+        call = route.invoke(
+            messages(), timeout=self.options.stream_timeout_seconds, metadata=metadata
+        )
+        try:
+            reply = await call
+        except (asyncio.CancelledError, grpc.aio.AioRpcError) as exc:
+            if outcome.get("too_large"):
+                raise _too_large(limit) from None
+            if outcome.get("gone"):
+                raise ClientGone from None
+            if isinstance(exc, grpc.aio.AioRpcError):
+                raise GatewayError.from_rpc_error(exc) from None
+            raise
         content_type, body = render_response(route.plan, reply)
         await _respond(send, 200, content_type, body, extra)
 

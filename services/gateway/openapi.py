@@ -221,6 +221,11 @@ def _operation(route: Route, schemas: _Schemas) -> dict[str, Any]:
 
 def _request_body(route: Route, schemas: _Schemas) -> dict[str, Any]:
     plan: RequestPlan = route.plan
+    if plan.streamed_body:
+        return {
+            "required": True,
+            "content": {"application/gzip": {"schema": {"type": "string", "format": "binary"}}},
+        }
     if plan.raw_body:
         return {
             "required": True,

@@ -116,6 +116,9 @@ class RequestPlan:
     raw_response: bool = False
     # AIP-134: a PATCH whose update_mask is not given updates the fields its body names.
     implied_mask: bool = False
+    # A client-streaming RPC whose body names a bytes field: the raw request body, streamed
+    # in chunks, one message each (the first also carries the path, query and headers).
+    streamed_body: bool = False
 
 
 def _field_ref(message: descriptor.Descriptor, path: tuple[str, ...]) -> FieldRef:
@@ -182,7 +185,18 @@ def prepare(route: Route) -> RequestPlan:
     )
     if route.response_body:
         response_field = response.fields_by_name[route.response_body].json_name
+    streamed_body = (
+        route.method.client_streaming
+        and body_field is not None
+        and body_field.type == FD.TYPE_BYTES
+        and not body_field.is_repeated
+    )
+    if route.method.client_streaming and not streamed_body:
+        raise TemplateError(
+            f"{route.method.full_name}: a client-streaming route's body must name a bytes field"
+        )
     return RequestPlan(
+        streamed_body=streamed_body,
         body=route.body,
         body_field=body_field,
         raw_body=raw_body,
@@ -419,7 +433,7 @@ def build_request(
     plan: RequestPlan = route.plan
     message = route.request_class()
     data = None
-    if plan.body:
+    if plan.body and not plan.streamed_body:
         content_type = headers.get(b"content-type", b"").decode("latin-1")
         data = parse_body(plan, message, body, content_type)
     if query:

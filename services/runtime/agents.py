@@ -86,8 +86,14 @@ class Agents:
             request.liveness_period.FromSeconds(deployment.liveness_period_seconds)
         if deployment.image is not None:
             request.image = deployment.image
+        elif deployment.source_sha256:
+            # Built in the sandbox first, unless a slug of it exists (a rollback, a restart
+            # with new config): then that exact slug runs.
+            request.source_sha256 = deployment.source_sha256
+            request.slug_sha256 = deployment.slug_sha256
         else:
             request.command = deployment.command or ""
+        request.process_type = deployment.process_type
         reply: agent_pb2.StartContainerResponse = await self.stub(address).StartContainer(
             request, timeout=self.timeout
         )

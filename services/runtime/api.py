@@ -19,13 +19,15 @@ from hangar.runtime.v1 import runtime_pb2_grpc
 from services.runtime.domain import (
     DeploymentState,
     Isolation,
+    ReleaseReason,
     RequestedSource,
     Resources,
     ServerState,
 )
 from services.runtime.projects import Projects
 from services.runtime.service import AgentReports, Containers, Deployments, Servers
-from services.runtime.store import Container, Deployment, Server
+from services.runtime.sources import AgentArtifacts, Sources
+from services.runtime.store import Container, Deployment, Server, Source
 from services.runtime.telemetry import Telemetry
 from services.runtime.telemetry_api import TelemetryApi
 from shared.auth import Authorizer, require_service
@@ -46,6 +48,9 @@ _ISOLATION = {
 _ISOLATION_OF: dict[int, Isolation] = {value: isolation for isolation, value in _ISOLATION.items()}
 _DEPLOYMENT_STATUS = {
     state: pb.DeploymentStatus.Value(f"DEPLOYMENT_STATUS_{state.name}") for state in DeploymentState
+}
+_RELEASE_REASON = {
+    reason: pb.ReleaseReason.Value(f"RELEASE_REASON_{reason.name}") for reason in ReleaseReason
 }
 
 
@@ -81,9 +86,15 @@ def deployment_to_proto(d: Deployment) -> pb.Deployment:
         rolled_back_from=d.rolled_back_from,
         created_at=optional_timestamp(d.created_at),
         updated_at=optional_timestamp(d.updated_at),
+        slug_sha256=d.slug_sha256,
+        release_reason=_RELEASE_REASON[d.release_reason],
+        created_by=d.created_by,
+        process_type=d.process_type,
     )
     if d.image is not None:
         out.image = d.image
+    elif d.source_sha256:
+        out.source_sha256 = d.source_sha256
     else:
         out.command = d.command or ""
     if d.exit_code is not None:
@@ -130,6 +141,16 @@ def container_to_proto(c: Container) -> pb.Container:
     )
 
 
+def source_to_proto(s: Source) -> pb.Source:
+    return pb.Source(
+        project_id=s.project_id,
+        sha256=s.sha256,
+        size_bytes=s.size_bytes,
+        created_by=s.created_by,
+        created_at=optional_timestamp(s.created_at),
+    )
+
+
 def report_from_proto(r: pb.ContainerStatusReport) -> agent_pb2.Container:
     report = agent_pb2.Container(
         container_id=r.container_id,
@@ -139,6 +160,8 @@ def report_from_proto(r: pb.ContainerStatusReport) -> agent_pb2.Container:
         last_exit_reason=r.last_exit_reason,
         last_log_lines=r.last_log_lines,
         crash_loop=r.crash_loop,
+        slug_sha256=r.slug_sha256,
+        building=r.building,
     )
     if r.HasField("exit_code"):
         report.exit_code = r.exit_code
@@ -159,11 +182,14 @@ def isolation_from_proto(value: int) -> Isolation | None:
 
 def source_from_proto(requested: pb.Deployment) -> RequestedSource:
     which = requested.WhichOneof("source")
+    process_type = requested.process_type
     if which == "image":
-        return RequestedSource(image=requested.image)
+        return RequestedSource(image=requested.image, process_type=process_type)
     if which == "command":
-        return RequestedSource(command=requested.command)
-    return RequestedSource()
+        return RequestedSource(command=requested.command, process_type=process_type)
+    if which == "source_sha256":
+        return RequestedSource(source_sha256=requested.source_sha256, process_type=process_type)
+    return RequestedSource(process_type=process_type)
 
 
 @dataclass
@@ -186,9 +212,13 @@ class RuntimeApi(TelemetryApi, runtime_pb2_grpc.RuntimeServiceServicer):
         deployments: Deployments,
         containers: Containers,
         agent_reports: AgentReports,
+        sources: Sources,
+        artifacts: AgentArtifacts,
         feed: OutboxFeed,
         telemetry: TelemetryParts,
     ) -> None:
+        self.sources = sources
+        self.artifacts = artifacts
         self.servers = servers
         self.deployments = deployments
         self.containers = containers
@@ -273,6 +303,43 @@ class RuntimeApi(TelemetryApi, runtime_pb2_grpc.RuntimeServiceServicer):
             containers=[container_to_proto(c) for c in page.items],
             next_page_token=page.next_page_token,
         )
+
+    # -------------------------------------------------------------------- sources
+
+    async def UploadSource(
+        self, request_iterator: AsyncIterator[pb.UploadSourceRequest], context: Context
+    ) -> pb.Source:
+        async def chunks() -> AsyncIterator[tuple[str, bytes]]:
+            async for message in request_iterator:
+                yield message.project_id, message.chunk
+
+        return source_to_proto(await self.sources.upload(chunks()))
+
+    async def ListSources(
+        self, request: pb.ListSourcesRequest, context: Context
+    ) -> pb.ListSourcesResponse:
+        page = await self.sources.list_sources(
+            request.project_id, request.page_size, request.page_token
+        )
+        return pb.ListSourcesResponse(
+            sources=[source_to_proto(s) for s in page.items], next_page_token=page.next_page_token
+        )
+
+    async def FetchArtifact(
+        self, request: pb.FetchArtifactRequest, context: Context
+    ) -> AsyncIterator[pb.ArtifactChunk]:
+        async for chunk in await self.artifacts.fetch(request.sha256):
+            yield pb.ArtifactChunk(chunk=chunk)
+
+    async def PutArtifact(
+        self, request_iterator: AsyncIterator[pb.PutArtifactRequest], context: Context
+    ) -> pb.Artifact:
+        async def chunks() -> AsyncIterator[tuple[str, bytes]]:
+            async for message in request_iterator:
+                yield message.project_id, message.chunk
+
+        artifact = await self.artifacts.put_slug(chunks())
+        return pb.Artifact(sha256=artifact.sha256, size_bytes=artifact.size_bytes)
 
     # --------------------------------------------------------------------- agents
 

@@ -188,7 +188,9 @@ class Deployer:
                 tx, container.id, address=started.address, pid=started.pid, started_at=_utcnow()
             )
             if deployment.status is State.SCHEDULING:
-                deployment = await self.scheduler.transition_in(tx, deployment, State.STARTING)
+                deployment = await self.scheduler.transition_in(
+                    tx, deployment, State.BUILDING if deployment.needs_build else State.STARTING
+                )
         if deployment.status in ENDS:  # cancelled (or deleted) while the agent was starting it
             self.stop_soon()
 
@@ -271,6 +273,7 @@ class Deployer:
         async with self.db.transaction() as tx:
             if status == "running" and deployment.status in (
                 State.SCHEDULING,
+                State.BUILDING,
                 State.STARTING,
                 State.CRASH_LOOP,
             ):
@@ -308,6 +311,9 @@ class Deployer:
         apps that answered once, so this is the rare case of reports lost meanwhile).
         """
         exit_code = report.exit_code if report.HasField("exit_code") else None
+        if report.slug_sha256 and deployment.needs_build:  # its build succeeded: the release
+            await store.set_slug(tx, deployment.id, report.slug_sha256)
+            deployment = await store.lock_deployment(tx, deployment.id)
         if container.status in ENDED:  # on its own, or a sleeping app that did not start again
             if deployment.status in HOLDS_CAPACITY:
                 reason = with_log_lines(_ended_reason(report), report.last_log_lines)
@@ -323,7 +329,7 @@ class Deployer:
                 deployment = await self.scheduler.transition_in(
                     tx, deployment, State.CRASH_LOOP, reason=reason
                 )
-            elif deployment.status in (State.SCHEDULING, State.STARTING):
+            elif deployment.status in (State.SCHEDULING, State.BUILDING, State.STARTING):
                 deployment = await self.scheduler.transition_in(
                     tx,
                     deployment,
@@ -331,9 +337,11 @@ class Deployer:
                     reason=f"crash-looping before it was ever seen running: {reason}",
                 )
             return deployment, False
+        if deployment.status is State.BUILDING and not report.building and report.slug_sha256:
+            deployment = await self.scheduler.transition_in(tx, deployment, State.STARTING)
         if container.status != "running":
             return deployment, False
-        if deployment.status is State.SCHEDULING:
+        if deployment.status in (State.SCHEDULING, State.BUILDING):
             deployment = await self.scheduler.transition_in(tx, deployment, State.STARTING)
         if deployment.status is State.STARTING:
             deployment = await self.scheduler.transition_in(tx, deployment, State.RUNNING)
@@ -395,7 +403,9 @@ class Deployer:
         failed."""
         async with self.db.session() as s:
             rows = await store.deployments_on_agents(
-                s, (State.STARTING, State.RUNNING, State.CRASH_LOOP), settled_seconds
+                s,
+                (State.BUILDING, State.STARTING, State.RUNNING, State.CRASH_LOOP),
+                settled_seconds,
             )
             # Agents that beat lately: only those are asked about containers nobody wants
             # (an address of a server long silent may be another agent's by now).

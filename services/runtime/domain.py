@@ -13,6 +13,7 @@ from shared.errors import FailedPrecondition, InvalidArgument
 class DeploymentState(StrEnum):
     QUEUED = "queued"  # waiting for a server with room
     SCHEDULING = "scheduling"  # placed: capacity reserved, being handed to the agent
+    BUILDING = "building"  # its agent builds its source in the sandbox, then starts it
     STARTING = "starting"  # the agent started it; health check not passed yet
     RUNNING = "running"
     # It ran, then kept crashing soon after each restart: its agent still restarts it (with
@@ -29,7 +30,8 @@ S = DeploymentState
 # The whole graph; anything else is refused.
 TRANSITIONS: dict[DeploymentState, frozenset[DeploymentState]] = {
     S.QUEUED: frozenset({S.SCHEDULING, S.CANCELLED, S.FAILED}),
-    S.SCHEDULING: frozenset({S.STARTING, S.CANCELLED, S.FAILED}),
+    S.SCHEDULING: frozenset({S.BUILDING, S.STARTING, S.CANCELLED, S.FAILED}),
+    S.BUILDING: frozenset({S.STARTING, S.CANCELLED, S.FAILED}),
     S.STARTING: frozenset({S.RUNNING, S.CANCELLED, S.FAILED}),
     S.RUNNING: frozenset({S.SUPERSEDED, S.FAILED, S.ROLLED_BACK, S.CRASH_LOOP}),
     # Stops as a running one does (superseded, rolled back, failed), or cancelled by its user.
@@ -41,7 +43,7 @@ TRANSITIONS: dict[DeploymentState, frozenset[DeploymentState]] = {
 }
 
 # States in which a deployment holds capacity on its server (capacity_reserved = true).
-HOLDS_CAPACITY = frozenset({S.SCHEDULING, S.STARTING, S.RUNNING, S.CRASH_LOOP})
+HOLDS_CAPACITY = frozenset({S.SCHEDULING, S.BUILDING, S.STARTING, S.RUNNING, S.CRASH_LOOP})
 # The project's current release (at most one per project): it has run, and a newer one that
 # reaches running supersedes it.
 SERVING = frozenset({S.RUNNING, S.CRASH_LOOP})
@@ -112,6 +114,7 @@ class Tenancy:
 
     organization_id: str
     share_unisolated: bool = False
+    sandbox: bool = False  # it builds a source: only a server with the container sandbox
 
 
 def tenant_of(organization_ids: Iterable[str]) -> str | None:
@@ -239,18 +242,59 @@ def required(value: str, field: str) -> str:
     return value.strip()
 
 
+class ReleaseReason(StrEnum):
+    """Why a deployment (a release) exists."""
+
+    DEPLOY = "deploy"
+    ROLLBACK = "rollback"
+    CONFIG_CHANGE = "config_change"  # the project's secrets changed
+
+
+# The Procfile process type a deployment runs when its request names none.
+WEB = "web"
+LATEST = "latest"  # source_sha256 naming the project's newest upload
+
+
 @dataclass(frozen=True)
 class RequestedSource:
-    """What a new deployment's request names to run: an image, a command, or neither."""
+    """What a new deployment's request names to run: an image, a command, an uploaded
+    source (its sha256, or LATEST), or none (the project's default)."""
 
     image: str | None = None
     command: str | None = None
+    source_sha256: str | None = None
+    process_type: str = ""
+
+
+def process_type_of(requested: str) -> str:
+    """The Procfile process type to run: the request's, else WEB."""
+    name = requested.strip() or WEB
+    if not all(c.isalnum() or c in "_-" for c in name) or len(name) > 63:
+        raise InvalidArgument.field(
+            "deployment.process_type", "letters, digits, '_' and '-' only, at most 63"
+        )
+    return name
+
+
+def source_digest(value: str) -> str:
+    """An uploaded source's sha256 as the request gives it (LATEST passes through)."""
+    digest = required(value, "deployment.source_sha256").lower()
+    if digest != LATEST and not is_sha256(digest):
+        raise InvalidArgument.field(
+            "deployment.source_sha256", "must be a sha256 (64 hex digits) or 'latest'"
+        )
+    return digest
+
+
+def is_sha256(value: str) -> bool:
+    return len(value) == 64 and all(c in "0123456789abcdef" for c in value)
 
 
 def choose_source(
     requested: RequestedSource, default_image: str, default_command: str
 ) -> tuple[str | None, str | None]:
-    """(image, command): what the request names, else the project's default."""
+    """(image, command): what the request names, else the project's default (a request
+    naming a source is handled by the caller)."""
     if requested.image is not None:
         return required(requested.image, "deployment.image"), None
     if requested.command is not None:

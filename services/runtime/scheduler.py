@@ -26,6 +26,7 @@ from services.runtime import store
 from services.runtime.domain import (
     HOLDS_CAPACITY,
     DeploymentState,
+    ReleaseReason,
     Resources,
     Tenancy,
     ensure_transition,
@@ -119,8 +120,10 @@ class Scheduler:
 
     async def create(self, spec: DeploymentSpec) -> Deployment:
         """Queue a deployment and try to place it at once; with no room it stays queued."""
-        if (spec.image is None) == (spec.command is None):
-            raise InvalidArgument.field("deployment.source", "exactly one of image or command")
+        if [spec.image, spec.command, spec.source_sha256].count(None) != 2:
+            raise InvalidArgument.field(
+                "deployment.source", "exactly one of image, command or source_sha256"
+            )
         spec.resources.validate("resources.")
 
         deadline = self.clock() + self.schedule_timeout
@@ -189,7 +192,9 @@ class Scheduler:
         leave it queued (saying so when only other organizations' apps are in the way)."""
         ensure_transition(deployment.status, State.SCHEDULING)
         driver = driver_for(deployment.image, deployment.command)
-        tenancy = Tenancy(deployment.organization_id, self.single_tenant)
+        tenancy = Tenancy(
+            deployment.organization_id, self.single_tenant, sandbox=deployment.needs_sandbox
+        )
         tenants_in_the_way = False
         if self.reserve is None:
             placement = await store.place_deployment(
@@ -297,6 +302,12 @@ class Scheduler:
                 region=previous.region,
                 image=previous.image,
                 command=previous.command,
+                # The exact slug it ran: no build.
+                source_sha256=previous.source_sha256 or None,
+                slug_sha256=previous.slug_sha256,
+                process_type=previous.process_type,
+                release_reason=ReleaseReason.ROLLBACK,
+                created_by=current_actor() or SYSTEM_ACTOR,
                 health_check_path=previous.health_check_path,
                 rolled_back_from=current.id,
                 sleep_after_seconds=current.sleep_after_seconds,  # the project's setting now
@@ -309,6 +320,39 @@ class Scheduler:
             rollback = await store.insert_deployment(tx, spec, self.clock() + self.schedule_timeout)
             await self._changed(tx, None, rollback)
             return await self._place(tx, rollback)
+
+    async def restart_with_new_config(
+        self, tx: Session, project_id: str, actor: str
+    ) -> Deployment | None:
+        """A config change (project.config_changed, in its event's transaction): the
+        project's serving release again as a new one, which starts with the secrets as they
+        are now and supersedes it once running. Nothing when nothing serves."""
+        await self.lock_project(tx, project_id)
+        serving = await store.lock_running_of_project(tx, project_id, excluding="")
+        if serving is None:
+            return None
+        spec = DeploymentSpec(
+            project_id=serving.project_id,
+            organization_id=serving.organization_id,
+            resources=serving.resources,
+            region=serving.region,
+            image=serving.image,
+            command=serving.command,
+            source_sha256=serving.source_sha256 or None,
+            slug_sha256=serving.slug_sha256,  # the same build: nothing is built again
+            process_type=serving.process_type,
+            release_reason=ReleaseReason.CONFIG_CHANGE,
+            created_by=actor,
+            health_check_path=serving.health_check_path,
+            sleep_after_seconds=serving.sleep_after_seconds,
+            restart_policy=serving.restart_policy,
+            liveness_check_path=serving.liveness_check_path,
+            liveness_period_seconds=serving.liveness_period_seconds,
+            liveness_failure_threshold=serving.liveness_failure_threshold,
+        )
+        release = await store.insert_deployment(tx, spec, self.clock() + self.schedule_timeout)
+        await self._changed(tx, None, release)
+        return await self._place(tx, release)
 
     @staticmethod
     async def lock_project(tx: Session, project_id: str) -> None:

@@ -13,6 +13,7 @@ from hangar.runtime.v1 import runtime_pb2, runtime_pb2_grpc
 from services.runtime import store
 from services.runtime.agents import Agents
 from services.runtime.api import RuntimeApi, TelemetryParts
+from services.runtime.artifacts import artifact_store_from_settings
 from services.runtime.billing_usage import RemoteBillingUsage
 from services.runtime.deployer import Deployer
 from services.runtime.projects import Projects, RemoteProjects
@@ -20,6 +21,7 @@ from services.runtime.reconciler import Reconciler
 from services.runtime.scheduler import Scheduler
 from services.runtime.service import AgentReports, Containers, Deployments, ProjectAccess, Servers
 from services.runtime.sleeper import SleepController
+from services.runtime.sources import MAX_SLUG_BYTES, AgentArtifacts, Sources
 from services.runtime.telemetry import Telemetry
 from shared.app import ServiceApp
 from shared.audit import AuditRelay
@@ -31,6 +33,7 @@ from shared.settings import Settings
 
 PROJECT_DELETED = "project.deleted"
 PROJECT_UPDATED = "project.updated"
+PROJECT_CONFIG_CHANGED = "project.config_changed"
 
 __all__ = ["Projects", "RemoteProjects", "RuntimeApp", "build", "main"]
 
@@ -48,7 +51,7 @@ class ProjectEvents(EventConsumer):
             source="project",
             watch=app.watch_events("project"),
             handler=self._handle,
-            types=[PROJECT_DELETED, PROJECT_UPDATED],
+            types=[PROJECT_DELETED, PROJECT_UPDATED, PROJECT_CONFIG_CHANGED],
         )
         self.app = app
 
@@ -60,11 +63,19 @@ class ProjectEvents(EventConsumer):
             sleeps = bool(spec["sleep_enabled"]) if "sleep_enabled" in spec else False
             after = int(spec["sleep_after_seconds"]) if sleeps else None
             await store.set_sleep_after(tx, event.aggregate_id, after)
+        elif event.type == PROJECT_CONFIG_CHANGED:
+            change = event.payload
+            if "restart" in change and not change["restart"]:
+                return
+            actor = str(change["actor"]) if "actor" in change else ""
+            await self.app.scheduler.restart_with_new_config(tx, event.aggregate_id, actor)
 
     async def apply(self, event: events_pb2.Event) -> None:
         await super().apply(event)
         if event.type == PROJECT_DELETED:
             self.app.deployer.stop_soon()
+        elif event.type == PROJECT_CONFIG_CHANGED:
+            self.app.deployer.sweep_soon()  # start the new release, if one was placed
 
 
 class RuntimeApp(ServiceApp):
@@ -120,6 +131,9 @@ class RuntimeApp(ServiceApp):
         self.deployments = Deployments(db, access, self.scheduler, self.deployer)
         self.containers = Containers(db, access)
         self.agent_reports = AgentReports(self.deployer)
+        self.artifacts = artifact_store_from_settings(settings)
+        self.sources = Sources(db, access, self.artifacts, settings.max_source_bytes)
+        self.agent_artifacts = AgentArtifacts(db, self.artifacts, MAX_SLUG_BYTES)
         if background:
             for loop in self.telemetry.loops():
                 self.add_loop(_coroutine(loop))
@@ -137,6 +151,8 @@ class RuntimeApp(ServiceApp):
             deployments=self.deployments,
             containers=self.containers,
             agent_reports=self.agent_reports,
+            sources=self.sources,
+            artifacts=self.agent_artifacts,
             feed=self.feed,
             telemetry=TelemetryParts(self.telemetry, self.authorizer, self.projects),
         )

@@ -10,19 +10,23 @@ from hangar.agent.v1 import agent_pb2
 from services.runtime import store
 from services.runtime.deployer import Deployer
 from services.runtime.domain import (
+    LATEST,
+    WEB,
     DeploymentState,
     Isolation,
     RequestedSource,
     Resources,
     ServerState,
     choose_source,
+    process_type_of,
     required,
+    source_digest,
 )
 from services.runtime.projects import Projects
 from services.runtime.scheduler import IMAGE_DRIVER, Scheduler
 from services.runtime.store import Container, Deployment, DeploymentSpec, Server
 from shared import pagination
-from shared.audit import record_audit
+from shared.audit import current_actor, record_audit
 from shared.auth import Authorizer, require_caller, require_platform_admin, require_service
 from shared.db import Database
 from shared.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
@@ -168,7 +172,17 @@ class Deployments:
         require_caller()
         project = await self.access.projects.get(required(project_id, "project_id"))
         await self.access.authorizer.require(project.organization_id, "deployments.create")
-        image, command = choose_source(requested, project.default_image, project.default_command)
+        process_type = process_type_of(requested.process_type)
+        web = process_type == WEB
+        source: str | None = None
+        image: str | None = None
+        command: str | None = None
+        if requested.source_sha256 is not None:
+            source = await self._uploaded(project.id, source_digest(requested.source_sha256))
+        else:
+            image, command = choose_source(
+                requested, project.default_image, project.default_command
+            )
         if image is not None:
             async with self.db.session() as s:
                 if not await store.any_active_server_with_driver(s, IMAGE_DRIVER):
@@ -184,10 +198,15 @@ class Deployments:
                 region=project.region,
                 image=image,
                 command=command,
-                health_check_path=project.health_check_path,
-                sleep_after_seconds=project.sleep_after_seconds,
+                source_sha256=source,
+                process_type=process_type,
+                created_by=current_actor() or "",
+                # A worker serves no HTTP: no health or liveness check, never put to sleep
+                # for want of requests.
+                health_check_path=project.health_check_path if web else "",
+                sleep_after_seconds=project.sleep_after_seconds if web else None,
                 restart_policy=project.restart_policy,
-                liveness_check_path=project.liveness_check_path,
+                liveness_check_path=project.liveness_check_path if web else "",
                 liveness_period_seconds=project.liveness_period_seconds,
                 liveness_failure_threshold=project.liveness_failure_threshold,
             )
@@ -195,6 +214,24 @@ class Deployments:
         if deployment.status is DeploymentState.SCHEDULING:
             self.deployer.launch_soon(deployment.id)
         return deployment
+
+    async def _uploaded(self, project_id: str, digest: str) -> str:
+        """The digest of one of the project's uploaded sources (LATEST: its newest), which
+        only a server with the container sandbox may build."""
+        async with self.db.session() as s:
+            source = await store.find_source(s, project_id, digest)
+            if source is None:
+                raise InvalidArgument.field(
+                    "deployment.source_sha256",
+                    "this project has no uploaded source"
+                    + ("" if digest == LATEST else f" {digest}"),
+                )
+            if not await store.any_active_sandbox_server(s):
+                raise FailedPrecondition(
+                    "no server runs the container sandbox that builds need",
+                    reason="NO_BUILD_SANDBOX",
+                )
+        return source.sha256
 
     async def roll_back_deployment(self, deployment_id: str) -> Deployment:
         deployment = await self._readable(deployment_id, "deployments.rollback")

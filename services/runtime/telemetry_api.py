@@ -37,8 +37,12 @@ Context: TypeAlias = grpc.aio.ServicerContext
 AGENT = "agent"
 MAX_TAIL_LINES = 10_000
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-_STREAM_IN = {pb.LOG_STREAM_STDOUT: "stdout", pb.LOG_STREAM_STDERR: "stderr"}
-_STREAM_OUT = {"stdout": pb.LOG_STREAM_STDOUT, "stderr": pb.LOG_STREAM_STDERR}
+_STREAM_IN = {
+    pb.LOG_STREAM_STDOUT: "stdout",
+    pb.LOG_STREAM_STDERR: "stderr",
+    pb.LOG_STREAM_BUILD: "build",
+}
+_STREAM_OUT = {value: key for key, value in _STREAM_IN.items()}
 _METRIC_IN = {
     pb.METRIC_TYPE_MEMORY_RSS_BYTES: MetricName.MEMORY_RSS_BYTES,
     pb.METRIC_TYPE_CPU_MILLICORES: MetricName.CPU_MILLICORES,

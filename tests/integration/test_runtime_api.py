@@ -11,6 +11,8 @@ Authorize (runtime's RemoteAuthorizer) and project's GetProject (runtime's Remot
 
 from __future__ import annotations
 
+import io
+import tarfile
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -282,6 +284,18 @@ async def _tail(w: World, project: str, md: Metadata) -> None:
         call.cancel()
 
 
+def _source_archive() -> bytes:
+    """A valid source: a gzip-compressed tar holding one Procfile."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+        procfile = b"web: python3 -m http.server $PORT\n"
+        member = tarfile.TarInfo("Procfile")
+        member.size = len(procfile)
+        tar.addfile(member, io.BytesIO(procfile))
+    return buffer.getvalue()
+
+
+_PROCFILE_ONLY = _source_archive()
 Call = Callable[[World, str, str, Metadata], Awaitable[object]]  # (world, project, deployment, md)
 HOUR = duration_pb2.Duration(seconds=3600)
 
@@ -299,6 +313,9 @@ READS: dict[str, Call] = {
         pb.QueryLogsRequest(project_id=p), metadata=md
     ),
     "TailLogs": lambda w, p, _d, md: _tail(w, p, md),
+    "ListSources": lambda w, p, _d, md: w.stub.ListSources(
+        pb.ListSourcesRequest(project_id=p), metadata=md
+    ),
     "QueryMetrics": lambda w, p, _d, md: w.stub.QueryMetrics(
         pb.QueryMetricsRequest(
             project_id=p,
@@ -321,6 +338,9 @@ WRITES: dict[str, Call] = {
     ),
     "CancelDeployment": lambda w, _p, d, md: w.stub.CancelDeployment(
         pb.CancelDeploymentRequest(id=d), metadata=md
+    ),
+    "UploadSource": lambda w, p, _d, md: w.stub.UploadSource(
+        iter([pb.UploadSourceRequest(project_id=p, chunk=_PROCFILE_ONLY)]), metadata=md
     ),
 }
 ORG_SCOPED = {**READS, **WRITES}
@@ -345,6 +365,8 @@ def test_the_matrix_covers_every_org_scoped_rpc() -> None:
         "Heartbeat",
         "ShipLogs",
         "ShipMetrics",
+        "FetchArtifact",
+        "PutArtifact",
         "WatchEvents",
     }
     methods = {m.name for m in service.methods}
@@ -379,3 +401,32 @@ async def test_org_scoped_rpcs_answer_only_the_organization_s_members(
         "forged": (w.project, w.deployment, bearer(forged(w.owner.token)), UNAUTHENTICATED),
     }[caller]
     assert await _code(call(w, project, deployment, md)) == expected
+
+
+async def _fetch(w: World, sha256: str, md: Metadata) -> bytes:
+    call = w.stub.FetchArtifact(pb.FetchArtifactRequest(sha256=sha256), metadata=md)
+    return b"".join([message.chunk async for message in call])
+
+
+async def test_artifacts_are_the_agent_s_alone(world: World, neighbours: Neighbours) -> None:
+    """Uploaded sources and slugs reach agents (their service token), never users: not even
+    the owner of the project they belong to."""
+    w = world
+    agent = await neighbours.service("agent")
+    source = await w.stub.UploadSource(
+        iter([pb.UploadSourceRequest(project_id=w.project, chunk=_PROCFILE_ONLY)]),
+        metadata=w.owner.md,
+    )
+    assert await _fetch(w, source.sha256, agent) == _PROCFILE_ONLY
+    assert await _code(_fetch(w, source.sha256, w.owner.md)) == DENIED
+    assert await _code(_fetch(w, "0" * 64, agent)) == grpc.StatusCode.NOT_FOUND
+    assert await _code(_fetch(w, "not-a-digest", agent)) == grpc.StatusCode.INVALID_ARGUMENT
+
+    slug = [
+        pb.PutArtifactRequest(
+            project_id=w.project, deployment_id=w.deployment, chunk=_PROCFILE_ONLY
+        )
+    ]
+    assert await _code(w.stub.PutArtifact(iter(slug), metadata=w.owner.md)) == DENIED
+    stored = await w.stub.PutArtifact(iter(slug), metadata=agent)
+    assert stored.sha256 == source.sha256  # content-addressed: the same bytes, one artifact

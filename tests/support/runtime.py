@@ -10,6 +10,7 @@ read back as a superuser."""
 from __future__ import annotations
 
 import secrets
+import tempfile
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -280,6 +281,8 @@ def live_runtime_settings(
         "runtime_start_timeout_seconds": 15.0,
         "runtime_heartbeat_timeout_seconds": 10.0,
         "runtime_schedule_retry_seconds": 0.5,
+        # Uploads land in a directory of the test run's own, never the machine's.
+        "artifacts_dir": tempfile.mkdtemp(prefix="hangar-artifacts-"),
     }
     values.update(overrides)
     return Settings(

@@ -71,7 +71,8 @@ class Stack:
 
     def client(self, token: str = "", **kwargs: Any) -> httpx.Client:
         headers = {"Authorization": f"Bearer {token}"} if token else {}
-        return httpx.Client(base_url=self.url, headers=headers, timeout=15, **kwargs)
+        kwargs.setdefault("timeout", 15)
+        return httpx.Client(base_url=self.url, headers=headers, **kwargs)
 
     def dead(self) -> dict[str, str]:
         """Processes that exited, with the end of their stderr."""
@@ -202,6 +203,7 @@ def start_stack(
             "HANGAR_AGENT_SERVER": AGENT_SERVER_NAME,
             "HANGAR_AGENT_HEARTBEAT_SECONDS": "1",
             "HANGAR_AGENT_STATE_DIR": str(home / "agent"),
+            "HANGAR_ARTIFACTS_DIR": str(home / "artifacts"),
             "HANGAR_RUNTIME_AGENT_SWEEP_SECONDS": "0.5",
             "HANGAR_TELEMETRY_SAMPLE_SECONDS": "1",
             "HANGAR_TELEMETRY_USAGE_SECONDS": "2",

@@ -33,7 +33,15 @@ INTERNAL_RPCS = {
         "CheckSession",
     },
     "project": {"ResolveSecrets", "WatchEvents"},
-    "runtime": {"Heartbeat", "ShipLogs", "ShipMetrics", "ReportContainerStatus", "WatchEvents"},
+    "runtime": {
+        "Heartbeat",
+        "ShipLogs",
+        "ShipMetrics",
+        "ReportContainerStatus",
+        "FetchArtifact",
+        "PutArtifact",
+        "WatchEvents",
+    },
     "billing": {
         "ReserveAllocation",
         "ReleaseAllocation",

@@ -52,6 +52,11 @@ ALLOWED = {
     (S.CRASH_LOOP, S.FAILED),
     (S.CRASH_LOOP, S.ROLLED_BACK),
     (S.CRASH_LOOP, S.CANCELLED),
+    # a source is built on its server before it starts; a build fails or is cancelled
+    (S.SCHEDULING, S.BUILDING),
+    (S.BUILDING, S.STARTING),
+    (S.BUILDING, S.FAILED),
+    (S.BUILDING, S.CANCELLED),
 }
 
 
@@ -85,9 +90,9 @@ def test_the_graph_has_every_state_and_only_the_listed_edges() -> None:
 
 def test_ends_hold_no_capacity_and_cancel_is_before_running_or_while_crash_looping() -> None:
     assert ENDS == {S.SUPERSEDED, S.FAILED, S.CANCELLED, S.ROLLED_BACK}
-    assert HOLDS_CAPACITY == {S.SCHEDULING, S.STARTING, S.RUNNING, S.CRASH_LOOP}
+    assert HOLDS_CAPACITY == {S.SCHEDULING, S.BUILDING, S.STARTING, S.RUNNING, S.CRASH_LOOP}
     assert not ENDS & HOLDS_CAPACITY
-    assert CANCELLABLE == {S.QUEUED, S.SCHEDULING, S.STARTING, S.CRASH_LOOP}
+    assert CANCELLABLE == {S.QUEUED, S.SCHEDULING, S.BUILDING, S.STARTING, S.CRASH_LOOP}
 
 
 def _server(sid: str, ram: int, cpu: int, ram_used: int = 0, cpu_used: int = 0) -> Candidate:

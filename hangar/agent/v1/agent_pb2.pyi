@@ -49,7 +49,7 @@ SLEEP_STATUS_SLEEPING: SleepStatus
 SLEEP_STATUS_WAKING: SleepStatus
 
 class Container(_message.Message):
-    __slots__ = ("container_id", "deployment_id", "project_id", "status", "exit_code", "reason", "address", "port", "pid", "started_at", "ended_at", "sleep_status", "last_request_at", "restart_count", "last_exit_reason", "last_log_lines", "crash_loop", "next_restart_at", "restart_backoff")
+    __slots__ = ("container_id", "deployment_id", "project_id", "status", "exit_code", "reason", "address", "port", "pid", "started_at", "ended_at", "sleep_status", "last_request_at", "restart_count", "last_exit_reason", "last_log_lines", "crash_loop", "next_restart_at", "restart_backoff", "slug_sha256", "building")
     CONTAINER_ID_FIELD_NUMBER: _ClassVar[int]
     DEPLOYMENT_ID_FIELD_NUMBER: _ClassVar[int]
     PROJECT_ID_FIELD_NUMBER: _ClassVar[int]
@@ -69,6 +69,8 @@ class Container(_message.Message):
     CRASH_LOOP_FIELD_NUMBER: _ClassVar[int]
     NEXT_RESTART_AT_FIELD_NUMBER: _ClassVar[int]
     RESTART_BACKOFF_FIELD_NUMBER: _ClassVar[int]
+    SLUG_SHA256_FIELD_NUMBER: _ClassVar[int]
+    BUILDING_FIELD_NUMBER: _ClassVar[int]
     container_id: str
     deployment_id: str
     project_id: str
@@ -88,10 +90,12 @@ class Container(_message.Message):
     crash_loop: bool
     next_restart_at: _timestamp_pb2.Timestamp
     restart_backoff: _duration_pb2.Duration
-    def __init__(self, container_id: _Optional[str] = ..., deployment_id: _Optional[str] = ..., project_id: _Optional[str] = ..., status: _Optional[_Union[ContainerStatus, str]] = ..., exit_code: _Optional[int] = ..., reason: _Optional[str] = ..., address: _Optional[str] = ..., port: _Optional[int] = ..., pid: _Optional[int] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., ended_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., sleep_status: _Optional[_Union[SleepStatus, str]] = ..., last_request_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., restart_count: _Optional[int] = ..., last_exit_reason: _Optional[str] = ..., last_log_lines: _Optional[_Iterable[str]] = ..., crash_loop: _Optional[bool] = ..., next_restart_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., restart_backoff: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
+    slug_sha256: str
+    building: bool
+    def __init__(self, container_id: _Optional[str] = ..., deployment_id: _Optional[str] = ..., project_id: _Optional[str] = ..., status: _Optional[_Union[ContainerStatus, str]] = ..., exit_code: _Optional[int] = ..., reason: _Optional[str] = ..., address: _Optional[str] = ..., port: _Optional[int] = ..., pid: _Optional[int] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., ended_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., sleep_status: _Optional[_Union[SleepStatus, str]] = ..., last_request_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., restart_count: _Optional[int] = ..., last_exit_reason: _Optional[str] = ..., last_log_lines: _Optional[_Iterable[str]] = ..., crash_loop: _Optional[bool] = ..., next_restart_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., restart_backoff: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., slug_sha256: _Optional[str] = ..., building: _Optional[bool] = ...) -> None: ...
 
 class StartContainerRequest(_message.Message):
-    __slots__ = ("container_id", "deployment_id", "project_id", "command", "image", "env", "ram_mb", "cpu_millis", "health_check_path", "restart_policy", "liveness_check_path", "liveness_period", "liveness_failure_threshold")
+    __slots__ = ("container_id", "deployment_id", "project_id", "command", "image", "env", "ram_mb", "cpu_millis", "health_check_path", "restart_policy", "liveness_check_path", "liveness_period", "liveness_failure_threshold", "source_sha256", "slug_sha256", "process_type")
     class EnvEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -112,6 +116,9 @@ class StartContainerRequest(_message.Message):
     LIVENESS_CHECK_PATH_FIELD_NUMBER: _ClassVar[int]
     LIVENESS_PERIOD_FIELD_NUMBER: _ClassVar[int]
     LIVENESS_FAILURE_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_SHA256_FIELD_NUMBER: _ClassVar[int]
+    SLUG_SHA256_FIELD_NUMBER: _ClassVar[int]
+    PROCESS_TYPE_FIELD_NUMBER: _ClassVar[int]
     container_id: str
     deployment_id: str
     project_id: str
@@ -125,7 +132,10 @@ class StartContainerRequest(_message.Message):
     liveness_check_path: str
     liveness_period: _duration_pb2.Duration
     liveness_failure_threshold: int
-    def __init__(self, container_id: _Optional[str] = ..., deployment_id: _Optional[str] = ..., project_id: _Optional[str] = ..., command: _Optional[str] = ..., image: _Optional[str] = ..., env: _Optional[_Mapping[str, str]] = ..., ram_mb: _Optional[int] = ..., cpu_millis: _Optional[int] = ..., health_check_path: _Optional[str] = ..., restart_policy: _Optional[_Union[RestartPolicy, str]] = ..., liveness_check_path: _Optional[str] = ..., liveness_period: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., liveness_failure_threshold: _Optional[int] = ...) -> None: ...
+    source_sha256: str
+    slug_sha256: str
+    process_type: str
+    def __init__(self, container_id: _Optional[str] = ..., deployment_id: _Optional[str] = ..., project_id: _Optional[str] = ..., command: _Optional[str] = ..., image: _Optional[str] = ..., env: _Optional[_Mapping[str, str]] = ..., ram_mb: _Optional[int] = ..., cpu_millis: _Optional[int] = ..., health_check_path: _Optional[str] = ..., restart_policy: _Optional[_Union[RestartPolicy, str]] = ..., liveness_check_path: _Optional[str] = ..., liveness_period: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., liveness_failure_threshold: _Optional[int] = ..., source_sha256: _Optional[str] = ..., slug_sha256: _Optional[str] = ..., process_type: _Optional[str] = ...) -> None: ...
 
 class StartContainerResponse(_message.Message):
     __slots__ = ("address", "port", "pid")

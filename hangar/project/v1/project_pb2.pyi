@@ -130,14 +130,16 @@ class DeleteProjectRequest(_message.Message):
     def __init__(self, id: _Optional[str] = ...) -> None: ...
 
 class SetSecretRequest(_message.Message):
-    __slots__ = ("project_id", "name", "value")
+    __slots__ = ("project_id", "name", "value", "restart")
     PROJECT_ID_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     VALUE_FIELD_NUMBER: _ClassVar[int]
+    RESTART_FIELD_NUMBER: _ClassVar[int]
     project_id: str
     name: str
     value: str
-    def __init__(self, project_id: _Optional[str] = ..., name: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    restart: bool
+    def __init__(self, project_id: _Optional[str] = ..., name: _Optional[str] = ..., value: _Optional[str] = ..., restart: _Optional[bool] = ...) -> None: ...
 
 class ListSecretsRequest(_message.Message):
     __slots__ = ("project_id", "page_size", "page_token")
@@ -158,12 +160,14 @@ class ListSecretsResponse(_message.Message):
     def __init__(self, secrets: _Optional[_Iterable[_Union[Secret, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
 
 class DeleteSecretRequest(_message.Message):
-    __slots__ = ("project_id", "name")
+    __slots__ = ("project_id", "name", "restart")
     PROJECT_ID_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
+    RESTART_FIELD_NUMBER: _ClassVar[int]
     project_id: str
     name: str
-    def __init__(self, project_id: _Optional[str] = ..., name: _Optional[str] = ...) -> None: ...
+    restart: bool
+    def __init__(self, project_id: _Optional[str] = ..., name: _Optional[str] = ..., restart: _Optional[bool] = ...) -> None: ...
 
 class RevealSecretRequest(_message.Message):
     __slots__ = ("project_id", "name")

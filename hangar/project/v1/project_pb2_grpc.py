@@ -141,7 +141,9 @@ class ProjectServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def SetSecret(self, request, context):
-        """Creates or overwrites a secret; bumps its version. Role: developer.
+        """Creates or overwrites a secret; bumps its version. The running release restarts with
+        the new config as a new release (a config change), unless restart is false.
+        Role: developer.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -155,7 +157,8 @@ class ProjectServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def DeleteSecret(self, request, context):
-        """Deletes a secret. Role: developer.
+        """Deletes a secret; the running release restarts without it (a config change), unless
+        restart is false. Role: developer.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -185,7 +188,7 @@ class ProjectServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def WatchEvents(self, request, context):
-        """Streams project's outbox events (project.created/updated/deleted) after a cursor.
+        """Streams project's outbox events (project.created/updated/deleted/config_changed) after a cursor.
         Internal: runtime consumes it; refuses user tokens.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)

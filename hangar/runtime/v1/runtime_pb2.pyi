@@ -39,6 +39,14 @@ class DeploymentStatus(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     DEPLOYMENT_STATUS_CANCELLED: _ClassVar[DeploymentStatus]
     DEPLOYMENT_STATUS_ROLLED_BACK: _ClassVar[DeploymentStatus]
     DEPLOYMENT_STATUS_CRASH_LOOP: _ClassVar[DeploymentStatus]
+    DEPLOYMENT_STATUS_BUILDING: _ClassVar[DeploymentStatus]
+
+class ReleaseReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    RELEASE_REASON_UNSPECIFIED: _ClassVar[ReleaseReason]
+    RELEASE_REASON_DEPLOY: _ClassVar[ReleaseReason]
+    RELEASE_REASON_ROLLBACK: _ClassVar[ReleaseReason]
+    RELEASE_REASON_CONFIG_CHANGE: _ClassVar[ReleaseReason]
 
 class ContainerStatus(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -61,6 +69,7 @@ class LogStream(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     LOG_STREAM_UNSPECIFIED: _ClassVar[LogStream]
     LOG_STREAM_STDOUT: _ClassVar[LogStream]
     LOG_STREAM_STDERR: _ClassVar[LogStream]
+    LOG_STREAM_BUILD: _ClassVar[LogStream]
 
 class MetricType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -92,6 +101,11 @@ DEPLOYMENT_STATUS_FAILED: DeploymentStatus
 DEPLOYMENT_STATUS_CANCELLED: DeploymentStatus
 DEPLOYMENT_STATUS_ROLLED_BACK: DeploymentStatus
 DEPLOYMENT_STATUS_CRASH_LOOP: DeploymentStatus
+DEPLOYMENT_STATUS_BUILDING: DeploymentStatus
+RELEASE_REASON_UNSPECIFIED: ReleaseReason
+RELEASE_REASON_DEPLOY: ReleaseReason
+RELEASE_REASON_ROLLBACK: ReleaseReason
+RELEASE_REASON_CONFIG_CHANGE: ReleaseReason
 CONTAINER_STATUS_UNSPECIFIED: ContainerStatus
 CONTAINER_STATUS_STARTING: ContainerStatus
 CONTAINER_STATUS_RUNNING: ContainerStatus
@@ -105,6 +119,7 @@ SLEEP_STATUS_WAKING: SleepStatus
 LOG_STREAM_UNSPECIFIED: LogStream
 LOG_STREAM_STDOUT: LogStream
 LOG_STREAM_STDERR: LogStream
+LOG_STREAM_BUILD: LogStream
 METRIC_TYPE_UNSPECIFIED: MetricType
 METRIC_TYPE_MEMORY_RSS_BYTES: MetricType
 METRIC_TYPE_CPU_MILLICORES: MetricType
@@ -143,7 +158,7 @@ class Server(_message.Message):
     def __init__(self, id: _Optional[str] = ..., name: _Optional[str] = ..., region: _Optional[str] = ..., agent_address: _Optional[str] = ..., ram_mb: _Optional[int] = ..., cpu_millis: _Optional[int] = ..., ram_mb_reserved: _Optional[int] = ..., cpu_millis_reserved: _Optional[int] = ..., status: _Optional[_Union[ServerStatus, str]] = ..., last_heartbeat_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., isolation: _Optional[_Union[ServerIsolation, str]] = ...) -> None: ...
 
 class Deployment(_message.Message):
-    __slots__ = ("id", "project_id", "organization_id", "server_id", "status", "capacity_reserved", "image", "command", "ram_mb", "cpu_millis", "secrets_version", "exit_code", "status_reason", "rolled_back_from", "created_at", "updated_at")
+    __slots__ = ("id", "project_id", "organization_id", "server_id", "status", "capacity_reserved", "image", "command", "source_sha256", "ram_mb", "cpu_millis", "secrets_version", "exit_code", "status_reason", "rolled_back_from", "created_at", "updated_at", "slug_sha256", "release_reason", "created_by", "process_type")
     ID_FIELD_NUMBER: _ClassVar[int]
     PROJECT_ID_FIELD_NUMBER: _ClassVar[int]
     ORGANIZATION_ID_FIELD_NUMBER: _ClassVar[int]
@@ -152,6 +167,7 @@ class Deployment(_message.Message):
     CAPACITY_RESERVED_FIELD_NUMBER: _ClassVar[int]
     IMAGE_FIELD_NUMBER: _ClassVar[int]
     COMMAND_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_SHA256_FIELD_NUMBER: _ClassVar[int]
     RAM_MB_FIELD_NUMBER: _ClassVar[int]
     CPU_MILLIS_FIELD_NUMBER: _ClassVar[int]
     SECRETS_VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -160,6 +176,10 @@ class Deployment(_message.Message):
     ROLLED_BACK_FROM_FIELD_NUMBER: _ClassVar[int]
     CREATED_AT_FIELD_NUMBER: _ClassVar[int]
     UPDATED_AT_FIELD_NUMBER: _ClassVar[int]
+    SLUG_SHA256_FIELD_NUMBER: _ClassVar[int]
+    RELEASE_REASON_FIELD_NUMBER: _ClassVar[int]
+    CREATED_BY_FIELD_NUMBER: _ClassVar[int]
+    PROCESS_TYPE_FIELD_NUMBER: _ClassVar[int]
     id: str
     project_id: str
     organization_id: str
@@ -168,6 +188,7 @@ class Deployment(_message.Message):
     capacity_reserved: bool
     image: str
     command: str
+    source_sha256: str
     ram_mb: int
     cpu_millis: int
     secrets_version: str
@@ -176,7 +197,33 @@ class Deployment(_message.Message):
     rolled_back_from: str
     created_at: _timestamp_pb2.Timestamp
     updated_at: _timestamp_pb2.Timestamp
-    def __init__(self, id: _Optional[str] = ..., project_id: _Optional[str] = ..., organization_id: _Optional[str] = ..., server_id: _Optional[str] = ..., status: _Optional[_Union[DeploymentStatus, str]] = ..., capacity_reserved: _Optional[bool] = ..., image: _Optional[str] = ..., command: _Optional[str] = ..., ram_mb: _Optional[int] = ..., cpu_millis: _Optional[int] = ..., secrets_version: _Optional[str] = ..., exit_code: _Optional[int] = ..., status_reason: _Optional[str] = ..., rolled_back_from: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    slug_sha256: str
+    release_reason: ReleaseReason
+    created_by: str
+    process_type: str
+    def __init__(self, id: _Optional[str] = ..., project_id: _Optional[str] = ..., organization_id: _Optional[str] = ..., server_id: _Optional[str] = ..., status: _Optional[_Union[DeploymentStatus, str]] = ..., capacity_reserved: _Optional[bool] = ..., image: _Optional[str] = ..., command: _Optional[str] = ..., source_sha256: _Optional[str] = ..., ram_mb: _Optional[int] = ..., cpu_millis: _Optional[int] = ..., secrets_version: _Optional[str] = ..., exit_code: _Optional[int] = ..., status_reason: _Optional[str] = ..., rolled_back_from: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., slug_sha256: _Optional[str] = ..., release_reason: _Optional[_Union[ReleaseReason, str]] = ..., created_by: _Optional[str] = ..., process_type: _Optional[str] = ...) -> None: ...
+
+class Source(_message.Message):
+    __slots__ = ("project_id", "sha256", "size_bytes", "created_by", "created_at")
+    PROJECT_ID_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    CREATED_BY_FIELD_NUMBER: _ClassVar[int]
+    CREATED_AT_FIELD_NUMBER: _ClassVar[int]
+    project_id: str
+    sha256: str
+    size_bytes: int
+    created_by: str
+    created_at: _timestamp_pb2.Timestamp
+    def __init__(self, project_id: _Optional[str] = ..., sha256: _Optional[str] = ..., size_bytes: _Optional[int] = ..., created_by: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
+class Artifact(_message.Message):
+    __slots__ = ("sha256", "size_bytes")
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    sha256: str
+    size_bytes: int
+    def __init__(self, sha256: _Optional[str] = ..., size_bytes: _Optional[int] = ...) -> None: ...
 
 class Container(_message.Message):
     __slots__ = ("id", "project_id", "deployment_id", "server_id", "status", "sleep_status", "address", "last_request_at", "started_at", "restart_count", "last_exit_reason", "crash_loop")
@@ -249,7 +296,7 @@ class MetricSample(_message.Message):
     def __init__(self, container_id: _Optional[str] = ..., metric: _Optional[_Union[MetricType, str]] = ..., value: _Optional[float] = ..., sampled_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class ContainerStatusReport(_message.Message):
-    __slots__ = ("container_id", "status", "exit_code", "reason", "last_request_at", "sleep_status", "restart_count", "last_exit_reason", "last_log_lines", "crash_loop")
+    __slots__ = ("container_id", "status", "exit_code", "reason", "last_request_at", "sleep_status", "restart_count", "last_exit_reason", "last_log_lines", "crash_loop", "slug_sha256", "building")
     CONTAINER_ID_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
     EXIT_CODE_FIELD_NUMBER: _ClassVar[int]
@@ -260,6 +307,8 @@ class ContainerStatusReport(_message.Message):
     LAST_EXIT_REASON_FIELD_NUMBER: _ClassVar[int]
     LAST_LOG_LINES_FIELD_NUMBER: _ClassVar[int]
     CRASH_LOOP_FIELD_NUMBER: _ClassVar[int]
+    SLUG_SHA256_FIELD_NUMBER: _ClassVar[int]
+    BUILDING_FIELD_NUMBER: _ClassVar[int]
     container_id: str
     status: ContainerStatus
     exit_code: int
@@ -270,7 +319,9 @@ class ContainerStatusReport(_message.Message):
     last_exit_reason: str
     last_log_lines: _containers.RepeatedScalarFieldContainer[str]
     crash_loop: bool
-    def __init__(self, container_id: _Optional[str] = ..., status: _Optional[_Union[ContainerStatus, str]] = ..., exit_code: _Optional[int] = ..., reason: _Optional[str] = ..., last_request_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., sleep_status: _Optional[_Union[SleepStatus, str]] = ..., restart_count: _Optional[int] = ..., last_exit_reason: _Optional[str] = ..., last_log_lines: _Optional[_Iterable[str]] = ..., crash_loop: _Optional[bool] = ...) -> None: ...
+    slug_sha256: str
+    building: bool
+    def __init__(self, container_id: _Optional[str] = ..., status: _Optional[_Union[ContainerStatus, str]] = ..., exit_code: _Optional[int] = ..., reason: _Optional[str] = ..., last_request_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., sleep_status: _Optional[_Union[SleepStatus, str]] = ..., restart_count: _Optional[int] = ..., last_exit_reason: _Optional[str] = ..., last_log_lines: _Optional[_Iterable[str]] = ..., crash_loop: _Optional[bool] = ..., slug_sha256: _Optional[str] = ..., building: _Optional[bool] = ...) -> None: ...
 
 class RegisterServerRequest(_message.Message):
     __slots__ = ("server",)
@@ -349,6 +400,54 @@ class CancelDeploymentRequest(_message.Message):
     ID_FIELD_NUMBER: _ClassVar[int]
     id: str
     def __init__(self, id: _Optional[str] = ...) -> None: ...
+
+class UploadSourceRequest(_message.Message):
+    __slots__ = ("project_id", "chunk")
+    PROJECT_ID_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    project_id: str
+    chunk: bytes
+    def __init__(self, project_id: _Optional[str] = ..., chunk: _Optional[bytes] = ...) -> None: ...
+
+class ListSourcesRequest(_message.Message):
+    __slots__ = ("project_id", "page_size", "page_token")
+    PROJECT_ID_FIELD_NUMBER: _ClassVar[int]
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    project_id: str
+    page_size: int
+    page_token: str
+    def __init__(self, project_id: _Optional[str] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
+
+class ListSourcesResponse(_message.Message):
+    __slots__ = ("sources", "next_page_token")
+    SOURCES_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    sources: _containers.RepeatedCompositeFieldContainer[Source]
+    next_page_token: str
+    def __init__(self, sources: _Optional[_Iterable[_Union[Source, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
+
+class FetchArtifactRequest(_message.Message):
+    __slots__ = ("sha256",)
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    sha256: str
+    def __init__(self, sha256: _Optional[str] = ...) -> None: ...
+
+class ArtifactChunk(_message.Message):
+    __slots__ = ("chunk",)
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    chunk: bytes
+    def __init__(self, chunk: _Optional[bytes] = ...) -> None: ...
+
+class PutArtifactRequest(_message.Message):
+    __slots__ = ("project_id", "deployment_id", "chunk")
+    PROJECT_ID_FIELD_NUMBER: _ClassVar[int]
+    DEPLOYMENT_ID_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    project_id: str
+    deployment_id: str
+    chunk: bytes
+    def __init__(self, project_id: _Optional[str] = ..., deployment_id: _Optional[str] = ..., chunk: _Optional[bytes] = ...) -> None: ...
 
 class ListContainersRequest(_message.Message):
     __slots__ = ("project_id", "page_size", "page_token")

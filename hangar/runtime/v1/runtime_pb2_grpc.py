@@ -84,6 +84,16 @@ class RuntimeServiceStub:
                 request_serializer=hangar_dot_runtime_dot_v1_dot_runtime__pb2.CancelDeploymentRequest.SerializeToString,
                 response_deserializer=hangar_dot_runtime_dot_v1_dot_runtime__pb2.Deployment.FromString,
                 _registered_method=True)
+        self.UploadSource = channel.stream_unary(
+                '/hangar.runtime.v1.RuntimeService/UploadSource',
+                request_serializer=hangar_dot_runtime_dot_v1_dot_runtime__pb2.UploadSourceRequest.SerializeToString,
+                response_deserializer=hangar_dot_runtime_dot_v1_dot_runtime__pb2.Source.FromString,
+                _registered_method=True)
+        self.ListSources = channel.unary_unary(
+                '/hangar.runtime.v1.RuntimeService/ListSources',
+                request_serializer=hangar_dot_runtime_dot_v1_dot_runtime__pb2.ListSourcesRequest.SerializeToString,
+                response_deserializer=hangar_dot_runtime_dot_v1_dot_runtime__pb2.ListSourcesResponse.FromString,
+                _registered_method=True)
         self.ListContainers = channel.unary_unary(
                 '/hangar.runtime.v1.RuntimeService/ListContainers',
                 request_serializer=hangar_dot_runtime_dot_v1_dot_runtime__pb2.ListContainersRequest.SerializeToString,
@@ -123,6 +133,16 @@ class RuntimeServiceStub:
                 '/hangar.runtime.v1.RuntimeService/ReportContainerStatus',
                 request_serializer=hangar_dot_runtime_dot_v1_dot_runtime__pb2.ReportContainerStatusRequest.SerializeToString,
                 response_deserializer=google_dot_protobuf_dot_empty__pb2.Empty.FromString,
+                _registered_method=True)
+        self.FetchArtifact = channel.unary_stream(
+                '/hangar.runtime.v1.RuntimeService/FetchArtifact',
+                request_serializer=hangar_dot_runtime_dot_v1_dot_runtime__pb2.FetchArtifactRequest.SerializeToString,
+                response_deserializer=hangar_dot_runtime_dot_v1_dot_runtime__pb2.ArtifactChunk.FromString,
+                _registered_method=True)
+        self.PutArtifact = channel.stream_unary(
+                '/hangar.runtime.v1.RuntimeService/PutArtifact',
+                request_serializer=hangar_dot_runtime_dot_v1_dot_runtime__pb2.PutArtifactRequest.SerializeToString,
+                response_deserializer=hangar_dot_runtime_dot_v1_dot_runtime__pb2.Artifact.FromString,
                 _registered_method=True)
         self.WatchEvents = channel.unary_stream(
                 '/hangar.runtime.v1.RuntimeService/WatchEvents',
@@ -202,6 +222,23 @@ class RuntimeServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def UploadSource(self, request_iterator, context):
+        """Uploads an app's source: a gzip-compressed tar, streamed in chunks (the first message
+        names the project). Stored by its sha256; uploading the same bytes again returns the
+        same source. Over HTTP the request body is the archive itself (application/gzip).
+        Role: developer.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListSources(self, request, context):
+        """Lists a project's uploaded sources, newest first. Role: viewer.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ListContainers(self, request, context):
         """Lists a project's containers. Role: viewer.
         """
@@ -258,6 +295,23 @@ class RuntimeServiceServicer:
 
     def ReportContainerStatus(self, request, context):
         """Reports one container's status change (healthy, exited, failed...) as it happens.
+        Internal: the agent; refuses user tokens.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def FetchArtifact(self, request, context):
+        """Streams an artifact (a source archive or a slug) by its sha256.
+        Internal: the agent; refuses user tokens.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PutArtifact(self, request_iterator, context):
+        """Stores a slug the agent built (streamed; the first message names the project and the
+        deployment it was built for). Returns its digest.
         Internal: the agent; refuses user tokens.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -321,6 +375,16 @@ def add_RuntimeServiceServicer_to_server(servicer, server):
                     request_deserializer=hangar_dot_runtime_dot_v1_dot_runtime__pb2.CancelDeploymentRequest.FromString,
                     response_serializer=hangar_dot_runtime_dot_v1_dot_runtime__pb2.Deployment.SerializeToString,
             ),
+            'UploadSource': grpc.stream_unary_rpc_method_handler(
+                    servicer.UploadSource,
+                    request_deserializer=hangar_dot_runtime_dot_v1_dot_runtime__pb2.UploadSourceRequest.FromString,
+                    response_serializer=hangar_dot_runtime_dot_v1_dot_runtime__pb2.Source.SerializeToString,
+            ),
+            'ListSources': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListSources,
+                    request_deserializer=hangar_dot_runtime_dot_v1_dot_runtime__pb2.ListSourcesRequest.FromString,
+                    response_serializer=hangar_dot_runtime_dot_v1_dot_runtime__pb2.ListSourcesResponse.SerializeToString,
+            ),
             'ListContainers': grpc.unary_unary_rpc_method_handler(
                     servicer.ListContainers,
                     request_deserializer=hangar_dot_runtime_dot_v1_dot_runtime__pb2.ListContainersRequest.FromString,
@@ -360,6 +424,16 @@ def add_RuntimeServiceServicer_to_server(servicer, server):
                     servicer.ReportContainerStatus,
                     request_deserializer=hangar_dot_runtime_dot_v1_dot_runtime__pb2.ReportContainerStatusRequest.FromString,
                     response_serializer=google_dot_protobuf_dot_empty__pb2.Empty.SerializeToString,
+            ),
+            'FetchArtifact': grpc.unary_stream_rpc_method_handler(
+                    servicer.FetchArtifact,
+                    request_deserializer=hangar_dot_runtime_dot_v1_dot_runtime__pb2.FetchArtifactRequest.FromString,
+                    response_serializer=hangar_dot_runtime_dot_v1_dot_runtime__pb2.ArtifactChunk.SerializeToString,
+            ),
+            'PutArtifact': grpc.stream_unary_rpc_method_handler(
+                    servicer.PutArtifact,
+                    request_deserializer=hangar_dot_runtime_dot_v1_dot_runtime__pb2.PutArtifactRequest.FromString,
+                    response_serializer=hangar_dot_runtime_dot_v1_dot_runtime__pb2.Artifact.SerializeToString,
             ),
             'WatchEvents': grpc.unary_stream_rpc_method_handler(
                     servicer.WatchEvents,
@@ -624,6 +698,60 @@ class RuntimeService:
             _registered_method=True)
 
     @staticmethod
+    def UploadSource(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/hangar.runtime.v1.RuntimeService/UploadSource',
+            hangar_dot_runtime_dot_v1_dot_runtime__pb2.UploadSourceRequest.SerializeToString,
+            hangar_dot_runtime_dot_v1_dot_runtime__pb2.Source.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListSources(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hangar.runtime.v1.RuntimeService/ListSources',
+            hangar_dot_runtime_dot_v1_dot_runtime__pb2.ListSourcesRequest.SerializeToString,
+            hangar_dot_runtime_dot_v1_dot_runtime__pb2.ListSourcesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
     def ListContainers(request,
             target,
             options=(),
@@ -829,6 +957,60 @@ class RuntimeService:
             '/hangar.runtime.v1.RuntimeService/ReportContainerStatus',
             hangar_dot_runtime_dot_v1_dot_runtime__pb2.ReportContainerStatusRequest.SerializeToString,
             google_dot_protobuf_dot_empty__pb2.Empty.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FetchArtifact(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/hangar.runtime.v1.RuntimeService/FetchArtifact',
+            hangar_dot_runtime_dot_v1_dot_runtime__pb2.FetchArtifactRequest.SerializeToString,
+            hangar_dot_runtime_dot_v1_dot_runtime__pb2.ArtifactChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PutArtifact(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/hangar.runtime.v1.RuntimeService/PutArtifact',
+            hangar_dot_runtime_dot_v1_dot_runtime__pb2.PutArtifactRequest.SerializeToString,
+            hangar_dot_runtime_dot_v1_dot_runtime__pb2.Artifact.FromString,
             options,
             channel_credentials,
             insecure,

@@ -6,6 +6,7 @@ placement    reserving and releasing capacity; placing or creating a deployment 
 deployments  deployment rows, status moves, listings, advisory locks
 containers   container rows and what their agents report
 sleep        activity, idle containers, projects' sleep settings
+sources      uploaded sources, the slugs built from them
 
 Statements are SQL text (asyncpg `$n` parameters), as in billing: the capacity arithmetic is
 a handful of single statements whose exact shape (row locks, conditional updates, CTEs) is
@@ -64,10 +65,12 @@ from services.runtime.store.records import (
     RestartState,
     S,
     Server,
+    Source,
 )
 from services.runtime.store.servers import (
     Reservations,
     agents_heard_from,
+    any_active_sandbox_server,
     any_active_server_with_driver,
     find_server,
     get_server,
@@ -88,6 +91,13 @@ from services.runtime.store.sleep import (
     record_activity,
     set_sleep_after,
 )
+from services.runtime.store.sources import (
+    artifact_known,
+    find_source,
+    list_sources,
+    record_source,
+    set_slug,
+)
 
 __all__ = [
     "CONTAINER_LIVE",
@@ -101,9 +111,12 @@ __all__ = [
     "RestartState",
     "S",
     "Server",
+    "Source",
     "advisory_xact_lock",
     "agents_heard_from",
+    "any_active_sandbox_server",
     "any_active_server_with_driver",
+    "artifact_known",
     "claim_queued",
     "container_claims",
     "container_of",
@@ -113,6 +126,7 @@ __all__ = [
     "deployment_ids",
     "deployments_on_agents",
     "find_server",
+    "find_source",
     "get_container",
     "get_deployment",
     "get_server",
@@ -124,6 +138,7 @@ __all__ = [
     "list_containers",
     "list_deployments",
     "list_servers",
+    "list_sources",
     "lock_container",
     "lock_deployment",
     "lock_running_of_project",
@@ -133,6 +148,7 @@ __all__ = [
     "project_organization",
     "record_activity",
     "record_heartbeat",
+    "record_source",
     "release_capacity",
     "reservations",
     "reserve_capacity",
@@ -140,6 +156,7 @@ __all__ = [
     "set_reserved",
     "set_server_status",
     "set_sleep_after",
+    "set_slug",
     "set_tenant",
     "set_waiting_reason",
     "try_advisory_xact_lock",

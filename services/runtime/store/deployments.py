@@ -21,9 +21,10 @@ async def insert_deployment(
         f"""INSERT INTO {S}.deployments (id, project_id, organization_id, image, command,
                 ram_mb, cpu_millis, region, health_check_path, rolled_back_from,
                 schedule_deadline, sleep_after_seconds, restart_policy, liveness_check_path,
-                liveness_period_seconds, liveness_failure_threshold)
+                liveness_period_seconds, liveness_failure_threshold, source_sha256, slug_sha256,
+                process_type, release_reason, created_by)
             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, NULLIF($9, ''), NULLIF($10, ''), $11, $12,
-                    $13, NULLIF($14, ''), $15, $16)
+                    $13, NULLIF($14, ''), $15, $16, $17, NULLIF($18, ''), $19, $20, $21)
             RETURNING *""",
         new_id(),
         spec.project_id,
@@ -41,6 +42,11 @@ async def insert_deployment(
         spec.liveness_check_path,
         spec.liveness_period_seconds,
         spec.liveness_failure_threshold,
+        spec.source_sha256,
+        spec.slug_sha256,
+        spec.process_type,
+        spec.release_reason.value,
+        spec.created_by,
     )
     assert row is not None
     return Deployment.from_row(row)

@@ -24,7 +24,9 @@ T = TypeVar("T")
 
 
 # The servers that could take `need` ($ram_mb MB, $cpu_millis mCPU) in $region with $driver.
+# A build needs the container sandbox ($sandbox): tenant code never builds unconfined.
 _FITS = """status = 'active' AND region = $region AND $driver::text = ANY(drivers)
+           AND (NOT $sandbox::boolean OR isolation = 'container')
            AND ram_mb - ram_mb_reserved >= $ram_mb
            AND cpu_millis - cpu_millis_reserved >= $cpu_millis"""
 
@@ -105,6 +107,7 @@ _RESERVE_PARAMS = (
     "cpu_millis",
     "organization_id",
     "share_unisolated",
+    "sandbox",
 )
 
 
@@ -122,7 +125,7 @@ _ANY_FITS = _numbered(_AVAILABILITY, _RESERVE_PARAMS)
 
 def _reserve_args(
     region: str, driver: str, need: Resources, tenancy: Tenancy
-) -> tuple[str, str, int, int, str, bool]:
+) -> tuple[str, str, int, int, str, bool, bool]:
     """_RESERVE_PARAMS' values, in order."""
     return (
         region,
@@ -131,6 +134,7 @@ def _reserve_args(
         need.cpu_millis,
         tenancy.organization_id,
         tenancy.share_unisolated,
+        tenancy.sandbox,
     )
 
 
@@ -389,6 +393,11 @@ _CREATE_PARAMS = (
     "liveness_check_path",
     "liveness_period_seconds",
     "liveness_failure_threshold",
+    "source_sha256",
+    "slug_sha256",
+    "process_type",
+    "release_reason",
+    "created_by",
 )
 
 
@@ -408,12 +417,15 @@ def _create_sql(skip_locked: bool) -> str:
                     ram_mb, cpu_millis, region, health_check_path, rolled_back_from,
                     schedule_deadline, sleep_after_seconds, restart_policy,
                     liveness_check_path, liveness_period_seconds, liveness_failure_threshold,
+                    source_sha256, slug_sha256, process_type, release_reason, created_by,
                     status, status_reason, server_id, capacity_reserved)
             SELECT $id, $project_id, $organization_id, $image, $command, $ram_mb,
                    $cpu_millis, $region, NULLIF($health_check_path, ''),
                    NULLIF($rolled_back_from, ''), $schedule_deadline, $sleep_after_seconds,
                    $restart_policy, NULLIF($liveness_check_path, ''),
                    $liveness_period_seconds::integer, $liveness_failure_threshold::integer,
+                   $source_sha256::text, NULLIF($slug_sha256::text, ''), $process_type::text,
+                   $release_reason::text, $created_by::text,
                    CASE WHEN r.server_id IS NULL THEN 'queued' ELSE 'scheduling' END,
                    CASE WHEN r.server_id IS NOT NULL THEN ''
                         WHEN f.any_room AND NOT f.any_fits THEN $waiting_reason::text END,
@@ -454,7 +466,7 @@ async def create_deployment(
     has room (the last attempt inserts it either way), with `waiting_reason` as its reason
     when servers had room but none may take its organization's app.
     """
-    tenancy = Tenancy(spec.organization_id, share_unisolated)
+    tenancy = Tenancy(spec.organization_id, share_unisolated, sandbox=spec.needs_sandbox)
     deployment_id, ids = new_id(), [new_id() for _ in range(4)]
 
     def args(final: bool) -> tuple[object, ...]:
@@ -478,6 +490,11 @@ async def create_deployment(
             spec.liveness_check_path,
             spec.liveness_period_seconds,
             spec.liveness_failure_threshold,
+            spec.source_sha256,
+            spec.slug_sha256,
+            spec.process_type,
+            spec.release_reason.value,
+            spec.created_by,
         )
 
     async def skip_locked() -> tuple[asyncpg.Record | None, bool]:

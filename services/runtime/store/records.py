@@ -7,7 +7,14 @@ from datetime import datetime
 
 import asyncpg
 
-from services.runtime.domain import Candidate, DeploymentState, Isolation, Resources, ServerState
+from services.runtime.domain import (
+    Candidate,
+    DeploymentState,
+    Isolation,
+    ReleaseReason,
+    Resources,
+    ServerState,
+)
 from shared.db import from_row
 
 S = "runtime"
@@ -70,6 +77,11 @@ class Deployment:
     liveness_check_path: str = ""  # empty: no liveness check
     liveness_period_seconds: int = 10
     liveness_failure_threshold: int = 3
+    source_sha256: str = ""  # the uploaded source it builds (empty: a command or an image)
+    slug_sha256: str = ""  # the built app it runs, once built
+    process_type: str = "web"
+    release_reason: ReleaseReason = ReleaseReason.DEPLOY
+    created_by: str = ""
 
     @classmethod
     def from_row(cls, row: asyncpg.Record) -> Deployment:
@@ -78,7 +90,16 @@ class Deployment:
             row,
             status=DeploymentState(row["status"]),
             resources=Resources(row["ram_mb"], row["cpu_millis"]),
+            release_reason=ReleaseReason(row["release_reason"]),
         )
+
+    @property
+    def needs_build(self) -> bool:
+        return bool(self.source_sha256) and not self.slug_sha256
+
+    @property
+    def needs_sandbox(self) -> bool:
+        return bool(self.source_sha256)
 
 
 @dataclass(frozen=True)
@@ -98,6 +119,31 @@ class DeploymentSpec:
     liveness_check_path: str = ""
     liveness_period_seconds: int = 10
     liveness_failure_threshold: int = 3
+    source_sha256: str | None = None  # an uploaded source, built before it runs
+    slug_sha256: str = ""  # a slug already built from it (a rollback, a config change)
+    process_type: str = "web"
+    release_reason: ReleaseReason = ReleaseReason.DEPLOY
+    created_by: str = ""
+
+    @property
+    def needs_sandbox(self) -> bool:
+        """Tenant code is built from it: only a server with the container sandbox takes it."""
+        return self.source_sha256 is not None
+
+
+@dataclass(frozen=True)
+class Source:
+    """An uploaded source archive of a project."""
+
+    project_id: str
+    sha256: str
+    size_bytes: int
+    created_by: str
+    created_at: datetime
+
+    @classmethod
+    def from_row(cls, row: asyncpg.Record) -> Source:
+        return from_row(cls, row)
 
 
 @dataclass(frozen=True)

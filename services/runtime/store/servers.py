@@ -86,6 +86,16 @@ async def any_active_server_with_driver(s: Session, driver: str) -> bool:
     )
 
 
+async def any_active_sandbox_server(s: Session) -> bool:
+    """Does any active server run apps (and builds) in the container sandbox?"""
+    return bool(
+        await s.fetchval(
+            f"""SELECT EXISTS (SELECT 1 FROM {S}.servers
+                 WHERE status = 'active' AND isolation = 'container')"""
+        )
+    )
+
+
 # ------------------------------------------------------------------- server liveness
 
 

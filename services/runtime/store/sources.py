@@ -1,0 +1,85 @@
+"""Uploaded sources (their bytes are in the artifact store) and the slugs built from them."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from services.runtime.store.records import S, Source
+from shared.db import Session
+from shared.pagination import Page, decode_page_token, page_of
+
+
+async def record_source(
+    tx: Session, project_id: str, sha256: str, size_bytes: int, created_by: str
+) -> Source:
+    """The project's source of these bytes: recorded now, or as first uploaded."""
+    row = await tx.fetchrow(
+        f"""INSERT INTO {S}.sources (project_id, sha256, size_bytes, created_by)
+            VALUES ($1, $2, $3, $4)
+            ON CONFLICT (project_id, sha256) DO UPDATE SET sha256 = EXCLUDED.sha256
+            RETURNING *""",
+        project_id,
+        sha256,
+        size_bytes,
+        created_by,
+    )
+    assert row is not None
+    return Source.from_row(row)
+
+
+async def find_source(s: Session, project_id: str, sha256: str) -> Source | None:
+    """One of the project's sources; `latest`: its newest upload."""
+    if sha256 == "latest":
+        row = await s.fetchrow(
+            f"""SELECT * FROM {S}.sources WHERE project_id = $1
+                 ORDER BY created_at DESC, sha256 DESC LIMIT 1""",
+            project_id,
+        )
+    else:
+        row = await s.fetchrow(
+            f"SELECT * FROM {S}.sources WHERE project_id = $1 AND sha256 = $2",
+            project_id,
+            sha256,
+        )
+    return Source.from_row(row) if row else None
+
+
+async def list_sources(s: Session, project_id: str, size: int, token: str) -> Page[Source]:
+    """Newest first; keyset on (created_at, sha256)."""
+    key = decode_page_token(token, (str, str))
+    rows = await s.fetch(
+        f"""SELECT * FROM {S}.sources
+             WHERE project_id = $1
+               AND ($2::timestamptz IS NULL OR (created_at, sha256) < ($2, $3))
+             ORDER BY created_at DESC, sha256 DESC LIMIT $4""",
+        project_id,
+        datetime.fromisoformat(key[0]) if key else None,
+        key[1] if key else "",
+        size + 1,
+    )
+    return page_of(
+        [Source.from_row(r) for r in rows], size, lambda r: [r.created_at.isoformat(), r.sha256]
+    )
+
+
+async def set_slug(tx: Session, deployment_id: str, slug_sha256: str) -> bool:
+    """Record the slug a deployment's build produced (once: a later report changes nothing)."""
+    done = await tx.fetchval(
+        f"""UPDATE {S}.deployments SET slug_sha256 = $2, updated_at = updated_at
+             WHERE id = $1 AND slug_sha256 IS NULL AND source_sha256 IS NOT NULL
+            RETURNING id""",
+        deployment_id,
+        slug_sha256,
+    )
+    return done is not None
+
+
+async def artifact_known(s: Session, sha256: str) -> bool:
+    """Is this digest an uploaded source or a recorded slug (what agents may fetch)?"""
+    return bool(
+        await s.fetchval(
+            f"""SELECT EXISTS (SELECT 1 FROM {S}.sources WHERE sha256 = $1)
+                    OR EXISTS (SELECT 1 FROM {S}.deployments WHERE slug_sha256 = $1)""",
+            sha256,
+        )
+    )
