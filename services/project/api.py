@@ -101,7 +101,10 @@ class ProjectApi(project_pb2_grpc.ProjectServiceServicer):
         return empty_pb2.Empty()
 
     async def SetSecret(self, request: pb.SetSecretRequest, context: Context) -> pb.Secret:
-        secret = await self.projects.set_secret(request.project_id, request.name, request.value)
+        restart = request.restart if request.HasField("restart") else True
+        secret = await self.projects.set_secret(
+            request.project_id, request.name, request.value, restart=restart
+        )
         return secret_to_proto(secret)
 
     async def ListSecrets(
@@ -117,7 +120,8 @@ class ProjectApi(project_pb2_grpc.ProjectServiceServicer):
     async def DeleteSecret(
         self, request: pb.DeleteSecretRequest, context: Context
     ) -> empty_pb2.Empty:
-        await self.projects.delete_secret(request.project_id, request.name)
+        restart = request.restart if request.HasField("restart") else True
+        await self.projects.delete_secret(request.project_id, request.name, restart=restart)
         return empty_pb2.Empty()
 
     async def RevealSecret(

@@ -25,7 +25,7 @@ from services.project.crypto import (
 )
 from services.project.domain import Project, ProjectSpec, Resources
 from shared import pagination
-from shared.audit import record_audit
+from shared.audit import current_actor, record_audit
 from shared.auth import Authorizer, require_caller, require_platform_admin, require_service
 from shared.clients import Clients
 from shared.context import current_principal
@@ -142,6 +142,19 @@ async def release_quietly(pool: BillingPool, organization_id: str, project_id: s
 
 def project_payload(project: Project) -> dict[str, Any]:
     return {"id": project.id, "organization_id": project.organization_id, **asdict(project.spec)}
+
+
+async def config_changed(tx: Session, project: Project, secret: str, *, restart: bool) -> None:
+    """project.config_changed: a secret was set or deleted (runtime restarts the running
+    release with the new config as a new release when `restart`). Names, never values."""
+    await write_event(
+        tx,
+        SCHEMA,
+        "project.config_changed",
+        organization_id=project.organization_id,
+        aggregate_id=project.id,
+        payload={"secret": secret, "restart": restart, "actor": current_actor() or ""},
+    )
 
 
 async def project_deleted(tx: Session, project: Project, *, cause: str) -> None:
@@ -400,7 +413,9 @@ class Projects:
                 reason="MASTER_KEY_UNAVAILABLE",
             ) from None
 
-    async def set_secret(self, project_id: str, name: str, value: str) -> store.StoredSecret:
+    async def set_secret(
+        self, project_id: str, name: str, value: str, *, restart: bool = True
+    ) -> store.StoredSecret:
         domain.check_secret_name(name)
         plaintext = domain.check_secret_value(value)
         project = await self._project_for(project_id, domain.PERM_SECRETS_WRITE)
@@ -424,6 +439,7 @@ class Projects:
                 target_id=project_id,
                 metadata={"name": name, "version": secret.version},
             )
+            await config_changed(tx, project, name, restart=restart)
         return secret
 
     async def list_secrets(
@@ -436,7 +452,7 @@ class Projects:
             rows = await store.list_secrets(s, project_id, key[0] if key else "", limit + 1)
         return pagination.page_of(rows, limit, lambda secret: [secret.name])
 
-    async def delete_secret(self, project_id: str, name: str) -> None:
+    async def delete_secret(self, project_id: str, name: str, *, restart: bool = True) -> None:
         domain.check_secret_name(name)
         project = await self._project_for(project_id, domain.PERM_SECRETS_DELETE)
         async with self.db.transaction() as tx:
@@ -452,6 +468,7 @@ class Projects:
                 target_id=project_id,
                 metadata={"name": name, "version": secret.version},
             )
+            await config_changed(tx, project, name, restart=restart)
 
     async def reveal_secret(self, project_id: str, name: str) -> tuple[store.StoredSecret, str]:
         domain.check_secret_name(name)
