@@ -29,8 +29,11 @@ and keeps only permission bits (no setuid, setgid or sticky bit, no group or oth
 
 from __future__ import annotations
 
+import asyncio
 import gzip
+import io
 import os
+import queue
 import stat
 import tarfile
 import zlib
@@ -38,6 +41,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, BinaryIO
 
 from shared.errors import FieldViolation, InvalidArgument
 
@@ -220,12 +224,19 @@ def _parts(name: str) -> list[str]:
 
 @contextmanager
 def _open(path: Path) -> Iterator[tarfile.TarFile]:
-    """The archive as a forward-only tar stream, for reading it once.
+    """The archive as a forward-only tar stream, for reading it once."""
+    with open(path, "rb") as raw, _open_stream(raw) as tar:
+        yield tar
+
+
+@contextmanager
+def _open_stream(raw: BinaryIO | io.RawIOBase) -> Iterator[tarfile.TarFile]:
+    """`raw` (gzip bytes) as a forward-only tar stream.
 
     Decompressed by `gzip.GzipFile` rather than tarfile's own stream, and read to the end
     of the gzip data on a clean exit, so a cut or corrupt gzip trailer (CRC, length) is
     refused too."""
-    with open(path, "rb") as raw, gzip.GzipFile(fileobj=raw, mode="rb") as gz:
+    with gzip.GzipFile(fileobj=raw, mode="rb") as gz:
         try:
             with tarfile.open(fileobj=gz, mode="r|") as tar:
                 yield tar
@@ -233,6 +244,91 @@ def _open(path: Path) -> Iterator[tarfile.TarFile]:
                 pass
         except _UNREADABLE as exc:
             raise _refuse(f"not a complete gzip-compressed tar archive ({exc})") from exc
+
+
+def _check_all(tar: tarfile.TarFile, checker: _Checker) -> ArchiveSummary:
+    for member in tar:
+        checker.check(member)
+        if member.isreg():
+            _drain(tar, member)
+    return checker.summary()
+
+
+class ArchiveCheck:
+    """`check_source_archive` (or `check_slug_archive`) of an archive as it arrives: `feed`
+    it the bytes in order, then `finish` for the summary (or the refusal). The checking runs
+    in a thread of its own while the caller receives the rest, so a check costs the upload
+    little more than its receiving; `abort` ends it early. Must be made in an event loop."""
+
+    _ABORT = b"abort"
+
+    def __init__(
+        self, limits: ArchiveLimits = ArchiveLimits(), *, allow_absolute_links: bool = False
+    ) -> None:
+        self._queue: queue.Queue[bytes | None] = queue.Queue(maxsize=8)
+        checker = _Checker(limits, allow_absolute_links=allow_absolute_links)
+        self._done = asyncio.get_running_loop().run_in_executor(None, self._run, checker)
+
+    def _run(self, checker: _Checker) -> ArchiveSummary:
+        with _open_stream(_QueueReader(self._queue, self._ABORT)) as tar:
+            summary = _check_all(tar, checker)
+        return summary
+
+    async def feed(self, chunk: bytes) -> None:
+        if chunk:
+            await asyncio.to_thread(self._put, chunk)
+
+    async def finish(self) -> ArchiveSummary:
+        """The archive's summary; InvalidArgument if it broke a rule or was incomplete."""
+        await asyncio.to_thread(self._put, None)
+        return await self._done
+
+    def abort(self) -> None:
+        """Stop checking (the upload failed); what it found is of no interest."""
+        self._done.add_done_callback(lambda done: done.exception())  # never "unretrieved"
+        self._put(self._ABORT)
+
+    def _put(self, item: bytes | None) -> None:
+        """Into the queue, unless the check already ended (a refusal: nothing reads)."""
+        while not self._done.done():
+            try:
+                self._queue.put(item, timeout=0.05)
+                return
+            except queue.Full:
+                continue
+
+
+class _Aborted(Exception):
+    pass
+
+
+class _QueueReader(io.RawIOBase):
+    """A readable stream of the byte strings put into a queue; None ends it."""
+
+    def __init__(self, chunks: queue.Queue[bytes | None], abort: bytes) -> None:
+        self._chunks = chunks
+        self._abort = abort
+        self._pending = memoryview(b"")
+        self._ended = False
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        while not self._pending:
+            if self._ended:
+                return 0
+            chunk = self._chunks.get()
+            if chunk is None:
+                self._ended = True
+                return 0
+            if chunk is self._abort:
+                raise _Aborted
+            self._pending = memoryview(chunk)
+        size = min(len(buffer), len(self._pending))
+        buffer[:size] = self._pending[:size]
+        self._pending = self._pending[size:]
+        return size
 
 
 def check_source_archive(path: Path, limits: ArchiveLimits = ArchiveLimits()) -> ArchiveSummary:
@@ -319,16 +415,19 @@ def extract_archive(
     return checker.summary()
 
 
-def pack_directory(src: Path, dest: Path) -> None:
+def pack_directory(src: Path, dest: Path, compresslevel: int = 6) -> None:
     """Write the content of `src` to `dest` as a reproducible gzip-compressed tar.
 
     Names are relative to `src` (no root entry), in sorted depth-first order; owners are
     0/0 with empty names, every mtime is 0 (the gzip header's too) and modes keep their
     permission bits only, so the same tree always gives the same bytes (and sha256).
     Directories, regular files, hard links between them and symbolic links (kept as links,
-    never followed) are packed; any other file type raises `ValueError`."""
+    never followed) are packed; any other file type raises `ValueError`. The same tree
+    and `compresslevel` give the same bytes."""
     with open(dest, "wb") as raw:
-        with gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0) as gz:
+        with gzip.GzipFile(
+            filename="", mode="wb", fileobj=raw, mtime=0, compresslevel=compresslevel
+        ) as gz:
             with tarfile.open(fileobj=gz, mode="w", format=tarfile.PAX_FORMAT) as tar:
                 _pack_tree(tar, src, "")
         raw.flush()

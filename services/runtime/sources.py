@@ -20,7 +20,7 @@ from services.runtime.domain import is_sha256, required
 from services.runtime.service import ProjectAccess
 from services.runtime.store import Source
 from shared import pagination
-from shared.archives import check_slug_archive, check_source_archive
+from shared.archives import ArchiveCheck, check_slug_archive
 from shared.audit import current_actor, record_audit
 from shared.auth import require_caller, require_service
 from shared.db import Database
@@ -53,17 +53,24 @@ class Sources:
         if first is None:
             raise InvalidArgument.field("project_id", "required")
         project_id = await self.access.authorize_project(first[0], "deployments.create")
-        async with self.artifacts.stage(self.max_bytes) as staged:
-            await staged.write(first[1])
-            async for named, chunk in chunks:
-                if named and named != project_id:
-                    raise InvalidArgument.field(
-                        "project_id", "only the first message names the project"
-                    )
-                await staged.write(chunk)
-            artifact = await staged.finish()
-            await asyncio.to_thread(check_source_archive, staged.path)
-            await self.artifacts.commit(staged)
+        check = ArchiveCheck()  # read through while the rest arrives
+        try:
+            async with self.artifacts.stage(self.max_bytes) as staged:
+                await staged.write(first[1])
+                await check.feed(first[1])
+                async for named, chunk in chunks:
+                    if named and named != project_id:
+                        raise InvalidArgument.field(
+                            "project_id", "only the first message names the project"
+                        )
+                    await staged.write(chunk)
+                    await check.feed(chunk)
+                artifact = await staged.finish()
+                await check.finish()
+                await self.artifacts.commit(staged)
+        except BaseException:
+            check.abort()
+            raise
         actor = current_actor() or ""
         async with self.db.transaction() as tx:
             source = await store.record_source(

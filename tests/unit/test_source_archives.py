@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import gzip
 import hashlib
 import io
@@ -14,7 +15,9 @@ from pathlib import Path
 import pytest
 
 from shared.archives import (
+    ArchiveCheck,
     ArchiveLimits,
+    ArchiveSummary,
     check_source_archive,
     extract_archive,
     pack_directory,
@@ -265,3 +268,44 @@ def test_pack_round_trips_through_extract(tmp_path: Path) -> None:
     assert listing(dest, describe) == listing(src, describe)
     assert (dest / "bin" / "python").is_symlink()
     assert (dest / "bin" / "python").read_text() == "#!/bin/sh\necho hi\n"
+
+
+async def _check_streamed(path: Path, piece: int = 7) -> ArchiveSummary:
+    """ArchiveCheck fed the file in small pieces, as an upload arrives."""
+    check = ArchiveCheck()
+    data = await asyncio.to_thread(path.read_bytes)
+    for start in range(0, len(data), piece):
+        await check.feed(data[start : start + piece])
+    return await check.finish()
+
+
+@pytest.mark.parametrize("case", sorted(REFUSED))
+async def test_a_streamed_check_refuses_what_the_file_check_refuses(
+    case: str, tmp_path: Path
+) -> None:
+    members, named = REFUSED[case]
+    path = _archive(tmp_path / "a.tgz", members)
+    with pytest.raises(InvalidArgument) as caught:
+        await _check_streamed(path)
+    assert named in caught.value.message
+    assert caught.value.message == _refusal(path).message
+
+
+async def test_a_streamed_check_of_a_good_archive_says_what_the_file_check_says(
+    tmp_path: Path,
+) -> None:
+    path = _archive(tmp_path / "a.tgz", _good_members())
+    assert await _check_streamed(path, piece=1000) == check_source_archive(path)
+    truncated = tmp_path / "cut.tgz"
+    truncated.write_bytes((await asyncio.to_thread(path.read_bytes))[:-9])
+    with pytest.raises(InvalidArgument):
+        await _check_streamed(truncated)
+
+
+async def test_an_aborted_streamed_check_ends_its_thread(tmp_path: Path) -> None:
+    path = _archive(tmp_path / "a.tgz", _good_members())
+    check = ArchiveCheck()
+    await check.feed((await asyncio.to_thread(path.read_bytes))[:100])
+    check.abort()
+    with pytest.raises(Exception):  # noqa: B017 - whatever it was: it ended
+        await asyncio.wait_for(check._done, 10)
