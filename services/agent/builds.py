@@ -180,7 +180,9 @@ class Builder:
                 )
             say("-----> Compressing the slug")
             slug_file = work / "slug.tar.gz"
-            await asyncio.to_thread(pack_directory, app_dir, slug_file)
+            # Level 1: a slug is compressed on every build and read on every new server;
+            # level 9 took 6x the time for 13% fewer bytes (a virtualenv, measured).
+            await asyncio.to_thread(pack_directory, app_dir, slug_file, 1)
             digest = await self._source().put(spec.project_id, spec.deployment_id, slug_file)
             size_mb = slug_file.stat().st_size / 1e6
             say(f"-----> Slug {digest[:12]} ({size_mb:.1f} MB) stored")
