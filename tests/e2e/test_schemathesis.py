@@ -48,6 +48,15 @@ CHECKS = [
     status_code_conformance,
     content_type_conformance,
 ]
+
+
+@schemathesis.serializer("application/gzip")
+def _archive_body(ctx: Any, value: Any) -> bytes:
+    """Source uploads take raw bytes: whatever was generated, as bytes (not a valid archive:
+    the upload must answer 400, never 5xx)."""
+    return value if isinstance(value, bytes) else json.dumps(value).encode()
+
+
 # Which fixture id a path variable takes, by the collection it sits under.
 ORGANIZATION_PATHS = ("/v1/organizations/{id}", "/v1/organizations/{organization_id}")
 PROJECT_PATHS = ("/v1/projects/{id}", "/v1/projects/{project_id}")

@@ -185,11 +185,15 @@ async def test_local_store_layout_and_modes(tmp_path: Path) -> None:
 
 
 async def test_store_from_settings(tmp_path: Path) -> None:
-    local = artifact_store_from_settings(Settings(artifacts_dir=str(tmp_path / "artifacts")))
+    local = artifact_store_from_settings(
+        Settings("runtime", artifacts_dir=str(tmp_path / "artifacts"))
+    )
     assert isinstance(local, LocalArtifactStore)
     assert local.root == tmp_path / "artifacts"
     s3 = artifact_store_from_settings(
-        Settings(artifacts_s3_bucket="bucket", artifacts_s3_endpoint="http://127.0.0.1:9")
+        Settings(
+            "runtime", artifacts_s3_bucket="bucket", artifacts_s3_endpoint="http://127.0.0.1:9"
+        )
     )
     assert isinstance(s3, S3ArtifactStore)
     assert s3.bucket == "bucket"
