@@ -30,12 +30,14 @@ and keeps only permission bits (no setuid, setgid or sticky bit, no group or oth
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gzip
 import io
 import os
 import queue
 import stat
 import tarfile
+import threading
 import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -267,12 +269,22 @@ class ArchiveCheck:
     ) -> None:
         self._queue: queue.Queue[bytes | None] = queue.Queue(maxsize=8)
         checker = _Checker(limits, allow_absolute_links=allow_absolute_links)
-        self._done = asyncio.get_running_loop().run_in_executor(None, self._run, checker)
+        loop = asyncio.get_running_loop()
+        self._done: asyncio.Future[ArchiveSummary] = loop.create_future()
+        # A thread of its own, not the loop's shared pool: a check waits for bytes, and the
+        # bytes come through that pool (feed), so checks in the pool could starve their feeds.
+        threading.Thread(
+            target=self._run, args=(loop, checker), name="archive-check", daemon=True
+        ).start()
 
-    def _run(self, checker: _Checker) -> ArchiveSummary:
-        with _open_stream(_QueueReader(self._queue, self._ABORT)) as tar:
-            summary = _check_all(tar, checker)
-        return summary
+    def _run(self, loop: asyncio.AbstractEventLoop, checker: _Checker) -> None:
+        try:
+            with _open_stream(_QueueReader(self._queue, self._ABORT)) as tar:
+                summary = _check_all(tar, checker)
+        except BaseException as exc:  # handed to the awaiting coroutine
+            loop.call_soon_threadsafe(_settle, self._done, None, exc)
+        else:
+            loop.call_soon_threadsafe(_settle, self._done, summary, None)
 
     async def feed(self, chunk: bytes) -> None:
         if chunk:
@@ -286,7 +298,13 @@ class ArchiveCheck:
     def abort(self) -> None:
         """Stop checking (the upload failed); what it found is of no interest."""
         self._done.add_done_callback(lambda done: done.exception())  # never "unretrieved"
-        self._put(self._ABORT)
+        while True:  # never blocks the loop: make room by dropping bytes nobody will check
+            try:
+                self._queue.put_nowait(self._ABORT)
+                return
+            except queue.Full:
+                with contextlib.suppress(queue.Empty):
+                    self._queue.get_nowait()
 
     def _put(self, item: bytes | None) -> None:
         """Into the queue, unless the check already ended (a refusal: nothing reads)."""
@@ -300,6 +318,20 @@ class ArchiveCheck:
 
 class _Aborted(Exception):
     pass
+
+
+def _settle(
+    future: asyncio.Future[ArchiveSummary],
+    summary: ArchiveSummary | None,
+    error: BaseException | None,
+) -> None:
+    if future.done():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        assert summary is not None
+        future.set_result(summary)
 
 
 class _QueueReader(io.RawIOBase):
