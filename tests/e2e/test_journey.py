@@ -11,8 +11,11 @@ themselves once those RPCs are built.
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import secrets
+import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -442,6 +445,51 @@ def test_roll_back(journey: Journey) -> None:
     j.app_addresses.append(container["address"])
     viewer_try = j.http.post(f"/v1/deployments/{rollback['id']}:rollback", headers=_as(j.viewer))
     assert viewer_try.status_code == 403, viewer_try.text
+
+
+def test_ship_the_app_from_an_uploaded_archive(journey: Journey) -> None:
+    j = journey
+    j.need_deploy()
+    if (why_not := unavailable_reason()) is not None:
+        pytest.skip(f"builds run only in the container sandbox: {why_not}")
+    archive = io.BytesIO()
+    with tarfile.open(fileobj=archive, mode="w:gz") as tar:
+        procfile = b'web: echo "built release"; exec python3 -m http.server "$PORT"\n'
+        member = tarfile.TarInfo("Procfile")
+        member.size = len(procfile)
+        tar.addfile(member, io.BytesIO(procfile))
+    url = f"/v1/projects/{j.project['id']}"
+    source = _ok(
+        j.http.post(
+            f"{url}/sources",
+            headers={**_as(j.owner), "Content-Type": "application/gzip"},
+            content=archive.getvalue(),
+        )
+    )
+    assert source["sha256"] == hashlib.sha256(archive.getvalue()).hexdigest()
+    viewer_try = j.http.post(
+        f"{url}/sources",
+        headers={**_as(j.viewer), "Content-Type": "application/gzip"},
+        content=archive.getvalue(),
+    )
+    assert viewer_try.status_code == 403, viewer_try.text
+    created = _ok(
+        j.http.post(f"{url}/deployments", headers=_as(j.owner), json={"sourceSha256": "latest"})
+    )
+    assert created["sourceSha256"] == source["sha256"]
+    running = _wait_deployment(j, created["id"], RUNNING, within=120)
+    assert len(running["slugSha256"]) == 64
+    j.deployments.append(running)
+    container = _container_of(j, created["id"])
+    assert wait_for(lambda: _answers(container["address"]), "the built app to answer")
+    j.app_addresses.append(container["address"])
+
+    def build_lines() -> list[str] | None:
+        entries = _ok(j.http.get(f"{url}/logs", headers=_as(j.viewer)))["entries"]
+        build = [e["line"] for e in entries if e["stream"] == "LOG_STREAM_BUILD"]
+        return build if any("Build succeeded" in line for line in build) else None
+
+    wait_for(build_lines, "the build's lines in the project's logs")
 
 
 # ---------------------------------------------------------------------------- billing
