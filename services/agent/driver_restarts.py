@@ -32,7 +32,9 @@ class RestartMixin(DriverBase):
         """While a healthy run lasts: once it has stayed up `stable_seconds` its crashes are
         forgotten (a crash loop is over), and its liveness check runs every period; failing
         `failure_threshold` times in a row, the app is stopped (and restarted per policy)."""
-        rules, check = self.restart_rules, record.spec.liveness
+        # A worker serves no HTTP: nothing to check its liveness with but that it runs.
+        rules = self.restart_rules
+        check = record.spec.liveness if record.spec.serves_http else None
         record.healthy_at = time.monotonic()
         stable_at: float | None = record.healthy_at + rules.stable_seconds
         next_check = record.healthy_at + check.period_seconds if check else math.inf

@@ -10,6 +10,7 @@ import grpc
 from google.protobuf import duration_pb2
 
 from hangar.agent.v1 import agent_pb2, agent_pb2_grpc
+from services.runtime.domain import WEB
 from services.runtime.store.records import Container, Deployment
 from shared.clients import TokenProvider, open_channel
 
@@ -68,21 +69,26 @@ class Agents:
         deployment: Deployment,
         env: Mapping[str, str],
     ) -> agent_pb2.StartContainerResponse:
+        """Start one container of the deployment: its process type, with that process's
+        share of the deployment's resources (all of them for a deployment of one)."""
+        share = deployment.share_of(container.process_type)
+        web = share.type == WEB
         request = agent_pb2.StartContainerRequest(
             container_id=container.id,
             deployment_id=deployment.id,
             project_id=deployment.project_id,
             env=dict(env),
-            ram_mb=deployment.resources.ram_mb,
-            cpu_millis=deployment.resources.cpu_millis,
-            health_check_path=deployment.health_check_path,
+            ram_mb=share.ram_mb,
+            cpu_millis=share.cpu_millis,
+            health_check_path=deployment.health_check_path if web else "",
             restart_policy=_RESTART_POLICY.get(
                 deployment.restart_policy, agent_pb2.RESTART_POLICY_ON_FAILURE
             ),
-            liveness_check_path=deployment.liveness_check_path,
+            liveness_check_path=deployment.liveness_check_path if web else "",
             liveness_failure_threshold=deployment.liveness_failure_threshold,
+            process_type=share.type,
         )
-        if deployment.liveness_check_path:
+        if deployment.liveness_check_path and web:
             request.liveness_period.FromSeconds(deployment.liveness_period_seconds)
         if deployment.image is not None:
             request.image = deployment.image
@@ -93,7 +99,6 @@ class Agents:
             request.slug_sha256 = deployment.slug_sha256
         else:
             request.command = deployment.command or ""
-        request.process_type = deployment.process_type
         reply: agent_pb2.StartContainerResponse = await self.stub(address).StartContainer(
             request, timeout=self.timeout
         )

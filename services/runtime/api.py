@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import TypeAlias
+from typing import Any, TypeAlias
 
 import grpc
 from google.protobuf import empty_pb2
@@ -90,6 +90,10 @@ def deployment_to_proto(d: Deployment) -> pb.Deployment:
         release_reason=_RELEASE_REASON[d.release_reason],
         created_by=d.created_by,
         process_type=d.process_type,
+        processes=[
+            pb.DeploymentProcess(type=p.type, ram_mb=p.ram_mb, cpu_millis=p.cpu_millis)
+            for p in d.processes
+        ],
     )
     if d.image is not None:
         out.image = d.image
@@ -138,6 +142,7 @@ def container_to_proto(c: Container) -> pb.Container:
         restart_count=c.restart_count,
         last_exit_reason=c.last_exit_reason,
         crash_loop=c.crash_loop,
+        process_type=c.process_type,
     )
 
 
@@ -182,14 +187,17 @@ def isolation_from_proto(value: int) -> Isolation | None:
 
 def source_from_proto(requested: pb.Deployment) -> RequestedSource:
     which = requested.WhichOneof("source")
-    process_type = requested.process_type
+    common: dict[str, Any] = {
+        "process_type": requested.process_type,
+        "processes": tuple((p.type, p.percent) for p in requested.processes),
+    }
     if which == "image":
-        return RequestedSource(image=requested.image, process_type=process_type)
+        return RequestedSource(image=requested.image, **common)
     if which == "command":
-        return RequestedSource(command=requested.command, process_type=process_type)
+        return RequestedSource(command=requested.command, **common)
     if which == "source_sha256":
-        return RequestedSource(source_sha256=requested.source_sha256, process_type=process_type)
-    return RequestedSource(process_type=process_type)
+        return RequestedSource(source_sha256=requested.source_sha256, **common)
+    return RequestedSource(**common)
 
 
 @dataclass

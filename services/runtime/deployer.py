@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import logging
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -165,34 +165,111 @@ class Deployer:
             if deployment.status is not State.SCHEDULING:
                 return
             await store.set_env_version(tx, deployment.id, resolved.version_hash)
-            container = await store.container_of(tx, deployment.id)
-            if container is None or not container.live:
-                container = await store.insert_container(tx, deployment)
+            # A source is built once, by its first process's container; the others start
+            # from the slug it stores (launch_rest). A slug already built: all at once.
+            shares = deployment.process_shares
+            first = shares[:1] if deployment.needs_build else shares
+            containers = [await self._container_for(tx, deployment, p.type) for p in first]
             server = await store.get_server(tx, deployment.server_id)
-        try:
-            started = await self.agents.start(
-                server.agent_address, container, deployment, resolved.env
-            )
-        except grpc.aio.AioRpcError as exc:
-            if is_transient(exc):
-                reason = f"the agent of server {server.name} did not take it: {exc.details()}"
-                await self._fail_if_overdue(deployment, reason)
-            else:
-                await self.fail(
-                    deployment_id, f"the agent refused to start it: {exc.details()}", container.id
-                )
+        if not await self._start_all(server, deployment, containers, resolved.env):
             return
         async with self.db.transaction() as tx:
             deployment = await store.lock_deployment(tx, deployment_id)
-            await store.update_container(
-                tx, container.id, address=started.address, pid=started.pid, started_at=_utcnow()
-            )
             if deployment.status is State.SCHEDULING:
                 deployment = await self.scheduler.transition_in(
                     tx, deployment, State.BUILDING if deployment.needs_build else State.STARTING
                 )
         if deployment.status in ENDS:  # cancelled (or deleted) while the agent was starting it
             self.stop_soon()
+
+    @staticmethod
+    async def _container_for(tx: Session, deployment: Deployment, process_type: str) -> Container:
+        """The process's live container, or a new one (created under the deployment's row
+        lock, before the agent is called: starts are idempotent on its id)."""
+        container = await store.container_of(tx, deployment.id, process_type)
+        if container is None or not container.live:
+            container = await store.insert_container(tx, deployment, process_type)
+        return container
+
+    async def _start_all(
+        self,
+        server: Server,
+        deployment: Deployment,
+        containers: list[Container],
+        env: Mapping[str, str],
+    ) -> bool:
+        """Start the containers on their agent, together; False (the deployment failed, or
+        is retried later) when one could not be."""
+        results = await asyncio.gather(
+            *(self.agents.start(server.agent_address, c, deployment, env) for c in containers),
+            return_exceptions=True,
+        )
+        for container, result in zip(containers, results, strict=True):
+            if isinstance(result, grpc.aio.AioRpcError):
+                if is_transient(result):
+                    reason = (
+                        f"the agent of server {server.name} did not take it: {result.details()}"
+                    )
+                    await self._fail_if_overdue(deployment, reason)
+                else:
+                    await self.fail(
+                        deployment.id,
+                        f"the agent refused to start it: {result.details()}",
+                        container.id,
+                    )
+                return False
+            if isinstance(result, BaseException):
+                raise result
+        async with self.db.transaction() as tx:
+            for container, started in zip(containers, results, strict=True):
+                assert isinstance(started, agent_pb2.StartContainerResponse)
+                await store.update_container(
+                    tx,
+                    container.id,
+                    address=started.address,
+                    pid=started.pid,
+                    started_at=_utcnow(),
+                )
+        return True
+
+    def launch_rest_soon(self, deployment_id: str) -> None:
+        self._spawn(self._logged(self.launch_rest, deployment_id))
+
+    async def launch_rest(self, deployment_id: str) -> None:
+        """Start the processes of a built deployment that have no live container yet (all
+        but the one that built it); idempotent."""
+        key = f"rest:{deployment_id}"
+        if key in self._busy:
+            return
+        self._busy.add(key)
+        try:
+            async with self.db.session() as s:
+                deployment = await store.get_deployment(s, deployment_id)
+                newest = await store.newest_containers(s, deployment_id)
+            if deployment.status not in (State.BUILDING, State.STARTING) or (
+                deployment.needs_build
+            ):
+                return
+            missing = [
+                p.type
+                for p in deployment.process_shares
+                if p.type not in newest or not newest[p.type].live
+            ]
+            if not missing:
+                return
+            try:
+                resolved = await self.projects.resolve_secrets(deployment.project_id)
+            except (NotFound, Unavailable):
+                return  # retried by the sweep; a deleted project ends the deployment anyway
+            async with self.db.transaction() as tx:
+                deployment = await store.lock_deployment(tx, deployment_id)
+                if deployment.status not in (State.BUILDING, State.STARTING):
+                    return
+                containers = [await self._container_for(tx, deployment, t) for t in missing]
+                server = await store.get_server(tx, deployment.server_id)
+            await self._start_all(server, deployment, containers, resolved.env)
+        finally:
+            self._busy.discard(key)
 
     async def _fail_if_overdue(self, deployment: Deployment, reason: str) -> None:
         if _utcnow() - deployment.updated_at < self.start_timeout:
@@ -290,13 +367,21 @@ class Deployer:
                 sleep_status=sleep_status_of(report) if status not in ENDED else None,
                 restarts=_restarts_of(report),
             )
-            newest = await store.container_of(tx, deployment.id)
-            if updated is None or newest is None or newest.id != updated.id:
+            if updated is None:
+                return
+            newest = await store.container_of(tx, deployment.id, updated.process_type)
+            if newest is None or newest.id != updated.id:
                 return  # an older container of the deployment: it drives nothing
+            slugless = deployment.needs_build
             deployment, superseding = await self._follow(tx, deployment, updated, report)
-            stop = superseding or (deployment.status in ENDS and updated.live)
+            stop = superseding or (
+                deployment.status in ENDS and (updated.live or bool(deployment.processes))
+            )
+            built = slugless and not deployment.needs_build and len(deployment.process_shares) > 1
         if stop:
             self.stop_soon()
+        if built:  # its other processes start from the slug just stored
+            self.launch_rest_soon(deployment.id)
 
     async def _follow(
         self, tx: Session, deployment: Deployment, container: Container, report: agent_pb2.Container
@@ -343,6 +428,8 @@ class Deployer:
             return deployment, False
         if deployment.status in (State.SCHEDULING, State.BUILDING):
             deployment = await self.scheduler.transition_in(tx, deployment, State.STARTING)
+        if deployment.status is State.STARTING and not await self._all_running(tx, deployment):
+            return deployment, False  # running once every process of it runs
         if deployment.status is State.STARTING:
             deployment = await self.scheduler.transition_in(tx, deployment, State.RUNNING)
             return deployment, True  # the deployment it superseded, if any, stops now
@@ -351,6 +438,16 @@ class Deployer:
                 tx, deployment, State.RUNNING, reason=""
             )
         return deployment, False
+
+    @staticmethod
+    async def _all_running(tx: Session, deployment: Deployment) -> bool:
+        if not deployment.processes:
+            return True  # one process: the container that reported running
+        newest = await store.newest_containers(tx, deployment.id)
+        return all(
+            p.type in newest and newest[p.type].status == "running"
+            for p in deployment.process_shares
+        )
 
     # ----------------------------------------------------------------------- stops
 
@@ -492,6 +589,8 @@ class Deployer:
                 log.warning("servers missed their heartbeats", extra={"server_ids": down})
             async with self.db.session() as s:
                 placed = await store.deployment_ids(s, (State.SCHEDULING,))
+                # Built deployments of several processes whose others a kick missed.
+                building = await store.deployment_ids(s, (State.BUILDING, State.STARTING))
             # A bounded number at a time: a backlog (an agent away, a fleet restarting)
             # must not flood the agents, project and this process all at once.
             limit = asyncio.Semaphore(MAX_PARALLEL_STARTS)
@@ -501,6 +600,7 @@ class Deployer:
                     await self.launch(deployment_id)
 
             await asyncio.gather(*(launch_one(d) for d in placed), return_exceptions=True)
+            await asyncio.gather(*(self.launch_rest(d) for d in building), return_exceptions=True)
             retrying, self._retrying = self._retrying, {}
             for reason, count in retrying.items():
                 log.warning(

@@ -256,23 +256,77 @@ LATEST = "latest"  # source_sha256 naming the project's newest upload
 
 
 @dataclass(frozen=True)
+class ProcessShare:
+    """One process type of a deployment and what its container gets."""
+
+    type: str
+    ram_mb: int
+    cpu_millis: int
+
+    @property
+    def resources(self) -> Resources:
+        return Resources(self.ram_mb, self.cpu_millis)
+
+
+# The least a process's share may be: below it, nothing runs.
+MIN_PROCESS_RAM_MB = 16
+MIN_PROCESS_CPU_MILLIS = 10
+
+
+@dataclass(frozen=True)
 class RequestedSource:
     """What a new deployment's request names to run: an image, a command, an uploaded
-    source (its sha256, or LATEST), or none (the project's default)."""
+    source (its sha256, or LATEST), or none (the project's default); as one process type,
+    or several with their shares in percent (0 everywhere: equal shares)."""
 
     image: str | None = None
     command: str | None = None
     source_sha256: str | None = None
     process_type: str = ""
+    processes: tuple[tuple[str, int], ...] = ()
 
 
-def process_type_of(requested: str) -> str:
+def split_processes(
+    requested: Sequence[tuple[str, int]], total: Resources
+) -> tuple[ProcessShare, ...]:
+    """The deployment's RAM and CPU split between its process types as requested (percent
+    each, or equal shares when every percent is 0); what rounding leaves goes to the first.
+    INVALID_ARGUMENT naming the field for a bad list."""
+    field = "deployment.processes"
+    types = [process_type_of(name, f"{field}[{i}].type") for i, (name, _) in enumerate(requested)]
+    if len(set(types)) != len(types):
+        raise InvalidArgument.field(field, "each process type at most once")
+    percents = [percent for _, percent in requested]
+    if all(p == 0 for p in percents):
+        percents = [100 // len(types)] * len(types)
+        percents[0] += 100 - sum(percents)
+    else:
+        for i, percent in enumerate(percents):
+            if not 1 <= percent <= 100:
+                raise InvalidArgument.field(
+                    f"{field}[{i}].percent", "1 to 100 (or 0 on every process: equal shares)"
+                )
+        if sum(percents) != 100:
+            raise InvalidArgument.field(field, f"percents must sum to 100, not {sum(percents)}")
+    ram = [total.ram_mb * p // 100 for p in percents]
+    cpu = [total.cpu_millis * p // 100 for p in percents]
+    ram[0] += total.ram_mb - sum(ram)
+    cpu[0] += total.cpu_millis - sum(cpu)
+    for i, (r, c) in enumerate(zip(ram, cpu, strict=True)):
+        if r < MIN_PROCESS_RAM_MB or c < MIN_PROCESS_CPU_MILLIS:
+            raise InvalidArgument.field(
+                f"{field}[{i}].percent",
+                f"gives {types[i]} {r} MB and {c} mCPU: at least {MIN_PROCESS_RAM_MB} MB and "
+                f"{MIN_PROCESS_CPU_MILLIS} mCPU each",
+            )
+    return tuple(ProcessShare(t, r, c) for t, r, c in zip(types, ram, cpu, strict=True))
+
+
+def process_type_of(requested: str, field: str = "deployment.process_type") -> str:
     """The Procfile process type to run: the request's, else WEB."""
     name = requested.strip() or WEB
     if not all(c.isalnum() or c in "_-" for c in name) or len(name) > 63:
-        raise InvalidArgument.field(
-            "deployment.process_type", "letters, digits, '_' and '-' only, at most 63"
-        )
+        raise InvalidArgument.field(field, "letters, digits, '_' and '-' only, at most 63")
     return name
 
 

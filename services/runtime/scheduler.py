@@ -306,6 +306,7 @@ class Scheduler:
                 source_sha256=previous.source_sha256 or None,
                 slug_sha256=previous.slug_sha256,
                 process_type=previous.process_type,
+                processes=previous.processes,
                 release_reason=ReleaseReason.ROLLBACK,
                 created_by=current_actor() or SYSTEM_ACTOR,
                 health_check_path=previous.health_check_path,
@@ -341,6 +342,7 @@ class Scheduler:
             source_sha256=serving.source_sha256 or None,
             slug_sha256=serving.slug_sha256,  # the same build: nothing is built again
             process_type=serving.process_type,
+            processes=serving.processes,
             release_reason=ReleaseReason.CONFIG_CHANGE,
             created_by=actor,
             health_check_path=serving.health_check_path,

@@ -14,6 +14,7 @@ from services.runtime.domain import (
     WEB,
     DeploymentState,
     Isolation,
+    ProcessShare,
     RequestedSource,
     Resources,
     ServerState,
@@ -21,6 +22,7 @@ from services.runtime.domain import (
     process_type_of,
     required,
     source_digest,
+    split_processes,
 )
 from services.runtime.projects import Projects
 from services.runtime.scheduler import IMAGE_DRIVER, Scheduler
@@ -173,7 +175,19 @@ class Deployments:
         project = await self.access.projects.get(required(project_id, "project_id"))
         await self.access.authorizer.require(project.organization_id, "deployments.create")
         process_type = process_type_of(requested.process_type)
-        web = process_type == WEB
+        processes: tuple[ProcessShare, ...] = ()
+        if requested.processes:
+            if requested.source_sha256 is None:
+                raise InvalidArgument.field(
+                    "deployment.processes", "only a deployment of an uploaded source has several"
+                )
+            if requested.process_type:
+                raise InvalidArgument.field(
+                    "deployment.process_type", "not with processes (name each there)"
+                )
+            processes = split_processes(requested.processes, project.resources)
+            process_type = processes[0].type
+        web = any(p.type == WEB for p in processes) if processes else process_type == WEB
         source: str | None = None
         image: str | None = None
         command: str | None = None
@@ -200,6 +214,7 @@ class Deployments:
                 command=command,
                 source_sha256=source,
                 process_type=process_type,
+                processes=processes,
                 created_by=current_actor() or "",
                 # A worker serves no HTTP: no health or liveness check, never put to sleep
                 # for want of requests.

@@ -166,8 +166,10 @@ def _answer(ship: Ship, deployment_id: str, project_url: str = "") -> str:
         url = f"{project_url or ship.project_url}/containers"
         containers = _ok(ship.http.get(url, headers=ship.auth))
         for container in containers["containers"]:
-            if container["deploymentId"] == deployment_id and container["status"].endswith(
-                "RUNNING"
+            if (
+                container["deploymentId"] == deployment_id
+                and container["status"].endswith("RUNNING")
+                and container["processType"] == "web"  # the one that takes traffic
             ):
                 try:
                     reply = httpx.get(f"http://{container['address']}/", timeout=5)
@@ -366,6 +368,50 @@ def test_a_secret_change_restarts_the_release_with_the_new_config(ship: Ship) ->
     _ok(ship.http.put(f"{ship.project_url}/secrets/OTHER", headers=ship.auth, json={"value": "1"}))
     wait_for(lambda: len(_releases(ship)) == count + 1, "the one restarting change's release")
     assert _releases(ship)[0]["releaseReason"] == "RELEASE_REASON_CONFIG_CHANGE"
+
+
+WORKER = """worker: python -c "import time; print('worker up', flush=True); time.sleep(10**9)"\n"""
+
+
+def test_one_build_runs_a_web_and_a_worker_process_with_their_shares(ship: Ship) -> None:
+    def with_worker(app: Path) -> None:
+        procfile = app / "Procfile"
+        procfile.write_text(procfile.read_text() + WORKER)
+
+    sha = _ok(_upload(ship, _app(ship, "with-worker", with_worker)))["sha256"]
+    processes = [{"type": "web", "percent": 75}, {"type": "worker", "percent": 25}]
+    created = _deploy(ship, sourceSha256=sha, processes=processes)
+    shares = [(p["type"], p["ramMb"], p["cpuMillis"]) for p in created["processes"]]
+    assert shares == [("web", 384, 375), ("worker", 128, 125)]  # of 512 MB and 500 mCPU
+    _wait(ship, created["id"], RUNNING)
+    assert _answer(ship, created["id"]).strip() == GREETING  # the suffix's secret was deleted
+
+    containers = _ok(ship.http.get(f"{ship.project_url}/containers", headers=ship.auth))
+    mine = {
+        c["processType"]: c for c in containers["containers"] if c["deploymentId"] == created["id"]
+    }
+    assert set(mine) == {"web", "worker"}
+    assert all(c["status"] == "CONTAINER_STATUS_RUNNING" for c in mine.values())
+
+    def worker_line() -> bool:
+        entries = _ok(ship.http.get(f"{ship.project_url}/logs", headers=ship.auth))["entries"]
+        return any(
+            e["containerId"] == mine["worker"]["id"] and "worker up" in e["line"] for e in entries
+        )
+
+    wait_for(worker_line, "the worker's own log line")
+    fetched = [line for line in _logs(ship, created["id"], "BUILD") if "Fetching source" in line]
+    assert len(fetched) == 1, fetched  # built once, by one container
+
+    bad = ship.http.post(
+        f"{ship.project_url}/deployments",
+        headers=ship.auth,
+        json={
+            "sourceSha256": sha,
+            "processes": [{"type": "web", "percent": 60}, {"type": "worker", "percent": 30}],
+        },
+    )
+    assert bad.status_code == 400 and "deployment.processes" in bad.text, bad.text
 
 
 def test_an_unknown_source_is_refused_naming_the_field(ship: Ship) -> None:

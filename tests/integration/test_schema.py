@@ -103,6 +103,7 @@ INDEXES: list[Index] = [
     ix("runtime", "containers", "project_id", "status"),
     ix("runtime", "containers", "server_id", "status"),
     ix("runtime", "containers", "sleep_status", "last_request_at"),
+    ix("runtime", "containers", "deployment_id", "process_type", "created_at"),
     ix("runtime", "sources", "project_id", "created_at"),
     ix("billing", "subscriptions", "organization_id", "status"),
     ix("billing", "subscriptions", "current_period_end"),

@@ -14,16 +14,18 @@ from services.runtime.domain import (
     TRANSITIONS,
     Candidate,
     DeploymentState,
+    ProcessShare,
     Resources,
     best_fit,
     can_transition,
     crash_loop_reason,
     ensure_transition,
     find_drift,
+    split_processes,
     with_log_lines,
     without_log_lines,
 )
-from shared.errors import FailedPrecondition
+from shared.errors import FailedPrecondition, InvalidArgument
 
 S = DeploymentState
 
@@ -136,3 +138,33 @@ def test_a_crash_loop_reason_says_how_the_app_ended_then_its_last_lines() -> Non
     )
     assert without_log_lines(reason) == "exited with code 1 (crash loop: restarted 5 times)"
     assert with_log_lines("stopped", []) == without_log_lines("stopped") == "stopped"
+
+
+def test_processes_split_the_deployment_as_asked_and_the_rest_goes_to_the_first() -> None:
+    total = Resources(512, 500)
+    assert split_processes([("web", 75), ("worker", 25)], total) == (
+        ProcessShare("web", 384, 375),
+        ProcessShare("worker", 128, 125),
+    )
+    # all 0: equal shares, the remainder to the first
+    assert split_processes([("web", 0), ("a", 0), ("b", 0)], Resources(100, 100)) == (
+        ProcessShare("web", 34, 34),
+        ProcessShare("a", 33, 33),
+        ProcessShare("b", 33, 33),
+    )
+
+
+@pytest.mark.parametrize(
+    ("processes", "field"),
+    [
+        ([("web", 60), ("worker", 30)], "deployment.processes"),  # not 100
+        ([("web", 50), ("web", 50)], "deployment.processes"),  # twice
+        ([("web", 100), ("worker", 0)], "deployment.processes[1].percent"),  # mixed with 0
+        ([("web", 99), ("worker", 1)], "deployment.processes[1].percent"),  # too small a share
+        ([("we b", 100)], "deployment.processes[0].type"),
+    ],
+)
+def test_a_bad_split_names_its_field(processes: list[tuple[str, int]], field: str) -> None:
+    with pytest.raises(InvalidArgument) as caught:
+        split_processes(processes, Resources(512, 500))
+    assert [v.field for v in caught.value.violations] == [field]

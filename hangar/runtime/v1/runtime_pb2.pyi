@@ -158,7 +158,7 @@ class Server(_message.Message):
     def __init__(self, id: _Optional[str] = ..., name: _Optional[str] = ..., region: _Optional[str] = ..., agent_address: _Optional[str] = ..., ram_mb: _Optional[int] = ..., cpu_millis: _Optional[int] = ..., ram_mb_reserved: _Optional[int] = ..., cpu_millis_reserved: _Optional[int] = ..., status: _Optional[_Union[ServerStatus, str]] = ..., last_heartbeat_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., isolation: _Optional[_Union[ServerIsolation, str]] = ...) -> None: ...
 
 class Deployment(_message.Message):
-    __slots__ = ("id", "project_id", "organization_id", "server_id", "status", "capacity_reserved", "image", "command", "source_sha256", "ram_mb", "cpu_millis", "secrets_version", "exit_code", "status_reason", "rolled_back_from", "created_at", "updated_at", "slug_sha256", "release_reason", "created_by", "process_type")
+    __slots__ = ("id", "project_id", "organization_id", "server_id", "status", "capacity_reserved", "image", "command", "source_sha256", "ram_mb", "cpu_millis", "secrets_version", "exit_code", "status_reason", "rolled_back_from", "created_at", "updated_at", "slug_sha256", "release_reason", "created_by", "process_type", "processes")
     ID_FIELD_NUMBER: _ClassVar[int]
     PROJECT_ID_FIELD_NUMBER: _ClassVar[int]
     ORGANIZATION_ID_FIELD_NUMBER: _ClassVar[int]
@@ -180,6 +180,7 @@ class Deployment(_message.Message):
     RELEASE_REASON_FIELD_NUMBER: _ClassVar[int]
     CREATED_BY_FIELD_NUMBER: _ClassVar[int]
     PROCESS_TYPE_FIELD_NUMBER: _ClassVar[int]
+    PROCESSES_FIELD_NUMBER: _ClassVar[int]
     id: str
     project_id: str
     organization_id: str
@@ -201,7 +202,20 @@ class Deployment(_message.Message):
     release_reason: ReleaseReason
     created_by: str
     process_type: str
-    def __init__(self, id: _Optional[str] = ..., project_id: _Optional[str] = ..., organization_id: _Optional[str] = ..., server_id: _Optional[str] = ..., status: _Optional[_Union[DeploymentStatus, str]] = ..., capacity_reserved: _Optional[bool] = ..., image: _Optional[str] = ..., command: _Optional[str] = ..., source_sha256: _Optional[str] = ..., ram_mb: _Optional[int] = ..., cpu_millis: _Optional[int] = ..., secrets_version: _Optional[str] = ..., exit_code: _Optional[int] = ..., status_reason: _Optional[str] = ..., rolled_back_from: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., slug_sha256: _Optional[str] = ..., release_reason: _Optional[_Union[ReleaseReason, str]] = ..., created_by: _Optional[str] = ..., process_type: _Optional[str] = ...) -> None: ...
+    processes: _containers.RepeatedCompositeFieldContainer[DeploymentProcess]
+    def __init__(self, id: _Optional[str] = ..., project_id: _Optional[str] = ..., organization_id: _Optional[str] = ..., server_id: _Optional[str] = ..., status: _Optional[_Union[DeploymentStatus, str]] = ..., capacity_reserved: _Optional[bool] = ..., image: _Optional[str] = ..., command: _Optional[str] = ..., source_sha256: _Optional[str] = ..., ram_mb: _Optional[int] = ..., cpu_millis: _Optional[int] = ..., secrets_version: _Optional[str] = ..., exit_code: _Optional[int] = ..., status_reason: _Optional[str] = ..., rolled_back_from: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., slug_sha256: _Optional[str] = ..., release_reason: _Optional[_Union[ReleaseReason, str]] = ..., created_by: _Optional[str] = ..., process_type: _Optional[str] = ..., processes: _Optional[_Iterable[_Union[DeploymentProcess, _Mapping]]] = ...) -> None: ...
+
+class DeploymentProcess(_message.Message):
+    __slots__ = ("type", "percent", "ram_mb", "cpu_millis")
+    TYPE_FIELD_NUMBER: _ClassVar[int]
+    PERCENT_FIELD_NUMBER: _ClassVar[int]
+    RAM_MB_FIELD_NUMBER: _ClassVar[int]
+    CPU_MILLIS_FIELD_NUMBER: _ClassVar[int]
+    type: str
+    percent: int
+    ram_mb: int
+    cpu_millis: int
+    def __init__(self, type: _Optional[str] = ..., percent: _Optional[int] = ..., ram_mb: _Optional[int] = ..., cpu_millis: _Optional[int] = ...) -> None: ...
 
 class Source(_message.Message):
     __slots__ = ("project_id", "sha256", "size_bytes", "created_by", "created_at")
@@ -226,7 +240,7 @@ class Artifact(_message.Message):
     def __init__(self, sha256: _Optional[str] = ..., size_bytes: _Optional[int] = ...) -> None: ...
 
 class Container(_message.Message):
-    __slots__ = ("id", "project_id", "deployment_id", "server_id", "status", "sleep_status", "address", "last_request_at", "started_at", "restart_count", "last_exit_reason", "crash_loop")
+    __slots__ = ("id", "project_id", "deployment_id", "server_id", "status", "sleep_status", "address", "last_request_at", "started_at", "restart_count", "last_exit_reason", "crash_loop", "process_type")
     ID_FIELD_NUMBER: _ClassVar[int]
     PROJECT_ID_FIELD_NUMBER: _ClassVar[int]
     DEPLOYMENT_ID_FIELD_NUMBER: _ClassVar[int]
@@ -239,6 +253,7 @@ class Container(_message.Message):
     RESTART_COUNT_FIELD_NUMBER: _ClassVar[int]
     LAST_EXIT_REASON_FIELD_NUMBER: _ClassVar[int]
     CRASH_LOOP_FIELD_NUMBER: _ClassVar[int]
+    PROCESS_TYPE_FIELD_NUMBER: _ClassVar[int]
     id: str
     project_id: str
     deployment_id: str
@@ -251,7 +266,8 @@ class Container(_message.Message):
     restart_count: int
     last_exit_reason: str
     crash_loop: bool
-    def __init__(self, id: _Optional[str] = ..., project_id: _Optional[str] = ..., deployment_id: _Optional[str] = ..., server_id: _Optional[str] = ..., status: _Optional[_Union[ContainerStatus, str]] = ..., sleep_status: _Optional[_Union[SleepStatus, str]] = ..., address: _Optional[str] = ..., last_request_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., restart_count: _Optional[int] = ..., last_exit_reason: _Optional[str] = ..., crash_loop: _Optional[bool] = ...) -> None: ...
+    process_type: str
+    def __init__(self, id: _Optional[str] = ..., project_id: _Optional[str] = ..., deployment_id: _Optional[str] = ..., server_id: _Optional[str] = ..., status: _Optional[_Union[ContainerStatus, str]] = ..., sleep_status: _Optional[_Union[SleepStatus, str]] = ..., address: _Optional[str] = ..., last_request_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., restart_count: _Optional[int] = ..., last_exit_reason: _Optional[str] = ..., crash_loop: _Optional[bool] = ..., process_type: _Optional[str] = ...) -> None: ...
 
 class LogEntry(_message.Message):
     __slots__ = ("project_id", "deployment_id", "container_id", "stream", "line", "emitted_at")

@@ -32,6 +32,7 @@ from services.runtime.store.containers import (
     insert_container,
     list_containers,
     lock_container,
+    newest_containers,
     update_container,
 )
 from services.runtime.store.deployments import (
@@ -144,6 +145,7 @@ __all__ = [
     "lock_running_of_project",
     "lock_servers",
     "mark_silent_servers_down",
+    "newest_containers",
     "place_deployment",
     "project_organization",
     "record_activity",

@@ -21,24 +21,43 @@ from shared.pagination import Page, decode_page_token, encode_page_token
 _CONTAINER_RANK = {"starting": 0, "running": 1, "stopping": 2, "stopped": 3, "failed": 3}
 
 
-async def container_of(s: Session, deployment_id: str) -> Container | None:
-    """The deployment's newest container (one per deployment until sleep/wake)."""
+async def container_of(
+    s: Session, deployment_id: str, process_type: str | None = None
+) -> Container | None:
+    """The deployment's newest container (of one process type, when given): the one that
+    counts; an older one is a leftover to stop."""
     row = await s.fetchrow(
-        f"""SELECT * FROM {S}.containers WHERE deployment_id = $1
+        f"""SELECT * FROM {S}.containers
+             WHERE deployment_id = $1 AND ($2::text IS NULL OR process_type = $2)
              ORDER BY created_at DESC, id DESC LIMIT 1""",
         deployment_id,
+        process_type,
     )
     return Container.from_row(row) if row else None
 
 
-async def insert_container(tx: Session, deployment: Deployment) -> Container:
+async def newest_containers(s: Session, deployment_id: str) -> dict[str, Container]:
+    """The deployment's newest container of each process type it has one of."""
+    rows = await s.fetch(
+        f"""SELECT DISTINCT ON (process_type) * FROM {S}.containers
+             WHERE deployment_id = $1
+             ORDER BY process_type, created_at DESC, id DESC""",
+        deployment_id,
+    )
+    return {r["process_type"]: Container.from_row(r) for r in rows}
+
+
+async def insert_container(
+    tx: Session, deployment: Deployment, process_type: str = "web"
+) -> Container:
     row = await tx.fetchrow(
-        f"""INSERT INTO {S}.containers (id, project_id, deployment_id, server_id)
-            VALUES ($1, $2, $3, $4) RETURNING *""",
+        f"""INSERT INTO {S}.containers (id, project_id, deployment_id, server_id, process_type)
+            VALUES ($1, $2, $3, $4, $5) RETURNING *""",
         new_id(),
         deployment.project_id,
         deployment.id,
         deployment.server_id,
+        process_type,
     )
     assert row is not None
     return Container.from_row(row)
@@ -155,9 +174,9 @@ async def deployments_on_agents(
         f"""SELECT d.id, c.id AS container_id, d.server_id, s.agent_address
               FROM {S}.deployments d
               JOIN {S}.servers s ON s.id = d.server_id
-              LEFT JOIN LATERAL (SELECT id FROM {S}.containers
+              LEFT JOIN LATERAL (SELECT DISTINCT ON (process_type) id FROM {S}.containers
                                   WHERE deployment_id = d.id
-                                  ORDER BY created_at DESC, id DESC LIMIT 1) c ON true
+                                  ORDER BY process_type, created_at DESC, id DESC) c ON true
              WHERE d.status = ANY($1::text[]) AND s.status <> 'down'
                AND d.updated_at < now() - make_interval(secs => $2)
              ORDER BY d.server_id, d.id""",
@@ -199,7 +218,8 @@ async def container_claims(s: Session, container_ids: list[str]) -> dict[str, Co
     """The claims on these containers; an id runtime has no row for is absent."""
     rows = await s.fetch(
         f"""SELECT c.*, d.status AS deployment_status,
-                   c.id = (SELECT n.id FROM {S}.containers n WHERE n.deployment_id = d.id
+                   c.id = (SELECT n.id FROM {S}.containers n
+                            WHERE n.deployment_id = d.id AND n.process_type = c.process_type
                             ORDER BY n.created_at DESC, n.id DESC LIMIT 1) AS newest
               FROM {S}.containers c
               JOIN {S}.deployments d ON d.id = c.deployment_id

@@ -398,6 +398,7 @@ _CREATE_PARAMS = (
     "process_type",
     "release_reason",
     "created_by",
+    "processes",
 )
 
 
@@ -418,14 +419,14 @@ def _create_sql(skip_locked: bool) -> str:
                     schedule_deadline, sleep_after_seconds, restart_policy,
                     liveness_check_path, liveness_period_seconds, liveness_failure_threshold,
                     source_sha256, slug_sha256, process_type, release_reason, created_by,
-                    status, status_reason, server_id, capacity_reserved)
+                    processes, status, status_reason, server_id, capacity_reserved)
             SELECT $id, $project_id, $organization_id, $image, $command, $ram_mb,
                    $cpu_millis, $region, NULLIF($health_check_path, ''),
                    NULLIF($rolled_back_from, ''), $schedule_deadline, $sleep_after_seconds,
                    $restart_policy, NULLIF($liveness_check_path, ''),
                    $liveness_period_seconds::integer, $liveness_failure_threshold::integer,
                    $source_sha256::text, NULLIF($slug_sha256::text, ''), $process_type::text,
-                   $release_reason::text, $created_by::text,
+                   $release_reason::text, $created_by::text, $processes::jsonb,
                    CASE WHEN r.server_id IS NULL THEN 'queued' ELSE 'scheduling' END,
                    CASE WHEN r.server_id IS NOT NULL THEN ''
                         WHEN f.any_room AND NOT f.any_fits THEN $waiting_reason::text END,
@@ -495,6 +496,7 @@ async def create_deployment(
             spec.process_type,
             spec.release_reason.value,
             spec.created_by,
+            spec.processes_json,
         )
 
     async def skip_locked() -> tuple[asyncpg.Record | None, bool]:

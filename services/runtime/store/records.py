@@ -11,6 +11,7 @@ from services.runtime.domain import (
     Candidate,
     DeploymentState,
     Isolation,
+    ProcessShare,
     ReleaseReason,
     Resources,
     ServerState,
@@ -18,6 +19,18 @@ from services.runtime.domain import (
 from shared.db import from_row
 
 S = "runtime"
+
+
+def processes_to_json(processes: tuple[ProcessShare, ...]) -> list[dict[str, object]]:
+    return [{"type": p.type, "ram_mb": p.ram_mb, "cpu_millis": p.cpu_millis} for p in processes]
+
+
+def processes_from_json(value: object) -> tuple[ProcessShare, ...]:
+    if not isinstance(value, list):
+        return ()
+    return tuple(
+        ProcessShare(str(p["type"]), int(p["ram_mb"]), int(p["cpu_millis"])) for p in value
+    )
 
 
 @dataclass(frozen=True)
@@ -82,6 +95,7 @@ class Deployment:
     process_type: str = "web"
     release_reason: ReleaseReason = ReleaseReason.DEPLOY
     created_by: str = ""
+    processes: tuple[ProcessShare, ...] = ()  # several process types; empty: process_type
 
     @classmethod
     def from_row(cls, row: asyncpg.Record) -> Deployment:
@@ -91,7 +105,22 @@ class Deployment:
             status=DeploymentState(row["status"]),
             resources=Resources(row["ram_mb"], row["cpu_millis"]),
             release_reason=ReleaseReason(row["release_reason"]),
+            processes=processes_from_json(row["processes"]),
         )
+
+    @property
+    def process_shares(self) -> tuple[ProcessShare, ...]:
+        """Every process it runs with its share: its `processes`, else its one process
+        type with all of its resources."""
+        if self.processes:
+            return self.processes
+        return (ProcessShare(self.process_type, self.resources.ram_mb, self.resources.cpu_millis),)
+
+    def share_of(self, process_type: str) -> ProcessShare:
+        for share in self.process_shares:
+            if share.type == process_type:
+                return share
+        return self.process_shares[0]
 
     @property
     def needs_build(self) -> bool:
@@ -124,6 +153,11 @@ class DeploymentSpec:
     process_type: str = "web"
     release_reason: ReleaseReason = ReleaseReason.DEPLOY
     created_by: str = ""
+    processes: tuple[ProcessShare, ...] = ()
+
+    @property
+    def processes_json(self) -> list[dict[str, object]]:
+        return processes_to_json(self.processes)
 
     @property
     def needs_sandbox(self) -> bool:
@@ -178,6 +212,7 @@ class Container:
     restart_count: int = 0  # times its agent started the app again after it crashed
     crash_loop: bool = False
     last_exit_reason: str = ""
+    process_type: str = "web"
 
     @classmethod
     def from_row(cls, row: asyncpg.Record) -> Container:

@@ -54,7 +54,7 @@ async def idle_containers(s: Session, now: datetime, limit: int) -> list[IdleCon
               JOIN {S}.servers s ON s.id = c.server_id
              CROSS JOIN LATERAL (SELECT COALESCE(c.last_request_at, c.started_at, c.created_at)
                                         AS idle_since) i
-             WHERE c.sleep_status = 'awake' AND c.status = 'running'
+             WHERE c.sleep_status = 'awake' AND c.status = 'running' AND c.process_type = 'web'
                AND d.status = 'running' AND d.sleep_after_seconds IS NOT NULL
                AND s.status <> 'down'
                AND i.idle_since < $1::timestamptz - make_interval(secs => d.sleep_after_seconds)
@@ -71,6 +71,8 @@ async def set_sleep_after(tx: Session, project_id: str, sleep_after_seconds: int
     result = await tx.execute(
         f"""UPDATE {S}.deployments SET sleep_after_seconds = $2, updated_at = now()
              WHERE project_id = $1 AND sleep_after_seconds IS DISTINCT FROM $2
+               -- a worker never sleeps for want of requests (only web containers do)
+               AND (process_type = 'web' OR processes <> '[]')
                AND status NOT IN ('superseded', 'failed', 'cancelled', 'rolled_back')""",
         project_id,
         sleep_after_seconds,
