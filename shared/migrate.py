@@ -24,12 +24,12 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Concatenate, ParamSpec, TypeVar
 
 import asyncpg
-from alembic import command
+from alembic import command, op
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
@@ -63,6 +63,18 @@ MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
 _LOCK_KEY = "hangar.migrate"
 
 _IDENT = re.compile(r"^[a-z_][a-z0-9_]*$")
+
+
+def execute_all(statements: Iterable[str]) -> Callable[[], None]:
+    """A migration's `upgrade` or `downgrade` that runs `statements` in order:
+    `upgrade = execute_all(UPGRADE)`."""
+    listed = list(statements)
+
+    def step() -> None:
+        for statement in listed:
+            op.execute(statement)
+
+    return step
 
 
 def _ident(name: str) -> str:

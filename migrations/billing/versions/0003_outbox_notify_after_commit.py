@@ -12,9 +12,7 @@ Create Date: 2026-11-26
 
 from __future__ import annotations
 
-from alembic import op
-
-from shared.migrate import outbox_notify_ddl, outbox_notify_drop_ddl
+from shared.migrate import execute_all, outbox_notify_ddl, outbox_notify_drop_ddl
 
 revision = "billing_0003"
 down_revision = "billing_0002"
@@ -22,11 +20,5 @@ branch_labels = None
 depends_on = None
 
 
-def upgrade() -> None:
-    for statement in outbox_notify_drop_ddl("billing"):
-        op.execute(statement)
-
-
-def downgrade() -> None:
-    for statement in outbox_notify_ddl("billing"):
-        op.execute(statement)
+upgrade = execute_all(outbox_notify_drop_ddl("billing"))
+downgrade = execute_all(outbox_notify_ddl("billing"))

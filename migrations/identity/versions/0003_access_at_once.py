@@ -12,7 +12,7 @@ Create Date: 2026-12-06
 
 from __future__ import annotations
 
-from alembic import op
+from shared.migrate import execute_all
 
 revision = "identity_0003"
 down_revision = "identity_0002"
@@ -37,11 +37,5 @@ DOWNGRADE = [
 ]
 
 
-def upgrade() -> None:
-    for statement in UPGRADE:
-        op.execute(statement)
-
-
-def downgrade() -> None:
-    for statement in DOWNGRADE:
-        op.execute(statement)
+upgrade = execute_all(UPGRADE)
+downgrade = execute_all(DOWNGRADE)

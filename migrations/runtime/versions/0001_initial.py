@@ -7,9 +7,7 @@ Create Date: 2026-11-26
 
 from __future__ import annotations
 
-from alembic import op
-
-from shared.migrate import outbox_ddl, outbox_drop_ddl
+from shared.migrate import execute_all, outbox_ddl, outbox_drop_ddl
 
 revision = "runtime_0001"
 down_revision = None
@@ -210,11 +208,5 @@ DOWNGRADE = [
 ]
 
 
-def upgrade() -> None:
-    for statement in UPGRADE:
-        op.execute(statement)
-
-
-def downgrade() -> None:
-    for statement in DOWNGRADE:
-        op.execute(statement)
+upgrade = execute_all(UPGRADE)
+downgrade = execute_all(DOWNGRADE)

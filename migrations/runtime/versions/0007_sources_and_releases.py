@@ -15,7 +15,7 @@ Create Date: 2026-12-07
 
 from __future__ import annotations
 
-from alembic import op
+from shared.migrate import execute_all
 
 revision = "runtime_0007"
 down_revision = "runtime_0006"
@@ -82,11 +82,5 @@ DOWNGRADE = [
 ]
 
 
-def upgrade() -> None:
-    for statement in UPGRADE:
-        op.execute(statement)
-
-
-def downgrade() -> None:
-    for statement in DOWNGRADE:
-        op.execute(statement)
+upgrade = execute_all(UPGRADE)
+downgrade = execute_all(DOWNGRADE)
