@@ -295,28 +295,15 @@ class Scheduler:
                     "no earlier deployment of this project ever ran",
                     reason="NOTHING_TO_ROLL_BACK_TO",
                 )
-            spec = DeploymentSpec(
-                project_id=previous.project_id,
-                organization_id=previous.organization_id,
-                resources=previous.resources,
-                region=previous.region,
-                image=previous.image,
-                command=previous.command,
-                # The exact slug it ran: no build.
-                source_sha256=previous.source_sha256 or None,
-                slug_sha256=previous.slug_sha256,
-                process_type=previous.process_type,
-                processes=previous.processes,
+            spec = DeploymentSpec.again(
+                previous,
                 release_reason=ReleaseReason.ROLLBACK,
                 created_by=current_actor() or SYSTEM_ACTOR,
-                health_check_path=previous.health_check_path,
                 rolled_back_from=current.id,
-                sleep_after_seconds=current.sleep_after_seconds,  # the project's setting now
+                # The project's settings now; the liveness check goes with the code, as its
+                # health check path does.
+                sleep_after_seconds=current.sleep_after_seconds,
                 restart_policy=current.restart_policy,
-                # The liveness check goes with the code, as its health check path does.
-                liveness_check_path=previous.liveness_check_path,
-                liveness_period_seconds=previous.liveness_period_seconds,
-                liveness_failure_threshold=previous.liveness_failure_threshold,
             )
             rollback = await store.insert_deployment(tx, spec, self.clock() + self.schedule_timeout)
             await self._changed(tx, None, rollback)
@@ -332,25 +319,8 @@ class Scheduler:
         serving = await store.lock_running_of_project(tx, project_id, excluding="")
         if serving is None:
             return None
-        spec = DeploymentSpec(
-            project_id=serving.project_id,
-            organization_id=serving.organization_id,
-            resources=serving.resources,
-            region=serving.region,
-            image=serving.image,
-            command=serving.command,
-            source_sha256=serving.source_sha256 or None,
-            slug_sha256=serving.slug_sha256,  # the same build: nothing is built again
-            process_type=serving.process_type,
-            processes=serving.processes,
-            release_reason=ReleaseReason.CONFIG_CHANGE,
-            created_by=actor,
-            health_check_path=serving.health_check_path,
-            sleep_after_seconds=serving.sleep_after_seconds,
-            restart_policy=serving.restart_policy,
-            liveness_check_path=serving.liveness_check_path,
-            liveness_period_seconds=serving.liveness_period_seconds,
-            liveness_failure_threshold=serving.liveness_failure_threshold,
+        spec = DeploymentSpec.again(
+            serving, release_reason=ReleaseReason.CONFIG_CHANGE, created_by=actor
         )
         release = await store.insert_deployment(tx, spec, self.clock() + self.schedule_timeout)
         await self._changed(tx, None, release)

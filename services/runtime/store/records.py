@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
+from typing import Any
 
 import asyncpg
 
@@ -154,6 +155,30 @@ class DeploymentSpec:
     release_reason: ReleaseReason = ReleaseReason.DEPLOY
     created_by: str = ""
     processes: tuple[ProcessShare, ...] = ()
+
+    @classmethod
+    def again(cls, deployment: Deployment, **changes: Any) -> DeploymentSpec:
+        """What `deployment` ran, as a new deployment's spec (a rollback, a config change:
+        the same command, image or slug, nothing built again), with `changes`."""
+        spec = cls(
+            project_id=deployment.project_id,
+            organization_id=deployment.organization_id,
+            resources=deployment.resources,
+            region=deployment.region,
+            image=deployment.image,
+            command=deployment.command,
+            source_sha256=deployment.source_sha256 or None,
+            slug_sha256=deployment.slug_sha256,
+            process_type=deployment.process_type,
+            processes=deployment.processes,
+            health_check_path=deployment.health_check_path,
+            sleep_after_seconds=deployment.sleep_after_seconds,
+            restart_policy=deployment.restart_policy,
+            liveness_check_path=deployment.liveness_check_path,
+            liveness_period_seconds=deployment.liveness_period_seconds,
+            liveness_failure_threshold=deployment.liveness_failure_threshold,
+        )
+        return replace(spec, **changes)
 
     @property
     def processes_json(self) -> list[dict[str, object]]:
