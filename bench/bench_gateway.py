@@ -189,7 +189,7 @@ def set_up(args: argparse.Namespace, tmp: Path, pg: Any) -> Setup:
     from shared.migrate import migrate
     from shared.pg import create_database
     from tests.support.procs import free_port
-    from tests.support.stack import sign_up, start_stack, wait_for
+    from tests.support.stack import owner_with_project, start_stack, wait_for
 
     url = asyncio.run(create_database(pg.url, f"bench_{secrets.token_hex(4)}"))
     passwords = {
@@ -199,20 +199,7 @@ def set_up(args: argparse.Namespace, tmp: Path, pg: Any) -> Setup:
     extra = {"PYTHONPATH": args.pythonpath} if args.pythonpath else {}
     stack = start_stack(url, passwords, tmp / "stack", agent=False, extra_env=extra)
     try:
-        with httpx.Client(base_url=stack.url, timeout=10) as http:
-            owner = sign_up(http, "bench")
-            org = http.post(
-                "/v1/organizations", headers=owner.auth, json={"name": "B", "slug": "bench-gw"}
-            ).json()
-            subscription = f"/v1/organizations/{org['id']}/subscription"
-            wait_for(lambda: http.get(subscription, headers=owner.auth).is_success, "a plan")
-            created = http.post(
-                f"/v1/organizations/{org['id']}/projects",
-                headers=owner.auth,
-                json={"name": "Bench", "slug": "bench", "ramMb": 128, "cpuMillis": 100},
-            )
-            created.raise_for_status()
-            project = created.json()
+        owner, project = owner_with_project(stack, "bench-gw")
         port = free_port()
         script = tmp / "bare_app.py"
         script.write_text(BARE_APP.format(body=repr({k: v for k, v in project.items()})))

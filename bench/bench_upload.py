@@ -78,7 +78,7 @@ def write_to_disk(archive: Path, directory: Path) -> float:
 def set_up(tmp: Path, pg: Any) -> tuple[Any, str, str]:
     from shared.migrate import migrate
     from shared.pg import create_database
-    from tests.support.stack import sign_up, start_stack, wait_for
+    from tests.support.stack import owner_with_project, start_stack
 
     url = asyncio.run(create_database(pg.url, f"bench_{secrets.token_hex(4)}"))
     passwords = {
@@ -93,23 +93,11 @@ def set_up(tmp: Path, pg: Any) -> tuple[Any, str, str]:
         extra_env={"HANGAR_MAX_SOURCE_BYTES": str(4 * 1024**3), "HANGAR_LOG_LEVEL": "WARNING"},
     )
     try:
-        with httpx.Client(base_url=stack.url, timeout=10) as http:
-            owner = sign_up(http, "bench")
-            org = http.post(
-                "/v1/organizations", headers=owner.auth, json={"name": "B", "slug": "bench-up"}
-            ).json()
-            subscription = f"/v1/organizations/{org['id']}/subscription"
-            wait_for(lambda: http.get(subscription, headers=owner.auth).is_success, "a plan")
-            created = http.post(
-                f"/v1/organizations/{org['id']}/projects",
-                headers=owner.auth,
-                json={"name": "Bench", "slug": "bench", "ramMb": 128, "cpuMillis": 100},
-            )
-            created.raise_for_status()
+        owner, project = owner_with_project(stack, "bench-up")
     except BaseException:
         stack.stop()
         raise
-    return stack, created.json()["id"], owner.token
+    return stack, project["id"], owner.token
 
 
 def main() -> None:

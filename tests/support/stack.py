@@ -293,6 +293,27 @@ def sign_up(http: httpx.Client, name: str = "user") -> Account:
     return Account(email, body["user"]["id"], body["accessToken"], body["refreshToken"])
 
 
+def owner_with_project(
+    stack: Stack, slug: str, ram_mb: int = 128, cpu_millis: int = 100
+) -> tuple[Account, dict[str, Any]]:
+    """A signed-up user who owns an organization (with its plan) and a project in it."""
+    with stack.client(timeout=10) as http:
+        owner = sign_up(http, "bench")
+        org = http.post(
+            "/v1/organizations", headers=owner.auth, json={"name": "B", "slug": slug}
+        ).json()
+        subscription = f"/v1/organizations/{org['id']}/subscription"
+        wait_for(lambda: http.get(subscription, headers=owner.auth).is_success, "a plan")
+        created = http.post(
+            f"/v1/organizations/{org['id']}/projects",
+            headers=owner.auth,
+            json={"name": "Bench", "slug": slug, "ramMb": ram_mb, "cpuMillis": cpu_millis},
+        )
+        created.raise_for_status()
+        project: dict[str, Any] = created.json()
+    return owner, project
+
+
 def wait_for(probe: Callable[[], Any], what: str, within: float = 20.0, every: float = 0.2) -> Any:
     """Poll `probe` until it returns something truthy; fail naming `what`."""
     deadline = time.monotonic() + within
