@@ -73,7 +73,8 @@ class Staged:
         self.max_bytes = max_bytes
         self._file: BinaryIO | None = file
         self._hash = hashlib.sha256()
-        self._buffer = bytearray()
+        self._pending: list[bytes] = []  # chunks not written yet (joined once, not copied
+        self._pending_bytes = 0  # chunk by chunk into a buffer)
         self._received = 0
         self._failed = False
         self._artifact: Artifact | None = None
@@ -85,10 +86,11 @@ class Staged:
         self._received += len(chunk)
         if self._received > self.max_bytes:
             self._failed = True
-            self._buffer.clear()
+            self._pending.clear()
             raise ArtifactTooLarge(self.max_bytes)
-        self._buffer += chunk
-        if len(self._buffer) >= _FLUSH_BYTES:
+        self._pending.append(chunk)
+        self._pending_bytes += len(chunk)
+        if self._pending_bytes >= _FLUSH_BYTES:
             await self._flush()
 
     async def finish(self) -> Artifact:
@@ -120,9 +122,11 @@ class Staged:
         return self.artifact.size_bytes
 
     async def _flush(self) -> None:
-        if not self._buffer or self._file is None:
+        if not self._pending or self._file is None:
             return
-        data, self._buffer = bytes(self._buffer), bytearray()
+        # One chunk of 1 MiB (what the gateway sends) is written as it is, uncopied.
+        data = b"".join(self._pending)
+        self._pending, self._pending_bytes = [], 0
         await asyncio.to_thread(self._write_sync, self._file, data)
 
     def _write_sync(self, file: BinaryIO, data: bytes) -> None:
