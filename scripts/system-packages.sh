@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # The system packages the agent's container driver needs: runc (runs each app), slirp4netns
-# (its outbound network), tini (PID 1 in the container) and iproute2 (`ip netns`).
+# (its outbound network), tini (PID 1 in the container; tini-static inside images), iproute2
+# (`ip netns`), skopeo and umoci (pulling and unpacking container images); and for the tests
+# of images, the reference registry (docker-registry) and busybox-static (test images' root).
 # Run by `make run` and `make test` every time, so it is quiet and quick when all are present.
 # As root with apt-get, it installs what is missing; otherwise it says in one sentence what to
 # install and succeeds anyway: the process driver still runs apps (unisolated) on a
@@ -8,7 +10,8 @@
 set -euo pipefail
 
 # command:package
-needed=(runc:runc slirp4netns:slirp4netns tini:tini ip:iproute2)
+needed=(runc:runc slirp4netns:slirp4netns tini:tini ip:iproute2 skopeo:skopeo umoci:umoci
+    docker-registry:docker-registry busybox:busybox-static)
 
 have() {
     # /usr/sbin and /sbin are not on a regular user's PATH on Debian; runc and ip live there.

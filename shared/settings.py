@@ -233,8 +233,12 @@ class Settings:
     artifacts_s3_bucket: str = ""
     artifacts_s3_endpoint: str = ""
     max_source_bytes: int = 200 * 1024 * 1024
-    # How long a build may take before it is stopped (and its deployment fails).
+    # How long a build (or an image's pull) may take before it is stopped (and its
+    # deployment fails).
     agent_build_timeout_seconds: float = 900.0
+    # Registries ("host:port") the agent pulls images from over plain HTTP (or without
+    # checking their TLS certificate): a registry of one's own on a private network.
+    agent_insecure_registries: tuple[str, ...] = ()
 
     @classmethod
     def from_env(cls, service: str) -> Settings:
@@ -297,6 +301,9 @@ class Settings:
             agent_restart_stable_seconds=float(_env("HANGAR_AGENT_RESTART_STABLE_SECONDS", "30")),
             agent_crash_loop_restarts=int(_env("HANGAR_AGENT_CRASH_LOOP_RESTARTS", "5")),
             agent_build_timeout_seconds=float(_env("HANGAR_AGENT_BUILD_TIMEOUT_SECONDS", "900")),
+            agent_insecure_registries=tuple(
+                r.strip() for r in _env("HANGAR_AGENT_INSECURE_REGISTRIES").split(",") if r.strip()
+            ),
             artifacts_dir=_env("HANGAR_ARTIFACTS_DIR", default_data_dir("artifacts")),
             artifacts_s3_bucket=_env("HANGAR_ARTIFACTS_S3_BUCKET"),
             artifacts_s3_endpoint=_env("HANGAR_ARTIFACTS_S3_ENDPOINT"),

@@ -138,6 +138,9 @@ def spec_from_proto(request: agent_pb2.StartContainerRequest) -> ContainerSpec:
         source_sha256=request.source_sha256,
         slug_sha256=request.slug_sha256,
         process_type=request.process_type,
+        image_command=request.image_command,
+        registry_username=request.registry_username,
+        registry_password=request.registry_password,
     )
 
 
@@ -190,6 +193,7 @@ def container_to_proto(info: ContainerInfo) -> agent_pb2.Container:
     message.crash_loop = info.crash_loop
     message.building = info.building
     message.slug_sha256 = info.slug_sha256
+    message.image_digest = info.image_digest
     if info.next_restart_at is not None:
         message.next_restart_at.CopyFrom(timestamp(info.next_restart_at))
         message.restart_backoff.FromNanoseconds(round(info.restart_delay * 1e9))

@@ -356,6 +356,19 @@ class Builder:
         )
         await process.wait()
 
+    def collect_slugs(self, keep: set[str]) -> int:
+        """Remove the unpacked slugs no container here runs (`keep`: the digests in use);
+        a later start of one unpacks it again. The number removed. Safe from a thread."""
+        removed = 0
+        for path in self.slugs.iterdir():
+            name = path.name
+            lock = self._unpacking.get(name)
+            if name.startswith(".") or name in keep or (lock is not None and lock.locked()):
+                continue
+            shutil.rmtree(path, ignore_errors=True)
+            removed += 1
+        return removed
+
     def forget(self, container_id: str) -> None:
         """What a build of this container left (an agent that died mid-build)."""
         for path in (

@@ -50,6 +50,7 @@ from services.agent.domain import LogStream, ResourceSample, SleepState, utcnow
 from services.agent.driver_base import LOST_RUN, Reaped, _Container
 from services.agent.driver_builds import BuildMixin
 from services.agent.drivers import ProcessDriver
+from services.agent.images import ImageStore
 from services.agent.netns import NetworkNamespace
 from services.agent.proxy import CHUNK_BYTES, IngressProxy
 from services.agent.runs import AppRun
@@ -59,6 +60,16 @@ from shared.errors import Unavailable
 log = logging.getLogger("hangar.agent.containers")
 
 OOM_KILLED = "OOM_KILLED"
+
+
+def images_unavailable_reason() -> str | None:
+    """Why this server cannot run container images (in containers), or None when it can."""
+    for tool in ("skopeo", "umoci"):
+        if shutil.which(tool) is None:
+            return f"{tool} is not installed"
+    if not os.access(oci.TINI_STATIC, os.X_OK):
+        return "tini-static is not installed"
+    return None
 
 
 def unavailable_reason(runc: str = "runc") -> str | None:
@@ -110,6 +121,7 @@ class ContainerDriver(BuildMixin, ProcessDriver):
         tmpfs_mb: int = 64,
         freeze_seconds: float = 600.0,
         build_timeout: float = 900.0,
+        insecure_registries: Sequence[str] = (),
         runc: str = "runc",
         stack: oci.Stack | None = None,
         **kwargs: Any,
@@ -145,6 +157,13 @@ class ContainerDriver(BuildMixin, ProcessDriver):
             artifacts=None,  # the agent gives it its way to runtime (AgentApp)
             timeout_seconds=build_timeout,
         )
+        self.images = ImageStore(
+            self.state_dir / "images",
+            insecure_registries=frozenset(insecure_registries),
+            timeout_seconds=build_timeout,
+        )
+        # Images run here when the tools that pull and unpack them are installed.
+        self.runs_images = images_unavailable_reason() is None
         self._sandboxes: dict[str, _Sandbox] = {}
         self._teardowns: set[asyncio.Future[None]] = set()
         self._prepare_state_dir()
@@ -227,7 +246,9 @@ class ContainerDriver(BuildMixin, ProcessDriver):
                 stack=self.stack,
                 # A built app: its slug, read-only, where it was built.
                 binds=(oci.Bind(spec.app_dir, oci.APP_DIR),) if spec.app_dir else (),
-                cwd=oci.APP_DIR if spec.app_dir else oci.HOME,
+                cwd=spec.workdir or (oci.APP_DIR if spec.app_dir else oci.HOME),
+                image_root=spec.image_root,
+                args=spec.args,
             )
             oci.write_bundle(directory, bundle, self._seccomp)
         except BaseException:

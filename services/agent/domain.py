@@ -121,6 +121,14 @@ class ContainerSpec:
     slug_sha256: str = ""
     process_type: str = ""
     app_dir: str = ""  # where its slug is unpacked on this server, once it is
+    # A container image: its command replacing the image's Cmd, the pull's credentials
+    # (dropped once pulled); once pulled, its unpacked root, argv and working directory.
+    image_command: str = ""
+    registry_username: str = ""
+    registry_password: str = field(default="", repr=False)
+    image_root: str = ""
+    args: tuple[str, ...] = ()
+    workdir: str = ""
 
     def validate(self) -> None:
         violations = []
@@ -131,10 +139,12 @@ class ContainerSpec:
                 FieldViolation("container_id", "1 to 128 of letters, digits, '-', '_', '.'")
             )
         built = bool(self.source_sha256 or self.slug_sha256)
-        if bool(self.image.strip()) == bool(self.command.strip() or built):
+        if [bool(self.image.strip()), bool(self.command.strip() or built)].count(True) != 1:
             violations.append(
                 FieldViolation("source", "exactly one of command, image or a source to build")
             )
+        if self.image_command and not self.image:
+            violations.append(FieldViolation("image_command", "only with an image"))
         for name in ("source_sha256", "slug_sha256"):
             digest = getattr(self, name)
             if digest and not _SHA256.match(digest):
@@ -193,7 +203,8 @@ class ContainerInfo:
     crash_loop: bool = False  # it keeps crashing soon after each start (still restarted)
     restart_delay: float = 0.0  # the back-off before its next start; 0: none pending
     next_restart_at: datetime | None = None  # when that start is due
-    building: bool = False  # its source is being built (state stays STARTING)
+    building: bool = False  # its source is being built, or image pulled (still STARTING)
+    image_digest: str = ""  # the manifest digest of the image it runs, once pulled
     slug_sha256: str = ""  # the slug it runs, once built (or as it was started from)
 
     def with_changes(self, **changes: object) -> ContainerInfo:

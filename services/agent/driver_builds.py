@@ -15,10 +15,13 @@ import asyncio
 import contextvars
 import dataclasses
 import logging
+import shlex
 
 from services.agent.builds import Builder, BuildFailed
 from services.agent.domain import ContainerState, utcnow
 from services.agent.driver_base import DriverBase, _Container
+from services.agent.image_refs import ImageFailed, RegistryAuth
+from services.agent.images import ImageStore
 
 log = logging.getLogger("hangar.agent.builds")
 
@@ -27,9 +30,19 @@ class BuildMixin(DriverBase):
     """Builds before the first run (see the module's docstring)."""
 
     builder: Builder
+    images: ImageStore
+    _collecting: asyncio.Future[None] | None = None
+    _closing: bool
 
     async def _spawn(self, record: _Container) -> None:
         spec = record.spec
+        if spec.image and not spec.image_root:
+            self._set(record, building=True)
+            record.build = asyncio.get_running_loop().create_task(
+                self._pull_then_spawn(record), context=contextvars.Context()
+            )
+            record.tasks.append(record.build)
+            return
         if (spec.source_sha256 or spec.slug_sha256) and not spec.app_dir:
             self._set(record, building=not spec.slug_sha256)
             # A fresh context: the build outlives StartContainer, and must not carry its
@@ -71,15 +84,88 @@ class BuildMixin(DriverBase):
         )
         await super()._spawn(record)
 
+    async def _pull_then_spawn(self, record: _Container) -> None:
+        spec = record.spec
+        auth = (
+            RegistryAuth(spec.registry_username, spec.registry_password)
+            if spec.registry_username
+            else None
+        )
+        try:
+            image = await self.images.pull(spec.image, record.logs, auth)
+        except ImageFailed as exc:
+            self._fail_build(record, exc.reason)
+            return
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # a bug, or the disk: the container fails, the agent lives
+            log.exception("pull failed", extra={"container_id": spec.container_id})
+            self._fail_build(record, f"IMAGE_PULL_FAILED: the agent could not pull it: {exc}")
+            return
+        config = image.config
+        try:
+            cmd = shlex.split(spec.image_command) if spec.image_command else list(config.cmd)
+        except ValueError as exc:
+            self._fail_build(record, f"IMAGE_COMMAND_INVALID: {exc}")
+            return
+        args = (*config.entrypoint, *cmd)
+        if not args:
+            self._fail_build(
+                record,
+                "IMAGE_NO_COMMAND: the image has no Entrypoint or Cmd, and the deployment no "
+                "command",
+            )
+            return
+        self._set(record, building=False, image_digest=image.digest)
+        if record.stop_requested or record.info.state.ended:
+            return
+        record.spec = dataclasses.replace(
+            spec,
+            image=image.pinned,  # a restart runs what ran: the digest, never the tag again
+            image_root=str(image.rootfs),
+            args=args,
+            workdir=config.working_dir or "/",
+            env={**config.env, **spec.env},  # the project's own variables win
+            registry_username="",  # the pull is done: the credentials are not kept
+            registry_password="",
+        )
+        await super()._spawn(record)
+
     def _fail_build(self, record: _Container, reason: str) -> None:
         log.info("build failed", extra={"container_id": record.info.container_id})
-        self._release(record)  # type: ignore[attr-defined]
+        self._release(record)
         self._close_proxy(record)
         self._set(
             record, state=ContainerState.FAILED, building=False, reason=reason, ended_at=utcnow()
         )
         record.ended.set()
         self._forget_old_ended()
+
+    def _release(self, record: _Container) -> None:
+        super()._release(record)  # type: ignore[misc]  # LifecycleMixin's, after this mixin
+        # Not while the agent stops: its images serve the next agent of this directory.
+        if (record.spec.image_root or record.spec.app_dir) and not self._closing:
+            self._collect_soon()
+
+    def _collect_soon(self) -> None:
+        """Once a container of an image or a slug is gone: drop the images (their layers no
+        kept image shares) and the slugs that no container here runs any more."""
+        if self._collecting is not None and not self._collecting.done():
+            return
+        live = [c.spec for c in self._containers.values() if not c.info.state.ended]
+        images = {
+            c.info.image_digest
+            for c in self._containers.values()
+            if not c.info.state.ended and c.info.image_digest
+        }
+        slugs = {spec.slug_sha256 for spec in live if spec.slug_sha256}
+
+        def collect() -> None:
+            dropped = self.images.collect_garbage(images) + self.builder.collect_slugs(slugs)
+            if dropped:
+                log.info("collected unused images and slugs", extra={"removed": dropped})
+
+        self._collecting = asyncio.ensure_future(asyncio.to_thread(collect))
 
     async def _stop(self, record: _Container, grace: float) -> None:
         build = record.build

@@ -135,7 +135,7 @@ class ProcessDriver(LifecycleMixin, SleepMixin, RestartMixin, AdoptionMixin, Ing
 
     async def start(self, spec: ContainerSpec) -> ContainerInfo:
         spec.validate()
-        if spec.image:
+        if spec.image and not self.runs_images:
             raise FailedPrecondition("this agent has no image driver", reason="NO_IMAGE_DRIVER")
         if (spec.source_sha256 or spec.slug_sha256) and not self.builds:
             raise FailedPrecondition(

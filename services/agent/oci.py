@@ -99,6 +99,10 @@ class Bundle:
     stack: Stack = field(default_factory=Stack)
     binds: tuple[Bind, ...] = ()
     cwd: str = HOME
+    # A container image's unpacked root filesystem (read-only, shared by the containers of
+    # that image) instead of the stack; `args` is then its argv (entrypoint and command).
+    image_root: str = ""
+    args: tuple[str, ...] = ()
 
 
 def runtime_spec(
@@ -109,7 +113,8 @@ def runtime_spec(
     # The container process cannot raise its hard limit past the agent's (no capabilities).
     nofile = min(65536, resource.getrlimit(resource.RLIMIT_NOFILE)[1])
     size = f"size={limits.tmpfs_mb}m"
-    env = {"PATH": DEFAULT_PATH, "HOME": HOME, "LANG": "C.UTF-8", "TZ": "UTC", **bundle.env}
+    home = "/tmp" if bundle.image_root else HOME
+    env = {"PATH": DEFAULT_PATH, "HOME": home, "LANG": "C.UTF-8", "TZ": "UTC", **bundle.env}
     mounts: list[dict[str, Any]] = [
         {"destination": "/proc", "type": "proc", "source": "proc"},
         {
@@ -142,26 +147,12 @@ def runtime_spec(
             "source": "sysfs",
             "options": ["nosuid", "noexec", "nodev", "ro"],
         },
-        *(
-            {
-                "destination": destination,
-                "type": "bind",
-                "source": source,
-                "options": ["rbind", "ro", "nosuid", "nodev"],
-            }
-            for source, destination in bundle.stack.binds()
-        ),
+        *(_image_mounts(bundle) if bundle.image_root else _stack_mounts(bundle, size)),
         {
             "destination": "/tmp",
             "type": "tmpfs",
             "source": "tmpfs",
             "options": ["nosuid", "nodev", "mode=1777", size],
-        },
-        {
-            "destination": HOME,
-            "type": "tmpfs",
-            "source": "tmpfs",
-            "options": ["nosuid", "nodev", "mode=0700", size, f"uid={uid}", f"gid={uid}"],
         },
         *(
             {
@@ -205,8 +196,13 @@ def runtime_spec(
             "terminal": False,
             "user": {"uid": uid, "gid": uid, "additionalGids": []},
             # tini as PID 1: it reaps orphans and passes SIGTERM to the app's whole process
-            # group (an app as PID 1 would ignore SIGTERM it has no handler for).
-            "args": ["/usr/bin/tini", "-g", "--", "/bin/sh", "-c", bundle.command],
+            # group (an app as PID 1 would ignore SIGTERM it has no handler for). In an
+            # image, the host's static tini, bound in (images need not have one).
+            "args": (
+                [IMAGE_INIT, "-g", "--", *bundle.args]
+                if bundle.image_root
+                else ["/usr/bin/tini", "-g", "--", "/bin/sh", "-c", bundle.command]
+            ),
             "env": [f"{name}={value}" for name, value in env.items()],
             "cwd": bundle.cwd,
             "capabilities": NO_CAPABILITIES,
@@ -214,11 +210,66 @@ def runtime_spec(
             "noNewPrivileges": True,
             "oomScoreAdj": 500,  # the kernel's OOM killer takes apps before the platform
         },
-        "root": {"path": "rootfs", "readonly": True},
+        "root": {"path": bundle.image_root or "rootfs", "readonly": True},
         "hostname": bundle.hostname,
         "mounts": mounts,
         "linux": linux,
     }
+
+
+IMAGE_INIT = "/dev/.hangar-init"  # where the host's static tini is bound in an image
+TINI_STATIC = "/usr/bin/tini-static"
+IMAGE_ETC = ("hosts", "hostname", "resolv.conf")  # the container's own, over the image's
+
+
+def _stack_mounts(bundle: Bundle, size: str) -> list[dict[str, Any]]:
+    """The shared stack, read-only, and the app's private $HOME."""
+    return [
+        *(
+            {
+                "destination": destination,
+                "type": "bind",
+                "source": source,
+                "options": ["rbind", "ro", "nosuid", "nodev"],
+            }
+            for source, destination in bundle.stack.binds()
+        ),
+        {
+            "destination": HOME,
+            "type": "tmpfs",
+            "source": "tmpfs",
+            "options": [
+                "nosuid",
+                "nodev",
+                "mode=0700",
+                size,
+                f"uid={bundle.uid}",
+                f"gid={bundle.uid}",
+            ],
+        },
+    ]
+
+
+def _image_mounts(bundle: Bundle) -> list[dict[str, Any]]:
+    """The container's own /etc files over the image's (bound from the bundle: a relative
+    source is the bundle's), and tini to run it under."""
+    return [
+        *(
+            {
+                "destination": f"/etc/{name}",
+                "type": "bind",
+                "source": f"etc/{name}",
+                "options": ["bind", "ro", "nosuid", "nodev"],
+            }
+            for name in IMAGE_ETC
+        ),
+        {
+            "destination": IMAGE_INIT,
+            "type": "bind",
+            "source": TINI_STATIC,
+            "options": ["bind", "ro", "nosuid", "nodev"],
+        },
+    ]
 
 
 def write_bundle(
@@ -226,7 +277,10 @@ def write_bundle(
 ) -> None:
     """Writes config.json and the root filesystem's skeleton into `directory`."""
     directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-    write_rootfs(directory / "rootfs", bundle.uid, bundle.hostname, bundle.stack)
+    if bundle.image_root:  # the image is the root; only the container's own /etc files
+        write_etc(directory / "etc", bundle.uid, bundle.hostname)
+    else:
+        write_rootfs(directory / "rootfs", bundle.uid, bundle.hostname, bundle.stack)
     for bind in bundle.binds:
         (directory / "rootfs" / bind.destination.lstrip("/")).mkdir(
             mode=0o755, parents=True, exist_ok=True
@@ -252,7 +306,12 @@ def write_rootfs(rootfs: Path, uid: int, hostname: str, stack: Stack) -> None:
             (rootfs / link).symlink_to(f"usr/{link}")
     for _, destination in stack.binds():
         (rootfs / destination.lstrip("/")).mkdir(mode=0o755, parents=True, exist_ok=True)
-    etc = rootfs / "etc"
+    write_etc(rootfs / "etc", uid, hostname)
+
+
+def write_etc(etc: Path, uid: int, hostname: str) -> None:
+    """The container's own /etc files: its user, hosts, hostname, resolver."""
+    etc.mkdir(mode=0o755, parents=True, exist_ok=True)
     files = {
         "passwd": (
             "root:x:0:0:root:/root:/usr/sbin/nologin\n"

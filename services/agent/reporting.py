@@ -61,6 +61,7 @@ def report_of(info: ContainerInfo) -> rpb.ContainerStatusReport:
         crash_loop=info.crash_loop,
         building=info.building,
         slug_sha256=info.slug_sha256,
+        image_digest=info.image_digest,
     )
     if info.exit_code is not None:
         report.exit_code = info.exit_code

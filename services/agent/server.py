@@ -177,6 +177,7 @@ def build_driver(settings: Settings) -> Driver:
         tmpfs_mb=settings.agent_tmpfs_mb,
         freeze_seconds=settings.agent_freeze_seconds,
         build_timeout=settings.agent_build_timeout_seconds,
+        insecure_registries=settings.agent_insecure_registries,
         **common,
     )
 

@@ -10,7 +10,7 @@ import grpc
 from google.protobuf import duration_pb2
 
 from hangar.agent.v1 import agent_pb2, agent_pb2_grpc
-from services.runtime.domain import WEB
+from services.runtime.domain import REGISTRY_PASSWORD, REGISTRY_USERNAME, WEB
 from services.runtime.store.records import Container, Deployment
 from shared.clients import TokenProvider, open_channel
 
@@ -77,7 +77,7 @@ class Agents:
             container_id=container.id,
             deployment_id=deployment.id,
             project_id=deployment.project_id,
-            env=dict(env),
+            env={k: v for k, v in env.items() if k not in (REGISTRY_USERNAME, REGISTRY_PASSWORD)},
             ram_mb=share.ram_mb,
             cpu_millis=share.cpu_millis,
             health_check_path=deployment.health_check_path if web else "",
@@ -91,7 +91,11 @@ class Agents:
         if deployment.liveness_check_path and web:
             request.liveness_period.FromSeconds(deployment.liveness_period_seconds)
         if deployment.image is not None:
-            request.image = deployment.image
+            request.image = deployment.image_to_run
+            request.image_command = deployment.image_command
+            # A private registry's credentials go to the pull alone, never to the app.
+            request.registry_username = env.get(REGISTRY_USERNAME, "")
+            request.registry_password = env.get(REGISTRY_PASSWORD, "")
         elif deployment.source_sha256:
             # Built in the sandbox first, unless a slug of it exists (a rollback, a restart
             # with new config): then that exact slug runs.

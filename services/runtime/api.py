@@ -94,6 +94,8 @@ def deployment_to_proto(d: Deployment) -> pb.Deployment:
             pb.DeploymentProcess(type=p.type, ram_mb=p.ram_mb, cpu_millis=p.cpu_millis)
             for p in d.processes
         ],
+        image_command=d.image_command,
+        image_digest=d.image_digest,
     )
     if d.image is not None:
         out.image = d.image
@@ -167,6 +169,7 @@ def report_from_proto(r: pb.ContainerStatusReport) -> agent_pb2.Container:
         crash_loop=r.crash_loop,
         slug_sha256=r.slug_sha256,
         building=r.building,
+        image_digest=r.image_digest,
     )
     if r.HasField("exit_code"):
         report.exit_code = r.exit_code
@@ -192,7 +195,9 @@ def source_from_proto(requested: pb.Deployment) -> RequestedSource:
         "processes": tuple((p.type, p.percent) for p in requested.processes),
     }
     if which == "image":
-        return RequestedSource(image=requested.image, **common)
+        return RequestedSource(
+            image=requested.image, image_command=requested.image_command, **common
+        )
     if which == "command":
         return RequestedSource(command=requested.command, **common)
     if which == "source_sha256":

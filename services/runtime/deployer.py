@@ -399,6 +399,9 @@ class Deployer:
         if report.slug_sha256 and deployment.needs_build:  # its build succeeded: the release
             await store.set_slug(tx, deployment.id, report.slug_sha256)
             deployment = await store.lock_deployment(tx, deployment.id)
+        if report.image_digest and deployment.image is not None and not deployment.image_digest:
+            await store.set_image_digest(tx, deployment.id, report.image_digest)
+            deployment = await store.lock_deployment(tx, deployment.id)
         if container.status in ENDED:  # on its own, or a sleeping app that did not start again
             if deployment.status in HOLDS_CAPACITY:
                 reason = with_log_lines(_ended_reason(report), report.last_log_lines)

@@ -284,6 +284,22 @@ class RequestedSource:
     source_sha256: str | None = None
     process_type: str = ""
     processes: tuple[tuple[str, int], ...] = ()
+    image_command: str = ""
+
+
+# A project's secrets that are a private registry's credentials: handed to the image's pull
+# only, never part of the app's environment.
+REGISTRY_USERNAME = "HANGAR_REGISTRY_USERNAME"
+REGISTRY_PASSWORD = "HANGAR_REGISTRY_PASSWORD"
+
+
+def pinned_image(image: str, digest: str) -> str:
+    """`image` ("registry/name:tag", "name@sha256:...") pinned to the manifest `digest`."""
+    repository = image.split("@", 1)[0]
+    last = repository.rsplit("/", 1)[-1]
+    if ":" in last:  # a tag (a colon before the last "/" is a registry's port)
+        repository = repository[: len(repository) - len(last)] + last.split(":", 1)[0]
+    return f"{repository}@{digest}"
 
 
 def split_processes(

@@ -45,8 +45,9 @@ log = logging.getLogger(__name__)
 SCHEMA = "runtime"
 STATUS_CHANGED = "deployment.status_changed"
 SYSTEM_ACTOR = "service:runtime"
+# The driver every agent registers with; what a deployment needs beyond it (builds and
+# images: the container sandbox) is Tenancy.sandbox.
 PROCESS_DRIVER = "process"
-IMAGE_DRIVER = "docker"
 DEADLOCK_RETRIES = 3
 T = TypeVar("T")
 
@@ -54,11 +55,6 @@ State = DeploymentState
 # (transaction, region, driver, need, tenancy) -> the server now holding the reservation,
 # or None.
 Reserve = Callable[[Session, str, str, Resources, Tenancy], Awaitable[str | None]]
-
-
-def driver_for(image: str | None, command: str | None) -> str:
-    """The agent driver a deployment needs: commands run as processes, images need docker."""
-    return IMAGE_DRIVER if image else PROCESS_DRIVER
 
 
 def _utcnow() -> datetime:
@@ -135,7 +131,7 @@ class Scheduler:
                         s,
                         spec,
                         deadline,
-                        driver_for(spec.image, spec.command),
+                        PROCESS_DRIVER,
                         share_unisolated=self.single_tenant,
                         waiting_reason=unisolated_reason(spec.region),
                         event_type=STATUS_CHANGED,
@@ -191,7 +187,7 @@ class Scheduler:
         """Reserve on the best-fitting server that may take it and move to scheduling, or
         leave it queued (saying so when only other organizations' apps are in the way)."""
         ensure_transition(deployment.status, State.SCHEDULING)
-        driver = driver_for(deployment.image, deployment.command)
+        driver = PROCESS_DRIVER
         tenancy = Tenancy(
             deployment.organization_id, self.single_tenant, sandbox=deployment.needs_sandbox
         )

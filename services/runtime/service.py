@@ -25,7 +25,7 @@ from services.runtime.domain import (
     split_processes,
 )
 from services.runtime.projects import Projects
-from services.runtime.scheduler import IMAGE_DRIVER, Scheduler
+from services.runtime.scheduler import Scheduler
 from services.runtime.store import Container, Deployment, DeploymentSpec, Server
 from shared import pagination
 from shared.audit import current_actor, record_audit
@@ -192,16 +192,21 @@ class Deployments:
         image: str | None = None
         command: str | None = None
         if requested.source_sha256 is not None:
-            source = await self._uploaded(project.id, source_digest(requested.source_sha256))
+            source = await self._uploaded(
+                project.id, project.region, source_digest(requested.source_sha256)
+            )
         else:
             image, command = choose_source(
                 requested, project.default_image, project.default_command
             )
+        if requested.image_command and image is None:
+            raise InvalidArgument.field("deployment.image_command", "only with an image")
         if image is not None:
             async with self.db.session() as s:
-                if not await store.any_active_server_with_driver(s, IMAGE_DRIVER):
+                if not await store.any_active_sandbox_server(s, project.region):
                     raise FailedPrecondition(
-                        "no server has a driver that runs images; deploy a command",
+                        f"no server in region {project.region!r} runs the container sandbox "
+                        "that images need; deploy a command",
                         reason="NO_IMAGE_DRIVER",
                     )
         deployment = await self.scheduler.create(
@@ -215,6 +220,7 @@ class Deployments:
                 source_sha256=source,
                 process_type=process_type,
                 processes=processes,
+                image_command=requested.image_command if image is not None else "",
                 created_by=current_actor() or "",
                 # A worker serves no HTTP: no health or liveness check, never put to sleep
                 # for want of requests.
@@ -230,7 +236,7 @@ class Deployments:
             self.deployer.launch_soon(deployment.id)
         return deployment
 
-    async def _uploaded(self, project_id: str, digest: str) -> str:
+    async def _uploaded(self, project_id: str, region: str, digest: str) -> str:
         """The digest of one of the project's uploaded sources (LATEST: its newest), which
         only a server with the container sandbox may build."""
         async with self.db.session() as s:
@@ -241,9 +247,9 @@ class Deployments:
                     "this project has no uploaded source"
                     + ("" if digest == LATEST else f" {digest}"),
                 )
-            if not await store.any_active_sandbox_server(s):
+            if not await store.any_active_sandbox_server(s, region):
                 raise FailedPrecondition(
-                    "no server runs the container sandbox that builds need",
+                    f"no server in region {region!r} runs the container sandbox that builds need",
                     reason="NO_BUILD_SANDBOX",
                 )
         return source.sha256

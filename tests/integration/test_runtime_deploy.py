@@ -247,8 +247,10 @@ async def test_illegal_transitions_and_images_are_refused(live: Live) -> None:
     tenant = await live.stack.tenant("developer")
     dev = tenant.members["developer"].md
     project = await live.project(tenant)
+    # Images run only in the container sandbox: a region where no server runs it refuses.
+    elsewhere = await live.stack.create(tenant, region=f"bare-{new_id()[:12]}")
     image = pb.CreateDeploymentRequest(
-        project_id=project.id, deployment=pb.Deployment(image="nginx:1.27")
+        project_id=elsewhere.id, deployment=pb.Deployment(image="nginx:1.27")
     )
     assert await _code(live.runtime.CreateDeployment(image, metadata=dev)) == (
         grpc.StatusCode.FAILED_PRECONDITION

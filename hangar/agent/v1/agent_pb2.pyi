@@ -49,7 +49,7 @@ SLEEP_STATUS_SLEEPING: SleepStatus
 SLEEP_STATUS_WAKING: SleepStatus
 
 class Container(_message.Message):
-    __slots__ = ("container_id", "deployment_id", "project_id", "status", "exit_code", "reason", "address", "port", "pid", "started_at", "ended_at", "sleep_status", "last_request_at", "restart_count", "last_exit_reason", "last_log_lines", "crash_loop", "next_restart_at", "restart_backoff", "slug_sha256", "building")
+    __slots__ = ("container_id", "deployment_id", "project_id", "status", "exit_code", "reason", "address", "port", "pid", "started_at", "ended_at", "sleep_status", "last_request_at", "restart_count", "last_exit_reason", "last_log_lines", "crash_loop", "next_restart_at", "restart_backoff", "slug_sha256", "building", "image_digest")
     CONTAINER_ID_FIELD_NUMBER: _ClassVar[int]
     DEPLOYMENT_ID_FIELD_NUMBER: _ClassVar[int]
     PROJECT_ID_FIELD_NUMBER: _ClassVar[int]
@@ -71,6 +71,7 @@ class Container(_message.Message):
     RESTART_BACKOFF_FIELD_NUMBER: _ClassVar[int]
     SLUG_SHA256_FIELD_NUMBER: _ClassVar[int]
     BUILDING_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_DIGEST_FIELD_NUMBER: _ClassVar[int]
     container_id: str
     deployment_id: str
     project_id: str
@@ -92,10 +93,11 @@ class Container(_message.Message):
     restart_backoff: _duration_pb2.Duration
     slug_sha256: str
     building: bool
-    def __init__(self, container_id: _Optional[str] = ..., deployment_id: _Optional[str] = ..., project_id: _Optional[str] = ..., status: _Optional[_Union[ContainerStatus, str]] = ..., exit_code: _Optional[int] = ..., reason: _Optional[str] = ..., address: _Optional[str] = ..., port: _Optional[int] = ..., pid: _Optional[int] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., ended_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., sleep_status: _Optional[_Union[SleepStatus, str]] = ..., last_request_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., restart_count: _Optional[int] = ..., last_exit_reason: _Optional[str] = ..., last_log_lines: _Optional[_Iterable[str]] = ..., crash_loop: _Optional[bool] = ..., next_restart_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., restart_backoff: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., slug_sha256: _Optional[str] = ..., building: _Optional[bool] = ...) -> None: ...
+    image_digest: str
+    def __init__(self, container_id: _Optional[str] = ..., deployment_id: _Optional[str] = ..., project_id: _Optional[str] = ..., status: _Optional[_Union[ContainerStatus, str]] = ..., exit_code: _Optional[int] = ..., reason: _Optional[str] = ..., address: _Optional[str] = ..., port: _Optional[int] = ..., pid: _Optional[int] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., ended_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., sleep_status: _Optional[_Union[SleepStatus, str]] = ..., last_request_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., restart_count: _Optional[int] = ..., last_exit_reason: _Optional[str] = ..., last_log_lines: _Optional[_Iterable[str]] = ..., crash_loop: _Optional[bool] = ..., next_restart_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., restart_backoff: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., slug_sha256: _Optional[str] = ..., building: _Optional[bool] = ..., image_digest: _Optional[str] = ...) -> None: ...
 
 class StartContainerRequest(_message.Message):
-    __slots__ = ("container_id", "deployment_id", "project_id", "command", "image", "env", "ram_mb", "cpu_millis", "health_check_path", "restart_policy", "liveness_check_path", "liveness_period", "liveness_failure_threshold", "source_sha256", "slug_sha256", "process_type")
+    __slots__ = ("container_id", "deployment_id", "project_id", "command", "image", "env", "ram_mb", "cpu_millis", "health_check_path", "restart_policy", "liveness_check_path", "liveness_period", "liveness_failure_threshold", "source_sha256", "slug_sha256", "process_type", "image_command", "registry_username", "registry_password")
     class EnvEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -119,6 +121,9 @@ class StartContainerRequest(_message.Message):
     SOURCE_SHA256_FIELD_NUMBER: _ClassVar[int]
     SLUG_SHA256_FIELD_NUMBER: _ClassVar[int]
     PROCESS_TYPE_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_COMMAND_FIELD_NUMBER: _ClassVar[int]
+    REGISTRY_USERNAME_FIELD_NUMBER: _ClassVar[int]
+    REGISTRY_PASSWORD_FIELD_NUMBER: _ClassVar[int]
     container_id: str
     deployment_id: str
     project_id: str
@@ -135,7 +140,10 @@ class StartContainerRequest(_message.Message):
     source_sha256: str
     slug_sha256: str
     process_type: str
-    def __init__(self, container_id: _Optional[str] = ..., deployment_id: _Optional[str] = ..., project_id: _Optional[str] = ..., command: _Optional[str] = ..., image: _Optional[str] = ..., env: _Optional[_Mapping[str, str]] = ..., ram_mb: _Optional[int] = ..., cpu_millis: _Optional[int] = ..., health_check_path: _Optional[str] = ..., restart_policy: _Optional[_Union[RestartPolicy, str]] = ..., liveness_check_path: _Optional[str] = ..., liveness_period: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., liveness_failure_threshold: _Optional[int] = ..., source_sha256: _Optional[str] = ..., slug_sha256: _Optional[str] = ..., process_type: _Optional[str] = ...) -> None: ...
+    image_command: str
+    registry_username: str
+    registry_password: str
+    def __init__(self, container_id: _Optional[str] = ..., deployment_id: _Optional[str] = ..., project_id: _Optional[str] = ..., command: _Optional[str] = ..., image: _Optional[str] = ..., env: _Optional[_Mapping[str, str]] = ..., ram_mb: _Optional[int] = ..., cpu_millis: _Optional[int] = ..., health_check_path: _Optional[str] = ..., restart_policy: _Optional[_Union[RestartPolicy, str]] = ..., liveness_check_path: _Optional[str] = ..., liveness_period: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., liveness_failure_threshold: _Optional[int] = ..., source_sha256: _Optional[str] = ..., slug_sha256: _Optional[str] = ..., process_type: _Optional[str] = ..., image_command: _Optional[str] = ..., registry_username: _Optional[str] = ..., registry_password: _Optional[str] = ...) -> None: ...
 
 class StartContainerResponse(_message.Message):
     __slots__ = ("address", "port", "pid")

@@ -158,7 +158,7 @@ class Server(_message.Message):
     def __init__(self, id: _Optional[str] = ..., name: _Optional[str] = ..., region: _Optional[str] = ..., agent_address: _Optional[str] = ..., ram_mb: _Optional[int] = ..., cpu_millis: _Optional[int] = ..., ram_mb_reserved: _Optional[int] = ..., cpu_millis_reserved: _Optional[int] = ..., status: _Optional[_Union[ServerStatus, str]] = ..., last_heartbeat_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., isolation: _Optional[_Union[ServerIsolation, str]] = ...) -> None: ...
 
 class Deployment(_message.Message):
-    __slots__ = ("id", "project_id", "organization_id", "server_id", "status", "capacity_reserved", "image", "command", "source_sha256", "ram_mb", "cpu_millis", "secrets_version", "exit_code", "status_reason", "rolled_back_from", "created_at", "updated_at", "slug_sha256", "release_reason", "created_by", "process_type", "processes")
+    __slots__ = ("id", "project_id", "organization_id", "server_id", "status", "capacity_reserved", "image", "command", "source_sha256", "ram_mb", "cpu_millis", "secrets_version", "exit_code", "status_reason", "rolled_back_from", "created_at", "updated_at", "slug_sha256", "release_reason", "created_by", "process_type", "processes", "image_command", "image_digest")
     ID_FIELD_NUMBER: _ClassVar[int]
     PROJECT_ID_FIELD_NUMBER: _ClassVar[int]
     ORGANIZATION_ID_FIELD_NUMBER: _ClassVar[int]
@@ -181,6 +181,8 @@ class Deployment(_message.Message):
     CREATED_BY_FIELD_NUMBER: _ClassVar[int]
     PROCESS_TYPE_FIELD_NUMBER: _ClassVar[int]
     PROCESSES_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_COMMAND_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_DIGEST_FIELD_NUMBER: _ClassVar[int]
     id: str
     project_id: str
     organization_id: str
@@ -203,7 +205,9 @@ class Deployment(_message.Message):
     created_by: str
     process_type: str
     processes: _containers.RepeatedCompositeFieldContainer[DeploymentProcess]
-    def __init__(self, id: _Optional[str] = ..., project_id: _Optional[str] = ..., organization_id: _Optional[str] = ..., server_id: _Optional[str] = ..., status: _Optional[_Union[DeploymentStatus, str]] = ..., capacity_reserved: _Optional[bool] = ..., image: _Optional[str] = ..., command: _Optional[str] = ..., source_sha256: _Optional[str] = ..., ram_mb: _Optional[int] = ..., cpu_millis: _Optional[int] = ..., secrets_version: _Optional[str] = ..., exit_code: _Optional[int] = ..., status_reason: _Optional[str] = ..., rolled_back_from: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., slug_sha256: _Optional[str] = ..., release_reason: _Optional[_Union[ReleaseReason, str]] = ..., created_by: _Optional[str] = ..., process_type: _Optional[str] = ..., processes: _Optional[_Iterable[_Union[DeploymentProcess, _Mapping]]] = ...) -> None: ...
+    image_command: str
+    image_digest: str
+    def __init__(self, id: _Optional[str] = ..., project_id: _Optional[str] = ..., organization_id: _Optional[str] = ..., server_id: _Optional[str] = ..., status: _Optional[_Union[DeploymentStatus, str]] = ..., capacity_reserved: _Optional[bool] = ..., image: _Optional[str] = ..., command: _Optional[str] = ..., source_sha256: _Optional[str] = ..., ram_mb: _Optional[int] = ..., cpu_millis: _Optional[int] = ..., secrets_version: _Optional[str] = ..., exit_code: _Optional[int] = ..., status_reason: _Optional[str] = ..., rolled_back_from: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., slug_sha256: _Optional[str] = ..., release_reason: _Optional[_Union[ReleaseReason, str]] = ..., created_by: _Optional[str] = ..., process_type: _Optional[str] = ..., processes: _Optional[_Iterable[_Union[DeploymentProcess, _Mapping]]] = ..., image_command: _Optional[str] = ..., image_digest: _Optional[str] = ...) -> None: ...
 
 class DeploymentProcess(_message.Message):
     __slots__ = ("type", "percent", "ram_mb", "cpu_millis")
@@ -312,7 +316,7 @@ class MetricSample(_message.Message):
     def __init__(self, container_id: _Optional[str] = ..., metric: _Optional[_Union[MetricType, str]] = ..., value: _Optional[float] = ..., sampled_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class ContainerStatusReport(_message.Message):
-    __slots__ = ("container_id", "status", "exit_code", "reason", "last_request_at", "sleep_status", "restart_count", "last_exit_reason", "last_log_lines", "crash_loop", "slug_sha256", "building")
+    __slots__ = ("container_id", "status", "exit_code", "reason", "last_request_at", "sleep_status", "restart_count", "last_exit_reason", "last_log_lines", "crash_loop", "slug_sha256", "building", "image_digest")
     CONTAINER_ID_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
     EXIT_CODE_FIELD_NUMBER: _ClassVar[int]
@@ -325,6 +329,7 @@ class ContainerStatusReport(_message.Message):
     CRASH_LOOP_FIELD_NUMBER: _ClassVar[int]
     SLUG_SHA256_FIELD_NUMBER: _ClassVar[int]
     BUILDING_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_DIGEST_FIELD_NUMBER: _ClassVar[int]
     container_id: str
     status: ContainerStatus
     exit_code: int
@@ -337,7 +342,8 @@ class ContainerStatusReport(_message.Message):
     crash_loop: bool
     slug_sha256: str
     building: bool
-    def __init__(self, container_id: _Optional[str] = ..., status: _Optional[_Union[ContainerStatus, str]] = ..., exit_code: _Optional[int] = ..., reason: _Optional[str] = ..., last_request_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., sleep_status: _Optional[_Union[SleepStatus, str]] = ..., restart_count: _Optional[int] = ..., last_exit_reason: _Optional[str] = ..., last_log_lines: _Optional[_Iterable[str]] = ..., crash_loop: _Optional[bool] = ..., slug_sha256: _Optional[str] = ..., building: _Optional[bool] = ...) -> None: ...
+    image_digest: str
+    def __init__(self, container_id: _Optional[str] = ..., status: _Optional[_Union[ContainerStatus, str]] = ..., exit_code: _Optional[int] = ..., reason: _Optional[str] = ..., last_request_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., sleep_status: _Optional[_Union[SleepStatus, str]] = ..., restart_count: _Optional[int] = ..., last_exit_reason: _Optional[str] = ..., last_log_lines: _Optional[_Iterable[str]] = ..., crash_loop: _Optional[bool] = ..., slug_sha256: _Optional[str] = ..., building: _Optional[bool] = ..., image_digest: _Optional[str] = ...) -> None: ...
 
 class RegisterServerRequest(_message.Message):
     __slots__ = ("server",)

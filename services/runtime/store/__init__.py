@@ -72,7 +72,6 @@ from services.runtime.store.servers import (
     Reservations,
     agents_heard_from,
     any_active_sandbox_server,
-    any_active_server_with_driver,
     find_server,
     get_server,
     insert_server,
@@ -97,6 +96,7 @@ from services.runtime.store.sources import (
     find_source,
     list_sources,
     record_source,
+    set_image_digest,
     set_slug,
 )
 
@@ -116,7 +116,6 @@ __all__ = [
     "advisory_xact_lock",
     "agents_heard_from",
     "any_active_sandbox_server",
-    "any_active_server_with_driver",
     "artifact_known",
     "claim_queued",
     "container_claims",
@@ -155,6 +154,7 @@ __all__ = [
     "reservations",
     "reserve_capacity",
     "set_env_version",
+    "set_image_digest",
     "set_reserved",
     "set_server_status",
     "set_sleep_after",

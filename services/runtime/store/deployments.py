@@ -22,9 +22,10 @@ async def insert_deployment(
                 ram_mb, cpu_millis, region, health_check_path, rolled_back_from,
                 schedule_deadline, sleep_after_seconds, restart_policy, liveness_check_path,
                 liveness_period_seconds, liveness_failure_threshold, source_sha256, slug_sha256,
-                process_type, release_reason, created_by, processes)
+                process_type, release_reason, created_by, processes, image_command)
             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, NULLIF($9, ''), NULLIF($10, ''), $11, $12,
-                    $13, NULLIF($14, ''), $15, $16, $17, NULLIF($18, ''), $19, $20, $21, $22)
+                    $13, NULLIF($14, ''), $15, $16, $17, NULLIF($18, ''), $19, $20, $21, $22,
+                    NULLIF($23, ''))
             RETURNING *""",
         new_id(),
         spec.project_id,
@@ -48,6 +49,7 @@ async def insert_deployment(
         spec.release_reason.value,
         spec.created_by,
         spec.processes_json,
+        spec.image_command,
     )
     assert row is not None
     return Deployment.from_row(row)

@@ -399,6 +399,7 @@ _CREATE_PARAMS = (
     "release_reason",
     "created_by",
     "processes",
+    "image_command",
 )
 
 
@@ -419,7 +420,7 @@ def _create_sql(skip_locked: bool) -> str:
                     schedule_deadline, sleep_after_seconds, restart_policy,
                     liveness_check_path, liveness_period_seconds, liveness_failure_threshold,
                     source_sha256, slug_sha256, process_type, release_reason, created_by,
-                    processes, status, status_reason, server_id, capacity_reserved)
+                    processes, image_command, status, status_reason, server_id, capacity_reserved)
             SELECT $id, $project_id, $organization_id, $image, $command, $ram_mb,
                    $cpu_millis, $region, NULLIF($health_check_path, ''),
                    NULLIF($rolled_back_from, ''), $schedule_deadline, $sleep_after_seconds,
@@ -427,6 +428,7 @@ def _create_sql(skip_locked: bool) -> str:
                    $liveness_period_seconds::integer, $liveness_failure_threshold::integer,
                    $source_sha256::text, NULLIF($slug_sha256::text, ''), $process_type::text,
                    $release_reason::text, $created_by::text, $processes::jsonb,
+                   NULLIF($image_command::text, ''),
                    CASE WHEN r.server_id IS NULL THEN 'queued' ELSE 'scheduling' END,
                    CASE WHEN r.server_id IS NOT NULL THEN ''
                         WHEN f.any_room AND NOT f.any_fits THEN $waiting_reason::text END,
@@ -497,6 +499,7 @@ async def create_deployment(
             spec.release_reason.value,
             spec.created_by,
             spec.processes_json,
+            spec.image_command,
         )
 
     async def skip_locked() -> tuple[asyncpg.Record | None, bool]:

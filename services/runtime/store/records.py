@@ -16,6 +16,7 @@ from services.runtime.domain import (
     ReleaseReason,
     Resources,
     ServerState,
+    pinned_image,
 )
 from shared.db import from_row
 
@@ -97,6 +98,8 @@ class Deployment:
     release_reason: ReleaseReason = ReleaseReason.DEPLOY
     created_by: str = ""
     processes: tuple[ProcessShare, ...] = ()  # several process types; empty: process_type
+    image_command: str = ""  # with an image: what replaces its Cmd
+    image_digest: str = ""  # the digest its image's tag resolved to, once pulled
 
     @classmethod
     def from_row(cls, row: asyncpg.Record) -> Deployment:
@@ -129,7 +132,14 @@ class Deployment:
 
     @property
     def needs_sandbox(self) -> bool:
-        return bool(self.source_sha256)
+        """Tenant code is built from it, or an image: only the container sandbox runs it."""
+        return bool(self.source_sha256) or self.image is not None
+
+    @property
+    def image_to_run(self) -> str:
+        """Its image, pinned to the digest it resolved to once it has (never the tag again)."""
+        assert self.image is not None
+        return pinned_image(self.image, self.image_digest) if self.image_digest else self.image
 
 
 @dataclass(frozen=True)
@@ -155,6 +165,7 @@ class DeploymentSpec:
     release_reason: ReleaseReason = ReleaseReason.DEPLOY
     created_by: str = ""
     processes: tuple[ProcessShare, ...] = ()
+    image_command: str = ""
 
     @classmethod
     def again(cls, deployment: Deployment, **changes: Any) -> DeploymentSpec:
@@ -165,7 +176,9 @@ class DeploymentSpec:
             organization_id=deployment.organization_id,
             resources=deployment.resources,
             region=deployment.region,
-            image=deployment.image,
+            # The image as it ran: pinned to its digest.
+            image=deployment.image_to_run if deployment.image is not None else None,
+            image_command=deployment.image_command,
             command=deployment.command,
             source_sha256=deployment.source_sha256 or None,
             slug_sha256=deployment.slug_sha256,
@@ -186,8 +199,9 @@ class DeploymentSpec:
 
     @property
     def needs_sandbox(self) -> bool:
-        """Tenant code is built from it: only a server with the container sandbox takes it."""
-        return self.source_sha256 is not None
+        """Tenant code is built from it, or an image: only a server with the container
+        sandbox takes it."""
+        return self.source_sha256 is not None or self.image is not None
 
 
 @dataclass(frozen=True)

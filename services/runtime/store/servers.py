@@ -76,22 +76,14 @@ async def set_server_status(tx: Session, server_id: str, status: ServerState) ->
     return Server.from_row(row)
 
 
-async def any_active_server_with_driver(s: Session, driver: str) -> bool:
+async def any_active_sandbox_server(s: Session, region: str) -> bool:
+    """Does any active server of the region run apps (builds, images) in the container
+    sandbox?"""
     return bool(
         await s.fetchval(
             f"""SELECT EXISTS (SELECT 1 FROM {S}.servers
-                 WHERE status = 'active' AND $1::text = ANY(drivers))""",
-            driver,
-        )
-    )
-
-
-async def any_active_sandbox_server(s: Session) -> bool:
-    """Does any active server run apps (and builds) in the container sandbox?"""
-    return bool(
-        await s.fetchval(
-            f"""SELECT EXISTS (SELECT 1 FROM {S}.servers
-                 WHERE status = 'active' AND isolation = 'container')"""
+                 WHERE status = 'active' AND isolation = 'container' AND region = $1)""",
+            region,
         )
     )
 

@@ -74,6 +74,18 @@ async def set_slug(tx: Session, deployment_id: str, slug_sha256: str) -> bool:
     return done is not None
 
 
+async def set_image_digest(tx: Session, deployment_id: str, digest: str) -> bool:
+    """Record the digest a deployment's image resolved to (once)."""
+    done = await tx.fetchval(
+        f"""UPDATE {S}.deployments SET image_digest = $2, updated_at = updated_at
+             WHERE id = $1 AND image_digest IS NULL AND image IS NOT NULL
+            RETURNING id""",
+        deployment_id,
+        digest,
+    )
+    return done is not None
+
+
 async def artifact_known(s: Session, sha256: str) -> bool:
     """Is this digest an uploaded source or a recorded slug (what agents may fetch)?"""
     return bool(
