@@ -65,6 +65,10 @@ IDENTITY_SERVICE = identity_pb2.DESCRIPTOR.services_by_name["IdentityService"]
 CLAIM_KIND = "kind"  # "user" | "service"
 CLAIM_ADMIN = "adm"  # platform admin flag (users only)
 CLAIM_SESSION = "sid"  # the sign-in session (users only): signing out revokes its tokens
+# An access token exchanged for an API token: its scope caps the user's role, and the one
+# organization it may act in (empty: any of the user's).
+CLAIM_SCOPE = "scp"
+CLAIM_TOKEN_ORG = "torg"
 
 JwksSource = Callable[[], Awaitable[Sequence[dict[str, Any]]]]
 
@@ -344,8 +348,13 @@ class RemoteAuthorizer:
         principal = require_caller()
         if not organization_id:
             raise InvalidArgument.field("organization_id", "required")
-        # The kind itself (a str enum), not .value: the hit path is this function.
-        key = (principal.kind, principal.subject, organization_id, permission)
+        # The kind itself (a str enum), not .value: the hit path is this function. An API
+        # token's scope and organization are part of who asks.
+        claims = principal.claims
+        scope = str(claims.get(CLAIM_SCOPE) or "")
+        token_org = str(claims.get(CLAIM_TOKEN_ORG) or "")
+        subject = f"{principal.subject}\x00{scope}\x00{token_org}" if scope else principal.subject
+        key = (principal.kind, subject, organization_id, permission)
         now = time.monotonic()
         cached = self._cache.get(key)
         if cached is not None and cached[0] > now < self._lease.lease_until:
@@ -358,6 +367,8 @@ class RemoteAuthorizer:
             )
             if principal.is_user:
                 request.user_id = principal.subject
+                request.token_scope = scope
+                request.token_organization_id = token_org
             else:
                 request.service = principal.subject
             reply = await self._ask(request)

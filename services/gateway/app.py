@@ -10,9 +10,11 @@ start-up.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import os
 import re
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -36,6 +38,7 @@ from services.gateway.transcode import (
     render_message,
     render_response,
 )
+from shared.cache import TtlCache
 from shared.clients import retry_service_config
 from shared.errors import DomainError, NotFound, ResourceExhausted, Unauthenticated
 from shared.settings import SERVICES, Settings
@@ -56,6 +59,10 @@ Headers = list[tuple[bytes, bytes]]
 
 _REQUEST_ID = re.compile(rb"[A-Za-z0-9._:\-]{1,128}")
 _JSON = b"application/json"
+# A bearer API token ("hgr_..."), which the gateway exchanges for an access token.
+API_TOKEN_BEARER = "Bearer hgr_"
+EXCHANGE_PATH = "/hangar.identity.v1.IdentityService/ExchangeApiToken"
+EXCHANGE_MARGIN_SECONDS = 30.0
 UPLOAD_CHUNK_BYTES = 1 << 20
 _NDJSON = b"application/x-ndjson"
 
@@ -123,6 +130,8 @@ class Gateway:
         self.router = Router(self.routes)
         self.openapi = dump(build_openapi(self.routes))
         self.channels: dict[str, grpc.aio.Channel] = {}
+        # API token secret's hash -> the access token it was exchanged for.
+        self._exchanged: TtlCache[bytes, str] = TtlCache(ttl_seconds=60.0, max_entries=10_000)
         self._builtins: dict[str, Callable[[], Awaitable[tuple[int, bytes, bytes]]]] = {
             "/healthz": self._healthz,
             "/openapi.json": self._openapi,
@@ -236,7 +245,10 @@ class Gateway:
                     raise GatewayError.from_domain(
                         Unauthenticated("the Authorization header must be ASCII")
                     )
-                metadata.append(("authorization", authorization.decode()))
+                bearer = authorization.decode()
+                if bearer.startswith(API_TOKEN_BEARER):
+                    bearer = "Bearer " + await self._exchange(bearer.removeprefix("Bearer "))
+                metadata.append(("authorization", bearer))
             if streamed:
                 await self._upload(route, request, metadata, headers, receive, send, extra)
             elif route.streaming:
@@ -446,6 +458,32 @@ class Gateway:
         finally:
             watcher.cancel()
             call.cancel()
+
+    async def _exchange(self, secret: str) -> str:
+        """An access token for an API token's secret (identity's ExchangeApiToken), kept
+        until shortly before it expires: revoking the token ends it on every service at
+        once whatever this cache holds (the access token's session is the token)."""
+        key = hashlib.sha256(secret.encode()).digest()
+        cached = self._exchanged.get(key)
+        if cached is not None:
+            return cached
+        call = self.channels["identity"].unary_unary(
+            EXCHANGE_PATH,
+            request_serializer=identity_pb2.ExchangeApiTokenRequest.SerializeToString,
+            response_deserializer=identity_pb2.ExchangeApiTokenResponse.FromString,
+        )
+        try:
+            reply = await call(
+                identity_pb2.ExchangeApiTokenRequest(secret=secret),
+                timeout=self.settings.call_timeout_seconds,
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise GatewayError.from_rpc_error(exc) from None
+        left = reply.expire_time.seconds - time.time() - EXCHANGE_MARGIN_SECONDS
+        if left > 0:
+            self._exchanged.put(key, reply.access_token, expires_at=time.monotonic() + left)
+        token: str = reply.access_token
+        return token
 
     # --- built-in endpoints -----------------------------------------------------------
 

@@ -23,6 +23,7 @@ from services.identity.access import (
     WatcherMessage,
 )
 from services.identity.accounts import Accounts, SignedIn
+from services.identity.api_tokens import ApiToken, ApiTokens
 from services.identity.audit import AuditEventIn, AuditTrail
 from services.identity.orgs import Organizations
 from services.identity.service_auth import ServiceAuth
@@ -64,6 +65,25 @@ def _member(member: store.Member) -> pb.Member:
     return pb.Member(
         user_id=member.user_id, email=member.email, role=pb.Role.ValueType(member.role)
     )
+
+
+def _api_token(token: ApiToken) -> pb.ApiToken:
+    out = pb.ApiToken(
+        id=token.id,
+        name=token.name,
+        scope=token.scope,
+        organization_id=token.organization_id,
+        create_time=_ts(token.created_at),
+        prefix=token.prefix,
+    )
+    for name, moment in (
+        ("expire_time", token.expires_at),
+        ("last_used_time", token.last_used_at),
+        ("revoke_time", token.revoked_at),
+    ):
+        if moment is not None:
+            getattr(out, name).CopyFrom(_ts(moment))
+    return out
 
 
 def _auth(signed_in: SignedIn) -> pb.AuthResponse:
@@ -151,7 +171,9 @@ class IdentityApi(identity_pb2_grpc.IdentityServiceServicer):
         service_auth: ServiceAuth,
         audit: AuditTrail,
         feed: OutboxFeed,
+        api_tokens: ApiTokens,
     ) -> None:
+        self.api_tokens = api_tokens
         self.accounts = accounts
         self.orgs = orgs
         self.service_auth = service_auth
@@ -171,6 +193,37 @@ class IdentityApi(identity_pb2_grpc.IdentityServiceServicer):
 
     async def Refresh(self, request: pb.RefreshRequest, context: Context) -> pb.AuthResponse:
         return _auth(await self.accounts.refresh(request.refresh_token))
+
+    async def CreateApiToken(
+        self, request: pb.CreateApiTokenRequest, context: Context
+    ) -> pb.CreateApiTokenResponse:
+        spec = request.token
+        expires = spec.expire_time.ToDatetime(UTC) if spec.HasField("expire_time") else None
+        token, secret = await self.api_tokens.create(
+            spec.name, spec.scope, spec.organization_id, expires
+        )
+        return pb.CreateApiTokenResponse(token=_api_token(token), secret=secret)
+
+    async def ListApiTokens(
+        self, request: pb.ListApiTokensRequest, context: Context
+    ) -> pb.ListApiTokensResponse:
+        return pb.ListApiTokensResponse(
+            tokens=[_api_token(t) for t in await self.api_tokens.list()]
+        )
+
+    async def RevokeApiToken(
+        self, request: pb.RevokeApiTokenRequest, context: Context
+    ) -> empty_pb2.Empty:
+        await self.api_tokens.revoke(request.id)
+        return empty_pb2.Empty()
+
+    async def ExchangeApiToken(
+        self, request: pb.ExchangeApiTokenRequest, context: Context
+    ) -> pb.ExchangeApiTokenResponse:
+        issued = await self.api_tokens.exchange(request.secret)
+        return pb.ExchangeApiTokenResponse(
+            access_token=issued.token, expire_time=_ts(issued.expires_at)
+        )
 
     async def Logout(self, request: pb.LogoutRequest, context: Context) -> empty_pb2.Empty:
         await self.accounts.logout(request.refresh_token)
@@ -210,6 +263,8 @@ class IdentityApi(identity_pb2_grpc.IdentityServiceServicer):
             service=request.service,
             organization_id=request.organization_id,
             permission=request.permission,
+            token_scope=request.token_scope,
+            token_organization_id=request.token_organization_id,
         )
         return pb.AuthorizeResponse(
             allowed=allowed, role=pb.Role.ValueType(role) if role else pb.ROLE_UNSPECIFIED

@@ -84,6 +84,23 @@ def service_allows(service: str, permission: str) -> bool:
     return permission in SERVICE_GRANTS.get(service, frozenset())
 
 
+# An API token's scope: the highest role it acts with, whatever its owner's.
+TOKEN_SCOPES: dict[str, Role] = {"read": Role.VIEWER, "deploy": Role.DEVELOPER, "admin": Role.OWNER}
+
+
+def scope_role(scope: str) -> Role | None:
+    """The highest role a token of this scope acts with; None for no token scope."""
+    return TOKEN_SCOPES.get(scope) if scope else None
+
+
+def capped(role: Role | None, scope: str) -> Role | None:
+    """The member's role, no higher than the token's scope allows."""
+    cap = scope_role(scope)
+    if role is None or cap is None:
+        return role
+    return min(role, cap)
+
+
 def allows(role: Role | None, permission: str) -> bool:
     needed = required_role(permission)
     return role is not None and role >= needed

@@ -8,6 +8,7 @@ from hangar.identity.v1 import identity_pb2, identity_pb2_grpc
 from services.identity.access import AccessBroadcaster
 from services.identity.accounts import Accounts
 from services.identity.api import IdentityApi
+from services.identity.api_tokens import ApiTokens
 from services.identity.audit import AuditTrail
 from services.identity.cleanup import Cleanup
 from services.identity.oauth import OidcVerifier
@@ -63,6 +64,7 @@ class IdentityApp(ServiceApp):
         )
         self.orgs = Organizations(db, authorizer, self.audit, self.access)
         self.service_auth = ServiceAuth(db, settings, self.keys, self.access)
+        self.api_tokens = ApiTokens(db, settings, self.keys, self.audit, self.access)
         super().__init__(settings, db)
         self.feed = IdentityFeed(db, self.access)
         self.cleanup = Cleanup(db, interval_seconds=settings.identity_cleanup_seconds)
@@ -77,7 +79,15 @@ class IdentityApp(ServiceApp):
 
     def register(self, server: grpc.aio.Server) -> None:
         identity_pb2_grpc.add_IdentityServiceServicer_to_server(
-            IdentityApi(self.accounts, self.orgs, self.service_auth, self.audit, self.feed), server
+            IdentityApi(
+                self.accounts,
+                self.orgs,
+                self.service_auth,
+                self.audit,
+                self.feed,
+                self.api_tokens,
+            ),
+            server,
         )
 
     async def close(self) -> None:

@@ -11,7 +11,13 @@ from services.identity import domain, store
 from services.identity.access import AccessBroadcaster, Outgoing, RevokedSession, WatcherMessage
 from services.identity.domain import Role
 from services.identity.tokens import IssuedToken, KeySet
-from shared.auth import require_caller, require_service, session_ended
+from shared.auth import (
+    CLAIM_SCOPE,
+    CLAIM_TOKEN_ORG,
+    require_caller,
+    require_service,
+    session_ended,
+)
 from shared.context import Principal, PrincipalKind, current_principal
 from shared.db import Database
 from shared.errors import InvalidArgument, PermissionDenied, Unauthenticated
@@ -54,7 +60,11 @@ async def decide(
     domain.required_role(permission)  # unknown permission: INVALID_ARGUMENT
     if principal.is_service:
         return domain.service_allows(principal.subject, permission), None
-    role = await store.member_role_now(db, organization_id, principal.subject)
+    scope = str(principal.claims.get(CLAIM_SCOPE) or "")
+    token_org = str(principal.claims.get(CLAIM_TOKEN_ORG) or "")
+    if scope and token_org and token_org != organization_id:
+        return False, None  # an API token limited to another organization
+    role = domain.capped(await store.member_role_now(db, organization_id, principal.subject), scope)
     return domain.allows(role, permission), role
 
 
@@ -82,14 +92,26 @@ class ServiceAuth:
         return self.keys.service_token(service, ttl=self.settings.service_token_ttl_seconds)
 
     async def authorize(
-        self, *, user_id: str, service: str, organization_id: str, permission: str
+        self,
+        *,
+        user_id: str,
+        service: str,
+        organization_id: str,
+        permission: str,
+        token_scope: str = "",
+        token_organization_id: str = "",
     ) -> tuple[bool, Role | None]:
         require_service()
         require_id(organization_id, "organization_id")
         if not permission:
             raise InvalidArgument.field("permission", "required")
         if user_id:
-            principal = Principal(kind=PrincipalKind.USER, subject=user_id)
+            claims: dict[str, object] = (
+                {CLAIM_SCOPE: token_scope, CLAIM_TOKEN_ORG: token_organization_id}
+                if token_scope
+                else {}
+            )
+            principal = Principal(kind=PrincipalKind.USER, subject=user_id, claims=claims)
         elif service:
             principal = Principal(kind=PrincipalKind.SERVICE, subject=service)
         else:
@@ -110,4 +132,13 @@ class ServiceAuth:
         lifetime = domain.revoked_lifetime(self.settings.access_token_ttl_seconds)
         async with self.db.session() as s:
             found = await store.revoked_sessions(s, lifetime)
-        return [RevokedSession(family, at + lifetime) for family, at in found]
+            # API tokens revoked lately: their exchanged access tokens may still be live.
+            tokens = await s.fetch(
+                """SELECT id, revoked_at FROM identity.api_tokens
+                    WHERE revoked_at > now() - $1::interval""",
+                lifetime,
+            )
+        return [RevokedSession(family, at + lifetime) for family, at in found] + [
+            RevokedSession(store.TOKEN_SESSION_PREFIX + t["id"], t["revoked_at"] + lifetime)
+            for t in tokens
+        ]

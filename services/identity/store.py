@@ -302,8 +302,17 @@ _SESSION_ACTIVE_SQL = (
 )
 
 
+_TOKEN_ACTIVE_SQL = """SELECT revoked_at IS NULL AND (expires_at IS NULL OR expires_at > now())
+                         FROM identity.api_tokens WHERE id = $1"""
+TOKEN_SESSION_PREFIX = "tok_"  # an API token's exchanged access tokens carry "tok_<id>"
+
+
 async def session_active(db: Database, family_id: str) -> bool:
-    """Whether a session (refresh-token family, the access tokens' `sid`) is not revoked."""
+    """Whether a session (refresh-token family, the access tokens' `sid`; or an API token,
+    "tok_<id>") is not revoked (nor, for a token, expired)."""
+    if family_id.startswith(TOKEN_SESSION_PREFIX):
+        token_id = family_id.removeprefix(TOKEN_SESSION_PREFIX)
+        return bool(await db.pool.fetchval(_TOKEN_ACTIVE_SQL, token_id))
     return bool(await db.pool.fetchval(_SESSION_ACTIVE_SQL, family_id))
 
 

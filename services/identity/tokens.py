@@ -96,6 +96,10 @@ class KeySet:
             user_id, "user", ttl, {CLAIM_ADMIN: is_platform_admin, CLAIM_SESSION: session_id}
         )
 
+    def user_token(self, user_id: str, *, ttl: int, claims: dict[str, Any]) -> IssuedToken:
+        """A user's token with other claims (an API token's exchange): never platform admin."""
+        return self._sign(user_id, "user", ttl, {CLAIM_ADMIN: False, **claims})
+
     def service_token(self, service: str, *, ttl: int) -> IssuedToken:
         return self._sign(service, "service", ttl, {})
 

@@ -39,6 +39,7 @@ TABLES: dict[str, set[str]] = {
         "organization_members",
         "audit_logs",
         "refresh_tokens",
+        "api_tokens",
         "login_throttle",
         "outbox",
         "event_cursors",

@@ -11,7 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from services.identity import domain
-from services.identity.domain import AuditEntry, Role
+from services.identity.domain import AuditEntry, Role, allows, capped
 from services.identity.passwords import Passwords
 from shared.errors import FailedPrecondition, InvalidArgument, PermissionDenied
 from shared.settings import Settings
@@ -172,3 +172,13 @@ def test_services_get_only_their_granted_reads() -> None:
             assert not domain.service_allows(service, permission), (service, permission)
     with pytest.raises(InvalidArgument):
         domain.service_allows("runtime", "no.such.permission")
+
+
+def test_an_api_token_s_scope_caps_its_owner_s_role() -> None:
+    assert capped(Role.OWNER, "read") is Role.VIEWER
+    assert capped(Role.OWNER, "deploy") is Role.DEVELOPER
+    assert capped(Role.VIEWER, "admin") is Role.VIEWER  # never more than its owner
+    assert capped(Role.ADMIN, "") is Role.ADMIN  # not a token
+    assert capped(None, "admin") is None  # not a member
+    assert not allows(capped(Role.OWNER, "read"), "deployments.create")
+    assert allows(capped(Role.OWNER, "deploy"), "deployments.create")

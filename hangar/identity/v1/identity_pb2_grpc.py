@@ -53,6 +53,26 @@ class IdentityServiceStub:
                 request_serializer=hangar_dot_identity_dot_v1_dot_identity__pb2.RefreshRequest.SerializeToString,
                 response_deserializer=hangar_dot_identity_dot_v1_dot_identity__pb2.AuthResponse.FromString,
                 _registered_method=True)
+        self.CreateApiToken = channel.unary_unary(
+                '/hangar.identity.v1.IdentityService/CreateApiToken',
+                request_serializer=hangar_dot_identity_dot_v1_dot_identity__pb2.CreateApiTokenRequest.SerializeToString,
+                response_deserializer=hangar_dot_identity_dot_v1_dot_identity__pb2.CreateApiTokenResponse.FromString,
+                _registered_method=True)
+        self.ListApiTokens = channel.unary_unary(
+                '/hangar.identity.v1.IdentityService/ListApiTokens',
+                request_serializer=hangar_dot_identity_dot_v1_dot_identity__pb2.ListApiTokensRequest.SerializeToString,
+                response_deserializer=hangar_dot_identity_dot_v1_dot_identity__pb2.ListApiTokensResponse.FromString,
+                _registered_method=True)
+        self.RevokeApiToken = channel.unary_unary(
+                '/hangar.identity.v1.IdentityService/RevokeApiToken',
+                request_serializer=hangar_dot_identity_dot_v1_dot_identity__pb2.RevokeApiTokenRequest.SerializeToString,
+                response_deserializer=google_dot_protobuf_dot_empty__pb2.Empty.FromString,
+                _registered_method=True)
+        self.ExchangeApiToken = channel.unary_unary(
+                '/hangar.identity.v1.IdentityService/ExchangeApiToken',
+                request_serializer=hangar_dot_identity_dot_v1_dot_identity__pb2.ExchangeApiTokenRequest.SerializeToString,
+                response_deserializer=hangar_dot_identity_dot_v1_dot_identity__pb2.ExchangeApiTokenResponse.FromString,
+                _registered_method=True)
         self.Logout = channel.unary_unary(
                 '/hangar.identity.v1.IdentityService/Logout',
                 request_serializer=hangar_dot_identity_dot_v1_dot_identity__pb2.LogoutRequest.SerializeToString,
@@ -189,6 +209,40 @@ class IdentityServiceServicer:
     def Refresh(self, request, context):
         """Exchanges a refresh token for new tokens; the old one is rotated out, and
         presenting a rotated one again revokes its whole family. Role: none (the refresh token).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CreateApiToken(self, request, context):
+        """Creates a personal API token for scripts and CI: `secret` (starting "hgr_") is in this
+        answer only, and is used as `Authorization: Bearer` (the gateway exchanges it for a
+        short-lived access token). It never does more than its owner can at the moment of use,
+        and no more than its scope. Role: a signed-in user (not an API token).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListApiTokens(self, request, context):
+        """Lists the caller's API tokens (never their secrets), with when each was last used.
+        Role: a signed-in user.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RevokeApiToken(self, request, context):
+        """Revokes an API token, on every service, before it returns. Role: its owner.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ExchangeApiToken(self, request, context):
+        """An access token for an API token's secret (what the gateway does with a bearer
+        "hgr_..."): short-lived, carrying the token's scope and organization, ended with it.
+        Role: none (the secret).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -377,6 +431,26 @@ def add_IdentityServiceServicer_to_server(servicer, server):
                     servicer.Refresh,
                     request_deserializer=hangar_dot_identity_dot_v1_dot_identity__pb2.RefreshRequest.FromString,
                     response_serializer=hangar_dot_identity_dot_v1_dot_identity__pb2.AuthResponse.SerializeToString,
+            ),
+            'CreateApiToken': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateApiToken,
+                    request_deserializer=hangar_dot_identity_dot_v1_dot_identity__pb2.CreateApiTokenRequest.FromString,
+                    response_serializer=hangar_dot_identity_dot_v1_dot_identity__pb2.CreateApiTokenResponse.SerializeToString,
+            ),
+            'ListApiTokens': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListApiTokens,
+                    request_deserializer=hangar_dot_identity_dot_v1_dot_identity__pb2.ListApiTokensRequest.FromString,
+                    response_serializer=hangar_dot_identity_dot_v1_dot_identity__pb2.ListApiTokensResponse.SerializeToString,
+            ),
+            'RevokeApiToken': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeApiToken,
+                    request_deserializer=hangar_dot_identity_dot_v1_dot_identity__pb2.RevokeApiTokenRequest.FromString,
+                    response_serializer=google_dot_protobuf_dot_empty__pb2.Empty.SerializeToString,
+            ),
+            'ExchangeApiToken': grpc.unary_unary_rpc_method_handler(
+                    servicer.ExchangeApiToken,
+                    request_deserializer=hangar_dot_identity_dot_v1_dot_identity__pb2.ExchangeApiTokenRequest.FromString,
+                    response_serializer=hangar_dot_identity_dot_v1_dot_identity__pb2.ExchangeApiTokenResponse.SerializeToString,
             ),
             'Logout': grpc.unary_unary_rpc_method_handler(
                     servicer.Logout,
@@ -572,6 +646,114 @@ class IdentityService:
             '/hangar.identity.v1.IdentityService/Refresh',
             hangar_dot_identity_dot_v1_dot_identity__pb2.RefreshRequest.SerializeToString,
             hangar_dot_identity_dot_v1_dot_identity__pb2.AuthResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateApiToken(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hangar.identity.v1.IdentityService/CreateApiToken',
+            hangar_dot_identity_dot_v1_dot_identity__pb2.CreateApiTokenRequest.SerializeToString,
+            hangar_dot_identity_dot_v1_dot_identity__pb2.CreateApiTokenResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListApiTokens(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hangar.identity.v1.IdentityService/ListApiTokens',
+            hangar_dot_identity_dot_v1_dot_identity__pb2.ListApiTokensRequest.SerializeToString,
+            hangar_dot_identity_dot_v1_dot_identity__pb2.ListApiTokensResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeApiToken(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hangar.identity.v1.IdentityService/RevokeApiToken',
+            hangar_dot_identity_dot_v1_dot_identity__pb2.RevokeApiTokenRequest.SerializeToString,
+            google_dot_protobuf_dot_empty__pb2.Empty.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExchangeApiToken(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hangar.identity.v1.IdentityService/ExchangeApiToken',
+            hangar_dot_identity_dot_v1_dot_identity__pb2.ExchangeApiTokenRequest.SerializeToString,
+            hangar_dot_identity_dot_v1_dot_identity__pb2.ExchangeApiTokenResponse.FromString,
             options,
             channel_credentials,
             insecure,
