@@ -574,6 +574,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Platform commands (`up`, `migrate`, `admin`, `serve`) run with argparse; anything else
+    (no arguments and `--help` included) goes to the user commands (hangar_cli.user.app)."""
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    if not args_list or args_list[0] not in ("up", "migrate", "admin", "serve"):
+        from hangar_cli.user.app import run
+
+        return run(args_list)
     parser = argparse.ArgumentParser(prog="hangar", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     up = sub.add_parser("up", help="start PostgreSQL, migrate, and run every service")
@@ -590,5 +597,5 @@ def main(argv: Sequence[str] | None = None) -> int:
     serve = sub.add_parser("serve", help="run one service in the foreground")
     serve.add_argument("service", choices=PROCESSES)
     serve.set_defaults(func=cmd_serve)
-    args = parser.parse_args(argv)
+    args = parser.parse_args(args_list)
     return int(args.func(args))
