@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 import typer
 
-from hangar_cli.user import auth, deploy, env, orgs, projects
+from hangar_cli.user import auth, deploy, env, orgs, projects, tokens
 from hangar_cli.user.client import EXIT_ERROR, EXIT_OK, CliError
 
 PLATFORM_COMMANDS = {
@@ -41,6 +41,7 @@ app.command(rich_help_panel=ACCOUNT_PANEL)(auth.logout)
 app.command(rich_help_panel=ACCOUNT_PANEL)(auth.whoami)
 app.add_typer(orgs.orgs_app, name="orgs", rich_help_panel=ACCOUNT_PANEL)
 app.add_typer(orgs.members_app, name="members", rich_help_panel=ACCOUNT_PANEL)
+app.add_typer(tokens.tokens_app, name="tokens", rich_help_panel=ACCOUNT_PANEL)
 app.add_typer(projects.projects_app, name="projects", rich_help_panel=USER_PANEL)
 app.command(rich_help_panel=USER_PANEL)(projects.link)
 app.command(rich_help_panel=USER_PANEL)(deploy.deploy)

@@ -307,6 +307,42 @@ def test_rollback(session: Session) -> None:
     wait_for(rolled_back_running, "the rollback release to run", within=120, every=1)
 
 
+def test_a_ci_token_deploys_and_is_refused_once_revoked(session: Session) -> None:
+    """CI: a deploy token of the organization, given as HANGAR_TOKEN with no login."""
+    session.need_project()
+    _needs_sandbox()
+    made = session.json("tokens", "create", "ci", "--scope", "deploy", "--org", session.org_slug)
+    assert made["secret"].startswith("hgr_")
+    read_only = session.json("tokens", "create", "dashboard", "--scope", "read")
+    listed = session.json("tokens", "list")["tokens"]
+    assert {t["name"] for t in listed} == {"ci", "dashboard"}
+    assert made["secret"] not in json.dumps(listed)
+
+    def as_ci(secret: str, *args: str) -> subprocess.CompletedProcess[str]:
+        env = {**session.env, "HANGAR_TOKEN": secret}
+        env["XDG_CONFIG_HOME"] = str(session.home / "no-login")  # no stored session at all
+        return subprocess.run(
+            [sys.executable, "-m", "hangar_cli", *args],
+            env=env,
+            cwd=session.app_dir,
+            capture_output=True,
+            text=True,
+            timeout=DEPLOY_WITHIN,
+        )
+
+    deployed = as_ci(made["secret"], "deploy", "--json")
+    assert deployed.returncode == 0, deployed.stderr
+    assert json.loads(deployed.stdout)["deployment"]["status"] == "DEPLOYMENT_STATUS_RUNNING"
+
+    refused = as_ci(read_only["secret"], "deploy", "--no-wait")
+    assert refused.returncode == 3, refused.stderr
+    assert as_ci(read_only["secret"], "releases").returncode == 0
+
+    session.ok("tokens", "revoke", made["token"]["id"])
+    gone = as_ci(made["secret"], "releases")
+    assert gone.returncode == 3 and len(gone.stderr.strip().splitlines()) == 1, gone.stderr
+
+
 def test_delete_needs_the_slug_or_yes_then_logout(session: Session) -> None:
     session.need_project()
     refused = session.run("projects", "delete", "web")  # stdin is no terminal: no prompt
