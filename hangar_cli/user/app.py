@@ -37,6 +37,7 @@ app = typer.Typer(
 )
 
 app.command(rich_help_panel=ACCOUNT_PANEL)(auth.login)
+app.command(rich_help_panel=ACCOUNT_PANEL)(auth.signup)
 app.command(rich_help_panel=ACCOUNT_PANEL)(auth.logout)
 app.command(rich_help_panel=ACCOUNT_PANEL)(auth.whoami)
 app.add_typer(orgs.orgs_app, name="orgs", rich_help_panel=ACCOUNT_PANEL)

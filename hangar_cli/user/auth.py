@@ -66,6 +66,38 @@ def login(
     console.print(f"Logged in to {config.url} as [bold]{config.email}[/bold].")
 
 
+def signup(
+    url: Annotated[str | None, typer.Option(help="Gateway URL (default: HANGAR_URL).")] = None,
+    email: Annotated[str | None, typer.Option(help="Your email.")] = None,
+    name: Annotated[str, typer.Option(help="Your name.")] = "",
+    password_stdin: Annotated[
+        bool, typer.Option("--password-stdin", help="Read the password from stdin.")
+    ] = False,
+    json_output: JsonOpt = False,
+) -> None:
+    """Create an account and log in to it (the tokens stored as `login` stores them)."""
+    with Client(url or "", config=Config()) as client:
+        address = email or _ask("email", hide=False)
+        password = _stdin_line("password") if password_stdin else _ask("password", hide=True)
+        answer = client.post(
+            "/v1/auth/signup",
+            {"email": address, "password": password, "name": name},
+            auth=False,
+        )
+        user: dict[str, Any] = answer.get("user") or {}
+        config = Config(
+            url=client.url,
+            access_token=answer.get("accessToken", ""),
+            refresh_token=answer.get("refreshToken", ""),
+            email=user.get("email", address),
+        )
+    path = config.save()
+    if json_output:
+        emit_json({"url": config.url, "user": user, "config": str(path)})
+        return
+    console.print(f"Signed up and logged in to {config.url} as [bold]{config.email}[/bold].")
+
+
 def logout(json_output: JsonOpt = False) -> None:
     """Revoke the stored refresh token and forget the config file."""
     config = Config.load()

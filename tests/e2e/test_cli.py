@@ -142,6 +142,29 @@ def test_login_and_whoami(session: Session) -> None:
     assert session.owner.email in session.ok("whoami").stdout
 
 
+def test_signup_makes_an_account_and_logs_in(session: Session, tmp_path: Path) -> None:
+    env = {**session.env, "XDG_CONFIG_HOME": str(tmp_path / "config")}
+    email = f"new-{os.getpid()}-{id(tmp_path)}@example.com"
+    done = subprocess.run(
+        [sys.executable, "-m", "hangar_cli", "signup", "--email", email, "--password-stdin"],
+        input=PASSWORD + "\n",
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert email in done.stdout
+    again = subprocess.run(
+        [sys.executable, "-m", "hangar_cli", "whoami", "--json"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert json.loads(again.stdout)["email"] == email
+
+
 def test_wrong_password_exits_3(session: Session) -> None:
     assert session.owner is not None
     done = session.run(
