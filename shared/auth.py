@@ -69,6 +69,16 @@ CLAIM_SESSION = "sid"  # the sign-in session (users only): signing out revokes i
 # organization it may act in (empty: any of the user's).
 CLAIM_SCOPE = "scp"
 CLAIM_TOKEN_ORG = "torg"
+CLAIM_TOKEN_PROJECT = "tprj"  # ...and the one project it may act on
+
+
+def require_token_project(project_id: str) -> None:
+    """Refuse a caller whose API token is limited to another project (services call it
+    wherever they act on a project; Authorize already refused non-project permissions)."""
+    limited = current_principal().claims.get(CLAIM_TOKEN_PROJECT)
+    if limited and limited != project_id:
+        raise PermissionDenied("this API token is limited to another project")
+
 
 JwksSource = Callable[[], Awaitable[Sequence[dict[str, Any]]]]
 
@@ -353,7 +363,12 @@ class RemoteAuthorizer:
         claims = principal.claims
         scope = str(claims.get(CLAIM_SCOPE) or "")
         token_org = str(claims.get(CLAIM_TOKEN_ORG) or "")
-        subject = f"{principal.subject}\x00{scope}\x00{token_org}" if scope else principal.subject
+        token_project = str(claims.get(CLAIM_TOKEN_PROJECT) or "")
+        subject = (
+            f"{principal.subject}\x00{scope}\x00{token_org}\x00{token_project}"
+            if scope
+            else principal.subject
+        )
         key = (principal.kind, subject, organization_id, permission)
         now = time.monotonic()
         cached = self._cache.get(key)
@@ -369,6 +384,7 @@ class RemoteAuthorizer:
                 request.user_id = principal.subject
                 request.token_scope = scope
                 request.token_organization_id = token_org
+                request.token_project_id = token_project
             else:
                 request.service = principal.subject
             reply = await self._ask(request)

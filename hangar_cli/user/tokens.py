@@ -12,7 +12,15 @@ import typer
 from rich.table import Table
 
 from hangar_cli.user.client import Client
-from hangar_cli.user.common import JsonOpt, OrgOpt, console, emit_json, resolve_org, when
+from hangar_cli.user.common import (
+    JsonOpt,
+    OrgOpt,
+    console,
+    emit_json,
+    resolve_org,
+    resolve_project,
+    when,
+)
 
 tokens_app = typer.Typer(help="Personal API tokens for scripts and CI.", no_args_is_help=True)
 
@@ -27,6 +35,10 @@ def tokens_create(
     all_orgs: Annotated[
         bool, typer.Option("--all-orgs", help="Not limited to one organization.")
     ] = False,
+    project: Annotated[
+        str | None,
+        typer.Option("--project", "-p", help="Only this project (a CI deploy token)."),
+    ] = None,
     expires_in_days: Annotated[
         int | None, typer.Option("--expires-in-days", min=1, help="It stops working then.")
     ] = None,
@@ -35,7 +47,11 @@ def tokens_create(
     """Create a token; its secret is printed this once."""
     spec: dict[str, Any] = {"name": name, "scope": scope}
     with Client() as client:
-        if not all_orgs:
+        if project is not None:
+            found = resolve_project(client, project)
+            spec["organizationId"] = found["organizationId"]
+            spec["projectId"] = found["id"]
+        elif not all_orgs:
             spec["organizationId"] = resolve_org(client, org)["id"]
         if expires_in_days is not None:
             expires = datetime.now(UTC) + timedelta(days=expires_in_days)

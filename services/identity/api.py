@@ -75,6 +75,7 @@ def _api_token(token: ApiToken) -> pb.ApiToken:
         organization_id=token.organization_id,
         create_time=_ts(token.created_at),
         prefix=token.prefix,
+        project_id=token.project_id,
     )
     for name, moment in (
         ("expire_time", token.expires_at),
@@ -200,7 +201,7 @@ class IdentityApi(identity_pb2_grpc.IdentityServiceServicer):
         spec = request.token
         expires = spec.expire_time.ToDatetime(UTC) if spec.HasField("expire_time") else None
         token, secret = await self.api_tokens.create(
-            spec.name, spec.scope, spec.organization_id, expires
+            spec.name, spec.scope, spec.organization_id, expires, spec.project_id
         )
         return pb.CreateApiTokenResponse(token=_api_token(token), secret=secret)
 
@@ -265,6 +266,7 @@ class IdentityApi(identity_pb2_grpc.IdentityServiceServicer):
             permission=request.permission,
             token_scope=request.token_scope,
             token_organization_id=request.token_organization_id,
+            token_project_id=request.token_project_id,
         )
         return pb.AuthorizeResponse(
             allowed=allowed, role=pb.Role.ValueType(role) if role else pb.ROLE_UNSPECIFIED

@@ -29,7 +29,13 @@ from services.identity.access import AccessBroadcaster, AccessChange, RevokedSes
 from services.identity.audit import AuditTrail
 from services.identity.domain import TOKEN_SCOPES as SCOPES
 from services.identity.tokens import IssuedToken, KeySet
-from shared.auth import CLAIM_SCOPE, CLAIM_SESSION, CLAIM_TOKEN_ORG, require_user
+from shared.auth import (
+    CLAIM_SCOPE,
+    CLAIM_SESSION,
+    CLAIM_TOKEN_ORG,
+    CLAIM_TOKEN_PROJECT,
+    require_user,
+)
 from shared.db import Database, from_row
 from shared.errors import InvalidArgument, NotFound, PermissionDenied, Unauthenticated
 from shared.ids import new_id
@@ -53,6 +59,7 @@ class ApiToken:
     last_used_at: datetime | None
     revoked_at: datetime | None
     created_at: datetime
+    project_id: str = ""
 
 
 def secret_hash(secret: str) -> bytes:
@@ -84,7 +91,12 @@ class ApiTokens:
         return principal.subject
 
     async def create(
-        self, name: str, scope: str, organization_id: str, expires_at: datetime | None
+        self,
+        name: str,
+        scope: str,
+        organization_id: str,
+        expires_at: datetime | None,
+        project_id: str = "",
     ) -> tuple[ApiToken, str]:
         user_id = self._signed_in_user()
         name = name.strip()
@@ -93,6 +105,10 @@ class ApiTokens:
         scope = scope.strip() or DEFAULT_SCOPE
         if scope not in SCOPES:
             raise InvalidArgument.field("token.scope", "read, deploy or admin")
+        if project_id and not organization_id:
+            raise InvalidArgument.field(
+                "token.organization_id", "required with a project: the project's organization"
+            )
         if expires_at is not None and expires_at <= datetime.now(UTC):
             raise InvalidArgument.field("token.expire_time", "must be in the future")
         secret = SECRET_PREFIX + secrets.token_urlsafe(32)
@@ -109,8 +125,9 @@ class ApiTokens:
             row = await tx.fetchrow(
                 """INSERT INTO identity.api_tokens
                        (id, user_id, name, scope, organization_id, prefix, secret_hash,
-                        expires_at)
-                   VALUES ($1, $2, $3, $4, NULLIF($5, ''), $6, $7, $8) RETURNING *""",
+                        expires_at, project_id)
+                   VALUES ($1, $2, $3, $4, NULLIF($5, ''), $6, $7, $8, NULLIF($9, ''))
+                RETURNING *""",
                 new_id(),
                 user_id,
                 name,
@@ -119,6 +136,7 @@ class ApiTokens:
                 secret[: len(SECRET_PREFIX) + 4],
                 secret_hash(secret),
                 expires_at,
+                project_id,
             )
             assert row is not None
             token = from_row(ApiToken, row)
@@ -129,7 +147,7 @@ class ApiTokens:
                 user_id,
                 "api_token",
                 token.id,
-                {"name": name, "scope": scope},
+                {"name": name, "scope": scope, "project_id": project_id},
             )
         return token, secret
 
@@ -194,5 +212,6 @@ class ApiTokens:
                 CLAIM_SESSION: SESSION_PREFIX + token.id,
                 CLAIM_SCOPE: token.scope,
                 CLAIM_TOKEN_ORG: token.organization_id,
+                CLAIM_TOKEN_PROJECT: token.project_id,
             },
         )

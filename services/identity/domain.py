@@ -101,6 +101,28 @@ def capped(role: Role | None, scope: str) -> Role | None:
     return min(role, cap)
 
 
+# What an API token limited to one project may be authorized for: what is about a project
+# (the service checks it is that one); never the organization's members, billing or audit.
+PROJECT_PERMISSIONS = frozenset(
+    {
+        "projects.get",
+        "projects.update",
+        "secrets.list",
+        "secrets.write",
+        "secrets.delete",
+        "secrets.reveal",
+        "deployments.list",
+        "deployments.get",
+        "deployments.create",
+        "deployments.cancel",
+        "deployments.rollback",
+        "containers.list",
+        "logs.read",
+        "metrics.read",
+    }
+)
+
+
 def allows(role: Role | None, permission: str) -> bool:
     needed = required_role(permission)
     return role is not None and role >= needed

@@ -14,6 +14,7 @@ from services.identity.tokens import IssuedToken, KeySet
 from shared.auth import (
     CLAIM_SCOPE,
     CLAIM_TOKEN_ORG,
+    CLAIM_TOKEN_PROJECT,
     require_caller,
     require_service,
     session_ended,
@@ -64,6 +65,9 @@ async def decide(
     token_org = str(principal.claims.get(CLAIM_TOKEN_ORG) or "")
     if scope and token_org and token_org != organization_id:
         return False, None  # an API token limited to another organization
+    if scope and principal.claims.get(CLAIM_TOKEN_PROJECT):
+        if permission not in domain.PROJECT_PERMISSIONS:
+            return False, None  # a project's token: nothing beyond its project
     role = domain.capped(await store.member_role_now(db, organization_id, principal.subject), scope)
     return domain.allows(role, permission), role
 
@@ -100,6 +104,7 @@ class ServiceAuth:
         permission: str,
         token_scope: str = "",
         token_organization_id: str = "",
+        token_project_id: str = "",
     ) -> tuple[bool, Role | None]:
         require_service()
         require_id(organization_id, "organization_id")
@@ -107,7 +112,11 @@ class ServiceAuth:
             raise InvalidArgument.field("permission", "required")
         if user_id:
             claims: dict[str, object] = (
-                {CLAIM_SCOPE: token_scope, CLAIM_TOKEN_ORG: token_organization_id}
+                {
+                    CLAIM_SCOPE: token_scope,
+                    CLAIM_TOKEN_ORG: token_organization_id,
+                    CLAIM_TOKEN_PROJECT: token_project_id,
+                }
                 if token_scope
                 else {}
             )

@@ -26,7 +26,13 @@ from services.project.crypto import (
 from services.project.domain import Project, ProjectSpec, Resources
 from shared import pagination
 from shared.audit import current_actor, record_audit
-from shared.auth import Authorizer, require_caller, require_platform_admin, require_service
+from shared.auth import (
+    Authorizer,
+    require_caller,
+    require_platform_admin,
+    require_service,
+    require_token_project,
+)
 from shared.clients import Clients
 from shared.context import current_principal
 from shared.db import Database, Session
@@ -215,6 +221,7 @@ class Projects:
             if principal.is_service:
                 raise NotFound("no such project")
             raise PermissionDenied("you cannot access this project, or it does not exist")
+        require_token_project(project.id)
         await self.authorizer.require(project.organization_id, permission)
         return project
 

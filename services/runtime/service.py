@@ -29,7 +29,13 @@ from services.runtime.scheduler import Scheduler
 from services.runtime.store import Container, Deployment, DeploymentSpec, Server
 from shared import pagination
 from shared.audit import current_actor, record_audit
-from shared.auth import Authorizer, require_caller, require_platform_admin, require_service
+from shared.auth import (
+    Authorizer,
+    require_caller,
+    require_platform_admin,
+    require_service,
+    require_token_project,
+)
 from shared.db import Database
 from shared.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
 
@@ -48,6 +54,7 @@ class ProjectAccess:
         """The project's id, trimmed, if the caller holds `permission` in its organization."""
         require_caller()
         project_id = required(project_id, "project_id")
+        require_token_project(project_id)
         organization_id = await self.projects.organization_of(project_id)
         await self.authorizer.require(organization_id, permission)
         return project_id
@@ -154,6 +161,7 @@ class Deployments:
             if principal.is_platform_admin:
                 raise
             raise PermissionDenied(f"missing permission {permission} on this deployment") from None
+        require_token_project(deployment.project_id)
         await self.access.authorizer.require(deployment.organization_id, permission)
         return deployment
 
@@ -173,6 +181,7 @@ class Deployments:
         queued; the deployer starts a placed one on its agent."""
         require_caller()
         project = await self.access.projects.get(required(project_id, "project_id"))
+        require_token_project(project.id)
         await self.access.authorizer.require(project.organization_id, "deployments.create")
         process_type = process_type_of(requested.process_type)
         processes: tuple[ProcessShare, ...] = ()

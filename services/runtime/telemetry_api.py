@@ -28,7 +28,13 @@ from services.runtime.telemetry import (
     utcnow,
 )
 from shared import pagination
-from shared.auth import Authorizer, require_caller, require_platform_admin, require_service
+from shared.auth import (
+    Authorizer,
+    require_caller,
+    require_platform_admin,
+    require_service,
+    require_token_project,
+)
 from shared.errors import InvalidArgument
 from shared.proto import timestamp
 
@@ -90,6 +96,7 @@ class TelemetryApi:
     async def _authorize_project(self, project_id: str, permission: str) -> str:
         require_caller()
         project_id = required(project_id, "project_id")
+        require_token_project(project_id)
         organization_id = await self.app.projects.organization_of(project_id)
         await self.app.authorizer.require(organization_id, permission)
         return project_id

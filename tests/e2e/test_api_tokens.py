@@ -199,3 +199,43 @@ def test_nobody_else_sees_or_revokes_a_user_s_tokens(world: World) -> None:
     refused = w.http.delete(f"/v1/users/me/tokens/{token['id']}", headers=stranger.auth)
     assert refused.status_code == 404, refused.text  # as for a token that does not exist
     _ok(w.http.get("/v1/users/me", headers=_bearer(secret)))  # still works
+
+
+def test_a_project_s_deploy_token_acts_on_that_project_only(world: World) -> None:
+    """A CI deploy token: one project of one organization, the deploy scope."""
+    w = world
+    a = w.orgs[0]
+    mine = w.projects[0]
+    other = _ok(
+        w.http.post(
+            f"/v1/organizations/{a['id']}/projects",
+            headers=w.auth,
+            json={"name": "api", "slug": "api", "ramMb": 64, "cpuMillis": 50},
+        )
+    )
+    token, secret = _token(
+        w, name="ci", scope="deploy", organizationId=a["id"], projectId=mine["id"]
+    )
+    assert token["projectId"] == mine["id"]
+    assert _deploy(w, secret, mine).status_code == 200
+    _ok(w.http.get(f"/v1/projects/{mine['id']}/logs", headers=_bearer(secret)))
+    _ok(
+        w.http.put(
+            f"/v1/projects/{mine['id']}/secrets/FROM_CI",
+            headers=_bearer(secret),
+            json={"value": "1", "restart": False},
+        )
+    )
+    for refused in (
+        _deploy(w, secret, other),
+        w.http.get(f"/v1/projects/{other['id']}", headers=_bearer(secret)),
+        w.http.get(f"/v1/projects/{other['id']}/deployments", headers=_bearer(secret)),
+        w.http.get(f"/v1/organizations/{a['id']}/subscription", headers=_bearer(secret)),
+        w.http.get(f"/v1/organizations/{a['id']}/members", headers=_bearer(secret)),
+        w.http.get(f"/v1/organizations/{a['id']}/projects", headers=_bearer(secret)),
+    ):
+        assert refused.status_code == 403, (refused.request.url, refused.text)
+    without_org = w.http.post(
+        "/v1/users/me/tokens", headers=w.auth, json={"name": "x", "projectId": mine["id"]}
+    )
+    assert without_org.status_code == 400 and "token.organization_id" in without_org.text

@@ -331,10 +331,13 @@ def test_rollback(session: Session) -> None:
 
 
 def test_a_ci_token_deploys_and_is_refused_once_revoked(session: Session) -> None:
-    """CI: a deploy token of the organization, given as HANGAR_TOKEN with no login."""
+    """CI: a deploy token of the project, given as HANGAR_TOKEN with no login."""
     session.need_project()
     _needs_sandbox()
-    made = session.json("tokens", "create", "ci", "--scope", "deploy", "--org", session.org_slug)
+    made = session.json(
+        "tokens", "create", "ci", "--scope", "deploy", "--project", session.project["id"]
+    )
+    assert made["token"]["projectId"] == session.project["id"]
     assert made["secret"].startswith("hgr_")
     read_only = session.json("tokens", "create", "dashboard", "--scope", "read")
     listed = session.json("tokens", "list")["tokens"]

@@ -312,23 +312,25 @@ class VerifyAuditChainResponse(_message.Message):
     def __init__(self, ok: _Optional[bool] = ..., checked: _Optional[int] = ..., first_broken_entry_id: _Optional[str] = ...) -> None: ...
 
 class AuthorizeRequest(_message.Message):
-    __slots__ = ("user_id", "service", "organization_id", "permission", "token_scope", "token_organization_id")
+    __slots__ = ("user_id", "service", "organization_id", "permission", "token_scope", "token_organization_id", "token_project_id")
     USER_ID_FIELD_NUMBER: _ClassVar[int]
     SERVICE_FIELD_NUMBER: _ClassVar[int]
     ORGANIZATION_ID_FIELD_NUMBER: _ClassVar[int]
     PERMISSION_FIELD_NUMBER: _ClassVar[int]
     TOKEN_SCOPE_FIELD_NUMBER: _ClassVar[int]
     TOKEN_ORGANIZATION_ID_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_PROJECT_ID_FIELD_NUMBER: _ClassVar[int]
     user_id: str
     service: str
     organization_id: str
     permission: str
     token_scope: str
     token_organization_id: str
-    def __init__(self, user_id: _Optional[str] = ..., service: _Optional[str] = ..., organization_id: _Optional[str] = ..., permission: _Optional[str] = ..., token_scope: _Optional[str] = ..., token_organization_id: _Optional[str] = ...) -> None: ...
+    token_project_id: str
+    def __init__(self, user_id: _Optional[str] = ..., service: _Optional[str] = ..., organization_id: _Optional[str] = ..., permission: _Optional[str] = ..., token_scope: _Optional[str] = ..., token_organization_id: _Optional[str] = ..., token_project_id: _Optional[str] = ...) -> None: ...
 
 class ApiToken(_message.Message):
-    __slots__ = ("id", "name", "scope", "organization_id", "expire_time", "create_time", "last_used_time", "revoke_time", "prefix")
+    __slots__ = ("id", "name", "scope", "organization_id", "expire_time", "create_time", "last_used_time", "revoke_time", "prefix", "project_id")
     ID_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     SCOPE_FIELD_NUMBER: _ClassVar[int]
@@ -338,6 +340,7 @@ class ApiToken(_message.Message):
     LAST_USED_TIME_FIELD_NUMBER: _ClassVar[int]
     REVOKE_TIME_FIELD_NUMBER: _ClassVar[int]
     PREFIX_FIELD_NUMBER: _ClassVar[int]
+    PROJECT_ID_FIELD_NUMBER: _ClassVar[int]
     id: str
     name: str
     scope: str
@@ -347,7 +350,8 @@ class ApiToken(_message.Message):
     last_used_time: _timestamp_pb2.Timestamp
     revoke_time: _timestamp_pb2.Timestamp
     prefix: str
-    def __init__(self, id: _Optional[str] = ..., name: _Optional[str] = ..., scope: _Optional[str] = ..., organization_id: _Optional[str] = ..., expire_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_used_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., revoke_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., prefix: _Optional[str] = ...) -> None: ...
+    project_id: str
+    def __init__(self, id: _Optional[str] = ..., name: _Optional[str] = ..., scope: _Optional[str] = ..., organization_id: _Optional[str] = ..., expire_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_used_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., revoke_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., prefix: _Optional[str] = ..., project_id: _Optional[str] = ...) -> None: ...
 
 class CreateApiTokenRequest(_message.Message):
     __slots__ = ("token",)
