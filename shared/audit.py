@@ -32,6 +32,10 @@ RELAY_CONSUMER = "audit-relay"
 RELAY_TARGET = "identity"
 
 
+# The session of an access token exchanged for an API token: "tok_<token id>".
+API_TOKEN_SESSION = "tok_"
+
+
 def current_actor() -> str:
     """The actor id of the call in progress: a user id, or "service:<name>"."""
     principal = current_principal()
@@ -51,7 +55,12 @@ async def record_audit(
     metadata: dict[str, Any] | None = None,
     actor_id: str | None = None,
 ) -> str:
-    """Add an audit entry to this transaction; the relay delivers it after commit."""
+    """Add an audit entry to this transaction; the relay delivers it after commit. A write
+    made with an API token names the token in the entry's metadata (`api_token`)."""
+    metadata = dict(metadata or {})
+    session = str(current_principal().claims.get("sid") or "")
+    if session.startswith(API_TOKEN_SESSION):
+        metadata.setdefault("api_token", session.removeprefix(API_TOKEN_SESSION))
     return await write_event(
         tx,
         schema,
@@ -63,7 +72,7 @@ async def record_audit(
             "action": action,
             "target_type": target_type,
             "target_id": target_id,
-            "metadata": metadata or {},
+            "metadata": metadata,
         },
     )
 

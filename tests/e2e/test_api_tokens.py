@@ -235,6 +235,19 @@ def test_a_project_s_deploy_token_acts_on_that_project_only(world: World) -> Non
         w.http.get(f"/v1/organizations/{a['id']}/projects", headers=_bearer(secret)),
     ):
         assert refused.status_code == 403, (refused.request.url, refused.text)
+
+    # A write made with the token says so in the audit log.
+    def write_audited() -> bool:
+        entries = _ok(w.http.get(f"/v1/organizations/{a['id']}/audit-logs", headers=w.auth))[
+            "auditLogs"
+        ]
+        return any(
+            e["action"] == "secret.set"
+            and (e.get("metadata") or {}).get("api_token") == token["id"]
+            for e in entries
+        )
+
+    wait_for(write_audited, "the token's write in the audit log", within=30)
     without_org = w.http.post(
         "/v1/users/me/tokens", headers=w.auth, json={"name": "x", "projectId": mine["id"]}
     )
