@@ -12,6 +12,7 @@ from hangar_cli.user.client import EXIT_INVALID, Client, CliError
 from hangar_cli.user.common import (
     JsonOpt,
     OrgOpt,
+    ProjectOpt,
     console,
     emit_json,
     organizations,
@@ -152,3 +153,32 @@ def link(
     if json_output:
         emit_json(found)
     _link(found, json_output)
+
+
+def scale(
+    ram: Annotated[int | None, typer.Option("--ram", help="RAM in MB.")] = None,
+    cpu: Annotated[
+        int | None, typer.Option("--cpu", help="CPU in millicores (1000: a core).")
+    ] = None,
+    project: ProjectOpt = None,
+    json_output: JsonOpt = False,
+) -> None:
+    """Resize a project: its RAM and CPU, drawn from the organization's plan pool. The next
+    release runs with them (`hangar deploy`, `hangar rollback`, or a config change)."""
+    changes = {k: v for k, v in (("ramMb", ram), ("cpuMillis", cpu)) if v is not None}
+    if not changes:
+        raise CliError("give --ram and/or --cpu", EXIT_INVALID)
+    with Client() as client:
+        found = resolve_project(client, project)
+        updated = client.call(
+            "PATCH",
+            f"/v1/projects/{found['id']}",
+            json=changes,  # the gateway's update mask: the fields the body names (AIP-134)
+        )
+    if json_output:
+        emit_json(updated)
+        return
+    console.print(
+        f"[bold]{updated['slug']}[/]: {updated['ramMb']} MB, {updated['cpuMillis']} mCPU "
+        "(for its next release)"
+    )
