@@ -27,7 +27,6 @@ from datetime import UTC, datetime
 from services.identity import domain
 from services.identity.access import AccessBroadcaster, AccessChange, RevokedSession
 from services.identity.audit import AuditTrail
-from services.identity.domain import TOKEN_SCOPES as SCOPES
 from services.identity.tokens import IssuedToken, KeySet
 from shared.auth import (
     CLAIM_SCOPE,
@@ -102,9 +101,7 @@ class ApiTokens:
         name = name.strip()
         if not 1 <= len(name) <= 100:
             raise InvalidArgument.field("token.name", "1 to 100 characters")
-        scope = scope.strip() or DEFAULT_SCOPE
-        if scope not in SCOPES:
-            raise InvalidArgument.field("token.scope", "read, deploy or admin")
+        scope = domain.check_token_scope(scope.strip() or DEFAULT_SCOPE)
         if project_id and not organization_id:
             raise InvalidArgument.field(
                 "token.organization_id", "required with a project: the project's organization"

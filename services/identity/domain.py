@@ -94,11 +94,51 @@ def scope_role(scope: str) -> Role | None:
 
 
 def capped(role: Role | None, scope: str) -> Role | None:
-    """The member's role, no higher than the token's scope allows."""
+    """The member's role, no higher than the token's scope allows (a scope naming
+    permissions leaves the role as it is: `token_allows` checks those)."""
     cap = scope_role(scope)
     if role is None or cap is None:
         return role
     return min(role, cap)
+
+
+def scope_permissions(scope: str) -> frozenset[str] | None:
+    """The permissions a scope names ("deployments.create,logs.read"); None for a role
+    scope (read, deploy, admin) or none."""
+    if not scope or scope in TOKEN_SCOPES:
+        return None
+    return frozenset(p.strip() for p in scope.split(",") if p.strip())
+
+
+def check_token_scope(scope: str) -> str:
+    """A token scope as given: read, deploy, admin, or permissions (INVALID_ARGUMENT)."""
+    named = scope_permissions(scope)
+    if named is None:
+        if scope not in TOKEN_SCOPES:
+            raise InvalidArgument.field(
+                "token.scope", "read, deploy, admin, or comma-separated permissions"
+            )
+        return scope
+    unknown = sorted(p for p in named if p not in PERMISSIONS)
+    if unknown or not named:
+        raise InvalidArgument.field(
+            "token.scope", f"unknown permissions: {', '.join(unknown) or '(none)'}"
+        )
+    return ",".join(sorted(named))
+
+
+def token_allows(role: Role | None, scope: str, permission: str) -> bool:
+    """Whether a member of `role` acting with a token of `scope` holds `permission`: the
+    role as the scope caps it, and for a scope of permissions, only those."""
+    named = scope_permissions(scope)
+    if named is not None and permission not in named | IMPLIED_BY_NAMED:
+        return False
+    return allows(capped(role, scope), permission)
+
+
+# What a token naming permissions may also do: read what they act on (creating a deployment
+# reads its project, as the services do on the caller's behalf).
+IMPLIED_BY_NAMED = frozenset({"organizations.get", "projects.get"})
 
 
 # What an API token limited to one project may be authorized for: what is about a project

@@ -68,8 +68,8 @@ async def decide(
     if scope and principal.claims.get(CLAIM_TOKEN_PROJECT):
         if permission not in domain.PROJECT_PERMISSIONS:
             return False, None  # a project's token: nothing beyond its project
-    role = domain.capped(await store.member_role_now(db, organization_id, principal.subject), scope)
-    return domain.allows(role, permission), role
+    role = await store.member_role_now(db, organization_id, principal.subject)
+    return domain.token_allows(role, scope, permission), domain.capped(role, scope)
 
 
 class ServiceAuth:

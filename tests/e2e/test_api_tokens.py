@@ -252,3 +252,16 @@ def test_a_project_s_deploy_token_acts_on_that_project_only(world: World) -> Non
         "/v1/users/me/tokens", headers=w.auth, json={"name": "x", "projectId": mine["id"]}
     )
     assert without_org.status_code == 400 and "token.organization_id" in without_org.text
+
+
+def test_a_token_may_name_its_permissions(world: World) -> None:
+    w = world
+    _, secret = _token(w, name="deployer", scope="deployments.create,deployments.get")
+    project = w.projects[0]
+    assert _deploy(w, secret, project).status_code == 200
+    listed = w.http.get(f"/v1/projects/{project['id']}/deployments", headers=_bearer(secret))
+    assert listed.status_code == 403, listed.text  # deployments.list was not named
+    bad = w.http.post(
+        "/v1/users/me/tokens", headers=w.auth, json={"name": "x", "scope": "deployments.fly"}
+    )
+    assert bad.status_code == 400 and "token.scope" in bad.text

@@ -11,7 +11,14 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from services.identity import domain
-from services.identity.domain import AuditEntry, Role, allows, capped
+from services.identity.domain import (
+    AuditEntry,
+    Role,
+    allows,
+    capped,
+    check_token_scope,
+    token_allows,
+)
 from services.identity.passwords import Passwords
 from shared.errors import FailedPrecondition, InvalidArgument, PermissionDenied
 from shared.settings import Settings
@@ -182,3 +189,17 @@ def test_an_api_token_s_scope_caps_its_owner_s_role() -> None:
     assert capped(None, "admin") is None  # not a member
     assert not allows(capped(Role.OWNER, "read"), "deployments.create")
     assert allows(capped(Role.OWNER, "deploy"), "deployments.create")
+
+
+def test_a_token_scope_may_name_permissions() -> None:
+    scope = check_token_scope("logs.read, deployments.create")
+    assert scope == "deployments.create,logs.read"
+    assert token_allows(Role.OWNER, scope, "deployments.create")
+    assert token_allows(Role.DEVELOPER, scope, "logs.read")
+    assert not token_allows(Role.OWNER, scope, "projects.delete")  # not named
+    assert not token_allows(Role.VIEWER, scope, "deployments.create")  # not its owner's
+    assert token_allows(Role.OWNER, "deploy", "secrets.write")
+    assert not token_allows(Role.OWNER, "read", "secrets.write")
+    for bad in ("deployments.teleport", "write", ""):
+        with pytest.raises(InvalidArgument):
+            check_token_scope(bad)
