@@ -239,6 +239,9 @@ class Settings:
     # Registries ("host:port") the agent pulls images from over plain HTTP (or without
     # checking their TLS certificate): a registry of one's own on a private network.
     agent_insecure_registries: tuple[str, ...] = ()
+    # Images and slugs no container runs stay on the server this long (a rollback or a
+    # redeploy soon after starts at once), then are removed.
+    agent_keep_unused_images_seconds: float = 3600.0
 
     @classmethod
     def from_env(cls, service: str) -> Settings:
@@ -301,6 +304,9 @@ class Settings:
             agent_restart_stable_seconds=float(_env("HANGAR_AGENT_RESTART_STABLE_SECONDS", "30")),
             agent_crash_loop_restarts=int(_env("HANGAR_AGENT_CRASH_LOOP_RESTARTS", "5")),
             agent_build_timeout_seconds=float(_env("HANGAR_AGENT_BUILD_TIMEOUT_SECONDS", "900")),
+            agent_keep_unused_images_seconds=float(
+                _env("HANGAR_AGENT_KEEP_UNUSED_IMAGES_SECONDS", "3600")
+            ),
             agent_insecure_registries=tuple(
                 r.strip() for r in _env("HANGAR_AGENT_INSECURE_REGISTRIES").split(",") if r.strip()
             ),

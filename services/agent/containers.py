@@ -122,6 +122,7 @@ class ContainerDriver(BuildMixin, ProcessDriver):
         freeze_seconds: float = 600.0,
         build_timeout: float = 900.0,
         insecure_registries: Sequence[str] = (),
+        keep_unused_seconds: float = 3600.0,
         runc: str = "runc",
         stack: oci.Stack | None = None,
         **kwargs: Any,
@@ -162,6 +163,8 @@ class ContainerDriver(BuildMixin, ProcessDriver):
             insecure_registries=frozenset(insecure_registries),
             timeout_seconds=build_timeout,
         )
+        self.keep_unused_seconds = keep_unused_seconds
+        self._last_used = {}
         # Images run here when the tools that pull and unpack them are installed.
         self.runs_images = images_unavailable_reason() is None
         self._sandboxes: dict[str, _Sandbox] = {}

@@ -16,6 +16,7 @@ import contextvars
 import dataclasses
 import logging
 import shlex
+import time
 
 from services.agent.builds import Builder, BuildFailed
 from services.agent.domain import ContainerState, utcnow
@@ -32,6 +33,8 @@ class BuildMixin(DriverBase):
     builder: Builder
     images: ImageStore
     _collecting: asyncio.Future[None] | None = None
+    keep_unused_seconds: float = 3600.0
+    _last_used: dict[str, float]  # image digests and slugs -> when their last container went
     _closing: bool
 
     async def _spawn(self, record: _Container) -> None:
@@ -143,22 +146,31 @@ class BuildMixin(DriverBase):
 
     def _release(self, record: _Container) -> None:
         super()._release(record)  # type: ignore[misc]  # LifecycleMixin's, after this mixin
+        now = time.monotonic()
+        if record.info.image_digest:
+            self._last_used[record.info.image_digest] = now
+        if record.spec.slug_sha256:
+            self._last_used[record.spec.slug_sha256] = now
         # Not while the agent stops: its images serve the next agent of this directory.
         if (record.spec.image_root or record.spec.app_dir) and not self._closing:
             self._collect_soon()
 
     def _collect_soon(self) -> None:
         """Once a container of an image or a slug is gone: drop the images (their layers no
-        kept image shares) and the slugs that no container here runs any more."""
+        kept image shares) and the slugs that no container here runs, and none ran for
+        `keep_unused_seconds` (a rollback, a redeploy soon after finds them here)."""
         if self._collecting is not None and not self._collecting.done():
             return
         live = [c.spec for c in self._containers.values() if not c.info.state.ended]
-        images = {
+        now = time.monotonic()
+        recent = {d for d, at in self._last_used.items() if now - at < self.keep_unused_seconds}
+        self._last_used = {d: at for d, at in self._last_used.items() if d in recent}
+        images = recent | {
             c.info.image_digest
             for c in self._containers.values()
             if not c.info.state.ended and c.info.image_digest
         }
-        slugs = {spec.slug_sha256 for spec in live if spec.slug_sha256}
+        slugs = recent | {spec.slug_sha256 for spec in live if spec.slug_sha256}
 
         def collect() -> None:
             dropped = self.images.collect_garbage(images) + self.builder.collect_slugs(slugs)

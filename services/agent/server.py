@@ -178,6 +178,7 @@ def build_driver(settings: Settings) -> Driver:
         freeze_seconds=settings.agent_freeze_seconds,
         build_timeout=settings.agent_build_timeout_seconds,
         insecure_registries=settings.agent_insecure_registries,
+        keep_unused_seconds=settings.agent_keep_unused_images_seconds,
         **common,
     )
 

@@ -75,6 +75,8 @@ def world(
             extra_env={
                 "HANGAR_AGENT_INSECURE_REGISTRIES": f"{public.address},{private.address}",
                 "HANGAR_AGENT_START_TIMEOUT_SECONDS": "60",
+                # Images no container runs go at once (the default keeps them an hour).
+                "HANGAR_AGENT_KEEP_UNUSED_IMAGES_SECONDS": "0",
             },
         )
         try:
