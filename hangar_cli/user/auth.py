@@ -26,6 +26,20 @@ def _ask(what: str, *, hide: bool) -> str:
     return value.strip() if not hide else value
 
 
+def _signed_in(
+    client: Client, answer: dict[str, Any], address: str
+) -> tuple[dict[str, Any], Config]:
+    """The user and the session to store, from a login's or a sign-up's answer."""
+    user: dict[str, Any] = answer.get("user") or {}
+    config = Config(
+        url=client.url,
+        access_token=answer.get("accessToken", ""),
+        refresh_token=answer.get("refreshToken", ""),
+        email=user.get("email", address),
+    )
+    return user, config
+
+
 def login(
     url: Annotated[str | None, typer.Option(help="Gateway URL (default: HANGAR_URL).")] = None,
     email: Annotated[str | None, typer.Option(help="Your account's email.")] = None,
@@ -52,13 +66,7 @@ def login(
             answer = client.post(
                 "/v1/auth/login", {"email": address, "password": password}, auth=False
             )
-            user = answer.get("user") or {}
-            config = Config(
-                url=client.url,
-                access_token=answer.get("accessToken", ""),
-                refresh_token=answer.get("refreshToken", ""),
-                email=user.get("email", address),
-            )
+            user, config = _signed_in(client, answer, address)
     path = config.save()
     if json_output:
         emit_json({"url": config.url, "user": user, "config": str(path)})
@@ -84,13 +92,7 @@ def signup(
             {"email": address, "password": password, "name": name},
             auth=False,
         )
-        user: dict[str, Any] = answer.get("user") or {}
-        config = Config(
-            url=client.url,
-            access_token=answer.get("accessToken", ""),
-            refresh_token=answer.get("refreshToken", ""),
-            email=user.get("email", address),
-        )
+        user, config = _signed_in(client, answer, address)
     path = config.save()
     if json_output:
         emit_json({"url": config.url, "user": user, "config": str(path)})
