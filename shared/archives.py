@@ -87,7 +87,8 @@ class _Checker:
 
     limits: ArchiveLimits
     # A slug's symbolic links may name absolute paths (a virtualenv's interpreter is
-    # /usr/bin/python3): they are made as they are and never followed while unpacking.
+    # /usr/bin/python3): such a link is kept as it is, and nothing may lie under it or be
+    # reached through it; it is never followed while unpacking.
     allow_absolute_links: bool = False
     members: int = 0
     unpacked_bytes: int = 0
@@ -262,7 +263,7 @@ def _check_all(tar: tarfile.TarFile, checker: _Checker) -> ArchiveSummary:
 
 
 class ArchiveCheck:
-    """`check_source_archive` (or `check_slug_archive`) of an archive as it arrives: `feed`
+    """`check_source_archive` of an archive as it arrives: `feed`
     it the bytes in order, then `finish` for the summary (or the refusal). The checking runs
     in a thread of its own while the caller receives the rest, so a check costs the upload
     little more than its receiving; `abort` ends it early. Must be made in an event loop."""
@@ -374,26 +375,8 @@ def check_source_archive(path: Path, limits: ArchiveLimits = ArchiveLimits()) ->
     Raises `InvalidArgument` (field `archive`, reason `INVALID_ARCHIVE`) for the first member
     that breaks a rule (see the module docstring), or when the file is not a complete gzip
     tar. Reads the archive as a stream, once."""
-    checker = _Checker(limits)
     with _open(path) as tar:
-        for member in tar:
-            checker.check(member)
-            if member.isreg():
-                _drain(tar, member)
-    return checker.summary()
-
-
-def check_slug_archive(path: Path, limits: ArchiveLimits = ArchiveLimits()) -> ArchiveSummary:
-    """`check_source_archive` for a built app, whose symbolic links may name absolute paths
-    (a virtualenv's interpreter): such a link is kept as it is, and nothing may lie under it
-    or be reached through it."""
-    checker = _Checker(limits, allow_absolute_links=True)
-    with _open(path) as tar:
-        for member in tar:
-            checker.check(member)
-            if member.isreg():
-                _drain(tar, member)
-    return checker.summary()
+        return _check_all(tar, _Checker(limits))
 
 
 def _drain(tar: tarfile.TarFile, member: tarfile.TarInfo) -> None:
@@ -422,9 +405,9 @@ def extract_archive(
 
     On `InvalidArgument` (or any other error) the members before the refused one are already
     in `dest`: the caller must remove `dest` (e.g. `shutil.rmtree`) and not use its content.
-    With `allow_absolute_links` (a slug: see `check_slug_archive`) a symbolic link to an
-    absolute path is made as it is, through the `tar` filter (the member itself must still
-    land inside `dest`); the checks refuse anything under such a link.
+    With `allow_absolute_links` (a slug, whose virtualenv links to /usr/bin/python3) a
+    symbolic link to an absolute path is made as it is, through the `tar` filter (the member
+    itself must still land inside `dest`); the checks refuse anything under such a link.
     Needs Python 3.11.4 or later (`tarfile.data_filter`)."""
     if not hasattr(tarfile, "data_filter"):
         raise RuntimeError("extracting untrusted archives needs Python 3.11.4 or later")

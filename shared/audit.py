@@ -19,7 +19,7 @@ from typing import Any
 from google.protobuf import struct_pb2, timestamp_pb2
 
 from hangar.identity.v1 import identity_pb2, identity_pb2_grpc
-from shared.auth import IDENTITY_SERVICE
+from shared.auth import API_TOKEN_SESSION, CLAIM_SESSION, IDENTITY_SERVICE
 from shared.clients import Clients
 from shared.context import current_principal
 from shared.db import Database, Session
@@ -30,10 +30,6 @@ log = logging.getLogger(__name__)
 AUDIT_PREFIX = "audit."
 RELAY_CONSUMER = "audit-relay"
 RELAY_TARGET = "identity"
-
-
-# The session of an access token exchanged for an API token: "tok_<token id>".
-API_TOKEN_SESSION = "tok_"
 
 
 def current_actor() -> str:
@@ -58,7 +54,7 @@ async def record_audit(
     """Add an audit entry to this transaction; the relay delivers it after commit. A write
     made with an API token names the token in the entry's metadata (`api_token`)."""
     metadata = dict(metadata or {})
-    session = str(current_principal().claims.get("sid") or "")
+    session = str(current_principal().claims.get(CLAIM_SESSION) or "")
     if session.startswith(API_TOKEN_SESSION):
         metadata.setdefault("api_token", session.removeprefix(API_TOKEN_SESSION))
     return await write_event(

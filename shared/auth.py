@@ -70,6 +70,8 @@ CLAIM_SESSION = "sid"  # the sign-in session (users only): signing out revokes i
 CLAIM_SCOPE = "scp"
 CLAIM_TOKEN_ORG = "torg"
 CLAIM_TOKEN_PROJECT = "tprj"  # ...and the one project it may act on
+# Its session (`sid`): "tok_<API token id>", so that revoking the token ends it.
+API_TOKEN_SESSION = "tok_"
 
 
 def require_token_project(project_id: str) -> None:

@@ -88,18 +88,15 @@ class RuntimeArtifacts:
 
     async def put(self, project_id: str, deployment_id: str, path: Path) -> str:
         async def messages() -> AsyncIterator[rpb.PutArtifactRequest]:
+            # The first message names the owner (an empty file still sends that one).
+            message = rpb.PutArtifactRequest(project_id=project_id, deployment_id=deployment_id)
             with path.open("rb") as file:
-                first = True
                 while chunk := await asyncio.to_thread(file.read, CHUNK_BYTES):
-                    if first:
-                        yield rpb.PutArtifactRequest(
-                            project_id=project_id, deployment_id=deployment_id, chunk=chunk
-                        )
-                        first = False
-                    else:
-                        yield rpb.PutArtifactRequest(chunk=chunk)
-                if first:  # an empty file still names its owner
-                    yield rpb.PutArtifactRequest(project_id=project_id, deployment_id=deployment_id)
+                    message.chunk = chunk
+                    yield message
+                    message = rpb.PutArtifactRequest()
+            if message.project_id:
+                yield message
 
         reply: rpb.Artifact = await self._stub().PutArtifact(
             messages(), timeout=TRANSFER_TIMEOUT_SECONDS

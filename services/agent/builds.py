@@ -195,12 +195,8 @@ class Builder:
     async def _fetch(self, sha256: str) -> Path:
         try:
             return await self._source().fetch(sha256)
-        except ArtifactError:
-            raise
-        except grpc.aio.AioRpcError as exc:  # runtime unreachable, artifact unknown
-            raise ArtifactError(f"could not fetch artifact {sha256[:12]}: {exc.details()}") from exc
-        except OSError as exc:
-            details = str(exc)
+        except (grpc.aio.AioRpcError, OSError) as exc:  # runtime unreachable, unknown, disk
+            details = exc.details() if isinstance(exc, grpc.aio.AioRpcError) else str(exc)
             raise ArtifactError(f"could not fetch artifact {sha256[:12]}: {details}") from exc
 
     # -------------------------------------------------------------------- slugs

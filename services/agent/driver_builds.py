@@ -161,16 +161,13 @@ class BuildMixin(DriverBase):
         `keep_unused_seconds` (a rollback, a redeploy soon after finds them here)."""
         if self._collecting is not None and not self._collecting.done():
             return
-        live = [c.spec for c in self._containers.values() if not c.info.state.ended]
         now = time.monotonic()
-        recent = {d for d, at in self._last_used.items() if now - at < self.keep_unused_seconds}
-        self._last_used = {d: at for d, at in self._last_used.items() if d in recent}
-        images = recent | {
-            c.info.image_digest
-            for c in self._containers.values()
-            if not c.info.state.ended and c.info.image_digest
+        self._last_used = {
+            d: at for d, at in self._last_used.items() if now - at < self.keep_unused_seconds
         }
-        slugs = recent | {spec.slug_sha256 for spec in live if spec.slug_sha256}
+        live = [c for c in self._containers.values() if not c.info.state.ended]
+        images = set(self._last_used) | {c.info.image_digest for c in live if c.info.image_digest}
+        slugs = set(self._last_used) | {c.spec.slug_sha256 for c in live if c.spec.slug_sha256}
 
         def collect() -> None:
             dropped = self.images.collect_garbage(images) + self.builder.collect_slugs(slugs)

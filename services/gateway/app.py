@@ -132,6 +132,7 @@ class Gateway:
         self.channels: dict[str, grpc.aio.Channel] = {}
         # API token secret's hash -> the access token it was exchanged for.
         self._exchanged: TtlCache[bytes, str] = TtlCache(ttl_seconds=60.0, max_entries=10_000)
+        self._exchange_call: grpc.aio.UnaryUnaryMultiCallable[Any, Any] | None = None
         self._builtins: dict[str, Callable[[], Awaitable[tuple[int, bytes, bytes]]]] = {
             "/healthz": self._healthz,
             "/openapi.json": self._openapi,
@@ -151,6 +152,11 @@ class Gateway:
                     ("grpc.keepalive_time_ms", 30_000),
                 ],
             )
+        self._exchange_call = self.channels["identity"].unary_unary(
+            EXCHANGE_PATH,
+            request_serializer=identity_pb2.ExchangeApiTokenRequest.SerializeToString,
+            response_deserializer=identity_pb2.ExchangeApiTokenResponse.FromString,
+        )
         # No client interceptors: the gateway sets deadline and metadata itself, per call.
         for route in self.routes:
             channel = self.channels[route.upstream]
@@ -467,13 +473,9 @@ class Gateway:
         cached = self._exchanged.get(key)
         if cached is not None:
             return cached
-        call = self.channels["identity"].unary_unary(
-            EXCHANGE_PATH,
-            request_serializer=identity_pb2.ExchangeApiTokenRequest.SerializeToString,
-            response_deserializer=identity_pb2.ExchangeApiTokenResponse.FromString,
-        )
+        assert self._exchange_call is not None  # made at start-up
         try:
-            reply = await call(
+            reply = await self._exchange_call(
                 identity_pb2.ExchangeApiTokenRequest(secret=secret),
                 timeout=self.settings.call_timeout_seconds,
             )

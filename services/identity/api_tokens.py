@@ -29,6 +29,7 @@ from services.identity.access import AccessBroadcaster, AccessChange, RevokedSes
 from services.identity.audit import AuditTrail
 from services.identity.tokens import IssuedToken, KeySet
 from shared.auth import (
+    API_TOKEN_SESSION,
     CLAIM_SCOPE,
     CLAIM_SESSION,
     CLAIM_TOKEN_ORG,
@@ -41,7 +42,6 @@ from shared.ids import new_id
 from shared.settings import Settings
 
 SECRET_PREFIX = "hgr_"
-SESSION_PREFIX = "tok_"
 DEFAULT_SCOPE = "deploy"
 EXCHANGED_TTL_SECONDS = 300  # an exchanged access token's life, at most
 
@@ -177,7 +177,7 @@ class ApiTokens:
         forget_after = datetime.now(UTC) + domain.revoked_lifetime(EXCHANGED_TTL_SECONDS)
         await self.access.announce(
             AccessChange(
-                revoked_sessions=(RevokedSession(SESSION_PREFIX + token_id, forget_after),)
+                revoked_sessions=(RevokedSession(API_TOKEN_SESSION + token_id, forget_after),)
             )
         )
 
@@ -206,7 +206,7 @@ class ApiTokens:
             token.user_id,
             ttl=ttl,
             claims={
-                CLAIM_SESSION: SESSION_PREFIX + token.id,
+                CLAIM_SESSION: API_TOKEN_SESSION + token.id,
                 CLAIM_SCOPE: token.scope,
                 CLAIM_TOKEN_ORG: token.organization_id,
                 CLAIM_TOKEN_PROJECT: token.project_id,

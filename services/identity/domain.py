@@ -102,6 +102,11 @@ def capped(role: Role | None, scope: str) -> Role | None:
     return min(role, cap)
 
 
+# What a token naming permissions may also do: read what they act on (creating a deployment
+# reads its project, as the services do on the caller's behalf).
+IMPLIED_BY_NAMED = frozenset({"organizations.get", "projects.get"})
+
+
 def scope_permissions(scope: str) -> frozenset[str] | None:
     """The permissions a scope names ("deployments.create,logs.read"); None for a role
     scope (read, deploy, admin) or none."""
@@ -134,11 +139,6 @@ def token_allows(role: Role | None, scope: str, permission: str) -> bool:
     if named is not None and permission not in named | IMPLIED_BY_NAMED:
         return False
     return allows(capped(role, scope), permission)
-
-
-# What a token naming permissions may also do: read what they act on (creating a deployment
-# reads its project, as the services do on the caller's behalf).
-IMPLIED_BY_NAMED = frozenset({"organizations.get", "projects.get"})
 
 
 # What an API token limited to one project may be authorized for: what is about a project

@@ -12,6 +12,7 @@ from services.identity.access import AccessBroadcaster, Outgoing, RevokedSession
 from services.identity.domain import Role
 from services.identity.tokens import IssuedToken, KeySet
 from shared.auth import (
+    API_TOKEN_SESSION,
     CLAIM_SCOPE,
     CLAIM_TOKEN_ORG,
     CLAIM_TOKEN_PROJECT,
@@ -148,6 +149,5 @@ class ServiceAuth:
                 lifetime,
             )
         return [RevokedSession(family, at + lifetime) for family, at in found] + [
-            RevokedSession(store.TOKEN_SESSION_PREFIX + t["id"], t["revoked_at"] + lifetime)
-            for t in tokens
+            RevokedSession(API_TOKEN_SESSION + t["id"], t["revoked_at"] + lifetime) for t in tokens
         ]

@@ -31,6 +31,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 
 from services.identity.domain import Role
+from shared.auth import API_TOKEN_SESSION
 from shared.db import Database, Session, compile_query
 
 metadata = MetaData(schema="identity")
@@ -304,14 +305,13 @@ _SESSION_ACTIVE_SQL = (
 
 _TOKEN_ACTIVE_SQL = """SELECT revoked_at IS NULL AND (expires_at IS NULL OR expires_at > now())
                          FROM identity.api_tokens WHERE id = $1"""
-TOKEN_SESSION_PREFIX = "tok_"  # an API token's exchanged access tokens carry "tok_<id>"
 
 
 async def session_active(db: Database, family_id: str) -> bool:
     """Whether a session (refresh-token family, the access tokens' `sid`; or an API token,
     "tok_<id>") is not revoked (nor, for a token, expired)."""
-    if family_id.startswith(TOKEN_SESSION_PREFIX):
-        token_id = family_id.removeprefix(TOKEN_SESSION_PREFIX)
+    if family_id.startswith(API_TOKEN_SESSION):
+        token_id = family_id.removeprefix(API_TOKEN_SESSION)
         return bool(await db.pool.fetchval(_TOKEN_ACTIVE_SQL, token_id))
     return bool(await db.pool.fetchval(_SESSION_ACTIVE_SQL, family_id))
 

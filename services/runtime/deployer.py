@@ -396,12 +396,12 @@ class Deployer:
         apps that answered once, so this is the rare case of reports lost meanwhile).
         """
         exit_code = report.exit_code if report.HasField("exit_code") else None
-        if report.slug_sha256 and deployment.needs_build:  # its build succeeded: the release
-            await store.set_slug(tx, deployment.id, report.slug_sha256)
-            deployment = await store.lock_deployment(tx, deployment.id)
-        if report.image_digest and deployment.image is not None and not deployment.image_digest:
-            await store.set_image_digest(tx, deployment.id, report.image_digest)
-            deployment = await store.lock_deployment(tx, deployment.id)
+        built = bool(report.slug_sha256) and deployment.needs_build  # its build succeeded
+        pulled = bool(report.image_digest) and deployment.image is not None
+        if built or (pulled and not deployment.image_digest):  # what the release runs
+            deployment = await store.record_built(
+                tx, deployment, slug_sha256=report.slug_sha256, image_digest=report.image_digest
+            )
         if container.status in ENDED:  # on its own, or a sleeping app that did not start again
             if deployment.status in HOLDS_CAPACITY:
                 reason = with_log_lines(_ended_reason(report), report.last_log_lines)

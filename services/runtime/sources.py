@@ -11,7 +11,6 @@ shared disk, so servers need no storage in common with the control plane.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 
 from services.runtime import store
@@ -20,7 +19,7 @@ from services.runtime.domain import is_sha256, required
 from services.runtime.service import ProjectAccess
 from services.runtime.store import Source
 from shared import pagination
-from shared.archives import ArchiveCheck, check_slug_archive
+from shared.archives import ArchiveCheck
 from shared.audit import current_actor, record_audit
 from shared.auth import require_caller, require_service
 from shared.db import Database
@@ -53,24 +52,17 @@ class Sources:
         if first is None:
             raise InvalidArgument.field("project_id", "required")
         project_id = await self.access.authorize_project(first[0], "deployments.create")
-        check = ArchiveCheck()  # read through while the rest arrives
-        try:
-            async with self.artifacts.stage(self.max_bytes) as staged:
-                await staged.write(first[1])
-                await check.feed(first[1])
-                async for named, chunk in chunks:
-                    if named and named != project_id:
-                        raise InvalidArgument.field(
-                            "project_id", "only the first message names the project"
-                        )
-                    await staged.write(chunk)
-                    await check.feed(chunk)
-                artifact = await staged.finish()
-                await check.finish()
-                await self.artifacts.commit(staged)
-        except BaseException:
-            check.abort()
-            raise
+
+        async def named_once() -> AsyncIterator[bytes]:
+            yield first[1]
+            async for named, chunk in chunks:
+                if named and named != project_id:
+                    raise InvalidArgument.field(
+                        "project_id", "only the first message names the project"
+                    )
+                yield chunk
+
+        artifact = await receive(self.artifacts, self.max_bytes, named_once(), ArchiveCheck())
         actor = current_actor() or ""
         async with self.db.transaction() as tx:
             source = await store.record_source(
@@ -122,10 +114,29 @@ class AgentArtifacts:
         first = await anext(chunks, None)
         if first is None:
             raise InvalidArgument.field("project_id", "required")
-        async with self.artifacts.stage(self.max_bytes) as staged:
-            await staged.write(first[1])
+
+        async def data() -> AsyncIterator[bytes]:
+            yield first[1]
             async for _, chunk in chunks:
+                yield chunk
+
+        check = ArchiveCheck(allow_absolute_links=True)  # a slug's links may be absolute
+        return await receive(self.artifacts, self.max_bytes, data(), check)
+
+
+async def receive(
+    artifacts: ArtifactStore, max_bytes: int, data: AsyncIterator[bytes], check: ArchiveCheck
+) -> Artifact:
+    """Stage `data`, checked as an archive while it arrives, then commit it under its
+    digest; on any error (a refused archive, too many bytes) nothing is kept."""
+    try:
+        async with artifacts.stage(max_bytes) as staged:
+            async for chunk in data:
                 await staged.write(chunk)
+                await check.feed(chunk)
             await staged.finish()
-            await asyncio.to_thread(check_slug_archive, staged.path)
-            return await self.artifacts.commit(staged)
+            await check.finish()
+            return await artifacts.commit(staged)
+    except BaseException:
+        check.abort()
+        raise

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from services.runtime.store.records import S, Source
+from services.runtime.store.records import Deployment, S, Source
 from shared.db import Session
 from shared.pagination import Page, decode_page_token, page_of
 
@@ -62,28 +62,24 @@ async def list_sources(s: Session, project_id: str, size: int, token: str) -> Pa
     )
 
 
-async def set_slug(tx: Session, deployment_id: str, slug_sha256: str) -> bool:
-    """Record the slug a deployment's build produced (once: a later report changes nothing)."""
-    done = await tx.fetchval(
-        f"""UPDATE {S}.deployments SET slug_sha256 = $2, updated_at = updated_at
-             WHERE id = $1 AND slug_sha256 IS NULL AND source_sha256 IS NOT NULL
-            RETURNING id""",
-        deployment_id,
+async def record_built(
+    tx: Session, deployment: Deployment, *, slug_sha256: str = "", image_digest: str = ""
+) -> Deployment:
+    """Record what a deployment's agent reported it runs: the slug its build produced, the
+    digest its image's tag resolved to. Each is set once (a later report changes nothing);
+    the deployment as it is now."""
+    row = await tx.fetchrow(
+        f"""UPDATE {S}.deployments
+               SET slug_sha256 = CASE WHEN slug_sha256 IS NULL AND source_sha256 IS NOT NULL
+                                      THEN NULLIF($2, '') ELSE slug_sha256 END,
+                   image_digest = CASE WHEN image_digest IS NULL AND image IS NOT NULL
+                                       THEN NULLIF($3, '') ELSE image_digest END
+             WHERE id = $1 RETURNING *""",
+        deployment.id,
         slug_sha256,
+        image_digest,
     )
-    return done is not None
-
-
-async def set_image_digest(tx: Session, deployment_id: str, digest: str) -> bool:
-    """Record the digest a deployment's image resolved to (once)."""
-    done = await tx.fetchval(
-        f"""UPDATE {S}.deployments SET image_digest = $2, updated_at = updated_at
-             WHERE id = $1 AND image_digest IS NULL AND image IS NOT NULL
-            RETURNING id""",
-        deployment_id,
-        digest,
-    )
-    return done is not None
+    return Deployment.from_row(row) if row is not None else deployment
 
 
 async def artifact_known(s: Session, sha256: str) -> bool:
