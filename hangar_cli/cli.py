@@ -48,10 +48,13 @@ def state_dir() -> Path:
 
 
 def private_dir(directory: Path) -> Path:
-    """`directory` created 0700, or tightened to it when group or others have any access."""
-    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-    if directory.stat().st_mode & 0o077:
-        directory.chmod(0o700)
+    """`directory` as 0711: only its owner lists or reads it; others may only pass through
+    it, as the agent's containers' user namespaces must to reach their images (under
+    agent/, which is 0711 too; every file with a secret in it is 0600, every other
+    directory 0700)."""
+    directory.mkdir(mode=0o711, parents=True, exist_ok=True)
+    if directory.stat().st_mode & 0o777 != 0o711:
+        directory.chmod(0o711)
     return directory
 
 
@@ -72,7 +75,7 @@ def write_private(path: Path, text: str) -> None:
 
 def load_credentials(directory: Path) -> dict[str, Any]:
     """Local credentials, generated once and kept so `make run` reuses its data: the file 0600
-    in a 0700 directory (existing ones with looser modes are tightened)."""
+    in a 0711 directory (existing ones with other modes are set to those)."""
     private_dir(directory)
     path = directory / "credentials.json"
     if path.exists():

@@ -172,11 +172,14 @@ class ContainerDriver(BuildMixin, ProcessDriver):
         self._prepare_state_dir()
 
     def _prepare_state_dir(self) -> None:
-        """Makes runc's and the bundles' directories (0700). What an earlier agent left there
+        """Makes runc's and the bundles' directories (0700), in a state directory others may
+        search (0711). What an earlier agent left there
         is adopted or removed by `adopt`."""
         for path in (self._runc_root, self._bundles):
             path.mkdir(mode=0o700, parents=True, exist_ok=True)
             os.chmod(path, 0o700)
+        # Others may search it (not list it): a user namespace's root reaches images under it.
+        os.chmod(self.state_dir, 0o711)
 
     # ------------------------------------------------------------------ launching a run
 
@@ -252,6 +255,7 @@ class ContainerDriver(BuildMixin, ProcessDriver):
                 cwd=spec.workdir or (oci.APP_DIR if spec.app_dir else oci.HOME),
                 image_root=spec.image_root,
                 args=spec.args,
+                image_user=spec.image_user,
             )
             oci.write_bundle(directory, bundle, self._seccomp)
         except BaseException:

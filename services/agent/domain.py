@@ -11,6 +11,7 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from enum import StrEnum
 
+from services.agent.image_users import ImageUser
 from shared.errors import FieldViolation, InvalidArgument
 
 # Env names a POSIX shell accepts; anything else could not be read by the app anyway.
@@ -129,6 +130,7 @@ class ContainerSpec:
     image_root: str = ""
     args: tuple[str, ...] = ()
     workdir: str = ""
+    image_user: ImageUser | None = None  # the image's own user, when not root
 
     def validate(self) -> None:
         violations = []

@@ -19,10 +19,12 @@ import shlex
 import time
 
 from services.agent.builds import Builder, BuildFailed
-from services.agent.domain import ContainerState, utcnow
+from services.agent.domain import ContainerState, LogStream, utcnow
 from services.agent.driver_base import DriverBase, _Container
 from services.agent.image_refs import ImageFailed, RegistryAuth
+from services.agent.image_users import check_reachable, resolve_user
 from services.agent.images import ImageStore
+from services.agent.uids import UidTable
 
 log = logging.getLogger("hangar.agent.builds")
 
@@ -32,6 +34,7 @@ class BuildMixin(DriverBase):
 
     builder: Builder
     images: ImageStore
+    uids: UidTable
     _collecting: asyncio.Future[None] | None = None
     keep_unused_seconds: float = 3600.0
     _last_used: dict[str, float]  # image digests and slugs -> when their last container went
@@ -119,13 +122,29 @@ class BuildMixin(DriverBase):
                 "command",
             )
             return
+        try:
+            user = await asyncio.to_thread(resolve_user, config.user, image.rootfs)
+            rootfs = image.rootfs
+            if user is not None:
+                host_uid = self.uids.uid_of(spec.project_id or f"container:{spec.container_id}")
+                check_reachable(self.images.rootfs_as(image.digest, host_uid))
+                rootfs = await self.images.as_user(image, user, host_uid)
+                record.logs.append(
+                    LogStream.BUILD,
+                    f"-----> Running as the image's user {config.user} ({user}), in a user "
+                    "namespace of its own",
+                )
+        except ImageFailed as exc:
+            self._fail_build(record, exc.reason)
+            return
         self._set(record, building=False, image_digest=image.digest)
         if record.stop_requested or record.info.state.ended:
             return
         record.spec = dataclasses.replace(
             spec,
             image=image.pinned,  # a restart runs what ran: the digest, never the tag again
-            image_root=str(image.rootfs),
+            image_root=str(rootfs),
+            image_user=user,
             args=args,
             workdir=config.working_dir or "/",
             env={**config.env, **spec.env},  # the project's own variables win

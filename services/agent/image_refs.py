@@ -273,6 +273,9 @@ def prepare_mount_points(rootfs: Path) -> None:
     try:
         for name in MOUNT_DIRECTORIES:
             _ensure_directory(root, name)
+        # runc gives the tmpfs mounted on /tmp the mode of the directory under it; a real
+        # directory now (a link was replaced), so following links cannot leave the root.
+        os.chmod("tmp", 0o1777, dir_fd=root)
         for path in MOUNT_FILES:
             parent_name, _, name = path.rpartition("/")
             parent = os.open(parent_name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=root)

@@ -8,6 +8,8 @@ Layout of the store's directory:
                           the registry's manifest digest
     rootfs/<hex>/         an image's unpacked root filesystem (never changed once there)
     rootfs/<hex>.json     what the image is: its manifest in the layout, config and size
+    rootfs/<hex>-as-<uid> the root of an image naming a non-root user, its files of that user
+                          owned by a project's uid (unpacked again, for that project only)
     tmp/                  skopeo's temporary files, credentials files, unpacks in progress
 
 No registry protocol is spoken here: skopeo does every network request. A pull first asks the
@@ -32,7 +34,7 @@ import shutil
 import subprocess
 import threading
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -56,8 +58,21 @@ from services.agent.image_refs import (
     readable,
     write_atomically,
 )
+from services.agent.image_users import ImageUser
 
 log = logging.getLogger("hangar.agent.images")
+AS_UID = "-as-"  # rootfs/<hex>-as-<uid>: an image's root as a project's uid (as_user)
+LAST_ID = 2**32 - 2  # the last id a file can have (2**32 - 1 is "no id")
+
+
+def _owned_by(image_id: int, host_id: int) -> list[str]:
+    """umoci's id maps (container:host:size) giving `image_id`'s files to `host_id` and
+    keeping every other id as it is."""
+    maps = [f"0:0:{image_id}"] if image_id > 0 else []
+    maps.append(f"{image_id}:{host_id}:1")
+    if image_id < LAST_ID:
+        maps.append(f"{image_id + 1}:{image_id + 1}:{LAST_ID - image_id}")
+    return maps
 
 
 class ImageStore:
@@ -95,6 +110,10 @@ class ImageStore:
 
     def rootfs_of(self, digest: str) -> Path:
         return self.rootfs_dir / digest.removeprefix("sha256:")
+
+    def rootfs_as(self, digest: str, host_uid: int) -> Path:
+        """Where the copy of an image's root for a project's uid is (see `as_user`)."""
+        return self.rootfs_dir / f"{digest.removeprefix('sha256:')}{AS_UID}{host_uid}"
 
     def _meta_of(self, digest: str) -> Path:
         return self.rootfs_dir / f"{digest.removeprefix('sha256:')}.json"
@@ -325,22 +344,84 @@ class ImageStore:
 
         umoci reads a private layout of hard links to the image's blobs, so a copy rewriting
         the shared layout's index.json meanwhile cannot disturb it."""
+        async with self._unpacking(local, manifest) as rootfs:
+            await asyncio.to_thread(self._install, rootfs, digest, local, config, size)
+
+    @contextlib.asynccontextmanager
+    async def _unpacking(
+        self, local: str, manifest: dict[str, Any], id_maps: Sequence[str] = ()
+    ) -> AsyncIterator[Path]:
+        """The image of layout manifest `local` unpacked into a directory under tmp/ (gone
+        after), with umoci's `id_maps` (--uid-map and --gid-map arguments) if any."""
         work = self.tmp / f"unpack-{uuid.uuid4().hex}"
         try:
             private = work / "layout"
             await asyncio.to_thread(self._link_image, private, local, manifest)
             rootfs = work / "rootfs"
             code, _, errors = await self._run(
-                [self.umoci, "raw", "unpack", "--image", f"{private}:image", str(rootfs)], None
+                [
+                    self.umoci,
+                    "raw",
+                    "unpack",
+                    *id_maps,
+                    "--image",
+                    f"{private}:image",
+                    str(rootfs),
+                ],
+                None,
             )
             if code != 0:
                 raise ImageFailed(
                     IMAGE_PULL_FAILED,
                     f"unpacking the image failed: {last_message(errors) or 'umoci failed'}",
                 )
-            await asyncio.to_thread(self._install, rootfs, digest, local, config, size)
+            yield rootfs
         finally:
             await asyncio.to_thread(shutil.rmtree, work, True)
+
+    async def as_user(self, image: PulledImage, user: ImageUser, host_uid: int) -> Path:
+        """The root filesystem of `image` (pulled) whose files owned by `user` (its uid, and
+        its gid) are owned by `host_uid` instead: the project's own copy, unpacked once from
+        the layers here, then reused by every container of that project and image."""
+        target = self.rootfs_as(image.digest, host_uid)
+        if target.is_dir():
+            return target
+        await self._enter()
+        try:
+            async with self._digest_lock(image.digest):
+                self._mark_busy(image.digest, +1)
+                try:
+                    if not target.is_dir():
+                        await self._unpack_as(image.digest, user, host_uid, target)
+                finally:
+                    self._mark_busy(image.digest, -1)
+        finally:
+            with self._state:
+                self._pulling -= 1
+        return target
+
+    async def _unpack_as(self, digest: str, user: ImageUser, host_uid: int, target: Path) -> None:
+        try:
+            local = str(json.loads(self._meta_of(digest).read_bytes())["manifest"])
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise ImageFailed(
+                IMAGE_PULL_FAILED, f"the pulled image could not be read ({exc}); pull it again"
+            ) from exc
+        manifest, _, _ = await asyncio.to_thread(self._read_image, local)
+        id_maps = [
+            *(f"--uid-map={m}" for m in _owned_by(user.uid, host_uid)),
+            *(f"--gid-map={m}" for m in _owned_by(user.gid, host_uid)),
+        ]
+        async with self._unpacking(local, manifest, id_maps) as rootfs:
+
+            def install() -> None:
+                prepare_mount_points(rootfs)
+                os.chmod(rootfs, 0o755)
+                if os.geteuid() == 0:
+                    os.chown(rootfs, 0, 0)
+                rootfs.rename(target)
+
+            await asyncio.to_thread(install)
 
     def _link_image(self, private: Path, local: str, manifest: dict[str, Any]) -> None:
         blobs = [local, manifest["config"]["digest"]]
@@ -478,7 +559,7 @@ class ImageStore:
                 if quiet:
                     entry.unlink(missing_ok=True)
                 continue
-            hexdigest = entry.name.removesuffix(".json")
+            hexdigest = entry.name.removesuffix(".json").partition(AS_UID)[0]
             if hexdigest in kept:
                 continue
             if entry.name.endswith(".json"):

@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from services.agent.image_users import ImageUser
+
 USER = "app"
 HOME = "/home/app"
 # Inside the container's own network namespace every app can have the same port.
@@ -103,6 +105,8 @@ class Bundle:
     # that image) instead of the stack; `args` is then its argv (entrypoint and command).
     image_root: str = ""
     args: tuple[str, ...] = ()
+    # An image's own non-root user: run as it in a user namespace mapping it to `uid`.
+    image_user: ImageUser | None = None
 
 
 def runtime_spec(
@@ -141,12 +145,7 @@ def runtime_spec(
             "source": "mqueue",
             "options": ["nosuid", "noexec", "nodev"],
         },
-        {
-            "destination": "/sys",
-            "type": "sysfs",
-            "source": "sysfs",
-            "options": ["nosuid", "noexec", "nodev", "ro"],
-        },
+        _sys_mount(bundle),
         *(_image_mounts(bundle) if bundle.image_root else _stack_mounts(bundle, size)),
         {
             "destination": "/tmp",
@@ -190,11 +189,17 @@ def runtime_spec(
     }
     if seccomp_profile is not None:
         linux["seccomp"] = dict(seccomp_profile)
+    user = {"uid": uid, "gid": uid, "additionalGids": []}
+    if bundle.image_user is not None:
+        linux["namespaces"].append({"type": "user"})
+        linux["uidMappings"] = _id_map(bundle.image_user.uid, uid)
+        linux["gidMappings"] = _id_map(bundle.image_user.gid, uid)
+        user = {"uid": bundle.image_user.uid, "gid": bundle.image_user.gid, "additionalGids": []}
     return {
         "ociVersion": "1.0.2",
         "process": {
             "terminal": False,
-            "user": {"uid": uid, "gid": uid, "additionalGids": []},
+            "user": user,
             # tini as PID 1: it reaps orphans and passes SIGTERM to the app's whole process
             # group (an app as PID 1 would ignore SIGTERM it has no handler for). In an
             # image, the host's static tini, bound in (images need not have one).
@@ -214,6 +219,38 @@ def runtime_spec(
         "hostname": bundle.hostname,
         "mounts": mounts,
         "linux": linux,
+    }
+
+
+NOBODY = 65534  # the host's overflow id: what the namespace's root maps to, running nothing
+
+
+def _id_map(inside: int, host: int) -> list[dict[str, int]]:
+    """A user namespace's map: the image's id to the project's uid, and nothing else of the
+    host's but `nobody` for the namespace's root (runc needs root mapped to set the
+    container up; no process of the app runs as it: no capabilities, no new privileges)."""
+    mapping = [{"containerID": inside, "hostID": host, "size": 1}]
+    if inside != 0:
+        mapping.append({"containerID": 0, "hostID": NOBODY, "size": 1})
+    return mapping
+
+
+def _sys_mount(bundle: Bundle) -> dict[str, Any]:
+    """sysfs, read-only; in a user namespace an empty read-only tmpfs instead: sysfs can only
+    be mounted by the user namespace that owns the network namespace, and the agent's is
+    made outside it."""
+    if bundle.image_user is not None:
+        return {
+            "destination": "/sys",
+            "type": "tmpfs",
+            "source": "tmpfs",
+            "options": ["nosuid", "noexec", "nodev", "ro", "size=4k"],
+        }
+    return {
+        "destination": "/sys",
+        "type": "sysfs",
+        "source": "sysfs",
+        "options": ["nosuid", "noexec", "nodev", "ro"],
     }
 
 

@@ -11,6 +11,7 @@ app; a missing image fails saying so.
 
 from __future__ import annotations
 
+import json
 import secrets
 import shutil
 from collections.abc import Callable, Iterator
@@ -22,7 +23,7 @@ import httpx
 import pytest
 
 from services.agent.containers import images_unavailable_reason, unavailable_reason
-from tests.support.registry import Registry, build_image, running_registry
+from tests.support.registry import IMAGE_UID, Registry, build_image, running_registry
 from tests.support.stack import Account, Stack, migrated_database, sign_up, start_stack, wait_for
 
 _why_not = unavailable_reason() or images_unavailable_reason()
@@ -238,6 +239,45 @@ def test_a_private_image_needs_the_project_s_registry_secrets(world: World) -> N
     assert "PWD=/www" in env, env  # the image's WorkingDir
     everything = [e["line"] for e in _lines(w, created["id"])]
     assert not any(PASSWORD in line for line in everything)
+
+
+def test_an_image_s_own_user_runs_it_as_the_project_s_uid(world: World) -> None:
+    w = world
+    digest = build_image(w.workdir / "user", w.public, "web-user", "v1", marker="its", user="web")
+    created = _deploy(w, image=f"{w.public.address}/web-user:v1")
+    running = _wait(w, created["id"], RUNNING)
+    assert running["imageDigest"] == digest
+    # /www is the image's user's alone (0700): httpd serves it as that user.
+    assert _answer(w, created["id"]).strip() == "its"
+
+    def started() -> list[str] | None:
+        found = [e["line"] for e in _lines(w, created["id"])]
+        return found if any(line.startswith("started") for line in found) else None
+
+    lines = wait_for(started, "the app's first line", 30)
+    assert f"started from-secret as {IMAGE_UID}:{IMAGE_UID}" in lines, lines  # `id` inside
+    assert any("Running as the image's user web (1000:1000)" in line for line in lines), lines
+
+    # On the host, its processes hold the project's own uid (never 1000, which any tenant's
+    # image may name), in a user namespace mapping the image's user to it and nothing else
+    # of the host's but nobody; the project's copy of the image gives /www to that uid.
+    project_id = w.project_url.rsplit("/", 1)[1]
+    table = json.loads((w.stack.home / "agent" / "uids.json").read_text())
+    host_uid = table[project_id]
+    assert host_uid >= 2_000_000
+    maps = []
+    for status in Path("/proc").glob("[0-9]*/status"):
+        try:
+            text = status.read_text()
+            if "\nUid:\t" + "\t".join([str(host_uid)] * 4) in text:
+                maps.append((status.parent / "uid_map").read_text().split())
+        except OSError:
+            continue  # a process that ended meanwhile
+    assert maps, "no process runs as the project's uid"
+    assert all(m == [str(IMAGE_UID), str(host_uid), "1", "0", "65534", "1"] for m in maps), maps
+    copy = w.stack.home / "agent" / "images" / "rootfs" / f"{digest[7:]}-as-{host_uid}"
+    assert copy.joinpath("www").stat().st_uid == host_uid
+    assert copy.joinpath("bin", "busybox").stat().st_uid == 0
 
 
 def test_a_missing_image_fails_saying_so(world: World) -> None:

@@ -21,7 +21,12 @@ from tests.support.procs import free_port
 
 BUSYBOX = Path("/bin/busybox")
 BUSYBOX_LINKS = ("sh", "httpd", "echo", "cat", "sleep", "id")
-IMAGE_CMD = 'echo started $MARKER_NAME; exec httpd -f -p "$PORT" -h /www'
+IMAGE_CMD = (
+    # "started" only once /tmp is writable (a tmpfs, the root being read-only)
+    'echo ok > /tmp/written && echo started $MARKER_NAME as "$(id -u):$(id -g)"; '
+    'exec httpd -f -p "$PORT" -h /www'
+)
+IMAGE_UID = 1000  # the user of an image built with `user`
 FIXED_TIME = 946684800  # 2000-01-01T00:00:00Z
 TOOLS = ("skopeo", "umoci", "docker-registry")
 
@@ -139,11 +144,13 @@ def build_image(
     auth: tuple[str, str] | None = None,
     architecture: str = "amd64",
     payload_mb: int = 0,
+    user: str = "",
 ) -> str:
     """Build a busybox image serving `marker` as /www/index.html, push it to
     `registry`/`repository`:`tag`; the pushed manifest's digest ("sha256:..."). With
     `payload_mb`, /www also holds that many MB of incompressible bytes (an image of a
-    realistic size, for benchmarks)."""
+    realistic size, for benchmarks). With `user` (a name), the image runs as that user,
+    uid:gid 1000:1000 in its /etc/passwd, who alone may read /www (0700)."""
     work = tmp / f"build-{repository.replace('/', '_')}-{tag}-{time.monotonic_ns()}"
     work.mkdir(parents=True)
     layout = work / "layout"
@@ -168,6 +175,15 @@ def build_image(
     (rootfs / "www" / "index.html").write_text(marker)
     if payload_mb:
         (rootfs / "www" / "payload.bin").write_bytes(os.urandom(payload_mb * 1024 * 1024))
+    if user:
+        (rootfs / "etc").mkdir(exist_ok=True)
+        (rootfs / "etc" / "passwd").write_text(
+            f"root:x:0:0:root:/root:/bin/sh\n{user}:x:{IMAGE_UID}:{IMAGE_UID}::/www:/bin/sh\n"
+        )
+        (rootfs / "etc" / "group").write_text(f"root:x:0:\n{user}:x:{IMAGE_UID}:\n")
+        for path in (rootfs / "www", *(rootfs / "www").iterdir()):
+            os.chown(path, IMAGE_UID, IMAGE_UID)
+        os.chmod(rootfs / "www", 0o700)
     _fix_times(rootfs)
     _run("umoci", "repack", "--image", image, str(bundle))
     _run(
@@ -182,6 +198,7 @@ def build_image(
         "--config.env=PATH=/bin",
         "--config.workingdir=/www",
         "--config.exposedports=8080/tcp",
+        *([f"--config.user={user}"] if user else []),
         f"--architecture={architecture}",
         "--os=linux",
     )

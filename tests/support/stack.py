@@ -11,6 +11,7 @@ stderr is printed. Stopping sends SIGTERM in reverse start order, then SIGKILL a
 from __future__ import annotations
 
 import json
+import os
 import secrets
 import signal
 import subprocess
@@ -173,6 +174,16 @@ def _register_agent(stack: Stack, ram_mb: int, cpu_millis: int) -> None:
         stack.server_id = server.json()["id"]
 
 
+def searchable_by_others(path: Path) -> None:
+    """Lets others search (o+x, never list) the directories above `path` that are ours:
+    an agent's state directory must be reachable by its containers' user namespaces'
+    root (the host's nobody), as under /var/lib in production; pytest's are 0700."""
+    for directory in (path, *path.parents):
+        st = directory.stat()
+        if st.st_uid == os.geteuid() and not st.st_mode & 0o001:
+            os.chmod(directory, (st.st_mode & 0o7777) | 0o001)
+
+
 def start_stack(
     database_url: str,
     db_passwords: Mapping[str, str],
@@ -185,6 +196,8 @@ def start_stack(
 ) -> Stack:
     """Start everything against `database_url` (already migrated with `db_passwords`)."""
     home.mkdir(parents=True, exist_ok=True)
+    if agent:
+        searchable_by_others(home)
     creds = load_credentials(home)  # service secrets, JWT signing key, project master key
     creds["db_passwords"] = dict(db_passwords)  # the roles the migration created
     names = ORDER if agent else tuple(n for n in ORDER if n != "agent")

@@ -32,7 +32,7 @@ def permissive_umask() -> Iterator[None]:
 def test_fresh_state_directory_and_credentials_are_private(tmp_path: Path) -> None:
     home = tmp_path / "deep" / ".hangar"
     creds = load_credentials(home)
-    assert _mode(home) == 0o700
+    assert _mode(home) == 0o711  # others pass through (to the agent's images), never list
     assert _mode(home / "credentials.json") == 0o600
     assert json.loads((home / "credentials.json").read_text()) == creds
     assert sorted(p.name for p in home.iterdir()) == ["credentials.json"]  # no temp file left
@@ -49,7 +49,7 @@ def test_existing_loose_directory_and_file_are_tightened_without_rewriting(
     before = path.stat()
 
     assert load_credentials(home) == creds
-    assert _mode(home) == 0o700
+    assert _mode(home) == 0o711
     assert _mode(path) == 0o600
     assert (path.stat().st_ino, path.stat().st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
 
@@ -65,7 +65,7 @@ def test_incomplete_credentials_are_completed_into_a_private_file(tmp_path: Path
     assert creds["db_passwords"]["identity"] == "kept"
     assert creds["jwt_signing_keys"] and creds["project_master_key_id"]
     assert json.loads(path.read_text()) == creds
-    assert (_mode(home), _mode(path)) == (0o700, 0o600)
+    assert (_mode(home), _mode(path)) == (0o711, 0o600)
     assert sorted(p.name for p in home.iterdir()) == ["credentials.json"]
 
 
