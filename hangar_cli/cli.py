@@ -33,8 +33,11 @@ NEEDS: dict[str, tuple[str, ...]] = {
     "runtime": ("identity", "project", "billing"),
     "agent": ("identity", "runtime"),
     "gateway": ("identity", "project", "runtime", "billing"),
+    "edge": ("identity", "runtime"),
 }
-PROCESSES = ("identity", "billing", "project", "runtime", "agent", "gateway")
+PROCESSES = ("identity", "billing", "project", "runtime", "agent", "gateway", "edge")
+# The edge answers its health check on a name no app can have (.invalid is reserved).
+EDGE_HEALTH_HOST = "edge.hangar.invalid"
 LOCAL_REGION = "local"  # project's default region: where local projects deploy
 
 
@@ -85,7 +88,8 @@ def load_credentials(directory: Path) -> dict[str, Any]:
     else:
         creds = {}
     changed = False
-    for group, names in (("db_passwords", SERVICES), ("service_secrets", (*SERVICES, "agent"))):
+    principals = (*SERVICES, "agent", "edge")  # every process with a service identity
+    for group, names in (("db_passwords", SERVICES), ("service_secrets", principals)):
         bucket = creds.setdefault(group, {})
         for name in names:
             if name not in bucket:
@@ -223,13 +227,16 @@ def port_in_use(host: str, port: int) -> bool:
 
 
 def wait_healthy(name: str, address: str, deadline: float) -> bool:
-    """Poll grpc.health.v1 (or the gateway's /healthz) until SERVING or the deadline."""
+    """Poll grpc.health.v1 (or the gateway's and the edge's /healthz) until SERVING or the
+    deadline."""
     while time.monotonic() < deadline:
-        if name == "gateway":
+        if name in ("gateway", "edge"):
             import httpx
 
+            headers = {"Host": EDGE_HEALTH_HOST} if name == "edge" else {}
             try:
-                if httpx.get(f"http://{address}/healthz", timeout=1).status_code == 200:
+                reply = httpx.get(f"http://{address}/healthz", headers=headers, timeout=1)
+                if reply.status_code == 200:
                     return True
             except httpx.HTTPError:
                 pass
@@ -480,8 +487,11 @@ def cmd_up(args: argparse.Namespace) -> int:
             f" {ram_mb} MB, {cpu_millis} mCPU"
         )
         for name in PROCESSES:
-            kind = "http" if name == "gateway" else "grpc"
+            kind = "http" if name in ("gateway", "edge") else "grpc"
             print(f"  {name:<9} {kind}://{addresses[name]}")
+        domain = os.environ.get("HANGAR_APPS_DOMAIN", "localhost")
+        port = addresses["edge"].rpartition(":")[2]
+        print(f"  apps      http://<project>-<organization>.{domain}:{port}")
         sys.stdout.flush()
         while not stopping:  # a process that ends is restarted; only a signal stops them all
             supervisor.check()

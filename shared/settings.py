@@ -17,6 +17,7 @@ DEFAULT_PORTS = {
     "billing": 50054,
     "agent": 50060,
     "gateway": 8080,
+    "edge": 8000,  # apps' public HTTP: http://<project>-<org>.localhost:8000
 }
 
 
@@ -209,6 +210,12 @@ class Settings:
     # Runtime places one organization's apps on a server without isolation only if it runs
     # no other organization's app, unless the whole platform is one tenant's (development).
     single_tenant: bool = False
+    # The edge (its HTTP listener is addresses["edge"]): the domain projects' generated
+    # hostnames are under, its HTTPS port (Caddy's local CA for localhost names, ACME
+    # otherwise), and Caddy's admin API (loopback).
+    apps_domain: str = "localhost"
+    edge_https_port: int = 8443
+    edge_admin_address: str = "127.0.0.1:2019"
     # Telemetry. Agent: metric sampling interval, lines per ShipLogs batch, metric samples
     # kept while runtime is away. Runtime: days of logs/metrics kept and partitions made
     # ahead, how often partitions roll, the usage window, how late samples may arrive
@@ -258,7 +265,7 @@ class Settings:
             grace_seconds=float(_env("HANGAR_GRACE_SECONDS", "5")),
             call_timeout_seconds=float(_env("HANGAR_CALL_TIMEOUT_SECONDS", "5")),
             service_secrets={
-                s: _env(f"HANGAR_{s.upper()}_SERVICE_SECRET") for s in (*SERVICES, "agent")
+                s: _env(f"HANGAR_{s.upper()}_SERVICE_SECRET") for s in (*SERVICES, "agent", "edge")
             },
             stripe_api_key=_env("STRIPE_API_KEY"),
             stripe_api_base=_env("STRIPE_API_BASE"),
@@ -315,6 +322,9 @@ class Settings:
             artifacts_s3_endpoint=_env("HANGAR_ARTIFACTS_S3_ENDPOINT"),
             max_source_bytes=int(_env("HANGAR_MAX_SOURCE_BYTES", str(200 * 1024 * 1024))),
             single_tenant=_env("HANGAR_SINGLE_TENANT").lower() in ("1", "true", "yes"),
+            apps_domain=_env("HANGAR_APPS_DOMAIN", "localhost").strip(".").lower(),
+            edge_https_port=int(_env("HANGAR_EDGE_HTTPS_PORT", "8443")),
+            edge_admin_address=_env("HANGAR_EDGE_ADMIN_ADDRESS", "127.0.0.1:2019"),
             telemetry_sample_seconds=float(_env("HANGAR_TELEMETRY_SAMPLE_SECONDS", "5")),
             telemetry_ship_batch_lines=int(_env("HANGAR_TELEMETRY_SHIP_BATCH_LINES", "2000")),
             telemetry_metric_buffer_samples=int(

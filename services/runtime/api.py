@@ -25,6 +25,7 @@ from services.runtime.domain import (
     ServerState,
 )
 from services.runtime.projects import Projects
+from services.runtime.routes import EDGE, Routes
 from services.runtime.service import AgentReports, Containers, Deployments, Servers
 from services.runtime.sources import AgentArtifacts, Sources
 from services.runtime.store import Container, Deployment, Server, Source
@@ -228,8 +229,10 @@ class RuntimeApi(TelemetryApi, runtime_pb2_grpc.RuntimeServiceServicer):
         sources: Sources,
         artifacts: AgentArtifacts,
         feed: OutboxFeed,
+        routes: Routes,
         telemetry: TelemetryParts,
     ) -> None:
+        self.routes = routes
         self.sources = sources
         self.artifacts = artifacts
         self.servers = servers
@@ -373,6 +376,24 @@ class RuntimeApi(TelemetryApi, runtime_pb2_grpc.RuntimeServiceServicer):
             request.server_id, report_from_proto(request.report)
         )
         return empty_pb2.Empty()
+
+    # --------------------------------------------------------------------- routes
+
+    async def ListRoutes(
+        self, request: pb.ListRoutesRequest, context: Context
+    ) -> pb.ListRoutesResponse:
+        require_service(EDGE)
+        return pb.ListRoutesResponse(
+            routes=[
+                pb.Route(
+                    project_id=r.project_id,
+                    hostnames=r.hostnames,
+                    upstreams=r.upstreams,
+                    unavailable_reason=r.unavailable_reason,
+                )
+                for r in await self.routes.list_routes()
+            ]
+        )
 
     # --------------------------------------------------------------------- events
 

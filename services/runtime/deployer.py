@@ -590,6 +590,7 @@ class Deployer:
                 down = await store.mark_silent_servers_down(tx, self.heartbeat_timeout)
             if down:
                 log.warning("servers missed their heartbeats", extra={"server_ids": down})
+            await self.fail_over()
             async with self.db.session() as s:
                 placed = await store.deployment_ids(s, (State.SCHEDULING,))
                 # Built deployments of several processes whose others a kick missed.
@@ -611,6 +612,24 @@ class Deployer:
                 )
             await self.stop_ended()
         return True
+
+    async def fail_over(self) -> int:
+        """What was placed on servers marked down starts again elsewhere (Scheduler.fail_over),
+        one deployment per transaction; every sweep looks, so a pass cut short is finished
+        by the next one. The count moved."""
+        async with self.db.session() as s:
+            stranded = await store.deployments_on_down_servers(s, tuple(HOLDS_CAPACITY))
+        moved = 0
+        for deployment_id in stranded:
+            async with self.db.transaction() as tx:
+                release = await self.scheduler.fail_over(tx, deployment_id)
+            if release is not None:
+                moved += 1
+                log.warning(
+                    "deployment moved off a silent server",
+                    extra={"deployment_id": deployment_id, "release_id": release.id},
+                )
+        return moved
 
     async def reconcile(self) -> int | None:
         """check_agents under its own advisory lock; None when another replica has it."""

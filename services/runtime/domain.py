@@ -248,6 +248,7 @@ class ReleaseReason(StrEnum):
     DEPLOY = "deploy"
     ROLLBACK = "rollback"
     CONFIG_CHANGE = "config_change"  # the project's secrets changed
+    FAILOVER = "failover"  # its server fell silent: the same release on another server
 
 
 # The Procfile process type a deployment runs when its request names none.

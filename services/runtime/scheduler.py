@@ -24,6 +24,7 @@ import asyncpg
 
 from services.runtime import store
 from services.runtime.domain import (
+    ENDS,
     HOLDS_CAPACITY,
     DeploymentState,
     ReleaseReason,
@@ -318,6 +319,32 @@ class Scheduler:
         spec = DeploymentSpec.again(
             serving, release_reason=ReleaseReason.CONFIG_CHANGE, created_by=actor
         )
+        release = await store.insert_deployment(tx, spec, self.clock() + self.schedule_timeout)
+        await self._changed(tx, None, release)
+        return await self._place(tx, release)
+
+    async def fail_over(self, tx: Session, deployment_id: str) -> Deployment | None:
+        """A deployment placed on a server marked down (its agent fell silent): it fails,
+        releasing its capacity there (counted once: the server's books lose it now, not
+        again when the server returns), and the same release is created again and placed
+        on another server (release reason failover). Its containers on the silent server
+        are stopped if it ever answers again (Deployer.stop_unwanted). None when it has
+        ended meanwhile or its server is up again."""
+        first = await store.get_deployment(tx, deployment_id)
+        await self.lock_project(tx, first.project_id)
+        deployment = await store.lock_deployment(tx, deployment_id)
+        if deployment.status in ENDS or deployment.server_id is None:
+            return None
+        server = await store.get_server(tx, deployment.server_id)
+        if server.status != "down":
+            return None
+        await self.transition_in(
+            tx,
+            deployment,
+            State.FAILED,
+            reason=f"server {server.name} stopped answering: started again on another server",
+        )
+        spec = DeploymentSpec.again(deployment, release_reason=ReleaseReason.FAILOVER)
         release = await store.insert_deployment(tx, spec, self.clock() + self.schedule_timeout)
         await self._changed(tx, None, release)
         return await self._place(tx, release)

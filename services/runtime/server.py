@@ -18,6 +18,7 @@ from services.runtime.billing_usage import RemoteBillingUsage
 from services.runtime.deployer import Deployer
 from services.runtime.projects import Projects, RemoteProjects
 from services.runtime.reconciler import Reconciler
+from services.runtime.routes import Routes
 from services.runtime.scheduler import Scheduler
 from services.runtime.service import AgentReports, Containers, Deployments, ProjectAccess, Servers
 from services.runtime.sleeper import SleepController
@@ -31,6 +32,7 @@ from shared.outbox import EventConsumer
 from shared.server import run_service
 from shared.settings import Settings
 
+PROJECT_CREATED = "project.created"
 PROJECT_DELETED = "project.deleted"
 PROJECT_UPDATED = "project.updated"
 PROJECT_CONFIG_CHANGED = "project.config_changed"
@@ -41,7 +43,9 @@ __all__ = ["Projects", "RemoteProjects", "RuntimeApp", "build", "main"]
 class ProjectEvents(EventConsumer):
     """project.deleted -> the project's deployments end in the cursor's transaction; its
     containers are stopped on the agents once that has committed. project.updated -> its
-    live deployments take its sleep setting (the sleep controller reads it from them)."""
+    live deployments take its sleep setting (the sleep controller reads it from them).
+    project.created / project.updated with a hostname -> the edge's route for it
+    (`route.changed` in runtime's feed, which the edge watches)."""
 
     def __init__(self, app: RuntimeApp) -> None:
         super().__init__(
@@ -51,17 +55,19 @@ class ProjectEvents(EventConsumer):
             source="project",
             watch=app.watch_events("project"),
             handler=self._handle,
-            types=[PROJECT_DELETED, PROJECT_UPDATED, PROJECT_CONFIG_CHANGED],
+            types=[PROJECT_CREATED, PROJECT_DELETED, PROJECT_UPDATED, PROJECT_CONFIG_CHANGED],
         )
         self.app = app
 
     async def _handle(self, tx: Session, event: events_pb2.Event) -> None:
+        if "hostname" in event.payload and event.type in (PROJECT_CREATED, PROJECT_UPDATED):
+            await self.app.routes.set_hostname(tx, event, str(event.payload["hostname"]))
         if event.type == PROJECT_DELETED:
             await self.app.deployer.end_project(tx, event.aggregate_id)
-        elif event.type == PROJECT_UPDATED:
+            await self.app.routes.forget(tx, event)
+        elif event.type == PROJECT_UPDATED and "sleep_enabled" in event.payload:
             spec = event.payload
-            sleeps = bool(spec["sleep_enabled"]) if "sleep_enabled" in spec else False
-            after = int(spec["sleep_after_seconds"]) if sleeps else None
+            after = int(spec["sleep_after_seconds"]) if spec["sleep_enabled"] else None
             await store.set_sleep_after(tx, event.aggregate_id, after)
         elif event.type == PROJECT_CONFIG_CHANGED:
             change = event.payload
@@ -124,6 +130,7 @@ class RuntimeApp(ServiceApp):
         self.sleeper = SleepController(
             db, self.agents, interval_seconds=settings.runtime_sleep_check_seconds
         )
+        self.routes = Routes(db)
         self.project_events = ProjectEvents(self)
         self.telemetry = Telemetry(db, settings, RemoteBillingUsage(self.clients))
         access = ProjectAccess(self.authorizer, self.projects)
@@ -154,6 +161,7 @@ class RuntimeApp(ServiceApp):
             sources=self.sources,
             artifacts=self.agent_artifacts,
             feed=self.feed,
+            routes=self.routes,
             telemetry=TelemetryParts(self.telemetry, self.authorizer, self.projects),
         )
         runtime_pb2_grpc.add_RuntimeServiceServicer_to_server(api, server)

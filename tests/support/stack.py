@@ -31,7 +31,7 @@ from tests.support.procs import free_port
 REPO = Path(__file__).resolve().parents[2]
 # Start order: identity first (everyone verifies its tokens), then its dependants; the agent
 # fetches identity's keys; the gateway last, healthy only once every upstream is.
-ORDER = ("identity", "billing", "project", "runtime", "agent", "gateway")
+ORDER = ("identity", "billing", "project", "runtime", "agent", "gateway", "edge")
 PASSWORD = "correct horse battery staple"
 REGION = "local"  # project's DEFAULT_REGION: where a project's deployments are placed
 AGENT_SERVER_NAME = "e2e-agent"
@@ -190,17 +190,19 @@ def start_stack(
     home: Path,
     *,
     agent: bool = True,
+    edge: bool = False,
     stripe_api_base: str = "",
     extra_env: Mapping[str, str] | None = None,
     timeout: float = 60.0,
 ) -> Stack:
-    """Start everything against `database_url` (already migrated with `db_passwords`)."""
+    """Start everything against `database_url` (already migrated with `db_passwords`); the
+    edge (Caddy in front of the apps, addresses["edge"]) only when asked."""
     home.mkdir(parents=True, exist_ok=True)
     if agent:
         searchable_by_others(home)
     creds = load_credentials(home)  # service secrets, JWT signing key, project master key
     creds["db_passwords"] = dict(db_passwords)  # the roles the migration created
-    names = ORDER if agent else tuple(n for n in ORDER if n != "agent")
+    names = tuple(n for n in ORDER if (agent or n != "agent") and (edge or n != "edge"))
     addresses = {name: f"127.0.0.1:{free_port()}" for name in ORDER}
     env = service_environment(database_url, creds, addresses)
     env.update(
@@ -220,6 +222,9 @@ def start_stack(
             "HANGAR_RUNTIME_AGENT_SWEEP_SECONDS": "0.5",
             "HANGAR_TELEMETRY_SAMPLE_SECONDS": "1",
             "HANGAR_TELEMETRY_USAGE_SECONDS": "2",
+            "HANGAR_EDGE_HTTPS_PORT": str(free_port()),
+            "HANGAR_EDGE_ADMIN_ADDRESS": f"127.0.0.1:{free_port()}",
+            "HANGAR_EDGE_STATE_DIR": str(home / "edge"),
         }
     )
     if stripe_api_base:

@@ -40,6 +40,7 @@ INTERNAL_RPCS = {
         "ReportContainerStatus",
         "FetchArtifact",
         "PutArtifact",
+        "ListRoutes",
         "WatchEvents",
     },
     "billing": {

@@ -26,7 +26,7 @@ RESTART_POLICY_ALWAYS: RestartPolicy
 RESTART_POLICY_NEVER: RestartPolicy
 
 class Project(_message.Message):
-    __slots__ = ("id", "organization_id", "name", "slug", "ram_mb", "cpu_millis", "bandwidth_gb", "region", "sleep_enabled", "sleep_after_seconds", "description", "repository_url", "default_command", "default_image", "health_check_path", "created_at", "updated_at", "restart_policy", "liveness_check_path", "liveness_period_seconds", "liveness_failure_threshold")
+    __slots__ = ("id", "organization_id", "name", "slug", "ram_mb", "cpu_millis", "bandwidth_gb", "region", "sleep_enabled", "sleep_after_seconds", "description", "repository_url", "default_command", "default_image", "health_check_path", "created_at", "updated_at", "restart_policy", "liveness_check_path", "liveness_period_seconds", "liveness_failure_threshold", "hostname", "url")
     ID_FIELD_NUMBER: _ClassVar[int]
     ORGANIZATION_ID_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
@@ -48,6 +48,8 @@ class Project(_message.Message):
     LIVENESS_CHECK_PATH_FIELD_NUMBER: _ClassVar[int]
     LIVENESS_PERIOD_SECONDS_FIELD_NUMBER: _ClassVar[int]
     LIVENESS_FAILURE_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    HOSTNAME_FIELD_NUMBER: _ClassVar[int]
+    URL_FIELD_NUMBER: _ClassVar[int]
     id: str
     organization_id: str
     name: str
@@ -69,7 +71,9 @@ class Project(_message.Message):
     liveness_check_path: str
     liveness_period_seconds: int
     liveness_failure_threshold: int
-    def __init__(self, id: _Optional[str] = ..., organization_id: _Optional[str] = ..., name: _Optional[str] = ..., slug: _Optional[str] = ..., ram_mb: _Optional[int] = ..., cpu_millis: _Optional[int] = ..., bandwidth_gb: _Optional[int] = ..., region: _Optional[str] = ..., sleep_enabled: _Optional[bool] = ..., sleep_after_seconds: _Optional[int] = ..., description: _Optional[str] = ..., repository_url: _Optional[str] = ..., default_command: _Optional[str] = ..., default_image: _Optional[str] = ..., health_check_path: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., restart_policy: _Optional[_Union[RestartPolicy, str]] = ..., liveness_check_path: _Optional[str] = ..., liveness_period_seconds: _Optional[int] = ..., liveness_failure_threshold: _Optional[int] = ...) -> None: ...
+    hostname: str
+    url: str
+    def __init__(self, id: _Optional[str] = ..., organization_id: _Optional[str] = ..., name: _Optional[str] = ..., slug: _Optional[str] = ..., ram_mb: _Optional[int] = ..., cpu_millis: _Optional[int] = ..., bandwidth_gb: _Optional[int] = ..., region: _Optional[str] = ..., sleep_enabled: _Optional[bool] = ..., sleep_after_seconds: _Optional[int] = ..., description: _Optional[str] = ..., repository_url: _Optional[str] = ..., default_command: _Optional[str] = ..., default_image: _Optional[str] = ..., health_check_path: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., restart_policy: _Optional[_Union[RestartPolicy, str]] = ..., liveness_check_path: _Optional[str] = ..., liveness_period_seconds: _Optional[int] = ..., liveness_failure_threshold: _Optional[int] = ..., hostname: _Optional[str] = ..., url: _Optional[str] = ...) -> None: ...
 
 class Secret(_message.Message):
     __slots__ = ("name", "version", "updated_at")

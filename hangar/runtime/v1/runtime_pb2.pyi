@@ -47,6 +47,7 @@ class ReleaseReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     RELEASE_REASON_DEPLOY: _ClassVar[ReleaseReason]
     RELEASE_REASON_ROLLBACK: _ClassVar[ReleaseReason]
     RELEASE_REASON_CONFIG_CHANGE: _ClassVar[ReleaseReason]
+    RELEASE_REASON_FAILOVER: _ClassVar[ReleaseReason]
 
 class ContainerStatus(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -106,6 +107,7 @@ RELEASE_REASON_UNSPECIFIED: ReleaseReason
 RELEASE_REASON_DEPLOY: ReleaseReason
 RELEASE_REASON_ROLLBACK: ReleaseReason
 RELEASE_REASON_CONFIG_CHANGE: ReleaseReason
+RELEASE_REASON_FAILOVER: ReleaseReason
 CONTAINER_STATUS_UNSPECIFIED: ContainerStatus
 CONTAINER_STATUS_STARTING: ContainerStatus
 CONTAINER_STATUS_RUNNING: ContainerStatus
@@ -470,6 +472,28 @@ class PutArtifactRequest(_message.Message):
     deployment_id: str
     chunk: bytes
     def __init__(self, project_id: _Optional[str] = ..., deployment_id: _Optional[str] = ..., chunk: _Optional[bytes] = ...) -> None: ...
+
+class ListRoutesRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class Route(_message.Message):
+    __slots__ = ("project_id", "hostnames", "upstreams", "unavailable_reason")
+    PROJECT_ID_FIELD_NUMBER: _ClassVar[int]
+    HOSTNAMES_FIELD_NUMBER: _ClassVar[int]
+    UPSTREAMS_FIELD_NUMBER: _ClassVar[int]
+    UNAVAILABLE_REASON_FIELD_NUMBER: _ClassVar[int]
+    project_id: str
+    hostnames: _containers.RepeatedScalarFieldContainer[str]
+    upstreams: _containers.RepeatedScalarFieldContainer[str]
+    unavailable_reason: str
+    def __init__(self, project_id: _Optional[str] = ..., hostnames: _Optional[_Iterable[str]] = ..., upstreams: _Optional[_Iterable[str]] = ..., unavailable_reason: _Optional[str] = ...) -> None: ...
+
+class ListRoutesResponse(_message.Message):
+    __slots__ = ("routes",)
+    ROUTES_FIELD_NUMBER: _ClassVar[int]
+    routes: _containers.RepeatedCompositeFieldContainer[Route]
+    def __init__(self, routes: _Optional[_Iterable[_Union[Route, _Mapping]]] = ...) -> None: ...
 
 class ListContainersRequest(_message.Message):
     __slots__ = ("project_id", "page_size", "page_token")

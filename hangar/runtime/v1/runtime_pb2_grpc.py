@@ -144,6 +144,11 @@ class RuntimeServiceStub:
                 request_serializer=hangar_dot_runtime_dot_v1_dot_runtime__pb2.PutArtifactRequest.SerializeToString,
                 response_deserializer=hangar_dot_runtime_dot_v1_dot_runtime__pb2.Artifact.FromString,
                 _registered_method=True)
+        self.ListRoutes = channel.unary_unary(
+                '/hangar.runtime.v1.RuntimeService/ListRoutes',
+                request_serializer=hangar_dot_runtime_dot_v1_dot_runtime__pb2.ListRoutesRequest.SerializeToString,
+                response_deserializer=hangar_dot_runtime_dot_v1_dot_runtime__pb2.ListRoutesResponse.FromString,
+                _registered_method=True)
         self.WatchEvents = channel.unary_stream(
                 '/hangar.runtime.v1.RuntimeService/WatchEvents',
                 request_serializer=hangar_dot_events_dot_v1_dot_events__pb2.WatchEventsRequest.SerializeToString,
@@ -318,10 +323,18 @@ class RuntimeServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def WatchEvents(self, request, context):
+    def ListRoutes(self, request, context):
         """Streams runtime's outbox events (deployment.status_changed...) after a cursor.
-        Internal: for event consumers (none inside Hangar yet: an integration point); refuses
-        user tokens.
+        Internal: the edge's only (its service token): every project's hostnames and the
+        addresses serving them. The edge reads it whole at start and again after any runtime
+        event (WatchEvents).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WatchEvents(self, request, context):
+        """Internal: for event consumers (the edge; an integration point); refuses user tokens.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -434,6 +447,11 @@ def add_RuntimeServiceServicer_to_server(servicer, server):
                     servicer.PutArtifact,
                     request_deserializer=hangar_dot_runtime_dot_v1_dot_runtime__pb2.PutArtifactRequest.FromString,
                     response_serializer=hangar_dot_runtime_dot_v1_dot_runtime__pb2.Artifact.SerializeToString,
+            ),
+            'ListRoutes': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListRoutes,
+                    request_deserializer=hangar_dot_runtime_dot_v1_dot_runtime__pb2.ListRoutesRequest.FromString,
+                    response_serializer=hangar_dot_runtime_dot_v1_dot_runtime__pb2.ListRoutesResponse.SerializeToString,
             ),
             'WatchEvents': grpc.unary_stream_rpc_method_handler(
                     servicer.WatchEvents,
@@ -1011,6 +1029,33 @@ class RuntimeService:
             '/hangar.runtime.v1.RuntimeService/PutArtifact',
             hangar_dot_runtime_dot_v1_dot_runtime__pb2.PutArtifactRequest.SerializeToString,
             hangar_dot_runtime_dot_v1_dot_runtime__pb2.Artifact.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListRoutes(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hangar.runtime.v1.RuntimeService/ListRoutes',
+            hangar_dot_runtime_dot_v1_dot_runtime__pb2.ListRoutesRequest.SerializeToString,
+            hangar_dot_runtime_dot_v1_dot_runtime__pb2.ListRoutesResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -7,6 +7,7 @@ deployments  deployment rows, status moves, listings, advisory locks
 containers   container rows and what their agents report
 sleep        activity, idle containers, projects' sleep settings
 sources      uploaded sources, the slugs built from them
+routes       the edge's routes: projects' hostnames and their serving containers
 
 Statements are SQL text (asyncpg `$n` parameters), as in billing: the capacity arithmetic is
 a handful of single statements whose exact shape (row locks, conditional updates, CTEs) is
@@ -39,6 +40,7 @@ from services.runtime.store.deployments import (
     advisory_xact_lock,
     claim_queued,
     deployment_ids,
+    deployments_on_down_servers,
     get_deployment,
     insert_deployment,
     last_successful_before,
@@ -67,6 +69,12 @@ from services.runtime.store.records import (
     S,
     Server,
     Source,
+)
+from services.runtime.store.routes import (
+    RouteRow,
+    delete_routes,
+    list_routes,
+    set_hostnames,
 )
 from services.runtime.store.servers import (
     Reservations,
@@ -109,6 +117,7 @@ __all__ = [
     "Placement",
     "Reservations",
     "RestartState",
+    "RouteRow",
     "S",
     "Server",
     "Source",
@@ -122,8 +131,10 @@ __all__ = [
     "container_statuses",
     "containers_to_stop",
     "create_deployment",
+    "delete_routes",
     "deployment_ids",
     "deployments_on_agents",
+    "deployments_on_down_servers",
     "find_server",
     "find_source",
     "get_container",
@@ -136,6 +147,7 @@ __all__ = [
     "last_successful_before",
     "list_containers",
     "list_deployments",
+    "list_routes",
     "list_servers",
     "list_sources",
     "lock_container",
@@ -154,6 +166,7 @@ __all__ = [
     "reservations",
     "reserve_capacity",
     "set_env_version",
+    "set_hostnames",
     "set_reserved",
     "set_server_status",
     "set_sleep_after",

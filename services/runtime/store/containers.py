@@ -151,12 +151,13 @@ async def list_containers(s: Session, project_id: str, size: int, token: str) ->
 
 
 async def containers_to_stop(s: Session, limit: int = 200) -> list[tuple[Container, str]]:
-    """Live containers whose deployment has ended, with their agent's address."""
+    """Live containers whose deployment has ended, with their agent's address; none on a
+    server marked down (its agent does not answer; they are stopped once it beats again)."""
     rows = await s.fetch(
         f"""SELECT c.*, s.agent_address FROM {S}.containers c
               JOIN {S}.deployments d ON d.id = c.deployment_id
               JOIN {S}.servers s ON s.id = c.server_id
-             WHERE c.status = ANY($1::text[])
+             WHERE c.status = ANY($1::text[]) AND s.status <> 'down'
                AND d.status IN ('superseded', 'failed', 'cancelled', 'rolled_back')
              ORDER BY c.created_at LIMIT $2""",
         list(CONTAINER_LIVE),

@@ -203,6 +203,20 @@ async def deployment_ids(
     return [r["id"] for r in rows]
 
 
+async def deployments_on_down_servers(
+    s: Session, statuses: tuple[DeploymentState, ...], limit: int = 500
+) -> list[str]:
+    """Deployments in these states placed on a server marked down, oldest first."""
+    rows = await s.fetch(
+        f"""SELECT d.id FROM {S}.deployments d JOIN {S}.servers v ON v.id = d.server_id
+             WHERE d.status = ANY($1::text[]) AND v.status = 'down'
+             ORDER BY d.created_at, d.id LIMIT $2""",
+        [state.value for state in statuses],
+        limit,
+    )
+    return [r["id"] for r in rows]
+
+
 # ------------------------------------------------------------------ advisory locks
 
 

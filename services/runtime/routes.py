@@ -1,0 +1,49 @@
+"""The edge's routes: which hostnames name which project, and where its app answers.
+
+Project owns the names (a project's hostname is `<project slug>-<org slug>.<apps domain>`);
+runtime keeps them from project's events, in the feed's order, and knows what serves each
+project: the web containers of its newest running deployment, each behind its agent's proxy
+(which meters the bytes and wakes a sleeping app). The edge reads the whole table with
+`ListRoutes` and reads it again after any event in runtime's feed: a change of names writes
+`route.changed`; a deployment that starts serving or stops writes its status change.
+"""
+
+from __future__ import annotations
+
+from hangar.events.v1 import events_pb2
+from services.runtime import store
+from shared.db import Database, Session
+from shared.outbox import write_event
+
+ROUTE_CHANGED = "route.changed"
+EDGE = "edge"  # the service whose token may read the routes
+
+
+class Routes:
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    async def set_hostname(self, tx: Session, event: events_pb2.Event, hostname: str) -> None:
+        """A project's name, from its project.created / project.updated event."""
+        hostnames = [hostname] if hostname else []
+        if await store.set_hostnames(tx, event.aggregate_id, hostnames):
+            await self._changed(tx, event, hostnames)
+
+    async def forget(self, tx: Session, event: events_pb2.Event) -> None:
+        """The project is gone: the edge stops answering for it."""
+        await store.delete_routes(tx, event.aggregate_id)
+        await self._changed(tx, event, [])
+
+    async def _changed(self, tx: Session, event: events_pb2.Event, hostnames: list[str]) -> None:
+        await write_event(
+            tx,
+            "runtime",
+            ROUTE_CHANGED,
+            organization_id=event.organization_id,
+            aggregate_id=event.aggregate_id,
+            payload={"hostnames": hostnames},
+        )
+
+    async def list_routes(self) -> list[store.RouteRow]:
+        async with self.db.session() as s:
+            return await store.list_routes(s)

@@ -1,0 +1,95 @@
+"""The edge's routes: each project's hostnames (kept from project's events) and the
+addresses of the web containers of its serving deployment."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from services.runtime.store.records import S
+from shared.db import Session
+
+# A deployment that serves: the newest of the project's in these states.
+SERVING = ("running", "crash_loop")
+# What the newest deployment's status says when nothing serves.
+_STARTING = ("queued", "scheduling", "building", "starting")
+
+
+@dataclass(frozen=True)
+class RouteRow:
+    project_id: str
+    hostnames: tuple[str, ...]
+    upstreams: tuple[str, ...]
+    unavailable_reason: str  # "" when upstreams is not empty
+
+
+async def set_hostnames(tx: Session, project_id: str, hostnames: list[str]) -> bool:
+    """The project's hostnames, as project's newest event says; False when unchanged."""
+    if not hostnames:
+        result = await tx.execute(
+            f"DELETE FROM {S}.project_routes WHERE project_id = $1", project_id
+        )
+        return result != "DELETE 0"
+    row = await tx.fetchrow(
+        f"""INSERT INTO {S}.project_routes AS r (project_id, hostnames) VALUES ($1, $2)
+            ON CONFLICT (project_id) DO UPDATE SET hostnames = EXCLUDED.hostnames,
+                claimed_at = now()
+             WHERE r.hostnames IS DISTINCT FROM EXCLUDED.hostnames
+            RETURNING project_id""",
+        project_id,
+        hostnames,
+    )
+    return row is not None
+
+
+async def delete_routes(tx: Session, project_id: str) -> None:
+    await tx.execute(f"DELETE FROM {S}.project_routes WHERE project_id = $1", project_id)
+
+
+async def list_routes(s: Session) -> list[RouteRow]:
+    """Every project's route. A hostname two projects claim goes to the earlier claim."""
+    rows = await s.fetch(
+        f"""SELECT r.project_id, r.hostnames, r.claimed_at, newest.status,
+                   COALESCE(serving.upstreams, '{{}}') AS upstreams
+              FROM {S}.project_routes r
+              LEFT JOIN LATERAL (
+                    SELECT d.status FROM {S}.deployments d
+                     WHERE d.project_id = r.project_id
+                     ORDER BY d.created_at DESC, d.id DESC LIMIT 1) newest ON true
+              LEFT JOIN LATERAL (
+                    SELECT array_agg(c.address ORDER BY c.address) AS upstreams
+                      FROM {S}.deployments d
+                      JOIN {S}.containers c ON c.deployment_id = d.id
+                     WHERE d.id = (SELECT d2.id FROM {S}.deployments d2
+                                    WHERE d2.project_id = r.project_id
+                                      AND d2.status = ANY($1::text[])
+                                    ORDER BY d2.created_at DESC, d2.id DESC LIMIT 1)
+                       AND c.process_type = 'web' AND c.status = 'running'
+                       AND c.address <> '') serving ON true
+             ORDER BY r.claimed_at, r.project_id""",
+        list(SERVING),
+    )
+    taken: set[str] = set()
+    routes = []
+    for row in rows:
+        hostnames = tuple(h for h in row["hostnames"] if h not in taken)
+        taken.update(hostnames)
+        upstreams = tuple(row["upstreams"])
+        routes.append(
+            RouteRow(
+                project_id=row["project_id"],
+                hostnames=hostnames,
+                upstreams=upstreams,
+                unavailable_reason="" if upstreams else _reason(row["status"]),
+            )
+        )
+    return routes
+
+
+def _reason(status: str | None) -> str:
+    if status is None:
+        return "no_deployment"
+    if status in _STARTING:
+        return "starting"
+    if status in SERVING:
+        return "no_container"  # it serves, yet no web container is running (restarting)
+    return "failed" if status == "failed" else "stopped"

@@ -1,0 +1,199 @@
+"""Failover: a server whose agent falls silent is marked down, and what ran there starts
+again on another server of its region (a new release, reason failover), with capacity
+counted once; when the silent agent comes back, the container it kept running is stopped,
+not doubled. Runtime and both agents are real processes (the agents' process driver, whose
+apps outlive a SIGKILLed agent, like a machine cut off the network)."""
+
+from __future__ import annotations
+
+import asyncio
+import tempfile
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+
+import grpc
+import pytest
+
+from hangar.agent.v1 import agent_pb2
+from hangar.runtime.v1 import runtime_pb2 as pb
+from hangar.runtime.v1 import runtime_pb2_grpc
+from services.runtime.domain import Resources
+from shared.db import Database
+from shared.ids import new_id
+from shared.settings import Settings
+from tests.support.agent import RunningAgent, start_agent_process
+from tests.support.procs import ServiceProcess, free_port
+from tests.support.project import Stack, running_stack
+from tests.support.runtime import (
+    agent_env,
+    assert_invariant,
+    live_runtime_settings,
+    region_name,
+    register_server,
+    settings_env,
+    wait_for_deployment,
+)
+
+pytestmark = pytest.mark.slow
+
+HTTP_SERVER = 'exec python3 -m http.server "$PORT"'
+HEARTBEAT_TIMEOUT = 3.0
+
+
+@dataclass
+class Agent:
+    name: str
+    state_dir: str
+    running: RunningAgent
+    server_id: str = ""
+
+
+@dataclass
+class Fleet:
+    stack: Stack
+    settings: Settings
+    db: Database
+    runtime: ServiceProcess
+    region: str
+    agents: list[Agent]
+
+    def start_agent(self, agent: Agent, address: str = "") -> None:
+        agent.running = start_agent_process(
+            self.stack.identity.address,
+            {
+                **agent_env(self.stack.identity, self.settings.listen_address, agent.name),
+                "HANGAR_AGENT_DRIVER": "process",
+            },
+            address=address or agent.running.address,
+            state_dir=agent.state_dir,
+        )
+
+    def by_server(self, server_id: str) -> Agent:
+        return next(a for a in self.agents if a.server_id == server_id)
+
+
+@pytest.fixture
+async def fleet(database_url: str, db_passwords: dict[str, str]) -> AsyncIterator[Fleet]:
+    async with running_stack(database_url, db_passwords) as stack:
+        address = f"127.0.0.1:{free_port()}"
+        settings = live_runtime_settings(
+            stack.identity,
+            stack.project_address,
+            address,
+            runtime_heartbeat_timeout_seconds=HEARTBEAT_TIMEOUT,
+        )
+        db = await Database.connect(settings.service_database_url(), max_size=5)
+        region = region_name("failover")
+        fleet = Fleet(stack, settings, db, None, region, [])  # type: ignore[arg-type]
+        for _ in range(2):
+            agent = Agent(
+                f"agent-{new_id()}",
+                tempfile.mkdtemp(prefix="hangar-agent-"),
+                RunningAgent(f"127.0.0.1:{free_port()}"),
+            )
+            fleet.start_agent(agent)
+            agent.server_id = await register_server(
+                db, agent.name, region, agent.running.address, 1024, 1000
+            )
+            fleet.agents.append(agent)
+        fleet.runtime = ServiceProcess.start("runtime", address, settings_env(settings))
+        try:
+            yield fleet
+        finally:
+            fleet.runtime.stop()
+            for agent in fleet.agents:
+                agent.running.state_dir = agent.state_dir
+                await agent.running.close()
+            await db.close()
+
+
+async def until(condition: Callable[[], Awaitable[bool]], what: str, within: float = 60) -> None:
+    deadline = time.monotonic() + within
+    while not await condition():
+        assert time.monotonic() < deadline, f"never: {what}"
+        await asyncio.sleep(0.1)
+
+
+async def test_a_silent_server_s_app_starts_again_elsewhere_and_comes_back_stopped(
+    fleet: Fleet, database_url: str
+) -> None:
+    stack = fleet.stack
+    channel = grpc.aio.insecure_channel(fleet.settings.listen_address)
+    runtime = runtime_pb2_grpc.RuntimeServiceStub(channel)
+    try:
+        tenant = await stack.tenant("developer")
+        dev = tenant.members["developer"].md
+        project = await stack.create(tenant, region=fleet.region, ram_mb=128, cpu_millis=100)
+        first = await runtime.CreateDeployment(
+            pb.CreateDeploymentRequest(
+                project_id=project.id, deployment=pb.Deployment(command=HTTP_SERVER)
+            ),
+            metadata=dev,
+        )
+        first = await wait_for_deployment(runtime, first.id, dev, [pb.DEPLOYMENT_STATUS_RUNNING])
+        silent = fleet.by_server(first.server_id)
+        other = next(a for a in fleet.agents if a is not silent)
+        servers = [a.server_id for a in fleet.agents]
+
+        # The agent dies without a word; its app runs on (nobody stops it).
+        assert silent.running.process is not None
+        silent.running.process.kill()
+        address = silent.running.address
+
+        failed = await wait_for_deployment(
+            runtime, first.id, dev, [pb.DEPLOYMENT_STATUS_FAILED], within=60
+        )
+        assert "stopped answering" in failed.status_reason
+
+        async def moved() -> pb.Deployment | None:
+            listed = await runtime.ListDeployments(
+                pb.ListDeploymentsRequest(project_id=project.id), metadata=dev
+            )
+            return next(
+                (
+                    d
+                    for d in listed.deployments
+                    if d.release_reason == pb.RELEASE_REASON_FAILOVER
+                    and d.status == pb.DEPLOYMENT_STATUS_RUNNING
+                ),
+                None,
+            )
+
+        await until(lambda: _truthy(moved()), "the release running on the other server")
+        again = await moved()
+        assert again is not None and again.server_id == other.server_id
+        assert again.command == first.command
+        books = await assert_invariant(database_url, servers)
+        assert books[silent.server_id].reserved == Resources(0, 0)  # released once
+        assert books[other.server_id].reserved == Resources(128, 100)
+
+        # The silent agent comes back (adopting the app it left running): runtime stops that
+        # stale container; the project still runs once, on the other server.
+        fleet.start_agent(silent, address)
+        token = await stack.identity.service_token("runtime")
+
+        async def stale_stopped() -> bool:
+            listed = await silent.running.stub.ListContainers(
+                agent_pb2.ListContainersRequest(),
+                metadata=(("authorization", f"Bearer {token}"),),
+            )
+            return all(
+                c.status in (agent_pb2.CONTAINER_STATUS_EXITED, agent_pb2.CONTAINER_STATUS_FAILED)
+                for c in listed.containers
+            )
+
+        await until(stale_stopped, "the stale container on the returning server to stop")
+        listed = await runtime.ListDeployments(
+            pb.ListDeploymentsRequest(project_id=project.id), metadata=dev
+        )
+        serving = [d for d in listed.deployments if d.status == pb.DEPLOYMENT_STATUS_RUNNING]
+        assert [d.id for d in serving] == [again.id]
+        books = await assert_invariant(database_url, servers)
+        assert books[silent.server_id].reserved == Resources(0, 0)
+    finally:
+        await channel.close()
+
+
+async def _truthy(value: Awaitable[object]) -> bool:
+    return bool(await value)
