@@ -177,6 +177,9 @@ class Settings:
     runtime_agent_sweep_seconds: float = 5.0
     runtime_start_timeout_seconds: float = 120.0
     runtime_heartbeat_timeout_seconds: float = 30.0
+    # A replaced deployment's containers keep serving this long after the new one took over
+    # (the edge has switched by then; requests in flight finish), then they are stopped.
+    runtime_drain_seconds: float = 10.0
     # How often the sleep controller looks for idle containers of projects with sleep on.
     runtime_sleep_check_seconds: float = 10.0
     # Agent (runs apps on one server): the host apps are reached on, how long an app has
@@ -289,6 +292,7 @@ class Settings:
             runtime_start_timeout_seconds=float(
                 _env("HANGAR_RUNTIME_START_TIMEOUT_SECONDS", "120")
             ),
+            runtime_drain_seconds=float(_env("HANGAR_RUNTIME_DRAIN_SECONDS", "10")),
             runtime_heartbeat_timeout_seconds=float(
                 _env("HANGAR_RUNTIME_HEARTBEAT_TIMEOUT_SECONDS", "30")
             ),

@@ -94,6 +94,7 @@ class Deployer:
         start_timeout_seconds: float = 120.0,
         sweep_seconds: float = 5.0,
         heartbeat_timeout_seconds: float = 30.0,
+        drain_seconds: float = 0.0,
     ) -> None:
         self.db = db
         self.scheduler = scheduler
@@ -102,6 +103,7 @@ class Deployer:
         self.start_timeout = timedelta(seconds=start_timeout_seconds)
         self.sweep_seconds = sweep_seconds
         self.heartbeat_timeout = heartbeat_timeout_seconds
+        self.drain_seconds = drain_seconds
         self._busy: set[str] = set()  # deployment / container ids this process is working on
         self._tasks: set[asyncio.Task[None]] = set()
         self._retrying: dict[str, int] = {}  # why starts will be retried -> how many
@@ -457,7 +459,7 @@ class Deployer:
     async def stop_ended(self) -> int:
         """Stop every live container whose deployment has ended; the count stopped."""
         async with self.db.session() as s:
-            pending = await store.containers_to_stop(s)
+            pending = await store.containers_to_stop(s, self.drain_seconds)
         results = await asyncio.gather(
             *(self._stop(container, address) for container, address in pending),
             return_exceptions=True,
@@ -548,7 +550,7 @@ class Deployer:
         if not live:
             return 0
         async with self.db.session() as s:
-            claims = await store.container_claims(s, live)
+            claims = await store.container_claims(s, live, self.drain_seconds)
         stops: list[Awaitable[bool]] = []
         for container_id in live:
             claim = claims.get(container_id)
@@ -556,6 +558,8 @@ class Deployer:
                 stops.append(self._stop_unknown(server.agent_address, container_id))
             elif claim.container.server_id != server.id:
                 continue  # another server's, as runtime knows it: not this agent's to judge
+            elif claim.draining and claim.newest:
+                continue  # serves what is in flight until its drain time ends (stop_ended)
             elif claim.deployment_status in ENDS or not claim.newest:
                 stops.append(self._stop(claim.container, server.agent_address))
         if not stops:

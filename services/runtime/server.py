@@ -120,6 +120,7 @@ class RuntimeApp(ServiceApp):
             start_timeout_seconds=settings.runtime_start_timeout_seconds,
             sweep_seconds=settings.runtime_agent_sweep_seconds,
             heartbeat_timeout_seconds=settings.runtime_heartbeat_timeout_seconds,
+            drain_seconds=settings.runtime_drain_seconds,
         )
         self.scheduler.on_placed = self.deployer.sweep_soon
         self.reconciler = Reconciler(

@@ -227,6 +227,34 @@ async def test_a_command_runs_serves_http_with_its_secret_and_stops_when_replace
     assert counters[live.server_id].reserved.ram_mb >= 128  # the rollback still runs
 
 
+async def test_a_replaced_app_drains_then_stops(live: Live) -> None:
+    # The drain time is long (a minute) while the new release takes over, so the old app is
+    # certainly still there when looked at; then it is cut to nothing and the next sweep stops
+    # it. Both reconcilers (the sweep's stop_ended, the agents' check) leave it alone before.
+    live.app.deployer.drain_seconds = 60.0
+    try:
+        tenant = await live.stack.tenant("developer")
+        dev = tenant.members["developer"].md
+        project = await live.project(tenant, ram_mb=64, cpu_millis=50)
+        first = await live.deploy(project.id, dev, SERVE)
+        await live.wait(first.id, dev, D.DEPLOYMENT_STATUS_RUNNING)
+        (old,) = await live.containers(project.id, dev)
+        pid = (await live.agent_container(old.id)).pid
+        second = await live.deploy(project.id, dev, f"echo two; {SERVE}")
+        await live.wait(second.id, dev, D.DEPLOYMENT_STATUS_RUNNING)
+        replaced = await live.wait(first.id, dev, D.DEPLOYMENT_STATUS_SUPERSEDED)
+        assert not replaced.capacity_reserved
+        await live.app.deployer.stop_ended()
+        assert await live.app.deployer.reconcile() is not None
+        assert alive(pid), "the replaced app stopped before its drain time"
+        assert (await _http(old.address)).status_code == 200  # still answers in-flight work
+        live.app.deployer.drain_seconds = 0.0
+        await live.app.deployer.stop_ended()
+        assert await _gone(pid), "the drained app still runs"
+    finally:
+        live.app.deployer.drain_seconds = 0.0
+
+
 async def test_a_command_that_exits_at_once_fails_with_its_exit_code_and_releases(
     live: Live, database_url: str
 ) -> None:

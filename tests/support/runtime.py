@@ -280,6 +280,7 @@ def live_runtime_settings(
         "runtime_reconcile_seconds": 1.0,
         "runtime_start_timeout_seconds": 15.0,
         "runtime_heartbeat_timeout_seconds": 10.0,
+        "runtime_drain_seconds": 0.0,  # replaced containers stop at once (drain tests set it)
         "runtime_schedule_retry_seconds": 0.5,
         # Uploads land in a directory of the test run's own, never the machine's.
         "artifacts_dir": tempfile.mkdtemp(prefix="hangar-artifacts-"),
@@ -316,6 +317,7 @@ def settings_env(settings: Settings) -> dict[str, str]:
                 settings.runtime_heartbeat_timeout_seconds
             ),
             "HANGAR_RUNTIME_SCHEDULE_RETRY_SECONDS": str(settings.runtime_schedule_retry_seconds),
+            "HANGAR_RUNTIME_DRAIN_SECONDS": str(settings.runtime_drain_seconds),
         }
     )
     return env

@@ -220,6 +220,8 @@ def start_stack(
             "HANGAR_AGENT_STATE_DIR": str(home / "agent"),
             "HANGAR_ARTIFACTS_DIR": str(home / "artifacts"),
             "HANGAR_RUNTIME_AGENT_SWEEP_SECONDS": "0.5",
+            # Replaced containers stop at once (the edge's rollout test sets a drain time).
+            "HANGAR_RUNTIME_DRAIN_SECONDS": "0",
             "HANGAR_TELEMETRY_SAMPLE_SECONDS": "1",
             "HANGAR_TELEMETRY_USAGE_SECONDS": "2",
             "HANGAR_EDGE_HTTPS_PORT": str(free_port()),

@@ -150,18 +150,30 @@ async def list_containers(s: Session, project_id: str, size: int, token: str) ->
     return Page(items, encode_page_token([items[-1].id]) if len(rows) > size else "")
 
 
-async def containers_to_stop(s: Session, limit: int = 200) -> list[tuple[Container, str]]:
-    """Live containers whose deployment has ended, with their agent's address; none on a
-    server marked down (its agent does not answer; they are stopped once it beats again)."""
+# A replaced deployment (superseded, rolled back) drains: it ended when its successor took
+# over, and its containers serve what is in flight for the drain time before they stop.
+REPLACED = ("superseded", "rolled_back")
+
+
+async def containers_to_stop(
+    s: Session, drain_seconds: float = 0.0, limit: int = 200
+) -> list[tuple[Container, str]]:
+    """Live containers whose deployment has ended (a replaced one: `drain_seconds` ago),
+    with their agent's address; none on a server marked down (its agent does not answer;
+    they are stopped once it beats again)."""
     rows = await s.fetch(
         f"""SELECT c.*, s.agent_address FROM {S}.containers c
               JOIN {S}.deployments d ON d.id = c.deployment_id
               JOIN {S}.servers s ON s.id = c.server_id
              WHERE c.status = ANY($1::text[]) AND s.status <> 'down'
                AND d.status IN ('superseded', 'failed', 'cancelled', 'rolled_back')
+               AND NOT (d.status = ANY($3::text[])
+                        AND d.updated_at > now() - make_interval(secs => $4))
              ORDER BY c.created_at LIMIT $2""",
         list(CONTAINER_LIVE),
         limit,
+        list(REPLACED),
+        drain_seconds,
     )
     return [(Container.from_row(r), r["agent_address"]) for r in rows]
 
@@ -213,23 +225,33 @@ class ContainerClaim:
     container: Container
     deployment_status: DeploymentState
     newest: bool
+    draining: bool = False  # its deployment was replaced less than the drain time ago
 
 
-async def container_claims(s: Session, container_ids: list[str]) -> dict[str, ContainerClaim]:
+async def container_claims(
+    s: Session, container_ids: list[str], drain_seconds: float = 0.0
+) -> dict[str, ContainerClaim]:
     """The claims on these containers; an id runtime has no row for is absent."""
     rows = await s.fetch(
         f"""SELECT c.*, d.status AS deployment_status,
                    c.id = (SELECT n.id FROM {S}.containers n
                             WHERE n.deployment_id = d.id AND n.process_type = c.process_type
-                            ORDER BY n.created_at DESC, n.id DESC LIMIT 1) AS newest
+                            ORDER BY n.created_at DESC, n.id DESC LIMIT 1) AS newest,
+                   (d.status = ANY($2::text[])
+                    AND d.updated_at > now() - make_interval(secs => $3)) AS draining
               FROM {S}.containers c
               JOIN {S}.deployments d ON d.id = c.deployment_id
              WHERE c.id = ANY($1::text[])""",
         container_ids,
+        list(REPLACED),
+        drain_seconds,
     )
     return {
         r["id"]: ContainerClaim(
-            Container.from_row(r), DeploymentState(r["deployment_status"]), bool(r["newest"])
+            Container.from_row(r),
+            DeploymentState(r["deployment_status"]),
+            bool(r["newest"]),
+            bool(r["draining"]),
         )
         for r in rows
     }
