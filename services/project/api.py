@@ -11,7 +11,7 @@ from google.protobuf import empty_pb2
 from hangar.events.v1 import events_pb2
 from hangar.project.v1 import project_pb2 as pb
 from hangar.project.v1 import project_pb2_grpc
-from services.project.domain import Project, ProjectSpec
+from services.project.domain import Project, ProjectSpec, PublicAddress
 from services.project.service import Projects
 from services.project.store import StoredSecret
 from shared.auth import require_service
@@ -30,7 +30,7 @@ _RESTART_POLICY: dict[str, pb.RestartPolicy] = {
 _RESTART_POLICY_NAME: dict[int, str] = {v: k for k, v in _RESTART_POLICY.items()}
 
 
-def project_to_proto(p: Project) -> pb.Project:
+def project_to_proto(p: Project, address: PublicAddress) -> pb.Project:
     spec = p.spec
     return pb.Project(
         id=p.id,
@@ -39,6 +39,8 @@ def project_to_proto(p: Project) -> pb.Project:
         restart_policy=_RESTART_POLICY.get(spec.restart_policy, pb.RESTART_POLICY_UNSPECIFIED),
         created_at=timestamp(p.created_at),
         updated_at=timestamp(p.updated_at),
+        hostname=address.hostname(p),
+        url=address.url(p),
     )
 
 
@@ -61,15 +63,16 @@ class ProjectApi(project_pb2_grpc.ProjectServiceServicer):
     def __init__(self, projects: Projects, feed: OutboxFeed) -> None:
         self.projects = projects
         self.feed = feed
+        self.address = projects.address
 
     async def CreateProject(self, request: pb.CreateProjectRequest, context: Context) -> pb.Project:
         project = await self.projects.create_project(
             request.organization_id, spec_from_proto(request.project)
         )
-        return project_to_proto(project)
+        return project_to_proto(project, self.address)
 
     async def GetProject(self, request: pb.GetProjectRequest, context: Context) -> pb.Project:
-        return project_to_proto(await self.projects.get_project(request.id))
+        return project_to_proto(await self.projects.get_project(request.id), self.address)
 
     async def ListProjects(
         self, request: pb.ListProjectsRequest, context: Context
@@ -81,7 +84,7 @@ class ProjectApi(project_pb2_grpc.ProjectServiceServicer):
             request.sleep_enabled if request.HasField("sleep_enabled") else None,
         )
         return pb.ListProjectsResponse(
-            projects=[project_to_proto(p) for p in page.items],
+            projects=[project_to_proto(p, self.address) for p in page.items],
             next_page_token=page.next_page_token,
         )
 
@@ -92,7 +95,7 @@ class ProjectApi(project_pb2_grpc.ProjectServiceServicer):
             list(request.update_mask.paths),
             set_fields(request.project),
         )
-        return project_to_proto(project)
+        return project_to_proto(project, self.address)
 
     async def DeleteProject(
         self, request: pb.DeleteProjectRequest, context: Context

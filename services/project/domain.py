@@ -113,6 +113,7 @@ class Project:
     spec: ProjectSpec
     created_at: datetime
     updated_at: datetime
+    organization_slug: str = ""  # identity's, as this service last learned it ("" not yet)
 
 
 def with_create_defaults(spec: ProjectSpec) -> ProjectSpec:
@@ -292,3 +293,88 @@ def secrets_version_hash(versions: Iterable[tuple[str, int]]) -> str:
     for name, version in sorted(versions):
         digest.update(f"{name}\x00{version}\n".encode())
     return "sha256:" + digest.hexdigest()
+
+
+# ------------------------------------------------------------------ public hostnames
+
+MAX_LABEL = 63  # a DNS label (RFC 1035)
+_HASHED_PREFIX = MAX_LABEL - 9  # "<prefix>-<8 hex>"
+
+
+def hostname_label(project_slug: str, organization_slug: str) -> str:
+    """`<project>-<org>`. Creates and renames keep it within MAX_LABEL (label_violation);
+    only an organization's rename can make it longer, and then it is shortened: its first
+    54 characters, '-', and 8 hex characters of the SHA-256 of the full label."""
+    label = f"{project_slug}-{organization_slug}"
+    if len(label) <= MAX_LABEL:
+        return label
+    digest = hashlib.sha256(label.encode()).hexdigest()[:8]
+    return f"{label[:_HASHED_PREFIX].rstrip('-')}-{digest}"
+
+
+def label_violation(project_slug: str, organization_slug: str) -> FieldViolation | None:
+    """The project's slug with its organization's must fit one DNS label."""
+    length = len(project_slug) + 1 + len(organization_slug)
+    if not organization_slug or length <= MAX_LABEL:
+        return None
+    room = MAX_LABEL - 1 - len(organization_slug)
+    return FieldViolation(
+        "project.slug",
+        f"the hostname label '<project slug>-<organization slug>' may have at most {MAX_LABEL}"
+        f" characters; with this organization's slug the project's slug may have at most {room}",
+    )
+
+
+@dataclass(frozen=True)
+class PublicAddress:
+    """Where the edge serves projects: `<label>.<apps_domain>` on `edge_port`."""
+
+    apps_domain: str = "localhost"
+    edge_port: int = 8000
+
+    @classmethod
+    def of(cls, apps_domain: str, edge_address: str) -> PublicAddress:
+        port = edge_address.rpartition(":")[2]
+        return cls(apps_domain.strip(".").lower() or "localhost", int(port) if port else 80)
+
+    def hostname(self, project: Project) -> str:
+        """Empty while the organization's slug is not known."""
+        if not project.organization_slug:
+            return ""
+        label = hostname_label(project.spec.slug, project.organization_slug)
+        return f"{label}.{self.apps_domain}"
+
+    def url(self, project: Project) -> str:
+        hostname = self.hostname(project)
+        if not hostname:
+            return ""
+        return (
+            f"http://{hostname}" if self.edge_port == 80 else f"http://{hostname}:{self.edge_port}"
+        )
+
+
+@dataclass(frozen=True)
+class OrganizationSlug:
+    """This service's copy of an organization's slug. `cursor` is the (txid, position) of the
+    identity event that set it, None when it came from a GetOrganization lookup; `as_of` the
+    event's time, or the time just before that lookup."""
+
+    organization_id: str
+    slug: str
+    cursor: tuple[int, int] | None
+    as_of: datetime
+
+
+def slug_event_applies(
+    stored: OrganizationSlug | None, slug: str, cursor: tuple[int, int], occurred_at: datetime
+) -> bool:
+    """Whether an organization.created/updated event may set the stored slug.
+
+    After another event: only a later one (the feed's order). After a lookup: an event from
+    no earlier than the lookup, or the one that set the slug the lookup saw (its older events
+    are skipped, so a lagging feed never takes the slug back)."""
+    if stored is None:
+        return True
+    if stored.cursor is not None:
+        return cursor > stored.cursor
+    return slug == stored.slug or occurred_at >= stored.as_of

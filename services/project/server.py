@@ -12,6 +12,8 @@ from hangar.events.v1 import events_pb2
 from hangar.project.v1 import project_pb2, project_pb2_grpc
 from services.project.api import ProjectApi
 from services.project.crypto import Keyring
+from services.project.domain import PublicAddress
+from services.project.hostnames import IdentityOrganizations, OrganizationSlugs
 from services.project.reconciler import AllocationReleaser, Reconciler
 from services.project.service import BillingPool, Projects
 from shared.app import ServiceApp
@@ -20,9 +22,11 @@ from shared.auth import Authorizer, RemoteAuthorizer
 from shared.db import Database, Session
 from shared.outbox import EventConsumer
 from shared.server import run_service
-from shared.settings import Settings
+from shared.settings import DEFAULT_PORTS, Settings
 
 log = logging.getLogger(__name__)
+
+ORGANIZATION_EVENTS = ("organization.created", "organization.updated", "organization.deleted")
 
 
 class ProjectApp(ServiceApp):
@@ -49,7 +53,15 @@ class ProjectApp(ServiceApp):
         self.authorizer: Authorizer = authorizer or RemoteAuthorizer(
             self.clients, watch=self.access_watch
         )
-        self.projects = Projects(db, self.authorizer, self.pool, self.keyring)
+        self.slugs = OrganizationSlugs(
+            db,
+            PublicAddress.of(
+                settings.apps_domain,
+                settings.addresses.get("edge", f"127.0.0.1:{DEFAULT_PORTS['edge']}"),
+            ),
+            IdentityOrganizations(self.clients),
+        )
+        self.projects = Projects(db, self.authorizer, self.pool, self.keyring, self.slugs)
         self.releaser = AllocationReleaser(db, self.feed, self.pool)
         self.reconciler = Reconciler(
             db, self.pool, interval_seconds=settings.project_reconcile_seconds
@@ -62,7 +74,7 @@ class ProjectApp(ServiceApp):
             source="identity",
             watch=self.watch_events("identity"),
             handler=self.on_identity_event,
-            types=["organization.deleted"],
+            types=list(ORGANIZATION_EVENTS),
         )
         if run_loops:
             for loop in (
@@ -89,6 +101,8 @@ class ProjectApp(ServiceApp):
             org = event.organization_id or event.aggregate_id
             if org:
                 await self.projects.delete_organization(tx, org)
+        elif event.type in ("organization.created", "organization.updated"):
+            await self.slugs.on_organization_event(tx, event)
 
 
 def main() -> None:

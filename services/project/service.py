@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import grpc
@@ -23,7 +23,8 @@ from services.project.crypto import (
     open_secret,
     seal_secret,
 )
-from services.project.domain import Project, ProjectSpec, Resources
+from services.project.domain import Project, ProjectSpec, PublicAddress, Resources
+from services.project.hostnames import OrganizationSlugs
 from shared import pagination
 from shared.audit import current_actor, record_audit
 from shared.auth import (
@@ -146,8 +147,12 @@ async def release_quietly(pool: BillingPool, organization_id: str, project_id: s
 # ------------------------------------------------------------------ events, audit
 
 
-def project_payload(project: Project) -> dict[str, Any]:
-    return {"id": project.id, "organization_id": project.organization_id, **asdict(project.spec)}
+def project_payload(project: Project, address: PublicAddress) -> dict[str, Any]:
+    payload = {"id": project.id, "organization_id": project.organization_id}
+    payload.update(asdict(project.spec))
+    if hostname := address.hostname(project):  # never "": runtime would drop its route
+        payload["hostname"] = hostname
+    return payload
 
 
 async def config_changed(tx: Session, project: Project, secret: str, *, restart: bool) -> None:
@@ -200,12 +205,19 @@ class Projects:
     """Every ProjectService use case; api.py only translates protos."""
 
     def __init__(
-        self, db: Database, authorizer: Authorizer, pool: BillingPool, keyring: Keyring
+        self,
+        db: Database,
+        authorizer: Authorizer,
+        pool: BillingPool,
+        keyring: Keyring,
+        slugs: OrganizationSlugs | None = None,
     ) -> None:
         self.db = db
         self.authorizer = authorizer
         self.pool = pool
         self.keyring = keyring
+        self.slugs = slugs or OrganizationSlugs(db, PublicAddress(), None)
+        self.address = self.slugs.address
 
     # -------------------------------------------------------------- access
 
@@ -234,6 +246,10 @@ class Projects:
         async with self.db.session() as s:
             if await store.slug_taken(s, organization_id, spec.slug):
                 raise _slug_taken()
+        # Before billing: UNAVAILABLE here leaves nothing reserved or written.
+        known = await self.slugs.lookup(organization_id)
+        if known is not None and (bad := domain.label_violation(spec.slug, known.slug)):
+            raise InvalidArgument(bad)
         project_id = new_id()
         # Without a keyring the project still exists; its secrets wait for one.
         key_id = self.keyring.active_id if self.keyring.configured else None
@@ -252,13 +268,14 @@ class Projects:
                 )
                 if project is None:
                     raise _slug_taken()
+                project = await self._with_organization_slug(tx, project)
                 await write_event(
                     tx,
                     SCHEMA,
                     "project.created",
                     organization_id=organization_id,
                     aggregate_id=project_id,
-                    payload=project_payload(project),
+                    payload=project_payload(project, self.address),
                 )
                 await record_audit(
                     tx,
@@ -275,8 +292,13 @@ class Projects:
                 raise
         return project
 
+    async def _with_organization_slug(self, tx: Session, project: Project) -> Project:
+        stored = await store.organization_slug(tx, project.organization_id, share=True)
+        return replace(project, organization_slug=stored.slug if stored else "")
+
     async def get_project(self, project_id: str) -> Project:
-        return await self._project_for(project_id, domain.PERM_GET)
+        project = await self._project_for(project_id, domain.PERM_GET)
+        return (await self.slugs.fill([project]))[0]
 
     async def list_projects(
         self, organization_id: str, page_size: int, page_token: str, sleep_enabled: bool | None
@@ -299,7 +321,8 @@ class Projects:
             rows = await store.list_projects(
                 s, organization_id, sleep_enabled=sleep_enabled, after=after, limit=limit + 1
             )
-        return pagination.page_of(rows, limit, lambda p: [p.created_at.isoformat(), p.id])
+        page = pagination.page_of(rows, limit, lambda p: [p.created_at.isoformat(), p.id])
+        return replace(page, items=await self.slugs.fill(page.items))
 
     async def update_project(
         self,
@@ -311,17 +334,23 @@ class Projects:
         touched = domain.update_paths(paths, set_fields)
         current = await self._project_for(project_id, domain.PERM_UPDATE)
         domain.validate_spec(requested, only=touched)
+        if not current.organization_slug:
+            await self.slugs.lookup(current.organization_id)
         async with self.db.transaction() as tx:
             await store.lock_project(tx, project_id)
             current = await store.get_project(tx, project_id) or _gone()
+            current = await self._with_organization_slug(tx, current)
             new_spec = domain.validate_spec(domain.apply_update(current.spec, requested, touched))
             changed = [p for p in touched if getattr(new_spec, p) != getattr(current.spec, p)]
             if not changed:
                 return current
-            if "slug" in changed and await store.slug_taken(
-                tx, current.organization_id, new_spec.slug, except_id=project_id
-            ):
-                raise _slug_taken()
+            if "slug" in changed:
+                if await store.slug_taken(
+                    tx, current.organization_id, new_spec.slug, except_id=project_id
+                ):
+                    raise _slug_taken()
+                if bad := domain.label_violation(new_spec.slug, current.organization_slug):
+                    raise InvalidArgument(bad)
             resized = new_spec.resources != current.spec.resources
             if resized:
                 await self._resize(current, new_spec.resources)
@@ -329,13 +358,18 @@ class Projects:
                 updated = await store.update_project(tx, project_id, new_spec, changed)
                 if updated is None:
                     raise _slug_taken()
+                updated = replace(updated, organization_slug=current.organization_slug)
+                renamed = self.address.hostname(updated) != self.address.hostname(current)
                 await write_event(
                     tx,
                     SCHEMA,
                     "project.updated",
                     organization_id=updated.organization_id,
                     aggregate_id=project_id,
-                    payload={**project_payload(updated), "changed": changed},
+                    payload={
+                        **project_payload(updated, self.address),
+                        "changed": [*changed, "hostname"] if renamed else changed,
+                    },
                 )
                 await record_audit(
                     tx,
@@ -389,6 +423,7 @@ class Projects:
     async def delete_organization(self, tx: Session, organization_id: str) -> int:
         """organization.deleted: the tenant's projects and secrets go; idempotent."""
         deleted = await store.delete_organization_projects(tx, organization_id)
+        await self.slugs.forget(tx, organization_id)
         for project in deleted:
             await project_deleted(tx, project, cause="organization.deleted")
         return len(deleted)

@@ -11,7 +11,7 @@ import asyncpg
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql as pg
 
-from services.project.domain import Project, ProjectSpec, Resources
+from services.project.domain import OrganizationSlug, Project, ProjectSpec, Resources
 from shared.db import Session, compile_query, from_row
 
 SCHEMA = "project"
@@ -59,6 +59,18 @@ project_secrets = sa.Table(
     sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
 )
 
+# identity's organization slugs (domain.OrganizationSlug), for projects' hostnames.
+organization_slugs = sa.Table(
+    "organization_slugs",
+    metadata,
+    sa.Column("organization_id", sa.Text, primary_key=True),
+    sa.Column("slug", sa.Text, nullable=False),
+    sa.Column("event_txid", sa.BigInteger),
+    sa.Column("event_position", sa.BigInteger),
+    sa.Column("as_of", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
+)
+
 _NULLABLE_TEXT = (
     "repository_url",
     "default_command",
@@ -67,6 +79,11 @@ _NULLABLE_TEXT = (
     "liveness_check_path",
 )
 _PROJECT_COLUMNS = [c for c in projects.c if c.name not in ("data_key_wrapped", "data_key_id")]
+# Reads join the organization's slug (NULL while unknown).
+_PROJECT_READ = sa.select(*_PROJECT_COLUMNS, organization_slugs.c.slug.label("organization_slug"))
+_WITH_SLUG = projects.outerjoin(
+    organization_slugs, organization_slugs.c.organization_id == projects.c.organization_id
+)
 
 
 def _spec_values(spec: ProjectSpec, only: Sequence[str] | None = None) -> dict[str, Any]:
@@ -81,7 +98,14 @@ def _spec_values(spec: ProjectSpec, only: Sequence[str] | None = None) -> dict[s
 
 def _project(row: asyncpg.Record) -> Project:
     spec = from_row(ProjectSpec, row)
-    return Project(row["id"], row["organization_id"], spec, row["created_at"], row["updated_at"])
+    return Project(
+        row["id"],
+        row["organization_id"],
+        spec,
+        row["created_at"],
+        row["updated_at"],
+        organization_slug=row.get("organization_slug") or "",
+    )
 
 
 # --------------------------------------------------------------------------- locks
@@ -130,7 +154,7 @@ async def insert_project(
 
 # The hot read (GetProject and every project-scoped RPC's access check), compiled once.
 _GET_PROJECT_SQL, _ = compile_query(
-    sa.select(*_PROJECT_COLUMNS).where(projects.c.id == sa.bindparam("project_id", ""))
+    _PROJECT_READ.select_from(_WITH_SLUG).where(projects.c.id == sa.bindparam("project_id", ""))
 )
 
 
@@ -156,7 +180,9 @@ async def list_projects(
     after: tuple[datetime, str] | None,
     limit: int,
 ) -> list[Project]:
-    statement = sa.select(*_PROJECT_COLUMNS).where(projects.c.organization_id == organization_id)
+    statement = _PROJECT_READ.select_from(_WITH_SLUG).where(
+        projects.c.organization_id == organization_id
+    )
     if sleep_enabled is not None:
         statement = statement.where(projects.c.sleep_enabled == sleep_enabled)
     if after is not None:
@@ -199,6 +225,88 @@ async def delete_organization_projects(tx: Session, organization_id: str) -> lis
         .returning(*_PROJECT_COLUMNS)
     )
     return [_project(r) for r in await tx.fetch(statement)]
+
+
+async def organization_projects(tx: Session, organization_id: str) -> list[Project]:
+    """Every project of the organization, with the slug stored for it."""
+    statement = (
+        _PROJECT_READ.select_from(_WITH_SLUG)
+        .where(projects.c.organization_id == organization_id)
+        .order_by(projects.c.id)
+    )
+    return [_project(r) for r in await tx.fetch(statement)]
+
+
+# --------------------------------------------------------------- organization slugs
+
+
+def _organization_slug(row: asyncpg.Record) -> OrganizationSlug:
+    txid, position = row["event_txid"], row["event_position"]
+    return OrganizationSlug(
+        row["organization_id"],
+        row["slug"],
+        None if txid is None else (txid, position),
+        row["as_of"],
+    )
+
+
+async def organization_slug(
+    s: Session, organization_id: str, *, lock: bool = False, share: bool = False
+) -> OrganizationSlug | None:
+    """`lock`: FOR UPDATE (a change to it); `share`: FOR SHARE (a project written with it
+    commits before the slug can change, so the change's events see that project)."""
+    statement = sa.select(organization_slugs).where(
+        organization_slugs.c.organization_id == organization_id
+    )
+    if lock or share:
+        statement = statement.with_for_update(read=not lock)
+    row = await s.fetchrow(statement)
+    return _organization_slug(row) if row else None
+
+
+async def insert_organization_slug(tx: Session, slug: OrganizationSlug) -> bool:
+    """False when a row for the organization exists already (it is kept)."""
+    statement = (
+        pg.insert(organization_slugs)
+        .values(
+            organization_id=slug.organization_id,
+            slug=slug.slug,
+            event_txid=slug.cursor[0] if slug.cursor else None,
+            event_position=slug.cursor[1] if slug.cursor else None,
+            as_of=slug.as_of,
+            updated_at=sa.func.now(),
+        )
+        .on_conflict_do_nothing(index_elements=[organization_slugs.c.organization_id])
+        .returning(organization_slugs.c.organization_id)
+    )
+    return await tx.fetchval(statement) is not None
+
+
+async def set_organization_slug(tx: Session, slug: OrganizationSlug) -> None:
+    assert slug.cursor is not None  # only events overwrite
+    await tx.execute(
+        sa.update(organization_slugs)
+        .where(organization_slugs.c.organization_id == slug.organization_id)
+        .values(
+            slug=slug.slug,
+            event_txid=slug.cursor[0],
+            event_position=slug.cursor[1],
+            as_of=slug.as_of,
+            updated_at=sa.func.now(),
+        )
+    )
+
+
+async def delete_organization_slug(tx: Session, organization_id: str) -> None:
+    await tx.execute(
+        sa.delete(organization_slugs).where(organization_slugs.c.organization_id == organization_id)
+    )
+
+
+async def database_now(s: Session) -> datetime:
+    """The database's clock (identity's event times come from it)."""
+    now: datetime = await s.fetchval("SELECT clock_timestamp()")
+    return now
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,8 @@ Authorize (runtime's RemoteAuthorizer) and project's GetProject (runtime's Remot
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import io
 import tarfile
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -229,6 +231,46 @@ async def test_watch_events_streams_status_changes_to_services_only(
         assert caught.value.code() == DENIED
 
 
+async def test_routes_name_each_project_s_host_for_the_edge_only(
+    runtime: Runtime, neighbours: Neighbours
+) -> None:
+    tenant = await neighbours.tenant()
+    project_id = await neighbours.project(tenant)
+    edge = await neighbours.service("edge")
+
+    async def route() -> pb.Route | None:
+        listed = await runtime.stub.ListRoutes(pb.ListRoutesRequest(), metadata=edge)
+        return next((r for r in listed.routes if r.project_id == project_id), None)
+
+    consuming = asyncio.create_task(runtime.app.project_events.run())  # project's feed
+    try:
+        deadline = asyncio.get_running_loop().time() + 60
+        while (found := await route()) is None:  # from project's project.created
+            assert asyncio.get_running_loop().time() < deadline, "the project's route never came"
+            await asyncio.sleep(0.1)
+    finally:
+        consuming.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await consuming
+    assert len(found.hostnames) == 1 and found.hostnames[0].endswith(".localhost")
+    assert list(found.upstreams) == [] and found.unavailable_reason == "no_deployment"
+    hostnames = [
+        h
+        for r in (await runtime.stub.ListRoutes(pb.ListRoutesRequest(), metadata=edge)).routes
+        for h in r.hostnames
+    ]
+    assert len(hostnames) == len(set(hostnames))  # a name routes to one project only
+    for who in (
+        tenant.owner.md,
+        (await neighbours.platform_admin()).md,
+        await neighbours.service("billing"),
+        await neighbours.service("agent"),
+    ):
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await runtime.stub.ListRoutes(pb.ListRoutesRequest(), metadata=who)
+        assert caught.value.code() == DENIED
+
+
 # --------------------------------------------------------------- the tenancy matrix
 
 
@@ -367,6 +409,7 @@ def test_the_matrix_covers_every_org_scoped_rpc() -> None:
         "ShipMetrics",
         "FetchArtifact",
         "PutArtifact",
+        "ListRoutes",
         "WatchEvents",
     }
     methods = {m.name for m in service.methods}

@@ -44,7 +44,7 @@ TABLES: dict[str, set[str]] = {
         "outbox",
         "event_cursors",
     },
-    "project": {"projects", "project_secrets", "outbox", "event_cursors"},
+    "project": {"projects", "project_secrets", "organization_slugs", "outbox", "event_cursors"},
     "runtime": {
         "servers",
         "deployments",
@@ -54,6 +54,7 @@ TABLES: dict[str, set[str]] = {
         "usage_windows",
         "usage_reports",
         "sources",
+        "project_routes",
         "outbox",
         "event_cursors",
     },

@@ -26,7 +26,7 @@ from shared.settings import SERVICES, OAuthProvider, Settings, SigningKey
 from tests.support.procs import ServiceProcess, free_port, service_env
 
 PASSWORD = "correct horse battery staple"
-SERVICE_NAMES = (*SERVICES, "agent")
+SERVICE_NAMES = (*SERVICES, "agent", "edge")
 
 
 def bearer(token: str) -> tuple[tuple[str, str], ...]:

@@ -48,6 +48,8 @@ class Process:
     proc: subprocess.Popen[bytes]
     stderr_path: Path
     _stderr: IO[bytes] = field(repr=False)
+    service: str = ""  # what `hangar serve` runs (the name, unless another agent's)
+    env: dict[str, str] | None = field(default=None, repr=False)  # the stack's, unless given
 
     def stderr(self, limit: int = 4000) -> str:
         self._stderr.flush()
@@ -95,7 +97,9 @@ class Stack:
             process.proc.kill()
         process.proc.wait()
         process._stderr.close()
-        return _start(self, name, time.monotonic() + timeout)
+        return _start(
+            self, name, time.monotonic() + timeout, service=process.service, env=process.env
+        )
 
     def stop(self, grace: float = 8.0) -> dict[str, int]:
         """SIGTERM everything in reverse start order, SIGKILL whatever outlives the grace."""
@@ -114,17 +118,24 @@ class Stack:
         return codes
 
 
-def _start(stack: Stack, name: str, deadline: float) -> Process:
+def _start(
+    stack: Stack,
+    name: str,
+    deadline: float,
+    *,
+    service: str = "",
+    env: dict[str, str] | None = None,
+) -> Process:
     stderr_path = stack.home / f"{name}.stderr"
     stderr = stderr_path.open("ab")  # a restart appends to what the process said before
     proc = subprocess.Popen(
-        [sys.executable, "-m", "hangar_cli", "serve", name],
-        env=stack.env,
+        [sys.executable, "-m", "hangar_cli", "serve", service or name],
+        env=env or stack.env,
         cwd=REPO,
         stdout=stderr,  # services log to stderr; anything printed goes to the same file
         stderr=stderr,
     )
-    process = Process(name, stack.addresses[name], proc, stderr_path, stderr)
+    process = Process(name, stack.addresses[name], proc, stderr_path, stderr, service, env)
     stack.processes[name] = process
     while not wait_healthy(name, process.address, min(deadline, time.monotonic() + 0.5)):
         if not process.alive() or time.monotonic() >= deadline:
@@ -172,6 +183,34 @@ def _register_agent(stack: Stack, ram_mb: int, cpu_millis: int) -> None:
         if server.status_code != 200:
             raise StackError(f"registering the agent failed: {server.status_code} {server.text}")
         stack.server_id = server.json()["id"]
+
+
+def add_agent(stack: Stack, name: str, timeout: float = 60.0) -> Process:
+    """Another agent on this machine (its own address, state directory and cgroups), run
+    as the process `name` and registered as the server `name` in the stack's region."""
+    address = f"127.0.0.1:{free_port()}"
+    stack.addresses[name] = address
+    env = {
+        **stack.env,
+        "HANGAR_AGENT_ADDR": address,
+        "HANGAR_AGENT_SERVER": name,
+        "HANGAR_AGENT_STATE_DIR": str(stack.home / name),
+    }
+    process = _start(stack, name, time.monotonic() + timeout, service="agent", env=env)
+    with stack.client(stack.admin_token) as http:
+        server = http.post(
+            "/v1/servers",
+            json={
+                "name": name,
+                "region": REGION,
+                "agentAddress": address,
+                "ramMb": 8192,
+                "cpuMillis": 8000,
+            },
+        )
+    if server.status_code != 200:
+        raise StackError(f"registering {name} failed: {server.status_code} {server.text}")
+    return process
 
 
 def searchable_by_others(path: Path) -> None:
