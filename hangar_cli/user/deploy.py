@@ -286,11 +286,15 @@ def deploy(
             if not address:
                 time.sleep(0.5)
         result["address"] = f"http://{address}" if address else ""
+        result["url"] = str(found.get("url") or "")
     if json_output:
         emit_json(result)
         return
     if address:
-        console.print(f"Running at [bold]http://{address}[/bold]")
+        url = found.get("url")
+        console.print(f"Running at [bold]{url or f'http://{address}'}[/bold]")
+        if url:
+            console.print(f"[dim]this release: http://{address}[/dim]")
     else:
         console.print("Running (no web process answers HTTP).")
 
@@ -465,13 +469,14 @@ def rollback(
 
 
 def open_app(project: ProjectOpt = None, json_output: JsonOpt = False) -> None:
-    """Print the address of the project's running web process (http://host:port)."""
+    """Print the app's public URL (its name through the edge), once a web process runs."""
     with Client() as client:
         found = resolve_project(client, project)
         address = app_address(client, found["id"])
     if not address:
         raise CliError(f"{found.get('slug')} has no running web process", EXIT_NOT_FOUND)
+    url = str(found.get("url") or f"http://{address}")
     if json_output:
-        emit_json({"url": f"http://{address}"})
+        emit_json({"url": url, "address": f"http://{address}"})
         return
-    _write(f"http://{address}")
+    _write(url)

@@ -251,7 +251,8 @@ def test_deploy_reaches_running(session: Session) -> None:
     assert result["deployment"]["status"] == "DEPLOYMENT_STATUS_RUNNING"
     assert result["address"].startswith("http://")
     assert wait_for(lambda: _answers(result["address"]), "the app to answer", within=30)
-    assert session.ok("open").stdout.strip() == result["address"]
+    assert result["url"].startswith("http://") and ".localhost:" in result["url"]
+    assert session.ok("open").stdout.strip() == result["url"]  # the project's public name
     session.address = result["address"]
 
 
