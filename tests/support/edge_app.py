@@ -10,7 +10,7 @@ WebSocket     any path with `Upgrade: websocket`: every text or binary message e
 
 from __future__ import annotations
 
-APP_SOURCE = r'''
+APP_SOURCE = r"""
 import base64, hashlib, json, os, struct, time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -67,7 +67,7 @@ class App(BaseHTTPRequestHandler):
 
 
 ThreadingHTTPServer(("", int(os.environ["PORT"])), App).serve_forever()
-'''
+"""
 
 
 def command(marker: str) -> str:

@@ -1,0 +1,1 @@
+"""The edge: the public HTTP(S) entry for apps, a Caddy driven from runtime's route table."""

@@ -1,0 +1,222 @@
+"""The edge's control loop: keeps Caddy's config equal to runtime's route table.
+
+A `RouteSource` gives the whole table (`fetch`) and says when it may have changed
+(`changes`). The controller re-reads the whole table after a change, debounced so a burst
+of events costs one read, and also every `resync_seconds` as a safety net; it applies the
+result to Caddy only when the config differs, logs how long each apply took, and counts
+applies (`applied_version`, `wait_applied`) so a test can wait for one without sleeping.
+It also answers Caddy's on-demand TLS question (`AskServer`): a certificate only for a name
+in the current table.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Sequence
+from typing import Protocol
+from urllib.parse import parse_qs, urlsplit
+
+from services.edge.caddy import Caddy, EdgeConfig, Route, caddy_config, valid_hostname
+from shared.loops import cancel_and_wait
+
+log = logging.getLogger("hangar.edge")
+
+# A failed re-read is tried again after 1 s, doubling up to 10 s while it keeps failing.
+RETRY_SECONDS = 1.0
+MAX_RETRY_SECONDS = 10.0
+
+
+class RouteSource(Protocol):
+    async def fetch(self) -> list[Route]:
+        """The whole current route table."""
+        ...
+
+    def changes(self) -> AsyncIterator[None]:
+        """Yields whenever the table may have changed (and on every (re)connect)."""
+        ...
+
+
+class StaticRoutes:
+    """A RouteSource over a table held in this process (tests, benchmarks)."""
+
+    def __init__(self, routes: Sequence[Route] = ()) -> None:
+        self.routes = list(routes)
+        self._changed = asyncio.Event()
+        self.received_at = 0.0  # perf_counter() of the last `set`
+
+    def set(self, routes: Sequence[Route]) -> None:
+        self.routes = list(routes)
+        self.received_at = time.perf_counter()
+        self._changed.set()
+
+    async def fetch(self) -> list[Route]:
+        return list(self.routes)
+
+    async def changes(self) -> AsyncIterator[None]:
+        while True:
+            await self._changed.wait()
+            self._changed.clear()
+            yield None
+
+
+class EdgeController:
+    def __init__(
+        self,
+        source: RouteSource,
+        caddy: Caddy,
+        edge: EdgeConfig,
+        *,
+        debounce_seconds: float = 0.03,
+        resync_seconds: float = 30.0,
+        first_fetch_timeout: float = 5.0,
+    ) -> None:
+        self.source = source
+        self.caddy = caddy
+        self.edge = edge
+        self.debounce_seconds = debounce_seconds
+        self.resync_seconds = resync_seconds
+        self.first_fetch_timeout = first_fetch_timeout
+        self.routes: list[Route] = []
+        self.hostnames: frozenset[str] = frozenset()
+        self.applied_version = 0
+        self.last_apply_seconds = 0.0
+        self._applied = asyncio.Condition()
+        self._dirty = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+
+    def knows(self, hostname: str) -> bool:
+        """Whether Caddy may get a certificate for this name (the `ask` answer)."""
+        return hostname.strip().rstrip(".").lower() in self.hostnames
+
+    async def start(self) -> None:
+        """Starts Caddy with the first table (empty if the source does not answer yet),
+        then follows the source in the background."""
+        try:
+            routes = await asyncio.wait_for(self.source.fetch(), self.first_fetch_timeout)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.warning("no route table yet; starting empty", extra={"error": repr(exc)})
+            routes = []
+            self._dirty.set()  # keep trying
+        self._remember(routes)
+        started = time.perf_counter()
+        await self.caddy.start(caddy_config(routes, self.edge))
+        await self._applied_now(started, len(routes))
+        self._tasks = [
+            asyncio.create_task(self._follow_changes()),
+            asyncio.create_task(self._sync_loop()),
+        ]
+
+    async def close(self) -> None:
+        await cancel_and_wait(self._tasks)
+        self._tasks = []
+
+    async def wait_applied(self, after: int) -> int:
+        """Waits until an apply newer than `after` happened; the new version."""
+        async with self._applied:
+            await self._applied.wait_for(lambda: self.applied_version > after)
+            return self.applied_version
+
+    async def apply(self, routes: Sequence[Route]) -> bool:
+        """Applies this table to Caddy; whether the config changed."""
+        started = time.perf_counter()
+        self._remember(routes)
+        changed = await self.caddy.load(caddy_config(routes, self.edge))
+        if changed:
+            await self._applied_now(started, len(routes))
+        return changed
+
+    def _remember(self, routes: Sequence[Route]) -> None:
+        # Before Caddy sees the new names, so its on-demand `ask` finds them.
+        self.routes = list(routes)
+        self.hostnames = frozenset(
+            h.rstrip(".").lower() for r in routes for h in r.hostnames if valid_hostname(h.lower())
+        )
+
+    async def _applied_now(self, started: float, count: int) -> None:
+        self.last_apply_seconds = time.perf_counter() - started
+        log.info(
+            "routes applied",
+            extra={"routes": count, "apply_ms": round(self.last_apply_seconds * 1000, 1)},
+        )
+        async with self._applied:
+            self.applied_version += 1
+            self._applied.notify_all()
+
+    async def _follow_changes(self) -> None:
+        async for _ in self.source.changes():
+            self._dirty.set()
+
+    async def _sync_loop(self) -> None:
+        retry = RETRY_SECONDS
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._dirty.wait(), self.resync_seconds)
+            await asyncio.sleep(self.debounce_seconds)  # let a burst of events settle
+            self._dirty.clear()
+            try:
+                await self.apply(await self.source.fetch())
+                retry = RETRY_SECONDS
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                raise_if_cancelling(exc)
+                log.warning("route sync failed", extra={"error": repr(exc), "retry_seconds": retry})
+                await asyncio.sleep(retry)
+                retry = min(retry * 2, MAX_RETRY_SECONDS)
+                self._dirty.set()
+
+
+def raise_if_cancelling(exc: BaseException) -> None:
+    """grpc.aio turns a cancelled call into AioRpcError(CANCELLED): a task cancelled in a
+    call would then retry forever instead of ending. Re-raise the cancellation."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError from exc
+
+
+class AskServer:
+    """Caddy's on-demand TLS guard on loopback: `GET /ask?domain=NAME` answers 200 only
+    for a name in the controller's table (so nobody can make the edge fetch certificates
+    for names it does not serve)."""
+
+    def __init__(self, controller: EdgeController | None = None) -> None:
+        self.controller = controller
+        self._server: asyncio.Server | None = None
+        self.port = 0
+
+    async def start(self, host: str = "127.0.0.1") -> str:
+        """Listens on a free loopback port; the URL for Caddy's `ask`."""
+        self._server = await asyncio.start_server(self._answer, host, 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return f"http://{host}:{self.port}/ask"
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+
+    def allows(self, target: str) -> bool:
+        url = urlsplit(target)
+        domain = parse_qs(url.query).get("domain", [""])[0]
+        controller = self.controller
+        return url.path == "/ask" and controller is not None and controller.knows(domain)
+
+    async def _answer(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+            parts = head.split(b"\r\n", 1)[0].decode("latin-1").split()
+            ok = len(parts) == 3 and parts[0] == "GET" and self.allows(parts[1])
+            status = b"200 OK" if ok else b"403 Forbidden"
+            writer.write(b"HTTP/1.1 %s\r\nContent-Length: 0\r\nConnection: close\r\n\r\n" % status)
+            await writer.drain()
+        except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, OSError):
+            pass
+        finally:
+            writer.close()
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()

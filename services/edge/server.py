@@ -1,0 +1,87 @@
+"""The edge process (`hangar serve edge`): Caddy on the public ports, kept in step with
+runtime's route table.
+
+Start-up: the `ask` endpoint on a loopback port, then Caddy with the first table (empty if
+runtime does not answer yet; the controller keeps trying), then the controller follows
+runtime's events. SIGTERM/SIGINT stop the controller, then Caddy (which finishes in-flight
+requests within its grace). Caddy cannot outlive this process (see `Caddy`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+
+from services.edge.caddy import Caddy, CaddyError, EdgeConfig, default_state_dir
+from services.edge.controller import AskServer, EdgeController
+from services.edge.runtime_routes import RuntimeRoutes
+from shared.logging import configure_logging
+from shared.settings import Settings
+
+log = logging.getLogger("hangar.edge")
+
+
+def edge_config(settings: Settings, caddy: Caddy, ask_url: str) -> EdgeConfig:
+    return EdgeConfig(
+        http_address=settings.addresses["edge"],
+        https_port=settings.edge_https_port,
+        admin_address=settings.edge_admin_address,
+        apps_domain=settings.apps_domain,
+        storage_dir=str(caddy.storage_dir),
+        ask_url=ask_url,
+    )
+
+
+async def serve(settings: Settings) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    source = RuntimeRoutes(settings)
+    caddy = Caddy(
+        settings.edge_admin_address, default_state_dir(), stop_grace=settings.grace_seconds
+    )
+    ask = AskServer()
+    controller: EdgeController | None = None
+    try:
+        edge = edge_config(settings, caddy, await ask.start())
+        controller = EdgeController(
+            source, caddy, edge, first_fetch_timeout=settings.call_timeout_seconds
+        )
+        ask.controller = controller
+        await controller.start()
+        where = {"http": edge.http_address, "https": edge.https_address}
+        log.info("serving", extra={**where, "domain": edge.apps_domain})
+        await _until_stopped(stop, caddy)
+    finally:
+        log.info("shutting down")
+        await caddy.stop()  # first: whatever happens next, no Caddy is left behind
+        if controller is not None:
+            await controller.close()
+        await ask.close()
+        await source.close()
+        log.info("stopped")
+
+
+async def _until_stopped(stop: asyncio.Event, caddy: Caddy) -> None:
+    """Until SIGTERM/SIGINT; an exit of Caddy itself ends the edge too (its supervisor
+    restarts it)."""
+    assert caddy.proc is not None
+    stopped = asyncio.create_task(stop.wait())
+    exited = asyncio.create_task(caddy.proc.wait())
+    done, pending = await asyncio.wait({stopped, exited}, return_when=asyncio.FIRST_COMPLETED)
+    for task in pending:
+        task.cancel()
+    if exited in done:
+        raise SystemExit(f"caddy exited ({caddy.proc.returncode})")
+
+
+def main() -> None:
+    settings = Settings.from_env("edge")
+    configure_logging("edge", settings.log_level)
+    try:
+        asyncio.run(serve(settings))
+    except (OSError, CaddyError) as exc:  # a port taken, caddy missing or refusing
+        log.error("edge: %s", exc)
+        raise SystemExit(1) from None

@@ -1,0 +1,273 @@
+"""Apps at their public names, through the edge (Caddy, driven by `hangar serve edge` from
+runtime's routes), every service its own process (tests/support/stack.py), apps in the
+container sandbox, and a second agent on this machine as a second server:
+
+a project's app answers at <project>-<org>.localhost on the edge's port, with the
+X-Forwarded-* headers the edge sets (never a client's); WebSockets pass; an unknown name
+gets the 404 page, a project with nothing running the 503 page; a load loop through a
+redeploy and a rollback loses no request (the new release is healthy before the edge
+switches, the old one drains); a server whose agent is killed: its app comes back on the
+other server, reached at the same name, and the stale container is stopped when the agent
+returns.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import socket
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+import pytest
+from websockets.sync.client import connect
+
+from services.agent.containers import unavailable_reason
+from tests.support import edge_app
+from tests.support.stack import (
+    Account,
+    Stack,
+    add_agent,
+    migrated_database,
+    sign_up,
+    start_stack,
+    wait_for,
+)
+
+_why_not = unavailable_reason()
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        _why_not is not None, reason=f"the edge's tests need the sandbox: {_why_not}"
+    ),
+]
+
+RUNNING = "DEPLOYMENT_STATUS_RUNNING"
+SECOND_AGENT = "e2e-agent-2"
+
+
+@dataclass
+class World:
+    stack: Stack
+    http: httpx.Client  # the gateway
+    edge: httpx.Client  # the edge's HTTP port
+    owner: Account | None = None
+    project: dict[str, Any] = field(default_factory=dict)
+    deployments: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def auth(self) -> dict[str, str]:
+        assert self.owner is not None
+        return self.owner.auth
+
+    @property
+    def edge_port(self) -> int:
+        return int(self.stack.addresses["edge"].rpartition(":")[2])
+
+    def at(self, hostname: str, path: str = "/") -> httpx.Response:
+        return self.edge.get(path, headers={"Host": hostname})
+
+
+@pytest.fixture(scope="module")
+def world(
+    create_database: Callable[[str], str],
+    db_passwords: dict[str, str],
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[World]:
+    url = migrated_database(create_database, db_passwords)
+    stack = start_stack(
+        url,
+        db_passwords,
+        tmp_path_factory.mktemp("edge") / "stack",
+        edge=True,
+        extra_env={
+            "HANGAR_RUNTIME_DRAIN_SECONDS": "5",  # the old release answers what is in flight
+            "HANGAR_RUNTIME_HEARTBEAT_TIMEOUT_SECONDS": "3",
+            "HANGAR_AGENT_START_TIMEOUT_SECONDS": "60",
+        },
+    )
+    try:
+        add_agent(stack, SECOND_AGENT)
+        edge = httpx.Client(base_url=f"http://{stack.addresses['edge']}", timeout=30)
+        with stack.client(timeout=60) as http, edge:
+            yield World(stack, http, edge)
+    finally:
+        stack.stop()
+
+
+def _ok(response: httpx.Response) -> dict[str, Any]:
+    assert response.status_code == 200, f"{response.request.url}: {response.text}"
+    body: dict[str, Any] = response.json()
+    return body
+
+
+def _deploy(w: World, marker: str) -> dict[str, Any]:
+    url = f"/v1/projects/{w.project['id']}/deployments"
+    created = _ok(w.http.post(url, headers=w.auth, json={"command": edge_app.command(marker)}))
+    return _wait(w, created["id"], RUNNING)
+
+
+def _wait(w: World, deployment_id: str, status: str, within: float = 120) -> dict[str, Any]:
+    def probe() -> dict[str, Any] | None:
+        current = _ok(w.http.get(f"/v1/deployments/{deployment_id}", headers=w.auth))
+        if current["status"] == status:
+            return current
+        assert current["status"] not in ("DEPLOYMENT_STATUS_CANCELLED",), current
+        return None
+
+    found: dict[str, Any] = wait_for(probe, f"deployment {deployment_id} {status}", within, 0.3)
+    return found
+
+
+def _serves(w: World, marker: str, within: float = 60) -> None:
+    """Wait until the project's name answers with `marker` through the edge."""
+
+    def probe() -> bool:
+        reply = w.at(w.project["hostname"])
+        return reply.status_code == 200 and reply.text == marker
+
+    wait_for(probe, f"the edge to serve {marker}", within, 0.1)
+
+
+def test_a_project_has_a_public_name_and_url(world: World) -> None:
+    w = world
+    w.owner = sign_up(w.http, "edger")
+    slug = f"ed{secrets.token_hex(3)}"
+    org = _ok(w.http.post("/v1/organizations", headers=w.auth, json={"name": "E", "slug": slug}))
+    spec = {"name": "Web", "slug": "web", "ramMb": 128, "cpuMillis": 100, "bandwidthGb": 1}
+
+    def create() -> dict[str, Any] | None:
+        reply = w.http.post(f"/v1/organizations/{org['id']}/projects", headers=w.auth, json=spec)
+        return reply.json() if reply.status_code == 200 else None
+
+    w.project = wait_for(create, "the project (once the organization's pool exists)")
+    assert w.project["hostname"] == f"web-{slug}.localhost"
+    assert w.project["url"] == f"http://web-{slug}.localhost:{w.edge_port}"
+    _ok(
+        w.http.put(
+            f"/v1/projects/{w.project['id']}/secrets/APP_SOURCE",
+            headers=w.auth,
+            json={"value": edge_app.APP_SOURCE, "restart": False},
+        )
+    )
+
+    # Nothing deployed yet: the edge knows the name and says nothing runs there.
+    def unavailable() -> httpx.Response | None:
+        reply = w.at(w.project["hostname"])
+        return reply if reply.status_code == 503 else None
+
+    page = wait_for(unavailable, "the 503 page for a project with nothing running", 30)
+    assert page.headers["content-type"].startswith("text/html")
+    assert "Hangar" in page.text
+
+
+def test_an_unknown_name_gets_the_404_page(world: World) -> None:
+    reply = world.at(f"nobody-{secrets.token_hex(4)}.localhost")
+    assert reply.status_code == 404
+    assert reply.headers["content-type"].startswith("text/html") and "Hangar" in reply.text
+
+
+def test_the_app_answers_at_its_name_with_forwarded_headers(world: World) -> None:
+    w = world
+    w.deployments["v1"] = _deploy(w, "v1")["id"]
+    _serves(w, "v1")
+    reply = w.edge.get(
+        "/headers",
+        headers={"Host": w.project["hostname"], "X-Forwarded-For": "6.6.6.6"},
+    )
+    seen = {k.lower(): v for k, v in json.loads(reply.text).items()}
+    assert seen["x-forwarded-host"] == w.project["hostname"]
+    assert seen["x-forwarded-proto"] == "http"
+    assert seen["x-forwarded-for"].split(",")[-1].strip() == "127.0.0.1"
+    assert "6.6.6.6" not in seen["x-forwarded-for"]  # a client cannot claim another address
+
+
+def test_websockets_pass_through_the_edge(world: World) -> None:
+    w = world
+    hostname = w.project["hostname"]
+    sock = socket.create_connection(("127.0.0.1", w.edge_port), timeout=30)
+    with connect(f"ws://{hostname}:{w.edge_port}/echo", sock=sock, open_timeout=30) as ws:
+        for message in ("hello", "x" * 5000):
+            ws.send(message)
+            assert ws.recv(timeout=30) == message
+
+
+def test_a_redeploy_and_a_rollback_under_load_lose_no_request(world: World) -> None:
+    w = world
+    failures: list[str] = []
+    answers: dict[str, int] = {}
+    stop = threading.Event()
+
+    def load() -> None:
+        with httpx.Client(base_url=w.edge.base_url, timeout=30) as client:
+            while not stop.is_set():
+                try:
+                    reply = client.get("/", headers={"Host": w.project["hostname"]})
+                except httpx.HTTPError as exc:
+                    failures.append(repr(exc))
+                    continue
+                if reply.status_code != 200:
+                    failures.append(f"{reply.status_code}: {reply.text[:200]}")
+                else:
+                    answers[reply.text] = answers.get(reply.text, 0) + 1
+
+    loops = [threading.Thread(target=load) for _ in range(4)]
+    for loop in loops:
+        loop.start()
+    try:
+        second = _deploy(w, "v2")
+        _serves(w, "v2")
+        rollback = _ok(w.http.post(f"/v1/deployments/{second['id']}:rollback", headers=w.auth))
+        _wait(w, rollback["id"], RUNNING)
+        _serves(w, "v1")
+        w.deployments["v1"] = rollback["id"]
+    finally:
+        stop.set()
+        for loop in loops:
+            loop.join(timeout=60)
+    assert not failures, failures[:5]
+    assert answers.get("v1", 0) > 0 and answers.get("v2", 0) > 0, answers
+
+
+def test_a_dead_server_s_app_comes_back_on_the_other_one(world: World) -> None:
+    w = world
+    current = _ok(w.http.get(f"/v1/deployments/{w.deployments['v1']}", headers=w.auth))
+    admin = {"Authorization": f"Bearer {w.stack.admin_token}"}
+    server = _ok(w.http.get(f"/v1/servers/{current['serverId']}", headers=admin))
+    victim = "agent" if server["name"] != SECOND_AGENT else SECOND_AGENT
+    process = w.stack.processes[victim]
+    process.proc.kill()  # no goodbye: its containers run on, unseen
+    process.proc.wait()
+
+    def moved() -> dict[str, Any] | None:
+        listed = _ok(w.http.get(f"/v1/projects/{w.project['id']}/deployments", headers=w.auth))[
+            "deployments"
+        ]
+        return next(
+            (
+                d
+                for d in listed
+                if d["releaseReason"] == "RELEASE_REASON_FAILOVER" and d["status"] == RUNNING
+            ),
+            None,
+        )
+
+    again = wait_for(moved, "the release running on the other server", 120, 0.5)
+    assert again["serverId"] != current["serverId"]
+    _serves(w, "v1")
+
+    # The agent returns: what it still runs of the failed deployment is stopped.
+    w.stack.restart(victim)
+
+    def stale_gone() -> bool:
+        listed = _ok(w.http.get(f"/v1/projects/{w.project['id']}/containers", headers=w.auth))[
+            "containers"
+        ]
+        live = [c for c in listed if c["status"].endswith(("RUNNING", "STARTING", "STOPPING"))]
+        return [c["deploymentId"] for c in live] == [again["id"]]
+
+    wait_for(stale_gone, "the stale container on the returning server to stop", 120, 0.5)
+    _serves(w, "v1")
