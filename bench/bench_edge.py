@@ -1,7 +1,8 @@
 """The edge (a real Caddy driven by EdgeController) against reaching the same app directly,
 side by side in one run: requests/s and latency percentiles over N keep-alive connections;
-then how long a route update takes to answer: from the controller's source receiving a new
-table to the new hostname answering through the edge (p50/p99 over `--updates` updates).
+then how long route updates take to answer, from the controller's source receiving a new
+table (p50/p99 over `--updates` updates each): a new hostname (a Caddy config load), and a
+project's upstream moving to another app (a deploy: the edge's DNS only, no config load).
 
 The app is a tiny asyncio HTTP/1.1 server in a child process; the client is a raw asyncio
 keep-alive loop in this process (lighter than httpx, so the client is not what is measured).
@@ -25,11 +26,12 @@ from pathlib import Path
 
 from services.edge.caddy import Caddy, EdgeConfig, Route
 from services.edge.controller import AskServer, EdgeController, StaticRoutes
+from services.edge.dns import UpstreamDns
 
 HOST = "bench-ada.localhost"
 APP = r"""
 import asyncio, sys
-BODY = b"hello from the app\n"
+BODY = sys.argv[2].encode() if len(sys.argv) > 2 else b"hello from the app\n"
 REPLY = b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: %d\r\n\r\n%s" % (
     len(BODY), BODY)
 async def serve(reader, writer):
@@ -136,12 +138,45 @@ async def route_updates(
     return out
 
 
+async def body_is(port: int, host: str, expected: bytes) -> bool:
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    except OSError:
+        return False
+    try:
+        writer.write(f"GET / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
+        return (await reader.read()).endswith(expected)
+    except OSError:
+        return False
+    finally:
+        writer.close()
+
+
+async def upstream_moves(
+    source: StaticRoutes, http_port: int, first: str, second: str, count: int
+) -> list[float]:
+    """ms from the source receiving the project's new upstream to its answer through the
+    edge, alternating between two apps (one answers "other")."""
+    out = []
+    for i in range(count):
+        target, body = (second, b"other") if i % 2 == 0 else (first, b"hello from the app\n")
+        source.set([Route(project_id="bench", hostnames=[HOST], upstreams=[target])])
+        await until(functools.partial(body_is, http_port, HOST, body), poll=0.001)
+        out.append((time.perf_counter() - source.received_at) * 1000)
+    return out
+
+
 async def bench(args: argparse.Namespace) -> None:
     state = Path(tempfile.mkdtemp(prefix="hangar-bench-edge-"))
     app_port, http_port = free_port(), free_port()
     app = await asyncio.create_subprocess_exec(sys.executable, "-c", APP, str(app_port))
+    other_port = free_port()
+    other = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", APP, str(other_port), "other"
+    )
     caddy = Caddy(f"127.0.0.1:{free_port()}", state, stop_grace=5, log_path=state / "caddy.log")
     ask = AskServer()
+    dns = UpstreamDns()
     upstream = f"127.0.0.1:{app_port}"
     source = StaticRoutes([Route(project_id="bench", hostnames=[HOST], upstreams=[upstream])])
     edge = EdgeConfig(
@@ -151,8 +186,9 @@ async def bench(args: argparse.Namespace) -> None:
         apps_domain="localhost",
         storage_dir=str(caddy.storage_dir),
         ask_url=await ask.start(),
+        dns_address=await dns.start(),
     )
-    controller = EdgeController(source, caddy, edge, debounce_seconds=args.debounce)
+    controller = EdgeController(source, caddy, edge, dns, debounce_seconds=args.debounce)
     ask.controller = controller
     try:
         await controller.start()
@@ -164,20 +200,26 @@ async def bench(args: argparse.Namespace) -> None:
             for name, port in targets.items():
                 results[name] = await load(port, HOST, args.connections, args.seconds)
         updates = await route_updates(source, http_port, upstream, args.updates)
+        moves = await upstream_moves(
+            source, http_port, upstream, f"127.0.0.1:{other_port}", args.updates
+        )
     finally:
         await controller.close()
         await caddy.stop()
         await ask.close()
-        app.terminate()
-        await app.wait()
+        dns.close()
+        for child in (app, other):
+            child.terminate()
+            await child.wait()
         shutil.rmtree(state, ignore_errors=True)
-    report(args, results, updates, controller.last_apply_seconds)
+    report(args, results, updates, moves, controller.last_apply_seconds)
 
 
 def report(
     args: argparse.Namespace,
     results: dict[str, tuple[float, list[float]]],
     updates: list[float],
+    moves: list[float],
     last_apply: float,
 ) -> None:
     print(
@@ -194,6 +236,10 @@ def report(
         f"route update -> answering, {len(updates)} updates (debounce {args.debounce * 1000:g} ms):"
         f" p50 {pct(updates, 50):.1f} ms, p99 {pct(updates, 99):.1f} ms;"
         f" last apply (POST /load) {last_apply * 1000:.1f} ms"
+    )
+    print(
+        f"upstream moved (a deploy) -> answering, {len(moves)} moves (DNS, no config load):"
+        f" p50 {pct(moves, 50):.1f} ms, p99 {pct(moves, 99):.1f} ms"
     )
 
 

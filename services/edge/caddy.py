@@ -33,6 +33,7 @@ from typing import Any, BinaryIO
 import httpx
 
 from hangar.runtime.v1 import runtime_pb2
+from services.edge.dns import srv_name
 from shared.settings import default_data_dir
 
 log = logging.getLogger("hangar.edge")
@@ -51,9 +52,13 @@ TRY_DURATION = "1s"
 TRY_INTERVAL = "50ms"
 # How long a config change waits for the old config's in-flight requests (then cuts them).
 GRACE_PERIOD = "30s"
-# A config change (any project's deploy) leaves proxied WebSockets open this long, instead
-# of closing every tenant's at once (Caddy >= 2.7).
+# A config change (a project added or removed) leaves proxied WebSockets open this long,
+# instead of closing every tenant's at once (Caddy >= 2.7).
 STREAM_CLOSE_DELAY = "24h"
+# How long Caddy keeps a project's upstreams from the edge's DNS before asking again (so how
+# soon a deploy is followed), and keeps using them when the DNS does not answer.
+SRV_REFRESH = "100ms"
+SRV_GRACE = "5m"
 _LABEL = r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?"
 _HOSTNAME = re.compile(rf"^(?=.{{1,253}}$){_LABEL}(\.{_LABEL})*$")
 
@@ -68,6 +73,7 @@ class EdgeConfig:
     apps_domain: str
     storage_dir: str  # Caddy's own data: its local CA, certificates
     ask_url: str  # the edge's on-demand TLS guard: 200 only for names in the table
+    dns_address: str = ""  # "udp/127.0.0.1:PORT": the edge's DNS, where upstreams are found
 
     @property
     def https_address(self) -> str:
@@ -97,7 +103,7 @@ def valid_hostname(name: str) -> bool:
 
 def caddy_config(routes: Sequence[Route], edge: EdgeConfig) -> CaddyConfig:
     """Caddy's whole JSON config for this route table."""
-    table = route_handlers(routes)
+    table = route_handlers(routes, edge.dns_address)
     return {
         "admin": {"listen": edge.admin_address, "config": {"persist": False}},
         "storage": {"module": "file_system", "root": edge.storage_dir},
@@ -137,7 +143,7 @@ def _server(
     return server
 
 
-def route_handlers(routes: Sequence[Route]) -> list[dict[str, Any]]:
+def route_handlers(routes: Sequence[Route], dns_address: str) -> list[dict[str, Any]]:
     """The HTTP routes, in order: the edge's health, each project, then the 404 page."""
     out: list[dict[str, Any]] = [_health_route()]
     seen: set[str] = set()
@@ -146,7 +152,7 @@ def route_handlers(routes: Sequence[Route]) -> list[dict[str, Any]]:
         if not hosts:
             continue
         seen.update(hosts)
-        out.append(_project_route(route, hosts))
+        out.append(_project_route(route, hosts, dns_address))
     out.append(_page_route(404, "No app answers to this name."))
     return out
 
@@ -177,24 +183,33 @@ def _health_route() -> dict[str, Any]:
     }
 
 
-def _project_route(route: Route, hosts: list[str]) -> dict[str, Any]:
-    upstreams = list(dict.fromkeys(u for u in route.upstreams if u))
-    if not upstreams:
+def _project_route(route: Route, hosts: list[str], dns_address: str) -> dict[str, Any]:
+    """The project's upstreams are not in the config: Caddy looks them up in the edge's DNS
+    (dns.py), so a deploy changes no config. Only whether anything serves does."""
+    if not any(route.upstreams):
         reason = route.unavailable_reason or "unavailable"
         page = _page_route(503, f"Nothing serves this app right now ({reason}).")
         return {"match": [{"host": hosts}], "handle": page["handle"], "terminal": True}
     return {
         "match": [{"host": hosts}],
-        "handle": [_reverse_proxy(upstreams)],
+        "handle": [_reverse_proxy(route.project_id, dns_address)],
         "terminal": True,
     }
 
 
-def _reverse_proxy(upstreams: list[str]) -> dict[str, Any]:
+def _reverse_proxy(project_id: str, dns_address: str) -> dict[str, Any]:
     # X-Forwarded-For/Proto/Host are Caddy's defaults; Host reaches the app unchanged.
+    resolver = {"addresses": [dns_address]}
     return {
         "handler": "reverse_proxy",
-        "upstreams": [{"dial": u} for u in upstreams],
+        "dynamic_upstreams": {
+            "source": "srv",
+            "name": srv_name(project_id),
+            "refresh": SRV_REFRESH,
+            "grace_period": SRV_GRACE,  # the edge restarting: the last answer, meanwhile
+            "resolver": resolver,
+        },
+        "transport": {"protocol": "http", "resolver": resolver},
         "load_balancing": {
             "selection_policy": {"policy": "round_robin"},
             "try_duration": TRY_DURATION,
@@ -295,6 +310,7 @@ class Caddy:
         self.log_path = Path(log_path) if log_path else None
         self.proc: asyncio.subprocess.Process | None = None
         self._applied: bytes | None = None
+        self.loads = 0  # configs loaded after the first (each closes idle client connections)
         self._client = httpx.AsyncClient(
             base_url=f"http://{admin_address}", trust_env=False, timeout=60
         )
@@ -360,6 +376,7 @@ class Caddy:
         if reply.status_code != 200:
             raise CaddyError(f"caddy refused the config: {reply.status_code} {reply.text[:500]}")
         self._applied = body
+        self.loads += 1
         return True
 
     @property

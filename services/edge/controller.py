@@ -5,6 +5,7 @@ A `RouteSource` gives the whole table (`fetch`) and says when it may have change
 of events costs one read, and also every `resync_seconds` as a safety net; it applies the
 result to Caddy only when the config differs, logs how long each apply took, and counts
 applies (`applied_version`, `wait_applied`) so a test can wait for one without sleeping.
+Upstreams are not in Caddy's config: the table goes to the edge's DNS first (dns.py).
 It also answers Caddy's on-demand TLS question (`AskServer`): a certificate only for a name
 in the current table.
 """
@@ -20,6 +21,7 @@ from typing import Protocol
 from urllib.parse import parse_qs, urlsplit
 
 from services.edge.caddy import Caddy, EdgeConfig, Route, caddy_config, valid_hostname
+from services.edge.dns import UpstreamDns
 from shared.loops import cancel_and_wait
 
 log = logging.getLogger("hangar.edge")
@@ -68,6 +70,7 @@ class EdgeController:
         source: RouteSource,
         caddy: Caddy,
         edge: EdgeConfig,
+        dns: UpstreamDns,
         *,
         debounce_seconds: float = 0.03,
         resync_seconds: float = 30.0,
@@ -76,6 +79,7 @@ class EdgeController:
         self.source = source
         self.caddy = caddy
         self.edge = edge
+        self.dns = dns
         self.debounce_seconds = debounce_seconds
         self.resync_seconds = resync_seconds
         self.first_fetch_timeout = first_fetch_timeout
@@ -102,8 +106,8 @@ class EdgeController:
             log.warning("no route table yet; starting empty", extra={"error": repr(exc)})
             routes = []
             self._dirty.set()  # keep trying
-        self._remember(routes)
         started = time.perf_counter()
+        await self._remember(routes)
         await self.caddy.start(caddy_config(routes, self.edge))
         await self._applied_now(started, len(routes))
         self._tasks = [
@@ -122,16 +126,17 @@ class EdgeController:
             return self.applied_version
 
     async def apply(self, routes: Sequence[Route]) -> bool:
-        """Applies this table to Caddy; whether the config changed."""
+        """Applies this table: the DNS's upstreams at once, then Caddy's config if it
+        changed (a name added or removed, a project served or not); whether it did."""
         started = time.perf_counter()
-        self._remember(routes)
+        await self._remember(routes)
         changed = await self.caddy.load(caddy_config(routes, self.edge))
-        if changed:
-            await self._applied_now(started, len(routes))
+        await self._applied_now(started, len(routes))
         return changed
 
-    def _remember(self, routes: Sequence[Route]) -> None:
-        # Before Caddy sees the new names, so its on-demand `ask` finds them.
+    async def _remember(self, routes: Sequence[Route]) -> None:
+        # Before Caddy sees the new names, so its on-demand `ask` and its lookups find them.
+        await self.dns.set_routes(routes)
         self.routes = list(routes)
         self.hostnames = frozenset(
             h.rstrip(".").lower() for r in routes for h in r.hostnames if valid_hostname(h.lower())

@@ -1,8 +1,9 @@
 """The edge process (`hangar serve edge`): Caddy on the public ports, kept in step with
 runtime's route table.
 
-Start-up: the `ask` endpoint on a loopback port, then Caddy with the first table (empty if
-runtime does not answer yet; the controller keeps trying), then the controller follows
+Start-up: the `ask` endpoint and the upstreams' DNS on loopback ports, then Caddy with the
+first table (empty if runtime does not answer yet; the controller keeps trying), then the
+controller follows
 runtime's events. SIGTERM/SIGINT stop the controller, then Caddy (which finishes in-flight
 requests within its grace). Caddy cannot outlive this process (see `Caddy`).
 """
@@ -15,6 +16,7 @@ import signal
 
 from services.edge.caddy import Caddy, CaddyError, EdgeConfig, default_state_dir
 from services.edge.controller import AskServer, EdgeController
+from services.edge.dns import UpstreamDns
 from services.edge.runtime_routes import RuntimeRoutes
 from shared.logging import configure_logging
 from shared.settings import Settings
@@ -22,7 +24,7 @@ from shared.settings import Settings
 log = logging.getLogger("hangar.edge")
 
 
-def edge_config(settings: Settings, caddy: Caddy, ask_url: str) -> EdgeConfig:
+def edge_config(settings: Settings, caddy: Caddy, ask_url: str, dns_address: str) -> EdgeConfig:
     return EdgeConfig(
         http_address=settings.addresses["edge"],
         https_port=settings.edge_https_port,
@@ -30,6 +32,7 @@ def edge_config(settings: Settings, caddy: Caddy, ask_url: str) -> EdgeConfig:
         apps_domain=settings.apps_domain,
         storage_dir=str(caddy.storage_dir),
         ask_url=ask_url,
+        dns_address=dns_address,
     )
 
 
@@ -43,11 +46,12 @@ async def serve(settings: Settings) -> None:
         settings.edge_admin_address, default_state_dir(), stop_grace=settings.grace_seconds
     )
     ask = AskServer()
+    dns = UpstreamDns()
     controller: EdgeController | None = None
     try:
-        edge = edge_config(settings, caddy, await ask.start())
+        edge = edge_config(settings, caddy, await ask.start(), await dns.start())
         controller = EdgeController(
-            source, caddy, edge, first_fetch_timeout=settings.call_timeout_seconds
+            source, caddy, edge, dns, first_fetch_timeout=settings.call_timeout_seconds
         )
         ask.controller = controller
         await controller.start()
@@ -60,6 +64,7 @@ async def serve(settings: Settings) -> None:
         if controller is not None:
             await controller.close()
         await ask.close()
+        dns.close()
         await source.close()
         log.info("stopped")
 

@@ -35,6 +35,7 @@ from hangar.identity.v1 import identity_pb2, identity_pb2_grpc
 from hangar.runtime.v1 import runtime_pb2, runtime_pb2_grpc
 from services.edge.caddy import HEALTH_HOST, Caddy, EdgeConfig, Route
 from services.edge.controller import AskServer, EdgeController, RouteSource, StaticRoutes
+from services.edge.dns import UpstreamDns
 from services.edge.runtime_routes import RuntimeRoutes
 from shared.settings import Settings
 from tests.support.procs import free_port
@@ -152,6 +153,7 @@ async def running_edge(
     http_port, https_port, admin_port = free_port(), free_port(), free_port()
     caddy = Caddy(f"127.0.0.1:{admin_port}", state, stop_grace=5, log_path=state / "caddy.log")
     ask = AskServer()
+    dns = UpstreamDns()
     config = EdgeConfig(
         http_address=f"127.0.0.1:{http_port}",
         https_port=https_port,
@@ -159,8 +161,9 @@ async def running_edge(
         apps_domain="localhost",
         storage_dir=str(caddy.storage_dir),
         ask_url=await ask.start(),
+        dns_address=await dns.start(),
     )
-    controller = EdgeController(source, caddy, config, debounce_seconds=0.02)
+    controller = EdgeController(source, caddy, config, dns, debounce_seconds=0.02)
     ask.controller = controller
     try:
         await controller.start()
@@ -168,6 +171,8 @@ async def running_edge(
     finally:
         await controller.close()
         await caddy.stop()
+        await ask.close()
+        dns.close()
         await ask.close()
         shutil.rmtree(state, ignore_errors=True)
 
@@ -349,12 +354,46 @@ async def test_a_route_update_goes_live_without_dropping_a_request_in_flight(
     version = edge.controller.applied_version
     edge.source.set([route(new.address), route(new.address, host="second-ada.localhost")])
     await until_answers(client, edge, "second-ada.localhost", "new")
-    old.release.set()  # only now may the old config's request finish
+    await until_answers(client, edge, HOST, "new")  # once Caddy's lookup (100 ms) is renewed
+    old.release.set()  # only now may the request sent to the old app finish
 
     reply = await asyncio.wait_for(in_flight, DEADLINE)
     assert reply.status_code == 200 and reply.json()["app"] == "old"
     await asyncio.wait_for(edge.controller.wait_applied(version), DEADLINE)
-    assert (await get(client, edge)).json()["app"] == "new"
+
+
+async def test_a_deploy_moves_traffic_without_a_config_load_or_a_dropped_connection(
+    edge: Edge, apps: Callable[[str], Awaitable[App]]
+) -> None:
+    # The project's upstream moves (a new release): the edge's DNS changes, Caddy's config
+    # does not, and a client's keep-alive connection goes on from the old app to the new.
+    old, new = await apps("old"), await apps("new")
+    await edge.set_routes(route(old.address))
+    port = int(edge.http.rsplit(":", 1)[1])
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+
+        async def ask() -> str:
+            writer.write(f"GET / HTTP/1.1\r\nHost: {HOST}\r\n\r\n".encode())
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), DEADLINE)
+            length = next(
+                int(line.split(b":")[1])
+                for line in head.split(b"\r\n")
+                if line.lower().startswith(b"content-length:")
+            )
+            body = await asyncio.wait_for(reader.readexactly(length), DEADLINE)
+            return str(json.loads(body)["app"])
+
+        assert await ask() == "old"
+        loads = edge.caddy.loads
+        await edge.set_routes(route(new.address))
+        assert edge.caddy.loads == loads  # no config load for a deploy
+        deadline = time.monotonic() + DEADLINE
+        while await ask() != "new":  # on the same connection, within Caddy's lookup refresh
+            assert time.monotonic() < deadline, "the deploy never reached the edge"
+            await asyncio.sleep(0.02)
+    finally:
+        writer.close()
 
 
 async def until_answers(client: httpx.AsyncClient, edge: Edge, host: str, app: str) -> None:

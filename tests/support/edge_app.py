@@ -32,10 +32,9 @@ class App(BaseHTTPRequestHandler):
             time.sleep(float(os.environ.get("SLOW_SECONDS", "2")))
         text = json.dumps(dict(self.headers)) if self.path == "/headers" else MARKER
         body = text.encode()
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
+        # One write: headers then body in two would wait on Nagle and a delayed ACK (40 ms).
+        head = "HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body)
+        self.wfile.write(head.encode() + body)
 
     def echo(self):
         key = self.headers["Sec-WebSocket-Key"]

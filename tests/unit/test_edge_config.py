@@ -15,8 +15,10 @@ from services.edge.caddy import (
     canonical,
     page_html,
 )
+from services.edge.dns import srv_name
 
 ASK = "http://127.0.0.1:9999/ask"
+DNS = "udp/127.0.0.1:9998"
 
 
 def edge(domain: str = "localhost") -> EdgeConfig:
@@ -27,6 +29,7 @@ def edge(domain: str = "localhost") -> EdgeConfig:
         apps_domain=domain,
         storage_dir="/state/caddy",
         ask_url=ASK,
+        dns_address=DNS,
     )
 
 
@@ -49,14 +52,27 @@ def route_for(config: dict[str, Any], host: str) -> dict[str, Any]:
     raise AssertionError(f"no route for {host}")
 
 
-def test_each_project_hostname_proxies_round_robin_to_its_upstreams() -> None:
+def test_each_project_hostname_proxies_round_robin_to_its_upstreams_from_the_edge_dns() -> None:
     config = caddy_config([WEB], edge())
     handler = route_for(config, "www.example.com")["handle"][0]
     assert route_for(config, "web-ada.localhost") is route_for(config, "www.example.com")
     assert handler["handler"] == "reverse_proxy"
-    assert [u["dial"] for u in handler["upstreams"]] == ["10.0.0.1:4001", "10.0.0.2:4001"]
+    assert "upstreams" not in handler  # found in the edge's DNS (SRV), never in the config
+    assert handler["dynamic_upstreams"]["source"] == "srv"
+    assert handler["dynamic_upstreams"]["name"] == srv_name("p1")
+    assert handler["dynamic_upstreams"]["resolver"] == {"addresses": [DNS]}
+    assert handler["transport"]["resolver"] == {"addresses": [DNS]}  # the targets' A records
     assert handler["load_balancing"]["selection_policy"] == {"policy": "round_robin"}
     assert handler["health_checks"]["passive"]["max_fails"] == 1
+
+
+def test_a_deploy_changes_no_config() -> None:
+    # Upstreams moving (a new release, a rollback, a failover) must not reload Caddy: a load
+    # closes every tenant's idle keep-alive connections.
+    moved = Route(project_id="p1", hostnames=list(WEB.hostnames), upstreams=["10.0.0.9:4444"])
+    assert canonical(caddy_config([WEB], edge())) == canonical(caddy_config([moved], edge()))
+    down = Route(project_id="p1", hostnames=list(WEB.hostnames), unavailable_reason="failed")
+    assert canonical(caddy_config([WEB], edge())) != canonical(caddy_config([down], edge()))
 
 
 def test_client_forwarded_headers_are_never_trusted() -> None:
