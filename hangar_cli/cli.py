@@ -423,8 +423,13 @@ def cmd_up(args: argparse.Namespace) -> int:
         name: os.environ.get(f"HANGAR_{name.upper()}_ADDR", f"127.0.0.1:{port}")
         for name, port in DEFAULT_PORTS.items()
     }
-    for name in PROCESSES:
-        host, _, port = addresses[name].rpartition(":")
+    edge_host = addresses["edge"].rpartition(":")[0]
+    extra_ports = {
+        "edge https": f"{edge_host}:{os.environ.get('HANGAR_EDGE_HTTPS_PORT', '8443')}",
+        "edge admin": os.environ.get("HANGAR_EDGE_ADMIN_ADDRESS", "127.0.0.1:2019"),
+    }
+    for name, address in [*((n, addresses[n]) for n in PROCESSES), *extra_ports.items()]:
+        host, _, port = address.rpartition(":")
         if port_in_use(host, int(port)):
             return _fail(f"port {port} ({name}) is already in use; is Hangar already running?")
 
@@ -457,6 +462,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         env = service_environment(pg.url, creds, addresses)
         env.setdefault("HANGAR_AGENT_STATE_DIR", str(home / "agent"))
         env.setdefault("HANGAR_ARTIFACTS_DIR", str(home / "artifacts"))
+        env.setdefault("HANGAR_EDGE_STATE_DIR", str(home / "edge"))
         if (why_not := apps_unisolated(env)) is not None:
             # Every app runs as a plain process here: only one tenant may use this machine.
             env.setdefault("HANGAR_SINGLE_TENANT", "1")

@@ -219,6 +219,9 @@ class Settings:
     apps_domain: str = "localhost"
     edge_https_port: int = 8443
     edge_admin_address: str = "127.0.0.1:2019"
+    # Where a custom domain's check connects ("host:port"), instead of the name itself on port
+    # 80: a private edge, or the tests' loopback one. Empty: the name, public addresses only.
+    domain_check_address: str = ""
     # Telemetry. Agent: metric sampling interval, lines per ShipLogs batch, metric samples
     # kept while runtime is away. Runtime: days of logs/metrics kept and partitions made
     # ahead, how often partitions roll, the usage window, how late samples may arrive
@@ -329,6 +332,7 @@ class Settings:
             apps_domain=_env("HANGAR_APPS_DOMAIN", "localhost").strip(".").lower(),
             edge_https_port=int(_env("HANGAR_EDGE_HTTPS_PORT", "8443")),
             edge_admin_address=_env("HANGAR_EDGE_ADMIN_ADDRESS", "127.0.0.1:2019"),
+            domain_check_address=_env("HANGAR_DOMAIN_CHECK_ADDRESS"),
             telemetry_sample_seconds=float(_env("HANGAR_TELEMETRY_SAMPLE_SECONDS", "5")),
             telemetry_ship_batch_lines=int(_env("HANGAR_TELEMETRY_SHIP_BATCH_LINES", "2000")),
             telemetry_metric_buffer_samples=int(

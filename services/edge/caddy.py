@@ -59,6 +59,9 @@ STREAM_CLOSE_DELAY = "24h"
 # soon a deploy is followed), and keeps using them when the DNS does not answer.
 SRV_REFRESH = "100ms"
 SRV_GRACE = "5m"
+# A custom domain's check (project's custom_domains.py): its path and token.
+CHALLENGE_PATH = "/.well-known/hangar-domain/"
+_TOKEN = re.compile(r"^[A-Za-z0-9_-]{16,128}$")
 _LABEL = r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?"
 _HOSTNAME = re.compile(rf"^(?=.{{1,253}}$){_LABEL}(\.{_LABEL})*$")
 
@@ -153,8 +156,28 @@ def route_handlers(routes: Sequence[Route], dns_address: str) -> list[dict[str, 
             continue
         seen.update(hosts)
         out.append(_project_route(route, hosts, dns_address))
+    for route in routes:  # pending custom domains: their check's answer, nothing else
+        for challenge in route.challenges:
+            names = _names([challenge.hostname])
+            if names and names[0] not in seen and _TOKEN.match(challenge.token):
+                out.append(_challenge_route(names[0], challenge.token))
     out.append(_page_route(404, "No app answers to this name."))
     return out
+
+
+def _challenge_route(hostname: str, token: str) -> dict[str, Any]:
+    return {
+        "match": [{"host": [hostname], "path": [CHALLENGE_PATH + token]}],
+        "handle": [
+            {
+                "handler": "static_response",
+                "status_code": 200,
+                "headers": {"Content-Type": ["text/plain"], "Cache-Control": ["no-store"]},
+                "body": token,
+            }
+        ],
+        "terminal": True,
+    }
 
 
 def _names(hostnames: Iterable[str]) -> list[str]:

@@ -11,12 +11,14 @@ from google.protobuf import empty_pb2
 from hangar.events.v1 import events_pb2
 from hangar.project.v1 import project_pb2 as pb
 from hangar.project.v1 import project_pb2_grpc
+from services.project import custom_domains
+from services.project.custom_domains import Domains
 from services.project.domain import Project, ProjectSpec, PublicAddress
 from services.project.service import Projects
 from services.project.store import StoredSecret
 from shared.auth import require_service
 from shared.outbox import OutboxFeed
-from shared.proto import timestamp
+from shared.proto import optional_timestamp, timestamp
 
 Context: TypeAlias = grpc.aio.ServicerContext
 
@@ -55,14 +57,27 @@ def set_fields(p: pb.Project) -> list[str]:
     return [f.name for f, _ in p.ListFields()]
 
 
+def domain_to_proto(d: custom_domains.DomainView) -> pb.Domain:
+    stored = d.stored
+    return pb.Domain(
+        hostname=d.hostname,
+        status=pb.DOMAIN_STATUS_VERIFIED if d.verified else pb.DOMAIN_STATUS_PENDING,
+        verification_path="" if d.verified else custom_domains.CHALLENGE_PATH + d.token,
+        verification_token="" if d.verified else d.token,
+        verified_at=optional_timestamp(stored.verified_at),
+        created_at=timestamp(stored.created_at),
+    )
+
+
 def secret_to_proto(s: StoredSecret) -> pb.Secret:
     return pb.Secret(name=s.name, version=s.version, updated_at=timestamp(s.updated_at))
 
 
 class ProjectApi(project_pb2_grpc.ProjectServiceServicer):
-    def __init__(self, projects: Projects, feed: OutboxFeed) -> None:
+    def __init__(self, projects: Projects, feed: OutboxFeed, domains: Domains) -> None:
         self.projects = projects
         self.feed = feed
+        self.domains = domains
         self.address = projects.address
 
     async def CreateProject(self, request: pb.CreateProjectRequest, context: Context) -> pb.Project:
@@ -132,6 +147,28 @@ class ProjectApi(project_pb2_grpc.ProjectServiceServicer):
     ) -> pb.RevealSecretResponse:
         secret, value = await self.projects.reveal_secret(request.project_id, request.name)
         return pb.RevealSecretResponse(name=secret.name, version=secret.version, value=value)
+
+    async def AddDomain(self, request: pb.AddDomainRequest, context: Context) -> pb.Domain:
+        project = await self.projects.authorized(request.project_id, custom_domains.PERM_MANAGE)
+        return domain_to_proto(await self.domains.add(project, request.domain.hostname))
+
+    async def ListDomains(
+        self, request: pb.ListDomainsRequest, context: Context
+    ) -> pb.ListDomainsResponse:
+        project = await self.projects.authorized(request.project_id, custom_domains.PERM_LIST)
+        listed = await self.domains.list(project)
+        return pb.ListDomainsResponse(domains=[domain_to_proto(d) for d in listed])
+
+    async def VerifyDomain(self, request: pb.VerifyDomainRequest, context: Context) -> pb.Domain:
+        project = await self.projects.authorized(request.project_id, custom_domains.PERM_MANAGE)
+        return domain_to_proto(await self.domains.verify(project, request.hostname))
+
+    async def RemoveDomain(
+        self, request: pb.RemoveDomainRequest, context: Context
+    ) -> empty_pb2.Empty:
+        project = await self.projects.authorized(request.project_id, custom_domains.PERM_MANAGE)
+        await self.domains.remove(project, request.hostname)
+        return empty_pb2.Empty()
 
     async def ResolveSecrets(
         self, request: pb.ResolveSecretsRequest, context: Context

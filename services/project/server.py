@@ -12,6 +12,7 @@ from hangar.events.v1 import events_pb2
 from hangar.project.v1 import project_pb2, project_pb2_grpc
 from services.project.api import ProjectApi
 from services.project.crypto import Keyring
+from services.project.custom_domains import Domains, HttpDomainCheck
 from services.project.domain import PublicAddress
 from services.project.hostnames import IdentityOrganizations, OrganizationSlugs
 from services.project.reconciler import AllocationReleaser, Reconciler
@@ -62,6 +63,11 @@ class ProjectApp(ServiceApp):
             IdentityOrganizations(self.clients),
         )
         self.projects = Projects(db, self.authorizer, self.pool, self.keyring, self.slugs)
+        self.domains = Domains(
+            db,
+            HttpDomainCheck(settings.domain_check_address, settings.call_timeout_seconds),
+            settings.apps_domain,
+        )
         self.releaser = AllocationReleaser(db, self.feed, self.pool)
         self.reconciler = Reconciler(
             db, self.pool, interval_seconds=settings.project_reconcile_seconds
@@ -93,7 +99,7 @@ class ProjectApp(ServiceApp):
 
     def register(self, server: grpc.aio.Server) -> None:
         project_pb2_grpc.add_ProjectServiceServicer_to_server(
-            ProjectApi(self.projects, self.feed), server
+            ProjectApi(self.projects, self.feed, self.domains), server
         )
 
     async def on_identity_event(self, tx: Session, event: events_pb2.Event) -> None:

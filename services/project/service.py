@@ -225,7 +225,8 @@ class Projects:
         """The project after checking `permission` in its org. AIP-193: a user who may not see
         it gets PERMISSION_DENIED whether or not it exists; NOT_FOUND only for services, the
         one caller kind allowed in every organization."""
-        require_id(project_id, "project_id" if permission.startswith("secrets") else "id")
+        field = "project_id" if permission.startswith(("secrets", "domains")) else "id"
+        require_id(project_id, field)
         async with self.db.session() as s:
             project = await store.get_project(s, project_id)
         if project is None:
@@ -236,6 +237,10 @@ class Projects:
         require_token_project(project.id)
         await self.authorizer.require(project.organization_id, permission)
         return project
+
+    async def authorized(self, project_id: str, permission: str) -> Project:
+        """The project, once the caller holds `permission` in its organization."""
+        return await self._project_for(project_id, permission)
 
     # ------------------------------------------------------------ projects
 

@@ -520,3 +520,74 @@ async def delete_secret(tx: Session, project_id: str, name: str) -> StoredSecret
     )
     row = await tx.fetchrow(statement)
     return _secret(row) if row else None
+
+
+# ------------------------------------------------------------------ custom domains
+
+domains = sa.Table(
+    "domains",
+    metadata,
+    sa.Column("hostname", sa.Text, primary_key=True),
+    sa.Column("project_id", sa.Text, nullable=False),
+    sa.Column("token", sa.Text, nullable=False),
+    sa.Column("verified_at", sa.DateTime(timezone=True)),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+)
+
+
+@dataclass(frozen=True)
+class StoredDomain:
+    hostname: str
+    project_id: str
+    token: str
+    verified_at: datetime | None
+    created_at: datetime
+
+
+async def insert_domain(
+    tx: Session, project_id: str, hostname: str, token: str
+) -> StoredDomain | None:
+    """The new domain; None when the name is already some project's."""
+    statement = (
+        pg.insert(domains)
+        .values(hostname=hostname, project_id=project_id, token=token, created_at=sa.func.now())
+        .on_conflict_do_nothing(index_elements=["hostname"])
+        .returning(*domains.c)
+    )
+    row = await tx.fetchrow(statement)
+    return from_row(StoredDomain, row) if row else None
+
+
+async def project_domains(s: Session, project_id: str) -> list[StoredDomain]:
+    statement = (
+        sa.select(domains).where(domains.c.project_id == project_id).order_by(domains.c.hostname)
+    )
+    return [from_row(StoredDomain, r) for r in await s.fetch(statement)]
+
+
+async def get_domain(s: Session, project_id: str, hostname: str) -> StoredDomain | None:
+    statement = sa.select(domains).where(
+        domains.c.project_id == project_id, domains.c.hostname == hostname
+    )
+    row = await s.fetchrow(statement)
+    return from_row(StoredDomain, row) if row else None
+
+
+async def set_domain_verified(tx: Session, project_id: str, hostname: str) -> StoredDomain | None:
+    statement = (
+        sa.update(domains)
+        .where(domains.c.project_id == project_id, domains.c.hostname == hostname)
+        .values(verified_at=sa.func.coalesce(domains.c.verified_at, sa.func.now()))
+        .returning(*domains.c)
+    )
+    row = await tx.fetchrow(statement)
+    return from_row(StoredDomain, row) if row else None
+
+
+async def delete_domain(tx: Session, project_id: str, hostname: str) -> bool:
+    statement = (
+        sa.delete(domains)
+        .where(domains.c.project_id == project_id, domains.c.hostname == hostname)
+        .returning(domains.c.hostname)
+    )
+    return await tx.fetchrow(statement) is not None

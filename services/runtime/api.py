@@ -390,6 +390,7 @@ class RuntimeApi(TelemetryApi, runtime_pb2_grpc.RuntimeServiceServicer):
                     hostnames=r.hostnames,
                     upstreams=r.upstreams,
                     unavailable_reason=r.unavailable_reason,
+                    challenges=[pb.DomainChallenge(hostname=h, token=t) for h, t in r.challenges],
                 )
                 for r in await self.routes.list_routes()
             ]

@@ -29,6 +29,17 @@ class Routes:
         if await store.set_hostnames(tx, event.aggregate_id, hostnames):
             await self._changed(tx, event, hostnames)
 
+    async def set_domains(self, tx: Session, event: events_pb2.Event) -> None:
+        """A project's custom domains, from its project.domains_changed event."""
+        payload = event.payload
+        domains = [str(d) for d in payload["domains"]] if "domains" in payload else []
+        challenges = [
+            {"hostname": str(c["hostname"]), "token": str(c["token"])}
+            for c in (payload["challenges"] if "challenges" in payload else [])
+        ]
+        await store.set_domains(tx, event.aggregate_id, domains, challenges)
+        await self._changed(tx, event, domains)
+
     async def forget(self, tx: Session, event: events_pb2.Event) -> None:
         """The project is gone: the edge stops answering for it."""
         await store.delete_routes(tx, event.aggregate_id)

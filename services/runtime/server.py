@@ -33,6 +33,7 @@ from shared.server import run_service
 from shared.settings import Settings
 
 PROJECT_CREATED = "project.created"
+PROJECT_DOMAINS_CHANGED = "project.domains_changed"
 PROJECT_DELETED = "project.deleted"
 PROJECT_UPDATED = "project.updated"
 PROJECT_CONFIG_CHANGED = "project.config_changed"
@@ -45,7 +46,8 @@ class ProjectEvents(EventConsumer):
     containers are stopped on the agents once that has committed. project.updated -> its
     live deployments take its sleep setting (the sleep controller reads it from them).
     project.created / project.updated with a hostname -> the edge's route for it
-    (`route.changed` in runtime's feed, which the edge watches)."""
+    (`route.changed` in runtime's feed, which the edge watches); project.domains_changed ->
+    its custom domains (verified ones routed, pending ones' checks answered)."""
 
     def __init__(self, app: RuntimeApp) -> None:
         super().__init__(
@@ -55,14 +57,22 @@ class ProjectEvents(EventConsumer):
             source="project",
             watch=app.watch_events("project"),
             handler=self._handle,
-            types=[PROJECT_CREATED, PROJECT_DELETED, PROJECT_UPDATED, PROJECT_CONFIG_CHANGED],
+            types=[
+                PROJECT_CREATED,
+                PROJECT_DELETED,
+                PROJECT_UPDATED,
+                PROJECT_CONFIG_CHANGED,
+                PROJECT_DOMAINS_CHANGED,
+            ],
         )
         self.app = app
 
     async def _handle(self, tx: Session, event: events_pb2.Event) -> None:
         if "hostname" in event.payload and event.type in (PROJECT_CREATED, PROJECT_UPDATED):
             await self.app.routes.set_hostname(tx, event, str(event.payload["hostname"]))
-        if event.type == PROJECT_DELETED:
+        if event.type == PROJECT_DOMAINS_CHANGED:
+            await self.app.routes.set_domains(tx, event)
+        elif event.type == PROJECT_DELETED:
             await self.app.deployer.end_project(tx, event.aggregate_id)
             await self.app.routes.forget(tx, event)
         elif event.type == PROJECT_UPDATED and "sleep_enabled" in event.payload:

@@ -195,6 +195,37 @@ def test_websockets_pass_through_the_edge(world: World) -> None:
             assert ws.recv(timeout=30) == message
 
 
+def test_a_custom_domain_is_checked_through_the_edge_then_routed(world: World) -> None:
+    w = world
+    domain = f"shop-{secrets.token_hex(3)}.example.org"
+    domains = f"/v1/projects/{w.project['id']}/domains"
+    added = _ok(w.http.post(domains, headers=w.auth, json={"hostname": domain}))
+    assert added["status"] == "DOMAIN_STATUS_PENDING"
+    assert added["verificationPath"] == f"/.well-known/hangar-domain/{added['verificationToken']}"
+    assert w.at(domain).status_code == 404  # not routed before it is verified
+
+    def verified() -> dict[str, Any] | None:
+        # Pending until the edge answers its check (project -> runtime -> edge, by events).
+        reply = w.http.post(f"{domains}/{domain}:verify", headers=w.auth, json={})
+        if reply.status_code == 200:
+            return dict(reply.json())
+        assert reply.status_code == 400, reply.text  # FAILED_PRECONDITION: not yet
+        return None
+
+    done = wait_for(verified, "the domain's check to pass through the edge", 60, 0.2)
+    assert done["status"] == "DOMAIN_STATUS_VERIFIED" and not done["verificationToken"]
+    wait_for(lambda: w.at(domain).text == "v1", "the domain to reach the app", 60, 0.1)
+    assert w.at(domain, added["verificationPath"]).status_code != 200 or (
+        w.at(domain, added["verificationPath"]).text != added["verificationToken"]
+    )  # the check's answer is gone: the name is the app's now
+
+    # Another organization cannot take the name, and an outsider cannot see the domains.
+    other = sign_up(w.http, "rival")
+    assert w.http.get(domains, headers=other.auth).status_code == 403
+    _ok(w.http.delete(f"{domains}/{domain}", headers=w.auth))
+    wait_for(lambda: w.at(domain).status_code == 404, "the removed domain to go", 60, 0.1)
+
+
 def test_a_redeploy_and_a_rollback_under_load_lose_no_request(world: World) -> None:
     w = world
     failures: list[str] = []

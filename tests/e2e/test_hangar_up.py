@@ -31,6 +31,8 @@ def _env(home: Path) -> tuple[dict[str, str], dict[str, str]]:
     env["HANGAR_LOG_LEVEL"] = "WARNING"
     for name, address in addresses.items():
         env[f"HANGAR_{name.upper()}_ADDR"] = address
+    env["HANGAR_EDGE_HTTPS_PORT"] = str(free_port())
+    env["HANGAR_EDGE_ADMIN_ADDRESS"] = f"127.0.0.1:{free_port()}"
     return env, addresses
 
 
@@ -55,7 +57,7 @@ def _wait_for_banner(proc: subprocess.Popen[str], timeout: float = 90) -> list[s
         if not line:
             break
         lines.append(line)
-        if line.startswith("  gateway"):
+        if line.startswith("  apps"):  # the banner's last line
             return lines
     proc.kill()
     raise AssertionError(f"no banner: {lines} {proc.stderr.read() if proc.stderr else ''}")

@@ -279,6 +279,8 @@ def start_stack(
     else:  # without STRIPE_API_KEY, invoices are computed and stored, not sent
         for key in ("STRIPE_API_KEY", "STRIPE_API_BASE", "STRIPE_WEBHOOK_SECRET"):
             env.pop(key, None)
+    if edge:  # custom domains' checks reach the stack's edge on loopback (no DNS here)
+        env["HANGAR_DOMAIN_CHECK_ADDRESS"] = addresses["edge"]
     env.update(extra_env or {})
     stack = Stack(f"http://{addresses['gateway']}", addresses, env, home)
     deadline = time.monotonic() + timeout

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from hangar.runtime.v1.runtime_pb2 import DomainChallenge
 from services.edge.caddy import (
     HEALTH_HOST,
     HTTP_SERVER,
@@ -155,3 +156,25 @@ def test_the_same_table_gives_the_same_canonical_config() -> None:
         caddy_config([WEB, DOWN], edge())
     )
     assert canonical(caddy_config([WEB], edge())) != canonical(caddy_config([DOWN], edge()))
+
+
+def test_a_pending_domain_answers_its_check_and_nothing_else() -> None:
+    token = "a" * 32
+    pending = Route(
+        project_id="p3",
+        hostnames=["shop-ada.localhost"],
+        upstreams=["10.0.0.5:4001"],
+        challenges=[
+            DomainChallenge(hostname="Shop.Example.org", token=token),
+            DomainChallenge(hostname="web-ada.localhost", token=token),  # routed: never
+            DomainChallenge(hostname="bad.example.org", token="<script>"),  # not a token
+        ],
+    )
+    routes = routes_of(caddy_config([WEB, pending], edge()))
+    checks = [r for r in routes if any("path" in m for m in r.get("match", []))]
+    checks = [r for r in checks if r["match"][0]["host"] != [HEALTH_HOST]]
+    assert [r["match"] for r in checks] == [
+        [{"host": ["shop.example.org"], "path": [f"/.well-known/hangar-domain/{token}"]}]
+    ]
+    assert checks[0]["handle"][0]["body"] == token
+    assert routes[-1]["handle"][0]["status_code"] == 404  # the rest of that name: not found

@@ -20,10 +20,19 @@ class RestartPolicy(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     RESTART_POLICY_ON_FAILURE: _ClassVar[RestartPolicy]
     RESTART_POLICY_ALWAYS: _ClassVar[RestartPolicy]
     RESTART_POLICY_NEVER: _ClassVar[RestartPolicy]
+
+class DomainStatus(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    DOMAIN_STATUS_UNSPECIFIED: _ClassVar[DomainStatus]
+    DOMAIN_STATUS_PENDING: _ClassVar[DomainStatus]
+    DOMAIN_STATUS_VERIFIED: _ClassVar[DomainStatus]
 RESTART_POLICY_UNSPECIFIED: RestartPolicy
 RESTART_POLICY_ON_FAILURE: RestartPolicy
 RESTART_POLICY_ALWAYS: RestartPolicy
 RESTART_POLICY_NEVER: RestartPolicy
+DOMAIN_STATUS_UNSPECIFIED: DomainStatus
+DOMAIN_STATUS_PENDING: DomainStatus
+DOMAIN_STATUS_VERIFIED: DomainStatus
 
 class Project(_message.Message):
     __slots__ = ("id", "organization_id", "name", "slug", "ram_mb", "cpu_millis", "bandwidth_gb", "region", "sleep_enabled", "sleep_after_seconds", "description", "repository_url", "default_command", "default_image", "health_check_path", "created_at", "updated_at", "restart_policy", "liveness_check_path", "liveness_period_seconds", "liveness_failure_threshold", "hostname", "url")
@@ -84,6 +93,58 @@ class Secret(_message.Message):
     version: int
     updated_at: _timestamp_pb2.Timestamp
     def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
+class Domain(_message.Message):
+    __slots__ = ("hostname", "status", "verification_path", "verification_token", "verified_at", "created_at")
+    HOSTNAME_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    VERIFICATION_PATH_FIELD_NUMBER: _ClassVar[int]
+    VERIFICATION_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    VERIFIED_AT_FIELD_NUMBER: _ClassVar[int]
+    CREATED_AT_FIELD_NUMBER: _ClassVar[int]
+    hostname: str
+    status: DomainStatus
+    verification_path: str
+    verification_token: str
+    verified_at: _timestamp_pb2.Timestamp
+    created_at: _timestamp_pb2.Timestamp
+    def __init__(self, hostname: _Optional[str] = ..., status: _Optional[_Union[DomainStatus, str]] = ..., verification_path: _Optional[str] = ..., verification_token: _Optional[str] = ..., verified_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
+class AddDomainRequest(_message.Message):
+    __slots__ = ("project_id", "domain")
+    PROJECT_ID_FIELD_NUMBER: _ClassVar[int]
+    DOMAIN_FIELD_NUMBER: _ClassVar[int]
+    project_id: str
+    domain: Domain
+    def __init__(self, project_id: _Optional[str] = ..., domain: _Optional[_Union[Domain, _Mapping]] = ...) -> None: ...
+
+class ListDomainsRequest(_message.Message):
+    __slots__ = ("project_id",)
+    PROJECT_ID_FIELD_NUMBER: _ClassVar[int]
+    project_id: str
+    def __init__(self, project_id: _Optional[str] = ...) -> None: ...
+
+class ListDomainsResponse(_message.Message):
+    __slots__ = ("domains",)
+    DOMAINS_FIELD_NUMBER: _ClassVar[int]
+    domains: _containers.RepeatedCompositeFieldContainer[Domain]
+    def __init__(self, domains: _Optional[_Iterable[_Union[Domain, _Mapping]]] = ...) -> None: ...
+
+class VerifyDomainRequest(_message.Message):
+    __slots__ = ("project_id", "hostname")
+    PROJECT_ID_FIELD_NUMBER: _ClassVar[int]
+    HOSTNAME_FIELD_NUMBER: _ClassVar[int]
+    project_id: str
+    hostname: str
+    def __init__(self, project_id: _Optional[str] = ..., hostname: _Optional[str] = ...) -> None: ...
+
+class RemoveDomainRequest(_message.Message):
+    __slots__ = ("project_id", "hostname")
+    PROJECT_ID_FIELD_NUMBER: _ClassVar[int]
+    HOSTNAME_FIELD_NUMBER: _ClassVar[int]
+    project_id: str
+    hostname: str
+    def __init__(self, project_id: _Optional[str] = ..., hostname: _Optional[str] = ...) -> None: ...
 
 class CreateProjectRequest(_message.Message):
     __slots__ = ("organization_id", "project")

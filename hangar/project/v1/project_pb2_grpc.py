@@ -83,6 +83,26 @@ class ProjectServiceStub:
                 request_serializer=hangar_dot_project_dot_v1_dot_project__pb2.RevealSecretRequest.SerializeToString,
                 response_deserializer=hangar_dot_project_dot_v1_dot_project__pb2.RevealSecretResponse.FromString,
                 _registered_method=True)
+        self.AddDomain = channel.unary_unary(
+                '/hangar.project.v1.ProjectService/AddDomain',
+                request_serializer=hangar_dot_project_dot_v1_dot_project__pb2.AddDomainRequest.SerializeToString,
+                response_deserializer=hangar_dot_project_dot_v1_dot_project__pb2.Domain.FromString,
+                _registered_method=True)
+        self.ListDomains = channel.unary_unary(
+                '/hangar.project.v1.ProjectService/ListDomains',
+                request_serializer=hangar_dot_project_dot_v1_dot_project__pb2.ListDomainsRequest.SerializeToString,
+                response_deserializer=hangar_dot_project_dot_v1_dot_project__pb2.ListDomainsResponse.FromString,
+                _registered_method=True)
+        self.VerifyDomain = channel.unary_unary(
+                '/hangar.project.v1.ProjectService/VerifyDomain',
+                request_serializer=hangar_dot_project_dot_v1_dot_project__pb2.VerifyDomainRequest.SerializeToString,
+                response_deserializer=hangar_dot_project_dot_v1_dot_project__pb2.Domain.FromString,
+                _registered_method=True)
+        self.RemoveDomain = channel.unary_unary(
+                '/hangar.project.v1.ProjectService/RemoveDomain',
+                request_serializer=hangar_dot_project_dot_v1_dot_project__pb2.RemoveDomainRequest.SerializeToString,
+                response_deserializer=google_dot_protobuf_dot_empty__pb2.Empty.FromString,
+                _registered_method=True)
         self.RotateMasterKey = channel.unary_unary(
                 '/hangar.project.v1.ProjectService/RotateMasterKey',
                 request_serializer=hangar_dot_project_dot_v1_dot_project__pb2.RotateMasterKeyRequest.SerializeToString,
@@ -171,6 +191,38 @@ class ProjectServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def AddDomain(self, request, context):
+        """Adds a custom domain to the project, pending until verified: point the name at the
+        edge, then VerifyDomain. A name belongs to one project at most. Role: admin.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListDomains(self, request, context):
+        """Lists the project's custom domains, pending and verified. Role: viewer.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def VerifyDomain(self, request, context):
+        """Checks that the domain reaches this platform's edge: GET
+        http://<hostname>/.well-known/hangar-domain/<token> must answer the token (the edge
+        answers it for a pending domain). Verified, the edge routes the name to the project's
+        app. FAILED_PRECONDITION (the check's outcome in the message) when it does not. Role: admin.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RemoveDomain(self, request, context):
+        """Removes a custom domain; the edge stops answering it. Role: admin.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def RotateMasterKey(self, request, context):
         """Re-wraps every project's data key under a master key version, without touching
         plaintext. Role: platform admin.
@@ -242,6 +294,26 @@ def add_ProjectServiceServicer_to_server(servicer, server):
                     servicer.RevealSecret,
                     request_deserializer=hangar_dot_project_dot_v1_dot_project__pb2.RevealSecretRequest.FromString,
                     response_serializer=hangar_dot_project_dot_v1_dot_project__pb2.RevealSecretResponse.SerializeToString,
+            ),
+            'AddDomain': grpc.unary_unary_rpc_method_handler(
+                    servicer.AddDomain,
+                    request_deserializer=hangar_dot_project_dot_v1_dot_project__pb2.AddDomainRequest.FromString,
+                    response_serializer=hangar_dot_project_dot_v1_dot_project__pb2.Domain.SerializeToString,
+            ),
+            'ListDomains': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListDomains,
+                    request_deserializer=hangar_dot_project_dot_v1_dot_project__pb2.ListDomainsRequest.FromString,
+                    response_serializer=hangar_dot_project_dot_v1_dot_project__pb2.ListDomainsResponse.SerializeToString,
+            ),
+            'VerifyDomain': grpc.unary_unary_rpc_method_handler(
+                    servicer.VerifyDomain,
+                    request_deserializer=hangar_dot_project_dot_v1_dot_project__pb2.VerifyDomainRequest.FromString,
+                    response_serializer=hangar_dot_project_dot_v1_dot_project__pb2.Domain.SerializeToString,
+            ),
+            'RemoveDomain': grpc.unary_unary_rpc_method_handler(
+                    servicer.RemoveDomain,
+                    request_deserializer=hangar_dot_project_dot_v1_dot_project__pb2.RemoveDomainRequest.FromString,
+                    response_serializer=google_dot_protobuf_dot_empty__pb2.Empty.SerializeToString,
             ),
             'RotateMasterKey': grpc.unary_unary_rpc_method_handler(
                     servicer.RotateMasterKey,
@@ -504,6 +576,114 @@ class ProjectService:
             '/hangar.project.v1.ProjectService/RevealSecret',
             hangar_dot_project_dot_v1_dot_project__pb2.RevealSecretRequest.SerializeToString,
             hangar_dot_project_dot_v1_dot_project__pb2.RevealSecretResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AddDomain(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hangar.project.v1.ProjectService/AddDomain',
+            hangar_dot_project_dot_v1_dot_project__pb2.AddDomainRequest.SerializeToString,
+            hangar_dot_project_dot_v1_dot_project__pb2.Domain.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListDomains(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hangar.project.v1.ProjectService/ListDomains',
+            hangar_dot_project_dot_v1_dot_project__pb2.ListDomainsRequest.SerializeToString,
+            hangar_dot_project_dot_v1_dot_project__pb2.ListDomainsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def VerifyDomain(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hangar.project.v1.ProjectService/VerifyDomain',
+            hangar_dot_project_dot_v1_dot_project__pb2.VerifyDomainRequest.SerializeToString,
+            hangar_dot_project_dot_v1_dot_project__pb2.Domain.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RemoveDomain(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hangar.project.v1.ProjectService/RemoveDomain',
+            hangar_dot_project_dot_v1_dot_project__pb2.RemoveDomainRequest.SerializeToString,
+            google_dot_protobuf_dot_empty__pb2.Empty.FromString,
             options,
             channel_credentials,
             insecure,

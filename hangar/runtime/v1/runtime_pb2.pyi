@@ -478,16 +478,26 @@ class ListRoutesRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class Route(_message.Message):
-    __slots__ = ("project_id", "hostnames", "upstreams", "unavailable_reason")
+    __slots__ = ("project_id", "hostnames", "upstreams", "unavailable_reason", "challenges")
     PROJECT_ID_FIELD_NUMBER: _ClassVar[int]
     HOSTNAMES_FIELD_NUMBER: _ClassVar[int]
     UPSTREAMS_FIELD_NUMBER: _ClassVar[int]
     UNAVAILABLE_REASON_FIELD_NUMBER: _ClassVar[int]
+    CHALLENGES_FIELD_NUMBER: _ClassVar[int]
     project_id: str
     hostnames: _containers.RepeatedScalarFieldContainer[str]
     upstreams: _containers.RepeatedScalarFieldContainer[str]
     unavailable_reason: str
-    def __init__(self, project_id: _Optional[str] = ..., hostnames: _Optional[_Iterable[str]] = ..., upstreams: _Optional[_Iterable[str]] = ..., unavailable_reason: _Optional[str] = ...) -> None: ...
+    challenges: _containers.RepeatedCompositeFieldContainer[DomainChallenge]
+    def __init__(self, project_id: _Optional[str] = ..., hostnames: _Optional[_Iterable[str]] = ..., upstreams: _Optional[_Iterable[str]] = ..., unavailable_reason: _Optional[str] = ..., challenges: _Optional[_Iterable[_Union[DomainChallenge, _Mapping]]] = ...) -> None: ...
+
+class DomainChallenge(_message.Message):
+    __slots__ = ("hostname", "token")
+    HOSTNAME_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    hostname: str
+    token: str
+    def __init__(self, hostname: _Optional[str] = ..., token: _Optional[str] = ...) -> None: ...
 
 class ListRoutesResponse(_message.Message):
     __slots__ = ("routes",)

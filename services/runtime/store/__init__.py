@@ -74,6 +74,7 @@ from services.runtime.store.routes import (
     RouteRow,
     delete_routes,
     list_routes,
+    set_domains,
     set_hostnames,
 )
 from services.runtime.store.servers import (
@@ -165,6 +166,7 @@ __all__ = [
     "release_capacity",
     "reservations",
     "reserve_capacity",
+    "set_domains",
     "set_env_version",
     "set_hostnames",
     "set_reserved",

@@ -17,18 +17,14 @@ _STARTING = ("queued", "scheduling", "building", "starting")
 @dataclass(frozen=True)
 class RouteRow:
     project_id: str
-    hostnames: tuple[str, ...]
+    hostnames: tuple[str, ...]  # its generated one, then its verified custom domains
     upstreams: tuple[str, ...]
     unavailable_reason: str  # "" when upstreams is not empty
+    challenges: tuple[tuple[str, str], ...] = ()  # (hostname, token) of pending domains
 
 
 async def set_hostnames(tx: Session, project_id: str, hostnames: list[str]) -> bool:
     """The project's hostnames, as project's newest event says; False when unchanged."""
-    if not hostnames:
-        result = await tx.execute(
-            f"DELETE FROM {S}.project_routes WHERE project_id = $1", project_id
-        )
-        return result != "DELETE 0"
     row = await tx.fetchrow(
         f"""INSERT INTO {S}.project_routes AS r (project_id, hostnames) VALUES ($1, $2)
             ON CONFLICT (project_id) DO UPDATE SET hostnames = EXCLUDED.hostnames,
@@ -41,6 +37,21 @@ async def set_hostnames(tx: Session, project_id: str, hostnames: list[str]) -> b
     return row is not None
 
 
+async def set_domains(
+    tx: Session, project_id: str, domains: list[str], challenges: list[dict[str, str]]
+) -> None:
+    """The project's custom domains, as project's newest project.domains_changed says."""
+    await tx.execute(
+        f"""INSERT INTO {S}.project_routes AS r (project_id, hostnames, domains, challenges)
+            VALUES ($1, '{{}}', $2, $3)
+            ON CONFLICT (project_id) DO UPDATE
+               SET domains = EXCLUDED.domains, challenges = EXCLUDED.challenges""",
+        project_id,
+        domains,
+        challenges,
+    )
+
+
 async def delete_routes(tx: Session, project_id: str) -> None:
     await tx.execute(f"DELETE FROM {S}.project_routes WHERE project_id = $1", project_id)
 
@@ -48,7 +59,8 @@ async def delete_routes(tx: Session, project_id: str) -> None:
 async def list_routes(s: Session) -> list[RouteRow]:
     """Every project's route. A hostname two projects claim goes to the earlier claim."""
     rows = await s.fetch(
-        f"""SELECT r.project_id, r.hostnames, r.claimed_at, newest.status,
+        f"""SELECT r.project_id, r.hostnames || r.domains AS hostnames, r.challenges,
+                   r.claimed_at, newest.status,
                    COALESCE(serving.upstreams, '{{}}') AS upstreams
               FROM {S}.project_routes r
               LEFT JOIN LATERAL (
@@ -71,15 +83,21 @@ async def list_routes(s: Session) -> list[RouteRow]:
     taken: set[str] = set()
     routes = []
     for row in rows:
-        hostnames = tuple(h for h in row["hostnames"] if h not in taken)
+        hostnames = tuple(h for h in dict.fromkeys(row["hostnames"]) if h not in taken)
         taken.update(hostnames)
         upstreams = tuple(row["upstreams"])
+        challenges = tuple(
+            (str(c["hostname"]), str(c["token"]))
+            for c in row["challenges"] or ()
+            if c.get("hostname") not in taken
+        )
         routes.append(
             RouteRow(
                 project_id=row["project_id"],
                 hostnames=hostnames,
                 upstreams=upstreams,
                 unavailable_reason="" if upstreams else _reason(row["status"]),
+                challenges=challenges,
             )
         )
     return routes
