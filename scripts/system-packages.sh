@@ -2,7 +2,8 @@
 # The system packages the agent's container driver needs: runc (runs each app), slirp4netns
 # (its outbound network), tini (PID 1 in the container; tini-static inside images), iproute2
 # (`ip netns`), skopeo and umoci (pulling and unpacking container images); and for the tests
-# of images, the reference registry (docker-registry) and busybox-static (test images' root).
+# of images, the reference registry (docker-registry) and busybox-static (test images' root);
+# for the dashboard's browser tests, Chromium and its WebDriver (chromium, chromium-driver).
 # Run by `make run` and `make test` every time, so it is quiet and quick when all are present.
 # As root with apt-get, it installs what is missing; otherwise it says in one sentence what to
 # install and succeeds anyway: the process driver still runs apps (unisolated) on a
@@ -11,7 +12,8 @@ set -euo pipefail
 
 # command:package
 needed=(runc:runc slirp4netns:slirp4netns tini:tini ip:iproute2 skopeo:skopeo umoci:umoci
-    docker-registry:docker-registry busybox:busybox-static)
+    docker-registry:docker-registry busybox:busybox-static
+    chromium:chromium chromedriver:chromium-driver)
 
 have() {
     # /usr/sbin and /sbin are not on a regular user's PATH on Debian; runc and ip live there.
@@ -33,7 +35,7 @@ for ((i = 1; i < ${#missing[@]}; i++)); do
 done
 
 if [[ $(id -u) -eq 0 ]] && command -v apt-get >/dev/null 2>&1; then
-    echo "hangar: installing ${listed} for the container driver (apt-get)" >&2
+    echo "hangar: installing ${listed} (apt-get)" >&2
     export DEBIAN_FRONTEND=noninteractive
     if apt-get update -qq && apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null; then
         exit 0

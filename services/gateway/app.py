@@ -38,6 +38,7 @@ from services.gateway.transcode import (
     render_message,
     render_response,
 )
+from services.gateway.web import Dashboard
 from shared.cache import TtlCache
 from shared.clients import retry_service_config
 from shared.errors import DomainError, NotFound, ResourceExhausted, Unauthenticated
@@ -137,6 +138,7 @@ class Gateway:
             "/healthz": self._healthz,
             "/openapi.json": self._openapi,
         }
+        self.dashboard = Dashboard()  # `/` and `/ui/...`: the web dashboard's static files
 
     # --- lifecycle --------------------------------------------------------------------
 
@@ -218,6 +220,12 @@ class Gateway:
         route: Route | None = None
         try:
             self._check_headers(raw_headers)
+            page = self.dashboard.answer(method, path, headers)
+            if page is not None:
+                await _respond(
+                    send, page.status, page.content_type, page.body, extra + page.headers
+                )
+                return
             builtin = self._builtins.get(path)
             if builtin is not None:
                 if method not in ("GET", "HEAD"):

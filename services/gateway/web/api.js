@@ -1,0 +1,191 @@
+// The public HTTP API (/v1/...), as the CLI uses it, plus the session.
+//
+// The gateway sets no cookies, so the session lives in this tab: the access token in memory
+// only, the refresh token in sessionStorage (kept across a reload of this tab, gone with the
+// tab; never in localStorage, never in a cookie readable by other tabs or requests).
+
+const REFRESH_KEY = "hangar.refreshToken";
+
+let accessToken = "";
+let refreshing = null; // one refresh at a time: refresh tokens rotate, reuse ends the family
+const listeners = new Set();
+
+export class ApiError extends Error {
+  constructor(status, body) {
+    super(body && typeof body.message === "string" ? body.message : `HTTP ${status}`);
+    this.status = status;
+    this.body = body || {};
+  }
+  get reason() {
+    const info = (this.body.details || []).find((d) => d.reason);
+    return info ? info.reason : "";
+  }
+}
+
+export function onSessionChange(listener) {
+  listeners.add(listener);
+  return () => listeners.delete(listener);
+}
+
+function announce(user) {
+  for (const listener of listeners) listener(user);
+}
+
+function remember(auth) {
+  accessToken = auth.accessToken || "";
+  if (auth.refreshToken) sessionStorage.setItem(REFRESH_KEY, auth.refreshToken);
+  return auth.user || null;
+}
+
+function forget() {
+  accessToken = "";
+  sessionStorage.removeItem(REFRESH_KEY);
+}
+
+export function signedIn() {
+  return accessToken !== "";
+}
+
+async function send(method, path, body, token) {
+  const headers = { Accept: "application/json" };
+  if (body !== undefined) headers["Content-Type"] = "application/json";
+  if (token) headers.Authorization = `Bearer ${token}`;
+  let response;
+  try {
+    response = await fetch(path, {
+      method,
+      headers,
+      body: body === undefined ? undefined : JSON.stringify(body),
+      credentials: "omit",
+      cache: "no-store",
+    });
+  } catch {
+    throw new ApiError(0, { message: "the Hangar API cannot be reached" });
+  }
+  const text = await response.text();
+  let parsed = null;
+  try {
+    parsed = text ? JSON.parse(text) : {};
+  } catch {
+    parsed = { message: text.slice(0, 200) };
+  }
+  if (!response.ok) throw new ApiError(response.status, parsed);
+  return parsed;
+}
+
+async function refresh() {
+  const token = sessionStorage.getItem(REFRESH_KEY);
+  if (!token) return false;
+  if (!refreshing) {
+    refreshing = send("POST", "/v1/auth/refresh", { refreshToken: token })
+      .then((auth) => {
+        remember(auth);
+        return true;
+      })
+      .catch(() => {
+        forget();
+        return false;
+      })
+      .finally(() => {
+        refreshing = null;
+      });
+  }
+  return refreshing;
+}
+
+// An authenticated call; on 401 the access token is renewed once and the call repeated.
+export async function api(method, path, body) {
+  if (!accessToken && !(await refresh())) {
+    announce(null);
+    throw new ApiError(401, { message: "you are not signed in" });
+  }
+  try {
+    return await send(method, path, body, accessToken);
+  } catch (error) {
+    if (!(error instanceof ApiError) || error.status !== 401) throw error;
+    if (!(await refresh())) {
+      announce(null);
+      throw error;
+    }
+    return send(method, path, body, accessToken);
+  }
+}
+
+export async function resume() {
+  if (!(await refresh())) return null;
+  return api("GET", "/v1/users/me");
+}
+
+export async function login(email, password) {
+  return remember(await send("POST", "/v1/auth/login", { email, password }));
+}
+
+export async function signUp(email, password, name) {
+  const body = { email, password, name };
+  if (globalThis.crypto && crypto.randomUUID) body.requestId = crypto.randomUUID();
+  return remember(await send("POST", "/v1/auth/signup", body));
+}
+
+export async function logout() {
+  const token = sessionStorage.getItem(REFRESH_KEY);
+  try {
+    if (token) await send("POST", "/v1/auth/logout", { refreshToken: token }, accessToken);
+  } finally {
+    forget();
+    announce(null);
+  }
+}
+
+// Every page of a list call: `key` names the repeated field of the response.
+export async function listAll(path, key, pageSize = 100) {
+  const items = [];
+  let pageToken = "";
+  for (let page = 0; page < 50; page++) {
+    const sep = path.includes("?") ? "&" : "?";
+    const query = `pageSize=${pageSize}` + (pageToken ? `&pageToken=${encodeURIComponent(pageToken)}` : "");
+    const reply = await api("GET", `${path}${sep}${query}`);
+    items.push(...(reply[key] || []));
+    pageToken = reply.nextPageToken || "";
+    if (!pageToken) break;
+  }
+  return items;
+}
+
+const PREFIX = {
+  0: "",
+  400: "",
+  401: "You are not signed in: ",
+  403: "Not allowed: ",
+  404: "Not found: ",
+  409: "Conflict: ",
+  413: "Too large: ",
+  429: "Too many requests, try again shortly: ",
+};
+
+function sentence(text) {
+  const trimmed = String(text || "").trim();
+  if (!trimmed) return "";
+  const first = trimmed[0].toUpperCase() + trimmed.slice(1);
+  return /[.!?]$/.test(first) ? first : `${first}.`;
+}
+
+// An error as one or more readable sentences, for the text next to a form.
+export function describe(error) {
+  if (!(error instanceof ApiError)) return sentence(error && error.message ? error.message : String(error));
+  const prefix = error.status >= 500 ? "The server could not do it right now: " : PREFIX[error.status] || "";
+  const parts = [sentence(prefix + error.message)];
+  for (const detail of error.body.details || []) {
+    for (const v of detail.fieldViolations || []) {
+      const line = sentence(v.field ? `${v.field}: ${v.description}` : v.description);
+      if (line && !parts.includes(line)) parts.push(line);
+    }
+  }
+  return parts.join(" ");
+}
+
+// The signed-in user's role in an organization ("ROLE_VIEWER", ...; "" if not a member).
+export async function roleIn(orgId, userId) {
+  const members = await listAll(`/v1/organizations/${encodeURIComponent(orgId)}/members`, "members");
+  const me = members.find((m) => m.userId === userId);
+  return me ? me.role : "";
+}

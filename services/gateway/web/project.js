@@ -1,0 +1,244 @@
+// One project: its address, deploy form, deployments with rollback, latest logs, secrets and
+// (for admins) deletion.
+
+import { useState } from "./vendor/hooks.mjs";
+import { api, listAll, roleIn } from "./api.js";
+import {
+  ADMIN_ROLES,
+  WRITE_ROLES,
+  ActionButton,
+  ActionForm,
+  Field,
+  SafeLink,
+  Status,
+  html,
+  reasonText,
+  usePolling,
+  when,
+} from "./ui.js";
+
+const LOG_LINES = 100;
+const REFRESH_SECONDS = 3;
+
+function what(deployment) {
+  if (deployment.image) return `image ${deployment.image}`;
+  if (deployment.command) return deployment.command;
+  if (deployment.sourceSha256) return `source ${deployment.sourceSha256.slice(0, 12)}`;
+  return "project default";
+}
+
+function DeployForm({ projectId, onDeployed }) {
+  const [mode, setMode] = useState("command");
+  return html`<${ActionForm}
+    name="deploy"
+    title="Deploy"
+    submit="Deploy"
+    action=${async (data) => {
+      const body =
+        mode === "image"
+          ? { image: data.get("image"), imageCommand: data.get("imageCommand") || "" }
+          : { command: data.get("command") };
+      await api("POST", `/v1/projects/${encodeURIComponent(projectId)}/deployments`, body);
+      onDeployed();
+    }}
+  >
+    <fieldset class="choice">
+      <legend>Run</legend>
+      <label><input type="radio" name="mode" value="command" checked=${mode === "command"}
+        onChange=${() => setMode("command")} /> a command</label>
+      <label><input type="radio" name="mode" value="image" checked=${mode === "image"}
+        onChange=${() => setMode("image")} /> a container image</label>
+    </fieldset>
+    ${mode === "command"
+      ? html`<${Field} label="Command" name="command" required
+          placeholder='exec python3 -m http.server "$PORT"'
+          hint="A Procfile-style shell line; it listens on $PORT." />`
+      : html`<${Field} label="Image" name="image" required placeholder="docker.io/library/busybox:1.36" />
+          <${Field} label="Image command (optional)" name="imageCommand" />`}
+  <//>`;
+}
+
+function Deployments({ deployments, error, canWrite, onChanged }) {
+  if (error) return html`<p class="error" role="alert">${error}</p>`;
+  if (deployments === undefined) return html`<p class="loading">Loading deployments…</p>`;
+  if (deployments.length === 0) return html`<p class="notice" id="no-deployments">Not deployed yet.</p>`;
+  return html`<table class="table" id="deployments">
+    <caption class="sr-only">Deployments, newest first</caption>
+    <thead><tr><th scope="col">Status</th><th scope="col">Release</th><th scope="col">Runs</th>
+      <th scope="col">Created</th><th scope="col"><span class="sr-only">Actions</span></th></tr></thead>
+    <tbody>
+      ${deployments.map(
+        (d) => html`<tr key=${d.id} data-deployment-id=${d.id}>
+          <td><${Status} status=${d.status} />
+            ${d.statusReason ? html`<div class="muted small wrap">${d.statusReason}</div>` : null}</td>
+          <td class="release-reason">${reasonText(d.releaseReason)}</td>
+          <td class="wrap mono">${what(d)}</td>
+          <td>${when(d.createTime || d.createdAt)}</td>
+          <td>${canWrite && d.status === "DEPLOYMENT_STATUS_RUNNING"
+            ? html`<${ActionButton}
+                label="Roll back"
+                busyLabel="Rolling back…"
+                className="rollback"
+                aria-label="Roll back to the release before this one"
+                action=${async () => {
+                  await api("POST", `/v1/deployments/${encodeURIComponent(d.id)}:rollback`, {});
+                  onChanged();
+                }}
+              />`
+            : null}</td>
+        </tr>`,
+      )}
+    </tbody>
+  </table>`;
+}
+
+function Logs({ projectId }) {
+  const [entries, error] = usePolling(
+    async () => {
+      const reply = await api(
+        "GET",
+        `/v1/projects/${encodeURIComponent(projectId)}/logs?pageSize=${LOG_LINES}`,
+      );
+      return (reply.entries || []).slice().reverse(); // the API answers newest first
+    },
+    REFRESH_SECONDS,
+    [projectId],
+  );
+  return html`<section aria-labelledby="logs-title">
+    <h2 id="logs-title">Latest logs <span class="muted small">(refreshed every ${REFRESH_SECONDS} s)</span></h2>
+    ${error ? html`<p class="error" role="alert">${error}</p>` : null}
+    ${entries && entries.length === 0 ? html`<p class="notice">No log lines yet.</p>` : null}
+    <ol class="logs" id="logs" role="log" aria-live="off" tabindex="0">
+      ${(entries || []).map(
+        (e, i) => html`<li key=${i} class=${`log log-${(e.stream || "").replace("LOG_STREAM_", "").toLowerCase()}`}>
+          <time class="muted">${when(e.emittedAt)}</time> <span class="line">${e.line}</span>
+        </li>`,
+      )}
+    </ol>
+  </section>`;
+}
+
+function Secrets({ projectId, canWrite }) {
+  const path = `/v1/projects/${encodeURIComponent(projectId)}/secrets`;
+  const [secrets, error, reload] = usePolling(() => listAll(path, "secrets"), 0, [projectId]);
+  return html`<section aria-labelledby="secrets-title">
+    <h2 id="secrets-title">Secrets</h2>
+    <p class="muted small">Values are encrypted and never shown here; setting or deleting one restarts the running release with the new config.</p>
+    ${error ? html`<p class="error" role="alert">${error}</p>` : null}
+    ${secrets && secrets.length === 0 ? html`<p class="notice" id="no-secrets">No secrets.</p>` : null}
+    ${secrets && secrets.length
+      ? html`<ul class="list" id="secrets">
+          ${secrets.map(
+            (s) => html`<li key=${s.name} class="row" data-secret=${s.name}>
+              <span class="grow"><code class="secret-name">${s.name}</code>
+                <span class="muted small"> version ${s.version} · ${when(s.updatedAt)}</span></span>
+              ${canWrite
+                ? html`<${ActionButton}
+                    label="Delete"
+                    className="danger"
+                    aria-label=${`Delete secret ${s.name}`}
+                    action=${async () => {
+                      await api("DELETE", `${path}/${encodeURIComponent(s.name)}`);
+                      reload();
+                    }}
+                  />`
+                : null}
+            </li>`,
+          )}
+        </ul>`
+      : null}
+    ${canWrite
+      ? html`<${ActionForm}
+          name="set-secret"
+          title="Set a secret"
+          submit="Set secret"
+          after="reset"
+          action=${async (data) => {
+            const name = data.get("name");
+            await api("PUT", `${path}/${encodeURIComponent(name)}`, { value: data.get("value") });
+            reload();
+          }}
+        >
+          <div class="pair">
+            <${Field} label="Name" name="name" required pattern="[A-Z_][A-Z0-9_]*" maxlength="128"
+              hint="Upper-case letters, digits and underscores." autocomplete="off" />
+            <${Field} label="Value" name="value" type="password" autocomplete="off" />
+          </div>
+        <//>`
+      : null}
+  </section>`;
+}
+
+function DeleteProject({ project, onDeleted }) {
+  const [typed, setTyped] = useState("");
+  return html`<${ActionForm}
+    name="delete-project"
+    title="Delete this project"
+    submit="Delete project"
+    disabled=${typed !== project.slug}
+    action=${async () => {
+      await api("DELETE", `/v1/projects/${encodeURIComponent(project.id)}`);
+      onDeleted();
+    }}
+  >
+    <p class="small">Its app stops and its resources go back to the organization's pool. This cannot be undone.</p>
+    <${Field}
+      label=${`Type the project's slug (${project.slug}) to confirm`}
+      name="confirm"
+      autocomplete="off"
+      value=${typed}
+      onInput=${(e) => setTyped(e.currentTarget.value)}
+    />
+  <//>`;
+}
+
+export function ProjectPage({ projectId, userId, onDeleted }) {
+  // The role in the project's own organization, whichever organization is current.
+  const [loaded, projectError] = usePolling(
+    async () => {
+      const project = await api("GET", `/v1/projects/${encodeURIComponent(projectId)}`);
+      return { project, role: await roleIn(project.organizationId, userId) };
+    },
+    0,
+    [projectId, userId],
+  );
+  const project = loaded && loaded.project;
+  const canWrite = Boolean(loaded && WRITE_ROLES.has(loaded.role));
+  const canAdmin = Boolean(loaded && ADMIN_ROLES.has(loaded.role));
+  const [deployments, deploymentsError, reloadDeployments] = usePolling(
+    async () =>
+      (await api("GET", `/v1/projects/${encodeURIComponent(projectId)}/deployments?pageSize=20`))
+        .deployments || [],
+    REFRESH_SECONDS,
+    [projectId],
+  );
+  if (projectError) {
+    return html`<main id="main"><p class="error" role="alert">${projectError}</p>
+      <p><a href="#/projects">Back to projects</a></p></main>`;
+  }
+  if (!project) return html`<main id="main"><p class="loading">Loading the project…</p></main>`;
+  return html`<main id="main" class="project">
+    <p><a href="#/projects">← Projects</a></p>
+    <h1 id="project-name">${project.name}</h1>
+    ${project.description ? html`<p class="description">${project.description}</p>` : null}
+    <dl class="facts">
+      <dt>Address</dt>
+      <dd id="project-url"><${SafeLink} href=${project.url}>${project.url || project.hostname}<//></dd>
+      <dt>Resources</dt><dd>${project.ramMb} MB RAM · ${project.cpuMillis} mCPU</dd>
+      <dt>Region</dt><dd>${project.region || "any"}</dd>
+    </dl>
+    <section aria-labelledby="deployments-title">
+      <h2 id="deployments-title">Deployments</h2>
+      <${Deployments}
+        deployments=${deployments}
+        error=${deploymentsError}
+        canWrite=${canWrite}
+        onChanged=${reloadDeployments}
+      />
+    </section>
+    <${Logs} projectId=${projectId} />
+    ${canWrite ? html`<${DeployForm} projectId=${projectId} onDeployed=${reloadDeployments} />` : null}
+    <${Secrets} projectId=${projectId} canWrite=${canWrite} />
+    ${canAdmin ? html`<${DeleteProject} project=${project} onDeleted=${onDeleted} />` : null}
+  </main>`;
+}

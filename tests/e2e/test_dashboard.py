@@ -1,0 +1,424 @@
+"""The web dashboard in a real headless Chromium (Debian's chromium and chromedriver, driven
+by Selenium), against the whole platform over real HTTP (tests/support/stack.py): sign up,
+an organization, a project with its RAM and CPU, a secret (its name shown, its value never),
+a deployed command app whose status becomes running and whose log lines appear, a rollback,
+log out; a viewer who sees no write control and whose forged write the API refuses; and an
+XSS probe rendered as text. Screenshots of the main pages go to docs/screenshots/.
+
+The tests run in file order and share one `Journey`. Waits are explicit DOM conditions with
+a generous bound, never sleeps.
+"""
+
+from __future__ import annotations
+
+import secrets
+import shutil
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from services.agent.containers import unavailable_reason
+from tests.support import stack as stack_fixtures
+from tests.support.stack import PASSWORD, Stack, sign_up
+
+pytestmark = pytest.mark.slow
+
+stack = stack_fixtures.stack
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMEDRIVER = "/usr/bin/chromedriver"
+REPO = Path(__file__).resolve().parents[2]
+SCREENSHOTS = REPO / "docs" / "screenshots"
+WAIT_SECONDS = 30.0
+DEPLOY_WAIT_SECONDS = 90.0  # a first start in the container sandbox can take a while
+GREETING = "hello-from-the-dashboard"
+APP = 'echo "release {release}: greeting is $GREETING"; exec python3 -m http.server "$PORT"'
+XSS = "<script>window.__xss=1</script>"
+XSS_IMG = '<img src=x onerror="window.__xss=2">'
+
+try:
+    from selenium import webdriver
+    from selenium.common.exceptions import (
+        NoSuchElementException,
+        StaleElementReferenceException,
+        WebDriverException,
+    )
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.chrome.webdriver import WebDriver
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.remote.webelement import WebElement
+    from selenium.webdriver.support.wait import WebDriverWait
+except ImportError:  # pragma: no cover - the dev extra installs it
+    webdriver = None  # type: ignore[assignment]
+
+
+def _missing_browser() -> str:
+    if webdriver is None:
+        return "selenium is not installed (pip install -e '.[dev]')"
+    absent = [p for p in (CHROMIUM, CHROMEDRIVER) if shutil.which(p) is None]
+    if absent:
+        return (
+            f"{' and '.join(absent)} missing: scripts/system-packages.sh installs Debian's "
+            "chromium and chromium-driver as root"
+        )
+    return ""
+
+
+@dataclass
+class Journey:
+    stack: Stack
+    driver: WebDriver
+    http: httpx.Client
+    email: str = ""
+    org: dict[str, Any] = field(default_factory=dict)
+    project: dict[str, Any] = field(default_factory=dict)
+    deploy_skip: str = ""
+    viewer_email: str = ""
+
+    # --- the browser, as a user drives it ---------------------------------------------
+
+    def open(self, hash_path: str = "") -> None:
+        self.driver.get(f"{self.stack.url}/{hash_path}")
+
+    def until(self, condition: Callable[[], Any], what: str, within: float = WAIT_SECONDS) -> Any:
+        def probe(_: Any) -> Any:
+            try:
+                return condition()
+            except (NoSuchElementException, StaleElementReferenceException):
+                return None
+
+        wait = WebDriverWait(self.driver, within, poll_frequency=0.2)
+        return wait.until(probe, message=f"waiting {within}s for {what}")
+
+    def find(self, css: str) -> WebElement:
+        return self.driver.find_element(By.CSS_SELECTOR, css)
+
+    def all(self, css: str) -> list[WebElement]:
+        return self.driver.find_elements(By.CSS_SELECTOR, css)
+
+    def visible(self, css: str) -> WebElement:
+        found: WebElement = self.until(
+            lambda: next((e for e in self.all(css) if e.is_displayed()), None), css
+        )
+        return found
+
+    def fill(self, form: str, values: dict[str, str]) -> None:
+        for name, value in values.items():
+            box = self.visible(f'form[name="{form}"] [name="{name}"]')
+            box.clear()
+            box.send_keys(value)
+
+    def submit(self, form: str) -> None:
+        button = self.visible(f'form[name="{form}"] button[type="submit"]')
+        self.until(button.is_enabled, f"the {form} button enabled")
+        button.click()
+
+    def text(self, css: str) -> str:
+        return " ".join(e.text for e in self.all(css))
+
+    def screenshot(self, name: str) -> None:
+        SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+        self.driver.save_screenshot(str(SCREENSHOTS / name))
+
+    def deployment_rows(self) -> list[tuple[str, str]]:
+        """(status, release reason) of each deployment row, newest first."""
+        return [
+            (
+                row.find_element(By.CSS_SELECTOR, ".status").text,
+                row.find_element(By.CSS_SELECTOR, ".release-reason").text,
+            )
+            for row in self.all("#deployments tbody tr")
+        ]
+
+    # --- the API, as the tests' own client --------------------------------------------
+
+    def token(self, email: str) -> str:
+        reply = self.http.post("/v1/auth/login", json={"email": email, "password": PASSWORD})
+        assert reply.status_code == 200, reply.text
+        token: str = reply.json()["accessToken"]
+        return token
+
+
+@pytest.fixture(scope="module")
+def journey(stack: Stack) -> Iterator[Journey]:
+    missing = _missing_browser()
+    if missing:
+        print(f"\n[dashboard] skipped: {missing}")
+        pytest.skip(missing)
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for argument in (
+        "--headless=new",
+        "--no-sandbox",  # runs as root in CI containers, where Chromium's sandbox cannot
+        "--disable-dev-shm-usage",
+        "--window-size=1280,800",
+        "--disable-gpu",
+        "--no-first-run",
+    ):
+        options.add_argument(argument)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    try:
+        driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    except WebDriverException as exc:
+        pytest.fail(f"chromium did not start: {exc.msg}")
+    # The viewport itself 1280x800, whatever the window's decorations take.
+    driver.execute_cdp_cmd(
+        "Emulation.setDeviceMetricsOverride",
+        {"width": 1280, "height": 800, "deviceScaleFactor": 1, "mobile": False},
+    )
+    try:
+        with stack.client() as http:
+            yield Journey(stack, driver, http)
+    finally:
+        driver.quit()
+    stack.check_alive()
+
+
+def _console_errors(j: Journey) -> list[str]:
+    """Script errors and CSP violations so far; the API's refusals the tests provoke (a
+    wrong password, a bad secret name) are "network" entries, left out."""
+    return [
+        entry["message"]
+        for entry in j.driver.get_log("browser")
+        if entry["level"] == "SEVERE" and entry.get("source") != "network"
+    ]
+
+
+def test_the_login_page_loads_under_its_csp_and_explains_a_bad_password(
+    journey: Journey,
+) -> None:
+    j = journey
+    j.open()
+    j.until(lambda: j.driver.current_url.endswith("#/login"), "the login page")
+    j.visible('form[name="login"] input[name="email"]')
+    assert j.driver.title == "Hangar"
+    j.screenshot("dashboard-login.png")
+    # Every script ran under script-src 'self': a CSP violation is a console error.
+    assert _console_errors(j) == []
+
+    j.fill("login", {"email": "nobody@example.com", "password": "not the password"})
+    j.submit("login")
+    error = j.visible('form[name="login"] .error')
+    assert error.get_attribute("role") == "alert"
+    assert error.text.endswith(".") and "{" not in error.text, error.text
+
+
+def test_sign_up_and_create_an_organization(journey: Journey) -> None:
+    j = journey
+    j.find('a[href="#/signup"]').click()
+    j.email = f"dash-{secrets.token_hex(4)}@example.com"
+    j.fill("signup", {"name": "Ada", "email": j.email, "password": PASSWORD})
+    j.submit("signup")
+    # No organization yet: the dashboard asks for one.
+    j.visible('form[name="create-org"]')
+    assert j.find("#who").text == j.email
+    slug = f"dash-{secrets.token_hex(3)}"
+    j.fill("create-org", {"name": "Ada Labs", "slug": slug})
+    j.submit("create-org")
+    j.until(lambda: "Projects" in j.find("h1").text, "the projects page of the new org")
+    assert "Ada Labs" in j.find("h1").text
+    assert j.find("#my-role").text == "owner"
+    orgs = j.http.get("/v1/organizations", headers={"Authorization": f"Bearer {j.token(j.email)}"})
+    j.org = next(o for o in orgs.json()["organizations"] if o["slug"] == slug)
+
+
+def test_create_a_project_with_its_resources(journey: Journey) -> None:
+    j = journey
+    j.visible('form[name="create-project"]')  # once the organization's plan exists
+    j.fill("create-project", {"name": "Web", "slug": "web", "ramMb": "256", "cpuMillis": "250"})
+    j.submit("create-project")
+    link = j.visible("#projects a.project-name")
+    assert link.text == "Web"
+    assert "256 MB · 250 mCPU" in j.text("#projects tbody tr")
+    assert "never deployed" in j.text("#projects tbody tr")
+    link.click()
+    j.until(lambda: j.find("#project-name").text == "Web", "the project page")
+    address = j.find("#project-url a")
+    assert (address.get_attribute("href") or "").startswith("http") and "web-" in address.text
+    j.project = {"id": j.driver.current_url.rsplit("/", 1)[-1]}
+
+
+def test_a_secret_shows_its_name_and_never_its_value(journey: Journey) -> None:
+    j = journey
+    value_box = j.visible('form[name="set-secret"] input[name="value"]')
+    assert value_box.get_attribute("type") == "password"
+    j.fill("set-secret", {"name": "GREETING", "value": GREETING})
+    j.submit("set-secret")
+    j.until(lambda: j.find("#secrets .secret-name").text == "GREETING", "the secret's name")
+    assert GREETING not in j.driver.page_source
+    # A name the API refuses comes back as a readable sentence beside the form.
+    j.fill("set-secret", {"name": "lower", "value": "x"})
+    j.driver.execute_script(  # past the browser's own pattern check, to reach the API's
+        'document.querySelector(\'form[name="set-secret"] input[name="name"]\')'
+        ".removeAttribute('pattern')"
+    )
+    j.submit("set-secret")
+    error = j.visible('form[name="set-secret"] .error')
+    assert error.text and "{" not in error.text, error.text
+
+
+def _deploy(j: Journey, release: str) -> None:
+    j.fill("deploy", {"command": APP.format(release=release)})
+    j.submit("deploy")
+
+
+def _latest(j: Journey) -> tuple[str, str]:
+    rows = j.deployment_rows()
+    return rows[0] if rows else ("", "")
+
+
+def test_deploy_a_command_see_it_run_and_its_logs(journey: Journey) -> None:
+    j = journey
+    reason = unavailable_reason()
+    if reason:
+        j.deploy_skip = f"the container sandbox is missing: {reason}"
+        print(f"\n[dashboard] deploy steps skipped: {j.deploy_skip}")
+        pytest.skip(j.deploy_skip)
+    _deploy(j, "A")
+    j.until(lambda: _latest(j) == ("running", "deploy"), "release A running", DEPLOY_WAIT_SECONDS)
+    line = f"release A: greeting is {GREETING}"
+    j.until(lambda: line in j.text("#logs .line"), "release A's log line", DEPLOY_WAIT_SECONDS)
+    # A second release, so that there is one to roll back to.
+    _deploy(j, "B")
+    j.until(
+        lambda: _latest(j) == ("running", "deploy") and len(j.deployment_rows()) == 2,
+        "release B running",
+        DEPLOY_WAIT_SECONDS,
+    )
+    j.until(lambda: "release B: greeting" in j.text("#logs .line"), "release B's log line")
+
+
+def test_roll_back_in_one_click(journey: Journey) -> None:
+    j = journey
+    if j.deploy_skip:
+        pytest.skip(j.deploy_skip)
+    rollback = j.visible("#deployments tbody tr:first-child button.rollback")
+    rollback.click()
+    j.until(
+        lambda: _latest(j) == ("running", "rollback"),
+        "the rollback running",
+        DEPLOY_WAIT_SECONDS,
+    )
+    # The rollback runs release A's command again.
+    j.until(lambda: j.text("#logs .line").count("release A: greeting") >= 2, "A's line again")
+    j.driver.execute_script("document.getElementById('project-name').scrollIntoView()")
+    j.screenshot("dashboard-project.png")
+    j.open("#/projects")
+    j.until(lambda: "running" in j.text("#projects .status"), "running at a glance")
+    j.screenshot("dashboard-projects.png")
+
+
+def test_user_strings_render_as_text_never_as_html(journey: Journey) -> None:
+    j = journey
+    j.open("#/projects")
+    j.fill(
+        "create-project",
+        {"name": XSS, "slug": "probe", "description": XSS_IMG, "ramMb": "64", "cpuMillis": "50"},
+    )
+    j.submit("create-project")
+    j.until(lambda: XSS in j.text("#projects a.project-name"), "the probe's name as text")
+    j.until(lambda: j.find("#projects tbody tr[data-project-id] a[href*='#/projects/']"), "links")
+    probe = next(a for a in j.all("#projects a.project-name") if a.text == XSS)
+    probe.click()
+    j.until(lambda: j.find("#project-name").text == XSS, "the probe's page")
+    assert j.find(".description").text == XSS_IMG
+    assert j.all("main script") == [] and j.all("main img") == []
+    j.open("#/projects")
+    j.until(lambda: XSS in j.text("#projects a.project-name"), "the list again")
+    assert j.driver.execute_script("return window.__xss") is None
+
+
+def test_a_project_is_deleted_only_after_typing_its_slug(journey: Journey) -> None:
+    j = journey
+    j.open("#/projects")
+    probe = j.until(
+        lambda: next((a for a in j.all("#projects a.project-name") if a.text == XSS), None),
+        "the probe project",
+    )
+    probe.click()
+    delete = j.visible('form[name="delete-project"] button[type="submit"]')
+    assert not delete.is_enabled()
+    j.fill("delete-project", {"confirm": "prob"})
+    assert not delete.is_enabled()
+    j.find('form[name="delete-project"] input[name="confirm"]').send_keys("e")
+    j.until(delete.is_enabled, "the delete button enabled by the slug")
+    delete.click()
+    j.until(lambda: j.driver.current_url.endswith("#/projects"), "back to the list")
+    j.until(lambda: XSS not in j.text("#projects a.project-name"), "the probe gone")
+
+
+def test_log_out_ends_the_session(journey: Journey) -> None:
+    j = journey
+    j.find("#logout").click()
+    j.visible('form[name="login"]')
+    stored = j.driver.execute_script("return JSON.stringify(sessionStorage)")
+    assert "refresh" not in stored.lower(), stored
+    j.driver.refresh()
+    j.visible('form[name="login"]')  # nothing left to resume the session with
+
+
+def test_a_viewer_sees_no_write_controls_and_the_api_refuses_a_forged_write(
+    journey: Journey,
+) -> None:
+    j = journey
+    viewer = sign_up(j.http, "viewer")
+    owner = {"Authorization": f"Bearer {j.token(j.email)}"}
+    added = j.http.post(
+        f"/v1/organizations/{j.org['id']}/members",
+        headers=owner,
+        json={"email": viewer.email, "role": "ROLE_VIEWER"},
+    )
+    assert added.status_code == 200, added.text
+
+    j.open("#/login")
+    j.fill("login", {"email": viewer.email, "password": PASSWORD})
+    j.find('form[name="login"] input[name="password"]').send_keys(Keys.ENTER)  # keyboard
+    j.until(lambda: j.find("#my-role").text == "viewer", "the viewer's projects page")
+    j.visible("#projects a.project-name")
+    assert j.all('form[name="create-project"]') == []
+    j.visible("#projects a.project-name").click()
+    j.until(lambda: j.find("#project-name").text == "Web", "the project page")
+    j.until(lambda: j.all("#deployments") or j.all("#no-deployments"), "the deployments")
+    j.until(lambda: j.all("#secrets") or j.all("#no-secrets"), "the secrets")
+    for form in ("deploy", "set-secret", "delete-project"):
+        assert j.all(f'form[name="{form}"]') == [], form
+    assert j.all("button.rollback") == [] and j.all("#secrets button") == []
+
+    forged = j.http.post(
+        f"/v1/projects/{j.project['id']}/deployments",
+        headers={"Authorization": f"Bearer {j.token(viewer.email)}"},
+        json={"command": "exec sleep 100"},
+    )
+    assert forged.status_code == 403, forged.text
+    forged = j.http.put(
+        f"/v1/projects/{j.project['id']}/secrets/GREETING",
+        headers={"Authorization": f"Bearer {j.token(viewer.email)}"},
+        json={"value": "forged"},
+    )
+    assert forged.status_code == 403, forged.text
+    assert _console_errors(j) == []
+
+
+def test_the_pages_fit_a_phone_screen(journey: Journey) -> None:
+    j = journey
+    metrics = {"width": 375, "height": 740, "deviceScaleFactor": 1, "mobile": True}
+    j.driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride", metrics)
+    try:
+        pages = (("#/projects", "#projects"), (f"#/projects/{j.project['id']}", "#logs"))
+        for page, ready in pages:
+            j.open(page)
+            j.visible(ready)
+            overflow = j.driver.execute_script(
+                "return document.documentElement.scrollWidth - document.documentElement.clientWidth"
+            )
+            assert overflow <= 0, f"{page} scrolls sideways by {overflow}px on a phone"
+    finally:
+        j.driver.execute_cdp_cmd(
+            "Emulation.setDeviceMetricsOverride",
+            {"width": 1280, "height": 800, "deviceScaleFactor": 1, "mobile": False},
+        )
