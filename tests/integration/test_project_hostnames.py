@@ -17,24 +17,13 @@ from grpc_status import rpc_status
 
 from hangar.identity.v1 import identity_pb2 as ipb
 from hangar.project.v1 import project_pb2 as pb
-from services.billing.server import BillingApp
 from services.project import domain
 from services.project.hostnames import IdentityOrganizations
 from shared.clients import Clients
-from shared.db import Database
 from shared.loops import cancel_and_wait
 from shared.migrate import migrate
-from shared.server import start_server
-from tests.support.identity import running_identity
 from tests.support.procs import free_port
-from tests.support.project import (
-    Stack,
-    Tenant,
-    eventually,
-    master_keys,
-    project_settings,
-    start_project,
-)
+from tests.support.project import Stack, Tenant, eventually, running_stack
 
 Code = grpc.StatusCode
 APPS_DOMAIN = "apps.example.test"
@@ -53,44 +42,13 @@ def hostnames_db(create_database: Callable[[str], str], db_passwords: dict[str, 
 async def stack(hostnames_db: str, db_passwords: dict[str, str]) -> AsyncIterator[Stack]:
     """tests.support.project.running_stack with an apps domain and an edge port of its own.
     The project's loops are off: tests start identity's event consumer when they want it."""
-    async with running_identity(hostnames_db, db_passwords) as identity:
-        billing_settings = replace(
-            identity.settings,
-            service="billing",
-            addresses={**identity.settings.addresses, "identity": identity.address},
-            jwt_signing_keys=(),
-        )
-        billing_db = await Database.connect(
-            billing_settings.service_database_url("billing"), max_size=20
-        )
-        billing_app = BillingApp(
-            billing_settings, billing_db, consume_identity=False, run_cycle=False
-        )
-        billing_server = await start_server(billing_app, "127.0.0.1:0", grace=0.5)
-        billing_address = f"127.0.0.1:{billing_server.port}"
-        keys = master_keys("mk-1")
-        settings = project_settings(
-            hostnames_db, db_passwords, identity, billing_address, keys, "mk-1"
-        )
-        settings = replace(
-            settings,
-            apps_domain=APPS_DOMAIN,
-            addresses={**settings.addresses, "edge": f"127.0.0.1:{EDGE_PORT}"},
-        )
-        app, server = await start_project(settings)
-        running = Stack(
-            identity,
-            billing_app,
-            billing_server,
-            app,
-            server,
-            f"127.0.0.1:{server.port}",
-            billing_address,
-        )
-        try:
-            yield running
-        finally:
-            await running.close()
+    async with running_stack(
+        hostnames_db,
+        db_passwords,
+        apps_domain=APPS_DOMAIN,
+        addresses={"edge": f"127.0.0.1:{EDGE_PORT}"},
+    ) as running:
+        yield running
 
 
 @pytest.fixture

@@ -9,6 +9,7 @@ import secrets
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import grpc
 
@@ -187,7 +188,11 @@ async def running_stack(
     keys: Mapping[str, bytes] | None = None,
     active_key: str = "",
     run_loops: bool = False,
+    **project_settings_overrides: Any,
 ) -> AsyncIterator[Stack]:
+    """Identity, billing and project servers in this process; `project_settings_overrides`
+    replace fields of project's settings (an apps domain...; `addresses` are added to its
+    own)."""
     keys = keys or master_keys("mk-1")
     async with running_identity(database_url, db_passwords) as identity:
         billing_settings = replace(
@@ -212,6 +217,10 @@ async def running_stack(
             keys,
             active_key or next(iter(keys)),
         )
+        overrides = dict(project_settings_overrides)
+        if "addresses" in overrides:
+            overrides["addresses"] = {**settings.addresses, **overrides["addresses"]}
+        settings = replace(settings, **overrides)
         app, server = await start_project(settings, run_loops=run_loops)
         stack = Stack(
             identity,
