@@ -92,7 +92,10 @@ class HttpDomainCheck:
         if self.connect_to:
             target = self.connect_to
         else:
-            address = await _public_address(hostname)
+            try:
+                address = await asyncio.wait_for(_public_address(hostname), self.timeout)
+            except TimeoutError:
+                return f"{hostname} did not resolve within {self.timeout:g} s"
             if address is None:
                 return f"{hostname} has no public IPv4 address"
             target = f"{address}:80"
