@@ -24,6 +24,9 @@ from shared.settings import Settings
 log = logging.getLogger("hangar.edge")
 
 RUNTIME_SERVICE = runtime_pb2.DESCRIPTOR.services_by_name["RuntimeService"]
+# What can change a route: a deployment starting or stopping to serve, names coming or going
+# (not audit entries, the rest of the feed). What else moves is caught by the periodic read.
+ROUTE_EVENTS = ("deployment.status_changed", "route.changed")
 
 
 class RuntimeRoutes:
@@ -59,7 +62,9 @@ class RuntimeRoutes:
         while True:
             try:
                 yield None  # (re)connected, or about to: re-read the table
-                request = events_pb2.WatchEventsRequest(after_cursor=self.cursor)
+                request = events_pb2.WatchEventsRequest(
+                    after_cursor=self.cursor, types=list(ROUTE_EVENTS)
+                )
                 async for event in self._stub().WatchEvents(request):
                     self.cursor = event.cursor
                     delay = self.retry_seconds
