@@ -46,16 +46,18 @@ export function signedIn() {
   return accessToken !== "";
 }
 
+// A Blob body is sent as it is, with its own type; anything else as JSON.
 async function send(method, path, body, token) {
   const headers = { Accept: "application/json" };
-  if (body !== undefined) headers["Content-Type"] = "application/json";
+  const raw = body instanceof Blob;
+  if (body !== undefined) headers["Content-Type"] = raw ? body.type : "application/json";
   if (token) headers.Authorization = `Bearer ${token}`;
   let response;
   try {
     response = await fetch(path, {
       method,
       headers,
-      body: body === undefined ? undefined : JSON.stringify(body),
+      body: body === undefined || raw ? body : JSON.stringify(body),
       credentials: "omit",
       cache: "no-store",
     });
@@ -94,6 +96,7 @@ async function refresh() {
 }
 
 // An authenticated call; on 401 the access token is renewed once and the call repeated.
+// `body`: a JSON value, or a Blob sent raw with its type (an upload).
 export async function api(method, path, body) {
   if (!accessToken && !(await refresh())) {
     announce(null);

@@ -1,12 +1,14 @@
-// The Hangar dashboard: a client of the public /v1 API, routed by the URL's hash
-// (#/login, #/signup, #/orgs, #/projects, #/projects/<id>), so the gateway serves one page.
+// The Hangar dashboard: a client of the public /v1 API, routed by the URL's hash (#/login,
+// #/signup, #/orgs, #/projects, #/projects/<id>, #/members, #/billing, #/audit, #/servers),
+// so the gateway serves one page.
 
 import { render } from "./vendor/preact.mjs";
 import { useEffect, useState } from "./vendor/hooks.mjs";
 import { describe, listAll, logout, onSessionChange, resume, roleIn } from "./api.js";
 import { LoginPage, OrganizationsPage, ProjectsPage, SignUpPage } from "./pages.js";
+import { AuditPage, BillingPage, MembersPage, ServersPage } from "./org.js";
 import { ProjectPage } from "./project.js";
-import { WRITE_ROLES, html } from "./ui.js";
+import { ADMIN_ROLES, WRITE_ROLES, html } from "./ui.js";
 
 const ORG_KEY = "hangar.organization"; // which organization is current: an id, not a secret
 
@@ -29,7 +31,7 @@ function useRoute() {
   return route;
 }
 
-function Header({ user, orgs, org, onSwitch, onLogout }) {
+function Header({ user, orgs, org, role, onSwitch, onLogout }) {
   return html`<header class="top">
     <a class="skip" href="#main" onClick=${(e) => {
       e.preventDefault();
@@ -38,7 +40,11 @@ function Header({ user, orgs, org, onSwitch, onLogout }) {
     <a class="brand" href="#/projects">Hangar</a>
     <nav aria-label="Main">
       <a href="#/projects">Projects</a>
+      ${org ? html`<a href="#/members" id="nav-members">Members</a>` : null}
+      ${org ? html`<a href="#/billing" id="nav-billing">Billing</a>` : null}
+      ${org && ADMIN_ROLES.has(role) ? html`<a href="#/audit" id="nav-audit">Audit log</a>` : null}
       <a href="#/orgs">Organizations</a>
+      ${user.isPlatformAdmin ? html`<a href="#/servers" id="nav-servers">Servers</a>` : null}
     </nav>
     ${orgs.length
       ? html`<label class="switcher"><span class="label">Organization</span>
@@ -127,7 +133,9 @@ function App() {
   const org = orgs.find((o) => o.id === orgId);
   const canWrite = WRITE_ROLES.has(role);
   let page;
-  if (route.page === "orgs" || (!org && orgs.length === 0)) {
+  if (route.page === "servers") {
+    page = html`<${ServersPage} />`;
+  } else if (route.page === "orgs" || (!org && orgs.length === 0)) {
     page = html`<${OrganizationsPage}
       orgs=${orgs}
       currentId=${orgId}
@@ -147,6 +155,12 @@ function App() {
       userId=${user.id}
       onDeleted=${() => go("#/projects")}
     />`;
+  } else if (org && route.page === "members") {
+    page = html`<${MembersPage} key=${org.id} org=${org} userId=${user.id} />`;
+  } else if (org && route.page === "billing") {
+    page = html`<${BillingPage} key=${org.id} org=${org} role=${role} />`;
+  } else if (org && route.page === "audit") {
+    page = html`<${AuditPage} key=${org.id} org=${org} />`;
   } else if (org) {
     page = html`<${ProjectsPage} key=${org.id} org=${org} role=${role} canWrite=${canWrite} />`;
   } else {
@@ -157,9 +171,10 @@ function App() {
       user=${user}
       orgs=${orgs}
       org=${org}
+      role=${role}
       onSwitch=${(id) => {
         switchTo(id);
-        go("#/projects");
+        if (!["members", "billing", "audit"].includes(route.page)) go("#/projects");
       }}
       onLogout=${async () => {
         try {

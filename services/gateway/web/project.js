@@ -1,8 +1,11 @@
-// One project: its address, deploy form, deployments with rollback, latest logs, secrets and
-// (for admins) deletion.
+// One project: its address, deployments with rollback, metrics, latest logs, deploy form,
+// secrets, custom domains and (for admins) deletion.
 
 import { useState } from "./vendor/hooks.mjs";
 import { api, listAll, roleIn } from "./api.js";
+import { Domains } from "./domains.js";
+import { MetricsPanel } from "./metrics.js";
+import { shipSource, tarGzOfFolder } from "./ship.js";
 import {
   ADMIN_ROLES,
   WRITE_ROLES,
@@ -33,7 +36,17 @@ function DeployForm({ projectId, onDeployed }) {
     name="deploy"
     title="Deploy"
     submit="Deploy"
-    action=${async (data) => {
+    action=${async (data, form) => {
+      if (mode === "source") {
+        const folder = form.querySelector('input[name="folder"]').files;
+        const archive = form.querySelector('input[name="archive"]').files[0];
+        if (!folder.length && !archive) throw new Error("pick a folder or a .tar.gz archive");
+        const blob = archive || (await tarGzOfFolder(folder));
+        await shipSource(projectId, blob, data.get("processType") || "");
+        form.reset();
+        onDeployed();
+        return;
+      }
       const body =
         mode === "image"
           ? { image: data.get("image"), imageCommand: data.get("imageCommand") || "" }
@@ -48,13 +61,24 @@ function DeployForm({ projectId, onDeployed }) {
         onChange=${() => setMode("command")} /> a command</label>
       <label><input type="radio" name="mode" value="image" checked=${mode === "image"}
         onChange=${() => setMode("image")} /> a container image</label>
+      <label><input type="radio" name="mode" value="source" checked=${mode === "source"}
+        onChange=${() => setMode("source")} /> source code</label>
     </fieldset>
     ${mode === "command"
       ? html`<${Field} label="Command" name="command" required
           placeholder='exec python3 -m http.server "$PORT"'
           hint="A Procfile-style shell line; it listens on $PORT." />`
-      : html`<${Field} label="Image" name="image" required placeholder="docker.io/library/busybox:1.36" />
-          <${Field} label="Image command (optional)" name="imageCommand" />`}
+      : mode === "image"
+        ? html`<${Field} label="Image" name="image" required placeholder="docker.io/library/busybox:1.36" />
+            <${Field} label="Image command (optional)" name="imageCommand" />`
+        : html`<div class="pair">
+              <${Field} label="A folder" name="folder" type="file" webkitdirectory multiple
+                hint="Its files are packed in the browser (no file modes, links or empty folders; .git left out)." />
+              <${Field} label="or a .tar.gz" name="archive" type="file" accept=".tar.gz,.tgz,application/gzip"
+                hint="Made with tar -czf app.tar.gz -C my-app ." />
+            </div>
+            <${Field} label="Process type (optional)" name="processType" placeholder="web"
+              hint="Built like a buildpack: requirements.txt, package.json or a Procfile." />`}
   <//>`;
 }
 
@@ -236,9 +260,11 @@ export function ProjectPage({ projectId, userId, onDeleted }) {
         onChanged=${reloadDeployments}
       />
     </section>
+    <${MetricsPanel} projectId=${projectId} />
     <${Logs} projectId=${projectId} />
     ${canWrite ? html`<${DeployForm} projectId=${projectId} onDeployed=${reloadDeployments} />` : null}
     <${Secrets} projectId=${projectId} canWrite=${canWrite} />
+    <${Domains} projectId=${projectId} canAdmin=${canAdmin} />
     ${canAdmin ? html`<${DeleteProject} project=${project} onDeleted=${onDeleted} />` : null}
   </main>`;
 }

@@ -138,3 +138,44 @@ export function usePolling(load, seconds, deps) {
   }, [...deps, tick]);
   return [value, error, () => setTick((n) => n + 1)];
 }
+
+export const ROLES = ["ROLE_VIEWER", "ROLE_DEVELOPER", "ROLE_ADMIN", "ROLE_OWNER"];
+
+// A labelled <select> of `options` ([value, text] pairs), starting at `initial`: marked on
+// its option, since a <select>'s own default value is set before its options exist.
+export function SelectField({ label, options, initial, ...select }) {
+  return html`<label class="field">
+    <span class="label">${label}</span>
+    <select ...${select}>
+      ${options.map(
+        ([value, text]) => html`<option key=${value} value=${value} selected=${value === initial}>${text}</option>`,
+      )}
+    </select>
+  </label>`;
+}
+
+// A whole number from the API: int64 fields arrive as JSON strings (proto3 JSON mapping).
+export function count(value) {
+  const n = Number(value || 0);
+  return Number.isFinite(n) ? n : 0;
+}
+
+export function bytesText(bytes) {
+  const units = ["B", "KB", "MB", "GB", "TB"];
+  let n = count(bytes);
+  let i = 0;
+  while (Math.abs(n) >= 1000 && i < units.length - 1) {
+    n /= 1000;
+    i++;
+  }
+  return `${i === 0 ? n : n.toFixed(1)} ${units[i]}`;
+}
+
+export function moneyText(cents, currency) {
+  const code = (currency || "usd").toUpperCase();
+  try {
+    return new Intl.NumberFormat(undefined, { style: "currency", currency: code }).format(count(cents) / 100);
+  } catch {
+    return `${(count(cents) / 100).toFixed(2)} ${code}`;
+  }
+}
