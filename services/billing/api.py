@@ -110,6 +110,7 @@ def invoice_to_proto(inv: store.Invoice) -> pb.Invoice:
         total_cents=inv.total_cents,
         currency=inv.currency,
         stripe_invoice_id=inv.stripe_invoice_id,
+        hosted_invoice_url=inv.hosted_invoice_url,
         sent=inv.sent,
         created_at=optional_timestamp(inv.created_at),
         due_at=optional_timestamp(inv.due_at),

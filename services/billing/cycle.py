@@ -330,7 +330,7 @@ class BillingCycle:
             return invoice.id
         async with self.db.transaction() as tx:
             updated = await store.mark_invoice_sent(
-                tx, invoice.id, sent.stripe_invoice_id, sent.status
+                tx, invoice.id, sent.stripe_invoice_id, sent.status, sent.hosted_invoice_url
             )
             if updated is None:
                 return invoice.id

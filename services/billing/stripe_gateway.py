@@ -66,6 +66,7 @@ class InvoiceToSend:
 class SentInvoice:
     stripe_invoice_id: str
     status: InvoiceStatus
+    hosted_invoice_url: str = ""
 
 
 class SendFailed(Exception):
@@ -307,7 +308,19 @@ class SdkStripeGateway:
             )
         except stripe.StripeError as exc:
             raise SendFailed(str(exc), draft_id) from exc
-        return SentInvoice(stripe_invoice_id=draft_id, status=_invoice_status(final.status))
+        return SentInvoice(
+            stripe_invoice_id=draft_id,
+            status=_invoice_status(final.status),
+            hosted_invoice_url=hosted_url(final),
+        )
+
+
+def hosted_url(invoice: Any) -> str:
+    """Stripe's hosted_invoice_url of an invoice (a StripeObject or a webhook's dict), when
+    it is an http(s) URL; "" otherwise."""
+    value = invoice["hosted_invoice_url"] if "hosted_invoice_url" in invoice else None
+    text = str(value or "")
+    return text if text.startswith(("https://", "http://")) and len(text) <= 2048 else ""
 
 
 def _line_key(item: Any) -> str:

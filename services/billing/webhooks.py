@@ -22,6 +22,7 @@ from services.billing.domain import (
     invoice_status_for_event,
     subscription_status_from_stripe,
 )
+from services.billing.stripe_gateway import hosted_url
 from shared.audit import record_audit
 from shared.db import Database, Session
 from shared.errors import FailedPrecondition, InvalidArgument
@@ -96,7 +97,9 @@ async def _apply_invoice(tx: Session, kind: str, obj: dict[str, Any], created: d
         return "ignored: unknown invoice"
     if not invoice_moves_forward(invoice.status, target):
         return f"ignored: {invoice.status.value} is not before {target.value}"
-    await store.apply_invoice_status(tx, invoice.id, target, str(obj.get("id") or ""), created)
+    await store.apply_invoice_status(
+        tx, invoice.id, target, str(obj.get("id") or ""), created, hosted_url(obj)
+    )
     await write_event(
         tx,
         "billing",

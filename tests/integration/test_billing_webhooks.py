@@ -148,6 +148,25 @@ async def test_paid_arriving_before_finalized_ends_paid(billing: Billing) -> Non
     assert inv.stripe_invoice_id == stripe_id
 
 
+async def test_the_invoice_s_stripe_page_comes_with_its_webhook(billing: Billing) -> None:
+    _, owner, invoice_id = await _invoice_in_draft(billing)
+    stripe_id = f"in_{new_id()}"
+    page = f"https://invoice.stripe.com/i/acct_test/{stripe_id}"
+    forged = {
+        **_invoice_object(stripe_id, invoice_id, "open"),
+        "hosted_invoice_url": "javascript:x",
+    }
+    finalized = stripe_event("invoice.finalized", forged, created=int(time.time()) - 5)
+    await billing.stub.HandleStripeWebhook(_request(finalized, sign(finalized)))
+    get = billing_pb2.GetInvoiceRequest(id=invoice_id)
+    assert (await billing.stub.GetInvoice(get, metadata=owner.md)).hosted_invoice_url == ""
+    paid_object = {**_invoice_object(stripe_id, invoice_id, "paid"), "hosted_invoice_url": page}
+    paid = stripe_event("invoice.paid", paid_object)
+    await billing.stub.HandleStripeWebhook(_request(paid, sign(paid)))
+    inv = await billing.stub.GetInvoice(get, metadata=owner.md)
+    assert inv.hosted_invoice_url == page and inv.status == billing_pb2.INVOICE_STATUS_PAID
+
+
 async def test_older_subscription_event_does_not_move_status_back(start_billing) -> None:  # type: ignore[no-untyped-def]
     b: Billing = await start_billing(gateway=RecordingGateway())
     owner = b.owner

@@ -44,7 +44,14 @@ TABLES: dict[str, set[str]] = {
         "outbox",
         "event_cursors",
     },
-    "project": {"projects", "project_secrets", "organization_slugs", "outbox", "event_cursors"},
+    "project": {
+        "projects",
+        "project_secrets",
+        "organization_slugs",
+        "domains",
+        "outbox",
+        "event_cursors",
+    },
     "runtime": {
         "servers",
         "deployments",

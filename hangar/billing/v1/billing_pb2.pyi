@@ -186,7 +186,7 @@ class InvoiceLine(_message.Message):
     def __init__(self, description: _Optional[str] = ..., metric: _Optional[_Union[UsageMetric, str]] = ..., quantity: _Optional[int] = ..., unit_price_cents: _Optional[str] = ..., amount_cents: _Optional[int] = ..., adjustment: _Optional[bool] = ...) -> None: ...
 
 class Invoice(_message.Message):
-    __slots__ = ("id", "organization_id", "subscription_id", "period_start", "period_end", "status", "lines", "total_cents", "currency", "stripe_invoice_id", "sent", "created_at", "due_at")
+    __slots__ = ("id", "organization_id", "subscription_id", "period_start", "period_end", "status", "lines", "total_cents", "currency", "stripe_invoice_id", "sent", "created_at", "due_at", "hosted_invoice_url")
     ID_FIELD_NUMBER: _ClassVar[int]
     ORGANIZATION_ID_FIELD_NUMBER: _ClassVar[int]
     SUBSCRIPTION_ID_FIELD_NUMBER: _ClassVar[int]
@@ -200,6 +200,7 @@ class Invoice(_message.Message):
     SENT_FIELD_NUMBER: _ClassVar[int]
     CREATED_AT_FIELD_NUMBER: _ClassVar[int]
     DUE_AT_FIELD_NUMBER: _ClassVar[int]
+    HOSTED_INVOICE_URL_FIELD_NUMBER: _ClassVar[int]
     id: str
     organization_id: str
     subscription_id: str
@@ -213,7 +214,8 @@ class Invoice(_message.Message):
     sent: bool
     created_at: _timestamp_pb2.Timestamp
     due_at: _timestamp_pb2.Timestamp
-    def __init__(self, id: _Optional[str] = ..., organization_id: _Optional[str] = ..., subscription_id: _Optional[str] = ..., period_start: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., period_end: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., status: _Optional[_Union[InvoiceStatus, str]] = ..., lines: _Optional[_Iterable[_Union[InvoiceLine, _Mapping]]] = ..., total_cents: _Optional[int] = ..., currency: _Optional[str] = ..., stripe_invoice_id: _Optional[str] = ..., sent: _Optional[bool] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., due_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    hosted_invoice_url: str
+    def __init__(self, id: _Optional[str] = ..., organization_id: _Optional[str] = ..., subscription_id: _Optional[str] = ..., period_start: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., period_end: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., status: _Optional[_Union[InvoiceStatus, str]] = ..., lines: _Optional[_Iterable[_Union[InvoiceLine, _Mapping]]] = ..., total_cents: _Optional[int] = ..., currency: _Optional[str] = ..., stripe_invoice_id: _Optional[str] = ..., sent: _Optional[bool] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., due_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., hosted_invoice_url: _Optional[str] = ...) -> None: ...
 
 class ListPlansRequest(_message.Message):
     __slots__ = ("page_size", "page_token")

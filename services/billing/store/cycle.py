@@ -172,16 +172,22 @@ async def record_send_failure(
 
 
 async def mark_invoice_sent(
-    tx: Session, invoice_id: str, stripe_invoice_id: str, status: InvoiceStatus
+    tx: Session,
+    invoice_id: str,
+    stripe_invoice_id: str,
+    status: InvoiceStatus,
+    hosted_invoice_url: str = "",
 ) -> Invoice | None:
     """None if the invoice was already marked sent (nothing changes twice)."""
     row = await tx.fetchrow(
         f"""UPDATE {S}.invoices SET sent = true, stripe_invoice_id = $2,
                 status = CASE WHEN status = 'draft' THEN $3 ELSE status END,
+                hosted_invoice_url = coalesce(nullif($4, ''), hosted_invoice_url),
                 next_attempt_at = NULL, last_error = NULL, updated_at = now()
             WHERE id = $1 AND NOT sent RETURNING *""",
         invoice_id,
         stripe_invoice_id,
         status.value,
+        hosted_invoice_url,
     )
     return Invoice.from_row(row) if row else None

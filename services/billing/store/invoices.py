@@ -55,14 +55,17 @@ async def apply_invoice_status(
     status: InvoiceStatus,
     stripe_invoice_id: str,
     event_created: datetime,
+    hosted_invoice_url: str = "",
 ) -> None:
     await tx.execute(
         f"""UPDATE {S}.invoices SET status = $2, stripe_synced_at = $4, updated_at = now(),
                 stripe_invoice_id = coalesce(stripe_invoice_id, nullif($3, '')),
+                hosted_invoice_url = coalesce(nullif($5, ''), hosted_invoice_url),
                 paid_at = CASE WHEN $2 = 'paid' THEN $4 ELSE paid_at END
             WHERE id = $1""",
         invoice_id,
         status.value,
         stripe_invoice_id,
         event_created,
+        hosted_invoice_url,
     )

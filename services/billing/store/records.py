@@ -88,6 +88,7 @@ class Invoice:
     send_attempts: int = 0
     next_attempt_at: datetime | None = None
     last_error: str = ""
+    hosted_invoice_url: str = ""  # Stripe's page for it, once finalized
 
     @classmethod
     def from_row(cls, row: asyncpg.Record) -> Invoice:
