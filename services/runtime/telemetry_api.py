@@ -59,6 +59,7 @@ _AGGREGATION_IN = {
     pb.AGGREGATION_UNSPECIFIED: Aggregation.AVG,
     pb.AGGREGATION_AVG: Aggregation.AVG,
     pb.AGGREGATION_MAX: Aggregation.MAX,
+    pb.AGGREGATION_SUM: Aggregation.SUM,
 }
 
 
@@ -202,7 +203,7 @@ class TelemetryApi:
             raise InvalidArgument.field("metric", "required")
         aggregation = _AGGREGATION_IN.get(request.aggregation)
         if aggregation is None:
-            raise InvalidArgument.field("aggregation", "AVG or MAX")
+            raise InvalidArgument.field("aggregation", "AVG, MAX or SUM")
         end = _datetime(request.end_time) if request.HasField("end_time") else utcnow()
         start = (
             _datetime(request.start_time)

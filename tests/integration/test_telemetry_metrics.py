@@ -38,7 +38,7 @@ def seconds(n: int) -> duration_pb2.Duration:
     return duration_pb2.Duration(seconds=n)
 
 
-async def test_samples_aggregate_over_steps_with_avg_and_max(fleet: Fleet) -> None:
+async def test_samples_aggregate_over_steps_with_avg_max_and_sum(fleet: Fleet) -> None:
     runtime = await fleet.start()
     tenant, org, project = await fleet.new_project("viewer")
     ann = tenant.members["viewer"].md  # metrics.read: viewers read metrics
@@ -85,6 +85,10 @@ async def test_samples_aggregate_over_steps_with_avg_and_max(fleet: Fleet) -> No
     peak = await runtime.stub.QueryMetrics(query(pb.AGGREGATION_MAX), metadata=ann)
     by_container = {s.container_id: [p.value for p in s.points] for s in peak.series}
     assert by_container == {placed.container_id: [20.0, 40.0, 60.0], other.container_id: [7.0]}
+    total = await runtime.stub.QueryMetrics(
+        query(pb.AGGREGATION_SUM, container_id=placed.container_id), metadata=ann
+    )
+    assert [p.value for p in total.series[0].points] == [30.0, 70.0, 110.0]  # per step
 
     root = await fleet.neighbours.platform_admin()
     totals = await runtime.stub.QueryMetrics(

@@ -85,6 +85,7 @@ class Aggregation(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     AGGREGATION_UNSPECIFIED: _ClassVar[Aggregation]
     AGGREGATION_AVG: _ClassVar[Aggregation]
     AGGREGATION_MAX: _ClassVar[Aggregation]
+    AGGREGATION_SUM: _ClassVar[Aggregation]
 SERVER_STATUS_UNSPECIFIED: ServerStatus
 SERVER_STATUS_ACTIVE: ServerStatus
 SERVER_STATUS_DRAINING: ServerStatus
@@ -130,6 +131,7 @@ METRIC_TYPE_NETWORK_TX_BYTES: MetricType
 AGGREGATION_UNSPECIFIED: Aggregation
 AGGREGATION_AVG: Aggregation
 AGGREGATION_MAX: Aggregation
+AGGREGATION_SUM: Aggregation
 
 class Server(_message.Message):
     __slots__ = ("id", "name", "region", "agent_address", "ram_mb", "cpu_millis", "ram_mb_reserved", "cpu_millis_reserved", "status", "last_heartbeat_at", "created_at", "isolation")

@@ -28,6 +28,7 @@ class MetricName(StrEnum):
 class Aggregation(StrEnum):
     AVG = "avg"
     MAX = "max"
+    SUM = "sum"  # the network counters' bytes per step
 
 
 @dataclass(frozen=True)

@@ -255,7 +255,7 @@ async def lines_in_ranges(
 
 async def query_metrics(s: Session, q: MetricQuery) -> list[MetricSeries]:
     """One series per container (or the server), points per non-empty step, ascending."""
-    agg = "max" if q.aggregation is Aggregation.MAX else "avg"
+    agg = {Aggregation.MAX: "max", Aggregation.SUM: "sum"}.get(q.aggregation, "avg")
     args: list[Any] = [q.metric.value, q.start, q.end, q.step]
     if q.server_totals:
         args.append(q.server_id)
