@@ -625,8 +625,12 @@ class Deployer:
             stranded = await store.deployments_on_down_servers(s, tuple(HOLDS_CAPACITY))
         moved = 0
         for deployment_id in stranded:
-            async with self.db.transaction() as tx:
-                release = await self.scheduler.fail_over(tx, deployment_id)
+            try:
+                async with self.db.transaction() as tx:
+                    release = await self.scheduler.fail_over(tx, deployment_id)
+            except Exception:  # one that cannot move must not hold the others (or the sweep)
+                log.exception("failover failed", extra={"deployment_id": deployment_id})
+                continue
             if release is not None:
                 moved += 1
                 log.warning(

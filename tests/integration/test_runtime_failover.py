@@ -21,6 +21,7 @@ from hangar.runtime.v1 import runtime_pb2_grpc
 from services.runtime.domain import Resources
 from shared.db import Database
 from shared.ids import new_id
+from shared.migrate import migrate
 from shared.settings import Settings
 from tests.support.agent import RunningAgent, start_agent_process
 from tests.support.procs import ServiceProcess, free_port
@@ -73,9 +74,18 @@ class Fleet:
         return next(a for a in self.agents if a.server_id == server_id)
 
 
+@pytest.fixture(scope="module")
+def failover_db(create_database: Callable[[str], str], db_passwords: dict[str, str]) -> str:
+    """A database of this module's own: a runtime fails over whatever is placed on a down
+    server, and other modules leave servers that have gone silent."""
+    url = create_database("hangar_failover")
+    migrate(url, db_passwords)
+    return url
+
+
 @pytest.fixture
-async def fleet(database_url: str, db_passwords: dict[str, str]) -> AsyncIterator[Fleet]:
-    async with running_stack(database_url, db_passwords) as stack:
+async def fleet(failover_db: str, db_passwords: dict[str, str]) -> AsyncIterator[Fleet]:
+    async with running_stack(failover_db, db_passwords) as stack:
         address = f"127.0.0.1:{free_port()}"
         settings = live_runtime_settings(
             stack.identity,
@@ -116,7 +126,7 @@ async def until(condition: Callable[[], Awaitable[bool]], what: str, within: flo
 
 
 async def test_a_silent_server_s_app_starts_again_elsewhere_and_comes_back_stopped(
-    fleet: Fleet, database_url: str
+    fleet: Fleet, failover_db: str
 ) -> None:
     stack = fleet.stack
     channel = grpc.aio.insecure_channel(fleet.settings.listen_address)
@@ -164,7 +174,7 @@ async def test_a_silent_server_s_app_starts_again_elsewhere_and_comes_back_stopp
         again = await moved()
         assert again is not None and again.server_id == other.server_id
         assert again.command == first.command
-        books = await assert_invariant(database_url, servers)
+        books = await assert_invariant(failover_db, servers)
         assert books[silent.server_id].reserved == Resources(0, 0)  # released once
         assert books[other.server_id].reserved == Resources(128, 100)
 
@@ -189,7 +199,7 @@ async def test_a_silent_server_s_app_starts_again_elsewhere_and_comes_back_stopp
         )
         serving = [d for d in listed.deployments if d.status == pb.DEPLOYMENT_STATUS_RUNNING]
         assert [d.id for d in serving] == [again.id]
-        books = await assert_invariant(database_url, servers)
+        books = await assert_invariant(failover_db, servers)
         assert books[silent.server_id].reserved == Resources(0, 0)
     finally:
         await channel.close()
