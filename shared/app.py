@@ -20,6 +20,7 @@ from shared.clients import Clients
 from shared.db import Database
 from shared.interceptors import Authenticator
 from shared.loops import cancel_and_wait
+from shared.metrics import Metrics, current_metrics, watch_outbox
 from shared.outbox import OutboxFeed
 from shared.settings import Settings
 
@@ -59,6 +60,11 @@ class ServiceApp:
         self.settings = settings
         self.db = db
         self.feed = OutboxFeed(db, self.name)
+        # Prometheus metrics, only with a metrics address (shared.server serves them).
+        self.metrics = Metrics() if settings.metrics_address else None
+        if self.metrics is not None:
+            self.metrics.watch_pool(db.pool)
+            watch_outbox(self.metrics, db, self.name)
         # Calls to other services carry this service's token (when it has credentials).
         self.token_source = (
             ServiceTokenSource(settings) if settings.service_secrets.get(self.name) else None
@@ -67,6 +73,7 @@ class ServiceApp:
             settings.addresses,
             default_timeout=settings.call_timeout_seconds,
             token_provider=self.token_source,
+            metrics=self.metrics,
         )
         # What keeps this process's token and Authorize caches true (RemoteAuthorizer's watch).
         self.access_watch = AccessWatch(self.clients) if self.watches_access else None
@@ -106,7 +113,12 @@ class ServiceApp:
 
     async def start(self) -> None:
         await self.feed.start()
-        self._tasks = [asyncio.create_task(loop()) for loop in self._loops]
+        # The loops' tasks copy this context: shared.loops counts their passes here.
+        reset = current_metrics.set(self.metrics)
+        try:
+            self._tasks = [asyncio.create_task(loop()) for loop in self._loops]
+        finally:
+            current_metrics.reset(reset)
 
     async def close(self) -> None:
         await cancel_and_wait(self._tasks)

@@ -7,13 +7,16 @@ from __future__ import annotations
 
 import json
 from collections.abc import Awaitable, Callable, Iterable
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
 from google.protobuf import descriptor, descriptor_pb2
 
 from shared.context import remaining_seconds, request_id_var
 from shared.errors import DeadlineExceeded
+
+if TYPE_CHECKING:
+    from shared.metrics import Metrics
 
 TokenProvider = Callable[[], Awaitable[str]]
 StubT = TypeVar("StubT")
@@ -105,8 +108,10 @@ def open_channel(
     default_timeout: float = 5.0,
     token_provider: TokenProvider | None = None,
     streaming_timeout: float | None = None,
+    metrics: Metrics | None = None,
 ) -> grpc.aio.Channel:
-    """A channel with deadlines and retries. Streams get `streaming_timeout` (None: no limit)."""
+    """A channel with deadlines and retries. Streams get `streaming_timeout` (None: no limit).
+    With `metrics`, every call is counted (grpc_client_*) once its deadline is set."""
     unary = (
         _UnaryUnary(default_timeout, token_provider),
         _StreamUnary(default_timeout, token_provider),
@@ -122,7 +127,7 @@ def open_channel(
             ("grpc.enable_retries", 1),
             ("grpc.keepalive_time_ms", 30_000),
         ],
-        interceptors=[*unary, *streams],
+        interceptors=[*unary, *streams, *(metrics.client_interceptors() if metrics else ())],
     )
 
 
@@ -135,10 +140,12 @@ class Clients:
         *,
         default_timeout: float = 5.0,
         token_provider: TokenProvider | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.addresses = addresses
         self.default_timeout = default_timeout
         self.token_provider = token_provider
+        self.metrics = metrics
         self._channels: dict[str, grpc.aio.Channel] = {}
 
     def channel(
@@ -150,6 +157,7 @@ class Clients:
                 services=services,
                 default_timeout=self.default_timeout,
                 token_provider=self.token_provider,
+                metrics=self.metrics,
             )
         return self._channels[target]
 

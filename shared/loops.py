@@ -18,6 +18,7 @@ from typing import Any
 import grpc
 
 from shared.errors import DomainError
+from shared.metrics import current_metrics
 
 log = logging.getLogger(__name__)
 
@@ -32,17 +33,27 @@ def _transient(exc: Exception) -> bool:
 
 
 async def run_every(seconds: float, step: Callable[[], Awaitable[object]], what: str) -> None:
-    """Await `step` every `seconds` until cancelled; an exception is logged, not fatal."""
+    """Await `step` every `seconds` until cancelled; an exception is logged, not fatal.
+
+    With the process's metrics on (shared.metrics.current_metrics), each pass counts in
+    loop_runs_total{loop=what} and each failed one in loop_failures_total."""
+    metrics = current_metrics.get()
+    runs = metrics.loop_runs.labels(what) if metrics is not None else None
+    failures = metrics.loop_failures.labels(what) if metrics is not None else None
     while True:
         try:
             await step()
         except asyncio.CancelledError:
             raise
         except Exception as exc:
+            if failures is not None:
+                failures.inc()
             if _transient(exc):
                 log.warning("%s failed: %s", what, exc, extra={"loop": what})
             else:
                 log.exception("%s failed", what, extra={"loop": what})
+        if runs is not None:
+            runs.inc()
         await asyncio.sleep(seconds)
 
 

@@ -20,6 +20,7 @@ from grpc_reflection.v1alpha import reflection
 
 from shared.interceptors import Authenticator, ServerInterceptor
 from shared.logging import configure_logging
+from shared.metrics import Metrics, MetricsServer, serve_metrics
 from shared.outbox import OutboxFeed
 from shared.settings import Settings
 
@@ -50,12 +51,18 @@ class RunningServer:
         service: Service,
         port: int,
         grace: float,
+        metrics_server: MetricsServer | None = None,
     ) -> None:
         self.server = server
         self.health = health_servicer
         self.service = service
         self.port = port
         self.grace = grace
+        self.metrics_server = metrics_server
+
+    @property
+    def metrics_port(self) -> int | None:
+        return self.metrics_server.port if self.metrics_server is not None else None
 
     async def stop(self) -> None:
         await self.health.enter_graceful_shutdown()
@@ -66,6 +73,8 @@ class RunningServer:
             feed.end_watches()
         await self.server.stop(self.grace)
         await self.service.close()
+        if self.metrics_server is not None:
+            await self.metrics_server.close()
 
 
 async def start_server(
@@ -78,12 +87,17 @@ async def start_server(
     """Start serving `service` on `address` ("host:port"; port 0 picks a free one).
 
     Without an explicit `authenticator`, the service's own `authenticator` attribute (if any)
-    verifies bearer tokens.
+    verifies bearer tokens. A service with a `metrics` attribute (shared.metrics.Metrics, set
+    when its settings have a metrics address) is counted and serves GET /metrics there.
     """
     if authenticator is None:
         authenticator = getattr(service, "authenticator", None)
+    metrics: Metrics | None = getattr(service, "metrics", None)
+    interceptors: list[grpc.aio.ServerInterceptor] = [ServerInterceptor(authenticator)]
+    if metrics is not None:
+        interceptors.insert(0, metrics.server_interceptor())  # outermost: sees final codes
     server = grpc.aio.server(
-        interceptors=[ServerInterceptor(authenticator)],
+        interceptors=interceptors,
         options=[
             ("grpc.so_reuseport", 0),  # a taken port must fail, not be shared
             ("grpc.max_receive_message_length", 16 * 1024 * 1024),
@@ -99,13 +113,22 @@ async def start_server(
         port = server.add_insecure_port(address)
     except RuntimeError as exc:
         raise OSError(f"cannot listen on {address}: {exc}") from exc
-    await server.start()
-    await service.start()
+    metrics_server = None
+    if metrics is not None:
+        settings: Settings = getattr(service, "settings")  # noqa: B009 - not in the Protocol
+        metrics_server = await serve_metrics(metrics, settings.metrics_address)
+    try:
+        await server.start()
+        await service.start()
+    except BaseException:
+        if metrics_server is not None:
+            await metrics_server.close()
+        raise
     serving = health_pb2.HealthCheckResponse.SERVING
     await health_servicer.set("", serving)
     for name in service.service_names:
         await health_servicer.set(name, serving)
-    return RunningServer(server, health_servicer, service, port, grace)
+    return RunningServer(server, health_servicer, service, port, grace, metrics_server)
 
 
 def run_service(

@@ -130,6 +130,8 @@ class Settings:
     db_passwords: dict[str, str] = field(default_factory=dict, repr=False)
     addresses: dict[str, str] = field(default_factory=dict)
     log_level: str = "INFO"
+    # GET /metrics (Prometheus) on this "host:port" (HANGAR_<PROCESS>_METRICS_ADDR); empty: off.
+    metrics_address: str = ""
     grace_seconds: float = 5.0
     call_timeout_seconds: float = 5.0
     service_secrets: dict[str, str] = field(default_factory=dict, repr=False)
@@ -268,6 +270,7 @@ class Settings:
             db_passwords={s: _env(f"HANGAR_{s.upper()}_DB_PASSWORD") for s in SERVICES},
             addresses=addresses,
             log_level=_env("HANGAR_LOG_LEVEL", "INFO"),
+            metrics_address=_env(f"HANGAR_{service.upper()}_METRICS_ADDR"),
             grace_seconds=float(_env("HANGAR_GRACE_SECONDS", "5")),
             call_timeout_seconds=float(_env("HANGAR_CALL_TIMEOUT_SECONDS", "5")),
             service_secrets={

@@ -24,6 +24,7 @@ from services.agent import containers
 from services.agent.api import AgentApi
 from services.agent.artifacts import RuntimeArtifacts
 from services.agent.drivers import Driver, ProcessDriver
+from services.agent.metrics import watch_agent
 from services.agent.reporting import RuntimeReporter, server_key
 from services.agent.restarts import RestartRules
 from services.agent.shipping import AgentTelemetry
@@ -31,6 +32,7 @@ from shared.auth import IdentityJwks, ServiceTokenSource, TokenVerifier
 from shared.clients import Clients
 from shared.interceptors import Authenticator
 from shared.loops import cancel_and_wait
+from shared.metrics import Metrics
 from shared.server import run_service
 from shared.settings import Settings
 
@@ -64,6 +66,10 @@ class AgentApp:
             self._jwks = IdentityJwks(settings)
             authenticator = TokenVerifier.for_settings(settings, self._jwks)
         self.authenticator = authenticator
+        # GET /metrics (shared.server serves it) only with HANGAR_AGENT_METRICS_ADDR.
+        self.metrics = Metrics() if settings.metrics_address else None
+        if self.metrics is not None:
+            watch_agent(self.metrics, self.driver)
         # Calls to runtime carry the agent's own token (only with its secret configured).
         self.token_source = (
             ServiceTokenSource(settings) if settings.service_secrets.get("agent") else None
@@ -72,6 +78,7 @@ class AgentApp:
             settings.addresses,
             default_timeout=settings.call_timeout_seconds,
             token_provider=self.token_source,
+            metrics=self.metrics,
         )
         builder = getattr(self.driver, "builder", None)
         if builder is not None and self.token_source is not None:

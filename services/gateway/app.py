@@ -42,6 +42,7 @@ from services.gateway.web import Dashboard
 from shared.cache import TtlCache
 from shared.clients import retry_service_config
 from shared.errors import DomainError, NotFound, ResourceExhausted, Unauthenticated
+from shared.metrics import ROUTE_KEY, HttpMetrics, Metrics, MetricsServer, serve_metrics
 from shared.settings import SERVICES, Settings
 
 log = logging.getLogger("hangar.gateway")
@@ -139,10 +140,16 @@ class Gateway:
             "/openapi.json": self._openapi,
         }
         self.dashboard = Dashboard()  # `/` and `/ui/...`: the web dashboard's static files
+        # GET /metrics on its own port, only with HANGAR_GATEWAY_METRICS_ADDR (shared.metrics).
+        self.metrics = Metrics() if settings.metrics_address else None
+        self.http_metrics = HttpMetrics(self.metrics) if self.metrics else None
+        self.metrics_server: MetricsServer | None = None
 
     # --- lifecycle --------------------------------------------------------------------
 
     async def startup(self) -> None:
+        if self.metrics is not None:
+            self.metrics_server = await serve_metrics(self.metrics, self.settings.metrics_address)
         upstreams = sorted({*SERVICES, *(route.upstream for route in self.routes)})
         for name in upstreams:
             services = [s for s in self.services if s.full_name.split(".")[1] == name]
@@ -178,10 +185,14 @@ class Gateway:
         for channel in self.channels.values():
             await channel.close()
         self.channels.clear()
+        if self.metrics_server is not None:
+            await self.metrics_server.close()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
-        if kind == "http":
+        if kind == "http" and self.http_metrics is not None:
+            await self.http_metrics.around(self._http, scope, receive, send)
+        elif kind == "http":
             await self._http(scope, receive, send)
         elif kind == "lifespan":
             await self._lifespan(receive, send)
@@ -222,12 +233,14 @@ class Gateway:
             self._check_headers(raw_headers)
             page = self.dashboard.answer(method, path, headers)
             if page is not None:
+                scope[ROUTE_KEY] = "dashboard"  # metrics' route label: never the raw path
                 await _respond(
                     send, page.status, page.content_type, page.body, extra + page.headers
                 )
                 return
             builtin = self._builtins.get(path)
             if builtin is not None:
+                scope[ROUTE_KEY] = path
                 if method not in ("GET", "HEAD"):
                     raise _method_not_allowed(method, path, {"GET", "HEAD"})
                 status, content_type, body = await builtin()
@@ -241,6 +254,7 @@ class Gateway:
             if isinstance(match, set):
                 raise _method_not_allowed(method, path, match)
             route = match.route
+            scope[ROUTE_KEY] = route.template.text
             streamed = route.plan.streamed_body
             body = (
                 await self._read_body(receive, headers) if route.plan.body and not streamed else b""

@@ -1,0 +1,85 @@
+"""GET /metrics of a real project service (with real identity and billing, PostgreSQL): the
+counters move by exactly the calls made, and the pool and outbox gauges are there."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+import grpc
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from hangar.project.v1 import project_pb2 as pb
+from shared.ids import new_id
+from shared.migrate import migrate
+from tests.support.project import running_stack
+
+PROJECT_SERVICE = "hangar.project.v1.ProjectService"
+
+
+@pytest.fixture(scope="module")
+def project_db(create_database: Callable[[str], str], db_passwords: dict[str, str]) -> str:
+    url = create_database("hangar_metrics")
+    migrate(url, db_passwords)
+    return url
+
+
+async def _scrape(port: int) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    async with httpx.AsyncClient(timeout=5.0) as http:
+        reply = await http.get(f"http://127.0.0.1:{port}/metrics")
+    assert reply.status_code == 200
+    assert reply.headers["content-type"].startswith("text/plain")
+    return {
+        (sample.name, frozenset(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(reply.text)
+        for sample in family.samples
+    }
+
+
+def _handled(scraped: dict, code: str, side: str = "server", method: str = "GetProject") -> float:  # type: ignore[type-arg]
+    labels = {"grpc_service": PROJECT_SERVICE, "grpc_method": method, "grpc_code": code}
+    if side == "client":
+        labels["grpc_service"] = "hangar.billing.v1.BillingService"
+    return float(scraped.get((f"grpc_{side}_handled_total", frozenset(labels.items())), 0.0))
+
+
+async def test_scrape_counts_exactly_the_calls_made_and_shows_the_pool(
+    project_db: str, db_passwords: dict[str, str]
+) -> None:
+    async with running_stack(project_db, db_passwords, metrics_address="127.0.0.1:0") as stack:
+        port = stack.project_server.metrics_port
+        assert port is not None
+        tenant = await stack.tenant()
+        project = await stack.create(tenant)
+        before = await _scrape(port)
+
+        for _ in range(5):
+            got = await stack.project.GetProject(
+                pb.GetProjectRequest(id=project.id), metadata=tenant.owner.md
+            )
+            assert got.id == project.id
+        codes = []
+        for _ in range(2):
+            with pytest.raises(grpc.aio.AioRpcError) as failed:
+                await stack.project.GetProject(
+                    pb.GetProjectRequest(id=new_id()), metadata=tenant.owner.md
+                )
+            codes.append(failed.value.code().name)
+        assert codes[0] == codes[1] and codes[0] != "OK"
+
+        after = await _scrape(port)
+        assert _handled(after, "OK") - _handled(before, "OK") == 5
+        assert _handled(after, codes[0]) - _handled(before, codes[0]) == 2
+        latency = frozenset({"grpc_service": PROJECT_SERVICE, "grpc_method": "GetProject"}.items())
+        count = "grpc_server_handling_seconds_count"
+        assert after[(count, latency)] - before.get((count, latency), 0.0) == 7
+        # CreateProject reserved its resources in billing: project's client counted it.
+        assert _handled(after, "OK", side="client", method="ReserveAllocation") >= 1
+        assert after[("db_pool_size", frozenset())] >= 1
+        assert ("db_pool_idle", frozenset()) in after
+        assert after[("outbox_head_position", frozenset())] >= 1  # project.created
+
+    with pytest.raises(OSError):  # nothing left listening
+        await asyncio.open_connection("127.0.0.1", port)
