@@ -40,7 +40,15 @@ DEPLOY_WAIT_SECONDS = 90.0  # a first start in the container sandbox can take a 
 GREETING = "hello-from-the-dashboard"
 APP = 'echo "release {release}: greeting is $GREETING"; exec python3 -m http.server "$PORT"'
 SHIPPED = "shipped-from-a-folder"
+TICKER = (
+    'i=0; while :; do i=$((i+1)); echo "tick $i"; sleep 1; done & '
+    'exec python3 -m http.server "$PORT"'
+)
+SLOW = 'sleep 60; exec python3 -m http.server "$PORT"'
 XSS = "<script>window.__xss=1</script>"
+# The gateway ends every stream after this long here (1 h by default), so that the live logs
+# reconnect during the test; it bounds uploads too, which take well under a second here.
+STREAM_TIMEOUT_SECONDS = 20
 XSS_IMG = '<img src=x onerror="window.__xss=2">'
 
 try:
@@ -149,6 +157,15 @@ class Journey:
         return token
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _short_streams() -> Iterator[None]:
+    """Set before this module's stack starts (autouse: first in its scope); the services
+    inherit os.environ (service_environment)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("HANGAR_GATEWAY_STREAM_TIMEOUT_SECONDS", str(STREAM_TIMEOUT_SECONDS))
+        yield
+
+
 @pytest.fixture(scope="module")
 def journey(stack: Stack) -> Iterator[Journey]:
     missing = _missing_browser()
@@ -232,10 +249,31 @@ def test_sign_up_and_create_an_organization(journey: Journey) -> None:
     j.org = next(o for o in orgs.json()["organizations"] if o["slug"] == slug)
 
 
+def _slide(j: Journey, form: str, values: dict[str, int]) -> None:
+    """Move range sliders as a user does: the value, then an input event."""
+    for name, value in values.items():
+        slider = j.visible(f'form[name="{form}"] input[name="{name}"]')
+        j.driver.execute_script(
+            "arguments[0].value = arguments[1];"
+            "arguments[0].dispatchEvent(new Event('input', {bubbles: true}))",
+            slider,
+            str(value),
+        )
+        j.until(lambda s=slider, v=value: s.get_attribute("value") == str(v), f"{name} at {value}")
+
+
 def test_create_a_project_with_its_resources(journey: Journey) -> None:
     j = journey
     j.visible('form[name="create-project"]')  # once the organization's plan exists
-    j.fill("create-project", {"name": "Web", "slug": "web", "ramMb": "256", "cpuMillis": "250"})
+    j.fill("create-project", {"name": "Web", "slug": "web"})
+    # RAM and CPU are sliders up to what the plan's pool has left.
+    owner = {"Authorization": f"Bearer {j.token(j.email)}"}
+    sub = j.http.get(f"/v1/organizations/{j.org['id']}/subscription", headers=owner).json()
+    free_ram = int(sub["pool"]["ramMb"]) - int(sub.get("allocated", {}).get("ramMb", 0))
+    ram = j.find('form[name="create-project"] input[name="ramMb"]')
+    assert ram.get_attribute("type") == "range"
+    assert int(ram.get_attribute("max") or 0) == free_ram
+    _slide(j, "create-project", {"ramMb": 256, "cpuMillis": 250})
     j.submit("create-project")
     link = j.visible("#projects a.project-name")
     assert link.text == "Web"
@@ -268,7 +306,12 @@ def test_a_secret_shows_its_name_and_never_its_value(journey: Journey) -> None:
 
 
 def _deploy(j: Journey, release: str) -> None:
-    j.fill("deploy", {"command": APP.format(release=release)})
+    _deploy_command(j, APP.format(release=release))
+
+
+def _deploy_command(j: Journey, command: str) -> None:
+    j.visible('form[name="deploy"] input[value="command"]').click()  # not source or image
+    j.fill("deploy", {"command": command})
     j.submit("deploy")
 
 
@@ -498,13 +541,185 @@ def test_deploy_a_folder_packed_in_the_browser(journey: Journey, tmp_path: Path)
     j.until(lambda: SHIPPED in j.text("#logs .line"), "the folder's release's log line")
 
 
+def _ticks(j: Journey) -> list[int]:
+    """The tick numbers on screen, in order."""
+    lines = j.driver.execute_script(
+        "return [...document.querySelectorAll('#logs .line')].map(e => e.textContent)"
+    )
+    return [int(line.split()[1]) for line in lines if line.startswith("tick ")]
+
+
+def _type_filter(j: Journey, text: str) -> None:
+    j.driver.execute_script(  # as typing does: the value, then an input event
+        "const box = document.getElementById('log-filter'); box.value = arguments[0];"
+        "box.dispatchEvent(new Event('input', {bubbles: true}))",
+        text,
+    )
+
+
+def test_live_logs_stream_filter_and_pause(journey: Journey) -> None:
+    j = journey
+    if j.deploy_skip:
+        pytest.skip(j.deploy_skip)
+    j.open(f"#/projects/{j.project['id']}")
+    j.until(lambda: j.find("#live-logs").get_attribute("data-state") == "live", "the log stream")
+    j.driver.execute_script("window.__noReload = 1")
+    _deploy_command(j, TICKER)
+    # Lines the app prints arrive through the open stream: no reload, no polling.
+    j.until(lambda: len(_ticks(j)) >= 2, "the first ticks, live", DEPLOY_WAIT_SECONDS)
+    seen = max(_ticks(j))
+    j.until(lambda: max(_ticks(j)) >= seen + 2, "later ticks, live")
+    assert j.driver.execute_script("return window.__noReload") == 1
+    ticks = _ticks(j)
+    assert ticks == sorted(ticks) and len(ticks) == len(set(ticks)), ticks  # no repeats
+    assert "stdout" in j.text("#logs .log-stdout .stream")
+    j.until(lambda: _latest(j) == ("running", "deploy"), "the ticker running", DEPLOY_WAIT_SECONDS)
+
+    # The filter hides the lines without its text (case-insensitive), and gives them back.
+    _type_filter(j, "GREETING IS")
+    j.until(lambda: _ticks(j) == [] and j.all("#logs .line"), "only the greeting lines")
+    assert all("greeting is" in e.text for e in j.all("#logs .line"))
+    _type_filter(j, "")
+    j.until(lambda: len(_ticks(j)) >= 2, "every line again")
+
+    # Pause holds new lines back; resume shows them.
+    j.find("#log-pause").click()
+    j.until(lambda: j.find("#log-pause").get_attribute("aria-pressed") == "true", "paused")
+    frozen = _ticks(j)
+    j.until(lambda: int(j.find("#log-held").text.split()[0]) >= 2, "new lines held while paused")
+    assert _ticks(j) == frozen
+    j.driver.execute_script("document.getElementById('logs-title').scrollIntoView()")
+    j.screenshot("dashboard-project.png")
+    j.find("#log-pause").click()
+    j.until(lambda: max(_ticks(j)) > max(frozen) + 1, "the held lines shown on resume")
+    ticks = _ticks(j)
+    assert ticks == sorted(ticks) and len(ticks) == len(set(ticks)), ticks
+
+    # The gateway ended the stream (every STREAM_TIMEOUT_SECONDS here): the page reconnected
+    # and resumed from the last lines without repeating or losing one.
+    def connections() -> int:
+        return int(j.find("#live-logs").get_attribute("data-connections") or 0)
+
+    j.until(lambda: connections() >= 3, "two reconnects", 3 * STREAM_TIMEOUT_SECONDS + 30)
+    after = max(_ticks(j))
+    j.until(lambda: max(_ticks(j)) >= after + 2, "ticks after the reconnects")
+    ticks = _ticks(j)
+    assert ticks == list(range(1, ticks[-1] + 1)), ticks  # every tick once, in order
+    assert j.all("#live-logs .error") == []
+
+    # Scrolled up, the view stays put as lines arrive; Follow takes it back to the newest.
+    def from_bottom() -> int:
+        return int(
+            j.driver.execute_script(
+                "const b = document.getElementById('logs');"
+                "return b.scrollHeight - b.scrollTop - b.clientHeight"
+            )
+        )
+
+    j.driver.execute_script("document.getElementById('logs').scrollTop = 0")
+    j.visible("#log-follow")
+    latest = max(_ticks(j))
+    j.until(lambda: max(_ticks(j)) >= latest + 2, "more ticks while scrolled up")
+    assert j.driver.execute_script("return document.getElementById('logs').scrollTop") == 0
+    j.find("#log-follow").click()
+    j.until(lambda: j.all("#log-follow") == [], "following again")
+    latest = max(_ticks(j))
+    j.until(lambda: max(_ticks(j)) >= latest + 1 and from_bottom() < 24, "at the newest line")
+    assert _console_errors(j) == []
+
+
+def test_cancel_a_slow_deployment(journey: Journey) -> None:
+    j = journey
+    if j.deploy_skip:
+        pytest.skip(j.deploy_skip)
+    _deploy_command(j, SLOW)
+    j.until(lambda: "sleep 60" in j.text("#deployments tbody tr:first-child"), "the slow one")
+    cancel = j.visible("#deployments tbody tr:first-child button.cancel-deployment")
+    cancel.click()
+    j.until(lambda: _latest(j)[0] == "cancelled", "the deployment cancelled", DEPLOY_WAIT_SECONDS)
+    assert j.all("#deployments tbody tr:first-child button.cancel-deployment") == []
+    assert j.all("#deployments tbody tr:first-child .error") == []
+
+
+def test_an_admin_reveals_a_secret_after_confirming(journey: Journey) -> None:
+    j = journey
+    j.open(f"#/projects/{j.project['id']}")
+    row = '#secrets li[data-secret="GREETING"]'
+    j.visible(f"{row} button.reveal-secret").click()
+    j.visible(f"{row} .reveal-confirm")
+    assert GREETING not in j.text("#secrets") and j.all(".secret-value") == []
+    j.find(f"{row} button.cancel-reveal").click()
+    j.visible(f"{row} button.reveal-secret").click()
+    j.visible(f"{row} button.confirm-reveal").click()
+    j.until(lambda: j.find(f"{row} .secret-value").text == GREETING, "the value revealed")
+    j.find(f"{row} button.hide-secret").click()
+    j.until(lambda: j.all(".secret-value") == [], "the value hidden")
+    assert GREETING not in j.text("#secrets")
+    # Revealed, then the page left: the value is gone when coming back.
+    j.visible(f"{row} button.reveal-secret").click()
+    j.visible(f"{row} button.confirm-reveal").click()
+    j.until(lambda: j.all(".secret-value"), "revealed again")
+    j.open("#/projects")
+    j.visible("#projects a.project-name")
+    assert GREETING not in j.driver.page_source
+    j.open(f"#/projects/{j.project['id']}")
+    j.visible(f"{row} button.reveal-secret")
+    assert j.all(".secret-value") == [] and GREETING not in j.text("#secrets")
+
+
+def test_settings_sliders_are_bounded_by_the_pool(journey: Journey) -> None:
+    j = journey
+    owner = {"Authorization": f"Bearer {j.token(j.email)}"}
+    j.visible('form[name="project-settings"] input[name="ramMb"]')
+    sub = j.http.get(f"/v1/organizations/{j.org['id']}/subscription", headers=owner).json()
+    project = j.http.get(f"/v1/projects/{j.project['id']}", headers=owner).json()
+    own_ram, own_cpu = int(project["ramMb"]), int(project["cpuMillis"])
+    free_ram = int(sub["pool"]["ramMb"]) - int(sub.get("allocated", {}).get("ramMb", 0))
+    free_cpu = int(sub["pool"]["cpuMillis"]) - int(sub.get("allocated", {}).get("cpuMillis", 0))
+    ram = j.find('form[name="project-settings"] input[name="ramMb"]')
+    cpu = j.find('form[name="project-settings"] input[name="cpuMillis"]')
+    assert ram.get_attribute("type") == "range"
+    assert int(ram.get_attribute("max") or 0) == free_ram + own_ram
+    assert int(cpu.get_attribute("max") or 0) == free_cpu + own_cpu
+    assert int(ram.get_attribute("value") or 0) == own_ram
+
+
+def test_settings_change_the_health_check_path_and_sleep(journey: Journey) -> None:
+    j = journey
+    owner = {"Authorization": f"Bearer {j.token(j.email)}"}
+    form = 'form[name="project-settings"]'
+    # A path the API refuses: its sentence next to that field.
+    j.fill("project-settings", {"healthCheckPath": "healthz"})
+    j.submit("project-settings")
+    error = j.visible(f'{form} .field-error[data-field="healthCheckPath"]')
+    assert "absolute path" in error.text and error.text.endswith("."), error.text
+    j.fill("project-settings", {"healthCheckPath": "/healthz"})
+    sleep = j.find(f'{form} input[name="sleepEnabled"]')
+    if not sleep.is_selected():
+        sleep.click()
+    j.until(lambda: j.find(f'{form} input[name="sleepAfterSeconds"]').is_enabled(), "after-seconds")
+    j.fill("project-settings", {"sleepAfterSeconds": "600"})
+    j.submit("project-settings")
+
+    def saved() -> dict[str, Any] | None:
+        reply = j.http.get(f"/v1/projects/{j.project['id']}", headers=owner).json()
+        return reply if reply.get("healthCheckPath") == "/healthz" else None
+
+    project = j.until(saved, "the settings saved through the API")
+    assert project["sleepEnabled"] is True and int(project["sleepAfterSeconds"]) == 600
+    j.until(lambda: j.all("#settings-saved"), "the form saying it saved")
+    path_box = f'{form} input[name="healthCheckPath"]'
+    j.until(lambda: j.find(path_box).get_attribute("value") == "/healthz", "the saved path")
+    assert j.all(f"{form} .field-error") == []
+    j.driver.execute_script("arguments[0].scrollIntoView()", j.find(form))
+    j.screenshot("dashboard-settings.png")
+
+
 def test_user_strings_render_as_text_never_as_html(journey: Journey) -> None:
     j = journey
     j.open("#/projects")
-    j.fill(
-        "create-project",
-        {"name": XSS, "slug": "probe", "description": XSS_IMG, "ramMb": "64", "cpuMillis": "50"},
-    )
+    j.fill("create-project", {"name": XSS, "slug": "probe", "description": XSS_IMG})
+    _slide(j, "create-project", {"ramMb": 64, "cpuMillis": 50})
     j.submit("create-project")
     j.until(lambda: XSS in j.text("#projects a.project-name"), "the probe's name as text")
     j.until(lambda: j.find("#projects tbody tr[data-project-id] a[href*='#/projects/']"), "links")
@@ -570,9 +785,16 @@ def test_a_viewer_sees_no_write_controls_and_the_api_refuses_a_forged_write(
     j.until(lambda: j.find("#project-name").text == "Web", "the project page")
     j.until(lambda: j.all("#deployments") or j.all("#no-deployments"), "the deployments")
     j.until(lambda: j.all("#secrets") or j.all("#no-secrets"), "the secrets")
-    for form in ("deploy", "set-secret", "delete-project"):
+    for form in ("deploy", "set-secret", "delete-project", "project-settings"):
         assert j.all(f'form[name="{form}"]') == [], form
     assert j.all("button.rollback") == [] and j.all("#secrets button") == []
+    assert j.all("button.reveal-secret") == [] and j.all("button.cancel-deployment") == []
+    j.visible("#live-logs")  # a viewer reads the logs
+    revealed = j.http.get(
+        f"/v1/projects/{j.project['id']}/secrets/GREETING:reveal",
+        headers={"Authorization": f"Bearer {j.token(viewer.email)}"},
+    )
+    assert revealed.status_code == 403, revealed.text
     assert j.all('form[name="add-domain"]') == [] and j.all("#domains button") == []
     assert j.all("#nav-audit") == [] and j.all("#nav-servers") == []
     j.find("#nav-members").click()

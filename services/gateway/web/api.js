@@ -114,6 +114,83 @@ export async function api(method, path, body) {
   }
 }
 
+// A server-streaming call answered as newline-delimited JSON (the gateway's framing:
+// `{"result": message}` per line, then `{"error": status}` if the stream breaks). Calls
+// `onMessage(result)` per line until the stream ends (resolves) or fails (throws an
+// ApiError). The access token goes in the Authorization header, renewed once on a 401
+// before any line arrived; `onOpen()` once the response has started. Throws a TypeError("streaming") when this browser cannot read a
+// response body as a stream.
+export async function stream(path, onMessage, signal, onOpen) {
+  if (!accessToken && !(await refresh())) {
+    announce(null);
+    throw new ApiError(401, { message: "you are not signed in" });
+  }
+  let response = await open(path, signal);
+  if (response.status === 401) {
+    if (!(await refresh())) {
+      announce(null);
+      throw new ApiError(401, { message: "your session ended" });
+    }
+    response = await open(path, signal);
+  }
+  if (!response.ok) {
+    const text = await response.text();
+    let parsed;
+    try {
+      parsed = JSON.parse(text);
+    } catch {
+      parsed = { message: text.slice(0, 200) };
+    }
+    throw new ApiError(response.status, parsed);
+  }
+  if (!response.body || typeof response.body.getReader !== "function" || typeof TextDecoder !== "function") {
+    throw new TypeError("streaming");
+  }
+  if (onOpen) onOpen();
+  const reader = response.body.getReader();
+  const decoder = new TextDecoder();
+  let buffered = "";
+  const handle = (line) => {
+    if (!line.trim()) return;
+    const message = JSON.parse(line);
+    if (message.error) throw new ApiError(HTTP_OF_GRPC[message.error.code] || 500, message.error);
+    onMessage(message.result || {});
+  };
+  try {
+    for (;;) {
+      const { value, done } = await reader.read();
+      if (done) break;
+      buffered += decoder.decode(value, { stream: true });
+      let newline;
+      while ((newline = buffered.indexOf("\n")) >= 0) {
+        const line = buffered.slice(0, newline);
+        buffered = buffered.slice(newline + 1);
+        handle(line);
+      }
+    }
+    handle(buffered + decoder.decode());
+  } finally {
+    reader.cancel().catch(() => {});
+  }
+}
+
+const HTTP_OF_GRPC = { 3: 400, 16: 401, 7: 403, 5: 404, 6: 409, 10: 409, 9: 400, 8: 429, 14: 503, 4: 504 };
+
+async function open(path, signal) {
+  try {
+    return await fetch(path, {
+      method: "GET",
+      headers: { Accept: "application/x-ndjson", Authorization: `Bearer ${accessToken}` },
+      credentials: "omit",
+      cache: "no-store",
+      signal,
+    });
+  } catch (error) {
+    if (signal && signal.aborted) throw error;
+    throw new ApiError(0, { message: "the Hangar API cannot be reached" });
+  }
+}
+
 export async function resume() {
   if (!(await refresh())) return null;
   return api("GET", "/v1/users/me");

@@ -2,7 +2,8 @@
 
 import { useState } from "./vendor/hooks.mjs";
 import { api, listAll, login, signUp } from "./api.js";
-import { ActionForm, Field, Status, html, roleText, slugify, usePolling } from "./ui.js";
+import { CPU_MIN, RAM_MIN, Slider } from "./settings.js";
+import { ActionForm, Field, Status, count, html, roleText, slugify, usePolling } from "./ui.js";
 
 export function LoginPage({ onSignedIn }) {
   return html`<main class="narrow" id="main">
@@ -133,11 +134,33 @@ async function subscriptionOf(orgId) {
   }
 }
 
+// RAM and CPU of a new project: sliders from the API's minimum to what the pool has left.
+function PoolSliders({ plan }) {
+  const pool = plan.pool || {};
+  const used = plan.allocated || {};
+  const ramFree = count(pool.ramMb) - count(used.ramMb);
+  const cpuFree = count(pool.cpuMillis) - count(used.cpuMillis);
+  const ramMax = Math.max(RAM_MIN, ramFree);
+  const cpuMax = Math.max(CPU_MIN, cpuFree);
+  const [ram, setRam] = useState(Math.min(256, ramMax));
+  const [cpu, setCpu] = useState(Math.min(250, cpuMax));
+  return html`<div class="pair">
+      <${Slider} label="RAM" name="ramMb" min=${RAM_MIN} max=${ramMax} unit="MB" value=${Math.min(ram, ramMax)}
+        onInput=${setRam} errors=${{}} hint="what the pool has left" />
+      <${Slider} label="CPU" name="cpuMillis" min=${CPU_MIN} max=${cpuMax} unit="mCPU" value=${Math.min(cpu, cpuMax)}
+        onInput=${setCpu} errors=${{}} hint="what the pool has left" />
+    </div>
+    ${ramFree < RAM_MIN || cpuFree < CPU_MIN
+      ? html`<p class="notice" id="pool-full">The pool has too little left for a new project: free some, or change the plan.</p>`
+      : null}`;
+}
+
 export function ProjectsPage({ org, role, canWrite }) {
   const [rows, error, reload] = usePolling(() => projectsWithLatest(org.id), 5, [org.id]);
   const [plan, planError] = usePolling(() => subscriptionOf(org.id), 3, [org.id]);
   const [slug, setSlug] = useState("");
   const [slugTouched, setSlugTouched] = useState(false);
+  const [created, setCreated] = useState(0); // new sliders after a create (the form resets)
   return html`<main id="main">
     <h1>Projects <span class="muted">in ${org.name}</span></h1>
     <p class="muted">Your role here: <span id="my-role">${roleText(role) || "…"}</span></p>
@@ -184,6 +207,7 @@ export function ProjectsPage({ org, role, canWrite }) {
               });
               setSlug("");
               setSlugTouched(false);
+              setCreated((n) => n + 1);
               reload();
             }}
           >
@@ -205,10 +229,7 @@ export function ProjectsPage({ org, role, canWrite }) {
               }}
             />
             <${Field} label="Description" name="description" />
-            <div class="pair">
-              <${Field} label="RAM (MB)" name="ramMb" type="number" min="64" step="64" defaultValue="256" required />
-              <${Field} label="CPU (millicores)" name="cpuMillis" type="number" min="50" step="50" defaultValue="250" required />
-            </div>
+            <${PoolSliders} key=${created} plan=${plan} />
           <//>`
       : null}
   </main>`;

@@ -1,10 +1,13 @@
-// One project: its address, deployments with rollback, metrics, latest logs, deploy form,
-// secrets, custom domains and (for admins) deletion.
+// One project: its address, deployments with rollback and cancel, metrics, live logs, deploy
+// form, settings, secrets (revealed to admins after a confirmation), custom domains and (for
+// admins) deletion.
 
-import { useState } from "./vendor/hooks.mjs";
+import { useEffect, useRef, useState } from "./vendor/hooks.mjs";
 import { api, listAll, roleIn } from "./api.js";
 import { Domains } from "./domains.js";
+import { LiveLogs } from "./logs.js";
 import { MetricsPanel } from "./metrics.js";
+import { ProjectSettings } from "./settings.js";
 import { shipSource, tarGzOfFolder } from "./ship.js";
 import {
   ADMIN_ROLES,
@@ -20,7 +23,6 @@ import {
   when,
 } from "./ui.js";
 
-const LOG_LINES = 100;
 const REFRESH_SECONDS = 3;
 
 function what(deployment) {
@@ -82,6 +84,16 @@ function DeployForm({ projectId, onDeployed }) {
   <//>`;
 }
 
+// The API cancels a deployment until it runs (and one crash-looping); building is offered
+// too, the API answering with a sentence if it refuses.
+const CANCELLABLE = new Set([
+  "DEPLOYMENT_STATUS_QUEUED",
+  "DEPLOYMENT_STATUS_SCHEDULING",
+  "DEPLOYMENT_STATUS_BUILDING",
+  "DEPLOYMENT_STATUS_STARTING",
+  "DEPLOYMENT_STATUS_CRASH_LOOP",
+]);
+
 function Deployments({ deployments, error, canWrite, onChanged }) {
   if (error) return html`<p class="error" role="alert">${error}</p>`;
   if (deployments === undefined) return html`<p class="loading">Loading deployments…</p>`;
@@ -98,7 +110,18 @@ function Deployments({ deployments, error, canWrite, onChanged }) {
           <td class="release-reason">${reasonText(d.releaseReason)}</td>
           <td class="wrap mono">${what(d)}</td>
           <td>${when(d.createTime || d.createdAt)}</td>
-          <td>${canWrite && d.status === "DEPLOYMENT_STATUS_RUNNING"
+          <td>${canWrite && CANCELLABLE.has(d.status)
+            ? html`<${ActionButton}
+                label="Cancel"
+                busyLabel="Cancelling…"
+                className="cancel-deployment danger"
+                aria-label="Cancel this deployment"
+                action=${async () => {
+                  await api("POST", `/v1/deployments/${encodeURIComponent(d.id)}:cancel`, {});
+                  onChanged();
+                }}
+              />`
+            : null}${canWrite && d.status === "DEPLOYMENT_STATUS_RUNNING"
             ? html`<${ActionButton}
                 label="Roll back"
                 busyLabel="Rolling back…"
@@ -116,38 +139,56 @@ function Deployments({ deployments, error, canWrite, onChanged }) {
   </table>`;
 }
 
-function Logs({ projectId }) {
-  const [entries, error] = usePolling(
-    async () => {
-      const reply = await api(
-        "GET",
-        `/v1/projects/${encodeURIComponent(projectId)}/logs?pageSize=${LOG_LINES}`,
-      );
-      return (reply.entries || []).slice().reverse(); // the API answers newest first
-    },
-    REFRESH_SECONDS,
-    [projectId],
-  );
-  return html`<section aria-labelledby="logs-title">
-    <h2 id="logs-title">Latest logs <span class="muted small">(refreshed every ${REFRESH_SECONDS} s)</span></h2>
-    ${error ? html`<p class="error" role="alert">${error}</p>` : null}
-    ${entries && entries.length === 0 ? html`<p class="notice">No log lines yet.</p>` : null}
-    <ol class="logs" id="logs" role="log" aria-live="off" tabindex="0">
-      ${(entries || []).map(
-        (e, i) => html`<li key=${i} class=${`log log-${(e.stream || "").replace("LOG_STREAM_", "").toLowerCase()}`}>
-          <time class="muted">${when(e.emittedAt)}</time> <span class="line">${e.line}</span>
-        </li>`,
-      )}
-    </ol>
-  </section>`;
+// An admin's reveal of one secret: a confirmation first, then RevealSecret (audited by the
+// API); the value lives in this component's state only, so leaving the page (or another
+// project) drops it, and Hide drops it at once.
+function Reveal({ path, name }) {
+  const [step, setStep] = useState("hidden"); // hidden | confirm | shown
+  const [value, setValue] = useState("");
+  const generation = useRef(0); // a reveal answered after a Hide or a navigation is dropped
+  const hide = () => {
+    generation.current++;
+    setValue("");
+    setStep("hidden");
+  };
+  useEffect(() => {
+    window.addEventListener("hashchange", hide);
+    return () => window.removeEventListener("hashchange", hide);
+  }, []);
+  if (step === "hidden") {
+    return html`<button type="button" class="reveal-secret" aria-label=${`Reveal secret ${name}`}
+      onClick=${() => setStep("confirm")}>Reveal</button>`;
+  }
+  if (step === "confirm") {
+    return html`<span class="reveal-confirm" role="group" aria-label=${`Confirm revealing ${name}`}>
+      <span class="small">Show the value of <code>${name}</code> on this screen? The reveal is recorded in the audit log.</span>
+      <${ActionButton}
+        label="Show value"
+        busyLabel="Revealing…"
+        className="confirm-reveal danger"
+        action=${async () => {
+          const asked = generation.current;
+          const reply = await api("GET", `${path}/${encodeURIComponent(name)}:reveal`);
+          if (asked !== generation.current) return;
+          setValue(reply.value || "");
+          setStep("shown");
+        }}
+      />
+      <button type="button" class="cancel-reveal" onClick=${hide}>Cancel</button>
+    </span>`;
+  }
+  return html`<span class="revealed">
+    <code class="secret-value">${value}</code>
+    <button type="button" class="hide-secret" onClick=${hide}>Hide</button>
+  </span>`;
 }
 
-function Secrets({ projectId, canWrite }) {
+function Secrets({ projectId, canWrite, canAdmin }) {
   const path = `/v1/projects/${encodeURIComponent(projectId)}/secrets`;
   const [secrets, error, reload] = usePolling(() => listAll(path, "secrets"), 0, [projectId]);
   return html`<section aria-labelledby="secrets-title">
     <h2 id="secrets-title">Secrets</h2>
-    <p class="muted small">Values are encrypted and never shown here; setting or deleting one restarts the running release with the new config.</p>
+    <p class="muted small">Values are encrypted and stay off this page; admins may reveal one after confirming. Setting or deleting one restarts the running release with the new config.</p>
     ${error ? html`<p class="error" role="alert">${error}</p>` : null}
     ${secrets && secrets.length === 0 ? html`<p class="notice" id="no-secrets">No secrets.</p>` : null}
     ${secrets && secrets.length
@@ -156,6 +197,7 @@ function Secrets({ projectId, canWrite }) {
             (s) => html`<li key=${s.name} class="row" data-secret=${s.name}>
               <span class="grow"><code class="secret-name">${s.name}</code>
                 <span class="muted small"> version ${s.version} · ${when(s.updatedAt)}</span></span>
+              ${canAdmin ? html`<${Reveal} key=${`${projectId}/${s.name}/${s.version}`} path=${path} name=${s.name} />` : null}
               ${canWrite
                 ? html`<${ActionButton}
                     label="Delete"
@@ -218,7 +260,7 @@ function DeleteProject({ project, onDeleted }) {
 
 export function ProjectPage({ projectId, userId, onDeleted }) {
   // The role in the project's own organization, whichever organization is current.
-  const [loaded, projectError] = usePolling(
+  const [loaded, projectError, reloadProject] = usePolling(
     async () => {
       const project = await api("GET", `/v1/projects/${encodeURIComponent(projectId)}`);
       return { project, role: await roleIn(project.organizationId, userId) };
@@ -261,9 +303,13 @@ export function ProjectPage({ projectId, userId, onDeleted }) {
       />
     </section>
     <${MetricsPanel} projectId=${projectId} />
-    <${Logs} projectId=${projectId} />
+    <${LiveLogs} projectId=${projectId} />
     ${canWrite ? html`<${DeployForm} projectId=${projectId} onDeployed=${reloadDeployments} />` : null}
-    <${Secrets} projectId=${projectId} canWrite=${canWrite} />
+    ${canWrite
+      ? html`<${ProjectSettings} key=${project.id} project=${project}
+          onSaved=${reloadProject} />`
+      : null}
+    <${Secrets} projectId=${projectId} canWrite=${canWrite} canAdmin=${canAdmin} />
     <${Domains} projectId=${projectId} canAdmin=${canAdmin} />
     ${canAdmin ? html`<${DeleteProject} project=${project} onDeleted=${onDeleted} />` : null}
   </main>`;
