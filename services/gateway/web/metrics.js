@@ -25,9 +25,9 @@ const CHARTS = [
     series: [["METRIC_TYPE_MEMORY_RSS_BYTES", "Memory (RSS)", "#127a3a"]],
   },
   {
-    // Samples are bytes per sample interval: the chart shows their average over each bucket.
+    // Samples are bytes per sample interval: their sum over a bucket is the bytes it moved.
     key: "bandwidth",
-    title: "Bandwidth (bytes per sample interval)",
+    title: "Bandwidth (bytes per step)",
     unit: (v) => bytesText(v),
     series: [
       ["METRIC_TYPE_NETWORK_RX_BYTES", "Received", "#9a6700"],
@@ -40,7 +40,8 @@ const CHARTS = [
 async function metricSeries(projectId, metric, start, end, step) {
   const query = new URLSearchParams({
     metric,
-    aggregation: "AGGREGATION_AVG",
+    // Gauges average over a bucket; the network counters add up (bytes moved per bucket).
+    aggregation: metric.startsWith("METRIC_TYPE_NETWORK_") ? "AGGREGATION_SUM" : "AGGREGATION_AVG",
     startTime: new Date(start * 1000).toISOString(),
     endTime: new Date(end * 1000).toISOString(),
     step: `${step}s`,

@@ -163,7 +163,11 @@ function Invoices({ org }) {
                 <td>${when(inv.periodStart)} – ${when(inv.periodEnd)}</td>
                 <td>${enumText(inv.status, "INVOICE_STATUS_")}</td>
                 <td>${moneyText(inv.totalCents, inv.currency)}</td>
-                <td class="wrap mono small">${inv.stripeInvoiceId || (inv.sent ? "sent" : "not sent to Stripe")}</td>
+                <td class="wrap mono small">
+                  ${inv.hostedInvoiceUrl
+                    ? html`<a href=${inv.hostedInvoiceUrl} rel="noopener noreferrer" target="_blank">View and pay</a>`
+                    : inv.stripeInvoiceId || (inv.sent ? "sent" : "not sent to Stripe")}
+                </td>
               </tr>`,
             )}
           </tbody>
