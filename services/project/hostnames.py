@@ -100,8 +100,11 @@ class OrganizationSlugs:
             return None
         found = OrganizationSlug(organization_id, slug, None, as_of)
         async with self.db.transaction() as tx:
-            # An event may have stored it meanwhile: that row stays.
-            await store.insert_organization_slug(tx, found)
+            # An event may have stored it meanwhile: that row stays. Stored now, the
+            # organization's projects made before slugs were kept get their hostname out
+            # (runtime routes them from then on).
+            if await store.insert_organization_slug(tx, found):
+                await self._hostnames_changed(tx, organization_id)
             return await store.organization_slug(tx, organization_id) or found
 
     async def fill(self, projects: list[Project]) -> list[Project]:
