@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -36,16 +37,37 @@ def _env(home: Path) -> tuple[dict[str, str], dict[str, str]]:
     return env, addresses
 
 
+_STARTED: list[subprocess.Popen[str]] = []
+
+
+@pytest.fixture(autouse=True)
+def _nothing_left_running() -> Iterator[None]:
+    """Whatever a test started is stopped after it, even when an assertion failed midway: a
+    `hangar up` left behind would keep every service (and Caddy) running."""
+    yield
+    while _STARTED:
+        proc = _STARTED.pop()
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)  # it stops what it started
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                _kill_tree(proc)
+
+
 def _start(env: dict[str, str], stderr: Path | None = None) -> subprocess.Popen[str]:
     """`hangar up`; its stderr (with every service's log lines) to a file when given: a pipe
     nobody reads would block the services once full."""
     command = [sys.executable, "-m", "hangar_cli", "up"]
     if stderr is None:
-        return subprocess.Popen(
+        proc = subprocess.Popen(
             command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
         )
-    with stderr.open("w") as err:
-        return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=err, text=True)
+    else:
+        with stderr.open("w") as err:
+            proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=err, text=True)
+    _STARTED.append(proc)
+    return proc
 
 
 def _wait_for_banner(proc: subprocess.Popen[str], timeout: float = 90) -> list[str]:
@@ -59,7 +81,7 @@ def _wait_for_banner(proc: subprocess.Popen[str], timeout: float = 90) -> list[s
         lines.append(line)
         if line.startswith("  apps"):  # the banner's last line
             return lines
-    proc.kill()
+    _kill_tree(proc)
     raise AssertionError(f"no banner: {lines} {proc.stderr.read() if proc.stderr else ''}")
 
 
@@ -130,8 +152,23 @@ def _stop(proc: subprocess.Popen[str]) -> int:
     try:
         return proc.wait(timeout=30)
     except subprocess.TimeoutExpired:
-        proc.kill()
+        _kill_tree(proc)
         return proc.wait()
+
+
+def _kill_tree(proc: subprocess.Popen[str]) -> None:
+    """SIGKILL `hangar up` and everything it started (its services would outlive it)."""
+    try:
+        children = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        children = []
+    proc.kill()
+    for child in children:
+        try:
+            child.kill()
+        except psutil.NoSuchProcess:
+            continue
+    proc.wait()
 
 
 def _service_pid(up: subprocess.Popen[str], name: str) -> int | None:
