@@ -149,8 +149,7 @@ class ImageStore:
         """The image `reference` names, pulled (unless already here) and unpacked; its
         progress goes to `logs`. Raises ImageFailed."""
         ref = parse_reference(reference)
-        await self._enter()
-        try:
+        async with self._working():
             await asyncio.to_thread(self._prepare)
             if ref.digest:
                 here = await asyncio.to_thread(self._unpacked, reference, ref, ref.digest)
@@ -160,27 +159,38 @@ class ImageStore:
             logs.append(LogStream.BUILD, f"-----> Pulling {ref}")
             with self._credentials(ref, auth) as authfile:
                 digest = await self._resolve(ref, logs, auth, authfile)
-                async with self._digest_lock(digest):
-                    self._mark_busy(digest, +1)
-                    try:
-                        here = await asyncio.to_thread(self._unpacked, reference, ref, digest)
-                        if here is not None:
-                            self._log_here(logs, here)
-                            return here
-                        return await self._fetch(reference, ref, digest, logs, auth, authfile)
-                    finally:
-                        self._mark_busy(digest, -1)
-        finally:
-            with self._state:
-                self._pulling -= 1
+                async with self._holding(digest):
+                    here = await asyncio.to_thread(self._unpacked, reference, ref, digest)
+                    if here is not None:
+                        self._log_here(logs, here)
+                        return here
+                    return await self._fetch(reference, ref, digest, logs, auth, authfile)
 
-    async def _enter(self) -> None:
+    @contextlib.asynccontextmanager
+    async def _working(self) -> AsyncIterator[None]:
+        """A pull or an unpack under way: a collection leaves the layout alone meanwhile
+        (and one under way is waited for first)."""
         while True:
             with self._state:
                 if not self._collecting:
                     self._pulling += 1
-                    return
+                    break
             await asyncio.sleep(0.05)
+        try:
+            yield
+        finally:
+            with self._state:
+                self._pulling -= 1
+
+    @contextlib.asynccontextmanager
+    async def _holding(self, digest: str) -> AsyncIterator[None]:
+        """The digest's lock, and the digest marked busy (never collected) meanwhile."""
+        async with self._digest_lock(digest):
+            self._mark_busy(digest, +1)
+            try:
+                yield
+            finally:
+                self._mark_busy(digest, -1)
 
     def _mark_busy(self, digest: str, delta: int) -> None:
         key = digest.removeprefix("sha256:")
@@ -386,18 +396,9 @@ class ImageStore:
         target = self.rootfs_as(image.digest, host_uid)
         if target.is_dir():
             return target
-        await self._enter()
-        try:
-            async with self._digest_lock(image.digest):
-                self._mark_busy(image.digest, +1)
-                try:
-                    if not target.is_dir():
-                        await self._unpack_as(image.digest, user, host_uid, target)
-                finally:
-                    self._mark_busy(image.digest, -1)
-        finally:
-            with self._state:
-                self._pulling -= 1
+        async with self._working(), self._holding(image.digest):
+            if not target.is_dir():
+                await self._unpack_as(image.digest, user, host_uid, target)
         return target
 
     async def _unpack_as(self, digest: str, user: ImageUser, host_uid: int, target: Path) -> None:

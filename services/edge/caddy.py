@@ -180,11 +180,16 @@ def _challenge_route(hostname: str, token: str) -> dict[str, Any]:
     }
 
 
+def normal_name(raw: str) -> str:
+    """A hostname as the edge compares it: lower case, no trailing dot; "" when invalid."""
+    name = raw.strip().rstrip(".").lower()
+    return name if valid_hostname(name) else ""
+
+
 def _names(hostnames: Iterable[str]) -> list[str]:
     names = []
     for raw in hostnames:
-        name = raw.strip().rstrip(".").lower()
-        if valid_hostname(name):
+        if name := normal_name(raw):
             names.append(name)
         else:
             log.warning("route hostname ignored", extra={"hostname": raw})

@@ -20,7 +20,7 @@ from collections.abc import AsyncIterator, Sequence
 from typing import Protocol
 from urllib.parse import parse_qs, urlsplit
 
-from services.edge.caddy import Caddy, EdgeConfig, Route, caddy_config, valid_hostname
+from services.edge.caddy import Caddy, EdgeConfig, Route, caddy_config, normal_name
 from services.edge.dns import UpstreamDns
 from shared.loops import cancel_and_wait
 
@@ -93,7 +93,7 @@ class EdgeController:
 
     def knows(self, hostname: str) -> bool:
         """Whether Caddy may get a certificate for this name (the `ask` answer)."""
-        return hostname.strip().rstrip(".").lower() in self.hostnames
+        return normal_name(hostname) in self.hostnames
 
     async def start(self) -> None:
         """Starts Caddy with the first table (empty if the source does not answer yet),
@@ -139,7 +139,7 @@ class EdgeController:
         await self.dns.set_routes(routes)
         self.routes = list(routes)
         self.hostnames = frozenset(
-            h.rstrip(".").lower() for r in routes for h in r.hostnames if valid_hostname(h.lower())
+            name for r in routes for h in r.hostnames if (name := normal_name(h))
         )
 
     async def _applied_now(self, started: float, count: int) -> None:

@@ -155,6 +155,13 @@ async def list_containers(s: Session, project_id: str, size: int, token: str) ->
 REPLACED = ("superseded", "rolled_back")
 
 
+def _draining(statuses: str, seconds: str) -> str:
+    """SQL: deployment d was replaced (its status among the $`statuses` parameter) less
+    than the $`seconds` parameter ago."""
+    return f"""(d.status = ANY({statuses}::text[])
+               AND d.updated_at > now() - make_interval(secs => {seconds}))"""
+
+
 async def containers_to_stop(
     s: Session, drain_seconds: float = 0.0, limit: int = 200
 ) -> list[tuple[Container, str]]:
@@ -167,8 +174,7 @@ async def containers_to_stop(
               JOIN {S}.servers s ON s.id = c.server_id
              WHERE c.status = ANY($1::text[]) AND s.status <> 'down'
                AND d.status IN ('superseded', 'failed', 'cancelled', 'rolled_back')
-               AND NOT (d.status = ANY($3::text[])
-                        AND d.updated_at > now() - make_interval(secs => $4))
+               AND NOT {_draining("$3", "$4")}
              ORDER BY c.created_at LIMIT $2""",
         list(CONTAINER_LIVE),
         limit,
@@ -237,8 +243,7 @@ async def container_claims(
                    c.id = (SELECT n.id FROM {S}.containers n
                             WHERE n.deployment_id = d.id AND n.process_type = c.process_type
                             ORDER BY n.created_at DESC, n.id DESC LIMIT 1) AS newest,
-                   (d.status = ANY($2::text[])
-                    AND d.updated_at > now() - make_interval(secs => $3)) AS draining
+                   {_draining("$2", "$3")} AS draining
               FROM {S}.containers c
               JOIN {S}.deployments d ON d.id = c.deployment_id
              WHERE c.id = ANY($1::text[])""",
