@@ -186,10 +186,17 @@ class BuildMixin(DriverBase):
         }
         live = [c for c in self._containers.values() if not c.info.state.ended]
         images = set(self._last_used) | {c.info.image_digest for c in live if c.info.image_digest}
-        slugs = set(self._last_used) | {c.spec.slug_sha256 for c in live if c.spec.slug_sha256}
+        # A live container's slug: the one it started from, or the one its build made (in
+        # its info until its spec takes it, after the release command).
+        slugs = set(self._last_used) | {c.spec.slug_sha256 or c.info.slug_sha256 for c in live}
+        # A build under way may store a slug no set here names yet: slugs wait for the next
+        # collection then (images are guarded by the image store's own busy marks).
+        collect_slugs = not any(c.info.building for c in live)
 
         def collect() -> None:
-            dropped = self.images.collect_garbage(images) + self.builder.collect_slugs(slugs)
+            dropped = self.images.collect_garbage(images)
+            if collect_slugs:
+                dropped += self.builder.collect_slugs(slugs)
             if dropped:
                 log.info("collected unused images and slugs", extra={"removed": dropped})
 
