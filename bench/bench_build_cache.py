@@ -36,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from services.agent.containers import ContainerDriver, unavailable_reason
 from services.agent.domain import ContainerSpec, LogBuffer
+from shared.resources import Resources
 from tests.support.wheels import python_app_source
 
 
@@ -65,8 +66,7 @@ async def build_once(
         deployment_id=secrets.token_hex(6),
         project_id=project,
         source_sha256=source,
-        ram_mb=args.ram_mb,
-        cpu_millis=args.cpu_millis,
+        resources=Resources(args.ram_mb, args.cpu_millis),
     )
     logs = LogBuffer(10_000)
     started = time.perf_counter()

@@ -27,6 +27,7 @@ from services.agent.containers import ContainerDriver, unavailable_reason
 from services.agent.domain import ContainerSpec, ContainerState
 from services.agent.drivers import ProcessDriver
 from services.agent.oci import DEFAULT_PATH
+from shared.resources import Resources
 
 MB = 1024 * 1024
 SERVE = 'exec python3 -m http.server "$PORT"'
@@ -38,8 +39,7 @@ def _spec(command: str = SERVE, ram_mb: int = 256) -> ContainerSpec:
         deployment_id="bench",
         project_id="bench",
         command=command,
-        ram_mb=ram_mb,
-        cpu_millis=2000,  # the whole machine: a process is not limited either
+        resources=Resources(ram_mb, 2000),  # the whole machine: a process is not limited either
     )
 
 

@@ -33,6 +33,7 @@ from hangar.identity.v1 import identity_pb2 as ipb
 from hangar.identity.v1 import identity_pb2_grpc
 from hangar.project.v1 import project_pb2 as pb
 from hangar.project.v1 import project_pb2_grpc
+from hangar.type.v1 import resources_pb2
 
 FLOOR_SCRIPT = Path(__file__).resolve().parent / "bench_authorize.py"
 
@@ -137,8 +138,9 @@ async def bench(args: argparse.Namespace) -> None:
                                     project=pb.Project(
                                         name=slug,
                                         slug=slug,
-                                        ram_mb=128,
-                                        cpu_millis=100,
+                                        resources=resources_pb2.Resources(
+                                            ram_mb=128, cpu_millis=100
+                                        ),
                                         region="local",
                                     ),
                                 ),

@@ -39,6 +39,7 @@ from services.agent.containers import (
     unavailable_reason,
 )
 from services.agent.domain import ContainerSpec, ContainerState
+from shared.resources import Resources
 from tests.support.registry import Registry, build_image, missing_tools, running_registry
 
 
@@ -49,8 +50,7 @@ async def start(driver: ContainerDriver, image: str) -> float:
         deployment_id=secrets.token_hex(6),
         project_id="bench-project",
         image=image,
-        ram_mb=128,
-        cpu_millis=500,
+        resources=Resources(128, 500),
     )
     started = time.perf_counter()
     info = await driver.start(spec)

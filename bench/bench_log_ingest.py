@@ -83,7 +83,7 @@ class BenchAccess:
         return BENCH_PROJECTS[project_id]
 
     async def get(self, project_id: str) -> ProjectInfo:
-        from services.runtime.domain import Resources
+        from shared.resources import Resources
 
         return ProjectInfo(
             project_id, await self.organization_of(project_id), Resources(128, 100), "local"

@@ -33,6 +33,7 @@ from hangar.identity.v1 import identity_pb2 as ipb
 from hangar.identity.v1 import identity_pb2_grpc
 from hangar.project.v1 import project_pb2 as pb
 from hangar.project.v1 import project_pb2_grpc
+from hangar.type.v1 import resources_pb2
 
 
 async def create_project(
@@ -44,7 +45,10 @@ async def create_project(
                 pb.CreateProjectRequest(
                     organization_id=org_id,
                     project=pb.Project(
-                        name="bench", slug="bench-get", ram_mb=128, cpu_millis=100, region="local"
+                        name="bench",
+                        slug="bench-get",
+                        resources=resources_pb2.Resources(ram_mb=128, cpu_millis=100),
+                        region="local",
                     ),
                 ),
                 metadata=md,

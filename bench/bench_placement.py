@@ -51,11 +51,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import asyncpg
 
 from services.runtime import store
-from services.runtime.domain import Candidate, DeploymentState, Resources, Tenancy, best_fit
+from services.runtime.domain import Candidate, DeploymentState, Tenancy, best_fit
 from services.runtime.scheduler import Reserve, Scheduler
 from shared.db import Database, Session
 from shared.ids import new_id
 from shared.outbox import OutboxFeed
+from shared.resources import Resources
 from shared.settings import SERVICES, Settings
 
 RAM_MB, CPU_MILLIS = 128, 100
@@ -76,8 +77,8 @@ async def naive_reserve(
     candidates = [
         Candidate(
             r["id"],
-            Resources(r["ram_mb"], r["cpu_millis"]),
-            Resources(r["ram_mb_reserved"], r["cpu_millis_reserved"]),
+            Resources.from_row(r),
+            Resources.from_row(r, suffix="_reserved"),
         )
         for r in rows
     ]

@@ -113,7 +113,11 @@ def set_up(tmp: Path, pg: Any) -> tuple[Any, httpx.Client, dict[str, str], dict[
     owner = sign_up(http, "bench")
     org = http.post("/v1/organizations", headers=owner.auth, json={"name": "B", "slug": "bench"})
     org.raise_for_status()
-    spec = {"name": "Web", "slug": "web", "ramMb": 256, "cpuMillis": 1000, "bandwidthGb": 10}
+    spec = {
+        "name": "Web",
+        "slug": "web",
+        "resources": {"ramMb": 256, "cpuMillis": 1000, "bandwidthGb": 10},
+    }
 
     def create() -> dict[str, Any] | None:
         reply = http.post(

@@ -191,8 +191,8 @@ def register_local_server(
     import asyncio
 
     from services.runtime import store
-    from services.runtime.domain import Resources
     from shared.db import Database
+    from shared.resources import Resources
     from shared.settings import role_name, url_with_credentials
 
     ram_mb, cpu_millis = local_capacity()

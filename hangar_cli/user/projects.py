@@ -47,8 +47,7 @@ def projects_create(
     body: dict[str, Any] = {
         "name": name,
         "slug": slug or slugify(name),
-        "ramMb": ram,
-        "cpuMillis": cpu,
+        "resources": {"ramMb": ram, "cpuMillis": cpu},
     }
     if region:
         body["region"] = region
@@ -60,8 +59,8 @@ def projects_create(
     else:
         console.print(
             f"Created project [bold]{project.get('slug')}[/bold] ({project.get('id')}) in "
-            f"{organization.get('slug')}: {project.get('ramMb')} MB, "
-            f"{project.get('cpuMillis')} mCPU, region {project.get('region') or '-'}."
+            f"{organization.get('slug')}: {_size(project)}, "
+            f"region {project.get('region') or '-'}."
         )
     if link:
         _link(project, json_output)
@@ -89,8 +88,8 @@ def projects_list(org: OrgOpt = None, json_output: JsonOpt = False) -> None:
             project.get("slug"),
             project.get("name"),
             project.get("id"),
-            str(project.get("ramMb", 0)),
-            str(project.get("cpuMillis", 0)),
+            str(_resources(project).get("ramMb", 0)),
+            str(_resources(project).get("cpuMillis", 0)),
             project.get("region") or "-",
         )
     console.print(table)
@@ -108,8 +107,10 @@ def projects_show(
         emit_json(found)
         return
     table = Table.grid(padding=(0, 2))
-    for key in ("id", "slug", "name", "organizationId", "ramMb", "cpuMillis", "region"):
+    for key in ("id", "slug", "name", "organizationId"):
         table.add_row(key, str(found.get(key, "")))
+    table.add_row("resources", _size(found))
+    table.add_row("region", str(found.get("region", "")))
     table.add_row(
         "sleep",
         f"after {found.get('sleepAfterSeconds', 0)}s" if found.get("sleepEnabled") else "off",
@@ -173,12 +174,21 @@ def scale(
         updated = client.call(
             "PATCH",
             f"/v1/projects/{found['id']}",
-            json=changes,  # the gateway's update mask: the fields the body names (AIP-134)
+            # The gateway's update mask: the fields the body names (AIP-134), here
+            # resources.ram_mb and/or resources.cpu_millis.
+            json={"resources": changes},
         )
     if json_output:
         emit_json(updated)
         return
-    console.print(
-        f"[bold]{updated['slug']}[/]: {updated['ramMb']} MB, {updated['cpuMillis']} mCPU "
-        "(for its next release)"
-    )
+    console.print(f"[bold]{updated['slug']}[/]: {_size(updated)} (for its next release)")
+
+
+def _resources(project: dict[str, Any]) -> dict[str, Any]:
+    resources = project.get("resources")
+    return resources if isinstance(resources, dict) else {}
+
+
+def _size(project: dict[str, Any]) -> str:
+    resources = _resources(project)
+    return f"{resources.get('ramMb', 0)} MB, {resources.get('cpuMillis', 0)} mCPU"

@@ -17,7 +17,9 @@ from typing import Any, TypeVar, Union, get_args, get_origin, get_type_hints
 
 from services.agent.domain import ContainerInfo, ContainerSpec
 
-VERSION = 1
+# 2: a spec's RAM and CPU are one `resources` object (1 had ram_mb and cpu_millis beside the
+# other fields; such a record is read as it would have been written now).
+VERSION = 2
 T = TypeVar("T")
 
 
@@ -81,7 +83,9 @@ def container_record(
 
 def spec_and_info(saved: Mapping[str, Any], isolation: str) -> tuple[ContainerSpec, ContainerInfo]:
     """The container a record describes (ValueError: not one this driver can adopt)."""
-    if saved.get("version") != VERSION:
+    if saved.get("version") == 1:
+        saved = {**saved, "spec": _spec_of_version_1(saved["spec"])}
+    elif saved.get("version") != VERSION:
         raise ValueError(f"a record of version {saved.get('version')!r}")
     if saved.get("isolation") != isolation:
         raise ValueError(f"a container of the {saved.get('isolation')!r} driver")
@@ -90,3 +94,12 @@ def spec_and_info(saved: Mapping[str, Any], isolation: str) -> tuple[ContainerSp
     if spec.container_id != info.container_id:
         raise ValueError("the record names two containers")
     return spec, info
+
+
+def _spec_of_version_1(spec: Mapping[str, Any]) -> dict[str, Any]:
+    upgraded = {k: v for k, v in spec.items() if k not in ("ram_mb", "cpu_millis")}
+    upgraded["resources"] = {
+        "ram_mb": spec.get("ram_mb", 0),
+        "cpu_millis": spec.get("cpu_millis", 0),
+    }
+    return upgraded

@@ -27,6 +27,7 @@ from shared import pagination
 from shared.auth import require_service
 from shared.errors import FailedPrecondition, InvalidArgument, NotFound
 from shared.proto import timestamp
+from shared.resources import Resources
 
 CALLER = "runtime"
 DEFAULT_PAGE_SIZE = 100
@@ -130,8 +131,7 @@ def spec_from_proto(request: agent_pb2.StartContainerRequest) -> ContainerSpec:
         command=request.command,
         image=request.image,
         env=dict(request.env),
-        ram_mb=request.ram_mb,
-        cpu_millis=request.cpu_millis,
+        resources=Resources.from_proto(request.resources).compute,
         health_check_path=request.health_check_path,
         restart_policy=_restart_policy(request.restart_policy),
         liveness=_liveness(request),

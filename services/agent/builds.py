@@ -277,8 +277,7 @@ class Builder:
                 uid=box.uids.uid_of(spec.project_id),
                 env={**env, "HANGAR_PROJECT_ID": spec.project_id, "CI": "true"},
                 limits=oci.Limits(
-                    ram_mb=spec.ram_mb,
-                    cpu_millis=spec.cpu_millis,
+                    resources=spec.resources,
                     pids=box.pids_limit,
                     tmpfs_mb=box.tmpfs_mb,
                 ),

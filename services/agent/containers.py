@@ -241,8 +241,7 @@ class ContainerDriver(BuildMixin, ProcessDriver):
                 uid=self.uids.uid_of(spec.project_id or f"container:{container_id}"),
                 env=self.app_env(record),
                 limits=oci.Limits(
-                    ram_mb=spec.ram_mb,
-                    cpu_millis=spec.cpu_millis,
+                    resources=spec.resources,
                     pids=self.pids_limit,
                     tmpfs_mb=self.tmpfs_mb,
                 ),
@@ -261,7 +260,7 @@ class ContainerDriver(BuildMixin, ProcessDriver):
         except BaseException:
             network.destroy()
             raise
-        return _Sandbox(directory, network, cgroups.Cgroup(cgroup_path), spec.ram_mb)
+        return _Sandbox(directory, network, cgroups.Cgroup(cgroup_path), spec.resources.ram_mb)
 
     async def open_app(
         self, record: _Container
@@ -396,7 +395,7 @@ class ContainerDriver(BuildMixin, ProcessDriver):
             bundle,
             network,
             cgroups.Cgroup(f"{self._cgroup_parent}/{container_id}"),
-            record.spec.ram_mb,
+            record.spec.resources.ram_mb,
             oom_kills=int(found.get("oom_kills", 0)),
         )
         self._sandboxes[container_id] = sandbox

@@ -13,6 +13,7 @@ from enum import StrEnum
 
 from services.agent.image_users import ImageUser
 from shared.errors import FieldViolation, InvalidArgument
+from shared.resources import Resources
 
 # Env names a POSIX shell accepts; anything else could not be read by the app anyway.
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -111,8 +112,7 @@ class ContainerSpec:
     command: str = ""
     image: str = ""
     env: Mapping[str, str] = field(default_factory=dict, repr=False)  # secrets: never logged
-    ram_mb: int = 0
-    cpu_millis: int = 0
+    resources: Resources = field(default_factory=Resources)  # limits: RAM, CPU (0: none)
     health_check_path: str = ""  # empty: the app is up once its port accepts connections
     restart_policy: RestartPolicy = RestartPolicy.ON_FAILURE
     liveness: LivenessCheck | None = None  # None: no liveness check once it is healthy
@@ -158,10 +158,11 @@ class ContainerSpec:
                 violations.append(FieldViolation(f"env[{name!r}]", "not a valid variable name"))
             elif "\x00" in value:
                 violations.append(FieldViolation(f"env[{name}]", "value must not contain NUL"))
-        if self.ram_mb < 0:
-            violations.append(FieldViolation("ram_mb", "must not be negative"))
-        if self.cpu_millis < 0:
-            violations.append(FieldViolation("cpu_millis", "must not be negative"))
+        violations += [
+            FieldViolation(f"resources.{name}", "must not be negative")
+            for name, value in self.resources.items()
+            if value < 0
+        ]
         if self.health_check_path and not self.health_check_path.startswith("/"):
             violations.append(FieldViolation("health_check_path", "must start with '/'"))
         if self.liveness is not None:

@@ -52,8 +52,8 @@ class LifecycleMixin(DriverBase):
             "HANGAR_CONTAINER_ID": spec.container_id,
             "HANGAR_DEPLOYMENT_ID": spec.deployment_id,
             "HANGAR_PROJECT_ID": spec.project_id,
-            "HANGAR_RAM_MB": str(spec.ram_mb),
-            "HANGAR_CPU_MILLIS": str(spec.cpu_millis),
+            "HANGAR_RAM_MB": str(spec.resources.ram_mb),
+            "HANGAR_CPU_MILLIS": str(spec.resources.cpu_millis),
         }
 
     async def _launch(self, record: _Container) -> AppRun:

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from services.agent.image_users import ImageUser
+from shared.resources import Resources
 
 USER = "app"
 HOME = "/home/app"
@@ -67,8 +68,8 @@ class Stack:
 
 @dataclass(frozen=True)
 class Limits:
-    ram_mb: int  # memory and memory + swap (no swap); 0: no limit
-    cpu_millis: int  # 1000 = one core; 0: no quota
+    # RAM: memory and memory + swap (no swap); CPU: 1000 = one core. 0: no limit.
+    resources: Resources
     pids: int
     tmpfs_mb: int  # each of /tmp, $HOME and /dev/shm
 
@@ -167,11 +168,11 @@ def runtime_spec(
         "devices": [{"allow": False, "access": "rwm"}],
         "pids": {"limit": limits.pids},
     }
-    if limits.ram_mb > 0:
-        memory = limits.ram_mb * 1024 * 1024
+    if limits.resources.ram_mb > 0:
+        memory = limits.resources.ram_mb * 1024 * 1024
         resources["memory"] = {"limit": memory, "swap": memory}  # memory + swap: no swap
-    if limits.cpu_millis > 0:
-        quota = max(MIN_CPU_QUOTA_US, limits.cpu_millis * CPU_PERIOD_US // 1000)
+    if limits.resources.cpu_millis > 0:
+        quota = max(MIN_CPU_QUOTA_US, limits.resources.cpu_millis * CPU_PERIOD_US // 1000)
         resources["cpu"] = {"quota": quota, "period": CPU_PERIOD_US}
     linux: dict[str, Any] = {
         "cgroupsPath": bundle.cgroups_path,

@@ -13,11 +13,12 @@ from hangar.billing.v1 import billing_pb2 as pb
 from hangar.billing.v1 import billing_pb2_grpc
 from hangar.events.v1 import events_pb2
 from services.billing import store
-from services.billing.domain import Metric, Plan, Resources, SubscriptionStatus
+from services.billing.domain import Metric, Plan, SubscriptionStatus
 from services.billing.service import Billing, UsageSummary
 from shared.auth import require_service
 from shared.outbox import OutboxFeed
 from shared.proto import optional_timestamp
+from shared.resources import Resources
 
 Context: TypeAlias = grpc.aio.ServicerContext
 
@@ -44,16 +45,12 @@ _INVOICE_STATUS = {
 }
 
 
-def _resources(r: Resources) -> pb.Resources:
-    return pb.Resources(ram_mb=r.ram_mb, cpu_millis=r.cpu_millis, bandwidth_gb=r.bandwidth_gb)
-
-
 def plan_to_proto(plan: Plan) -> pb.Plan:
     return pb.Plan(
         id=plan.id,
         name=plan.name,
         price_cents=plan.price_cents,
-        included=_resources(plan.pool),
+        included=plan.pool.to_proto(),
         included_ram_mb_seconds=plan.included[Metric.RAM_MB_SECONDS],
         included_cpu_millis_seconds=plan.included[Metric.CPU_MILLIS_SECONDS],
         included_bandwidth_bytes=plan.included[Metric.BANDWIDTH_BYTES],
@@ -71,8 +68,8 @@ def subscription_to_proto(sub: store.Subscription) -> pb.Subscription:
         status=_SUBSCRIPTION_STATUS.get(sub.status, pb.SUBSCRIPTION_STATUS_UNSPECIFIED),
         current_period_start=optional_timestamp(sub.current_period_start),
         current_period_end=optional_timestamp(sub.current_period_end),
-        pool=_resources(sub.pool),
-        allocated=_resources(sub.allocated),
+        pool=sub.pool.to_proto(),
+        allocated=sub.allocated.to_proto(),
         stripe_customer_id=sub.stripe_customer_id,
         stripe_subscription_id=sub.stripe_subscription_id,
     )
@@ -82,7 +79,7 @@ def allocation_to_proto(a: store.Allocation) -> pb.Allocation:
     return pb.Allocation(
         organization_id=a.organization_id,
         project_id=a.project_id,
-        resources=_resources(a.resources),
+        resources=a.resources.to_proto(),
         created_at=optional_timestamp(a.created_at),
         updated_at=optional_timestamp(a.updated_at),
     )
@@ -172,10 +169,6 @@ class _UsageRecordIn:
         return self._record.idempotency_key
 
 
-def resources_from_proto(r: pb.Resources) -> Resources:
-    return Resources(r.ram_mb, r.cpu_millis, r.bandwidth_gb)
-
-
 class BillingApi(billing_pb2_grpc.BillingServiceServicer):
     def __init__(self, billing: Billing, feed: OutboxFeed) -> None:
         self.billing = billing
@@ -210,7 +203,7 @@ class BillingApi(billing_pb2_grpc.BillingServiceServicer):
         self, request: pb.ReserveAllocationRequest, context: Context
     ) -> pb.Allocation:
         allocation = await self.billing.reserve_allocation(
-            request.organization_id, request.project_id, resources_from_proto(request.resources)
+            request.organization_id, request.project_id, Resources.from_proto(request.resources)
         )
         return allocation_to_proto(allocation)
 

@@ -13,7 +13,7 @@ of everything billed for a period always equals the rounded overage of its final
 from __future__ import annotations
 
 import calendar
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import ROUND_HALF_UP, Decimal
@@ -21,6 +21,7 @@ from enum import StrEnum
 from typing import Protocol
 
 from shared.errors import FailedPrecondition, InvalidArgument, QuotaViolation, ResourceExhausted
+from shared.resources import Resources
 from shared.usage import USAGE_METRICS, UsageMetric
 
 # What runtime reports and billing charges for: one definition for both services.
@@ -79,34 +80,6 @@ class SystemClock:
 
 
 # --------------------------------------------------------------------------- resources
-
-
-@dataclass(frozen=True)
-class Resources:
-    ram_mb: int = 0
-    cpu_millis: int = 0
-    bandwidth_gb: int = 0
-
-    def __add__(self, other: Resources) -> Resources:
-        return Resources(
-            self.ram_mb + other.ram_mb,
-            self.cpu_millis + other.cpu_millis,
-            self.bandwidth_gb + other.bandwidth_gb,
-        )
-
-    def __sub__(self, other: Resources) -> Resources:
-        return Resources(
-            self.ram_mb - other.ram_mb,
-            self.cpu_millis - other.cpu_millis,
-            self.bandwidth_gb - other.bandwidth_gb,
-        )
-
-    def items(self) -> Iterable[tuple[str, int]]:
-        return (
-            ("ram_mb", self.ram_mb),
-            ("cpu_millis", self.cpu_millis),
-            ("bandwidth_gb", self.bandwidth_gb),
-        )
 
 
 MAX_RESOURCE = 2**31 - 1

@@ -16,7 +16,6 @@ from services.billing.domain import (
     Clock,
     Metric,
     Plan,
-    Resources,
     downgrade_blocked,
     overage,
     overage_cents,
@@ -32,6 +31,7 @@ from shared.errors import InvalidArgument, NotFound, PermissionDenied
 from shared.ids import new_id
 from shared.outbox import write_event
 from shared.pagination import Page
+from shared.resources import Resources
 from shared.validation import require_id
 
 SCHEMA = "billing"

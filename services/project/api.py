@@ -13,17 +13,21 @@ from hangar.project.v1 import project_pb2 as pb
 from hangar.project.v1 import project_pb2_grpc
 from services.project import custom_domains
 from services.project.custom_domains import Domains
-from services.project.domain import Project, ProjectSpec, PublicAddress
+from services.project.domain import RESOURCES, Project, ProjectSpec, PublicAddress
 from services.project.service import Projects
 from services.project.store import StoredSecret
 from shared.auth import require_service
 from shared.outbox import OutboxFeed
 from shared.proto import optional_timestamp, timestamp
+from shared.resources import Resources
 
 Context: TypeAlias = grpc.aio.ServicerContext
 
-# Fields that are the same in the proto and the domain (restart_policy is an enum there).
-_SPEC_FIELDS = tuple(name for name in ProjectSpec.__dataclass_fields__ if name != "restart_policy")
+# Fields that are the same in the proto and the domain (restart_policy is an enum there, and
+# resources a message).
+_SPEC_FIELDS = tuple(
+    name for name in ProjectSpec.__dataclass_fields__ if name not in ("restart_policy", RESOURCES)
+)
 _RESTART_POLICY: dict[str, pb.RestartPolicy] = {
     "on-failure": pb.RESTART_POLICY_ON_FAILURE,
     "always": pb.RESTART_POLICY_ALWAYS,
@@ -38,6 +42,7 @@ def project_to_proto(p: Project, address: PublicAddress) -> pb.Project:
         id=p.id,
         organization_id=p.organization_id,
         **{name: getattr(spec, name) for name in _SPEC_FIELDS},
+        resources=spec.resources.to_proto(),
         restart_policy=_RESTART_POLICY.get(spec.restart_policy, pb.RESTART_POLICY_UNSPECIFIED),
         created_at=timestamp(p.created_at),
         updated_at=timestamp(p.updated_at),
@@ -50,11 +55,23 @@ def spec_from_proto(p: pb.Project) -> ProjectSpec:
     # Unspecified: "" (the create default applies; an update naming it is refused); an
     # unknown number stays unknown, so validation names the field.
     policy = _RESTART_POLICY_NAME.get(p.restart_policy, "" if not p.restart_policy else "?")
-    return ProjectSpec(**{name: getattr(p, name) for name in _SPEC_FIELDS}, restart_policy=policy)
+    return ProjectSpec(
+        **{name: getattr(p, name) for name in _SPEC_FIELDS},
+        resources=Resources.from_proto(p.resources),
+        restart_policy=policy,
+    )
 
 
 def set_fields(p: pb.Project) -> list[str]:
-    return [f.name for f, _ in p.ListFields()]
+    """The update paths a project message sets (with no update_mask): each resource
+    dimension set counts on its own."""
+    paths = []
+    for field, value in p.ListFields():
+        if field.name == RESOURCES:
+            paths += [f"{RESOURCES}.{f.name}" for f, _ in value.ListFields()]
+        else:
+            paths.append(field.name)
+    return paths
 
 
 def domain_to_proto(d: custom_domains.DomainView) -> pb.Domain:

@@ -11,6 +11,7 @@ from datetime import datetime
 from typing import Any
 
 from shared.errors import FieldViolation, InvalidArgument
+from shared.resources import DIMENSIONS, Resources
 
 SLUG = re.compile(r"^[a-z0-9]+(-[a-z0-9]+)*$")
 SECRET_NAME = re.compile(r"^[A-Z_][A-Z0-9_]*$")
@@ -61,29 +62,12 @@ PERM_SECRETS_DELETE = "secrets.delete"
 
 
 @dataclass(frozen=True)
-class Resources:
-    ram_mb: int = 0
-    cpu_millis: int = 0
-    bandwidth_gb: int = 0
-
-    def shrinks_or_keeps(self, current: Resources) -> bool:
-        """True when no dimension grows: such a resize never needs room in the pool."""
-        return (
-            self.ram_mb <= current.ram_mb
-            and self.cpu_millis <= current.cpu_millis
-            and self.bandwidth_gb <= current.bandwidth_gb
-        )
-
-
-@dataclass(frozen=True)
 class ProjectSpec:
     """The fields a caller sets on a project."""
 
     name: str
     slug: str
-    ram_mb: int
-    cpu_millis: int
-    bandwidth_gb: int
+    resources: Resources  # reserved from the organization's pool
     region: str
     sleep_enabled: bool
     sleep_after_seconds: int
@@ -97,13 +81,19 @@ class ProjectSpec:
     liveness_period_seconds: int = DEFAULT_LIVENESS_PERIOD_SECONDS
     liveness_failure_threshold: int = DEFAULT_LIVENESS_FAILURE_THRESHOLD
 
-    @property
-    def resources(self) -> Resources:
-        return Resources(self.ram_mb, self.cpu_millis, self.bandwidth_gb)
+
+# Update-mask paths: every field, and each resource dimension on its own ("resources" in a
+# mask stands for all three).
+RESOURCES = "resources"
+RESOURCE_PATHS = tuple(f"{RESOURCES}.{name}" for name in DIMENSIONS)
+UPDATABLE = (*(f.name for f in fields(ProjectSpec) if f.name != RESOURCES), *RESOURCE_PATHS)
 
 
-UPDATABLE = tuple(f.name for f in fields(ProjectSpec))
-RESOURCE_FIELDS = ("ram_mb", "cpu_millis", "bandwidth_gb")
+def spec_value(spec: ProjectSpec, path: str) -> Any:
+    """The value at an update path ("slug", "resources.ram_mb")."""
+    head, _, dimension = path.partition(".")
+    value = getattr(spec, head)
+    return getattr(value, dimension) if dimension else value
 
 
 @dataclass(frozen=True)
@@ -119,8 +109,11 @@ class Project:
 def with_create_defaults(spec: ProjectSpec) -> ProjectSpec:
     return replace(
         spec,
-        ram_mb=spec.ram_mb or DEFAULT_RAM_MB,
-        cpu_millis=spec.cpu_millis or DEFAULT_CPU_MILLIS,
+        resources=replace(
+            spec.resources,
+            ram_mb=spec.resources.ram_mb or DEFAULT_RAM_MB,
+            cpu_millis=spec.resources.cpu_millis or DEFAULT_CPU_MILLIS,
+        ),
         sleep_after_seconds=spec.sleep_after_seconds or DEFAULT_SLEEP_AFTER_SECONDS,
         region=spec.region or DEFAULT_REGION,
         restart_policy=spec.restart_policy or DEFAULT_RESTART_POLICY,
@@ -169,9 +162,10 @@ def spec_violations(spec: ProjectSpec, only: Iterable[str] | None = None) -> lis
         if not name
         else _text(name, "project.name", MAX_NAME, None, ""),
         "slug": slug_violation(spec.slug),
-        "ram_mb": _bounded(spec.ram_mb, RAM_MB, "project.ram_mb"),
-        "cpu_millis": _bounded(spec.cpu_millis, CPU_MILLIS, "project.cpu_millis"),
-        "bandwidth_gb": _bounded(spec.bandwidth_gb, BANDWIDTH_GB, "project.bandwidth_gb"),
+        **{
+            path: _bounded(spec_value(spec, path), bounds, f"project.{path}")
+            for path, bounds in zip(RESOURCE_PATHS, (RAM_MB, CPU_MILLIS, BANDWIDTH_GB), strict=True)
+        },
         "sleep_after_seconds": _bounded(
             spec.sleep_after_seconds, SLEEP_AFTER_SECONDS, "project.sleep_after_seconds"
         ),
@@ -249,16 +243,22 @@ def update_paths(paths: Sequence[str], set_fields: Iterable[str]) -> list[str]:
         return touched
     if list(paths) == ["*"]:
         return list(UPDATABLE)
-    unknown = [p for p in paths if p not in UPDATABLE]
+    expanded = [q for p in paths for q in (RESOURCE_PATHS if p == RESOURCES else (p,))]
+    unknown = [p for p in expanded if p not in UPDATABLE]
     if unknown:
         raise InvalidArgument(
             [FieldViolation("update_mask", f"cannot update {p!r}") for p in unknown]
         )
-    return list(dict.fromkeys(paths))
+    return list(dict.fromkeys(expanded))
 
 
 def apply_update(current: ProjectSpec, requested: ProjectSpec, paths: Sequence[str]) -> ProjectSpec:
-    return replace(current, **{p: getattr(requested, p) for p in paths})
+    prefix = f"{RESOURCES}."
+    dimensions = {
+        p.removeprefix(prefix): spec_value(requested, p) for p in paths if p.startswith(prefix)
+    }
+    fields_ = {p: getattr(requested, p) for p in paths if not p.startswith(prefix)}
+    return replace(current, resources=replace(current.resources, **dimensions), **fields_)
 
 
 def secret_name_violation(name: str, field: str = "name") -> FieldViolation | None:

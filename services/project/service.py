@@ -23,7 +23,7 @@ from services.project.crypto import (
     open_secret,
     seal_secret,
 )
-from services.project.domain import Project, ProjectSpec, PublicAddress, Resources
+from services.project.domain import Project, ProjectSpec, PublicAddress
 from services.project.hostnames import OrganizationSlugs
 from shared import pagination
 from shared.audit import current_actor, record_audit
@@ -50,6 +50,7 @@ from shared.errors import (
 from shared.ids import new_id
 from shared.outbox import write_event
 from shared.pagination import Page
+from shared.resources import Resources
 from shared.validation import require_id
 
 # Secrets and projects list in smaller pages than the AIP-158 default maximum.
@@ -94,7 +95,7 @@ class BillingPool:
                 billing_pb2.ReserveAllocationRequest(
                     organization_id=organization_id,
                     project_id=project_id,
-                    resources=billing_pb2.Resources(**asdict(size)),
+                    resources=size.to_proto(),
                 )
             )
         except grpc.aio.AioRpcError as exc:
@@ -122,12 +123,7 @@ class BillingPool:
             except grpc.aio.AioRpcError as exc:
                 raise from_downstream(exc, "billing", _BILLING_PASSED_ON) from None
             for a in reply.allocations:
-                r = a.resources
-                yield Allocation(
-                    a.organization_id,
-                    a.project_id,
-                    Resources(r.ram_mb, r.cpu_millis, r.bandwidth_gb),
-                )
+                yield Allocation(a.organization_id, a.project_id, Resources.from_proto(a.resources))
             token = reply.next_page_token
             if not token:
                 return
@@ -346,7 +342,11 @@ class Projects:
             current = await store.get_project(tx, project_id) or _gone()
             current = await self._with_organization_slug(tx, current)
             new_spec = domain.validate_spec(domain.apply_update(current.spec, requested, touched))
-            changed = [p for p in touched if getattr(new_spec, p) != getattr(current.spec, p)]
+            changed = [
+                p
+                for p in touched
+                if domain.spec_value(new_spec, p) != domain.spec_value(current.spec, p)
+            ]
             if not changed:
                 return current
             if "slug" in changed:
@@ -395,11 +395,11 @@ class Projects:
         try:
             await self.pool.reserve(current.organization_id, current.id, size)
         except ResourceExhausted:
-            if size.shrinks_or_keeps(current.spec.resources):
+            if size.fits_in(current.spec.resources):
                 log.error("billing refused a shrink", extra={"project_id": current.id})
             raise
         except DomainError as exc:
-            if not size.shrinks_or_keeps(current.spec.resources):
+            if not size.fits_in(current.spec.resources):
                 raise
             # A shrink never fails for the pool's sake: the reconciler applies it later.
             log.warning(

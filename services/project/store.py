@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import datetime
 from typing import Any
 
@@ -11,8 +11,9 @@ import asyncpg
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql as pg
 
-from services.project.domain import OrganizationSlug, Project, ProjectSpec, Resources
+from services.project.domain import RESOURCES, OrganizationSlug, Project, ProjectSpec
 from shared.db import Session, compile_query, from_row
+from shared.resources import Resources
 
 SCHEMA = "project"
 metadata = sa.MetaData(schema=SCHEMA)
@@ -87,9 +88,12 @@ _WITH_SLUG = projects.outerjoin(
 
 
 def _spec_values(spec: ProjectSpec, only: Sequence[str] | None = None) -> dict[str, Any]:
-    values = {
-        name: getattr(spec, name) for name in (only or ProjectSpec.__dataclass_fields__.keys())
-    }
+    """Column values of a spec (every column, or those of the update paths `only`); the
+    resources are three columns of their own."""
+    columns = asdict(spec)
+    columns.update(columns.pop(RESOURCES))
+    names = [p.removeprefix(f"{RESOURCES}.") for p in only] if only else list(columns)
+    values = {name: columns[name] for name in names}
     for name in _NULLABLE_TEXT:
         if name in values:
             values[name] = values[name] or None
@@ -97,7 +101,7 @@ def _spec_values(spec: ProjectSpec, only: Sequence[str] | None = None) -> dict[s
 
 
 def _project(row: asyncpg.Record) -> Project:
-    spec = from_row(ProjectSpec, row)
+    spec = from_row(ProjectSpec, row, resources=Resources.from_row(row))
     return Project(
         row["id"],
         row["organization_id"],
@@ -333,7 +337,7 @@ async def project_sizes(s: Session, after_id: str, limit: int) -> list[ProjectSi
         ProjectSize(
             r["id"],
             r["organization_id"],
-            Resources(r["ram_mb"], r["cpu_millis"], r["bandwidth_gb"]),
+            Resources.from_row(r),
         )
         for r in await s.fetch(statement)
     ]

@@ -78,8 +78,7 @@ class Agents:
             deployment_id=deployment.id,
             project_id=deployment.project_id,
             env={k: v for k, v in env.items() if k not in (REGISTRY_USERNAME, REGISTRY_PASSWORD)},
-            ram_mb=share.ram_mb,
-            cpu_millis=share.cpu_millis,
+            resources=share.resources.to_proto(),
             health_check_path=deployment.health_check_path if web else "",
             restart_policy=_RESTART_POLICY.get(
                 deployment.restart_policy, agent_pb2.RESTART_POLICY_ON_FAILURE

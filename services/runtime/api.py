@@ -21,7 +21,6 @@ from services.runtime.domain import (
     Isolation,
     ReleaseReason,
     RequestedSource,
-    Resources,
     ServerState,
 )
 from services.runtime.projects import Projects
@@ -34,6 +33,7 @@ from services.runtime.telemetry_api import TelemetryApi
 from shared.auth import Authorizer, require_service
 from shared.outbox import OutboxFeed
 from shared.proto import optional_timestamp
+from shared.resources import Resources
 
 Context: TypeAlias = grpc.aio.ServicerContext
 
@@ -61,10 +61,8 @@ def server_to_proto(s: Server) -> pb.Server:
         name=s.name,
         region=s.region,
         agent_address=s.agent_address,
-        ram_mb=s.capacity.ram_mb,
-        cpu_millis=s.capacity.cpu_millis,
-        ram_mb_reserved=s.reserved.ram_mb,
-        cpu_millis_reserved=s.reserved.cpu_millis,
+        capacity=s.capacity.to_proto(),
+        reserved=s.reserved.to_proto(),
         status=_SERVER_STATUS[s.status],
         last_heartbeat_at=optional_timestamp(s.last_heartbeat_at),
         created_at=optional_timestamp(s.created_at),
@@ -80,8 +78,7 @@ def deployment_to_proto(d: Deployment) -> pb.Deployment:
         server_id=d.server_id,
         status=_DEPLOYMENT_STATUS[d.status],
         capacity_reserved=d.capacity_reserved,
-        ram_mb=d.resources.ram_mb,
-        cpu_millis=d.resources.cpu_millis,
+        resources=d.resources.to_proto(),
         secrets_version=d.env_version,
         status_reason=d.status_reason,
         rolled_back_from=d.rolled_back_from,
@@ -92,8 +89,7 @@ def deployment_to_proto(d: Deployment) -> pb.Deployment:
         created_by=d.created_by,
         process_type=d.process_type,
         processes=[
-            pb.DeploymentProcess(type=p.type, ram_mb=p.ram_mb, cpu_millis=p.cpu_millis)
-            for p in d.processes
+            pb.DeploymentProcess(type=p.type, resources=p.resources.to_proto()) for p in d.processes
         ],
         image_command=d.image_command,
         image_digest=d.image_digest,
@@ -252,7 +248,7 @@ class RuntimeApi(TelemetryApi, runtime_pb2_grpc.RuntimeServiceServicer):
             name=spec.name,
             region=spec.region,
             agent_address=spec.agent_address,
-            capacity=Resources(spec.ram_mb, spec.cpu_millis),
+            capacity=Resources.from_proto(spec.capacity),
             isolation=isolation_from_proto(spec.isolation),
         )
         return server_to_proto(server)

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 from shared.errors import FailedPrecondition, InvalidArgument
+from shared.resources import Resources
 
 
 class DeploymentState(StrEnum):
@@ -133,17 +134,14 @@ def unisolated_reason(region: str) -> str:
     )
 
 
-@dataclass(frozen=True)
-class Resources:
-    ram_mb: int
-    cpu_millis: int
-
-    def validate(self, prefix: str = "") -> Resources:
-        if self.ram_mb <= 0:
-            raise InvalidArgument.field(f"{prefix}ram_mb", "must be positive")
-        if self.cpu_millis <= 0:
-            raise InvalidArgument.field(f"{prefix}cpu_millis", "must be positive")
-        return self
+def reservable(resources: Resources, field: str) -> Resources:
+    """What a server offers or a deployment holds: positive RAM and CPU (bandwidth is metered
+    per project, not reserved on a server: dropped); INVALID_ARGUMENT naming the field."""
+    if resources.ram_mb <= 0:
+        raise InvalidArgument.field(f"{field}.ram_mb", "must be positive")
+    if resources.cpu_millis <= 0:
+        raise InvalidArgument.field(f"{field}.cpu_millis", "must be positive")
+    return resources.compute
 
 
 @dataclass(frozen=True)
@@ -156,14 +154,10 @@ class Candidate:
 
     @property
     def free(self) -> Resources:
-        return Resources(
-            self.capacity.ram_mb - self.reserved.ram_mb,
-            self.capacity.cpu_millis - self.reserved.cpu_millis,
-        )
+        return self.capacity - self.reserved
 
     def fits(self, need: Resources) -> bool:
-        free = self.free
-        return free.ram_mb >= need.ram_mb and free.cpu_millis >= need.cpu_millis
+        return need.fits_in(self.free)
 
 
 def best_fit_key(candidate: Candidate, need: Resources) -> tuple[int, int, str]:
@@ -217,10 +211,7 @@ class Drift:
     @property
     def repairable(self) -> bool:
         """Counters may only be set to what the CHECK constraints allow."""
-        return (
-            self.actual.ram_mb <= self.capacity.ram_mb
-            and self.actual.cpu_millis <= self.capacity.cpu_millis
-        )
+        return self.actual.fits_in(self.capacity)
 
 
 def find_drift(
@@ -229,7 +220,7 @@ def find_drift(
     """(server id, capacity, recorded reserved) against the per-server sums of reservations."""
     drift = []
     for server_id, capacity, recorded in servers:
-        actual = sums.get(server_id, Resources(0, 0))
+        actual = sums.get(server_id, Resources())
         if actual != recorded:
             drift.append(Drift(server_id, recorded, actual, capacity))
     return drift
@@ -261,12 +252,7 @@ class ProcessShare:
     """One process type of a deployment and what its container gets."""
 
     type: str
-    ram_mb: int
-    cpu_millis: int
-
-    @property
-    def resources(self) -> Resources:
-        return Resources(self.ram_mb, self.cpu_millis)
+    resources: Resources
 
 
 # The least a process's share may be: below it, nothing runs.
@@ -336,7 +322,7 @@ def split_processes(
                 f"gives {types[i]} {r} MB and {c} mCPU: at least {MIN_PROCESS_RAM_MB} MB and "
                 f"{MIN_PROCESS_CPU_MILLIS} mCPU each",
             )
-    return tuple(ProcessShare(t, r, c) for t, r, c in zip(types, ram, cpu, strict=True))
+    return tuple(ProcessShare(t, Resources(r, c)) for t, r, c in zip(types, ram, cpu, strict=True))
 
 
 def process_type_of(requested: str, field: str = "deployment.process_type") -> str:

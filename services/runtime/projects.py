@@ -8,10 +8,10 @@ from typing import Protocol
 import grpc
 
 from hangar.project.v1 import project_pb2, project_pb2_grpc
-from services.runtime.domain import Resources
 from shared.clients import Clients
 from shared.context import bearer_token_var
 from shared.errors import from_downstream
+from shared.resources import Resources
 
 PROJECT_SERVICE = project_pb2.DESCRIPTOR.services_by_name["ProjectService"]
 _RESTART_POLICY = {
@@ -87,7 +87,7 @@ class RemoteProjects:
         return ProjectInfo(
             id=p.id,
             organization_id=p.organization_id,
-            resources=Resources(p.ram_mb, p.cpu_millis),
+            resources=Resources.from_proto(p.resources).compute,
             region=p.region,
             default_command=p.default_command,
             default_image=p.default_image,

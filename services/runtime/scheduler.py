@@ -28,9 +28,9 @@ from services.runtime.domain import (
     HOLDS_CAPACITY,
     DeploymentState,
     ReleaseReason,
-    Resources,
     Tenancy,
     ensure_transition,
+    reservable,
     unisolated_reason,
     without_log_lines,
 )
@@ -40,6 +40,7 @@ from shared.db import Database, Session
 from shared.errors import FailedPrecondition, InvalidArgument
 from shared.loops import run_every
 from shared.outbox import write_event
+from shared.resources import Resources
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +122,7 @@ class Scheduler:
             raise InvalidArgument.field(
                 "deployment.source", "exactly one of image, command or source_sha256"
             )
-        spec.resources.validate("resources.")
+        reservable(spec.resources, "deployment.resources")
 
         deadline = self.clock() + self.schedule_timeout
 

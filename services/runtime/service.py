@@ -16,11 +16,11 @@ from services.runtime.domain import (
     Isolation,
     ProcessShare,
     RequestedSource,
-    Resources,
     ServerState,
     choose_source,
     process_type_of,
     required,
+    reservable,
     source_digest,
     split_processes,
 )
@@ -38,6 +38,7 @@ from shared.auth import (
 )
 from shared.db import Database
 from shared.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
+from shared.resources import Resources
 
 MAX_PAGE_SIZE = 500
 AGENT = "agent"
@@ -77,7 +78,7 @@ class Servers:
     ) -> Server:
         """isolation None: a value the caller sent that names no isolation we know."""
         require_platform_admin()
-        capacity = capacity.validate("server.")
+        capacity = reservable(capacity, "server.capacity")
         async with self.db.transaction() as tx:
             server = await store.insert_server(
                 tx,

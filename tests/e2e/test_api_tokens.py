@@ -43,7 +43,7 @@ def world(stack: Stack) -> Iterator[World]:
     with stack.client() as http:
         w = World(stack, http)
         w.owner = sign_up(http, "scripter")
-        spec = {"name": "web", "slug": "web", "ramMb": 128, "cpuMillis": 100}
+        spec = {"name": "web", "slug": "web", "resources": {"ramMb": 128, "cpuMillis": 100}}
         for name in ("A", "B"):
             org = _ok(
                 http.post(
@@ -210,7 +210,7 @@ def test_a_project_s_deploy_token_acts_on_that_project_only(world: World) -> Non
         w.http.post(
             f"/v1/organizations/{a['id']}/projects",
             headers=w.auth,
-            json={"name": "api", "slug": "api", "ramMb": 64, "cpuMillis": 50},
+            json={"name": "api", "slug": "api", "resources": {"ramMb": 64, "cpuMillis": 50}},
         )
     )
     token, secret = _token(

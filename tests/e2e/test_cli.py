@@ -319,8 +319,8 @@ def test_env_set_makes_a_config_change_release(session: Session) -> None:
 def test_scale_resizes_the_project_for_its_next_release(session: Session) -> None:
     session.need_project()
     scaled = session.json("scale", "--ram", "192", "--cpu", "200")
-    assert (scaled["ramMb"], scaled["cpuMillis"]) == (192, 200)
-    assert session.json("projects", "show")["ramMb"] == 192
+    assert (scaled["resources"]["ramMb"], scaled["resources"]["cpuMillis"]) == (192, 200)
+    assert session.json("projects", "show")["resources"]["ramMb"] == 192
     too_much = session.run("scale", "--ram", "999999")
     assert too_much.returncode == 2 and len(too_much.stderr.strip().splitlines()) == 1
     assert session.run("scale").returncode == 2

@@ -673,7 +673,7 @@ def test_settings_sliders_are_bounded_by_the_pool(journey: Journey) -> None:
     j.visible('form[name="project-settings"] input[name="ramMb"]')
     sub = j.http.get(f"/v1/organizations/{j.org['id']}/subscription", headers=owner).json()
     project = j.http.get(f"/v1/projects/{j.project['id']}", headers=owner).json()
-    own_ram, own_cpu = int(project["ramMb"]), int(project["cpuMillis"])
+    own_ram, own_cpu = int(project["resources"]["ramMb"]), int(project["resources"]["cpuMillis"])
     free_ram = int(sub["pool"]["ramMb"]) - int(sub.get("allocated", {}).get("ramMb", 0))
     free_cpu = int(sub["pool"]["cpuMillis"]) - int(sub.get("allocated", {}).get("cpuMillis", 0))
     ram = j.find('form[name="project-settings"] input[name="ramMb"]')

@@ -137,7 +137,11 @@ def test_a_project_has_a_public_name_and_url(world: World) -> None:
     w.owner = sign_up(w.http, "edger")
     slug = f"ed{secrets.token_hex(3)}"
     org = _ok(w.http.post("/v1/organizations", headers=w.auth, json={"name": "E", "slug": slug}))
-    spec = {"name": "Web", "slug": "web", "ramMb": 128, "cpuMillis": 100, "bandwidthGb": 1}
+    spec = {
+        "name": "Web",
+        "slug": "web",
+        "resources": {"ramMb": 128, "cpuMillis": 100, "bandwidthGb": 1},
+    }
 
     def create() -> dict[str, Any] | None:
         reply = w.http.post(f"/v1/organizations/{org['id']}/projects", headers=w.auth, json=spec)

@@ -138,8 +138,9 @@ def platform(db_passwords: dict[str, str]) -> Iterator[Platform]:
             )
             p.org_id = org["id"]
             for name in ("alpha", "beta"):
-                spec = {"name": name, "slug": f"{name}-{secrets.token_hex(3)}", "ramMb": 128}
-                spec |= {"cpuMillis": 100, "bandwidthGb": 1}
+                resources = {"ramMb": 128, "cpuMillis": 100, "bandwidthGb": 1}
+                spec = {"name": name, "slug": f"{name}-{secrets.token_hex(3)}"}
+                spec["resources"] = resources
                 project = _ok(http.post(f"/v1/organizations/{p.org_id}/projects", json=spec))
                 p.projects.append(project["id"])
         for release, project_id in enumerate(p.projects, start=1):

@@ -193,12 +193,16 @@ def test_create_a_project_from_the_pool(journey: Journey) -> None:
     j = journey
     j.need("org")
     slug = f"web-{secrets.token_hex(3)}"
-    spec = {"name": "Web", "slug": slug, "ramMb": 256, "cpuMillis": 250, "bandwidthGb": 1}
+    spec = {
+        "name": "Web",
+        "slug": slug,
+        "resources": {"ramMb": 256, "cpuMillis": 250, "bandwidthGb": 1},
+    }
     j.project = _ok(
         j.http.post(f"/v1/organizations/{j.org['id']}/projects", headers=_as(j.owner), json=spec)
     )
     assert j.project["organizationId"] == j.org["id"]
-    assert (j.project["ramMb"], j.project["cpuMillis"]) == (256, 250)
+    assert (j.project["resources"]["ramMb"], j.project["resources"]["cpuMillis"]) == (256, 250)
     fetched = _ok(j.http.get(f"/v1/projects/{j.project['id']}", headers=_as(j.owner)))
     assert fetched == j.project
     sub = _ok(j.http.get(f"/v1/organizations/{j.org['id']}/subscription", headers=_as(j.owner)))
@@ -326,11 +330,11 @@ def test_error_mapping(journey: Journey) -> None:
     bad = j.http.post(
         f"/v1/organizations/{j.org['id']}/projects",
         headers=_as(j.owner),
-        json={"name": "Huge", "slug": f"huge-{secrets.token_hex(2)}", "ramMb": -5},
+        json={"name": "Huge", "slug": f"huge-{secrets.token_hex(2)}", "resources": {"ramMb": -5}},
     )
     assert bad.status_code == 400, bad.text
     assert bad.json()["code"] == 3
-    assert "project.ram_mb" in _violations(bad), bad.text
+    assert "project.resources.ram_mb" in _violations(bad), bad.text
     bad_slug = j.http.post(
         "/v1/organizations", headers=_as(j.owner), json={"name": "X", "slug": "Not A Slug"}
     )
@@ -577,7 +581,7 @@ def test_an_app_over_its_memory_is_oom_killed_restarted_and_the_deployment_says_
     # Each OOM kill is a crash: the agent restarts it with back-off until it crash-loops.
     looping = _wait_deployment(j, created["id"], "DEPLOYMENT_STATUS_CRASH_LOOP", within=120)
     assert looping["statusReason"].startswith("OOM_KILLED"), looping
-    assert f"{j.project['ramMb']} MiB" in looping["statusReason"]
+    assert f"{j.project['resources']['ramMb']} MiB" in looping["statusReason"]
     assert looping["capacityReserved"] is True  # still placed while it crash-loops
     cancelled = _ok(
         j.http.post(f"/v1/deployments/{created['id']}:cancel", headers=_as(j.owner), json={})
@@ -633,8 +637,8 @@ def test_delete_the_project_and_see_the_app_stop(journey: Journey) -> None:
                     f"/v1/servers/{j.stack.server_id}",
                     headers={"Authorization": f"Bearer {j.stack.admin_token}"},
                 )
-            )["ramMbReserved"]
+            )["reserved"]["ramMb"]
             == 0
         ),
-        f"the server's capacity to be released (was {server['ramMbReserved']})",
+        f"the server's capacity to be released (was {server['reserved']['ramMb']})",
     )

@@ -90,7 +90,7 @@ def tenant(stack: Stack) -> Tenant:
         project = http.post(
             f"/v1/organizations/{org_id}/projects",
             headers=owner.auth,
-            json={"name": "Fuzz", "slug": "fuzz", "ramMb": 128, "cpuMillis": 100},
+            json={"name": "Fuzz", "slug": "fuzz", "resources": {"ramMb": 128, "cpuMillis": 100}},
         )
         assert project.status_code == 200, project.text
         secret = http.put(

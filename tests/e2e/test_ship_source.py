@@ -139,8 +139,8 @@ def _deploy(ship: Ship, project_url: str = "", **deployment: Any) -> dict[str, A
 
 def _project(ship: Ship, ram_mb: int, cpu_millis: int) -> str:
     """Another project of the organization; its URL."""
-    spec = {"name": "Other", "slug": f"p-{secrets.token_hex(3)}", "ramMb": ram_mb}
-    spec |= {"cpuMillis": cpu_millis, "bandwidthGb": 1}
+    resources = {"ramMb": ram_mb, "cpuMillis": cpu_millis, "bandwidthGb": 1}
+    spec = {"name": "Other", "slug": f"p-{secrets.token_hex(3)}", "resources": resources}
     org_id = ship.org["id"]
     project = _ok(
         ship.http.post(f"/v1/organizations/{org_id}/projects", headers=ship.auth, json=spec)
@@ -217,7 +217,8 @@ def test_a_project_to_ship_to(ship: Ship) -> None:
     org = ship.org = _ok(
         ship.http.post("/v1/organizations", headers=ship.auth, json={"name": "S", "slug": slug})
     )
-    spec = {"name": "Web", "slug": slug, "ramMb": 512, "cpuMillis": 500, "bandwidthGb": 1}
+    resources = {"ramMb": 512, "cpuMillis": 500, "bandwidthGb": 1}
+    spec = {"name": "Web", "slug": slug, "resources": resources}
 
     def create() -> dict[str, Any] | None:
         response = ship.http.post(
@@ -381,7 +382,10 @@ def test_one_build_runs_a_web_and_a_worker_process_with_their_shares(ship: Ship)
     sha = _ok(_upload(ship, _app(ship, "with-worker", with_worker)))["sha256"]
     processes = [{"type": "web", "percent": 75}, {"type": "worker", "percent": 25}]
     created = _deploy(ship, sourceSha256=sha, processes=processes)
-    shares = [(p["type"], p["ramMb"], p["cpuMillis"]) for p in created["processes"]]
+    shares = [
+        (p["type"], p["resources"]["ramMb"], p["resources"]["cpuMillis"])
+        for p in created["processes"]
+    ]
     assert shares == [("web", 384, 375), ("worker", 128, 125)]  # of 512 MB and 500 mCPU
     _wait(ship, created["id"], RUNNING)
     assert _answer(ship, created["id"]).strip() == GREETING  # the suffix's secret was deleted

@@ -31,6 +31,7 @@ from google.protobuf import empty_pb2
 from hangar.agent.v1 import agent_pb2 as pb
 from hangar.runtime.v1 import runtime_pb2 as rpb
 from hangar.runtime.v1 import runtime_pb2_grpc
+from hangar.type.v1 import resources_pb2
 from services.agent.containers import netns_prefix, unavailable_reason
 from tests.support.agent import (
     ENDED,
@@ -162,8 +163,7 @@ class Agents:
             deployment_id=f"d-{container_id}",
             project_id="p-adoption",
             command=command,
-            ram_mb=256,
-            cpu_millis=1000,
+            resources=resources_pb2.Resources(ram_mb=256, cpu_millis=1000),
             **fields,  # type: ignore[arg-type]
         )
         await agent.stub.StartContainer(request, metadata=self.auth)

@@ -24,6 +24,7 @@ from services.agent.builds import BuildFailed
 from services.agent.containers import ContainerDriver, unavailable_reason
 from services.agent.domain import ContainerSpec, LogBuffer, LogStream
 from shared.clients import Clients
+from shared.resources import Resources
 
 if os.geteuid() != 0:
     pytest.skip("builds need the container sandbox, which needs root", allow_module_level=True)
@@ -65,8 +66,7 @@ async def _build(driver: ContainerDriver, archive: bytes, ram_mb: int = 256) -> 
         deployment_id="d",
         project_id=f"p-{secrets.token_hex(4)}",
         source_sha256=digest,
-        ram_mb=ram_mb,
-        cpu_millis=500,
+        resources=Resources(ram_mb, 500),
     )
     logs = LogBuffer(10_000)
     with pytest.raises(BuildFailed) as failed:

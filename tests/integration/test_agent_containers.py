@@ -24,6 +24,7 @@ import psutil
 import pytest
 
 from hangar.agent.v1 import agent_pb2 as pb
+from hangar.type.v1 import resources_pb2
 from services.agent.containers import ContainerDriver, unavailable_reason
 from services.agent.domain import ContainerState, SleepState
 from tests.support.agent import RunningAgent, caller_tokens, process_tree, running_agent
@@ -96,8 +97,7 @@ async def start(
         project_id=project,
         command=command,
         env=env or {},
-        ram_mb=ram_mb,
-        cpu_millis=cpu_millis,
+        resources=resources_pb2.Resources(ram_mb=ram_mb, cpu_millis=cpu_millis),
         restart_policy=restart_policy,
     )
     await agent.stub.StartContainer(request, metadata=bearer(token))

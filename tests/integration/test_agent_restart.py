@@ -31,6 +31,7 @@ from services.agent.domain import (
 )
 from services.agent.drivers import ProcessDriver
 from services.agent.restarts import RestartRules
+from shared.resources import Resources
 
 APP = r"""
 import http.server, os, sys
@@ -111,8 +112,7 @@ def app(
         project_id="p-restarts",
         command=COMMAND,
         env={"APP_CODE": APP, **(env or {})},
-        ram_mb=128,
-        cpu_millis=1000,
+        resources=Resources(128, 1000),
         restart_policy=policy,
         **fields,  # type: ignore[arg-type]
     )
@@ -308,7 +308,7 @@ async def test_an_oom_kill_counts_as_a_crash(driver: ProcessDriver) -> None:
     if not isinstance(driver, ContainerDriver):
         pytest.skip("only containers have a memory limit the kernel enforces")
     watch = Watch(driver)
-    running = await watch.start(replace(app(), ram_mb=64))
+    running = await watch.start(replace(app(), resources=Resources(64, 1000)))
     with contextlib.suppress(httpx.TransportError):
         await get(running.address, "/hog")
     restarted = await watch.until(lambda i: i.restarts >= 1)

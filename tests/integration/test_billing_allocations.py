@@ -15,6 +15,7 @@ from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
 from hangar.billing.v1 import billing_pb2
+from hangar.type.v1 import resources_pb2
 from shared.ids import new_id
 from tests.support import billing as billing_fixtures
 from tests.support.billing import Billing, User
@@ -28,11 +29,11 @@ def _reserve(org: str, project: str, ram: int, cpu: int = 0, bw: int = 0):  # ty
     return billing_pb2.ReserveAllocationRequest(
         organization_id=org,
         project_id=project,
-        resources=billing_pb2.Resources(ram_mb=ram, cpu_millis=cpu, bandwidth_gb=bw),
+        resources=resources_pb2.Resources(ram_mb=ram, cpu_millis=cpu, bandwidth_gb=bw),
     )
 
 
-async def _allocated(b: Billing, org: str, owner: User) -> billing_pb2.Resources:
+async def _allocated(b: Billing, org: str, owner: User) -> resources_pb2.Resources:
     sub = await b.stub.GetSubscription(
         billing_pb2.GetSubscriptionRequest(organization_id=org), metadata=owner.md
     )

@@ -16,6 +16,7 @@ import pytest
 
 from hangar.billing.v1 import billing_pb2
 from hangar.identity.v1 import identity_pb2 as ipb
+from hangar.type.v1 import resources_pb2
 from shared.ids import new_id
 from tests.integration.test_billing_usage_and_cycle import HOBBY_RAM_INCLUDED, record
 from tests.support import billing as billing_fixtures
@@ -50,7 +51,7 @@ async def test_each_mutation_is_audited_once_and_no_ops_are_not(start_billing) -
     reserve = billing_pb2.ReserveAllocationRequest(
         organization_id=org,
         project_id=project,
-        resources=billing_pb2.Resources(ram_mb=512, cpu_millis=500, bandwidth_gb=5),
+        resources=resources_pb2.Resources(ram_mb=512, cpu_millis=500, bandwidth_gb=5),
     )
     await b.stub.ReserveAllocation(reserve, metadata=b.service("project"))
     await b.stub.ReserveAllocation(reserve, metadata=b.service("project"))  # replay: no-op
@@ -63,7 +64,7 @@ async def test_each_mutation_is_audited_once_and_no_ops_are_not(start_billing) -
     big = billing_pb2.ReserveAllocationRequest(
         organization_id=org,
         project_id=project,
-        resources=billing_pb2.Resources(ram_mb=4096, cpu_millis=500, bandwidth_gb=5),
+        resources=resources_pb2.Resources(ram_mb=4096, cpu_millis=500, bandwidth_gb=5),
     )
     await b.stub.ReserveAllocation(big, metadata=b.service("project"))
     with pytest.raises(grpc.aio.AioRpcError) as refused:

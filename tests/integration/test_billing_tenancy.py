@@ -20,6 +20,7 @@ import grpc
 import pytest
 
 from hangar.billing.v1 import billing_pb2
+from hangar.type.v1 import resources_pb2
 from shared.ids import new_id
 from tests.integration.test_billing_usage_and_cycle import HOBBY_RAM_INCLUDED, record
 from tests.support import billing as billing_fixtures
@@ -127,7 +128,7 @@ def _reserve(org: str) -> billing_pb2.ReserveAllocationRequest:
     return billing_pb2.ReserveAllocationRequest(
         organization_id=org,
         project_id=new_id(),
-        resources=billing_pb2.Resources(ram_mb=1, cpu_millis=1, bandwidth_gb=0),
+        resources=resources_pb2.Resources(ram_mb=1, cpu_millis=1, bandwidth_gb=0),
     )
 
 

@@ -31,6 +31,7 @@ from grpc_status import rpc_status
 from hangar.identity.v1 import identity_pb2
 from hangar.project.v1 import project_pb2
 from hangar.runtime.v1 import runtime_pb2
+from hangar.type.v1 import resources_pb2
 from services.gateway.app import PUBLIC_SERVICES, Gateway, GatewayOptions
 from shared.errors import InvalidArgument
 from shared.settings import SERVICES, Settings
@@ -172,19 +173,22 @@ def _reset(upstream: Upstream) -> None:
 
 
 def test_path_body_and_query_reach_the_rpc(client: httpx.Client, upstream: Upstream) -> None:
-    upstream.replies["UpdateProject"] = project_pb2.Project(id="p1", name="web", ram_mb=512)
+    resources = resources_pb2.Resources(ram_mb=512)
+    upstream.replies["UpdateProject"] = project_pb2.Project(
+        id="p1", name="web", resources=resources
+    )
     response = client.patch(
         "/v1/projects/p1",
-        params={"updateMask": "name,ramMb"},
-        json={"id": "ignored", "name": "web", "ram_mb": 512},
+        params={"updateMask": "name,resources.ramMb"},
+        json={"id": "ignored", "name": "web", "resources": {"ram_mb": 512}},
     )
     assert response.status_code == 200, response.text
     assert upstream.requests["UpdateProject"] == project_pb2.UpdateProjectRequest(
-        project=project_pb2.Project(id="p1", name="web", ram_mb=512),
-        update_mask={"paths": ["name", "ram_mb"]},
+        project=project_pb2.Project(id="p1", name="web", resources=resources),
+        update_mask={"paths": ["name", "resources.ram_mb"]},
     )
     body = response.json()
-    assert body["id"] == "p1" and body["ramMb"] == 512
+    assert body["id"] == "p1" and body["resources"]["ramMb"] == 512
     assert body["sleepAfterSeconds"] == 0  # defaults are printed
     assert response.headers["content-type"] == "application/json"
 
@@ -348,9 +352,10 @@ def test_oversized_chunked_body_is_a_413(client: httpx.Client) -> None:
 
 
 def test_bad_input_is_a_400_naming_the_field_never_a_500(client: httpx.Client) -> None:
-    response = client.post("/v1/organizations/o1/projects", json={"ramMb": "lots"})
+    response = client.post("/v1/organizations/o1/projects", json={"resources": {"ramMb": "lots"}})
     assert response.status_code == 400
-    assert response.json()["details"][1]["fieldViolations"][0]["field"] == "project.ramMb"
+    violation = response.json()["details"][1]["fieldViolations"][0]
+    assert violation["field"] == "project.resources.ramMb"
     response = client.get("/v1/organizations", params={"pageSize": "ten"})
     assert response.status_code == 400
     assert response.json()["details"][1]["fieldViolations"][0]["field"] == "pageSize"

@@ -20,6 +20,7 @@ from grpc_status import rpc_status
 from hangar.billing.v1 import billing_pb2
 from hangar.events.v1 import events_pb2
 from hangar.identity.v1 import identity_pb2 as ipb
+from hangar.type.v1 import resources_pb2
 from services.billing.provisioning import Organizations
 from shared.ids import new_id
 from shared.migrate import migrate
@@ -120,7 +121,7 @@ async def _reserve(stack: Stack, org: str) -> billing_pb2.Allocation:
         billing_pb2.ReserveAllocationRequest(
             organization_id=org,
             project_id=new_id(),
-            resources=billing_pb2.Resources(ram_mb=128, cpu_millis=100, bandwidth_gb=1),
+            resources=resources_pb2.Resources(ram_mb=128, cpu_millis=100, bandwidth_gb=1),
         ),
         metadata=bearer(token),
     )

@@ -22,6 +22,7 @@ from services.project.hostnames import IdentityOrganizations
 from shared.clients import Clients
 from shared.loops import cancel_and_wait
 from shared.migrate import migrate
+from shared.resources import Resources
 from tests.support.procs import free_port
 from tests.support.project import Stack, Tenant, eventually, running_stack
 
@@ -134,7 +135,7 @@ def test_url_omits_port_80_and_keeps_any_other() -> None:
     project = domain.Project(
         "p1",
         "o1",
-        domain.ProjectSpec("web", "web", 1, 1, 0, "local", False, 900),
+        domain.ProjectSpec("web", "web", Resources(1, 1), "local", False, 900),
         created_at=None,  # type: ignore[arg-type]
         updated_at=None,  # type: ignore[arg-type]
         organization_slug="ada",

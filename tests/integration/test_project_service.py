@@ -20,6 +20,7 @@ from hangar.billing.v1 import billing_pb2
 from hangar.events.v1 import events_pb2
 from hangar.identity.v1 import identity_pb2 as ipb
 from hangar.project.v1 import project_pb2 as pb
+from hangar.type.v1 import resources_pb2
 from shared.ids import new_id
 from shared.migrate import migrate
 from tests.support.identity import PASSWORD, bearer
@@ -81,7 +82,7 @@ async def test_concurrent_creates_stay_within_the_pool_and_equal_billings_alloca
     assert all(
         isinstance(e, grpc.aio.AioRpcError) and e.code() == Code.RESOURCE_EXHAUSTED for e in refused
     )
-    total_ram = sum(p.ram_mb for p in accepted)
+    total_ram = sum(p.resources.ram_mb for p in accepted)
     assert total_ram <= 1024
     listed = await stack.project.ListProjects(
         pb.ListProjectsRequest(organization_id=tenant.org_id, page_size=100),
@@ -90,35 +91,58 @@ async def test_concurrent_creates_stay_within_the_pool_and_equal_billings_alloca
     assert {p.id for p in listed.projects} == {p.id for p in accepted}
     allocated = await stack.allocated(tenant.org_id)
     assert allocated.ram_mb == total_ram
-    assert allocated.cpu_millis == sum(p.cpu_millis for p in accepted)
+    assert allocated.cpu_millis == sum(p.resources.cpu_millis for p in accepted)
 
 
 async def test_resize_past_the_pool_is_refused_and_changes_nothing(stack: Stack) -> None:
     tenant = await stack.tenant()
     project = await stack.create(tenant, ram_mb=512, cpu_millis=500)
-    grow = pb.Project(id=project.id, ram_mb=2048)
+    grow = pb.Project(id=project.id, resources=resources_pb2.Resources(ram_mb=2048))
     with pytest.raises(grpc.aio.AioRpcError) as info:
         await stack.project.UpdateProject(
-            pb.UpdateProjectRequest(project=grow, update_mask=_mask("ram_mb")),
+            pb.UpdateProjectRequest(project=grow, update_mask=_mask("resources.ram_mb")),
             metadata=tenant.owner.md,
         )
     assert info.value.code() == Code.RESOURCE_EXHAUSTED
     after = await stack.project.GetProject(
         pb.GetProjectRequest(id=project.id), metadata=tenant.owner.md
     )
-    assert after.ram_mb == 512 and after.updated_at == project.updated_at
+    assert after.resources.ram_mb == 512 and after.updated_at == project.updated_at
     assert (await stack.allocated(tenant.org_id)).ram_mb == 512
 
     # Growing within the pool and shrinking both move billing's numbers with the row.
     for ram in (1000, 64):
         updated = await stack.project.UpdateProject(
             pb.UpdateProjectRequest(
-                project=pb.Project(id=project.id, ram_mb=ram), update_mask=_mask("ram_mb")
+                project=pb.Project(id=project.id, resources=resources_pb2.Resources(ram_mb=ram)),
+                update_mask=_mask("resources.ram_mb"),
             ),
             metadata=tenant.owner.md,
         )
-        assert updated.ram_mb == ram
+        assert (updated.resources.ram_mb, updated.resources.cpu_millis) == (ram, 500)
         assert (await stack.allocated(tenant.org_id)).ram_mb == ram
+
+    # With no mask, the dimensions the message sets are the update: CPU only, RAM kept.
+    updated = await stack.project.UpdateProject(
+        pb.UpdateProjectRequest(
+            project=pb.Project(id=project.id, resources=resources_pb2.Resources(cpu_millis=250))
+        ),
+        metadata=tenant.owner.md,
+    )
+    assert (updated.resources.ram_mb, updated.resources.cpu_millis) == (64, 250)
+    # "resources" in a mask is all three: a zero RAM is refused, naming the dimension.
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await stack.project.UpdateProject(
+            pb.UpdateProjectRequest(
+                project=pb.Project(
+                    id=project.id, resources=resources_pb2.Resources(cpu_millis=300)
+                ),
+                update_mask=_mask("resources"),
+            ),
+            metadata=tenant.owner.md,
+        )
+    assert info.value.code() == Code.INVALID_ARGUMENT
+    assert "project.resources.ram_mb" in _violations(info.value)
 
 
 async def test_slug_conflict_is_already_exists_and_leaks_no_allocation(stack: Stack) -> None:
@@ -156,8 +180,8 @@ async def test_bad_input_is_invalid_argument_naming_the_field(stack: Stack) -> N
     for fields, field in (
         ({"slug": "Not_A_Slug"}, "project.slug"),
         ({"slug": "a" * 41}, "project.slug"),
-        ({"ram_mb": 10_000_000}, "project.ram_mb"),
-        ({"cpu_millis": -5}, "project.cpu_millis"),
+        ({"ram_mb": 10_000_000}, "project.resources.ram_mb"),
+        ({"cpu_millis": -5}, "project.resources.cpu_millis"),
         ({"region": "EU WEST"}, "project.region"),
         ({"repository_url": "not a url"}, "project.repository_url"),
         ({"health_check_path": "healthz"}, "project.health_check_path"),
@@ -175,7 +199,7 @@ async def test_bad_input_is_invalid_argument_naming_the_field(stack: Stack) -> N
         )
     assert info.value.code() == Code.INVALID_ARGUMENT
     assert _violations(info.value) == ["update_mask"]
-    assert (await stack.allocated(tenant.org_id)).ram_mb == project.ram_mb
+    assert (await stack.allocated(tenant.org_id)).ram_mb == project.resources.ram_mb
 
 
 async def test_list_pages_and_filters_by_sleep_enabled(stack: Stack) -> None:
@@ -229,8 +253,7 @@ async def test_cross_tenant_matrix_on_every_org_scoped_rpc(stack: Stack) -> None
                         project=pb.Project(
                             name="x",
                             slug=f"x-{secrets.token_hex(3)}",
-                            ram_mb=32,
-                            cpu_millis=10,
+                            resources=resources_pb2.Resources(ram_mb=32, cpu_millis=10),
                             region="local",
                         ),
                     ),
@@ -563,7 +586,10 @@ async def test_rotation_keeps_old_and_new_secrets_readable_and_rewraps_every_dat
                 pb.CreateProjectRequest(
                     organization_id=tenant.org_id,
                     project=pb.Project(
-                        name="n", slug="new-one", ram_mb=64, cpu_millis=50, region="local"
+                        name="n",
+                        slug="new-one",
+                        resources=resources_pb2.Resources(ram_mb=64, cpu_millis=50),
+                        region="local",
                     ),
                 ),
                 metadata=md,
@@ -689,7 +715,7 @@ async def test_reconciler_releases_leaks_and_restores_missing_allocations(stack:
         billing_pb2.ReserveAllocationRequest(
             organization_id=tenant.org_id,
             project_id=leaked,
-            resources=billing_pb2.Resources(ram_mb=300, cpu_millis=10),
+            resources=resources_pb2.Resources(ram_mb=300, cpu_millis=10),
         ),
         metadata=token,
     )

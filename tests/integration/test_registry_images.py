@@ -135,7 +135,11 @@ def test_a_project_to_deploy_images_to(world: World) -> None:
     w.owner = sign_up(w.http, "imager")
     slug = f"img-{secrets.token_hex(3)}"
     org = _ok(w.http.post("/v1/organizations", headers=w.auth, json={"name": "I", "slug": slug}))
-    spec = {"name": "Img", "slug": slug, "ramMb": 256, "cpuMillis": 250, "bandwidthGb": 1}
+    spec = {
+        "name": "Img",
+        "slug": slug,
+        "resources": {"ramMb": 256, "cpuMillis": 250, "bandwidthGb": 1},
+    }
 
     def create() -> dict[str, Any] | None:
         response = w.http.post(f"/v1/organizations/{org['id']}/projects", headers=w.auth, json=spec)

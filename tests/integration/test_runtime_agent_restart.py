@@ -22,10 +22,10 @@ import pytest
 from hangar.agent.v1 import agent_pb2 as apb
 from hangar.runtime.v1 import runtime_pb2 as pb
 from hangar.runtime.v1 import runtime_pb2_grpc
-from services.runtime.domain import Resources
 from services.runtime.scheduler import Scheduler
 from shared.db import Database
 from shared.ids import new_id
+from shared.resources import Resources
 from shared.settings import Settings
 from tests.support.agent import RunningAgent, alive, start_agent_process
 from tests.support.identity import bearer

@@ -26,6 +26,7 @@ from google.protobuf import duration_pb2
 from hangar.events.v1 import events_pb2
 from hangar.runtime.v1 import runtime_pb2 as pb
 from hangar.runtime.v1 import runtime_pb2_grpc
+from hangar.type.v1 import resources_pb2
 from services.runtime import store
 from shared.ids import new_id
 from tests.support import runtime as runtime_fixtures
@@ -55,7 +56,10 @@ UNAUTHENTICATED = grpc.StatusCode.UNAUTHENTICATED
 def _server(name: str, region: str, ram: int = 2048, cpu: int = 2000) -> pb.RegisterServerRequest:
     return pb.RegisterServerRequest(
         server=pb.Server(
-            name=name, region=region, agent_address="127.0.0.1:50060", ram_mb=ram, cpu_millis=cpu
+            name=name,
+            region=region,
+            agent_address="127.0.0.1:50060",
+            capacity=resources_pb2.Resources(ram_mb=ram, cpu_millis=cpu),
         )
     )
 
@@ -75,7 +79,7 @@ async def test_platform_admins_register_list_get_and_drain_servers(
     root = (await neighbours.platform_admin()).md
     created = await runtime.stub.RegisterServer(_server(f"s-{new_id()}", region), metadata=root)
     assert created.id and created.status == pb.SERVER_STATUS_ACTIVE
-    assert (created.ram_mb, created.ram_mb_reserved) == (2048, 0)
+    assert (created.capacity.ram_mb, created.reserved.ram_mb) == (2048, 0)
     got = await runtime.stub.GetServer(pb.GetServerRequest(id=created.id), metadata=root)
     assert got == created
     seen, token = [], ""

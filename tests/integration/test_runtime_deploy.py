@@ -175,7 +175,7 @@ async def test_a_command_runs_serves_http_with_its_secret_and_stops_when_replace
     # The call returns before the app runs: clients poll.
     assert created.status in (D.DEPLOYMENT_STATUS_SCHEDULING, D.DEPLOYMENT_STATUS_STARTING)
     assert created.capacity_reserved and created.server_id == live.server_id
-    assert (created.ram_mb, created.cpu_millis) == (128, 100)
+    assert (created.resources.ram_mb, created.resources.cpu_millis) == (128, 100)
     first = await live.wait(created.id, viewer, D.DEPLOYMENT_STATUS_RUNNING)
     assert first.secrets_version and first.capacity_reserved
 

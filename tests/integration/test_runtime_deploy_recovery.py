@@ -12,11 +12,11 @@ import pytest
 
 from hangar.runtime.v1 import runtime_pb2 as pb
 from hangar.runtime.v1 import runtime_pb2_grpc
-from services.runtime.domain import Resources
 from services.runtime.scheduler import Scheduler
 from services.runtime.store import DeploymentSpec
 from shared.db import Database
 from shared.ids import new_id
+from shared.resources import Resources
 from shared.settings import Settings
 from tests.support.agent import RunningAgent, start_agent_process
 from tests.support.procs import ServiceProcess, free_port

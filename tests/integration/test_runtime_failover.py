@@ -18,10 +18,10 @@ import pytest
 from hangar.agent.v1 import agent_pb2
 from hangar.runtime.v1 import runtime_pb2 as pb
 from hangar.runtime.v1 import runtime_pb2_grpc
-from services.runtime.domain import Resources
 from shared.db import Database
 from shared.ids import new_id
 from shared.migrate import migrate
+from shared.resources import Resources
 from shared.settings import Settings
 from tests.support.agent import RunningAgent, start_agent_process
 from tests.support.procs import ServiceProcess, free_port

@@ -14,6 +14,7 @@ import httpx
 import pytest
 
 from hangar.runtime.v1 import runtime_pb2 as rpb
+from hangar.type.v1 import resources_pb2
 from services.agent.drivers import ProcessDriver
 from services.agent.reporting import RuntimeReporter
 from services.gateway.app import Gateway
@@ -303,7 +304,10 @@ async def test_heartbeats_record_the_agents_isolation_and_servers_list_it(
     registered = await runtime.stub.RegisterServer(
         rpb.RegisterServerRequest(
             server=rpb.Server(
-                name=name, region="local", agent_address="127.0.0.1:1", ram_mb=512, cpu_millis=500
+                name=name,
+                region="local",
+                agent_address="127.0.0.1:1",
+                capacity=resources_pb2.Resources(ram_mb=512, cpu_millis=500),
             )
         ),
         metadata=admin,
@@ -315,8 +319,7 @@ async def test_heartbeats_record_the_agents_isolation_and_servers_list_it(
                 name=f"{name}-boxed",
                 region="local",
                 agent_address="127.0.0.1:1",
-                ram_mb=512,
-                cpu_millis=500,
+                capacity=resources_pb2.Resources(ram_mb=512, cpu_millis=500),
                 isolation=rpb.SERVER_ISOLATION_CONTAINER,
             )
         ),

@@ -9,11 +9,12 @@ from collections.abc import AsyncIterator
 import pytest
 
 from services.runtime import store
-from services.runtime.domain import DeploymentState, Resources
+from services.runtime.domain import DeploymentState
 from services.runtime.scheduler import STATUS_CHANGED, Scheduler
 from shared.db import Database
 from shared.errors import FailedPrecondition
 from shared.ids import new_id
+from shared.resources import Resources
 from tests.support.runtime import add_servers, assert_invariant, runtime_database, spec
 
 S = DeploymentState

@@ -12,10 +12,11 @@ import asyncpg
 import pytest
 
 from services.runtime import store
-from services.runtime.domain import DeploymentState, Resources, ServerState
+from services.runtime.domain import DeploymentState, ServerState
 from services.runtime.scheduler import Scheduler
 from shared.db import Database
 from shared.ids import new_id
+from shared.resources import Resources
 from tests.support.runtime import add_servers, assert_invariant, runtime_database, spec
 
 S = DeploymentState

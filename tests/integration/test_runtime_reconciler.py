@@ -10,11 +10,12 @@ import asyncpg
 import pytest
 
 from services.runtime import store
-from services.runtime.domain import SEVERAL_TENANTS, DeploymentState, Isolation, Resources
+from services.runtime.domain import SEVERAL_TENANTS, DeploymentState, Isolation
 from services.runtime.reconciler import Reconciler
 from services.runtime.scheduler import Scheduler
 from shared.db import Database
 from shared.ids import new_id
+from shared.resources import Resources
 from tests.support.runtime import add_servers, assert_invariant, counters, runtime_database, spec
 
 

@@ -18,6 +18,7 @@ from hangar.events.v1 import events_pb2
 from hangar.identity.v1 import identity_pb2 as ipb
 from hangar.project.v1 import project_pb2 as pb
 from hangar.project.v1 import project_pb2_grpc
+from hangar.type.v1 import resources_pb2
 from services.billing.server import BillingApp
 from services.project.server import ProjectApp
 from shared.db import Database
@@ -101,9 +102,9 @@ class Stack:
         async with self.billing_app.db.transaction() as tx:
             await self.billing_app.on_identity_event(tx, event)
 
-    async def allocated(self, org_id: str) -> billing_pb2.Resources:
+    async def allocated(self, org_id: str) -> resources_pb2.Resources:
         token = await self.identity.service_token("project")
-        total = billing_pb2.Resources()
+        total = resources_pb2.Resources()
         reply = await self.billing.ListAllocations(
             billing_pb2.ListAllocationsRequest(organization_id=org_id, page_size=500),
             metadata=bearer(token),
@@ -129,9 +130,11 @@ class Stack:
         project = pb.Project(
             name=str(fields.pop("name", slug)),
             slug=slug,
-            ram_mb=int(fields.pop("ram_mb", 128)),  # type: ignore[call-overload]
-            cpu_millis=int(fields.pop("cpu_millis", 100)),  # type: ignore[call-overload]
-            bandwidth_gb=int(fields.pop("bandwidth_gb", 1)),  # type: ignore[call-overload]
+            resources=resources_pb2.Resources(
+                ram_mb=int(fields.pop("ram_mb", 128)),  # type: ignore[call-overload]
+                cpu_millis=int(fields.pop("cpu_millis", 100)),  # type: ignore[call-overload]
+                bandwidth_gb=int(fields.pop("bandwidth_gb", 1)),  # type: ignore[call-overload]
+            ),
             region=str(fields.pop("region", "local")),
             **fields,  # type: ignore[arg-type]
         )

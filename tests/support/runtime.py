@@ -22,11 +22,12 @@ import pytest
 from hangar.identity.v1 import identity_pb2 as ipb
 from hangar.runtime.v1 import runtime_pb2_grpc
 from services.runtime import store
-from services.runtime.domain import Isolation, Resources
+from services.runtime.domain import Isolation
 from services.runtime.server import RuntimeApp
 from services.runtime.store import DeploymentSpec
 from shared.db import Database
 from shared.ids import new_id
+from shared.resources import Resources
 from shared.server import RunningServer, start_server
 from shared.settings import Settings
 from tests.support.identity import PASSWORD, bearer
@@ -248,8 +249,8 @@ async def counters(admin_url: str, server_ids: Iterable[str]) -> dict[str, Count
         await conn.close()
     return {
         r["id"]: Counters(
-            Resources(r["ram_mb"], r["cpu_millis"]),
-            Resources(r["ram_mb_reserved"], r["cpu_millis_reserved"]),
+            Resources.from_row(r),
+            Resources.from_row(r, suffix="_reserved"),
             Resources(int(r["ram_sum"]), int(r["cpu_sum"])),
         )
         for r in rows

@@ -176,8 +176,7 @@ def _register_agent(stack: Stack, ram_mb: int, cpu_millis: int) -> None:
                 "name": AGENT_SERVER_NAME,
                 "region": REGION,
                 "agentAddress": stack.addresses["agent"],
-                "ramMb": ram_mb,
-                "cpuMillis": cpu_millis,
+                "capacity": {"ramMb": ram_mb, "cpuMillis": cpu_millis},
             },
         )
         if server.status_code != 200:

@@ -24,11 +24,11 @@ from services.agent.domain import ContainerSpec
 from services.agent.drivers import ProcessDriver
 from services.agent.shipping import RUNTIME_SERVICE, LogShipper, MetricShipper
 from services.runtime import store
-from services.runtime.domain import Resources
 from shared.auth import ServiceTokenSource
 from shared.clients import TokenProvider, open_channel
 from shared.db import Database
 from shared.ids import new_id
+from shared.resources import Resources
 from tests.support.project import Member, Tenant
 from tests.support.runtime import Metadata, Neighbours, Runtime, launch_runtime
 

@@ -8,6 +8,7 @@ from datetime import UTC, datetime
 import pytest
 
 from hangar.agent.v1 import agent_pb2 as pb
+from hangar.type.v1 import resources_pb2
 from services.agent.api import container_to_proto, spec_from_proto
 from services.agent.domain import (
     ContainerInfo,
@@ -20,6 +21,7 @@ from services.agent.domain import (
 )
 from services.agent.drivers import inherited_env
 from shared.errors import InvalidArgument
+from shared.resources import Resources
 
 
 def test_a_valid_command_spec_passes() -> None:
@@ -36,7 +38,10 @@ def test_a_valid_command_spec_passes() -> None:
         (ContainerSpec(container_id="c-1", command="   "), "source"),
         (ContainerSpec(container_id="c-1", command="true", env={"1X": "v"}), "env['1X']"),
         (ContainerSpec(container_id="c-1", command="true", env={"X": "a\x00b"}), "env[X]"),
-        (ContainerSpec(container_id="c-1", command="true", ram_mb=-1), "ram_mb"),
+        (
+            ContainerSpec(container_id="c-1", command="true", resources=Resources(-1, 0)),
+            "resources.ram_mb",
+        ),
         (
             ContainerSpec(container_id="c-1", command="true", health_check_path="up"),
             "health_check_path",
@@ -119,8 +124,12 @@ def test_a_stopped_container_is_exited_on_the_wire_with_its_reason() -> None:
 
 def test_start_request_maps_to_a_spec() -> None:
     request = pb.StartContainerRequest(
-        container_id="c-1", command="run", env={"A": "1"}, ram_mb=256, health_check_path="/up"
+        container_id="c-1",
+        command="run",
+        env={"A": "1"},
+        resources=resources_pb2.Resources(ram_mb=256, cpu_millis=100, bandwidth_gb=5),
+        health_check_path="/up",
     )
     spec = spec_from_proto(request)
     assert (spec.command, spec.image, dict(spec.env)) == ("run", "", {"A": "1"})
-    assert spec.ram_mb == 256 and spec.health_check_path == "/up"
+    assert spec.resources == Resources(256, 100) and spec.health_check_path == "/up"

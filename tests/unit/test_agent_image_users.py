@@ -19,6 +19,7 @@ from services.agent.image_users import (
     resolve_user,
 )
 from services.agent.images import _owned_by
+from shared.resources import Resources
 
 PROJECT_UID = 2_000_007
 
@@ -102,7 +103,7 @@ def _bundle(user: ImageUser | None) -> oci.Bundle:
         command="",
         uid=PROJECT_UID,
         env={},
-        limits=oci.Limits(ram_mb=64, cpu_millis=100, pids=64, tmpfs_mb=16),
+        limits=oci.Limits(resources=Resources(64, 100), pids=64, tmpfs_mb=16),
         netns_path="/run/netns/x",
         cgroups_path="/hangar/c1",
         image_root="/images/rootfs/abc",

@@ -13,6 +13,7 @@ import pytest
 from services.agent.cgroups import Cgroup
 from services.agent.oci import Bundle, Limits, Stack, runtime_spec, write_bundle
 from services.agent.uids import FIRST_UID, UidTable
+from shared.resources import Resources
 
 
 def bundle(**limits: int) -> Bundle:
@@ -22,8 +23,7 @@ def bundle(**limits: int) -> Bundle:
         uid=FIRST_UID + 7,
         env={"PORT": "8080", "SECRET": "s3cret"},
         limits=Limits(
-            ram_mb=limits.get("ram_mb", 64),
-            cpu_millis=limits.get("cpu_millis", 250),
+            resources=Resources(limits.get("ram_mb", 64), limits.get("cpu_millis", 250)),
             pids=limits.get("pids", 100),
             tmpfs_mb=limits.get("tmpfs_mb", 16),
         ),

@@ -22,6 +22,7 @@ from services.agent.domain import (
     SleepState,
 )
 from services.agent.runs import RESERVED_SEQUENCES, AppHome, LogTail
+from shared.resources import Resources
 
 
 @pytest.fixture
@@ -113,8 +114,7 @@ def test_the_container_record_reads_back_as_written() -> None:
         project_id="p-1",
         command="exec app",
         env={"SECRET": "s3cret"},
-        ram_mb=128,
-        cpu_millis=250,
+        resources=Resources(128, 250),
         restart_policy=RestartPolicy.ALWAYS,
         liveness=LivenessCheck("/up", 5.0, 2),
     )
@@ -137,3 +137,9 @@ def test_the_container_record_reads_back_as_written() -> None:
     assert adoption.spec_and_info(saved, "none") == (spec, info)
     with pytest.raises(ValueError):
         adoption.spec_and_info(saved, "container")
+    # An agent before version 2 wrote RAM and CPU beside the other fields: read the same.
+    older = {**saved, "version": 1, "spec": {**saved["spec"], "ram_mb": 128, "cpu_millis": 250}}
+    del older["spec"]["resources"]
+    assert adoption.spec_and_info(older, "none") == (spec, info)
+    with pytest.raises(ValueError):
+        adoption.spec_and_info({**saved, "version": 99}, "none")

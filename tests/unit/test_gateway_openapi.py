@@ -91,7 +91,8 @@ def test_each_operation_has_a_success_and_an_error_response(document: dict[str, 
 def test_request_and_response_schemas_follow_the_json_mapping(document: dict[str, Any]) -> None:
     schemas = document["components"]["schemas"]
     project = schemas["hangar.project.v1.Project"]["properties"]
-    assert project["ramMb"]["type"] == "integer"
+    assert project["resources"] == {"$ref": "#/components/schemas/hangar.type.v1.Resources"}
+    assert schemas["hangar.type.v1.Resources"]["properties"]["ramMb"]["type"] == "integer"
     assert project["createdAt"] == {"type": "string", "format": "date-time"}
     assert schemas["hangar.identity.v1.Role"]["enum"][0] == "ROLE_UNSPECIFIED"
     create = document["paths"]["/v1/organizations/{organization_id}/projects"]["post"]

@@ -14,6 +14,7 @@ from hangar.events.v1 import events_pb2
 from hangar.identity.v1 import identity_pb2
 from hangar.project.v1 import project_pb2
 from hangar.runtime.v1 import runtime_pb2
+from hangar.type.v1 import resources_pb2
 from services.gateway.app import PUBLIC_SERVICES
 from services.gateway.errors import GatewayError
 from services.gateway.routes import Match, Route, Router, build_routes, parse_template
@@ -123,12 +124,14 @@ def test_nested_path_variable_wins_over_the_body_field_and_keeps_the_rest(
         router,
         "PATCH",
         "/v1/projects/p1",
-        query="updateMask=name,ramMb",
-        body={"id": "evil", "name": "web", "ramMb": 512},
+        query="updateMask=name,resources.ramMb",
+        body={"id": "evil", "name": "web", "resources": {"ramMb": 512}},
     )
     assert message == project_pb2.UpdateProjectRequest(
-        project=project_pb2.Project(id="p1", name="web", ram_mb=512),
-        update_mask={"paths": ["name", "ram_mb"]},
+        project=project_pb2.Project(
+            id="p1", name="web", resources=resources_pb2.Resources(ram_mb=512)
+        ),
+        update_mask={"paths": ["name", "resources.ram_mb"]},
     )
 
 
@@ -171,9 +174,12 @@ def test_a_body_that_is_not_an_object_is_a_400(router: Router, body: bytes) -> N
 
 def test_a_string_where_an_int_is_expected_names_the_field(router: Router) -> None:
     error = rejected(
-        router, "POST", "/v1/organizations/o1/projects", body={"name": "web", "ramMb": "lots"}
+        router,
+        "POST",
+        "/v1/organizations/o1/projects",
+        body={"name": "web", "resources": {"ramMb": "lots"}},
     )
-    assert violations(error) == ["project.ramMb"]
+    assert violations(error) == ["project.resources.ramMb"]
 
 
 def test_an_unknown_body_field_is_named(router: Router) -> None:
@@ -183,8 +189,10 @@ def test_an_unknown_body_field_is_named(router: Router) -> None:
 
 
 def test_an_int32_out_of_range_is_a_400(router: Router) -> None:
-    error = rejected(router, "POST", "/v1/organizations/o1/projects", body={"ramMb": 2**40})
-    assert violations(error) == ["project.ramMb"]
+    error = rejected(
+        router, "POST", "/v1/organizations/o1/projects", body={"resources": {"ramMb": 2**40}}
+    )
+    assert violations(error) == ["project.resources.ramMb"]
 
 
 def test_invalid_utf8_is_a_400(router: Router) -> None:
@@ -323,7 +331,7 @@ _json = st.recursive(
     max_leaves=12,
 )
 _keys = st.sampled_from(
-    ["name", "slug", "ramMb", "ram_mb", "organization", "role", "createdAt", "updateMask", "x"]
+    ["name", "slug", "resources", "ram_mb", "organization", "role", "createdAt", "updateMask", "x"]
 )
 _bodies = st.dictionaries(_keys, _json, max_size=5) | _json
 
@@ -363,7 +371,11 @@ def test_a_patch_without_update_mask_updates_the_fields_its_body_names(router: R
     assert list(implied.update_mask.paths) == ["sleep_enabled", "sleep_after_seconds", "name"]
     assert implied.project.id == "p1" and not implied.project.sleep_enabled
     given = request(
-        router, "PATCH", "/v1/projects/p1", query="updateMask=name", body={"name": "x", "ramMb": 1}
+        router,
+        "PATCH",
+        "/v1/projects/p1",
+        query="updateMask=name",
+        body={"name": "x", "resources": {"ramMb": 1}},
     )
     assert list(given.update_mask.paths) == ["name"]
     assert list(request(router, "PATCH", "/v1/projects/p1").update_mask.paths) == []

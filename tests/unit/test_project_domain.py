@@ -7,15 +7,14 @@ from dataclasses import replace
 import pytest
 
 from services.project import domain
-from services.project.domain import ProjectSpec, Resources
+from services.project.domain import ProjectSpec
 from shared.errors import InvalidArgument
+from shared.resources import Resources
 
 SPEC = ProjectSpec(
     name="Web",
     slug="web",
-    ram_mb=256,
-    cpu_millis=250,
-    bandwidth_gb=1,
+    resources=Resources(256, 250, 1),
     region="eu-west-1",
     sleep_enabled=False,
     sleep_after_seconds=900,
@@ -37,9 +36,9 @@ def test_a_valid_spec_passes_and_the_name_is_trimmed() -> None:
         ({"slug": "web--api"}, "project.slug"),
         ({"slug": "w" * 41}, "project.slug"),
         ({"name": " "}, "project.name"),
-        ({"ram_mb": 0}, "project.ram_mb"),
-        ({"cpu_millis": 1_000_000}, "project.cpu_millis"),
-        ({"bandwidth_gb": -1}, "project.bandwidth_gb"),
+        ({"resources": Resources(0, 250, 1)}, "project.resources.ram_mb"),
+        ({"resources": Resources(256, 1_000_000, 1)}, "project.resources.cpu_millis"),
+        ({"resources": Resources(256, 250, -1)}, "project.resources.bandwidth_gb"),
         ({"region": "Mars"}, "project.region"),
         ({"repository_url": "javascript:alert(1)"}, "project.repository_url"),
         ({"default_image": "Bad Image"}, "project.default_image"),
@@ -60,8 +59,8 @@ def test_each_rule_names_its_field(change: dict[str, object], field: str) -> Non
 
 
 def test_create_defaults_fill_unset_resources_and_region() -> None:
-    spec = domain.with_create_defaults(replace(SPEC, ram_mb=0, cpu_millis=0, region=""))
-    assert (spec.ram_mb, spec.cpu_millis, spec.region) == (256, 250, "local")
+    spec = domain.with_create_defaults(replace(SPEC, resources=Resources(0, 0, 3), region=""))
+    assert (spec.resources, spec.region) == (Resources(256, 250, 3), "local")
 
 
 def test_create_defaults_restart_on_failure_and_check_liveness_every_10s_3_times() -> None:
@@ -74,10 +73,16 @@ def test_create_defaults_restart_on_failure_and_check_liveness_every_10s_3_times
 
 
 def test_update_paths_follow_aip_134() -> None:
-    assert domain.update_paths(["ram_mb", "ram_mb"], []) == ["ram_mb"]
+    assert domain.update_paths(["slug", "slug"], []) == ["slug"]
+    assert domain.update_paths(["resources"], []) == list(domain.RESOURCE_PATHS)
+    assert domain.update_paths(["resources.ram_mb", "name"], []) == ["resources.ram_mb", "name"]
+    assert domain.update_paths([], ["name", "resources.cpu_millis"]) == [
+        "name",
+        "resources.cpu_millis",
+    ]
     assert domain.update_paths(["*"], []) == list(domain.UPDATABLE)
     assert domain.update_paths([], ["id", "name"]) == ["name"]
-    for bad in (["id"], ["organization_id"], ["created_at"], ["nope"]):
+    for bad in (["id"], ["organization_id"], ["created_at"], ["nope"], ["ram_mb"]):
         with pytest.raises(InvalidArgument) as info:
             domain.update_paths(bad, [])
         assert _fields(info.value) == ["update_mask"]
@@ -87,8 +92,8 @@ def test_update_paths_follow_aip_134() -> None:
 
 def test_a_resize_that_grows_any_dimension_is_not_a_shrink() -> None:
     current = Resources(256, 250, 1)
-    assert Resources(128, 250, 1).shrinks_or_keeps(current)
-    assert not Resources(128, 500, 0).shrinks_or_keeps(current)
+    assert Resources(128, 250, 1).fits_in(current)
+    assert not Resources(128, 500, 0).fits_in(current)
 
 
 def test_secret_names_and_values() -> None:

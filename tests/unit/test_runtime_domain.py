@@ -15,7 +15,6 @@ from services.runtime.domain import (
     Candidate,
     DeploymentState,
     ProcessShare,
-    Resources,
     best_fit,
     can_transition,
     crash_loop_reason,
@@ -26,6 +25,7 @@ from services.runtime.domain import (
     without_log_lines,
 )
 from shared.errors import FailedPrecondition, InvalidArgument
+from shared.resources import Resources
 
 S = DeploymentState
 
@@ -143,14 +143,14 @@ def test_a_crash_loop_reason_says_how_the_app_ended_then_its_last_lines() -> Non
 def test_processes_split_the_deployment_as_asked_and_the_rest_goes_to_the_first() -> None:
     total = Resources(512, 500)
     assert split_processes([("web", 75), ("worker", 25)], total) == (
-        ProcessShare("web", 384, 375),
-        ProcessShare("worker", 128, 125),
+        ProcessShare("web", Resources(384, 375)),
+        ProcessShare("worker", Resources(128, 125)),
     )
     # all 0: equal shares, the remainder to the first
     assert split_processes([("web", 0), ("a", 0), ("b", 0)], Resources(100, 100)) == (
-        ProcessShare("web", 34, 34),
-        ProcessShare("a", 33, 33),
-        ProcessShare("b", 33, 33),
+        ProcessShare("web", Resources(34, 34)),
+        ProcessShare("a", Resources(33, 33)),
+        ProcessShare("b", Resources(33, 33)),
     )
 
 

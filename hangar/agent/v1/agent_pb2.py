@@ -24,9 +24,10 @@ _sym_db = _symbol_database.Default()
 
 from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
+from hangar.type.v1 import resources_pb2 as hangar_dot_type_dot_v1_dot_resources__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bhangar/agent/v1/agent.proto\x12\x0fhangar.agent.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xaa\x05\n\tContainer\x12\x14\n\x0c\x63ontainer_id\x18\x01 \x01(\t\x12\x15\n\rdeployment_id\x18\x02 \x01(\t\x12\x12\n\nproject_id\x18\x03 \x01(\t\x12\x30\n\x06status\x18\x04 \x01(\x0e\x32 .hangar.agent.v1.ContainerStatus\x12\x16\n\texit_code\x18\x05 \x01(\x05H\x00\x88\x01\x01\x12\x0e\n\x06reason\x18\x06 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x07 \x01(\t\x12\x0c\n\x04port\x18\x08 \x01(\x05\x12\x0b\n\x03pid\x18\t \x01(\x05\x12.\n\nstarted_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nded_at\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x32\n\x0csleep_status\x18\x0c \x01(\x0e\x32\x1c.hangar.agent.v1.SleepStatus\x12\x33\n\x0flast_request_at\x18\r \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x15\n\rrestart_count\x18\x0e \x01(\x05\x12\x18\n\x10last_exit_reason\x18\x0f \x01(\t\x12\x16\n\x0elast_log_lines\x18\x10 \x03(\t\x12\x12\n\ncrash_loop\x18\x11 \x01(\x08\x12\x33\n\x0fnext_restart_at\x18\x12 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x32\n\x0frestart_backoff\x18\x13 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x13\n\x0bslug_sha256\x18\x14 \x01(\t\x12\x10\n\x08\x62uilding\x18\x15 \x01(\x08\x12\x14\n\x0cimage_digest\x18\x16 \x01(\tB\x0c\n\n_exit_code\"\xeb\x04\n\x15StartContainerRequest\x12\x14\n\x0c\x63ontainer_id\x18\x01 \x01(\t\x12\x15\n\rdeployment_id\x18\x02 \x01(\t\x12\x12\n\nproject_id\x18\x03 \x01(\t\x12\x11\n\x07\x63ommand\x18\x04 \x01(\tH\x00\x12\x0f\n\x05image\x18\x05 \x01(\tH\x00\x12<\n\x03\x65nv\x18\x06 \x03(\x0b\x32/.hangar.agent.v1.StartContainerRequest.EnvEntry\x12\x0e\n\x06ram_mb\x18\x07 \x01(\x05\x12\x12\n\ncpu_millis\x18\x08 \x01(\x05\x12\x19\n\x11health_check_path\x18\t \x01(\t\x12\x36\n\x0erestart_policy\x18\n \x01(\x0e\x32\x1e.hangar.agent.v1.RestartPolicy\x12\x1b\n\x13liveness_check_path\x18\x0b \x01(\t\x12\x32\n\x0fliveness_period\x18\x0c \x01(\x0b\x32\x19.google.protobuf.Duration\x12\"\n\x1aliveness_failure_threshold\x18\r \x01(\x05\x12\x15\n\rsource_sha256\x18\x0e \x01(\t\x12\x13\n\x0bslug_sha256\x18\x0f \x01(\t\x12\x14\n\x0cprocess_type\x18\x10 \x01(\t\x12\x15\n\rimage_command\x18\x11 \x01(\t\x12\x19\n\x11registry_username\x18\x12 \x01(\t\x12\x19\n\x11registry_password\x18\x13 \x01(\t\x1a*\n\x08\x45nvEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x08\n\x06source\"D\n\x16StartContainerResponse\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\x0c\n\x04port\x18\x02 \x01(\x05\x12\x0b\n\x03pid\x18\x03 \x01(\x05\"V\n\x14StopContainerRequest\x12\x14\n\x0c\x63ontainer_id\x18\x01 \x01(\t\x12(\n\x05grace\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\"\x87\x01\n\x15SleepContainerRequest\x12\x14\n\x0c\x63ontainer_id\x18\x01 \x01(\t\x12.\n\nidle_since\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12(\n\x05grace\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\"+\n\x13GetContainerRequest\x12\x14\n\x0c\x63ontainer_id\x18\x01 \x01(\t\"R\n\x15ListContainersRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\x12\n\nproject_id\x18\x03 \x01(\t\"a\n\x16ListContainersResponse\x12.\n\ncontainers\x18\x01 \x03(\x0b\x32\x1a.hangar.agent.v1.Container\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t*\xc9\x01\n\x0f\x43ontainerStatus\x12 \n\x1c\x43ONTAINER_STATUS_UNSPECIFIED\x10\x00\x12\x1d\n\x19\x43ONTAINER_STATUS_STARTING\x10\x01\x12\x1c\n\x18\x43ONTAINER_STATUS_RUNNING\x10\x02\x12\x1d\n\x19\x43ONTAINER_STATUS_STOPPING\x10\x03\x12\x1b\n\x17\x43ONTAINER_STATUS_EXITED\x10\x04\x12\x1b\n\x17\x43ONTAINER_STATUS_FAILED\x10\x05*\x83\x01\n\rRestartPolicy\x12\x1e\n\x1aRESTART_POLICY_UNSPECIFIED\x10\x00\x12\x1d\n\x19RESTART_POLICY_ON_FAILURE\x10\x01\x12\x19\n\x15RESTART_POLICY_ALWAYS\x10\x02\x12\x18\n\x14RESTART_POLICY_NEVER\x10\x03*w\n\x0bSleepStatus\x12\x1c\n\x18SLEEP_STATUS_UNSPECIFIED\x10\x00\x12\x16\n\x12SLEEP_STATUS_AWAKE\x10\x01\x12\x19\n\x15SLEEP_STATUS_SLEEPING\x10\x02\x12\x17\n\x13SLEEP_STATUS_WAKING\x10\x03\x32\xe4\x03\n\x0c\x41gentService\x12\x61\n\x0eStartContainer\x12&.hangar.agent.v1.StartContainerRequest\x1a\'.hangar.agent.v1.StartContainerResponse\x12W\n\rStopContainer\x12%.hangar.agent.v1.StopContainerRequest\x1a\x1a.hangar.agent.v1.Container\"\x03\x90\x02\x02\x12Y\n\x0eSleepContainer\x12&.hangar.agent.v1.SleepContainerRequest\x1a\x1a.hangar.agent.v1.Container\"\x03\x90\x02\x02\x12U\n\x0cGetContainer\x12$.hangar.agent.v1.GetContainerRequest\x1a\x1a.hangar.agent.v1.Container\"\x03\x90\x02\x01\x12\x66\n\x0eListContainers\x12&.hangar.agent.v1.ListContainersRequest\x1a\'.hangar.agent.v1.ListContainersResponse\"\x03\x90\x02\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bhangar/agent/v1/agent.proto\x12\x0fhangar.agent.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1ehangar/type/v1/resources.proto\"\xaa\x05\n\tContainer\x12\x14\n\x0c\x63ontainer_id\x18\x01 \x01(\t\x12\x15\n\rdeployment_id\x18\x02 \x01(\t\x12\x12\n\nproject_id\x18\x03 \x01(\t\x12\x30\n\x06status\x18\x04 \x01(\x0e\x32 .hangar.agent.v1.ContainerStatus\x12\x16\n\texit_code\x18\x05 \x01(\x05H\x00\x88\x01\x01\x12\x0e\n\x06reason\x18\x06 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x07 \x01(\t\x12\x0c\n\x04port\x18\x08 \x01(\x05\x12\x0b\n\x03pid\x18\t \x01(\x05\x12.\n\nstarted_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nded_at\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x32\n\x0csleep_status\x18\x0c \x01(\x0e\x32\x1c.hangar.agent.v1.SleepStatus\x12\x33\n\x0flast_request_at\x18\r \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x15\n\rrestart_count\x18\x0e \x01(\x05\x12\x18\n\x10last_exit_reason\x18\x0f \x01(\t\x12\x16\n\x0elast_log_lines\x18\x10 \x03(\t\x12\x12\n\ncrash_loop\x18\x11 \x01(\x08\x12\x33\n\x0fnext_restart_at\x18\x12 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x32\n\x0frestart_backoff\x18\x13 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x13\n\x0bslug_sha256\x18\x14 \x01(\t\x12\x10\n\x08\x62uilding\x18\x15 \x01(\x08\x12\x14\n\x0cimage_digest\x18\x16 \x01(\tB\x0c\n\n_exit_code\"\x95\x05\n\x15StartContainerRequest\x12\x14\n\x0c\x63ontainer_id\x18\x01 \x01(\t\x12\x15\n\rdeployment_id\x18\x02 \x01(\t\x12\x12\n\nproject_id\x18\x03 \x01(\t\x12\x11\n\x07\x63ommand\x18\x04 \x01(\tH\x00\x12\x0f\n\x05image\x18\x05 \x01(\tH\x00\x12<\n\x03\x65nv\x18\x06 \x03(\x0b\x32/.hangar.agent.v1.StartContainerRequest.EnvEntry\x12,\n\tresources\x18\x14 \x01(\x0b\x32\x19.hangar.type.v1.Resources\x12\x19\n\x11health_check_path\x18\t \x01(\t\x12\x36\n\x0erestart_policy\x18\n \x01(\x0e\x32\x1e.hangar.agent.v1.RestartPolicy\x12\x1b\n\x13liveness_check_path\x18\x0b \x01(\t\x12\x32\n\x0fliveness_period\x18\x0c \x01(\x0b\x32\x19.google.protobuf.Duration\x12\"\n\x1aliveness_failure_threshold\x18\r \x01(\x05\x12\x15\n\rsource_sha256\x18\x0e \x01(\t\x12\x13\n\x0bslug_sha256\x18\x0f \x01(\t\x12\x14\n\x0cprocess_type\x18\x10 \x01(\t\x12\x15\n\rimage_command\x18\x11 \x01(\t\x12\x19\n\x11registry_username\x18\x12 \x01(\t\x12\x19\n\x11registry_password\x18\x13 \x01(\t\x1a*\n\x08\x45nvEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x08\n\x06sourceJ\x04\x08\x07\x10\x08J\x04\x08\x08\x10\tR\x06ram_mbR\ncpu_millis\"D\n\x16StartContainerResponse\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\x0c\n\x04port\x18\x02 \x01(\x05\x12\x0b\n\x03pid\x18\x03 \x01(\x05\"V\n\x14StopContainerRequest\x12\x14\n\x0c\x63ontainer_id\x18\x01 \x01(\t\x12(\n\x05grace\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\"\x87\x01\n\x15SleepContainerRequest\x12\x14\n\x0c\x63ontainer_id\x18\x01 \x01(\t\x12.\n\nidle_since\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12(\n\x05grace\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\"+\n\x13GetContainerRequest\x12\x14\n\x0c\x63ontainer_id\x18\x01 \x01(\t\"R\n\x15ListContainersRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\x12\n\nproject_id\x18\x03 \x01(\t\"a\n\x16ListContainersResponse\x12.\n\ncontainers\x18\x01 \x03(\x0b\x32\x1a.hangar.agent.v1.Container\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t*\xc9\x01\n\x0f\x43ontainerStatus\x12 \n\x1c\x43ONTAINER_STATUS_UNSPECIFIED\x10\x00\x12\x1d\n\x19\x43ONTAINER_STATUS_STARTING\x10\x01\x12\x1c\n\x18\x43ONTAINER_STATUS_RUNNING\x10\x02\x12\x1d\n\x19\x43ONTAINER_STATUS_STOPPING\x10\x03\x12\x1b\n\x17\x43ONTAINER_STATUS_EXITED\x10\x04\x12\x1b\n\x17\x43ONTAINER_STATUS_FAILED\x10\x05*\x83\x01\n\rRestartPolicy\x12\x1e\n\x1aRESTART_POLICY_UNSPECIFIED\x10\x00\x12\x1d\n\x19RESTART_POLICY_ON_FAILURE\x10\x01\x12\x19\n\x15RESTART_POLICY_ALWAYS\x10\x02\x12\x18\n\x14RESTART_POLICY_NEVER\x10\x03*w\n\x0bSleepStatus\x12\x1c\n\x18SLEEP_STATUS_UNSPECIFIED\x10\x00\x12\x16\n\x12SLEEP_STATUS_AWAKE\x10\x01\x12\x19\n\x15SLEEP_STATUS_SLEEPING\x10\x02\x12\x17\n\x13SLEEP_STATUS_WAKING\x10\x03\x32\xe4\x03\n\x0c\x41gentService\x12\x61\n\x0eStartContainer\x12&.hangar.agent.v1.StartContainerRequest\x1a\'.hangar.agent.v1.StartContainerResponse\x12W\n\rStopContainer\x12%.hangar.agent.v1.StopContainerRequest\x1a\x1a.hangar.agent.v1.Container\"\x03\x90\x02\x02\x12Y\n\x0eSleepContainer\x12&.hangar.agent.v1.SleepContainerRequest\x1a\x1a.hangar.agent.v1.Container\"\x03\x90\x02\x02\x12U\n\x0cGetContainer\x12$.hangar.agent.v1.GetContainerRequest\x1a\x1a.hangar.agent.v1.Container\"\x03\x90\x02\x01\x12\x66\n\x0eListContainers\x12&.hangar.agent.v1.ListContainersRequest\x1a\'.hangar.agent.v1.ListContainersResponse\"\x03\x90\x02\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -43,30 +44,30 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_AGENTSERVICE'].methods_by_name['GetContainer']._serialized_options = b'\220\002\001'
   _globals['_AGENTSERVICE'].methods_by_name['ListContainers']._loaded_options = None
   _globals['_AGENTSERVICE'].methods_by_name['ListContainers']._serialized_options = b'\220\002\001'
-  _globals['_CONTAINERSTATUS']._serialized_start=1945
-  _globals['_CONTAINERSTATUS']._serialized_end=2146
-  _globals['_RESTARTPOLICY']._serialized_start=2149
-  _globals['_RESTARTPOLICY']._serialized_end=2280
-  _globals['_SLEEPSTATUS']._serialized_start=2282
-  _globals['_SLEEPSTATUS']._serialized_end=2401
-  _globals['_CONTAINER']._serialized_start=114
-  _globals['_CONTAINER']._serialized_end=796
-  _globals['_STARTCONTAINERREQUEST']._serialized_start=799
-  _globals['_STARTCONTAINERREQUEST']._serialized_end=1418
-  _globals['_STARTCONTAINERREQUEST_ENVENTRY']._serialized_start=1366
-  _globals['_STARTCONTAINERREQUEST_ENVENTRY']._serialized_end=1408
-  _globals['_STARTCONTAINERRESPONSE']._serialized_start=1420
-  _globals['_STARTCONTAINERRESPONSE']._serialized_end=1488
-  _globals['_STOPCONTAINERREQUEST']._serialized_start=1490
-  _globals['_STOPCONTAINERREQUEST']._serialized_end=1576
-  _globals['_SLEEPCONTAINERREQUEST']._serialized_start=1579
-  _globals['_SLEEPCONTAINERREQUEST']._serialized_end=1714
-  _globals['_GETCONTAINERREQUEST']._serialized_start=1716
-  _globals['_GETCONTAINERREQUEST']._serialized_end=1759
-  _globals['_LISTCONTAINERSREQUEST']._serialized_start=1761
-  _globals['_LISTCONTAINERSREQUEST']._serialized_end=1843
-  _globals['_LISTCONTAINERSRESPONSE']._serialized_start=1845
-  _globals['_LISTCONTAINERSRESPONSE']._serialized_end=1942
-  _globals['_AGENTSERVICE']._serialized_start=2404
-  _globals['_AGENTSERVICE']._serialized_end=2888
+  _globals['_CONTAINERSTATUS']._serialized_start=2019
+  _globals['_CONTAINERSTATUS']._serialized_end=2220
+  _globals['_RESTARTPOLICY']._serialized_start=2223
+  _globals['_RESTARTPOLICY']._serialized_end=2354
+  _globals['_SLEEPSTATUS']._serialized_start=2356
+  _globals['_SLEEPSTATUS']._serialized_end=2475
+  _globals['_CONTAINER']._serialized_start=146
+  _globals['_CONTAINER']._serialized_end=828
+  _globals['_STARTCONTAINERREQUEST']._serialized_start=831
+  _globals['_STARTCONTAINERREQUEST']._serialized_end=1492
+  _globals['_STARTCONTAINERREQUEST_ENVENTRY']._serialized_start=1408
+  _globals['_STARTCONTAINERREQUEST_ENVENTRY']._serialized_end=1450
+  _globals['_STARTCONTAINERRESPONSE']._serialized_start=1494
+  _globals['_STARTCONTAINERRESPONSE']._serialized_end=1562
+  _globals['_STOPCONTAINERREQUEST']._serialized_start=1564
+  _globals['_STOPCONTAINERREQUEST']._serialized_end=1650
+  _globals['_SLEEPCONTAINERREQUEST']._serialized_start=1653
+  _globals['_SLEEPCONTAINERREQUEST']._serialized_end=1788
+  _globals['_GETCONTAINERREQUEST']._serialized_start=1790
+  _globals['_GETCONTAINERREQUEST']._serialized_end=1833
+  _globals['_LISTCONTAINERSREQUEST']._serialized_start=1835
+  _globals['_LISTCONTAINERSREQUEST']._serialized_end=1917
+  _globals['_LISTCONTAINERSRESPONSE']._serialized_start=1919
+  _globals['_LISTCONTAINERSRESPONSE']._serialized_end=2016
+  _globals['_AGENTSERVICE']._serialized_start=2478
+  _globals['_AGENTSERVICE']._serialized_end=2962
 # @@protoc_insertion_point(module_scope)

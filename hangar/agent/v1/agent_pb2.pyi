@@ -2,6 +2,7 @@ import datetime
 
 from google.protobuf import duration_pb2 as _duration_pb2
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
+from hangar.type.v1 import resources_pb2 as _resources_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
@@ -97,7 +98,7 @@ class Container(_message.Message):
     def __init__(self, container_id: _Optional[str] = ..., deployment_id: _Optional[str] = ..., project_id: _Optional[str] = ..., status: _Optional[_Union[ContainerStatus, str]] = ..., exit_code: _Optional[int] = ..., reason: _Optional[str] = ..., address: _Optional[str] = ..., port: _Optional[int] = ..., pid: _Optional[int] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., ended_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., sleep_status: _Optional[_Union[SleepStatus, str]] = ..., last_request_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., restart_count: _Optional[int] = ..., last_exit_reason: _Optional[str] = ..., last_log_lines: _Optional[_Iterable[str]] = ..., crash_loop: _Optional[bool] = ..., next_restart_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., restart_backoff: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., slug_sha256: _Optional[str] = ..., building: _Optional[bool] = ..., image_digest: _Optional[str] = ...) -> None: ...
 
 class StartContainerRequest(_message.Message):
-    __slots__ = ("container_id", "deployment_id", "project_id", "command", "image", "env", "ram_mb", "cpu_millis", "health_check_path", "restart_policy", "liveness_check_path", "liveness_period", "liveness_failure_threshold", "source_sha256", "slug_sha256", "process_type", "image_command", "registry_username", "registry_password")
+    __slots__ = ("container_id", "deployment_id", "project_id", "command", "image", "env", "resources", "health_check_path", "restart_policy", "liveness_check_path", "liveness_period", "liveness_failure_threshold", "source_sha256", "slug_sha256", "process_type", "image_command", "registry_username", "registry_password")
     class EnvEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -111,8 +112,7 @@ class StartContainerRequest(_message.Message):
     COMMAND_FIELD_NUMBER: _ClassVar[int]
     IMAGE_FIELD_NUMBER: _ClassVar[int]
     ENV_FIELD_NUMBER: _ClassVar[int]
-    RAM_MB_FIELD_NUMBER: _ClassVar[int]
-    CPU_MILLIS_FIELD_NUMBER: _ClassVar[int]
+    RESOURCES_FIELD_NUMBER: _ClassVar[int]
     HEALTH_CHECK_PATH_FIELD_NUMBER: _ClassVar[int]
     RESTART_POLICY_FIELD_NUMBER: _ClassVar[int]
     LIVENESS_CHECK_PATH_FIELD_NUMBER: _ClassVar[int]
@@ -130,8 +130,7 @@ class StartContainerRequest(_message.Message):
     command: str
     image: str
     env: _containers.ScalarMap[str, str]
-    ram_mb: int
-    cpu_millis: int
+    resources: _resources_pb2.Resources
     health_check_path: str
     restart_policy: RestartPolicy
     liveness_check_path: str
@@ -143,7 +142,7 @@ class StartContainerRequest(_message.Message):
     image_command: str
     registry_username: str
     registry_password: str
-    def __init__(self, container_id: _Optional[str] = ..., deployment_id: _Optional[str] = ..., project_id: _Optional[str] = ..., command: _Optional[str] = ..., image: _Optional[str] = ..., env: _Optional[_Mapping[str, str]] = ..., ram_mb: _Optional[int] = ..., cpu_millis: _Optional[int] = ..., health_check_path: _Optional[str] = ..., restart_policy: _Optional[_Union[RestartPolicy, str]] = ..., liveness_check_path: _Optional[str] = ..., liveness_period: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., liveness_failure_threshold: _Optional[int] = ..., source_sha256: _Optional[str] = ..., slug_sha256: _Optional[str] = ..., process_type: _Optional[str] = ..., image_command: _Optional[str] = ..., registry_username: _Optional[str] = ..., registry_password: _Optional[str] = ...) -> None: ...
+    def __init__(self, container_id: _Optional[str] = ..., deployment_id: _Optional[str] = ..., project_id: _Optional[str] = ..., command: _Optional[str] = ..., image: _Optional[str] = ..., env: _Optional[_Mapping[str, str]] = ..., resources: _Optional[_Union[_resources_pb2.Resources, _Mapping]] = ..., health_check_path: _Optional[str] = ..., restart_policy: _Optional[_Union[RestartPolicy, str]] = ..., liveness_check_path: _Optional[str] = ..., liveness_period: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., liveness_failure_threshold: _Optional[int] = ..., source_sha256: _Optional[str] = ..., slug_sha256: _Optional[str] = ..., process_type: _Optional[str] = ..., image_command: _Optional[str] = ..., registry_username: _Optional[str] = ..., registry_password: _Optional[str] = ...) -> None: ...
 
 class StartContainerResponse(_message.Message):
     __slots__ = ("address", "port", "pid")

@@ -27,9 +27,10 @@ from google.api import httpbody_pb2 as google_dot_api_dot_httpbody__pb2
 from google.protobuf import empty_pb2 as google_dot_protobuf_dot_empty__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 from hangar.events.v1 import events_pb2 as hangar_dot_events_dot_v1_dot_events__pb2
+from hangar.type.v1 import resources_pb2 as hangar_dot_type_dot_v1_dot_resources__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fhangar/billing/v1/billing.proto\x12\x11hangar.billing.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x19google/api/httpbody.proto\x1a\x1bgoogle/protobuf/empty.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1dhangar/events/v1/events.proto\"E\n\tResources\x12\x0e\n\x06ram_mb\x18\x01 \x01(\x05\x12\x12\n\ncpu_millis\x18\x02 \x01(\x05\x12\x14\n\x0c\x62\x61ndwidth_gb\x18\x03 \x01(\x05\"\xe6\x02\n\x04Plan\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x13\n\x0bprice_cents\x18\x03 \x01(\x03\x12.\n\x08included\x18\x04 \x01(\x0b\x32\x1c.hangar.billing.v1.Resources\x12\x1f\n\x17included_ram_mb_seconds\x18\x05 \x01(\x03\x12#\n\x1bincluded_cpu_millis_seconds\x18\x06 \x01(\x03\x12 \n\x18included_bandwidth_bytes\x18\x07 \x01(\x03\x12\'\n\x1foverage_cents_per_ram_mb_second\x18\x08 \x01(\t\x12+\n#overage_cents_per_cpu_millis_second\x18\t \x01(\t\x12(\n overage_cents_per_bandwidth_byte\x18\n \x01(\t\x12\x17\n\x0fstripe_price_id\x18\x0b \x01(\t\"\xfa\x02\n\x0cSubscription\x12\x17\n\x0forganization_id\x18\x01 \x01(\t\x12\x0f\n\x07plan_id\x18\x02 \x01(\t\x12\x35\n\x06status\x18\x03 \x01(\x0e\x32%.hangar.billing.v1.SubscriptionStatus\x12\x38\n\x14\x63urrent_period_start\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x36\n\x12\x63urrent_period_end\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12*\n\x04pool\x18\x06 \x01(\x0b\x32\x1c.hangar.billing.v1.Resources\x12/\n\tallocated\x18\x07 \x01(\x0b\x32\x1c.hangar.billing.v1.Resources\x12\x1a\n\x12stripe_customer_id\x18\x08 \x01(\t\x12\x1e\n\x16stripe_subscription_id\x18\t \x01(\t\"\xca\x01\n\nAllocation\x12\x17\n\x0forganization_id\x18\x01 \x01(\t\x12\x12\n\nproject_id\x18\x02 \x01(\t\x12/\n\tresources\x18\x03 \x01(\x0b\x32\x1c.hangar.billing.v1.Resources\x12.\n\ncreated_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xc6\x01\n\x0bUsageRecord\x12\x17\n\x0forganization_id\x18\x01 \x01(\t\x12\x12\n\nproject_id\x18\x02 \x01(\t\x12.\n\x06metric\x18\x03 \x01(\x0e\x32\x1e.hangar.billing.v1.UsageMetric\x12\x10\n\x08quantity\x18\x04 \x01(\x03\x12/\n\x0brecorded_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x17\n\x0fidempotency_key\x18\x06 \x01(\t\"\x85\x01\n\x0bMetricUsage\x12.\n\x06metric\x18\x01 \x01(\x0e\x32\x1e.hangar.billing.v1.UsageMetric\x12\x0c\n\x04used\x18\x02 \x01(\x03\x12\x10\n\x08included\x18\x03 \x01(\x03\x12\x0f\n\x07overage\x18\x04 \x01(\x03\x12\x15\n\roverage_cents\x18\x05 \x01(\x03\"\xcb\x01\n\x0cUsageSummary\x12\x17\n\x0forganization_id\x18\x01 \x01(\t\x12\x0f\n\x07plan_id\x18\x02 \x01(\t\x12\x30\n\x0cperiod_start\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nperiod_end\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x07metrics\x18\x05 \x03(\x0b\x32\x1e.hangar.billing.v1.MetricUsage\"\xa8\x01\n\x0bInvoiceLine\x12\x13\n\x0b\x64\x65scription\x18\x01 \x01(\t\x12.\n\x06metric\x18\x02 \x01(\x0e\x32\x1e.hangar.billing.v1.UsageMetric\x12\x10\n\x08quantity\x18\x03 \x01(\x03\x12\x18\n\x10unit_price_cents\x18\x04 \x01(\t\x12\x14\n\x0c\x61mount_cents\x18\x05 \x01(\x03\x12\x12\n\nadjustment\x18\x06 \x01(\x08\"\xd2\x03\n\x07Invoice\x12\n\n\x02id\x18\x01 \x01(\t\x12\x17\n\x0forganization_id\x18\x02 \x01(\t\x12\x17\n\x0fsubscription_id\x18\x03 \x01(\t\x12\x30\n\x0cperiod_start\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nperiod_end\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x30\n\x06status\x18\x06 \x01(\x0e\x32 .hangar.billing.v1.InvoiceStatus\x12-\n\x05lines\x18\x07 \x03(\x0b\x32\x1e.hangar.billing.v1.InvoiceLine\x12\x13\n\x0btotal_cents\x18\x08 \x01(\x03\x12\x10\n\x08\x63urrency\x18\t \x01(\t\x12\x19\n\x11stripe_invoice_id\x18\n \x01(\t\x12\x0c\n\x04sent\x18\x0b \x01(\x08\x12.\n\ncreated_at\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12*\n\x06\x64ue_at\x18\r \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1a\n\x12hosted_invoice_url\x18\x0e \x01(\t\"9\n\x10ListPlansRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"T\n\x11ListPlansResponse\x12&\n\x05plans\x18\x01 \x03(\x0b\x32\x17.hangar.billing.v1.Plan\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x1c\n\x0eGetPlanRequest\x12\n\n\x02id\x18\x01 \x01(\t\"1\n\x16GetSubscriptionRequest\x12\x17\n\x0forganization_id\x18\x01 \x01(\t\"=\n\x11\x43hangePlanRequest\x12\x17\n\x0forganization_id\x18\x01 \x01(\t\x12\x0f\n\x07plan_id\x18\x02 \x01(\t\"c\n\x16GetUsageSummaryRequest\x12\x17\n\x0forganization_id\x18\x01 \x01(\t\x12\x30\n\x0cperiod_start\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"U\n\x13ListInvoicesRequest\x12\x17\n\x0forganization_id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"]\n\x14ListInvoicesResponse\x12,\n\x08invoices\x18\x01 \x03(\x0b\x32\x1a.hangar.billing.v1.Invoice\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x1f\n\x11GetInvoiceRequest\x12\n\n\x02id\x18\x01 \x01(\t\"Z\n\x1aHandleStripeWebhookRequest\x12\"\n\x04\x62ody\x18\x01 \x01(\x0b\x32\x14.google.api.HttpBody\x12\x18\n\x10stripe_signature\x18\x02 \x01(\t\"B\n\x1bHandleStripeWebhookResponse\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\x11\n\tduplicate\x18\x02 \x01(\x08\"x\n\x18ReserveAllocationRequest\x12\x17\n\x0forganization_id\x18\x01 \x01(\t\x12\x12\n\nproject_id\x18\x02 \x01(\t\x12/\n\tresources\x18\x03 \x01(\x0b\x32\x1c.hangar.billing.v1.Resources\"G\n\x18ReleaseAllocationRequest\x12\x17\n\x0forganization_id\x18\x01 \x01(\t\x12\x12\n\nproject_id\x18\x02 \x01(\t\"X\n\x16ListAllocationsRequest\x12\x17\n\x0forganization_id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"f\n\x17ListAllocationsResponse\x12\x32\n\x0b\x61llocations\x18\x01 \x03(\x0b\x32\x1d.hangar.billing.v1.Allocation\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"E\n\x12RecordUsageRequest\x12/\n\x07records\x18\x01 \x03(\x0b\x32\x1e.hangar.billing.v1.UsageRecord\";\n\x13RecordUsageResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x05\x12\x12\n\nduplicates\x18\x02 \x01(\x05*\x93\x01\n\x0bUsageMetric\x12\x1c\n\x18USAGE_METRIC_UNSPECIFIED\x10\x00\x12\x1f\n\x1bUSAGE_METRIC_RAM_MB_SECONDS\x10\x01\x12#\n\x1fUSAGE_METRIC_CPU_MILLIS_SECONDS\x10\x02\x12 \n\x1cUSAGE_METRIC_BANDWIDTH_BYTES\x10\x03*\xbd\x01\n\x12SubscriptionStatus\x12#\n\x1fSUBSCRIPTION_STATUS_UNSPECIFIED\x10\x00\x12\x1e\n\x1aSUBSCRIPTION_STATUS_ACTIVE\x10\x01\x12 \n\x1cSUBSCRIPTION_STATUS_PAST_DUE\x10\x02\x12\x1e\n\x1aSUBSCRIPTION_STATUS_UNPAID\x10\x03\x12 \n\x1cSUBSCRIPTION_STATUS_CANCELED\x10\x04*\xb6\x01\n\rInvoiceStatus\x12\x1e\n\x1aINVOICE_STATUS_UNSPECIFIED\x10\x00\x12\x18\n\x14INVOICE_STATUS_DRAFT\x10\x01\x12\x17\n\x13INVOICE_STATUS_OPEN\x10\x02\x12\x17\n\x13INVOICE_STATUS_PAID\x10\x03\x12 \n\x1cINVOICE_STATUS_UNCOLLECTIBLE\x10\x04\x12\x17\n\x13INVOICE_STATUS_VOID\x10\x05\x32\xbc\x0c\n\x0e\x42illingService\x12l\n\tListPlans\x12#.hangar.billing.v1.ListPlansRequest\x1a$.hangar.billing.v1.ListPlansResponse\"\x14\x90\x02\x01\x82\xd3\xe4\x93\x02\x0b\x12\t/v1/plans\x12`\n\x07GetPlan\x12!.hangar.billing.v1.GetPlanRequest\x1a\x17.hangar.billing.v1.Plan\"\x19\x90\x02\x01\x82\xd3\xe4\x93\x02\x10\x12\x0e/v1/plans/{id}\x12\x9a\x01\n\x0fGetSubscription\x12).hangar.billing.v1.GetSubscriptionRequest\x1a\x1f.hangar.billing.v1.Subscription\";\x90\x02\x01\x82\xd3\xe4\x93\x02\x32\x12\x30/v1/organizations/{organization_id}/subscription\x12\x97\x01\n\nChangePlan\x12$.hangar.billing.v1.ChangePlanRequest\x1a\x1f.hangar.billing.v1.Subscription\"B\x82\xd3\xe4\x93\x02<\"7/v1/organizations/{organization_id}/subscription:change:\x01*\x12\x93\x01\n\x0fGetUsageSummary\x12).hangar.billing.v1.GetUsageSummaryRequest\x1a\x1f.hangar.billing.v1.UsageSummary\"4\x90\x02\x01\x82\xd3\xe4\x93\x02+\x12)/v1/organizations/{organization_id}/usage\x12\x98\x01\n\x0cListInvoices\x12&.hangar.billing.v1.ListInvoicesRequest\x1a\'.hangar.billing.v1.ListInvoicesResponse\"7\x90\x02\x01\x82\xd3\xe4\x93\x02.\x12,/v1/organizations/{organization_id}/invoices\x12l\n\nGetInvoice\x12$.hangar.billing.v1.GetInvoiceRequest\x1a\x1a.hangar.billing.v1.Invoice\"\x1c\x90\x02\x01\x82\xd3\xe4\x93\x02\x13\x12\x11/v1/invoices/{id}\x12\x97\x01\n\x13HandleStripeWebhook\x12-.hangar.billing.v1.HandleStripeWebhookRequest\x1a..hangar.billing.v1.HandleStripeWebhookResponse\"!\x82\xd3\xe4\x93\x02\x1b\"\x13/v1/webhooks/stripe:\x04\x62ody\x12\x64\n\x11ReserveAllocation\x12+.hangar.billing.v1.ReserveAllocationRequest\x1a\x1d.hangar.billing.v1.Allocation\"\x03\x90\x02\x02\x12]\n\x11ReleaseAllocation\x12+.hangar.billing.v1.ReleaseAllocationRequest\x1a\x16.google.protobuf.Empty\"\x03\x90\x02\x02\x12m\n\x0fListAllocations\x12).hangar.billing.v1.ListAllocationsRequest\x1a*.hangar.billing.v1.ListAllocationsResponse\"\x03\x90\x02\x01\x12\x61\n\x0bRecordUsage\x12%.hangar.billing.v1.RecordUsageRequest\x1a&.hangar.billing.v1.RecordUsageResponse\"\x03\x90\x02\x02\x12S\n\x0bWatchEvents\x12$.hangar.events.v1.WatchEventsRequest\x1a\x17.hangar.events.v1.Event\"\x03\x90\x02\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fhangar/billing/v1/billing.proto\x12\x11hangar.billing.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x19google/api/httpbody.proto\x1a\x1bgoogle/protobuf/empty.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1dhangar/events/v1/events.proto\x1a\x1ehangar/type/v1/resources.proto\"\xe3\x02\n\x04Plan\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x13\n\x0bprice_cents\x18\x03 \x01(\x03\x12+\n\x08included\x18\x04 \x01(\x0b\x32\x19.hangar.type.v1.Resources\x12\x1f\n\x17included_ram_mb_seconds\x18\x05 \x01(\x03\x12#\n\x1bincluded_cpu_millis_seconds\x18\x06 \x01(\x03\x12 \n\x18included_bandwidth_bytes\x18\x07 \x01(\x03\x12\'\n\x1foverage_cents_per_ram_mb_second\x18\x08 \x01(\t\x12+\n#overage_cents_per_cpu_millis_second\x18\t \x01(\t\x12(\n overage_cents_per_bandwidth_byte\x18\n \x01(\t\x12\x17\n\x0fstripe_price_id\x18\x0b \x01(\t\"\xf4\x02\n\x0cSubscription\x12\x17\n\x0forganization_id\x18\x01 \x01(\t\x12\x0f\n\x07plan_id\x18\x02 \x01(\t\x12\x35\n\x06status\x18\x03 \x01(\x0e\x32%.hangar.billing.v1.SubscriptionStatus\x12\x38\n\x14\x63urrent_period_start\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x36\n\x12\x63urrent_period_end\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\'\n\x04pool\x18\x06 \x01(\x0b\x32\x19.hangar.type.v1.Resources\x12,\n\tallocated\x18\x07 \x01(\x0b\x32\x19.hangar.type.v1.Resources\x12\x1a\n\x12stripe_customer_id\x18\x08 \x01(\t\x12\x1e\n\x16stripe_subscription_id\x18\t \x01(\t\"\xc7\x01\n\nAllocation\x12\x17\n\x0forganization_id\x18\x01 \x01(\t\x12\x12\n\nproject_id\x18\x02 \x01(\t\x12,\n\tresources\x18\x03 \x01(\x0b\x32\x19.hangar.type.v1.Resources\x12.\n\ncreated_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xc6\x01\n\x0bUsageRecord\x12\x17\n\x0forganization_id\x18\x01 \x01(\t\x12\x12\n\nproject_id\x18\x02 \x01(\t\x12.\n\x06metric\x18\x03 \x01(\x0e\x32\x1e.hangar.billing.v1.UsageMetric\x12\x10\n\x08quantity\x18\x04 \x01(\x03\x12/\n\x0brecorded_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x17\n\x0fidempotency_key\x18\x06 \x01(\t\"\x85\x01\n\x0bMetricUsage\x12.\n\x06metric\x18\x01 \x01(\x0e\x32\x1e.hangar.billing.v1.UsageMetric\x12\x0c\n\x04used\x18\x02 \x01(\x03\x12\x10\n\x08included\x18\x03 \x01(\x03\x12\x0f\n\x07overage\x18\x04 \x01(\x03\x12\x15\n\roverage_cents\x18\x05 \x01(\x03\"\xcb\x01\n\x0cUsageSummary\x12\x17\n\x0forganization_id\x18\x01 \x01(\t\x12\x0f\n\x07plan_id\x18\x02 \x01(\t\x12\x30\n\x0cperiod_start\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nperiod_end\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x07metrics\x18\x05 \x03(\x0b\x32\x1e.hangar.billing.v1.MetricUsage\"\xa8\x01\n\x0bInvoiceLine\x12\x13\n\x0b\x64\x65scription\x18\x01 \x01(\t\x12.\n\x06metric\x18\x02 \x01(\x0e\x32\x1e.hangar.billing.v1.UsageMetric\x12\x10\n\x08quantity\x18\x03 \x01(\x03\x12\x18\n\x10unit_price_cents\x18\x04 \x01(\t\x12\x14\n\x0c\x61mount_cents\x18\x05 \x01(\x03\x12\x12\n\nadjustment\x18\x06 \x01(\x08\"\xd2\x03\n\x07Invoice\x12\n\n\x02id\x18\x01 \x01(\t\x12\x17\n\x0forganization_id\x18\x02 \x01(\t\x12\x17\n\x0fsubscription_id\x18\x03 \x01(\t\x12\x30\n\x0cperiod_start\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nperiod_end\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x30\n\x06status\x18\x06 \x01(\x0e\x32 .hangar.billing.v1.InvoiceStatus\x12-\n\x05lines\x18\x07 \x03(\x0b\x32\x1e.hangar.billing.v1.InvoiceLine\x12\x13\n\x0btotal_cents\x18\x08 \x01(\x03\x12\x10\n\x08\x63urrency\x18\t \x01(\t\x12\x19\n\x11stripe_invoice_id\x18\n \x01(\t\x12\x0c\n\x04sent\x18\x0b \x01(\x08\x12.\n\ncreated_at\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12*\n\x06\x64ue_at\x18\r \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1a\n\x12hosted_invoice_url\x18\x0e \x01(\t\"9\n\x10ListPlansRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"T\n\x11ListPlansResponse\x12&\n\x05plans\x18\x01 \x03(\x0b\x32\x17.hangar.billing.v1.Plan\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x1c\n\x0eGetPlanRequest\x12\n\n\x02id\x18\x01 \x01(\t\"1\n\x16GetSubscriptionRequest\x12\x17\n\x0forganization_id\x18\x01 \x01(\t\"=\n\x11\x43hangePlanRequest\x12\x17\n\x0forganization_id\x18\x01 \x01(\t\x12\x0f\n\x07plan_id\x18\x02 \x01(\t\"c\n\x16GetUsageSummaryRequest\x12\x17\n\x0forganization_id\x18\x01 \x01(\t\x12\x30\n\x0cperiod_start\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"U\n\x13ListInvoicesRequest\x12\x17\n\x0forganization_id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"]\n\x14ListInvoicesResponse\x12,\n\x08invoices\x18\x01 \x03(\x0b\x32\x1a.hangar.billing.v1.Invoice\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x1f\n\x11GetInvoiceRequest\x12\n\n\x02id\x18\x01 \x01(\t\"Z\n\x1aHandleStripeWebhookRequest\x12\"\n\x04\x62ody\x18\x01 \x01(\x0b\x32\x14.google.api.HttpBody\x12\x18\n\x10stripe_signature\x18\x02 \x01(\t\"B\n\x1bHandleStripeWebhookResponse\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\x11\n\tduplicate\x18\x02 \x01(\x08\"u\n\x18ReserveAllocationRequest\x12\x17\n\x0forganization_id\x18\x01 \x01(\t\x12\x12\n\nproject_id\x18\x02 \x01(\t\x12,\n\tresources\x18\x03 \x01(\x0b\x32\x19.hangar.type.v1.Resources\"G\n\x18ReleaseAllocationRequest\x12\x17\n\x0forganization_id\x18\x01 \x01(\t\x12\x12\n\nproject_id\x18\x02 \x01(\t\"X\n\x16ListAllocationsRequest\x12\x17\n\x0forganization_id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"f\n\x17ListAllocationsResponse\x12\x32\n\x0b\x61llocations\x18\x01 \x03(\x0b\x32\x1d.hangar.billing.v1.Allocation\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"E\n\x12RecordUsageRequest\x12/\n\x07records\x18\x01 \x03(\x0b\x32\x1e.hangar.billing.v1.UsageRecord\";\n\x13RecordUsageResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x05\x12\x12\n\nduplicates\x18\x02 \x01(\x05*\x93\x01\n\x0bUsageMetric\x12\x1c\n\x18USAGE_METRIC_UNSPECIFIED\x10\x00\x12\x1f\n\x1bUSAGE_METRIC_RAM_MB_SECONDS\x10\x01\x12#\n\x1fUSAGE_METRIC_CPU_MILLIS_SECONDS\x10\x02\x12 \n\x1cUSAGE_METRIC_BANDWIDTH_BYTES\x10\x03*\xbd\x01\n\x12SubscriptionStatus\x12#\n\x1fSUBSCRIPTION_STATUS_UNSPECIFIED\x10\x00\x12\x1e\n\x1aSUBSCRIPTION_STATUS_ACTIVE\x10\x01\x12 \n\x1cSUBSCRIPTION_STATUS_PAST_DUE\x10\x02\x12\x1e\n\x1aSUBSCRIPTION_STATUS_UNPAID\x10\x03\x12 \n\x1cSUBSCRIPTION_STATUS_CANCELED\x10\x04*\xb6\x01\n\rInvoiceStatus\x12\x1e\n\x1aINVOICE_STATUS_UNSPECIFIED\x10\x00\x12\x18\n\x14INVOICE_STATUS_DRAFT\x10\x01\x12\x17\n\x13INVOICE_STATUS_OPEN\x10\x02\x12\x17\n\x13INVOICE_STATUS_PAID\x10\x03\x12 \n\x1cINVOICE_STATUS_UNCOLLECTIBLE\x10\x04\x12\x17\n\x13INVOICE_STATUS_VOID\x10\x05\x32\xbc\x0c\n\x0e\x42illingService\x12l\n\tListPlans\x12#.hangar.billing.v1.ListPlansRequest\x1a$.hangar.billing.v1.ListPlansResponse\"\x14\x90\x02\x01\x82\xd3\xe4\x93\x02\x0b\x12\t/v1/plans\x12`\n\x07GetPlan\x12!.hangar.billing.v1.GetPlanRequest\x1a\x17.hangar.billing.v1.Plan\"\x19\x90\x02\x01\x82\xd3\xe4\x93\x02\x10\x12\x0e/v1/plans/{id}\x12\x9a\x01\n\x0fGetSubscription\x12).hangar.billing.v1.GetSubscriptionRequest\x1a\x1f.hangar.billing.v1.Subscription\";\x90\x02\x01\x82\xd3\xe4\x93\x02\x32\x12\x30/v1/organizations/{organization_id}/subscription\x12\x97\x01\n\nChangePlan\x12$.hangar.billing.v1.ChangePlanRequest\x1a\x1f.hangar.billing.v1.Subscription\"B\x82\xd3\xe4\x93\x02<\"7/v1/organizations/{organization_id}/subscription:change:\x01*\x12\x93\x01\n\x0fGetUsageSummary\x12).hangar.billing.v1.GetUsageSummaryRequest\x1a\x1f.hangar.billing.v1.UsageSummary\"4\x90\x02\x01\x82\xd3\xe4\x93\x02+\x12)/v1/organizations/{organization_id}/usage\x12\x98\x01\n\x0cListInvoices\x12&.hangar.billing.v1.ListInvoicesRequest\x1a\'.hangar.billing.v1.ListInvoicesResponse\"7\x90\x02\x01\x82\xd3\xe4\x93\x02.\x12,/v1/organizations/{organization_id}/invoices\x12l\n\nGetInvoice\x12$.hangar.billing.v1.GetInvoiceRequest\x1a\x1a.hangar.billing.v1.Invoice\"\x1c\x90\x02\x01\x82\xd3\xe4\x93\x02\x13\x12\x11/v1/invoices/{id}\x12\x97\x01\n\x13HandleStripeWebhook\x12-.hangar.billing.v1.HandleStripeWebhookRequest\x1a..hangar.billing.v1.HandleStripeWebhookResponse\"!\x82\xd3\xe4\x93\x02\x1b\"\x13/v1/webhooks/stripe:\x04\x62ody\x12\x64\n\x11ReserveAllocation\x12+.hangar.billing.v1.ReserveAllocationRequest\x1a\x1d.hangar.billing.v1.Allocation\"\x03\x90\x02\x02\x12]\n\x11ReleaseAllocation\x12+.hangar.billing.v1.ReleaseAllocationRequest\x1a\x16.google.protobuf.Empty\"\x03\x90\x02\x02\x12m\n\x0fListAllocations\x12).hangar.billing.v1.ListAllocationsRequest\x1a*.hangar.billing.v1.ListAllocationsResponse\"\x03\x90\x02\x01\x12\x61\n\x0bRecordUsage\x12%.hangar.billing.v1.RecordUsageRequest\x1a&.hangar.billing.v1.RecordUsageResponse\"\x03\x90\x02\x02\x12S\n\x0bWatchEvents\x12$.hangar.events.v1.WatchEventsRequest\x1a\x17.hangar.events.v1.Event\"\x03\x90\x02\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -62,64 +63,62 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_BILLINGSERVICE'].methods_by_name['RecordUsage']._serialized_options = b'\220\002\002'
   _globals['_BILLINGSERVICE'].methods_by_name['WatchEvents']._loaded_options = None
   _globals['_BILLINGSERVICE'].methods_by_name['WatchEvents']._serialized_options = b'\220\002\001'
-  _globals['_USAGEMETRIC']._serialized_start=3692
-  _globals['_USAGEMETRIC']._serialized_end=3839
-  _globals['_SUBSCRIPTIONSTATUS']._serialized_start=3842
-  _globals['_SUBSCRIPTIONSTATUS']._serialized_end=4031
-  _globals['_INVOICESTATUS']._serialized_start=4034
-  _globals['_INVOICESTATUS']._serialized_end=4216
-  _globals['_RESOURCES']._serialized_start=204
-  _globals['_RESOURCES']._serialized_end=273
-  _globals['_PLAN']._serialized_start=276
-  _globals['_PLAN']._serialized_end=634
-  _globals['_SUBSCRIPTION']._serialized_start=637
-  _globals['_SUBSCRIPTION']._serialized_end=1015
-  _globals['_ALLOCATION']._serialized_start=1018
-  _globals['_ALLOCATION']._serialized_end=1220
-  _globals['_USAGERECORD']._serialized_start=1223
-  _globals['_USAGERECORD']._serialized_end=1421
-  _globals['_METRICUSAGE']._serialized_start=1424
-  _globals['_METRICUSAGE']._serialized_end=1557
-  _globals['_USAGESUMMARY']._serialized_start=1560
-  _globals['_USAGESUMMARY']._serialized_end=1763
-  _globals['_INVOICELINE']._serialized_start=1766
-  _globals['_INVOICELINE']._serialized_end=1934
-  _globals['_INVOICE']._serialized_start=1937
-  _globals['_INVOICE']._serialized_end=2403
-  _globals['_LISTPLANSREQUEST']._serialized_start=2405
-  _globals['_LISTPLANSREQUEST']._serialized_end=2462
-  _globals['_LISTPLANSRESPONSE']._serialized_start=2464
-  _globals['_LISTPLANSRESPONSE']._serialized_end=2548
-  _globals['_GETPLANREQUEST']._serialized_start=2550
-  _globals['_GETPLANREQUEST']._serialized_end=2578
-  _globals['_GETSUBSCRIPTIONREQUEST']._serialized_start=2580
-  _globals['_GETSUBSCRIPTIONREQUEST']._serialized_end=2629
-  _globals['_CHANGEPLANREQUEST']._serialized_start=2631
-  _globals['_CHANGEPLANREQUEST']._serialized_end=2692
-  _globals['_GETUSAGESUMMARYREQUEST']._serialized_start=2694
-  _globals['_GETUSAGESUMMARYREQUEST']._serialized_end=2793
-  _globals['_LISTINVOICESREQUEST']._serialized_start=2795
-  _globals['_LISTINVOICESREQUEST']._serialized_end=2880
-  _globals['_LISTINVOICESRESPONSE']._serialized_start=2882
-  _globals['_LISTINVOICESRESPONSE']._serialized_end=2975
-  _globals['_GETINVOICEREQUEST']._serialized_start=2977
-  _globals['_GETINVOICEREQUEST']._serialized_end=3008
-  _globals['_HANDLESTRIPEWEBHOOKREQUEST']._serialized_start=3010
-  _globals['_HANDLESTRIPEWEBHOOKREQUEST']._serialized_end=3100
-  _globals['_HANDLESTRIPEWEBHOOKRESPONSE']._serialized_start=3102
-  _globals['_HANDLESTRIPEWEBHOOKRESPONSE']._serialized_end=3168
-  _globals['_RESERVEALLOCATIONREQUEST']._serialized_start=3170
-  _globals['_RESERVEALLOCATIONREQUEST']._serialized_end=3290
-  _globals['_RELEASEALLOCATIONREQUEST']._serialized_start=3292
-  _globals['_RELEASEALLOCATIONREQUEST']._serialized_end=3363
-  _globals['_LISTALLOCATIONSREQUEST']._serialized_start=3365
-  _globals['_LISTALLOCATIONSREQUEST']._serialized_end=3453
-  _globals['_LISTALLOCATIONSRESPONSE']._serialized_start=3455
-  _globals['_LISTALLOCATIONSRESPONSE']._serialized_end=3557
-  _globals['_RECORDUSAGEREQUEST']._serialized_start=3559
-  _globals['_RECORDUSAGEREQUEST']._serialized_end=3628
-  _globals['_RECORDUSAGERESPONSE']._serialized_start=3630
-  _globals['_RECORDUSAGERESPONSE']._serialized_end=3689
-  _globals['_BILLINGSERVICE']._serialized_start=4219
-  _globals['_BILLINGSERVICE']._serialized_end=5815
+  _globals['_USAGEMETRIC']._serialized_start=3638
+  _globals['_USAGEMETRIC']._serialized_end=3785
+  _globals['_SUBSCRIPTIONSTATUS']._serialized_start=3788
+  _globals['_SUBSCRIPTIONSTATUS']._serialized_end=3977
+  _globals['_INVOICESTATUS']._serialized_start=3980
+  _globals['_INVOICESTATUS']._serialized_end=4162
+  _globals['_PLAN']._serialized_start=237
+  _globals['_PLAN']._serialized_end=592
+  _globals['_SUBSCRIPTION']._serialized_start=595
+  _globals['_SUBSCRIPTION']._serialized_end=967
+  _globals['_ALLOCATION']._serialized_start=970
+  _globals['_ALLOCATION']._serialized_end=1169
+  _globals['_USAGERECORD']._serialized_start=1172
+  _globals['_USAGERECORD']._serialized_end=1370
+  _globals['_METRICUSAGE']._serialized_start=1373
+  _globals['_METRICUSAGE']._serialized_end=1506
+  _globals['_USAGESUMMARY']._serialized_start=1509
+  _globals['_USAGESUMMARY']._serialized_end=1712
+  _globals['_INVOICELINE']._serialized_start=1715
+  _globals['_INVOICELINE']._serialized_end=1883
+  _globals['_INVOICE']._serialized_start=1886
+  _globals['_INVOICE']._serialized_end=2352
+  _globals['_LISTPLANSREQUEST']._serialized_start=2354
+  _globals['_LISTPLANSREQUEST']._serialized_end=2411
+  _globals['_LISTPLANSRESPONSE']._serialized_start=2413
+  _globals['_LISTPLANSRESPONSE']._serialized_end=2497
+  _globals['_GETPLANREQUEST']._serialized_start=2499
+  _globals['_GETPLANREQUEST']._serialized_end=2527
+  _globals['_GETSUBSCRIPTIONREQUEST']._serialized_start=2529
+  _globals['_GETSUBSCRIPTIONREQUEST']._serialized_end=2578
+  _globals['_CHANGEPLANREQUEST']._serialized_start=2580
+  _globals['_CHANGEPLANREQUEST']._serialized_end=2641
+  _globals['_GETUSAGESUMMARYREQUEST']._serialized_start=2643
+  _globals['_GETUSAGESUMMARYREQUEST']._serialized_end=2742
+  _globals['_LISTINVOICESREQUEST']._serialized_start=2744
+  _globals['_LISTINVOICESREQUEST']._serialized_end=2829
+  _globals['_LISTINVOICESRESPONSE']._serialized_start=2831
+  _globals['_LISTINVOICESRESPONSE']._serialized_end=2924
+  _globals['_GETINVOICEREQUEST']._serialized_start=2926
+  _globals['_GETINVOICEREQUEST']._serialized_end=2957
+  _globals['_HANDLESTRIPEWEBHOOKREQUEST']._serialized_start=2959
+  _globals['_HANDLESTRIPEWEBHOOKREQUEST']._serialized_end=3049
+  _globals['_HANDLESTRIPEWEBHOOKRESPONSE']._serialized_start=3051
+  _globals['_HANDLESTRIPEWEBHOOKRESPONSE']._serialized_end=3117
+  _globals['_RESERVEALLOCATIONREQUEST']._serialized_start=3119
+  _globals['_RESERVEALLOCATIONREQUEST']._serialized_end=3236
+  _globals['_RELEASEALLOCATIONREQUEST']._serialized_start=3238
+  _globals['_RELEASEALLOCATIONREQUEST']._serialized_end=3309
+  _globals['_LISTALLOCATIONSREQUEST']._serialized_start=3311
+  _globals['_LISTALLOCATIONSREQUEST']._serialized_end=3399
+  _globals['_LISTALLOCATIONSRESPONSE']._serialized_start=3401
+  _globals['_LISTALLOCATIONSRESPONSE']._serialized_end=3503
+  _globals['_RECORDUSAGEREQUEST']._serialized_start=3505
+  _globals['_RECORDUSAGEREQUEST']._serialized_end=3574
+  _globals['_RECORDUSAGERESPONSE']._serialized_start=3576
+  _globals['_RECORDUSAGERESPONSE']._serialized_end=3635
+  _globals['_BILLINGSERVICE']._serialized_start=4165
+  _globals['_BILLINGSERVICE']._serialized_end=5761
 # @@protoc_insertion_point(module_scope)

@@ -5,6 +5,7 @@ from google.api import httpbody_pb2 as _httpbody_pb2
 from google.protobuf import empty_pb2 as _empty_pb2
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from hangar.events.v1 import events_pb2 as _events_pb2
+from hangar.type.v1 import resources_pb2 as _resources_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
@@ -53,16 +54,6 @@ INVOICE_STATUS_PAID: InvoiceStatus
 INVOICE_STATUS_UNCOLLECTIBLE: InvoiceStatus
 INVOICE_STATUS_VOID: InvoiceStatus
 
-class Resources(_message.Message):
-    __slots__ = ("ram_mb", "cpu_millis", "bandwidth_gb")
-    RAM_MB_FIELD_NUMBER: _ClassVar[int]
-    CPU_MILLIS_FIELD_NUMBER: _ClassVar[int]
-    BANDWIDTH_GB_FIELD_NUMBER: _ClassVar[int]
-    ram_mb: int
-    cpu_millis: int
-    bandwidth_gb: int
-    def __init__(self, ram_mb: _Optional[int] = ..., cpu_millis: _Optional[int] = ..., bandwidth_gb: _Optional[int] = ...) -> None: ...
-
 class Plan(_message.Message):
     __slots__ = ("id", "name", "price_cents", "included", "included_ram_mb_seconds", "included_cpu_millis_seconds", "included_bandwidth_bytes", "overage_cents_per_ram_mb_second", "overage_cents_per_cpu_millis_second", "overage_cents_per_bandwidth_byte", "stripe_price_id")
     ID_FIELD_NUMBER: _ClassVar[int]
@@ -79,7 +70,7 @@ class Plan(_message.Message):
     id: str
     name: str
     price_cents: int
-    included: Resources
+    included: _resources_pb2.Resources
     included_ram_mb_seconds: int
     included_cpu_millis_seconds: int
     included_bandwidth_bytes: int
@@ -87,7 +78,7 @@ class Plan(_message.Message):
     overage_cents_per_cpu_millis_second: str
     overage_cents_per_bandwidth_byte: str
     stripe_price_id: str
-    def __init__(self, id: _Optional[str] = ..., name: _Optional[str] = ..., price_cents: _Optional[int] = ..., included: _Optional[_Union[Resources, _Mapping]] = ..., included_ram_mb_seconds: _Optional[int] = ..., included_cpu_millis_seconds: _Optional[int] = ..., included_bandwidth_bytes: _Optional[int] = ..., overage_cents_per_ram_mb_second: _Optional[str] = ..., overage_cents_per_cpu_millis_second: _Optional[str] = ..., overage_cents_per_bandwidth_byte: _Optional[str] = ..., stripe_price_id: _Optional[str] = ...) -> None: ...
+    def __init__(self, id: _Optional[str] = ..., name: _Optional[str] = ..., price_cents: _Optional[int] = ..., included: _Optional[_Union[_resources_pb2.Resources, _Mapping]] = ..., included_ram_mb_seconds: _Optional[int] = ..., included_cpu_millis_seconds: _Optional[int] = ..., included_bandwidth_bytes: _Optional[int] = ..., overage_cents_per_ram_mb_second: _Optional[str] = ..., overage_cents_per_cpu_millis_second: _Optional[str] = ..., overage_cents_per_bandwidth_byte: _Optional[str] = ..., stripe_price_id: _Optional[str] = ...) -> None: ...
 
 class Subscription(_message.Message):
     __slots__ = ("organization_id", "plan_id", "status", "current_period_start", "current_period_end", "pool", "allocated", "stripe_customer_id", "stripe_subscription_id")
@@ -105,11 +96,11 @@ class Subscription(_message.Message):
     status: SubscriptionStatus
     current_period_start: _timestamp_pb2.Timestamp
     current_period_end: _timestamp_pb2.Timestamp
-    pool: Resources
-    allocated: Resources
+    pool: _resources_pb2.Resources
+    allocated: _resources_pb2.Resources
     stripe_customer_id: str
     stripe_subscription_id: str
-    def __init__(self, organization_id: _Optional[str] = ..., plan_id: _Optional[str] = ..., status: _Optional[_Union[SubscriptionStatus, str]] = ..., current_period_start: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., current_period_end: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., pool: _Optional[_Union[Resources, _Mapping]] = ..., allocated: _Optional[_Union[Resources, _Mapping]] = ..., stripe_customer_id: _Optional[str] = ..., stripe_subscription_id: _Optional[str] = ...) -> None: ...
+    def __init__(self, organization_id: _Optional[str] = ..., plan_id: _Optional[str] = ..., status: _Optional[_Union[SubscriptionStatus, str]] = ..., current_period_start: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., current_period_end: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., pool: _Optional[_Union[_resources_pb2.Resources, _Mapping]] = ..., allocated: _Optional[_Union[_resources_pb2.Resources, _Mapping]] = ..., stripe_customer_id: _Optional[str] = ..., stripe_subscription_id: _Optional[str] = ...) -> None: ...
 
 class Allocation(_message.Message):
     __slots__ = ("organization_id", "project_id", "resources", "created_at", "updated_at")
@@ -120,10 +111,10 @@ class Allocation(_message.Message):
     UPDATED_AT_FIELD_NUMBER: _ClassVar[int]
     organization_id: str
     project_id: str
-    resources: Resources
+    resources: _resources_pb2.Resources
     created_at: _timestamp_pb2.Timestamp
     updated_at: _timestamp_pb2.Timestamp
-    def __init__(self, organization_id: _Optional[str] = ..., project_id: _Optional[str] = ..., resources: _Optional[_Union[Resources, _Mapping]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    def __init__(self, organization_id: _Optional[str] = ..., project_id: _Optional[str] = ..., resources: _Optional[_Union[_resources_pb2.Resources, _Mapping]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class UsageRecord(_message.Message):
     __slots__ = ("organization_id", "project_id", "metric", "quantity", "recorded_at", "idempotency_key")
@@ -308,8 +299,8 @@ class ReserveAllocationRequest(_message.Message):
     RESOURCES_FIELD_NUMBER: _ClassVar[int]
     organization_id: str
     project_id: str
-    resources: Resources
-    def __init__(self, organization_id: _Optional[str] = ..., project_id: _Optional[str] = ..., resources: _Optional[_Union[Resources, _Mapping]] = ...) -> None: ...
+    resources: _resources_pb2.Resources
+    def __init__(self, organization_id: _Optional[str] = ..., project_id: _Optional[str] = ..., resources: _Optional[_Union[_resources_pb2.Resources, _Mapping]] = ...) -> None: ...
 
 class ReleaseAllocationRequest(_message.Message):
     __slots__ = ("organization_id", "project_id")

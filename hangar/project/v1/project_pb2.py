@@ -27,9 +27,10 @@ from google.protobuf import empty_pb2 as google_dot_protobuf_dot_empty__pb2
 from google.protobuf import field_mask_pb2 as google_dot_protobuf_dot_field__mask__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 from hangar.events.v1 import events_pb2 as hangar_dot_events_dot_v1_dot_events__pb2
+from hangar.type.v1 import resources_pb2 as hangar_dot_type_dot_v1_dot_resources__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fhangar/project/v1/project.proto\x12\x11hangar.project.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1bgoogle/protobuf/empty.proto\x1a google/protobuf/field_mask.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1dhangar/events/v1/events.proto\"\xdb\x04\n\x07Project\x12\n\n\x02id\x18\x01 \x01(\t\x12\x17\n\x0forganization_id\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x0c\n\x04slug\x18\x04 \x01(\t\x12\x0e\n\x06ram_mb\x18\x05 \x01(\x05\x12\x12\n\ncpu_millis\x18\x06 \x01(\x05\x12\x14\n\x0c\x62\x61ndwidth_gb\x18\x07 \x01(\x05\x12\x0e\n\x06region\x18\x08 \x01(\t\x12\x15\n\rsleep_enabled\x18\t \x01(\x08\x12\x1b\n\x13sleep_after_seconds\x18\n \x01(\x05\x12\x13\n\x0b\x64\x65scription\x18\x0b \x01(\t\x12\x16\n\x0erepository_url\x18\x0c \x01(\t\x12\x17\n\x0f\x64\x65\x66\x61ult_command\x18\r \x01(\t\x12\x15\n\rdefault_image\x18\x0e \x01(\t\x12\x19\n\x11health_check_path\x18\x0f \x01(\t\x12.\n\ncreated_at\x18\x10 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\x11 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x38\n\x0erestart_policy\x18\x12 \x01(\x0e\x32 .hangar.project.v1.RestartPolicy\x12\x1b\n\x13liveness_check_path\x18\x13 \x01(\t\x12\x1f\n\x17liveness_period_seconds\x18\x14 \x01(\x05\x12\"\n\x1aliveness_failure_threshold\x18\x15 \x01(\x05\x12\x10\n\x08hostname\x18\x16 \x01(\t\x12\x0b\n\x03url\x18\x17 \x01(\t\"W\n\x06Secret\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12.\n\nupdated_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xe3\x01\n\x06\x44omain\x12\x10\n\x08hostname\x18\x01 \x01(\t\x12/\n\x06status\x18\x02 \x01(\x0e\x32\x1f.hangar.project.v1.DomainStatus\x12\x19\n\x11verification_path\x18\x03 \x01(\t\x12\x1a\n\x12verification_token\x18\x04 \x01(\t\x12/\n\x0bverified_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\ncreated_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"Q\n\x10\x41\x64\x64\x44omainRequest\x12\x12\n\nproject_id\x18\x01 \x01(\t\x12)\n\x06\x64omain\x18\x02 \x01(\x0b\x32\x19.hangar.project.v1.Domain\"(\n\x12ListDomainsRequest\x12\x12\n\nproject_id\x18\x01 \x01(\t\"A\n\x13ListDomainsResponse\x12*\n\x07\x64omains\x18\x01 \x03(\x0b\x32\x19.hangar.project.v1.Domain\";\n\x13VerifyDomainRequest\x12\x12\n\nproject_id\x18\x01 \x01(\t\x12\x10\n\x08hostname\x18\x02 \x01(\t\";\n\x13RemoveDomainRequest\x12\x12\n\nproject_id\x18\x01 \x01(\t\x12\x10\n\x08hostname\x18\x02 \x01(\t\"\\\n\x14\x43reateProjectRequest\x12\x17\n\x0forganization_id\x18\x01 \x01(\t\x12+\n\x07project\x18\x02 \x01(\x0b\x32\x1a.hangar.project.v1.Project\"\x83\x01\n\x13ListProjectsRequest\x12\x17\n\x0forganization_id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\x12\x1a\n\rsleep_enabled\x18\x04 \x01(\x08H\x00\x88\x01\x01\x42\x10\n\x0e_sleep_enabled\"]\n\x14ListProjectsResponse\x12,\n\x08projects\x18\x01 \x03(\x0b\x32\x1a.hangar.project.v1.Project\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x1f\n\x11GetProjectRequest\x12\n\n\x02id\x18\x01 \x01(\t\"t\n\x14UpdateProjectRequest\x12+\n\x07project\x18\x01 \x01(\x0b\x32\x1a.hangar.project.v1.Project\x12/\n\x0bupdate_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMask\"\"\n\x14\x44\x65leteProjectRequest\x12\n\n\x02id\x18\x01 \x01(\t\"e\n\x10SetSecretRequest\x12\x12\n\nproject_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\r\n\x05value\x18\x03 \x01(\t\x12\x14\n\x07restart\x18\x04 \x01(\x08H\x00\x88\x01\x01\x42\n\n\x08_restart\"O\n\x12ListSecretsRequest\x12\x12\n\nproject_id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"Z\n\x13ListSecretsResponse\x12*\n\x07secrets\x18\x01 \x03(\x0b\x32\x19.hangar.project.v1.Secret\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"Y\n\x13\x44\x65leteSecretRequest\x12\x12\n\nproject_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x14\n\x07restart\x18\x03 \x01(\x08H\x00\x88\x01\x01\x42\n\n\x08_restart\"7\n\x13RevealSecretRequest\x12\x12\n\nproject_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\"D\n\x14RevealSecretResponse\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\r\n\x05value\x18\x03 \x01(\t\"(\n\x16RotateMasterKeyRequest\x12\x0e\n\x06key_id\x18\x01 \x01(\t\"B\n\x17RotateMasterKeyResponse\x12\x0e\n\x06key_id\x18\x01 \x01(\t\x12\x17\n\x0frewrapped_count\x18\x02 \x01(\x03\"+\n\x15ResolveSecretsRequest\x12\x12\n\nproject_id\x18\x01 \x01(\t\"\x9b\x01\n\x16ResolveSecretsResponse\x12?\n\x03\x65nv\x18\x01 \x03(\x0b\x32\x32.hangar.project.v1.ResolveSecretsResponse.EnvEntry\x12\x14\n\x0cversion_hash\x18\x02 \x01(\t\x1a*\n\x08\x45nvEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01*\x83\x01\n\rRestartPolicy\x12\x1e\n\x1aRESTART_POLICY_UNSPECIFIED\x10\x00\x12\x1d\n\x19RESTART_POLICY_ON_FAILURE\x10\x01\x12\x19\n\x15RESTART_POLICY_ALWAYS\x10\x02\x12\x18\n\x14RESTART_POLICY_NEVER\x10\x03*d\n\x0c\x44omainStatus\x12\x1d\n\x19\x44OMAIN_STATUS_UNSPECIFIED\x10\x00\x12\x19\n\x15\x44OMAIN_STATUS_PENDING\x10\x01\x12\x1a\n\x16\x44OMAIN_STATUS_VERIFIED\x10\x02\x32\xc7\x10\n\x0eProjectService\x12\x93\x01\n\rCreateProject\x12\'.hangar.project.v1.CreateProjectRequest\x1a\x1a.hangar.project.v1.Project\"=\x82\xd3\xe4\x93\x02\x37\",/v1/organizations/{organization_id}/projects:\x07project\x12\x98\x01\n\x0cListProjects\x12&.hangar.project.v1.ListProjectsRequest\x1a\'.hangar.project.v1.ListProjectsResponse\"7\x90\x02\x01\x82\xd3\xe4\x93\x02.\x12,/v1/organizations/{organization_id}/projects\x12l\n\nGetProject\x12$.hangar.project.v1.GetProjectRequest\x1a\x1a.hangar.project.v1.Project\"\x1c\x90\x02\x01\x82\xd3\xe4\x93\x02\x13\x12\x11/v1/projects/{id}\x12\x80\x01\n\rUpdateProject\x12\'.hangar.project.v1.UpdateProjectRequest\x1a\x1a.hangar.project.v1.Project\"*\x82\xd3\xe4\x93\x02$2\x19/v1/projects/{project.id}:\x07project\x12k\n\rDeleteProject\x12\'.hangar.project.v1.DeleteProjectRequest\x1a\x16.google.protobuf.Empty\"\x19\x82\xd3\xe4\x93\x02\x13*\x11/v1/projects/{id}\x12\x83\x01\n\tSetSecret\x12#.hangar.project.v1.SetSecretRequest\x1a\x19.hangar.project.v1.Secret\"6\x90\x02\x02\x82\xd3\xe4\x93\x02-\x1a(/v1/projects/{project_id}/secrets/{name}:\x01*\x12\x8a\x01\n\x0bListSecrets\x12%.hangar.project.v1.ListSecretsRequest\x1a&.hangar.project.v1.ListSecretsResponse\",\x90\x02\x01\x82\xd3\xe4\x93\x02#\x12!/v1/projects/{project_id}/secrets\x12\x80\x01\n\x0c\x44\x65leteSecret\x12&.hangar.project.v1.DeleteSecretRequest\x1a\x16.google.protobuf.Empty\"0\x82\xd3\xe4\x93\x02**(/v1/projects/{project_id}/secrets/{name}\x12\x98\x01\n\x0cRevealSecret\x12&.hangar.project.v1.RevealSecretRequest\x1a\'.hangar.project.v1.RevealSecretResponse\"7\x82\xd3\xe4\x93\x02\x31\x12//v1/projects/{project_id}/secrets/{name}:reveal\x12~\n\tAddDomain\x12#.hangar.project.v1.AddDomainRequest\x1a\x19.hangar.project.v1.Domain\"1\x82\xd3\xe4\x93\x02+\"!/v1/projects/{project_id}/domains:\x06\x64omain\x12\x8a\x01\n\x0bListDomains\x12%.hangar.project.v1.ListDomainsRequest\x1a&.hangar.project.v1.ListDomainsResponse\",\x90\x02\x01\x82\xd3\xe4\x93\x02#\x12!/v1/projects/{project_id}/domains\x12\x91\x01\n\x0cVerifyDomain\x12&.hangar.project.v1.VerifyDomainRequest\x1a\x19.hangar.project.v1.Domain\">\x82\xd3\xe4\x93\x02\x38\"3/v1/projects/{project_id}/domains/{hostname}:verify:\x01*\x12\x84\x01\n\x0cRemoveDomain\x12&.hangar.project.v1.RemoveDomainRequest\x1a\x16.google.protobuf.Empty\"4\x82\xd3\xe4\x93\x02.*,/v1/projects/{project_id}/domains/{hostname}\x12\x90\x01\n\x0fRotateMasterKey\x12).hangar.project.v1.RotateMasterKeyRequest\x1a*.hangar.project.v1.RotateMasterKeyResponse\"&\x82\xd3\xe4\x93\x02 \"\x1b/v1/admin/master-key:rotate:\x01*\x12\x65\n\x0eResolveSecrets\x12(.hangar.project.v1.ResolveSecretsRequest\x1a).hangar.project.v1.ResolveSecretsResponse\x12S\n\x0bWatchEvents\x12$.hangar.events.v1.WatchEventsRequest\x1a\x17.hangar.events.v1.Event\"\x03\x90\x02\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fhangar/project/v1/project.proto\x12\x11hangar.project.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1bgoogle/protobuf/empty.proto\x1a google/protobuf/field_mask.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1dhangar/events/v1/events.proto\x1a\x1ehangar/type/v1/resources.proto\"\x83\x05\n\x07Project\x12\n\n\x02id\x18\x01 \x01(\t\x12\x17\n\x0forganization_id\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x0c\n\x04slug\x18\x04 \x01(\t\x12,\n\tresources\x18\x18 \x01(\x0b\x32\x19.hangar.type.v1.Resources\x12\x0e\n\x06region\x18\x08 \x01(\t\x12\x15\n\rsleep_enabled\x18\t \x01(\x08\x12\x1b\n\x13sleep_after_seconds\x18\n \x01(\x05\x12\x13\n\x0b\x64\x65scription\x18\x0b \x01(\t\x12\x16\n\x0erepository_url\x18\x0c \x01(\t\x12\x17\n\x0f\x64\x65\x66\x61ult_command\x18\r \x01(\t\x12\x15\n\rdefault_image\x18\x0e \x01(\t\x12\x19\n\x11health_check_path\x18\x0f \x01(\t\x12.\n\ncreated_at\x18\x10 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\x11 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x38\n\x0erestart_policy\x18\x12 \x01(\x0e\x32 .hangar.project.v1.RestartPolicy\x12\x1b\n\x13liveness_check_path\x18\x13 \x01(\t\x12\x1f\n\x17liveness_period_seconds\x18\x14 \x01(\x05\x12\"\n\x1aliveness_failure_threshold\x18\x15 \x01(\x05\x12\x10\n\x08hostname\x18\x16 \x01(\t\x12\x0b\n\x03url\x18\x17 \x01(\tJ\x04\x08\x05\x10\x06J\x04\x08\x06\x10\x07J\x04\x08\x07\x10\x08R\x06ram_mbR\ncpu_millisR\x0c\x62\x61ndwidth_gb\"W\n\x06Secret\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12.\n\nupdated_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xe3\x01\n\x06\x44omain\x12\x10\n\x08hostname\x18\x01 \x01(\t\x12/\n\x06status\x18\x02 \x01(\x0e\x32\x1f.hangar.project.v1.DomainStatus\x12\x19\n\x11verification_path\x18\x03 \x01(\t\x12\x1a\n\x12verification_token\x18\x04 \x01(\t\x12/\n\x0bverified_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\ncreated_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"Q\n\x10\x41\x64\x64\x44omainRequest\x12\x12\n\nproject_id\x18\x01 \x01(\t\x12)\n\x06\x64omain\x18\x02 \x01(\x0b\x32\x19.hangar.project.v1.Domain\"(\n\x12ListDomainsRequest\x12\x12\n\nproject_id\x18\x01 \x01(\t\"A\n\x13ListDomainsResponse\x12*\n\x07\x64omains\x18\x01 \x03(\x0b\x32\x19.hangar.project.v1.Domain\";\n\x13VerifyDomainRequest\x12\x12\n\nproject_id\x18\x01 \x01(\t\x12\x10\n\x08hostname\x18\x02 \x01(\t\";\n\x13RemoveDomainRequest\x12\x12\n\nproject_id\x18\x01 \x01(\t\x12\x10\n\x08hostname\x18\x02 \x01(\t\"\\\n\x14\x43reateProjectRequest\x12\x17\n\x0forganization_id\x18\x01 \x01(\t\x12+\n\x07project\x18\x02 \x01(\x0b\x32\x1a.hangar.project.v1.Project\"\x83\x01\n\x13ListProjectsRequest\x12\x17\n\x0forganization_id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\x12\x1a\n\rsleep_enabled\x18\x04 \x01(\x08H\x00\x88\x01\x01\x42\x10\n\x0e_sleep_enabled\"]\n\x14ListProjectsResponse\x12,\n\x08projects\x18\x01 \x03(\x0b\x32\x1a.hangar.project.v1.Project\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x1f\n\x11GetProjectRequest\x12\n\n\x02id\x18\x01 \x01(\t\"t\n\x14UpdateProjectRequest\x12+\n\x07project\x18\x01 \x01(\x0b\x32\x1a.hangar.project.v1.Project\x12/\n\x0bupdate_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMask\"\"\n\x14\x44\x65leteProjectRequest\x12\n\n\x02id\x18\x01 \x01(\t\"e\n\x10SetSecretRequest\x12\x12\n\nproject_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\r\n\x05value\x18\x03 \x01(\t\x12\x14\n\x07restart\x18\x04 \x01(\x08H\x00\x88\x01\x01\x42\n\n\x08_restart\"O\n\x12ListSecretsRequest\x12\x12\n\nproject_id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"Z\n\x13ListSecretsResponse\x12*\n\x07secrets\x18\x01 \x03(\x0b\x32\x19.hangar.project.v1.Secret\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"Y\n\x13\x44\x65leteSecretRequest\x12\x12\n\nproject_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x14\n\x07restart\x18\x03 \x01(\x08H\x00\x88\x01\x01\x42\n\n\x08_restart\"7\n\x13RevealSecretRequest\x12\x12\n\nproject_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\"D\n\x14RevealSecretResponse\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\r\n\x05value\x18\x03 \x01(\t\"(\n\x16RotateMasterKeyRequest\x12\x0e\n\x06key_id\x18\x01 \x01(\t\"B\n\x17RotateMasterKeyResponse\x12\x0e\n\x06key_id\x18\x01 \x01(\t\x12\x17\n\x0frewrapped_count\x18\x02 \x01(\x03\"+\n\x15ResolveSecretsRequest\x12\x12\n\nproject_id\x18\x01 \x01(\t\"\x9b\x01\n\x16ResolveSecretsResponse\x12?\n\x03\x65nv\x18\x01 \x03(\x0b\x32\x32.hangar.project.v1.ResolveSecretsResponse.EnvEntry\x12\x14\n\x0cversion_hash\x18\x02 \x01(\t\x1a*\n\x08\x45nvEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01*\x83\x01\n\rRestartPolicy\x12\x1e\n\x1aRESTART_POLICY_UNSPECIFIED\x10\x00\x12\x1d\n\x19RESTART_POLICY_ON_FAILURE\x10\x01\x12\x19\n\x15RESTART_POLICY_ALWAYS\x10\x02\x12\x18\n\x14RESTART_POLICY_NEVER\x10\x03*d\n\x0c\x44omainStatus\x12\x1d\n\x19\x44OMAIN_STATUS_UNSPECIFIED\x10\x00\x12\x19\n\x15\x44OMAIN_STATUS_PENDING\x10\x01\x12\x1a\n\x16\x44OMAIN_STATUS_VERIFIED\x10\x02\x32\xc7\x10\n\x0eProjectService\x12\x93\x01\n\rCreateProject\x12\'.hangar.project.v1.CreateProjectRequest\x1a\x1a.hangar.project.v1.Project\"=\x82\xd3\xe4\x93\x02\x37\",/v1/organizations/{organization_id}/projects:\x07project\x12\x98\x01\n\x0cListProjects\x12&.hangar.project.v1.ListProjectsRequest\x1a\'.hangar.project.v1.ListProjectsResponse\"7\x90\x02\x01\x82\xd3\xe4\x93\x02.\x12,/v1/organizations/{organization_id}/projects\x12l\n\nGetProject\x12$.hangar.project.v1.GetProjectRequest\x1a\x1a.hangar.project.v1.Project\"\x1c\x90\x02\x01\x82\xd3\xe4\x93\x02\x13\x12\x11/v1/projects/{id}\x12\x80\x01\n\rUpdateProject\x12\'.hangar.project.v1.UpdateProjectRequest\x1a\x1a.hangar.project.v1.Project\"*\x82\xd3\xe4\x93\x02$2\x19/v1/projects/{project.id}:\x07project\x12k\n\rDeleteProject\x12\'.hangar.project.v1.DeleteProjectRequest\x1a\x16.google.protobuf.Empty\"\x19\x82\xd3\xe4\x93\x02\x13*\x11/v1/projects/{id}\x12\x83\x01\n\tSetSecret\x12#.hangar.project.v1.SetSecretRequest\x1a\x19.hangar.project.v1.Secret\"6\x90\x02\x02\x82\xd3\xe4\x93\x02-\x1a(/v1/projects/{project_id}/secrets/{name}:\x01*\x12\x8a\x01\n\x0bListSecrets\x12%.hangar.project.v1.ListSecretsRequest\x1a&.hangar.project.v1.ListSecretsResponse\",\x90\x02\x01\x82\xd3\xe4\x93\x02#\x12!/v1/projects/{project_id}/secrets\x12\x80\x01\n\x0c\x44\x65leteSecret\x12&.hangar.project.v1.DeleteSecretRequest\x1a\x16.google.protobuf.Empty\"0\x82\xd3\xe4\x93\x02**(/v1/projects/{project_id}/secrets/{name}\x12\x98\x01\n\x0cRevealSecret\x12&.hangar.project.v1.RevealSecretRequest\x1a\'.hangar.project.v1.RevealSecretResponse\"7\x82\xd3\xe4\x93\x02\x31\x12//v1/projects/{project_id}/secrets/{name}:reveal\x12~\n\tAddDomain\x12#.hangar.project.v1.AddDomainRequest\x1a\x19.hangar.project.v1.Domain\"1\x82\xd3\xe4\x93\x02+\"!/v1/projects/{project_id}/domains:\x06\x64omain\x12\x8a\x01\n\x0bListDomains\x12%.hangar.project.v1.ListDomainsRequest\x1a&.hangar.project.v1.ListDomainsResponse\",\x90\x02\x01\x82\xd3\xe4\x93\x02#\x12!/v1/projects/{project_id}/domains\x12\x91\x01\n\x0cVerifyDomain\x12&.hangar.project.v1.VerifyDomainRequest\x1a\x19.hangar.project.v1.Domain\">\x82\xd3\xe4\x93\x02\x38\"3/v1/projects/{project_id}/domains/{hostname}:verify:\x01*\x12\x84\x01\n\x0cRemoveDomain\x12&.hangar.project.v1.RemoveDomainRequest\x1a\x16.google.protobuf.Empty\"4\x82\xd3\xe4\x93\x02.*,/v1/projects/{project_id}/domains/{hostname}\x12\x90\x01\n\x0fRotateMasterKey\x12).hangar.project.v1.RotateMasterKeyRequest\x1a*.hangar.project.v1.RotateMasterKeyResponse\"&\x82\xd3\xe4\x93\x02 \"\x1b/v1/admin/master-key:rotate:\x01*\x12\x65\n\x0eResolveSecrets\x12(.hangar.project.v1.ResolveSecretsRequest\x1a).hangar.project.v1.ResolveSecretsResponse\x12S\n\x0bWatchEvents\x12$.hangar.events.v1.WatchEventsRequest\x1a\x17.hangar.events.v1.Event\"\x03\x90\x02\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -68,60 +69,60 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PROJECTSERVICE'].methods_by_name['RotateMasterKey']._serialized_options = b'\202\323\344\223\002 \"\033/v1/admin/master-key:rotate:\001*'
   _globals['_PROJECTSERVICE'].methods_by_name['WatchEvents']._loaded_options = None
   _globals['_PROJECTSERVICE'].methods_by_name['WatchEvents']._serialized_options = b'\220\002\001'
-  _globals['_RESTARTPOLICY']._serialized_start=2768
-  _globals['_RESTARTPOLICY']._serialized_end=2899
-  _globals['_DOMAINSTATUS']._serialized_start=2901
-  _globals['_DOMAINSTATUS']._serialized_end=3001
-  _globals['_PROJECT']._serialized_start=212
-  _globals['_PROJECT']._serialized_end=815
-  _globals['_SECRET']._serialized_start=817
-  _globals['_SECRET']._serialized_end=904
-  _globals['_DOMAIN']._serialized_start=907
-  _globals['_DOMAIN']._serialized_end=1134
-  _globals['_ADDDOMAINREQUEST']._serialized_start=1136
-  _globals['_ADDDOMAINREQUEST']._serialized_end=1217
-  _globals['_LISTDOMAINSREQUEST']._serialized_start=1219
-  _globals['_LISTDOMAINSREQUEST']._serialized_end=1259
-  _globals['_LISTDOMAINSRESPONSE']._serialized_start=1261
-  _globals['_LISTDOMAINSRESPONSE']._serialized_end=1326
-  _globals['_VERIFYDOMAINREQUEST']._serialized_start=1328
-  _globals['_VERIFYDOMAINREQUEST']._serialized_end=1387
-  _globals['_REMOVEDOMAINREQUEST']._serialized_start=1389
-  _globals['_REMOVEDOMAINREQUEST']._serialized_end=1448
-  _globals['_CREATEPROJECTREQUEST']._serialized_start=1450
-  _globals['_CREATEPROJECTREQUEST']._serialized_end=1542
-  _globals['_LISTPROJECTSREQUEST']._serialized_start=1545
-  _globals['_LISTPROJECTSREQUEST']._serialized_end=1676
-  _globals['_LISTPROJECTSRESPONSE']._serialized_start=1678
-  _globals['_LISTPROJECTSRESPONSE']._serialized_end=1771
-  _globals['_GETPROJECTREQUEST']._serialized_start=1773
-  _globals['_GETPROJECTREQUEST']._serialized_end=1804
-  _globals['_UPDATEPROJECTREQUEST']._serialized_start=1806
-  _globals['_UPDATEPROJECTREQUEST']._serialized_end=1922
-  _globals['_DELETEPROJECTREQUEST']._serialized_start=1924
-  _globals['_DELETEPROJECTREQUEST']._serialized_end=1958
-  _globals['_SETSECRETREQUEST']._serialized_start=1960
-  _globals['_SETSECRETREQUEST']._serialized_end=2061
-  _globals['_LISTSECRETSREQUEST']._serialized_start=2063
-  _globals['_LISTSECRETSREQUEST']._serialized_end=2142
-  _globals['_LISTSECRETSRESPONSE']._serialized_start=2144
-  _globals['_LISTSECRETSRESPONSE']._serialized_end=2234
-  _globals['_DELETESECRETREQUEST']._serialized_start=2236
-  _globals['_DELETESECRETREQUEST']._serialized_end=2325
-  _globals['_REVEALSECRETREQUEST']._serialized_start=2327
-  _globals['_REVEALSECRETREQUEST']._serialized_end=2382
-  _globals['_REVEALSECRETRESPONSE']._serialized_start=2384
-  _globals['_REVEALSECRETRESPONSE']._serialized_end=2452
-  _globals['_ROTATEMASTERKEYREQUEST']._serialized_start=2454
-  _globals['_ROTATEMASTERKEYREQUEST']._serialized_end=2494
-  _globals['_ROTATEMASTERKEYRESPONSE']._serialized_start=2496
-  _globals['_ROTATEMASTERKEYRESPONSE']._serialized_end=2562
-  _globals['_RESOLVESECRETSREQUEST']._serialized_start=2564
-  _globals['_RESOLVESECRETSREQUEST']._serialized_end=2607
-  _globals['_RESOLVESECRETSRESPONSE']._serialized_start=2610
-  _globals['_RESOLVESECRETSRESPONSE']._serialized_end=2765
-  _globals['_RESOLVESECRETSRESPONSE_ENVENTRY']._serialized_start=2723
-  _globals['_RESOLVESECRETSRESPONSE_ENVENTRY']._serialized_end=2765
-  _globals['_PROJECTSERVICE']._serialized_start=3004
-  _globals['_PROJECTSERVICE']._serialized_end=5123
+  _globals['_RESTARTPOLICY']._serialized_start=2840
+  _globals['_RESTARTPOLICY']._serialized_end=2971
+  _globals['_DOMAINSTATUS']._serialized_start=2973
+  _globals['_DOMAINSTATUS']._serialized_end=3073
+  _globals['_PROJECT']._serialized_start=244
+  _globals['_PROJECT']._serialized_end=887
+  _globals['_SECRET']._serialized_start=889
+  _globals['_SECRET']._serialized_end=976
+  _globals['_DOMAIN']._serialized_start=979
+  _globals['_DOMAIN']._serialized_end=1206
+  _globals['_ADDDOMAINREQUEST']._serialized_start=1208
+  _globals['_ADDDOMAINREQUEST']._serialized_end=1289
+  _globals['_LISTDOMAINSREQUEST']._serialized_start=1291
+  _globals['_LISTDOMAINSREQUEST']._serialized_end=1331
+  _globals['_LISTDOMAINSRESPONSE']._serialized_start=1333
+  _globals['_LISTDOMAINSRESPONSE']._serialized_end=1398
+  _globals['_VERIFYDOMAINREQUEST']._serialized_start=1400
+  _globals['_VERIFYDOMAINREQUEST']._serialized_end=1459
+  _globals['_REMOVEDOMAINREQUEST']._serialized_start=1461
+  _globals['_REMOVEDOMAINREQUEST']._serialized_end=1520
+  _globals['_CREATEPROJECTREQUEST']._serialized_start=1522
+  _globals['_CREATEPROJECTREQUEST']._serialized_end=1614
+  _globals['_LISTPROJECTSREQUEST']._serialized_start=1617
+  _globals['_LISTPROJECTSREQUEST']._serialized_end=1748
+  _globals['_LISTPROJECTSRESPONSE']._serialized_start=1750
+  _globals['_LISTPROJECTSRESPONSE']._serialized_end=1843
+  _globals['_GETPROJECTREQUEST']._serialized_start=1845
+  _globals['_GETPROJECTREQUEST']._serialized_end=1876
+  _globals['_UPDATEPROJECTREQUEST']._serialized_start=1878
+  _globals['_UPDATEPROJECTREQUEST']._serialized_end=1994
+  _globals['_DELETEPROJECTREQUEST']._serialized_start=1996
+  _globals['_DELETEPROJECTREQUEST']._serialized_end=2030
+  _globals['_SETSECRETREQUEST']._serialized_start=2032
+  _globals['_SETSECRETREQUEST']._serialized_end=2133
+  _globals['_LISTSECRETSREQUEST']._serialized_start=2135
+  _globals['_LISTSECRETSREQUEST']._serialized_end=2214
+  _globals['_LISTSECRETSRESPONSE']._serialized_start=2216
+  _globals['_LISTSECRETSRESPONSE']._serialized_end=2306
+  _globals['_DELETESECRETREQUEST']._serialized_start=2308
+  _globals['_DELETESECRETREQUEST']._serialized_end=2397
+  _globals['_REVEALSECRETREQUEST']._serialized_start=2399
+  _globals['_REVEALSECRETREQUEST']._serialized_end=2454
+  _globals['_REVEALSECRETRESPONSE']._serialized_start=2456
+  _globals['_REVEALSECRETRESPONSE']._serialized_end=2524
+  _globals['_ROTATEMASTERKEYREQUEST']._serialized_start=2526
+  _globals['_ROTATEMASTERKEYREQUEST']._serialized_end=2566
+  _globals['_ROTATEMASTERKEYRESPONSE']._serialized_start=2568
+  _globals['_ROTATEMASTERKEYRESPONSE']._serialized_end=2634
+  _globals['_RESOLVESECRETSREQUEST']._serialized_start=2636
+  _globals['_RESOLVESECRETSREQUEST']._serialized_end=2679
+  _globals['_RESOLVESECRETSRESPONSE']._serialized_start=2682
+  _globals['_RESOLVESECRETSRESPONSE']._serialized_end=2837
+  _globals['_RESOLVESECRETSRESPONSE_ENVENTRY']._serialized_start=2795
+  _globals['_RESOLVESECRETSRESPONSE_ENVENTRY']._serialized_end=2837
+  _globals['_PROJECTSERVICE']._serialized_start=3076
+  _globals['_PROJECTSERVICE']._serialized_end=5195
 # @@protoc_insertion_point(module_scope)

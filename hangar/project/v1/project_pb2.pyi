@@ -5,6 +5,7 @@ from google.protobuf import empty_pb2 as _empty_pb2
 from google.protobuf import field_mask_pb2 as _field_mask_pb2
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from hangar.events.v1 import events_pb2 as _events_pb2
+from hangar.type.v1 import resources_pb2 as _resources_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
@@ -35,14 +36,12 @@ DOMAIN_STATUS_PENDING: DomainStatus
 DOMAIN_STATUS_VERIFIED: DomainStatus
 
 class Project(_message.Message):
-    __slots__ = ("id", "organization_id", "name", "slug", "ram_mb", "cpu_millis", "bandwidth_gb", "region", "sleep_enabled", "sleep_after_seconds", "description", "repository_url", "default_command", "default_image", "health_check_path", "created_at", "updated_at", "restart_policy", "liveness_check_path", "liveness_period_seconds", "liveness_failure_threshold", "hostname", "url")
+    __slots__ = ("id", "organization_id", "name", "slug", "resources", "region", "sleep_enabled", "sleep_after_seconds", "description", "repository_url", "default_command", "default_image", "health_check_path", "created_at", "updated_at", "restart_policy", "liveness_check_path", "liveness_period_seconds", "liveness_failure_threshold", "hostname", "url")
     ID_FIELD_NUMBER: _ClassVar[int]
     ORGANIZATION_ID_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     SLUG_FIELD_NUMBER: _ClassVar[int]
-    RAM_MB_FIELD_NUMBER: _ClassVar[int]
-    CPU_MILLIS_FIELD_NUMBER: _ClassVar[int]
-    BANDWIDTH_GB_FIELD_NUMBER: _ClassVar[int]
+    RESOURCES_FIELD_NUMBER: _ClassVar[int]
     REGION_FIELD_NUMBER: _ClassVar[int]
     SLEEP_ENABLED_FIELD_NUMBER: _ClassVar[int]
     SLEEP_AFTER_SECONDS_FIELD_NUMBER: _ClassVar[int]
@@ -63,9 +62,7 @@ class Project(_message.Message):
     organization_id: str
     name: str
     slug: str
-    ram_mb: int
-    cpu_millis: int
-    bandwidth_gb: int
+    resources: _resources_pb2.Resources
     region: str
     sleep_enabled: bool
     sleep_after_seconds: int
@@ -82,7 +79,7 @@ class Project(_message.Message):
     liveness_failure_threshold: int
     hostname: str
     url: str
-    def __init__(self, id: _Optional[str] = ..., organization_id: _Optional[str] = ..., name: _Optional[str] = ..., slug: _Optional[str] = ..., ram_mb: _Optional[int] = ..., cpu_millis: _Optional[int] = ..., bandwidth_gb: _Optional[int] = ..., region: _Optional[str] = ..., sleep_enabled: _Optional[bool] = ..., sleep_after_seconds: _Optional[int] = ..., description: _Optional[str] = ..., repository_url: _Optional[str] = ..., default_command: _Optional[str] = ..., default_image: _Optional[str] = ..., health_check_path: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., restart_policy: _Optional[_Union[RestartPolicy, str]] = ..., liveness_check_path: _Optional[str] = ..., liveness_period_seconds: _Optional[int] = ..., liveness_failure_threshold: _Optional[int] = ..., hostname: _Optional[str] = ..., url: _Optional[str] = ...) -> None: ...
+    def __init__(self, id: _Optional[str] = ..., organization_id: _Optional[str] = ..., name: _Optional[str] = ..., slug: _Optional[str] = ..., resources: _Optional[_Union[_resources_pb2.Resources, _Mapping]] = ..., region: _Optional[str] = ..., sleep_enabled: _Optional[bool] = ..., sleep_after_seconds: _Optional[int] = ..., description: _Optional[str] = ..., repository_url: _Optional[str] = ..., default_command: _Optional[str] = ..., default_image: _Optional[str] = ..., health_check_path: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., restart_policy: _Optional[_Union[RestartPolicy, str]] = ..., liveness_check_path: _Optional[str] = ..., liveness_period_seconds: _Optional[int] = ..., liveness_failure_threshold: _Optional[int] = ..., hostname: _Optional[str] = ..., url: _Optional[str] = ...) -> None: ...
 
 class Secret(_message.Message):
     __slots__ = ("name", "version", "updated_at")

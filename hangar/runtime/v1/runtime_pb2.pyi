@@ -5,6 +5,7 @@ from google.protobuf import duration_pb2 as _duration_pb2
 from google.protobuf import empty_pb2 as _empty_pb2
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from hangar.events.v1 import events_pb2 as _events_pb2
+from hangar.type.v1 import resources_pb2 as _resources_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
@@ -134,15 +135,13 @@ AGGREGATION_MAX: Aggregation
 AGGREGATION_SUM: Aggregation
 
 class Server(_message.Message):
-    __slots__ = ("id", "name", "region", "agent_address", "ram_mb", "cpu_millis", "ram_mb_reserved", "cpu_millis_reserved", "status", "last_heartbeat_at", "created_at", "isolation")
+    __slots__ = ("id", "name", "region", "agent_address", "capacity", "reserved", "status", "last_heartbeat_at", "created_at", "isolation")
     ID_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     REGION_FIELD_NUMBER: _ClassVar[int]
     AGENT_ADDRESS_FIELD_NUMBER: _ClassVar[int]
-    RAM_MB_FIELD_NUMBER: _ClassVar[int]
-    CPU_MILLIS_FIELD_NUMBER: _ClassVar[int]
-    RAM_MB_RESERVED_FIELD_NUMBER: _ClassVar[int]
-    CPU_MILLIS_RESERVED_FIELD_NUMBER: _ClassVar[int]
+    CAPACITY_FIELD_NUMBER: _ClassVar[int]
+    RESERVED_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
     LAST_HEARTBEAT_AT_FIELD_NUMBER: _ClassVar[int]
     CREATED_AT_FIELD_NUMBER: _ClassVar[int]
@@ -151,18 +150,16 @@ class Server(_message.Message):
     name: str
     region: str
     agent_address: str
-    ram_mb: int
-    cpu_millis: int
-    ram_mb_reserved: int
-    cpu_millis_reserved: int
+    capacity: _resources_pb2.Resources
+    reserved: _resources_pb2.Resources
     status: ServerStatus
     last_heartbeat_at: _timestamp_pb2.Timestamp
     created_at: _timestamp_pb2.Timestamp
     isolation: ServerIsolation
-    def __init__(self, id: _Optional[str] = ..., name: _Optional[str] = ..., region: _Optional[str] = ..., agent_address: _Optional[str] = ..., ram_mb: _Optional[int] = ..., cpu_millis: _Optional[int] = ..., ram_mb_reserved: _Optional[int] = ..., cpu_millis_reserved: _Optional[int] = ..., status: _Optional[_Union[ServerStatus, str]] = ..., last_heartbeat_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., isolation: _Optional[_Union[ServerIsolation, str]] = ...) -> None: ...
+    def __init__(self, id: _Optional[str] = ..., name: _Optional[str] = ..., region: _Optional[str] = ..., agent_address: _Optional[str] = ..., capacity: _Optional[_Union[_resources_pb2.Resources, _Mapping]] = ..., reserved: _Optional[_Union[_resources_pb2.Resources, _Mapping]] = ..., status: _Optional[_Union[ServerStatus, str]] = ..., last_heartbeat_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., isolation: _Optional[_Union[ServerIsolation, str]] = ...) -> None: ...
 
 class Deployment(_message.Message):
-    __slots__ = ("id", "project_id", "organization_id", "server_id", "status", "capacity_reserved", "image", "command", "source_sha256", "ram_mb", "cpu_millis", "secrets_version", "exit_code", "status_reason", "rolled_back_from", "created_at", "updated_at", "slug_sha256", "release_reason", "created_by", "process_type", "processes", "image_command", "image_digest")
+    __slots__ = ("id", "project_id", "organization_id", "server_id", "status", "capacity_reserved", "image", "command", "source_sha256", "resources", "secrets_version", "exit_code", "status_reason", "rolled_back_from", "created_at", "updated_at", "slug_sha256", "release_reason", "created_by", "process_type", "processes", "image_command", "image_digest")
     ID_FIELD_NUMBER: _ClassVar[int]
     PROJECT_ID_FIELD_NUMBER: _ClassVar[int]
     ORGANIZATION_ID_FIELD_NUMBER: _ClassVar[int]
@@ -172,8 +169,7 @@ class Deployment(_message.Message):
     IMAGE_FIELD_NUMBER: _ClassVar[int]
     COMMAND_FIELD_NUMBER: _ClassVar[int]
     SOURCE_SHA256_FIELD_NUMBER: _ClassVar[int]
-    RAM_MB_FIELD_NUMBER: _ClassVar[int]
-    CPU_MILLIS_FIELD_NUMBER: _ClassVar[int]
+    RESOURCES_FIELD_NUMBER: _ClassVar[int]
     SECRETS_VERSION_FIELD_NUMBER: _ClassVar[int]
     EXIT_CODE_FIELD_NUMBER: _ClassVar[int]
     STATUS_REASON_FIELD_NUMBER: _ClassVar[int]
@@ -196,8 +192,7 @@ class Deployment(_message.Message):
     image: str
     command: str
     source_sha256: str
-    ram_mb: int
-    cpu_millis: int
+    resources: _resources_pb2.Resources
     secrets_version: str
     exit_code: int
     status_reason: str
@@ -211,19 +206,17 @@ class Deployment(_message.Message):
     processes: _containers.RepeatedCompositeFieldContainer[DeploymentProcess]
     image_command: str
     image_digest: str
-    def __init__(self, id: _Optional[str] = ..., project_id: _Optional[str] = ..., organization_id: _Optional[str] = ..., server_id: _Optional[str] = ..., status: _Optional[_Union[DeploymentStatus, str]] = ..., capacity_reserved: _Optional[bool] = ..., image: _Optional[str] = ..., command: _Optional[str] = ..., source_sha256: _Optional[str] = ..., ram_mb: _Optional[int] = ..., cpu_millis: _Optional[int] = ..., secrets_version: _Optional[str] = ..., exit_code: _Optional[int] = ..., status_reason: _Optional[str] = ..., rolled_back_from: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., slug_sha256: _Optional[str] = ..., release_reason: _Optional[_Union[ReleaseReason, str]] = ..., created_by: _Optional[str] = ..., process_type: _Optional[str] = ..., processes: _Optional[_Iterable[_Union[DeploymentProcess, _Mapping]]] = ..., image_command: _Optional[str] = ..., image_digest: _Optional[str] = ...) -> None: ...
+    def __init__(self, id: _Optional[str] = ..., project_id: _Optional[str] = ..., organization_id: _Optional[str] = ..., server_id: _Optional[str] = ..., status: _Optional[_Union[DeploymentStatus, str]] = ..., capacity_reserved: _Optional[bool] = ..., image: _Optional[str] = ..., command: _Optional[str] = ..., source_sha256: _Optional[str] = ..., resources: _Optional[_Union[_resources_pb2.Resources, _Mapping]] = ..., secrets_version: _Optional[str] = ..., exit_code: _Optional[int] = ..., status_reason: _Optional[str] = ..., rolled_back_from: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., slug_sha256: _Optional[str] = ..., release_reason: _Optional[_Union[ReleaseReason, str]] = ..., created_by: _Optional[str] = ..., process_type: _Optional[str] = ..., processes: _Optional[_Iterable[_Union[DeploymentProcess, _Mapping]]] = ..., image_command: _Optional[str] = ..., image_digest: _Optional[str] = ...) -> None: ...
 
 class DeploymentProcess(_message.Message):
-    __slots__ = ("type", "percent", "ram_mb", "cpu_millis")
+    __slots__ = ("type", "percent", "resources")
     TYPE_FIELD_NUMBER: _ClassVar[int]
     PERCENT_FIELD_NUMBER: _ClassVar[int]
-    RAM_MB_FIELD_NUMBER: _ClassVar[int]
-    CPU_MILLIS_FIELD_NUMBER: _ClassVar[int]
+    RESOURCES_FIELD_NUMBER: _ClassVar[int]
     type: str
     percent: int
-    ram_mb: int
-    cpu_millis: int
-    def __init__(self, type: _Optional[str] = ..., percent: _Optional[int] = ..., ram_mb: _Optional[int] = ..., cpu_millis: _Optional[int] = ...) -> None: ...
+    resources: _resources_pb2.Resources
+    def __init__(self, type: _Optional[str] = ..., percent: _Optional[int] = ..., resources: _Optional[_Union[_resources_pb2.Resources, _Mapping]] = ...) -> None: ...
 
 class Source(_message.Message):
     __slots__ = ("project_id", "sha256", "size_bytes", "created_by", "created_at")

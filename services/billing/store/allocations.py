@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from services.billing.domain import Resources, pool_shortfall
+from services.billing.domain import pool_shortfall
 from services.billing.store.records import DEAD, Allocation, S
 from services.billing.store.subscriptions import NO_ACTIVE_SUBSCRIPTION, get_subscription_by_id
 from shared.db import Session
 from shared.errors import FailedPrecondition
+from shared.resources import Resources
 
 
 async def reserve_allocation(

@@ -6,10 +6,11 @@ from decimal import Decimal
 
 import asyncpg
 
-from services.billing.domain import Metric, Plan, Resources
+from services.billing.domain import Metric, Plan
 from services.billing.store.records import S
 from shared.db import Session
 from shared.errors import NotFound
+from shared.resources import Resources
 
 
 def _plan(row: asyncpg.Record) -> Plan:
@@ -18,7 +19,7 @@ def _plan(row: asyncpg.Record) -> Plan:
         name=row["name"],
         price_cents=row["price_cents"],
         currency=row["currency"],
-        pool=Resources(row["pool_ram_mb"], row["pool_cpu_millis"], row["pool_bandwidth_gb"]),
+        pool=Resources.from_row(row, prefix="pool_"),
         included={
             Metric.RAM_MB_SECONDS: row["included_ram_mb_seconds"],
             Metric.CPU_MILLIS_SECONDS: row["included_cpu_millis_seconds"],

@@ -11,10 +11,10 @@ from services.billing.domain import (
     InvoiceLine,
     InvoiceStatus,
     Metric,
-    Resources,
     SubscriptionStatus,
 )
 from shared.db import from_row
+from shared.resources import Resources
 
 S = "billing"
 DEAD = "('canceled', 'incomplete_expired')"
@@ -48,10 +48,8 @@ class Subscription:
             cls,
             row,
             status=SubscriptionStatus(row["status"]),
-            pool=Resources(row["pool_ram_mb"], row["pool_cpu_millis"], row["pool_bandwidth_gb"]),
-            allocated=Resources(
-                row["allocated_ram_mb"], row["allocated_cpu_millis"], row["allocated_bandwidth_gb"]
-            ),
+            pool=Resources.from_row(row, prefix="pool_"),
+            allocated=Resources.from_row(row, prefix="allocated_"),
         )
 
 
@@ -65,9 +63,7 @@ class Allocation:
 
     @classmethod
     def from_row(cls, row: asyncpg.Record) -> Allocation:
-        return from_row(
-            cls, row, resources=Resources(row["ram_mb"], row["cpu_millis"], row["bandwidth_gb"])
-        )
+        return from_row(cls, row, resources=Resources.from_row(row))
 
 
 @dataclass(frozen=True)

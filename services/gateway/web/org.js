@@ -367,8 +367,8 @@ export function ServersPage() {
                   <div class="muted small mono">${s.agentAddress}</div></td>
                 <td>${enumText(s.status, "SERVER_STATUS_")}</td>
                 <td>${s.region}</td>
-                <td>${s.ramMbReserved} / ${s.ramMb} MB</td>
-                <td>${s.cpuMillisReserved} / ${s.cpuMillis} mCPU</td>
+                <td>${count(s.reserved && s.reserved.ramMb)} / ${count(s.capacity && s.capacity.ramMb)} MB</td>
+                <td>${count(s.reserved && s.reserved.cpuMillis)} / ${count(s.capacity && s.capacity.cpuMillis)} mCPU</td>
                 <td>${enumText(s.isolation, "SERVER_ISOLATION_")}</td>
                 <td>${when(s.lastHeartbeatAt)}</td>
                 <td>${s.status === "SERVER_STATUS_ACTIVE"

@@ -3,7 +3,17 @@
 import { useState } from "./vendor/hooks.mjs";
 import { api, listAll, login, signUp } from "./api.js";
 import { CPU_MIN, RAM_MIN, Slider } from "./settings.js";
-import { ActionForm, Field, Status, count, html, roleText, slugify, usePolling } from "./ui.js";
+import {
+  ActionForm,
+  Field,
+  Status,
+  count,
+  html,
+  resourcesText,
+  roleText,
+  slugify,
+  usePolling,
+} from "./ui.js";
 
 export function LoginPage({ onSignedIn }) {
   return html`<main class="narrow" id="main">
@@ -179,7 +189,7 @@ export function ProjectsPage({ org, role, canWrite }) {
                   <td><a class="project-name" href=${`#/projects/${encodeURIComponent(project.id)}`}
                     >${project.name}</a><div class="muted">${project.slug}</div></td>
                   <td>${latest ? html`<${Status} status=${latest.status} />` : html`<span class="muted">never deployed</span>`}</td>
-                  <td>${project.ramMb} MB · ${project.cpuMillis} mCPU</td>
+                  <td>${resourcesText(project.resources)}</td>
                   <td class="wrap">${project.hostname}</td>
                 </tr>`,
               )}
@@ -202,8 +212,7 @@ export function ProjectsPage({ org, role, canWrite }) {
                 name: data.get("name"),
                 slug: data.get("slug") || slugify(data.get("name")),
                 description: data.get("description") || "",
-                ramMb: Number(data.get("ramMb")),
-                cpuMillis: Number(data.get("cpuMillis")),
+                resources: { ramMb: Number(data.get("ramMb")), cpuMillis: Number(data.get("cpuMillis")) },
               });
               setSlug("");
               setSlugTouched(false);

@@ -19,6 +19,7 @@ import {
   Status,
   html,
   reasonText,
+  resourcesText,
   usePolling,
   when,
 } from "./ui.js";
@@ -290,7 +291,7 @@ export function ProjectPage({ projectId, userId, onDeleted }) {
     <dl class="facts">
       <dt>Address</dt>
       <dd id="project-url"><${SafeLink} href=${project.url}>${project.url || project.hostname}<//></dd>
-      <dt>Resources</dt><dd>${project.ramMb} MB RAM · ${project.cpuMillis} mCPU</dd>
+      <dt>Resources</dt><dd>${resourcesText(project.resources)}</dd>
       <dt>Region</dt><dd>${project.region || "any"}</dd>
     </dl>
     <section aria-labelledby="deployments-title">

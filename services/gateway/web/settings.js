@@ -24,6 +24,7 @@ const RESTART = [
 export function fieldOf(violation) {
   return String(violation || "")
     .replace(/^project\./, "")
+    .replace(/^resources\./, "")
     .replace(/_([a-z])/g, (_, c) => c.toUpperCase());
 }
 
@@ -59,7 +60,7 @@ export function usePoolBounds(organizationId, project) {
         if (!alive) return;
         const pool = sub.pool || {};
         const used = sub.allocated || {};
-        const own = project || {};
+        const own = (project && project.resources) || {};
         setBounds({
           ramMax: Math.max(RAM_MIN, count(pool.ramMb) - count(used.ramMb) + count(own.ramMb)),
           cpuMax: Math.max(CPU_MIN, count(pool.cpuMillis) - count(used.cpuMillis) + count(own.cpuMillis)),
@@ -101,6 +102,16 @@ const FIELDS = [
   "cpuMillis",
 ];
 
+// The form's fields as a project's JSON: RAM and CPU are in its resources (only the ones
+// given, so the update touches only those).
+export function asProject(values) {
+  const { ramMb, cpuMillis, ...rest } = values;
+  const resources = {};
+  if (ramMb !== undefined) resources.ramMb = ramMb;
+  if (cpuMillis !== undefined) resources.cpuMillis = cpuMillis;
+  return Object.keys(resources).length ? { ...rest, resources } : rest;
+}
+
 function initial(project) {
   return {
     name: project.name || "",
@@ -112,8 +123,8 @@ function initial(project) {
       !project.restartPolicy || project.restartPolicy === "RESTART_POLICY_UNSPECIFIED"
         ? "RESTART_POLICY_ON_FAILURE"
         : project.restartPolicy,
-    ramMb: count(project.ramMb),
-    cpuMillis: count(project.cpuMillis),
+    ramMb: count(project.resources && project.resources.ramMb),
+    cpuMillis: count(project.resources && project.resources.cpuMillis),
   };
 }
 
@@ -150,7 +161,7 @@ export function ProjectSettings({ project, onSaved }) {
     }
     setBusy(true);
     try {
-      const updated = await api("PATCH", `/v1/projects/${encodeURIComponent(project.id)}`, changed);
+      const updated = await api("PATCH", `/v1/projects/${encodeURIComponent(project.id)}`, asProject(changed));
       setSaved(true);
       onSaved(updated);
     } catch (problem) {

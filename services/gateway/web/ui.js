@@ -160,6 +160,12 @@ export function count(value) {
   return Number.isFinite(n) ? n : 0;
 }
 
+// A resources message (a project's size) as text: "256 MB · 250 mCPU".
+export function resourcesText(resources) {
+  const r = resources || {};
+  return `${count(r.ramMb)} MB · ${count(r.cpuMillis)} mCPU`;
+}
+
 export function bytesText(bytes) {
   const units = ["B", "KB", "MB", "GB", "TB"];
   let n = count(bytes);

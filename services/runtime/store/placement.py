@@ -12,10 +12,11 @@ from typing import TypeVar
 
 import asyncpg
 
-from services.runtime.domain import SEVERAL_TENANTS, Resources, Tenancy
+from services.runtime.domain import SEVERAL_TENANTS, Tenancy
 from services.runtime.store.records import Deployment, DeploymentSpec, S
 from shared.db import Session
 from shared.ids import new_id
+from shared.resources import Resources
 
 T = TypeVar("T")
 

@@ -14,24 +14,28 @@ from services.runtime.domain import (
     Isolation,
     ProcessShare,
     ReleaseReason,
-    Resources,
     ServerState,
     pinned_image,
 )
 from shared.db import from_row
+from shared.resources import Resources
 
 S = "runtime"
 
 
 def processes_to_json(processes: tuple[ProcessShare, ...]) -> list[dict[str, object]]:
-    return [{"type": p.type, "ram_mb": p.ram_mb, "cpu_millis": p.cpu_millis} for p in processes]
+    return [
+        {"type": p.type, "ram_mb": p.resources.ram_mb, "cpu_millis": p.resources.cpu_millis}
+        for p in processes
+    ]
 
 
 def processes_from_json(value: object) -> tuple[ProcessShare, ...]:
     if not isinstance(value, list):
         return ()
     return tuple(
-        ProcessShare(str(p["type"]), int(p["ram_mb"]), int(p["cpu_millis"])) for p in value
+        ProcessShare(str(p["type"]), Resources(int(p["ram_mb"]), int(p["cpu_millis"])))
+        for p in value
     )
 
 
@@ -57,8 +61,8 @@ class Server:
             cls,
             row,
             drivers=tuple(row["drivers"]),
-            capacity=Resources(row["ram_mb"], row["cpu_millis"]),
-            reserved=Resources(row["ram_mb_reserved"], row["cpu_millis_reserved"]),
+            capacity=Resources.from_row(row),
+            reserved=Resources.from_row(row, suffix="_reserved"),
             status=ServerState(row["status"]),
             isolation=Isolation(row["isolation"]),
         )
@@ -107,7 +111,7 @@ class Deployment:
             cls,
             row,
             status=DeploymentState(row["status"]),
-            resources=Resources(row["ram_mb"], row["cpu_millis"]),
+            resources=Resources.from_row(row),
             release_reason=ReleaseReason(row["release_reason"]),
             processes=processes_from_json(row["processes"]),
         )
@@ -118,7 +122,7 @@ class Deployment:
         type with all of its resources."""
         if self.processes:
             return self.processes
-        return (ProcessShare(self.process_type, self.resources.ram_mb, self.resources.cpu_millis),)
+        return (ProcessShare(self.process_type, self.resources),)
 
     def share_of(self, process_type: str) -> ProcessShare:
         for share in self.process_shares:

@@ -7,12 +7,13 @@ from dataclasses import dataclass
 
 import asyncpg
 
-from services.runtime.domain import Isolation, Resources, ServerState
+from services.runtime.domain import Isolation, ServerState
 from services.runtime.store.records import S, Server
 from shared.db import Session
 from shared.errors import AlreadyExists, NotFound
 from shared.ids import new_id
 from shared.pagination import Page, decode_page_token, encode_page_token
+from shared.resources import Resources
 
 # ---------------------------------------------------------------------------- servers
 
@@ -197,7 +198,7 @@ async def reservations(tx: Session) -> Reservations:
               FROM {S}.deployments WHERE capacity_reserved GROUP BY server_id"""
     )
     return Reservations(
-        {r["server_id"]: Resources(r["ram_mb"], r["cpu_millis"]) for r in rows},
+        {r["server_id"]: Resources.from_row(r) for r in rows},
         {r["server_id"]: list(r["organizations"]) for r in rows},
     )
 
