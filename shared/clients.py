@@ -5,6 +5,7 @@ the contract marks idempotent (`option idempotency_level` in the .proto).
 
 from __future__ import annotations
 
+import ipaddress
 import json
 from collections.abc import Awaitable, Callable, Iterable
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -14,6 +15,7 @@ from google.protobuf import descriptor, descriptor_pb2
 
 from shared.context import remaining_seconds, request_id_var
 from shared.errors import DeadlineExceeded
+from shared.tracing import client_interceptors
 
 if TYPE_CHECKING:
     from shared.metrics import Metrics
@@ -27,8 +29,11 @@ _RETRYABLE = (
 )
 
 
-def retry_service_config(services: Iterable[descriptor.ServiceDescriptor]) -> str:
-    """A gRPC service config that retries UNAVAILABLE on the idempotent methods only."""
+def retry_service_config(
+    services: Iterable[descriptor.ServiceDescriptor], *, round_robin: bool = False
+) -> str:
+    """A gRPC service config that retries UNAVAILABLE on the idempotent methods only; with
+    `round_robin`, calls are spread over every address the target resolves to (replicas)."""
     names = [
         {"service": svc.full_name, "method": method.name}
         for svc in services
@@ -49,7 +54,62 @@ def retry_service_config(services: Iterable[descriptor.ServiceDescriptor]) -> st
                 },
             }
         )
+    if round_robin:
+        config["loadBalancingConfig"] = [{"round_robin": {}}]
     return json.dumps(config)
+
+
+def replica_addresses(address: str) -> list[str]:
+    """The addresses an address setting names: one "host:port", or a service's replicas as
+    a comma-separated list (HANGAR_<SVC>_TARGETS)."""
+    return [part.strip() for part in address.split(",") if part.strip()]
+
+
+def _ip_family(address: str) -> str:
+    host, _, port = address.rpartition(":")
+    if port.isdigit():
+        try:
+            if host.startswith("[") and host.endswith("]"):
+                ipaddress.IPv6Address(host[1:-1])
+                return "ipv6"
+            ipaddress.IPv4Address(host)
+            return "ipv4"
+        except ValueError:
+            pass
+    raise ValueError(
+        f"{address!r}: each address of a list must be an IP literal with its port"
+        " (127.0.0.1:50052, [::1]:50052); a DNS name that resolves to every replica is one"
+        " address"
+    )
+
+
+def grpc_target(address: str) -> str:
+    """The channel target for an address setting. One address is used as it is (a DNS name
+    or an IP, one connection: gRPC's pick_first). Several become one static target of
+    gRPC's `ipv4:`/`ipv6:` resolver ("ipv4:127.0.0.1:50052,127.0.0.1:50062"), which
+    channel_options balances with round_robin."""
+    addresses = replica_addresses(address)
+    if len(addresses) < 2:
+        return addresses[0] if addresses else address
+    families = {_ip_family(a) for a in addresses}
+    if len(families) > 1:
+        raise ValueError(f"{address!r}: one list mixes IPv4 and IPv6 addresses")
+    return f"{families.pop()}:{','.join(addresses)}"
+
+
+def channel_options(
+    address: str, services: Iterable[descriptor.ServiceDescriptor] = ()
+) -> list[tuple[str, Any]]:
+    """The options of a channel to `address` (grpc_target's argument): retries on the
+    idempotent methods of `services`, and round_robin when it names several replicas, so
+    each call goes to the next ready one and a dead replica is skipped as soon as its
+    connection drops."""
+    balanced = len(replica_addresses(address)) > 1
+    return [
+        ("grpc.service_config", retry_service_config(services, round_robin=balanced)),
+        ("grpc.enable_retries", 1),
+        ("grpc.keepalive_time_ms", 30_000),
+    ]
 
 
 class _CallDefaults:
@@ -111,7 +171,8 @@ def open_channel(
     metrics: Metrics | None = None,
 ) -> grpc.aio.Channel:
     """A channel with deadlines and retries. Streams get `streaming_timeout` (None: no limit).
-    With `metrics`, every call is counted (grpc_client_*) once its deadline is set."""
+    With `metrics`, every call is counted (grpc_client_*) once its deadline is set; with
+    tracing on (shared.tracing), every call is a span and carries its `traceparent`."""
     unary = (
         _UnaryUnary(default_timeout, token_provider),
         _StreamUnary(default_timeout, token_provider),
@@ -121,13 +182,14 @@ def open_channel(
         _StreamStream(streaming_timeout or 10 * 365 * 86400.0, token_provider),
     )
     return grpc.aio.insecure_channel(
-        address,
-        options=[
-            ("grpc.service_config", retry_service_config(services)),
-            ("grpc.enable_retries", 1),
-            ("grpc.keepalive_time_ms", 30_000),
+        grpc_target(address),
+        options=channel_options(address, services),
+        interceptors=[
+            *unary,
+            *streams,
+            *(metrics.client_interceptors() if metrics else ()),
+            *client_interceptors(),
         ],
-        interceptors=[*unary, *streams, *(metrics.client_interceptors() if metrics else ())],
     )
 
 

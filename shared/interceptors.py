@@ -33,6 +33,7 @@ from shared.errors import (
     internal_status,
     translate,
 )
+from shared.tracing import enter_call, record_status
 from shared.validation import check_text
 
 log = logging.getLogger("hangar.rpc")
@@ -87,6 +88,7 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
         )
 
     async def _enter(self, context: grpc.aio.ServicerContext, metadata: dict[str, Any]) -> None:
+        enter_call(metadata)
         # A request id needs uniqueness, not cuid2's format: urandom is ~50x cheaper per call.
         request_id_var.set(str(metadata.get("x-request-id") or os.urandom(12).hex()))
         remaining = context.time_remaining()
@@ -183,9 +185,11 @@ async def _abort(
             log.warning("rpc failed: unavailable", extra=extra)
         else:
             log.info("rpc failed", extra=extra)
+        record_status(exc.code, exc.message)
         await context.abort_with_status(rpc_status.to_status(exc.to_status()))
     # grpc's own abort raises an exception that must pass through untouched.
     if isinstance(exc, grpc.aio.AbortError) or type(exc).__name__ == "AbortError":
         raise exc
     log.exception("rpc crashed", extra={"method": method, "ms": elapsed_ms}, exc_info=exc)
+    record_status(grpc.StatusCode.INTERNAL, "internal error")
     await context.abort_with_status(rpc_status.to_status(internal_status()))

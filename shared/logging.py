@@ -1,4 +1,6 @@
-"""Structured JSON logs, one object a line, with the request id of the call in progress."""
+"""Structured JSON logs, one object a line, with the request id of the call in progress and,
+inside a span (shared.tracing), its trace and span ids: a request's lines in every service
+share its trace_id."""
 
 from __future__ import annotations
 
@@ -6,6 +8,8 @@ import json
 import logging
 import sys
 from datetime import UTC, datetime
+
+from opentelemetry import trace
 
 from shared.context import request_id_var
 
@@ -28,6 +32,10 @@ class JsonFormatter(logging.Formatter):
         request_id = request_id_var.get()
         if request_id:
             entry["request_id"] = request_id
+        span = trace.get_current_span().get_span_context()
+        if span.is_valid:
+            entry["trace_id"] = format(span.trace_id, "032x")
+            entry["span_id"] = format(span.span_id, "016x")
         for key, value in record.__dict__.items():
             if key not in _RESERVED and not key.startswith("_"):
                 entry[key] = value

@@ -23,6 +23,7 @@ from shared.logging import configure_logging
 from shared.metrics import Metrics, MetricsServer, serve_metrics
 from shared.outbox import OutboxFeed
 from shared.settings import Settings
+from shared.tracing import configure_tracing, server_interceptors
 
 log = logging.getLogger("hangar.server")
 
@@ -88,12 +89,17 @@ async def start_server(
 
     Without an explicit `authenticator`, the service's own `authenticator` attribute (if any)
     verifies bearer tokens. A service with a `metrics` attribute (shared.metrics.Metrics, set
-    when its settings have a metrics address) is counted and serves GET /metrics there.
+    when its settings have a metrics address) is counted and serves GET /metrics there. With
+    tracing on (shared.tracing), each call is a span.
     """
     if authenticator is None:
         authenticator = getattr(service, "authenticator", None)
     metrics: Metrics | None = getattr(service, "metrics", None)
-    interceptors: list[grpc.aio.ServerInterceptor] = [ServerInterceptor(authenticator)]
+    # Tracing (when on) outside ours: request id and error mapping run inside the call's span.
+    interceptors: list[grpc.aio.ServerInterceptor] = [
+        *server_interceptors(),
+        ServerInterceptor(authenticator),
+    ]
     if metrics is not None:
         interceptors.insert(0, metrics.server_interceptor())  # outermost: sees final codes
     server = grpc.aio.server(
@@ -139,6 +145,7 @@ def run_service(
     """Entry point of a service process: serve until SIGTERM/SIGINT, then shut down cleanly."""
     settings = Settings.from_env(name)
     configure_logging(name, settings.log_level)
+    configure_tracing(name)
     try:
         import uvloop
 

@@ -20,6 +20,7 @@ from services.edge.dns import UpstreamDns
 from services.edge.runtime_routes import RuntimeRoutes
 from shared.logging import configure_logging
 from shared.settings import Settings
+from shared.tracing import configure_tracing
 
 log = logging.getLogger("hangar.edge")
 
@@ -85,6 +86,7 @@ async def _until_stopped(stop: asyncio.Event, caddy: Caddy) -> None:
 def main() -> None:
     settings = Settings.from_env("edge")
     configure_logging("edge", settings.log_level)
+    configure_tracing("edge")
     try:
         asyncio.run(serve(settings))
     except (OSError, CaddyError) as exc:  # a port taken, caddy missing or refusing

@@ -7,11 +7,13 @@ import uvicorn
 from services.gateway.app import GatewayOptions, build_app
 from shared.logging import configure_logging
 from shared.settings import Settings
+from shared.tracing import configure_tracing
 
 
 def main() -> None:
     settings = Settings.from_env("gateway")
     configure_logging("gateway", settings.log_level)
+    configure_tracing("gateway")
     host, _, port = settings.listen_address.rpartition(":")
     uvicorn.run(
         build_app(settings, GatewayOptions.from_env()),
