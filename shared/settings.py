@@ -58,6 +58,10 @@ class OAuthProvider:
     jwks_url: str = ""  # fetched over HTTP(S) and cached ...
     jwks: dict[str, object] | None = None  # ... or given inline (local test issuers)
     algorithms: tuple[str, ...] = ("RS256", "ES256", "EdDSA")
+    # Where a browser is sent to sign in (the dashboard's button); empty: not listed there.
+    authorization_endpoint: str = ""
+    label: str = ""  # the button's name for it; empty: the provider's key
+    scopes: tuple[str, ...] = ("openid", "email")
 
 
 def default_data_dir(name: str) -> str:
@@ -82,7 +86,8 @@ def _signing_keys(text: str) -> tuple[SigningKey, ...]:
 
 
 def _oauth_providers(text: str) -> dict[str, OAuthProvider]:
-    """HANGAR_OAUTH_PROVIDERS: JSON {"google": {"issuer", "client_id", "jwks_url"|"jwks"}}."""
+    """HANGAR_OAUTH_PROVIDERS: JSON {"google": {"issuer", "client_id", "jwks_url"|"jwks"}},
+    optionally "algorithms", "authorization_endpoint", "label" and "scopes" too."""
     if not text:
         return {}
     providers = {}
@@ -94,6 +99,9 @@ def _oauth_providers(text: str) -> dict[str, OAuthProvider]:
             jwks_url=spec.get("jwks_url", ""),
             jwks=spec.get("jwks"),
             algorithms=algorithms,
+            authorization_endpoint=spec.get("authorization_endpoint", ""),
+            label=spec.get("label", ""),
+            scopes=tuple(spec.get("scopes") or OAuthProvider.scopes),
         )
     return providers
 
@@ -128,7 +136,13 @@ class Settings:
     service: str
     database_url: str = ""  # the admin URL; services log in with their own role (below)
     db_passwords: dict[str, str] = field(default_factory=dict, repr=False)
+    # Where this process reaches each process: HANGAR_<NAME>_TARGETS when set (a service's
+    # replicas, "127.0.0.1:50052,127.0.0.1:50062": shared.clients balances over them), else
+    # HANGAR_<NAME>_ADDR.
     addresses: dict[str, str] = field(default_factory=dict)
+    # Where this process listens when HANGAR_<SERVICE>_TARGETS lists its service's replicas
+    # for clients: its own HANGAR_<SERVICE>_ADDR. Empty: addresses[service], as without.
+    own_address: str = ""
     log_level: str = "INFO"
     # GET /metrics (Prometheus) on this "host:port" (HANGAR_<PROCESS>_METRICS_ADDR); empty: off.
     metrics_address: str = ""
@@ -260,15 +274,17 @@ class Settings:
 
     @classmethod
     def from_env(cls, service: str) -> Settings:
-        addresses = {
+        own = {
             name: _env(f"HANGAR_{name.upper()}_ADDR", f"127.0.0.1:{port}")
             for name, port in DEFAULT_PORTS.items()
         }
+        addresses = {name: _env(f"HANGAR_{name.upper()}_TARGETS") or own[name] for name in own}
         return cls(
             service=service,
             database_url=_env("DATABASE_URL"),
             db_passwords={s: _env(f"HANGAR_{s.upper()}_DB_PASSWORD") for s in SERVICES},
             addresses=addresses,
+            own_address=own.get(service, "") if _env(f"HANGAR_{service.upper()}_TARGETS") else "",
             log_level=_env("HANGAR_LOG_LEVEL", "INFO"),
             metrics_address=_env(f"HANGAR_{service.upper()}_METRICS_ADDR"),
             grace_seconds=float(_env("HANGAR_GRACE_SECONDS", "5")),
@@ -380,7 +396,15 @@ class Settings:
 
     @property
     def listen_address(self) -> str:
-        return self.addresses[self.service]
+        """One "host:port": several replicas of a service each listen on their own."""
+        address = self.own_address or self.addresses[self.service]
+        if "," in address:
+            raise ValueError(
+                f"HANGAR_{self.service.upper()}_ADDR={address!r}: a process listens on one"
+                f" address; list a service's replicas for its clients in"
+                f" HANGAR_{self.service.upper()}_TARGETS"
+            )
+        return address
 
     def service_database_url(self, service: str | None = None) -> str:
         """The URL a service connects with: its own login role, never the admin one."""

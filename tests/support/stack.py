@@ -6,6 +6,10 @@ gateway by a platform admin, made with `hangar admin promote` as an operator wou
 
 Each process writes stderr to a file; when one dies (at start-up or during the tests) its
 stderr is printed. Stopping sends SIGTERM in reverse start order, then SIGKILL after a grace.
+
+With `replicas=2`, every service and the gateway run twice (the second as `<name>-2`, on a
+port of its own): each service's clients get both addresses (HANGAR_<SVC>_TARGETS) and
+spread their calls over them. With `metrics=True`, every process serves /metrics.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import httpx
 import pytest
 
 from hangar_cli.cli import load_credentials, service_environment, wait_healthy
+from shared.settings import SERVICES
 from tests.support.procs import free_port
 
 REPO = Path(__file__).resolve().parents[2]
@@ -35,6 +40,7 @@ ORDER = ("identity", "billing", "project", "runtime", "agent", "gateway", "edge"
 PASSWORD = "correct horse battery staple"
 REGION = "local"  # project's DEFAULT_REGION: where a project's deployments are placed
 AGENT_SERVER_NAME = "e2e-agent"
+REPLICATED = (*SERVICES, "gateway")  # what start_stack(replicas=N) runs N of
 
 
 class StackError(RuntimeError):
@@ -71,24 +77,45 @@ class Stack:
     processes: dict[str, Process] = field(default_factory=dict)
     admin_token: str = field(default="", repr=False)
     server_id: str = ""  # the agent, registered as a server (empty without an agent)
+    metrics_addresses: dict[str, str] = field(default_factory=dict)  # process -> /metrics
+    killed: set[str] = field(default_factory=set)  # SIGKILLed on purpose (kill), not "dead"
 
-    def client(self, token: str = "", **kwargs: Any) -> httpx.Client:
+    def client(self, token: str = "", *, via: str = "", **kwargs: Any) -> httpx.Client:
+        """An HTTP client of the gateway (or of the gateway process `via`, a replica's)."""
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         kwargs.setdefault("timeout", 15)
-        return httpx.Client(base_url=self.url, headers=headers, **kwargs)
+        url = f"http://{self.addresses[via]}" if via else self.url
+        return httpx.Client(base_url=url, headers=headers, **kwargs)
+
+    def replicas(self, service: str) -> list[str]:
+        """The processes that run `service`: its name, then `<service>-2`..."""
+        return [name for name, p in self.processes.items() if (p.service or name) == service]
+
+    def metrics(self, name: str) -> str:
+        """The process's /metrics page (start_stack(metrics=True))."""
+        reply = httpx.get(f"http://{self.metrics_addresses[name]}/metrics", timeout=10)
+        reply.raise_for_status()
+        return reply.text
 
     def dead(self) -> dict[str, str]:
-        """Processes that exited, with the end of their stderr."""
+        """Processes that exited (other than those kill ended), with the end of their stderr."""
         return {
             name: f"exit {p.proc.returncode}: {p.stderr()}"
             for name, p in self.processes.items()
-            if not p.alive()
+            if not p.alive() and name not in self.killed
         }
 
     def check_alive(self) -> None:
         dead = self.dead()
         if dead:
             raise StackError("; ".join(f"{name} died ({why})" for name, why in dead.items()))
+
+    def kill(self, name: str) -> None:
+        """SIGKILL one process (no chance to clean up) and leave it down."""
+        process = self.processes[name]
+        process.proc.kill()
+        process.proc.wait()
+        self.killed.add(name)
 
     def restart(self, name: str, timeout: float = 60.0) -> Process:
         """SIGKILL one process (no chance to clean up), then start it again, healthy."""
@@ -97,6 +124,7 @@ class Stack:
             process.proc.kill()
         process.proc.wait()
         process._stderr.close()
+        self.killed.discard(name)
         return _start(
             self, name, time.monotonic() + timeout, service=process.service, env=process.env
         )
@@ -137,7 +165,7 @@ def _start(
     )
     process = Process(name, stack.addresses[name], proc, stderr_path, stderr, service, env)
     stack.processes[name] = process
-    while not wait_healthy(name, process.address, min(deadline, time.monotonic() + 0.5)):
+    while not wait_healthy(service or name, process.address, min(deadline, time.monotonic() + 0.5)):
         if not process.alive() or time.monotonic() >= deadline:
             why = "exited" if not process.alive() else "did not become healthy"
             raise StackError(f"{name} {why}; its stderr:\n{process.stderr()}")
@@ -195,6 +223,8 @@ def add_agent(stack: Stack, name: str, timeout: float = 60.0) -> Process:
         "HANGAR_AGENT_SERVER": name,
         "HANGAR_AGENT_STATE_DIR": str(stack.home / name),
     }
+    if stack.metrics_addresses:  # a /metrics port of its own
+        stack.metrics_addresses[name] = env["HANGAR_AGENT_METRICS_ADDR"] = _loopback()
     process = _start(stack, name, time.monotonic() + timeout, service="agent", env=env)
     with stack.client(stack.admin_token) as http:
         server = http.post(
@@ -203,8 +233,7 @@ def add_agent(stack: Stack, name: str, timeout: float = 60.0) -> Process:
                 "name": name,
                 "region": REGION,
                 "agentAddress": address,
-                "ramMb": 8192,
-                "cpuMillis": 8000,
+                "capacity": {"ramMb": 8192, "cpuMillis": 8000},
             },
         )
     if server.status_code != 200:
@@ -222,6 +251,10 @@ def searchable_by_others(path: Path) -> None:
             os.chmod(directory, (st.st_mode & 0o7777) | 0o001)
 
 
+def _loopback() -> str:
+    return f"127.0.0.1:{free_port()}"
+
+
 def start_stack(
     database_url: str,
     db_passwords: Mapping[str, str],
@@ -232,17 +265,36 @@ def start_stack(
     stripe_api_base: str = "",
     extra_env: Mapping[str, str] | None = None,
     timeout: float = 60.0,
+    replicas: int = 1,
+    metrics: bool = False,
 ) -> Stack:
     """Start everything against `database_url` (already migrated with `db_passwords`); the
-    edge (Caddy in front of the apps, addresses["edge"]) only when asked."""
+    edge (Caddy in front of the apps, addresses["edge"]) only when asked. `replicas`
+    processes of each service and of the gateway; `metrics`: /metrics on every process."""
     home.mkdir(parents=True, exist_ok=True)
     if agent:
         searchable_by_others(home)
     creds = load_credentials(home)  # service secrets, JWT signing key, project master key
     creds["db_passwords"] = dict(db_passwords)  # the roles the migration created
     names = tuple(n for n in ORDER if (agent or n != "agent") and (edge or n != "edge"))
-    addresses = {name: f"127.0.0.1:{free_port()}" for name in ORDER}
+    addresses = {name: _loopback() for name in ORDER}
     env = service_environment(database_url, creds, addresses)
+    # The second and later replicas: their own port (HANGAR_<SVC>_ADDR in their own env);
+    # every client reaches a service through the list of all of its replicas.
+    more: dict[str, list[str]] = {
+        name: [f"{name}-{n}" for n in range(2, replicas + 1)] for name in REPLICATED
+    }
+    for name, extra in more.items():
+        addresses.update({replica: _loopback() for replica in extra})
+        if extra and name in SERVICES:
+            every = [addresses[name], *(addresses[replica] for replica in extra)]
+            env[f"HANGAR_{name.upper()}_TARGETS"] = ",".join(every)
+    metrics_addresses: dict[str, str] = {}
+    if metrics:
+        for name in names:
+            metrics_addresses[name] = _loopback()
+            env[f"HANGAR_{name.upper()}_METRICS_ADDR"] = metrics_addresses[name]
+            metrics_addresses.update({replica: _loopback() for replica in more.get(name, [])})
     env.update(
         {
             "PYTHONUNBUFFERED": "1",
@@ -282,10 +334,16 @@ def start_stack(
         env["HANGAR_DOMAIN_CHECK_ADDRESS"] = addresses["edge"]
     env.update(extra_env or {})
     stack = Stack(f"http://{addresses['gateway']}", addresses, env, home)
+    stack.metrics_addresses = metrics_addresses
     deadline = time.monotonic() + timeout
     try:
         for name in names:
             _start(stack, name, deadline)
+            for replica in more.get(name, []):
+                own = {f"HANGAR_{name.upper()}_ADDR": addresses[replica]}
+                if replica in metrics_addresses:
+                    own[f"HANGAR_{name.upper()}_METRICS_ADDR"] = metrics_addresses[replica]
+                _start(stack, replica, deadline, service=name, env={**env, **own})
         if agent:
             _register_agent(stack, ram_mb=8192, cpu_millis=8000)
     except BaseException:
@@ -367,7 +425,11 @@ def owner_with_project(
         created = http.post(
             f"/v1/organizations/{org['id']}/projects",
             headers=owner.auth,
-            json={"name": "Bench", "slug": slug, "ramMb": ram_mb, "cpuMillis": cpu_millis},
+            json={
+                "name": "Bench",
+                "slug": slug,
+                "resources": {"ramMb": ram_mb, "cpuMillis": cpu_millis},
+            },
         )
         created.raise_for_status()
         project: dict[str, Any] = created.json()
