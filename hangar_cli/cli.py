@@ -14,7 +14,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,6 +39,16 @@ PROCESSES = ("identity", "billing", "project", "runtime", "agent", "gateway", "e
 # The edge answers its health check on a name no app can have (.invalid is reserved).
 EDGE_HEALTH_HOST = "edge.hangar.invalid"
 LOCAL_REGION = "local"  # project's default region: where local projects deploy
+# Where `hangar up` serves each process's Prometheus metrics (docs/metrics.md), unless
+# HANGAR_<PROCESS>_METRICS_ADDR says otherwise (empty: that process serves none).
+METRICS_PORTS = {
+    "identity": 9151,
+    "project": 9152,
+    "runtime": 9153,
+    "billing": 9154,
+    "agent": 9160,
+    "gateway": 9180,
+}
 
 
 def _fail(message: str) -> int:
@@ -414,6 +424,16 @@ def apps_unisolated(env: dict[str, str]) -> str | None:
     return unavailable_reason() if driver == "auto" else None
 
 
+def metrics_addresses(environ: Mapping[str, str]) -> dict[str, str]:
+    """Each process's metrics address for `hangar up`: its setting, else its default port on
+    loopback; a setting left empty turns that process's endpoint off."""
+    addresses = {
+        name: environ.get(f"HANGAR_{name.upper()}_METRICS_ADDR", f"127.0.0.1:{port}")
+        for name, port in METRICS_PORTS.items()
+    }
+    return {name: address for name, address in addresses.items() if address}
+
+
 def cmd_up(args: argparse.Namespace) -> int:
     from shared.migrate import migrate
     from shared.pg import PostgresUnavailable, provision
@@ -424,9 +444,11 @@ def cmd_up(args: argparse.Namespace) -> int:
         for name, port in DEFAULT_PORTS.items()
     }
     edge_host = addresses["edge"].rpartition(":")[0]
+    metrics = metrics_addresses(os.environ)
     extra_ports = {
         "edge https": f"{edge_host}:{os.environ.get('HANGAR_EDGE_HTTPS_PORT', '8443')}",
         "edge admin": os.environ.get("HANGAR_EDGE_ADMIN_ADDRESS", "127.0.0.1:2019"),
+        **{f"{name} metrics": address for name, address in metrics.items()},
     }
     for name, address in [*((n, addresses[n]) for n in PROCESSES), *extra_ports.items()]:
         host, _, port = address.rpartition(":")
@@ -460,6 +482,7 @@ def cmd_up(args: argparse.Namespace) -> int:
             first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
             return _fail(f"migrations failed against {pg.kind} PostgreSQL: {first_line}")
         env = service_environment(pg.url, creds, addresses)
+        env.update({f"HANGAR_{n.upper()}_METRICS_ADDR": a for n, a in metrics.items()})
         env.setdefault("HANGAR_AGENT_STATE_DIR", str(home / "agent"))
         env.setdefault("HANGAR_ARTIFACTS_DIR", str(home / "artifacts"))
         env.setdefault("HANGAR_EDGE_STATE_DIR", str(home / "edge"))
@@ -495,6 +518,8 @@ def cmd_up(args: argparse.Namespace) -> int:
         for name in PROCESSES:
             kind = "http" if name in ("gateway", "edge") else "grpc"
             print(f"  {name:<9} {kind}://{addresses[name]}")
+        if metrics:
+            print("  metrics   " + ", ".join(f"{n} http://{a}/metrics" for n, a in metrics.items()))
         domain = os.environ.get("HANGAR_APPS_DOMAIN", "localhost")
         port = addresses["edge"].rpartition(":")[2]
         print(f"  apps      http://<project>-<organization>.{domain}:{port}")

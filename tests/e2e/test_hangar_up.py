@@ -18,7 +18,7 @@ import httpx
 import psutil
 import pytest
 
-from hangar_cli.cli import PROCESSES, wait_healthy
+from hangar_cli.cli import METRICS_PORTS, PROCESSES, wait_healthy
 from tests.support.procs import free_port
 
 pytestmark = pytest.mark.slow
@@ -34,6 +34,8 @@ def _env(home: Path) -> tuple[dict[str, str], dict[str, str]]:
         env[f"HANGAR_{name.upper()}_ADDR"] = address
     env["HANGAR_EDGE_HTTPS_PORT"] = str(free_port())
     env["HANGAR_EDGE_ADMIN_ADDRESS"] = f"127.0.0.1:{free_port()}"
+    for name in METRICS_PORTS:  # never the defaults: a `make run` may hold them
+        env[f"HANGAR_{name.upper()}_METRICS_ADDR"] = f"127.0.0.1:{free_port()}"
     return env, addresses
 
 
@@ -105,6 +107,12 @@ def test_up_serves_everything_stops_on_ctrl_c_and_reuses_data(tmp_path: Path) ->
         for name in PROCESSES:
             assert addresses[name] in banner
             assert wait_healthy(name, addresses[name], time.monotonic() + 5), name
+        for name in METRICS_PORTS:  # every process but the edge serves its metrics
+            metrics = env[f"HANGAR_{name.upper()}_METRICS_ADDR"]
+            assert f"{name} http://{metrics}/metrics" in banner
+            scraped = httpx.get(f"http://{metrics}/metrics", timeout=10)
+            family = "http_requests_total" if name == "gateway" else "grpc_server_handled_total"
+            assert scraped.status_code == 200 and f"# TYPE {family}" in scraped.text, name
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=30) == 0
         for name in PROCESSES:
