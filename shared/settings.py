@@ -101,9 +101,16 @@ def _oauth_providers(text: str) -> dict[str, OAuthProvider]:
             algorithms=algorithms,
             authorization_endpoint=spec.get("authorization_endpoint", ""),
             label=spec.get("label", ""),
-            scopes=tuple(spec.get("scopes") or OAuthProvider.scopes),
+            scopes=tuple(_words(spec.get("scopes")) or OAuthProvider.scopes),
         )
     return providers
+
+
+def _words(value: object) -> list[str]:
+    """A list of strings, or one string of space-separated words (as OAuth writes scopes)."""
+    if isinstance(value, str):
+        return value.split()
+    return [str(v) for v in value] if isinstance(value, list) else []
 
 
 def _master_keys(text: str) -> dict[str, bytes]:

@@ -241,8 +241,8 @@ class Accounts:
             raise Unauthenticated("this account no longer exists", reason="USER_GONE")
         return user
 
-    async def login_with_oauth(self, provider: str, id_token: str) -> SignedIn:
-        ident = await self.oidc.verify(provider, id_token)
+    async def login_with_oauth(self, provider: str, id_token: str, nonce: str = "") -> SignedIn:
+        ident = await self.oidc.verify(provider, id_token, nonce)
         async with self.db.transaction() as tx:
             user = await store.user_by_oauth(tx, ident.provider, ident.subject)
             if user is None:

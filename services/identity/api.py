@@ -236,7 +236,25 @@ class IdentityApi(identity_pb2_grpc.IdentityServiceServicer):
     async def LoginWithOAuth(
         self, request: pb.LoginWithOAuthRequest, context: Context
     ) -> pb.AuthResponse:
-        return _auth(await self.accounts.login_with_oauth(request.provider, request.id_token))
+        signed_in = await self.accounts.login_with_oauth(
+            request.provider, request.id_token, request.nonce
+        )
+        return _auth(signed_in)
+
+    async def ListOAuthProviders(
+        self, request: pb.ListOAuthProvidersRequest, context: Context
+    ) -> pb.ListOAuthProvidersResponse:
+        providers = [
+            pb.OAuthProvider(
+                name=name,
+                label=provider.label or name,
+                authorization_endpoint=provider.authorization_endpoint,
+                client_id=provider.client_id,
+                scopes=provider.scopes,
+            )
+            for name, provider in self.accounts.oidc.sign_in_options()
+        ]
+        return pb.ListOAuthProvidersResponse(providers=providers)
 
     async def LinkOAuthAccount(
         self, request: pb.LinkOAuthAccountRequest, context: Context

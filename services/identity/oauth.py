@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hmac
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -11,7 +12,7 @@ import httpx
 import jwt
 
 from shared.cache import TtlCache
-from shared.errors import InvalidArgument, Unauthenticated
+from shared.errors import FieldViolation, InvalidArgument, Unauthenticated
 from shared.settings import OAuthProvider
 
 JWKS_MAX_AGE = 3600.0
@@ -33,7 +34,13 @@ class OidcVerifier:
         self._keys: TtlCache[str, tuple[float, dict[str, Any]]] = TtlCache(JWKS_MAX_AGE)
         self._locks: dict[str, asyncio.Lock] = {}
 
-    async def verify(self, provider_name: str, id_token: str) -> OidcIdentity:
+    def sign_in_options(self) -> list[tuple[str, OAuthProvider]]:
+        """The providers a browser can be sent to (an authorization endpoint set), by name."""
+        listed = [(n, p) for n, p in self.providers.items() if p.authorization_endpoint]
+        return sorted(listed, key=lambda option: option[0])
+
+    async def verify(self, provider_name: str, id_token: str, nonce: str = "") -> OidcIdentity:
+        """The identity an id_token proves; with a nonce, only a token issued for it."""
         provider = self.providers.get(provider_name)
         if provider is None:
             raise InvalidArgument.field("provider", "not a configured OAuth provider")
@@ -58,6 +65,12 @@ class OidcVerifier:
             )
         except jwt.PyJWTError:
             raise Unauthenticated("id_token did not verify", reason="ID_TOKEN_INVALID") from None
+        if nonce and not hmac.compare_digest(str(claims.get("nonce", "")).encode(), nonce.encode()):
+            raise InvalidArgument(
+                FieldViolation("nonce", "does not match the id_token's nonce claim"),
+                "the id_token was issued for another sign-in (its nonce differs)",
+                reason="NONCE_MISMATCH",
+            )
         verified = claims.get("email_verified") in (True, "true")
         return OidcIdentity(
             provider=provider_name,

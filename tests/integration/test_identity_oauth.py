@@ -2,26 +2,41 @@
 
 from __future__ import annotations
 
+import json
 import secrets
 from collections.abc import AsyncIterator
+from dataclasses import replace
 
 import grpc
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from google.protobuf import json_format
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
 
 from hangar.identity.v1 import identity_pb2 as pb
+from shared.settings import OAuthProvider
 from tests.support.identity import RunningIdentity, TestIssuer, bearer, running_identity
 
 ISSUER = TestIssuer()
+# Configured without an authorization endpoint: verifies id_tokens, is not offered to browsers.
+SECRET_URL = "https://hidden.test/jwks?token=do-not-list"
 
 
 @pytest.fixture(scope="module")
 async def identity(
     database_url: str, db_passwords: dict[str, str]
 ) -> AsyncIterator[RunningIdentity]:
-    async with running_identity(
-        database_url, db_passwords, oauth={"test": ISSUER.provider()}
-    ) as running:
+    oauth = {
+        "test": replace(
+            ISSUER.provider(),
+            authorization_endpoint="https://accounts.test/authorize",
+            label="Test IdP",
+            scopes=("openid", "email", "profile"),
+        ),
+        "hidden": OAuthProvider(issuer="https://hidden.test", client_id="c", jwks_url=SECRET_URL),
+    }
+    async with running_identity(database_url, db_passwords, oauth=oauth) as running:
         yield running
 
 
@@ -122,3 +137,58 @@ async def test_links_by_email_only_to_a_verified_account(
         await conn.close()
     signed_in = await _oauth(identity, ISSUER.id_token(secrets.token_hex(8), email))
     assert signed_in.user.id == local.user.id
+
+
+async def test_lists_providers_a_browser_can_start_with_and_nothing_secret(
+    identity: RunningIdentity,
+) -> None:
+    reply = await identity.stub.ListOAuthProviders(pb.ListOAuthProvidersRequest())
+    assert [json_format.MessageToDict(p) for p in reply.providers] == [
+        {
+            "name": "test",
+            "label": "Test IdP",
+            "authorizationEndpoint": "https://accounts.test/authorize",
+            "clientId": ISSUER.client_id,
+            "scopes": ["openid", "email", "profile"],
+        }
+    ]
+    # The verification keys and the unlisted provider's settings stay in identity.
+    text = json.dumps(json_format.MessageToDict(reply))
+    assert "hidden" not in text and SECRET_URL not in text
+    assert ISSUER.kid not in text and ISSUER.jwks()["keys"][0]["x"] not in text
+
+
+async def test_a_matching_nonce_signs_in(identity: RunningIdentity) -> None:
+    email, nonce = _email(), secrets.token_urlsafe(16)
+    token = ISSUER.id_token(secrets.token_hex(8), email, nonce=nonce)
+    signed_in = await identity.stub.LoginWithOAuth(
+        pb.LoginWithOAuthRequest(provider="test", id_token=token, nonce=nonce)
+    )
+    assert signed_in.user.email == email and signed_in.access_token
+
+
+@pytest.mark.parametrize("claim", ["another sign-in's", "none"])
+async def test_a_nonce_the_id_token_does_not_carry_is_refused_naming_the_field(
+    identity: RunningIdentity, claim: str
+) -> None:
+    other = secrets.token_urlsafe(16) if claim != "none" else ""
+    token = ISSUER.id_token(secrets.token_hex(8), _email(), nonce=other)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await identity.stub.LoginWithOAuth(
+            pb.LoginWithOAuthRequest(provider="test", id_token=token, nonce="this-sign-in")
+        )
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "nonce" in (caught.value.details() or "")
+    status = rpc_status.from_call(caught.value)
+    assert status is not None
+    bad = error_details_pb2.BadRequest()
+    assert any(d.Unpack(bad) for d in status.details)
+    assert [v.field for v in bad.field_violations] == ["nonce"]
+
+
+async def test_without_a_nonce_a_token_carrying_one_still_signs_in(
+    identity: RunningIdentity,
+) -> None:
+    """Callers that predate the nonce field (the CLI, scripts) keep working."""
+    token = ISSUER.id_token(secrets.token_hex(8), _email(), nonce=secrets.token_urlsafe(16))
+    assert (await _oauth(identity, token)).access_token

@@ -61,6 +61,7 @@ class TestIssuer:
         issuer: str | None = None,
         expires_in: int = 300,
         key: Ed25519PrivateKey | None = None,
+        nonce: str = "",
     ) -> str:
         now = int(time.time())
         claims: dict[str, Any] = {
@@ -73,6 +74,8 @@ class TestIssuer:
         if email:
             claims["email"] = email
             claims["email_verified"] = email_verified
+        if nonce:
+            claims["nonce"] = nonce
         return jwt.encode(claims, key or self._key, algorithm="EdDSA", headers={"kid": self.kid})
 
 

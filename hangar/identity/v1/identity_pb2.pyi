@@ -140,12 +140,38 @@ class GetCurrentUserRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class LoginWithOAuthRequest(_message.Message):
-    __slots__ = ("provider", "id_token")
+    __slots__ = ("provider", "id_token", "nonce")
     PROVIDER_FIELD_NUMBER: _ClassVar[int]
     ID_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    NONCE_FIELD_NUMBER: _ClassVar[int]
     provider: str
     id_token: str
-    def __init__(self, provider: _Optional[str] = ..., id_token: _Optional[str] = ...) -> None: ...
+    nonce: str
+    def __init__(self, provider: _Optional[str] = ..., id_token: _Optional[str] = ..., nonce: _Optional[str] = ...) -> None: ...
+
+class ListOAuthProvidersRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListOAuthProvidersResponse(_message.Message):
+    __slots__ = ("providers",)
+    PROVIDERS_FIELD_NUMBER: _ClassVar[int]
+    providers: _containers.RepeatedCompositeFieldContainer[OAuthProvider]
+    def __init__(self, providers: _Optional[_Iterable[_Union[OAuthProvider, _Mapping]]] = ...) -> None: ...
+
+class OAuthProvider(_message.Message):
+    __slots__ = ("name", "label", "authorization_endpoint", "client_id", "scopes")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    LABEL_FIELD_NUMBER: _ClassVar[int]
+    AUTHORIZATION_ENDPOINT_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
+    SCOPES_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    label: str
+    authorization_endpoint: str
+    client_id: str
+    scopes: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, name: _Optional[str] = ..., label: _Optional[str] = ..., authorization_endpoint: _Optional[str] = ..., client_id: _Optional[str] = ..., scopes: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class LinkOAuthAccountRequest(_message.Message):
     __slots__ = ("provider", "id_token")

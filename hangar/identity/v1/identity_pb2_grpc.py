@@ -88,6 +88,11 @@ class IdentityServiceStub:
                 request_serializer=hangar_dot_identity_dot_v1_dot_identity__pb2.LoginWithOAuthRequest.SerializeToString,
                 response_deserializer=hangar_dot_identity_dot_v1_dot_identity__pb2.AuthResponse.FromString,
                 _registered_method=True)
+        self.ListOAuthProviders = channel.unary_unary(
+                '/hangar.identity.v1.IdentityService/ListOAuthProviders',
+                request_serializer=hangar_dot_identity_dot_v1_dot_identity__pb2.ListOAuthProvidersRequest.SerializeToString,
+                response_deserializer=hangar_dot_identity_dot_v1_dot_identity__pb2.ListOAuthProvidersResponse.FromString,
+                _registered_method=True)
         self.LinkOAuthAccount = channel.unary_unary(
                 '/hangar.identity.v1.IdentityService/LinkOAuthAccount',
                 request_serializer=hangar_dot_identity_dot_v1_dot_identity__pb2.LinkOAuthAccountRequest.SerializeToString,
@@ -266,6 +271,15 @@ class IdentityServiceServicer:
     def LoginWithOAuth(self, request, context):
         """Signs in (creating or linking the account) with an OpenID Connect id_token.
         Role: none (anonymous).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListOAuthProviders(self, request, context):
+        """Lists the OpenID Connect providers a browser can start a sign-in with: those configured
+        with an authorization endpoint, with what the sign-in request needs (never a secret or a
+        key). Role: none (anonymous).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -466,6 +480,11 @@ def add_IdentityServiceServicer_to_server(servicer, server):
                     servicer.LoginWithOAuth,
                     request_deserializer=hangar_dot_identity_dot_v1_dot_identity__pb2.LoginWithOAuthRequest.FromString,
                     response_serializer=hangar_dot_identity_dot_v1_dot_identity__pb2.AuthResponse.SerializeToString,
+            ),
+            'ListOAuthProviders': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListOAuthProviders,
+                    request_deserializer=hangar_dot_identity_dot_v1_dot_identity__pb2.ListOAuthProvidersRequest.FromString,
+                    response_serializer=hangar_dot_identity_dot_v1_dot_identity__pb2.ListOAuthProvidersResponse.SerializeToString,
             ),
             'LinkOAuthAccount': grpc.unary_unary_rpc_method_handler(
                     servicer.LinkOAuthAccount,
@@ -835,6 +854,33 @@ class IdentityService:
             '/hangar.identity.v1.IdentityService/LoginWithOAuth',
             hangar_dot_identity_dot_v1_dot_identity__pb2.LoginWithOAuthRequest.SerializeToString,
             hangar_dot_identity_dot_v1_dot_identity__pb2.AuthResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListOAuthProviders(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hangar.identity.v1.IdentityService/ListOAuthProviders',
+            hangar_dot_identity_dot_v1_dot_identity__pb2.ListOAuthProvidersRequest.SerializeToString,
+            hangar_dot_identity_dot_v1_dot_identity__pb2.ListOAuthProvidersResponse.FromString,
             options,
             channel_credentials,
             insecure,
