@@ -200,6 +200,16 @@ export async function login(email, password) {
   return remember(await send("POST", "/v1/auth/login", { email, password }));
 }
 
+// The OpenID Connect providers a sign-in can start with (anonymous; none configured: []).
+export async function oauthProviders() {
+  return (await send("GET", "/v1/auth/oauth/providers")).providers || [];
+}
+
+// Signs in with a provider's id_token; `nonce` is the one this tab sent it (identity checks it).
+export async function loginWithOAuth(provider, idToken, nonce) {
+  return remember(await send("POST", "/v1/auth/oauth/login", { provider, idToken, nonce }));
+}
+
 export async function signUp(email, password, name) {
   const body = { email, password, name };
   if (globalThis.crypto && crypto.randomUUID) body.requestId = crypto.randomUUID();

@@ -1,16 +1,20 @@
 // The Hangar dashboard: a client of the public /v1 API, routed by the URL's hash (#/login,
-// #/signup, #/orgs, #/projects, #/projects/<id>, #/members, #/billing, #/audit, #/servers),
-// so the gateway serves one page.
+// #/signup, #/oauth, #/orgs, #/projects, #/projects/<id>, #/members, #/billing, #/audit, #/organization,
+// #/servers), so the gateway serves one page.
 
 import { render } from "./vendor/preact.mjs";
 import { useEffect, useState } from "./vendor/hooks.mjs";
 import { describe, listAll, logout, onSessionChange, resume, roleIn } from "./api.js";
 import { LoginPage, OrganizationsPage, ProjectsPage, SignUpPage } from "./pages.js";
+import { OAuthCallbackPage, takeOAuthResponse } from "./oauth.js";
 import { AuditPage, BillingPage, MembersPage, ServersPage } from "./org.js";
 import { ProjectPage } from "./project.js";
+import { OrgSettingsPage } from "./orgsettings.js";
 import { ADMIN_ROLES, WRITE_ROLES, html } from "./ui.js";
 
 const ORG_KEY = "hangar.organization"; // which organization is current: an id, not a secret
+
+let lastShown = null; // the page last shown ("page/id"), to move focus only on a change
 
 function currentRoute() {
   const parts = location.hash.replace(/^#\/?/, "").split("/").filter(Boolean);
@@ -43,6 +47,7 @@ function Header({ user, orgs, org, role, onSwitch, onLogout }) {
       ${org ? html`<a href="#/members" id="nav-members">Members</a>` : null}
       ${org ? html`<a href="#/billing" id="nav-billing">Billing</a>` : null}
       ${org && ADMIN_ROLES.has(role) ? html`<a href="#/audit" id="nav-audit">Audit log</a>` : null}
+      ${org ? html`<a href="#/organization" id="nav-org-settings">Settings</a>` : null}
       <a href="#/orgs">Organizations</a>
       ${user.isPlatformAdmin ? html`<a href="#/servers" id="nav-servers">Servers</a>` : null}
     </nav>
@@ -115,8 +120,9 @@ function App() {
   }, [orgId, user && user.id]);
 
   useEffect(() => {
-    if (user === null && route.page !== "login" && route.page !== "signup") go("#/login");
-    if (user && (route.page === "login" || route.page === "signup" || route.page === "")) go("#/projects");
+    const signingIn = ["login", "signup", "oauth"].includes(route.page);
+    if (user === null && !signingIn) go("#/login");
+    if (user && (signingIn || route.page === "")) go("#/projects");
   }, [user, route.page]);
 
   useEffect(() => {
@@ -124,8 +130,16 @@ function App() {
     document.getElementById("main")?.setAttribute("tabindex", "-1");
   });
 
+  useEffect(() => {
+    // Not on the first load (focus starts at the document), only on a move to another page.
+    const shown = `${route.page}/${route.id}`;
+    if (lastShown !== null && lastShown !== shown) document.getElementById("main")?.focus({ preventScroll: true });
+    lastShown = shown;
+  }, [route.page, route.id]);
+
   if (user === undefined) return html`<p class="loading">Loading…</p>`;
   if (user === null) {
+    if (route.page === "oauth") return html`<${OAuthCallbackPage} onSignedIn=${setUser} />`;
     return route.page === "signup"
       ? html`<${SignUpPage} onSignedIn=${setUser} />`
       : html`<${LoginPage} onSignedIn=${setUser} />`;
@@ -161,6 +175,18 @@ function App() {
     page = html`<${BillingPage} key=${org.id} org=${org} role=${role} />`;
   } else if (org && route.page === "audit") {
     page = html`<${AuditPage} key=${org.id} org=${org} />`;
+  } else if (org && route.page === "organization") {
+    page = html`<${OrgSettingsPage}
+      key=${org.id}
+      org=${org}
+      role=${role}
+      onRenamed=${(renamed) => loadOrgs(renamed.id)}
+      onDeleted=${async () => {
+        localStorage.removeItem(ORG_KEY);
+        await loadOrgs("");
+        go("#/orgs");
+      }}
+    />`;
   } else if (org) {
     page = html`<${ProjectsPage} key=${org.id} org=${org} role=${role} canWrite=${canWrite} />`;
   } else {
@@ -174,7 +200,7 @@ function App() {
       role=${role}
       onSwitch=${(id) => {
         switchTo(id);
-        if (!["members", "billing", "audit"].includes(route.page)) go("#/projects");
+        if (!["members", "billing", "audit", "organization"].includes(route.page)) go("#/projects");
       }}
       onLogout=${async () => {
         try {
@@ -190,4 +216,5 @@ function App() {
   </div>`;
 }
 
+takeOAuthResponse(); // an OpenID Connect provider's answer in the URL: out of it before routing
 render(html`<${App} />`, document.getElementById("app"));

@@ -183,7 +183,7 @@ export function LiveLogs({ projectId }) {
   }[state];
 
   return html`<section aria-labelledby="logs-title" id="live-logs" data-state=${state} data-connections=${opens}>
-    <h2 id="logs-title">Logs <span class="muted small" id="logs-state">(${stateText})</span></h2>
+    <h2 id="logs-title">Logs <span class="muted small" id="logs-state" role="status">(${stateText})</span></h2>
     <div class="logs-controls">
       <label class="field inline">
         <span class="label">Filter</span>
@@ -203,14 +203,19 @@ export function LiveLogs({ projectId }) {
     ${error ? html`<p class="error" role="alert">${error}</p>` : null}
     ${entries.length === 0 && !error ? html`<p class="notice">No log lines yet.</p>` : null}
     ${needle && entries.length && !visible.length ? html`<p class="notice" id="log-no-match">No line matches the filter.</p>` : null}
-    <ol class="logs" id="logs" role="log" aria-live="off" tabindex="0" ref=${box} onScroll=${onScroll}>
-      ${visible.map(
-        (e) => html`<li key=${e.key} class=${`log log-${streamName(e.stream)}`}>
-          <time class="muted">${when(e.emittedAt)}</time>
-          ${" "}<span class=${`stream stream-${streamName(e.stream)}`}>${streamName(e.stream)}</span>
-          ${" "}<span class="line">${e.line}</span>
-        </li>`,
-      )}
-    </ol>
+    <div class="logs" id="logs" role="log" aria-labelledby="logs-title" tabindex="0" ref=${box} onScroll=${onScroll}
+      aria-live=${paused || needle ? "off" : "polite"}>
+      ${visible.length
+        ? html`<ol>
+            ${visible.map(
+              (e) => html`<li key=${e.key} class=${`log log-${streamName(e.stream)}`}>
+                <time class="muted">${when(e.emittedAt)}</time>
+                ${" "}<span class=${`stream stream-${streamName(e.stream)}`}>${streamName(e.stream)}</span>
+                ${" "}<span class="line">${e.line}</span>
+              </li>`,
+            )}
+          </ol>`
+        : null}
+    </div>
   </section>`;
 }

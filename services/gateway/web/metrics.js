@@ -75,6 +75,17 @@ async function loadCharts(projectId, range) {
   return { start, end, step, charts };
 }
 
+// The newest value of each series, as text: what the canvas shows, for those who cannot see it.
+function latestText(spec, data) {
+  const parts = spec.series.map(([, label], i) => {
+    const ys = data[i + 1];
+    for (let k = ys.length - 1; k >= 0; k--) if (ys[k] != null) return `${label} ${spec.unit(ys[k])}`;
+    return "";
+  });
+  const known = parts.filter(Boolean);
+  return known.length ? `latest: ${known.join(", ")}` : "";
+}
+
 function chartWidth(element) {
   return Math.max(240, Math.floor(element.clientWidth || 600));
 }
@@ -105,6 +116,12 @@ function Chart({ spec, data, start, end }) {
       ],
     };
     plot.current = new uPlot(opts, data, element);
+    // The canvas as an image with a name; its values are in the caption and uPlot's legend.
+    const canvas = element.querySelector("canvas");
+    if (canvas) {
+      canvas.setAttribute("role", "img");
+      canvas.setAttribute("aria-label", `${spec.title} chart; the newest values are in its caption`);
+    }
     const onResize = () => plot.current && plot.current.setSize({ width: chartWidth(element), height: 180 });
     addEventListener("resize", onResize);
     return () => {
@@ -148,7 +165,7 @@ export function MetricsPanel({ projectId }) {
             (spec) => html`<figure key=${`${spec.key}-${range}`} class="card chart-card">
               <figcaption>${spec.title}${current.charts[spec.key].points === 0
                 ? html` <span class="muted small">no samples in this range yet</span>`
-                : null}</figcaption>
+                : html` <span class="muted small chart-latest">${latestText(spec, current.charts[spec.key].data)}</span>`}</figcaption>
               <${Chart} spec=${spec} data=${current.charts[spec.key].data} start=${current.start} end=${current.end} />
             </figure>`,
           )}

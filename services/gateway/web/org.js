@@ -97,6 +97,7 @@ export function MembersPage({ org, userId }) {
     ${canManage
       ? html`<${ActionForm}
           name="add-member"
+          level=${2}
           title="Add a member"
           submit="Add member"
           after="reset"

@@ -2,6 +2,7 @@
 
 import { useState } from "./vendor/hooks.mjs";
 import { api, listAll, login, signUp } from "./api.js";
+import { OAuthButtons } from "./oauth.js";
 import { CPU_MIN, RAM_MIN, Slider } from "./settings.js";
 import {
   ActionForm,
@@ -27,6 +28,7 @@ export function LoginPage({ onSignedIn }) {
       <${Field} label="Email" name="email" type="email" autocomplete="username" required />
       <${Field} label="Password" name="password" type="password" autocomplete="current-password" required />
     <//>
+    <${OAuthButtons} />
     <p>No account yet? <a href="#/signup">Sign up</a>.</p>
   </main>`;
 }
@@ -78,6 +80,7 @@ export function OrganizationsPage({ orgs, currentId, onSwitch, onCreated }) {
         </ul>`}
     <${ActionForm}
       name="create-org"
+      level=${2}
       title="New organization"
       submit="Create organization"
       after="reset"
@@ -204,6 +207,7 @@ export function ProjectsPage({ org, role, canWrite }) {
         ? html`<p class="notice" id="plan-pending">Setting up this organization's plan…</p>`
         : html`<${ActionForm}
             name="create-project"
+            level=${2}
             title="New project"
             submit="Create project"
             after="reset"

@@ -57,8 +57,10 @@ export function Field({ label, hint, ...input }) {
 }
 
 // A form that calls `action(FormData, form)`, shows "Working…" meanwhile, and the API's error
-// as sentences next to its button (role=alert, so screen readers announce it).
-export function ActionForm({ name, title, action, submit, disabled, children, after }) {
+// as sentences next to its button (role=alert, so screen readers announce it). Its title is an
+// h3 (a form in a page's section) or, with level=2, an h2 (a form right under the page's h1).
+export function ActionForm({ name, title, action, submit, disabled, children, after, level }) {
+  const Heading = level === 2 ? "h2" : "h3";
   const [error, setError] = useState("");
   const [busy, setBusy] = useState(false);
   async function onSubmit(event) {
@@ -76,7 +78,7 @@ export function ActionForm({ name, title, action, submit, disabled, children, af
     }
   }
   return html`<form name=${name} aria-label=${title} class="card form" onSubmit=${onSubmit}>
-    ${title ? html`<h3>${title}</h3>` : null}
+    ${title ? html`<${Heading}>${title}<//>` : null}
     ${children}
     <div class="actions">
       <button type="submit" disabled=${busy || disabled}>${busy ? "Working…" : submit}</button>
