@@ -33,6 +33,7 @@ from typing import Any, BinaryIO
 import httpx
 
 from hangar.runtime.v1 import runtime_pb2
+from services.edge.certificates import UploadedCertificate, connection_policies, load_pem
 from services.edge.dns import srv_name
 from shared.settings import default_data_dir
 
@@ -104,9 +105,18 @@ def valid_hostname(name: str) -> bool:
 # -- the config ------------------------------------------------------------------------
 
 
-def caddy_config(routes: Sequence[Route], edge: EdgeConfig) -> CaddyConfig:
-    """Caddy's whole JSON config for this route table."""
+def caddy_config(
+    routes: Sequence[Route],
+    edge: EdgeConfig,
+    certificates: Sequence[UploadedCertificate] = (),
+) -> CaddyConfig:
+    """Caddy's whole JSON config for this route table and these uploaded certificates
+    (already filtered to the table's names: certificates.ExpiryWarnings.usable)."""
     table = route_handlers(routes, edge.dns_address)
+    tls: dict[str, Any] = {"automation": tls_automation(routes, edge)}
+    if certificates:
+        tls["certificates"] = {"load_pem": load_pem(certificates)}
+    policies = connection_policies(certificates, (h for r in routes for h in _names(r.hostnames)))
     return {
         "admin": {"listen": edge.admin_address, "config": {"persist": False}},
         "storage": {"module": "file_system", "root": edge.storage_dir},
@@ -117,11 +127,11 @@ def caddy_config(routes: Sequence[Route], edge: EdgeConfig) -> CaddyConfig:
                 "https_port": edge.https_port,
                 "grace_period": GRACE_PERIOD,
                 "servers": {
-                    HTTP_SERVER: _server([edge.http_address], ["h1", "h2c"], table, tls=False),
-                    HTTPS_SERVER: _server([edge.https_address], ["h1", "h2"], table, tls=True),
+                    HTTP_SERVER: _server([edge.http_address], ["h1", "h2c"], table, tls=None),
+                    HTTPS_SERVER: _server([edge.https_address], ["h1", "h2"], table, tls=policies),
                 },
             },
-            "tls": {"automation": tls_automation(routes, edge)},
+            "tls": tls,
             # The local CA's root is never put into the system's trust stores (no sudo).
             "pki": {"certificate_authorities": {"local": {"install_trust": False}}},
         },
@@ -129,7 +139,11 @@ def caddy_config(routes: Sequence[Route], edge: EdgeConfig) -> CaddyConfig:
 
 
 def _server(
-    listen: list[str], protocols: list[str], routes: list[dict[str, Any]], *, tls: bool
+    listen: list[str],
+    protocols: list[str],
+    routes: list[dict[str, Any]],
+    *,
+    tls: list[dict[str, Any]] | None,
 ) -> dict[str, Any]:
     server: dict[str, Any] = {
         "listen": listen,
@@ -139,10 +153,11 @@ def _server(
         # No trusted_proxies: a client's own X-Forwarded-* headers are replaced, never kept.
         "automatic_https": {"disable_redirects": True},
     }
-    if tls:
-        # Certificates come on demand at the handshake (tls_automation), not at load.
+    if tls is not None:
+        # Certificates come on demand at the handshake (tls_automation), not at load, except
+        # the uploaded ones, each selected for its own name (certificates.py).
         server["automatic_https"]["disable_certificates"] = True
-        server["tls_connection_policies"] = [{}]
+        server["tls_connection_policies"] = tls
     return server
 
 

@@ -7,7 +7,9 @@ result to Caddy only when the config differs, logs how long each apply took, and
 applies (`applied_version`, `wait_applied`) so a test can wait for one without sleeping.
 Upstreams are not in Caddy's config: the table goes to the edge's DNS first (dns.py).
 It also answers Caddy's on-demand TLS question (`AskServer`): a certificate only for a name
-in the current table.
+in the current table. With a `CertificateSource`, each read of the table also reads the
+uploaded certificates (certificates.py); when that read fails, the routes still apply with
+the last certificates read, and both are read again after the usual back-off.
 """
 
 from __future__ import annotations
@@ -17,10 +19,12 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Sequence
+from datetime import UTC, datetime
 from typing import Protocol
 from urllib.parse import parse_qs, urlsplit
 
-from services.edge.caddy import Caddy, EdgeConfig, Route, caddy_config, normal_name
+from services.edge.caddy import Caddy, CaddyError, EdgeConfig, Route, caddy_config, normal_name
+from services.edge.certificates import CertificateSource, ExpiryWarnings, UploadedCertificate
 from services.edge.dns import UpstreamDns
 from shared.loops import cancel_and_wait
 
@@ -75,8 +79,12 @@ class EdgeController:
         debounce_seconds: float = 0.03,
         resync_seconds: float = 30.0,
         first_fetch_timeout: float = 5.0,
+        certificates: CertificateSource | None = None,
     ) -> None:
         self.source = source
+        self.certificate_source = certificates
+        self.certificates: list[UploadedCertificate] = []  # the last read
+        self.expiry = ExpiryWarnings()
         self.caddy = caddy
         self.edge = edge
         self.dns = dns
@@ -106,9 +114,18 @@ class EdgeController:
             log.warning("no route table yet; starting empty", extra={"error": repr(exc)})
             routes = []
             self._dirty.set()  # keep trying
+        try:
+            await asyncio.wait_for(self._read_certificates(), self.first_fetch_timeout)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.warning("no uploaded certificates yet", extra={"error": repr(exc)})
+            self._dirty.set()  # keep trying
         started = time.perf_counter()
         await self._remember(routes)
+        # Without uploads first: one Caddy refuses never keeps the edge from starting.
         await self.caddy.start(caddy_config(routes, self.edge))
+        await self._load(routes)
         await self._applied_now(started, len(routes))
         self._tasks = [
             asyncio.create_task(self._follow_changes()),
@@ -130,9 +147,29 @@ class EdgeController:
         changed (a name added or removed, a project served or not); whether it did."""
         started = time.perf_counter()
         await self._remember(routes)
-        changed = await self.caddy.load(caddy_config(routes, self.edge))
+        changed = await self._load(routes)
         await self._applied_now(started, len(routes))
         return changed
+
+    async def _load(self, routes: Sequence[Route]) -> bool:
+        """Loads the table with the usable uploads; if Caddy refuses them (a certificate
+        project accepted and Go does not), without them: routes go on, those names get
+        on-demand certificates meanwhile, and the error says which names."""
+        usable = self.expiry.usable(self.certificates, self.hostnames, datetime.now(UTC))
+        try:
+            return await self.caddy.load(caddy_config(routes, self.edge, usable))
+        except CaddyError:
+            if not usable:
+                raise
+        log.error(  # never Caddy's text: it might quote what it refused
+            "caddy refused the uploaded certificates; loading the routes without them",
+            extra={"hostnames": [c.hostname for c in usable]},
+        )
+        return await self.caddy.load(caddy_config(routes, self.edge))
+
+    async def _read_certificates(self) -> None:
+        if self.certificate_source is not None:
+            self.certificates = await self.certificate_source.fetch()
 
     async def _remember(self, routes: Sequence[Route]) -> None:
         # Before Caddy sees the new names, so its on-demand `ask` and its lookups find them.
@@ -164,7 +201,16 @@ class EdgeController:
             await asyncio.sleep(self.debounce_seconds)  # let a burst of events settle
             self._dirty.clear()
             try:
-                await self.apply(await self.source.fetch())
+                routes = await self.source.fetch()
+                unread: Exception | None = None
+                try:
+                    await self._read_certificates()
+                except Exception as exc:  # the last ones stay; the routes apply anyway
+                    raise_if_cancelling(exc)
+                    unread = exc
+                await self.apply(routes)
+                if unread is not None:
+                    raise unread
                 retry = RETRY_SECONDS
             except asyncio.CancelledError:
                 raise

@@ -2,8 +2,8 @@
 runtime's route table.
 
 Start-up: the `ask` endpoint and the upstreams' DNS on loopback ports, then Caddy with the
-first table (empty if runtime does not answer yet; the controller keeps trying), then the
-controller follows
+first table (empty if runtime does not answer yet; the controller keeps trying) and the
+uploaded certificates (project's ListDomainCertificates), then the controller follows
 runtime's events. SIGTERM/SIGINT stop the controller, then Caddy (which finishes in-flight
 requests within its grace). Caddy cannot outlive this process (see `Caddy`).
 """
@@ -15,6 +15,7 @@ import logging
 import signal
 
 from services.edge.caddy import Caddy, CaddyError, EdgeConfig, default_state_dir
+from services.edge.certificates import ProjectCertificates
 from services.edge.controller import AskServer, EdgeController
 from services.edge.dns import UpstreamDns
 from services.edge.runtime_routes import RuntimeRoutes
@@ -52,7 +53,13 @@ async def serve(settings: Settings) -> None:
     try:
         edge = edge_config(settings, caddy, await ask.start(), await dns.start())
         controller = EdgeController(
-            source, caddy, edge, dns, first_fetch_timeout=settings.call_timeout_seconds
+            source,
+            caddy,
+            edge,
+            dns,
+            first_fetch_timeout=settings.call_timeout_seconds,
+            # Uploaded certificates, over the same clients (the edge's service token).
+            certificates=ProjectCertificates(source.clients, settings.call_timeout_seconds),
         )
         ask.controller = controller
         await controller.start()

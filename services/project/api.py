@@ -12,6 +12,8 @@ from hangar.events.v1 import events_pb2
 from hangar.project.v1 import project_pb2 as pb
 from hangar.project.v1 import project_pb2_grpc
 from services.project import custom_domains
+from services.project.certificate_store import StoredCertificate
+from services.project.certificates import DomainCertificates
 from services.project.custom_domains import Domains
 from services.project.domain import RESOURCES, Project, ProjectSpec, PublicAddress
 from services.project.service import Projects
@@ -74,9 +76,24 @@ def set_fields(p: pb.Project) -> list[str]:
     return paths
 
 
-def domain_to_proto(d: custom_domains.DomainView) -> pb.Domain:
+def certificate_to_proto(c: StoredCertificate) -> pb.DomainCertificate:
+    return pb.DomainCertificate(
+        not_before=timestamp(c.not_before),
+        not_after=timestamp(c.not_after),
+        issuer=c.issuer,
+        subject=c.subject,
+        dns_names=c.dns_names,
+        sha256_fingerprint=c.sha256_fingerprint,
+        uploaded_at=timestamp(c.updated_at),
+    )
+
+
+def domain_to_proto(
+    d: custom_domains.DomainView, certificate: StoredCertificate | None = None
+) -> pb.Domain:
     stored = d.stored
     return pb.Domain(
+        certificate=certificate_to_proto(certificate) if certificate else None,
         hostname=d.hostname,
         status=pb.DOMAIN_STATUS_VERIFIED if d.verified else pb.DOMAIN_STATUS_PENDING,
         verification_path="" if d.verified else custom_domains.CHALLENGE_PATH + d.token,
@@ -91,10 +108,17 @@ def secret_to_proto(s: StoredSecret) -> pb.Secret:
 
 
 class ProjectApi(project_pb2_grpc.ProjectServiceServicer):
-    def __init__(self, projects: Projects, feed: OutboxFeed, domains: Domains) -> None:
+    def __init__(
+        self,
+        projects: Projects,
+        feed: OutboxFeed,
+        domains: Domains,
+        certificates: DomainCertificates,
+    ) -> None:
         self.projects = projects
         self.feed = feed
         self.domains = domains
+        self.certificates = certificates
         self.address = projects.address
 
     async def CreateProject(self, request: pb.CreateProjectRequest, context: Context) -> pb.Project:
@@ -174,11 +198,50 @@ class ProjectApi(project_pb2_grpc.ProjectServiceServicer):
     ) -> pb.ListDomainsResponse:
         project = await self.projects.authorized(request.project_id, custom_domains.PERM_LIST)
         listed = await self.domains.list(project)
-        return pb.ListDomainsResponse(domains=[domain_to_proto(d) for d in listed])
+        facts = await self.certificates.facts(project)
+        return pb.ListDomainsResponse(
+            domains=[domain_to_proto(d, facts.get(d.hostname)) for d in listed]
+        )
 
     async def VerifyDomain(self, request: pb.VerifyDomainRequest, context: Context) -> pb.Domain:
         project = await self.projects.authorized(request.project_id, custom_domains.PERM_MANAGE)
-        return domain_to_proto(await self.domains.verify(project, request.hostname))
+        verified = await self.domains.verify(project, request.hostname)
+        facts = await self.certificates.facts(project)
+        return domain_to_proto(verified, facts.get(verified.hostname))
+
+    async def SetDomainCertificate(
+        self, request: pb.SetDomainCertificateRequest, context: Context
+    ) -> pb.Domain:
+        project = await self.projects.authorized(request.project_id, custom_domains.PERM_MANAGE)
+        domain, certificate = await self.certificates.set(
+            project, request.hostname, request.certificate_chain_pem, request.private_key_pem
+        )
+        return domain_to_proto(custom_domains.view(domain), certificate)
+
+    async def DeleteDomainCertificate(
+        self, request: pb.DeleteDomainCertificateRequest, context: Context
+    ) -> pb.Domain:
+        project = await self.projects.authorized(request.project_id, custom_domains.PERM_MANAGE)
+        stored = await self.certificates.delete(project, request.hostname)
+        return domain_to_proto(custom_domains.view(stored))
+
+    async def ListDomainCertificates(
+        self, request: pb.ListDomainCertificatesRequest, context: Context
+    ) -> pb.ListDomainCertificatesResponse:
+        return pb.ListDomainCertificatesResponse(
+            certificates=[
+                pb.EdgeCertificate(
+                    project_id=c.project_id,
+                    hostname=c.hostname,
+                    certificate_chain_pem=c.chain_pem,
+                    private_key_pem=c.key_pem,
+                    not_after=timestamp(c.not_after),
+                    sha256_fingerprint=c.sha256_fingerprint,
+                    dns_names=c.dns_names,
+                )
+                for c in await self.certificates.for_edge()
+            ]
+        )
 
     async def RemoveDomain(
         self, request: pb.RemoveDomainRequest, context: Context

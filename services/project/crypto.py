@@ -72,6 +72,37 @@ def open_secret(
         raise DecryptionFailed("secret did not decrypt") from None
 
 
+def _certificate_key_aad(project_id: str, hostname: str, key_version: int) -> bytes:
+    return b"\x00".join(
+        (
+            b"hangar.project.certificate-key.v1",
+            project_id.encode(),
+            hostname.encode(),
+            b"%d" % key_version,
+        )
+    )
+
+
+def seal_certificate_key(data_key: bytes, project_id: str, hostname: str, key: bytes) -> Sealed:
+    """A custom domain's private key, as a secret is sealed; the AAD binds project and name."""
+    nonce = os.urandom(NONCE_BYTES)
+    aad = _certificate_key_aad(project_id, hostname, DATA_KEY_VERSION)
+    return Sealed(AESGCM(data_key).encrypt(nonce, key, aad), nonce)
+
+
+def open_certificate_key(
+    data_key: bytes, project_id: str, hostname: str, key_version: int, sealed: Sealed
+) -> bytes:
+    try:
+        return AESGCM(data_key).decrypt(
+            sealed.nonce,
+            sealed.ciphertext,
+            _certificate_key_aad(project_id, hostname, key_version),
+        )
+    except (InvalidTag, ValueError):
+        raise DecryptionFailed("certificate key did not decrypt") from None
+
+
 @dataclass(frozen=True)
 class Keyring:
     """Master keys by id; new data keys are wrapped under `active_id`."""

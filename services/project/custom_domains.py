@@ -148,11 +148,11 @@ class Domains:
                     metadata={"field": "domain.hostname"},
                 )
             await domains_changed(tx, project)
-        return _view(added)
+        return view(added)
 
     async def list(self, project: Project) -> list[DomainView]:
         async with self.db.session() as s:
-            return [_view(d) for d in await store.project_domains(s, project.id)]
+            return [view(d) for d in await store.project_domains(s, project.id)]
 
     async def verify(self, project: Project, raw_hostname: str) -> DomainView:
         hostname = check_hostname(raw_hostname, self.apps_domain, "hostname")
@@ -161,7 +161,7 @@ class Domains:
         if found is None:
             raise NotFound(f"{hostname} is not a domain of this project")
         if found.verified_at is not None:
-            return _view(found)
+            return view(found)
         outcome = await self.check.answers(hostname, CHALLENGE_PATH + found.token, found.token)
         if outcome:
             raise FailedPrecondition(
@@ -174,7 +174,7 @@ class Domains:
             if verified is None:
                 raise NotFound(f"{hostname} is not a domain of this project")
             await domains_changed(tx, project)
-        return _view(verified)
+        return view(verified)
 
     async def remove(self, project: Project, raw_hostname: str) -> None:
         hostname = check_hostname(raw_hostname, self.apps_domain, "hostname")
@@ -185,7 +185,7 @@ class Domains:
             await domains_changed(tx, project)
 
 
-def _view(stored: store.StoredDomain) -> DomainView:
+def view(stored: store.StoredDomain) -> DomainView:
     return DomainView(stored.hostname, stored.token, stored.verified_at is not None, stored)
 
 

@@ -11,6 +11,7 @@ import grpc
 from hangar.events.v1 import events_pb2
 from hangar.project.v1 import project_pb2, project_pb2_grpc
 from services.project.api import ProjectApi
+from services.project.certificates import DomainCertificates
 from services.project.crypto import Keyring
 from services.project.custom_domains import Domains, HttpDomainCheck
 from services.project.domain import PublicAddress
@@ -68,6 +69,7 @@ class ProjectApp(ServiceApp):
             HttpDomainCheck(settings.domain_check_address, settings.call_timeout_seconds),
             settings.apps_domain,
         )
+        self.certificates = DomainCertificates(db, self.projects, settings.apps_domain)
         self.releaser = AllocationReleaser(db, self.feed, self.pool)
         self.reconciler = Reconciler(
             db, self.pool, interval_seconds=settings.project_reconcile_seconds
@@ -99,7 +101,7 @@ class ProjectApp(ServiceApp):
 
     def register(self, server: grpc.aio.Server) -> None:
         project_pb2_grpc.add_ProjectServiceServicer_to_server(
-            ProjectApi(self.projects, self.feed, self.domains), server
+            ProjectApi(self.projects, self.feed, self.domains, self.certificates), server
         )
 
     async def on_identity_event(self, tx: Session, event: events_pb2.Event) -> None:

@@ -435,6 +435,10 @@ class Projects:
 
     # ------------------------------------------------------------- secrets
 
+    async def data_key(self, s: Session, project_id: str) -> bytes:
+        """The project's data key, unwrapped (FAILED_PRECONDITION without a usable keyring)."""
+        return await self._data_key(s, project_id)
+
     async def _data_key(self, s: Session, project_id: str) -> bytes:
         wrapped = await store.data_key(s, project_id)
         if wrapped is None:

@@ -6,19 +6,23 @@ a project's app answers at <project>-<org>.localhost on the edge's port, with th
 X-Forwarded-* headers the edge sets (never a client's); WebSockets pass; an unknown name
 gets the 404 page, a project with nothing running the 503 page; a load loop through a
 redeploy and a rollback loses no request (the new release is healthy before the edge
-switches, the old one drains); a server whose agent is killed: its app comes back on the
+switches, the old one drains); a custom domain's uploaded certificate is what a TLS client
+asking for that name gets; a server whose agent is killed: its app comes back on the
 other server, reached at the same name, and the stale container is stopped when the agent
 returns.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import secrets
 import socket
+import ssl
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
@@ -27,6 +31,7 @@ from websockets.sync.client import connect
 
 from services.agent.containers import unavailable_reason
 from tests.support import edge_app
+from tests.support.certificates import TestCA
 from tests.support.stack import (
     Account,
     Stack,
@@ -228,6 +233,65 @@ def test_a_custom_domain_is_checked_through_the_edge_then_routed(world: World) -
     assert w.http.get(domains, headers=other.auth).status_code == 403
     _ok(w.http.delete(f"{domains}/{domain}", headers=w.auth))
     wait_for(lambda: w.at(domain).status_code == 404, "the removed domain to go", 60, 0.1)
+
+
+def _edge_tags(w: World) -> list[str]:
+    """The tags of the certificates Caddy has loaded (its admin API, loopback)."""
+    admin = w.stack.env["HANGAR_EDGE_ADMIN_ADDRESS"]
+    reply = httpx.get(f"http://{admin}/config/apps/tls/certificates/load_pem", timeout=30)
+    loaded = reply.json() if reply.status_code == 200 else None
+    return [tag for entry in loaded or [] for tag in entry.get("tags", [])]
+
+
+def test_an_uploaded_certificate_is_what_the_edge_serves_for_its_domain(world: World) -> None:
+    # project (SetDomainCertificate) -> project.domains_changed -> runtime's route.changed
+    # -> the edge reads ListDomainCertificates -> Caddy serves it for that name.
+    w = world
+    domain = f"tls-{secrets.token_hex(3)}.example.org"
+    domains = f"/v1/projects/{w.project['id']}/domains"
+    _ok(w.http.post(domains, headers=w.auth, json={"hostname": domain}))
+
+    def verified() -> bool:
+        return w.http.post(f"{domains}/{domain}:verify", headers=w.auth, json={}).is_success
+
+    wait_for(verified, "the domain's check to pass through the edge", 60, 0.2)
+    ca = TestCA()
+    url = f"{domains}/{domain}/certificate"
+    now = datetime.now(UTC)
+    expired = ca.leaf(
+        domain, not_before=now - timedelta(days=9), not_after=now - timedelta(hours=1)
+    )
+    refused = w.http.put(
+        url,
+        headers=w.auth,
+        json={"certificateChainPem": expired.chain_pem, "privateKeyPem": expired.key_pem},
+    )
+    assert refused.status_code == 400 and "certificate_chain_pem" in refused.text
+    leaf = ca.leaf(domain)
+    body = {"certificateChainPem": leaf.chain_pem, "privateKeyPem": leaf.key_pem}
+    stored = _ok(w.http.put(url, headers=w.auth, json=body))
+    assert stored["certificate"]["sha256Fingerprint"] == leaf.fingerprint
+    assert "PRIVATE KEY" not in json.dumps(stored)
+    # Once Caddy has it (never before: a handshake for this name would go to ACME).
+    tag = f"hangar-domain:{domain}"
+    wait_for(lambda: tag in _edge_tags(w), "the edge to load the certificate", 60, 0.1)
+
+    trusted = ssl.create_default_context(cadata=ca.root_pem)  # chain and name verified
+    https = f"https://127.0.0.1:{w.stack.env['HANGAR_EDGE_HTTPS_PORT']}/"
+    with httpx.Client(verify=trusted, timeout=30, trust_env=False) as tls:
+        reply = tls.get(https, headers={"Host": domain}, extensions={"sni_hostname": domain})
+    assert reply.status_code == 200 and reply.text == "v1"
+    port = int(w.stack.env["HANGAR_EDGE_HTTPS_PORT"])
+    with (
+        socket.create_connection(("127.0.0.1", port), timeout=30) as raw,
+        trusted.wrap_socket(raw, server_hostname=domain) as handshake,
+    ):
+        served = handshake.getpeercert(binary_form=True)
+    assert served is not None and hashlib.sha256(served).hexdigest() == leaf.fingerprint
+
+    _ok(w.http.delete(url, headers=w.auth))
+    wait_for(lambda: tag not in _edge_tags(w), "the edge to drop the certificate", 60, 0.1)
+    _ok(w.http.delete(f"{domains}/{domain}", headers=w.auth))
 
 
 def test_a_redeploy_and_a_rollback_under_load_lose_no_request(world: World) -> None:

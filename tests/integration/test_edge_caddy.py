@@ -34,6 +34,7 @@ from hangar.events.v1 import events_pb2
 from hangar.identity.v1 import identity_pb2, identity_pb2_grpc
 from hangar.runtime.v1 import runtime_pb2, runtime_pb2_grpc
 from services.edge.caddy import HEALTH_HOST, Caddy, EdgeConfig, Route
+from services.edge.certificates import CertificateSource
 from services.edge.controller import AskServer, EdgeController, RouteSource, StaticRoutes
 from services.edge.dns import UpstreamDns
 from services.edge.runtime_routes import RuntimeRoutes
@@ -146,9 +147,10 @@ async def apps() -> AsyncIterator[Callable[[str], Awaitable[App]]]:
 
 @contextlib.asynccontextmanager
 async def running_edge(
-    source: RouteSource,
+    source: RouteSource, certificates: CertificateSource | None = None
 ) -> AsyncIterator[tuple[EdgeController, Caddy, str, int]]:
-    """A Caddy on free loopback ports, driven by an EdgeController over `source`."""
+    """A Caddy on free loopback ports, driven by an EdgeController over `source` (and the
+    uploaded certificates of `certificates`)."""
     state = Path(tempfile.mkdtemp(prefix="hangar-edge-test-"))
     http_port, https_port, admin_port = free_port(), free_port(), free_port()
     caddy = Caddy(f"127.0.0.1:{admin_port}", state, stop_grace=5, log_path=state / "caddy.log")
@@ -163,7 +165,9 @@ async def running_edge(
         ask_url=await ask.start(),
         dns_address=await dns.start(),
     )
-    controller = EdgeController(source, caddy, config, dns, debounce_seconds=0.02)
+    controller = EdgeController(
+        source, caddy, config, dns, debounce_seconds=0.02, certificates=certificates
+    )
     ask.controller = controller
     try:
         await controller.start()

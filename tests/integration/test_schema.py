@@ -43,12 +43,14 @@ TABLES: dict[str, set[str]] = {
         "login_throttle",
         "outbox",
         "event_cursors",
+        "access_listeners",
     },
     "project": {
         "projects",
         "project_secrets",
         "organization_slugs",
         "domains",
+        "domain_certificates",
         "outbox",
         "event_cursors",
     },
@@ -128,6 +130,7 @@ INDEXES: list[Index] = [
     ix("identity", "audit_logs", "organization_id", "occurred_at"),
     ix("identity", "organization_members", "user_id"),
     uq("identity", "refresh_tokens", "token_hash"),
+    ix("identity", "access_listeners", "lease_until"),
     ix("identity", "refresh_tokens", "family_id"),
     uq("runtime", "servers", "name"),
     Index(

@@ -32,7 +32,7 @@ INTERNAL_RPCS = {
         "WatchAccess",
         "CheckSession",
     },
-    "project": {"ResolveSecrets", "WatchEvents"},
+    "project": {"ResolveSecrets", "ListDomainCertificates", "WatchEvents"},
     "runtime": {
         "Heartbeat",
         "ShipLogs",

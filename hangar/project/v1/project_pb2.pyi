@@ -92,20 +92,88 @@ class Secret(_message.Message):
     def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class Domain(_message.Message):
-    __slots__ = ("hostname", "status", "verification_path", "verification_token", "verified_at", "created_at")
+    __slots__ = ("hostname", "status", "verification_path", "verification_token", "verified_at", "created_at", "certificate")
     HOSTNAME_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
     VERIFICATION_PATH_FIELD_NUMBER: _ClassVar[int]
     VERIFICATION_TOKEN_FIELD_NUMBER: _ClassVar[int]
     VERIFIED_AT_FIELD_NUMBER: _ClassVar[int]
     CREATED_AT_FIELD_NUMBER: _ClassVar[int]
+    CERTIFICATE_FIELD_NUMBER: _ClassVar[int]
     hostname: str
     status: DomainStatus
     verification_path: str
     verification_token: str
     verified_at: _timestamp_pb2.Timestamp
     created_at: _timestamp_pb2.Timestamp
-    def __init__(self, hostname: _Optional[str] = ..., status: _Optional[_Union[DomainStatus, str]] = ..., verification_path: _Optional[str] = ..., verification_token: _Optional[str] = ..., verified_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    certificate: DomainCertificate
+    def __init__(self, hostname: _Optional[str] = ..., status: _Optional[_Union[DomainStatus, str]] = ..., verification_path: _Optional[str] = ..., verification_token: _Optional[str] = ..., verified_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., certificate: _Optional[_Union[DomainCertificate, _Mapping]] = ...) -> None: ...
+
+class DomainCertificate(_message.Message):
+    __slots__ = ("not_before", "not_after", "issuer", "subject", "dns_names", "sha256_fingerprint", "uploaded_at")
+    NOT_BEFORE_FIELD_NUMBER: _ClassVar[int]
+    NOT_AFTER_FIELD_NUMBER: _ClassVar[int]
+    ISSUER_FIELD_NUMBER: _ClassVar[int]
+    SUBJECT_FIELD_NUMBER: _ClassVar[int]
+    DNS_NAMES_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    UPLOADED_AT_FIELD_NUMBER: _ClassVar[int]
+    not_before: _timestamp_pb2.Timestamp
+    not_after: _timestamp_pb2.Timestamp
+    issuer: str
+    subject: str
+    dns_names: _containers.RepeatedScalarFieldContainer[str]
+    sha256_fingerprint: str
+    uploaded_at: _timestamp_pb2.Timestamp
+    def __init__(self, not_before: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., not_after: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., issuer: _Optional[str] = ..., subject: _Optional[str] = ..., dns_names: _Optional[_Iterable[str]] = ..., sha256_fingerprint: _Optional[str] = ..., uploaded_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
+class SetDomainCertificateRequest(_message.Message):
+    __slots__ = ("project_id", "hostname", "certificate_chain_pem", "private_key_pem")
+    PROJECT_ID_FIELD_NUMBER: _ClassVar[int]
+    HOSTNAME_FIELD_NUMBER: _ClassVar[int]
+    CERTIFICATE_CHAIN_PEM_FIELD_NUMBER: _ClassVar[int]
+    PRIVATE_KEY_PEM_FIELD_NUMBER: _ClassVar[int]
+    project_id: str
+    hostname: str
+    certificate_chain_pem: str
+    private_key_pem: str
+    def __init__(self, project_id: _Optional[str] = ..., hostname: _Optional[str] = ..., certificate_chain_pem: _Optional[str] = ..., private_key_pem: _Optional[str] = ...) -> None: ...
+
+class DeleteDomainCertificateRequest(_message.Message):
+    __slots__ = ("project_id", "hostname")
+    PROJECT_ID_FIELD_NUMBER: _ClassVar[int]
+    HOSTNAME_FIELD_NUMBER: _ClassVar[int]
+    project_id: str
+    hostname: str
+    def __init__(self, project_id: _Optional[str] = ..., hostname: _Optional[str] = ...) -> None: ...
+
+class ListDomainCertificatesRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListDomainCertificatesResponse(_message.Message):
+    __slots__ = ("certificates",)
+    CERTIFICATES_FIELD_NUMBER: _ClassVar[int]
+    certificates: _containers.RepeatedCompositeFieldContainer[EdgeCertificate]
+    def __init__(self, certificates: _Optional[_Iterable[_Union[EdgeCertificate, _Mapping]]] = ...) -> None: ...
+
+class EdgeCertificate(_message.Message):
+    __slots__ = ("project_id", "hostname", "certificate_chain_pem", "private_key_pem", "not_after", "sha256_fingerprint", "dns_names")
+    PROJECT_ID_FIELD_NUMBER: _ClassVar[int]
+    HOSTNAME_FIELD_NUMBER: _ClassVar[int]
+    CERTIFICATE_CHAIN_PEM_FIELD_NUMBER: _ClassVar[int]
+    PRIVATE_KEY_PEM_FIELD_NUMBER: _ClassVar[int]
+    NOT_AFTER_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    DNS_NAMES_FIELD_NUMBER: _ClassVar[int]
+    project_id: str
+    hostname: str
+    certificate_chain_pem: str
+    private_key_pem: str
+    not_after: _timestamp_pb2.Timestamp
+    sha256_fingerprint: str
+    dns_names: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, project_id: _Optional[str] = ..., hostname: _Optional[str] = ..., certificate_chain_pem: _Optional[str] = ..., private_key_pem: _Optional[str] = ..., not_after: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., sha256_fingerprint: _Optional[str] = ..., dns_names: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class AddDomainRequest(_message.Message):
     __slots__ = ("project_id", "domain")

@@ -103,6 +103,16 @@ class ProjectServiceStub:
                 request_serializer=hangar_dot_project_dot_v1_dot_project__pb2.RemoveDomainRequest.SerializeToString,
                 response_deserializer=google_dot_protobuf_dot_empty__pb2.Empty.FromString,
                 _registered_method=True)
+        self.SetDomainCertificate = channel.unary_unary(
+                '/hangar.project.v1.ProjectService/SetDomainCertificate',
+                request_serializer=hangar_dot_project_dot_v1_dot_project__pb2.SetDomainCertificateRequest.SerializeToString,
+                response_deserializer=hangar_dot_project_dot_v1_dot_project__pb2.Domain.FromString,
+                _registered_method=True)
+        self.DeleteDomainCertificate = channel.unary_unary(
+                '/hangar.project.v1.ProjectService/DeleteDomainCertificate',
+                request_serializer=hangar_dot_project_dot_v1_dot_project__pb2.DeleteDomainCertificateRequest.SerializeToString,
+                response_deserializer=hangar_dot_project_dot_v1_dot_project__pb2.Domain.FromString,
+                _registered_method=True)
         self.RotateMasterKey = channel.unary_unary(
                 '/hangar.project.v1.ProjectService/RotateMasterKey',
                 request_serializer=hangar_dot_project_dot_v1_dot_project__pb2.RotateMasterKeyRequest.SerializeToString,
@@ -112,6 +122,11 @@ class ProjectServiceStub:
                 '/hangar.project.v1.ProjectService/ResolveSecrets',
                 request_serializer=hangar_dot_project_dot_v1_dot_project__pb2.ResolveSecretsRequest.SerializeToString,
                 response_deserializer=hangar_dot_project_dot_v1_dot_project__pb2.ResolveSecretsResponse.FromString,
+                _registered_method=True)
+        self.ListDomainCertificates = channel.unary_unary(
+                '/hangar.project.v1.ProjectService/ListDomainCertificates',
+                request_serializer=hangar_dot_project_dot_v1_dot_project__pb2.ListDomainCertificatesRequest.SerializeToString,
+                response_deserializer=hangar_dot_project_dot_v1_dot_project__pb2.ListDomainCertificatesResponse.FromString,
                 _registered_method=True)
         self.WatchEvents = channel.unary_stream(
                 '/hangar.project.v1.ProjectService/WatchEvents',
@@ -223,6 +238,26 @@ class ProjectServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetDomainCertificate(self, request, context):
+        """Sets (or replaces) the TLS certificate the edge serves for a verified custom domain,
+        instead of one it would obtain on demand. The chain is PEM, leaf first; the key is an
+        unencrypted PEM key (RSA >= 2048 bits, EC P-256/P-384 or Ed25519) matching the leaf,
+        which must cover the hostname and be valid now. The key is stored encrypted and never
+        returned. INVALID_ARGUMENT names the field at fault; FAILED_PRECONDITION while the
+        domain is not verified. Role: admin.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteDomainCertificate(self, request, context):
+        """Removes a domain's uploaded certificate: the edge obtains one on demand again.
+        Role: admin.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def RotateMasterKey(self, request, context):
         """Re-wraps every project's data key under a master key version, without touching
         plaintext. Role: platform admin.
@@ -234,6 +269,14 @@ class ProjectServiceServicer:
     def ResolveSecrets(self, request, context):
         """Returns a project's decrypted secrets as an env map, for a deployment.
         Internal: runtime at deploy time; refuses user tokens.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListDomainCertificates(self, request, context):
+        """Every verified domain's uploaded certificate with its decrypted key, for the edge to
+        serve. Internal: the edge's service token only.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -315,6 +358,16 @@ def add_ProjectServiceServicer_to_server(servicer, server):
                     request_deserializer=hangar_dot_project_dot_v1_dot_project__pb2.RemoveDomainRequest.FromString,
                     response_serializer=google_dot_protobuf_dot_empty__pb2.Empty.SerializeToString,
             ),
+            'SetDomainCertificate': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetDomainCertificate,
+                    request_deserializer=hangar_dot_project_dot_v1_dot_project__pb2.SetDomainCertificateRequest.FromString,
+                    response_serializer=hangar_dot_project_dot_v1_dot_project__pb2.Domain.SerializeToString,
+            ),
+            'DeleteDomainCertificate': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteDomainCertificate,
+                    request_deserializer=hangar_dot_project_dot_v1_dot_project__pb2.DeleteDomainCertificateRequest.FromString,
+                    response_serializer=hangar_dot_project_dot_v1_dot_project__pb2.Domain.SerializeToString,
+            ),
             'RotateMasterKey': grpc.unary_unary_rpc_method_handler(
                     servicer.RotateMasterKey,
                     request_deserializer=hangar_dot_project_dot_v1_dot_project__pb2.RotateMasterKeyRequest.FromString,
@@ -324,6 +377,11 @@ def add_ProjectServiceServicer_to_server(servicer, server):
                     servicer.ResolveSecrets,
                     request_deserializer=hangar_dot_project_dot_v1_dot_project__pb2.ResolveSecretsRequest.FromString,
                     response_serializer=hangar_dot_project_dot_v1_dot_project__pb2.ResolveSecretsResponse.SerializeToString,
+            ),
+            'ListDomainCertificates': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListDomainCertificates,
+                    request_deserializer=hangar_dot_project_dot_v1_dot_project__pb2.ListDomainCertificatesRequest.FromString,
+                    response_serializer=hangar_dot_project_dot_v1_dot_project__pb2.ListDomainCertificatesResponse.SerializeToString,
             ),
             'WatchEvents': grpc.unary_stream_rpc_method_handler(
                     servicer.WatchEvents,
@@ -695,6 +753,60 @@ class ProjectService:
             _registered_method=True)
 
     @staticmethod
+    def SetDomainCertificate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hangar.project.v1.ProjectService/SetDomainCertificate',
+            hangar_dot_project_dot_v1_dot_project__pb2.SetDomainCertificateRequest.SerializeToString,
+            hangar_dot_project_dot_v1_dot_project__pb2.Domain.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteDomainCertificate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hangar.project.v1.ProjectService/DeleteDomainCertificate',
+            hangar_dot_project_dot_v1_dot_project__pb2.DeleteDomainCertificateRequest.SerializeToString,
+            hangar_dot_project_dot_v1_dot_project__pb2.Domain.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
     def RotateMasterKey(request,
             target,
             options=(),
@@ -738,6 +850,33 @@ class ProjectService:
             '/hangar.project.v1.ProjectService/ResolveSecrets',
             hangar_dot_project_dot_v1_dot_project__pb2.ResolveSecretsRequest.SerializeToString,
             hangar_dot_project_dot_v1_dot_project__pb2.ResolveSecretsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListDomainCertificates(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hangar.project.v1.ProjectService/ListDomainCertificates',
+            hangar_dot_project_dot_v1_dot_project__pb2.ListDomainCertificatesRequest.SerializeToString,
+            hangar_dot_project_dot_v1_dot_project__pb2.ListDomainCertificatesResponse.FromString,
             options,
             channel_credentials,
             insecure,
