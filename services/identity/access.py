@@ -29,13 +29,13 @@ that change access call `AccessBroadcaster.announce` after they commit:
 Identity's own handlers need none of this: its LocalAuthorizer and its session check read
 the database, which the change has already committed to.
 
-Several identity replicas (not built: one replica today). A watcher is connected to one
-replica, and a change is committed by any. The extension: `announce` also publishes the
-change on a PostgreSQL channel (`NOTIFY identity_access, '<change>'` after the commit); every
-replica LISTENs, relays it to its own watchers and acknowledges through a table (or a reply
-NOTIFY) once its watchers have acknowledged or been cut off and waited out; the announcing
-replica waits for every live replica's acknowledgement, bounded like a watcher's (a replica
-that misses it is treated as a laggard: its watchers' leases are waited out).
+Several identity replicas: a watcher is connected to one replica, and a change is committed
+by any. `announce` also hands the change to the replica's `Peers` (access_relay.AccessRelay,
+whose docstring has the argument): the other replicas get it over PostgreSQL NOTIFY, pass it
+to their own watchers through `deliver` (the path of a local change) and acknowledge; a
+replica that does not is fenced and its watchers' leases waited out. A replica grants leases
+(snapshots, answered pings) only while its relay says it hears every change (`serve_until`);
+when it may have missed one it cuts every watcher (`fence`).
 """
 
 from __future__ import annotations
@@ -43,10 +43,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Protocol
 
 from shared.errors import Unavailable
 
@@ -115,6 +117,15 @@ class WatcherMessage:
 RevokedNow = Callable[[], Awaitable[Sequence[RevokedSession]]]
 
 
+class Peers(Protocol):
+    """The other identity replicas (access_relay.AccessRelay)."""
+
+    async def relay(self, change: AccessChange) -> float:
+        """Hand the committed change to every other replica's watchers; returns the
+        monotonic time until which the change's answer must still wait (laggards' leases)."""
+        ...
+
+
 class _Watcher:
     """One open WatchAccess stream: what is queued for it and what it acknowledged."""
 
@@ -179,6 +190,31 @@ class AccessBroadcaster:
         # reach: one that vanished, or one of the process before this one.
         self._quiet_until = self._started + self._wait_out() if restart_grace else 0.0
         self.cut_off = 0  # watchers cut off for not acknowledging in time
+        self._peers: Peers | None = None
+        # Leases are granted (snapshots sent, pings answered) only before this monotonic
+        # time: with peers, while this replica is sure to hear every change they announce.
+        self._serving_until = math.inf
+
+    def attach_peers(self, peers: Peers) -> None:
+        """Several replicas: changes go to `peers` too, and no lease is granted until the
+        first `serve_until`."""
+        self._peers = peers
+        self._serving_until = 0.0
+
+    @property
+    def serving(self) -> bool:
+        return time.monotonic() < self._serving_until
+
+    def serve_until(self, deadline: float) -> None:
+        """Leases may be granted until `deadline` (monotonic)."""
+        self._serving_until = deadline
+
+    def fence(self) -> None:
+        """This replica may have missed a change: grant no lease and cut every watcher (each
+        reconnects and starts from empty caches); changes wait out their leases."""
+        self._serving_until = 0.0
+        for watcher in list(self._watchers):
+            self._forget(watcher)
 
     def set_lease(self, seconds: float) -> None:
         """Change the lease; only before any watcher holds one."""
@@ -201,13 +237,27 @@ class AccessBroadcaster:
         return self._quiet_until
 
     async def announce(self, change: AccessChange) -> None:
-        """After the change committed: returns once no watcher can answer from what the
-        change made stale. Shielded: a caller that gives up does not leave a laggard uncut."""
-        if not self._watchers and time.monotonic() >= self._quiet_until:
+        """After the change committed: returns once no watcher (of any replica) can answer
+        from what the change made stale. Shielded: a caller that gives up does not leave a
+        laggard uncut."""
+        if self._peers is None and not self._watchers and time.monotonic() >= self._quiet_until:
             return
         await asyncio.shield(self._announce(change))
 
     async def _announce(self, change: AccessChange) -> None:
+        if self._peers is None:
+            until = await self.deliver(change)
+        else:
+            until = max(await asyncio.gather(self.deliver(change), self._peers.relay(change)))
+        delay = until - time.monotonic()
+        if delay > 0:
+            await asyncio.sleep(delay)
+
+    async def deliver(self, change: AccessChange) -> float:
+        """Send the change to this replica's watchers; returns once each acknowledged or was
+        cut off, with the monotonic time until which a laggard's lease must be waited out."""
+        if not self._watchers:
+            return self._quiet_until
         self._sequence += 1
         sequence = self._sequence
         message = Invalidation(sequence, change)
@@ -226,9 +276,7 @@ class AccessBroadcaster:
                         extra={"service": watcher.service, "sequence": sequence},
                     )
                 self._forget(watcher)
-        delay = self._quiet_until - time.monotonic()
-        if delay > 0:
-            await asyncio.sleep(delay)
+        return self._quiet_until
 
     def _forget(self, watcher: _Watcher) -> None:
         """No more messages to `watcher`; changes wait until its last lease has run out."""
@@ -250,6 +298,8 @@ class AccessBroadcaster:
         """The body of WatchAccess for one watcher (a service process)."""
         if self._ending:
             raise Unavailable("the server is shutting down", reason="SHUTTING_DOWN")
+        if not self.serving:
+            raise _not_listening()
         watcher = _Watcher(service)
         # Registered before the snapshot is read: a change committed meanwhile is queued
         # behind the snapshot, never lost between the two.
@@ -257,6 +307,8 @@ class AccessBroadcaster:
         reader = asyncio.create_task(self._read(watcher, requests))
         try:
             revoked = tuple(await revoked_now())
+            if watcher.cut or not self.serving:  # fenced meanwhile: it may miss a change
+                raise _not_listening()
             watcher.granted_at = time.monotonic()
             yield Snapshot(revoked, self.lease)
             while True:
@@ -278,7 +330,7 @@ class AccessBroadcaster:
                 if request.goodbye:
                     watcher.left = True
                     break
-                if request.ping:
+                if request.ping and self.serving:  # else its lease runs out
                     watcher.send(Heartbeat(request.ping))
         except asyncio.CancelledError:
             raise
@@ -286,3 +338,9 @@ class AccessBroadcaster:
             log.debug("access watcher stream failed", extra={"error": repr(exc)})
         with contextlib.suppress(Exception):
             watcher.end()
+
+
+def _not_listening() -> Unavailable:
+    return Unavailable(
+        "identity cannot vouch for access changes right now; reconnect", reason="NOT_LISTENING"
+    )

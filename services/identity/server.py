@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
+
 import grpc
 
 from hangar.identity.v1 import identity_pb2, identity_pb2_grpc
 from services.identity.access import AccessBroadcaster
+from services.identity.access_relay import AccessRelay
 from services.identity.accounts import Accounts
 from services.identity.api import IdentityApi
 from services.identity.api_tokens import ApiTokens
@@ -23,6 +27,8 @@ from shared.interceptors import Authenticator
 from shared.outbox import OutboxFeed
 from shared.server import run_service
 from shared.settings import Settings
+
+log = logging.getLogger(__name__)
 
 
 class IdentityFeed(OutboxFeed):
@@ -50,6 +56,8 @@ class IdentityApp(ServiceApp):
             lease_seconds=settings.access_lease_seconds,
             ack_timeout_seconds=settings.access_ack_timeout_seconds,
         )
+        # Changes reach the watchers of the other identity replicas too (LISTEN/NOTIFY).
+        self.relay = AccessRelay(db, self.access)
         self.sessions = LocalSessions(db)
         authorizer = LocalAuthorizer(db)
         self.audit = AuditTrail(db, authorizer)
@@ -69,6 +77,7 @@ class IdentityApp(ServiceApp):
         self.feed = IdentityFeed(db, self.access)
         self.cleanup = Cleanup(db, interval_seconds=settings.identity_cleanup_seconds)
         self.add_loop(self.cleanup.run)
+        self.add_loop(self.relay.run)
 
     def build_authenticator(self) -> Authenticator:
         # Identity verifies with its own key set (no call to itself), and checks sessions in
@@ -90,7 +99,18 @@ class IdentityApp(ServiceApp):
             server,
         )
 
+    async def start(self) -> None:
+        await super().start()
+        # Watchers are refused until the relay listens: serve only once it does (bounded,
+        # so a slow database does not keep the process from starting; it listens later).
+        try:
+            async with asyncio.timeout(self.settings.call_timeout_seconds):
+                await self.relay.wait_listening()
+        except TimeoutError:
+            log.warning("identity serves before its access relay listens")
+
     async def close(self) -> None:
+        await self.relay.close()
         await super().close()
         self.passwords.close()
 
