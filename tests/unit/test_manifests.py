@@ -588,20 +588,13 @@ def _serving(process: str) -> Doc:
 
 
 def test_every_process_runs_and_the_stateless_ones_scale() -> None:
-    """Each process of `hangar up` has a workload; the stateless ones an HPA. Identity stays
-    at one replica while its WatchAccess serves one (services/identity/access.py)."""
+    """Each process of `hangar up` has a workload; the stateless ones an HPA (identity too:
+    its access changes reach every replica's watchers, services/identity/access_relay.py)."""
     hpa_targets = {h["spec"]["scaleTargetRef"]["name"] for h in docs_of("HorizontalPodAutoscaler")}
-    single_identity = (
-        "not built: one replica today" in (REPO / "services" / "identity" / "access.py").read_text()
-    )
     for process in PROCESSES:
         workload = _serving(process)
         if process == "agent":
             assert workload["kind"] == "DaemonSet"
-        elif process == "identity" and single_identity:
-            assert workload["spec"]["replicas"] == 1
-            assert workload["spec"]["strategy"]["type"] == "Recreate"
-            assert name_of(workload) not in hpa_targets
         elif process in (*SERVICES, "gateway"):
             assert name_of(workload) in hpa_targets, f"{where(workload)}: no HPA"
     job = _workload("Job", "hangar-migrate")
