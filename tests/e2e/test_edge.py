@@ -168,7 +168,7 @@ def test_a_project_has_a_public_name_and_url(world: World) -> None:
         reply = w.at(w.project["hostname"])
         return reply if reply.status_code == 503 else None
 
-    page = wait_for(unavailable, "the 503 page for a project with nothing running", 30)
+    page = wait_for(unavailable, "the 503 page for a project with nothing running", 90)
     assert page.headers["content-type"].startswith("text/html")
     assert "Hangar" in page.text
 

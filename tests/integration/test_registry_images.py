@@ -22,7 +22,7 @@ from typing import Any
 import httpx
 import pytest
 
-from services.agent.containers import images_unavailable_reason, unavailable_reason
+from services.agent.containers import images_unavailable_reason, netns_prefix, unavailable_reason
 from tests.support.registry import IMAGE_UID, Registry, build_image, running_registry
 from tests.support.stack import Account, Stack, migrated_database, sign_up, start_stack, wait_for
 
@@ -269,11 +269,16 @@ def test_an_image_s_own_user_runs_it_as_the_project_s_uid(world: World) -> None:
     table = json.loads((w.stack.home / "agent" / "uids.json").read_text())
     host_uid = table[project_id]
     assert host_uid >= 2_000_000
+    # Only this stack's containers: another Hangar on the machine (a `make run`, another
+    # test run) numbers its projects' uids from the same base.
+    cgroup_parent = "/hangar/" + netns_prefix(w.stack.home / "agent").removeprefix("hangar-")
+    cgroup_parent = cgroup_parent.rstrip("-") + "/"
     maps = []
     for status in Path("/proc").glob("[0-9]*/status"):
         try:
             text = status.read_text()
-            if "\nUid:\t" + "\t".join([str(host_uid)] * 4) in text:
+            ours = cgroup_parent in (status.parent / "cgroup").read_text()
+            if ours and "\nUid:\t" + "\t".join([str(host_uid)] * 4) in text:
                 maps.append((status.parent / "uid_map").read_text().split())
         except OSError:
             continue  # a process that ended meanwhile
