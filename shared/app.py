@@ -67,7 +67,9 @@ class ServiceApp:
             watch_outbox(self.metrics, db, self.name)
         # Calls to other services carry this service's token (when it has credentials).
         self.token_source = (
-            ServiceTokenSource(settings) if settings.service_secrets.get(self.name) else None
+            ServiceTokenSource(settings, metrics=self.metrics)
+            if settings.service_secrets.get(self.name)
+            else None
         )
         self.clients = Clients(
             settings.addresses,
@@ -90,7 +92,7 @@ class ServiceApp:
 
     def build_authenticator(self) -> Authenticator:
         """Verifies bearer tokens locally against identity's published keys."""
-        self._jwks = IdentityJwks(self.settings)
+        self._jwks = IdentityJwks(self.settings, metrics=self.metrics)
         return TokenVerifier.for_settings(self.settings, self._jwks, sessions=self.access_watch)
 
     def watch_events(self, source: str) -> EventFeed:

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import secrets
 import time
@@ -54,6 +55,7 @@ from shared.errors import (
     Unavailable,
 )
 from shared.interceptors import auth_error_for_call
+from shared.metrics import Metrics
 from shared.settings import Settings, SigningKey
 
 log = logging.getLogger(__name__)
@@ -238,27 +240,37 @@ def principal_from_claims(claims: dict[str, Any]) -> Principal:
     raise Unauthenticated("token names no known principal kind", reason="TOKEN_INVALID")
 
 
-class IdentityJwks:
-    """A JwksSource that asks identity's GetJwks (anonymous; its own channel, no token)."""
+class _OwnIdentityChannel:
+    """A channel of its own to identity, opened at first use, with no token on it (keys and
+    tokens are how one is had); with `metrics`, counted (grpc_client_*) as `Clients`' are."""
 
-    def __init__(self, settings: Settings) -> None:
-        self.address = settings.addresses["identity"]
-        self.timeout = settings.call_timeout_seconds
+    def __init__(self, settings: Settings, *, metrics: Metrics | None = None) -> None:
+        self._open = functools.partial(
+            open_channel,
+            settings.addresses["identity"],
+            services=[IDENTITY_SERVICE],
+            default_timeout=settings.call_timeout_seconds,
+            metrics=metrics,
+        )
         self._channel: grpc.aio.Channel | None = None
 
-    async def __call__(self) -> Sequence[dict[str, Any]]:
+    def _identity(self) -> identity_pb2_grpc.IdentityServiceStub:
         if self._channel is None:
-            self._channel = open_channel(
-                self.address, services=[IDENTITY_SERVICE], default_timeout=self.timeout
-            )
-        stub = identity_pb2_grpc.IdentityServiceStub(self._channel)
-        reply = await stub.GetJwks(identity_pb2.GetJwksRequest())
-        return [{"kty": k.kty, "crv": k.crv, "x": k.x, "kid": k.kid} for k in reply.keys]
+            self._channel = self._open()
+        return identity_pb2_grpc.IdentityServiceStub(self._channel)
 
     async def close(self) -> None:
         if self._channel is not None:
             await self._channel.close()
             self._channel = None
+
+
+class IdentityJwks(_OwnIdentityChannel):
+    """A JwksSource that asks identity's GetJwks (anonymous; its own channel, no token)."""
+
+    async def __call__(self) -> Sequence[dict[str, Any]]:
+        reply = await self._identity().GetJwks(identity_pb2.GetJwksRequest())
+        return [{"kty": k.kty, "crv": k.crv, "x": k.x, "kid": k.kid} for k in reply.keys]
 
 
 # ----------------------------------------------------------------------------- guards
@@ -653,23 +665,22 @@ class AccessWatch:
 # ------------------------------------------------------------------------ service tokens
 
 
-class ServiceTokenSource:
+class ServiceTokenSource(_OwnIdentityChannel):
     """This service's token from identity.IssueServiceToken, cached and renewed early.
 
     It keeps its own channel to identity (no token on it: it is how tokens are obtained),
     so it can be the `token_provider` of the `Clients` every other call goes through.
     """
 
-    def __init__(self, settings: Settings, *, renew_before_seconds: float = 60.0) -> None:
+    renew_before = 60.0  # seconds before its expiry
+
+    def __init__(self, settings: Settings, *, metrics: Metrics | None = None) -> None:
+        super().__init__(settings, metrics=metrics)
         self.service = settings.service
         self.secret = settings.service_secrets.get(settings.service, "")
-        self.address = settings.addresses["identity"]
-        self.timeout = settings.call_timeout_seconds
-        self.renew_before = renew_before_seconds
         self._token = ""
         self._renew_at = 0.0
         self._lock = asyncio.Lock()
-        self._channel: grpc.aio.Channel | None = None
 
     async def __call__(self) -> str:
         if self._token and time.time() < self._renew_at:
@@ -677,12 +688,7 @@ class ServiceTokenSource:
         async with self._lock:
             if self._token and time.time() < self._renew_at:
                 return self._token
-            if self._channel is None:
-                self._channel = open_channel(
-                    self.address, services=[IDENTITY_SERVICE], default_timeout=self.timeout
-                )
-            stub = identity_pb2_grpc.IdentityServiceStub(self._channel)
-            reply = await stub.IssueServiceToken(
+            reply = await self._identity().IssueServiceToken(
                 identity_pb2.IssueServiceTokenRequest(service=self.service, secret=self.secret)
             )
             now = time.time()
@@ -691,8 +697,3 @@ class ServiceTokenSource:
             # Renew early, but never so early that a short TTL means one issue per call.
             self._renew_at = now + lifetime - min(self.renew_before, lifetime / 2)
             return self._token
-
-    async def close(self) -> None:
-        if self._channel is not None:
-            await self._channel.close()
-            self._channel = None

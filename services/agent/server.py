@@ -60,19 +60,21 @@ class AgentApp:
     ) -> None:
         self.settings = settings
         self.driver: Driver = driver or build_driver(settings)
-        self._jwks: IdentityJwks | None = None
-        if authenticator is None:
-            # Tokens are verified locally with identity's published keys.
-            self._jwks = IdentityJwks(settings)
-            authenticator = TokenVerifier.for_settings(settings, self._jwks)
-        self.authenticator = authenticator
         # GET /metrics (shared.server serves it) only with HANGAR_AGENT_METRICS_ADDR.
         self.metrics = Metrics() if settings.metrics_address else None
         if self.metrics is not None:
             watch_agent(self.metrics, self.driver)
+        self._jwks: IdentityJwks | None = None
+        if authenticator is None:
+            # Tokens are verified locally with identity's published keys.
+            self._jwks = IdentityJwks(settings, metrics=self.metrics)
+            authenticator = TokenVerifier.for_settings(settings, self._jwks)
+        self.authenticator = authenticator
         # Calls to runtime carry the agent's own token (only with its secret configured).
         self.token_source = (
-            ServiceTokenSource(settings) if settings.service_secrets.get("agent") else None
+            ServiceTokenSource(settings, metrics=self.metrics)
+            if settings.service_secrets.get("agent")
+            else None
         )
         self.clients = Clients(
             settings.addresses,
@@ -90,7 +92,9 @@ class AgentApp:
         self.reporter: RuntimeReporter | None = None
         self.telemetry: AgentTelemetry | None = None
         if report if report is not None else self.token_source is not None:
-            self.telemetry = AgentTelemetry(settings, self.driver, token_provider=self.token_source)
+            self.telemetry = AgentTelemetry(
+                settings, self.driver, token_provider=self.token_source, metrics=self.metrics
+            )
             self.telemetry.flush_seconds = min(self.telemetry.flush_seconds, FAREWELL_SECONDS)
             self.reporter = RuntimeReporter(
                 self.driver,

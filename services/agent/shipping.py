@@ -55,6 +55,7 @@ from services.agent.drivers import Driver
 from shared.auth import ServiceTokenSource
 from shared.clients import TokenProvider, open_channel
 from shared.loops import cancel_and_wait
+from shared.metrics import Metrics
 from shared.proto import timestamp
 from shared.settings import Settings
 
@@ -584,17 +585,21 @@ class AgentTelemetry:
         server: ServerName | None = None,
         channel: grpc.aio.Channel | None = None,
         token_provider: TokenProvider | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self._token_source: ServiceTokenSource | None = None
         if token_provider is None and channel is None and settings.service_secrets.get("agent"):
-            self._token_source = ServiceTokenSource(settings)
+            self._token_source = ServiceTokenSource(settings, metrics=metrics)
             token_provider = self._token_source
         self._own_channel = channel is None
+        # With `metrics`, ShipLogs and ShipMetrics are counted (grpc_client_*) as the
+        # agent's `Clients` calls are.
         self.channel = channel or open_channel(
             settings.addresses["runtime"],
             services=[RUNTIME_SERVICE],
             default_timeout=settings.call_timeout_seconds,
             token_provider=token_provider,
+            metrics=metrics,
         )
         stub = runtime_pb2_grpc.RuntimeServiceStub(self.channel)
         name = server or (lambda: settings.agent_server or socket.gethostname())

@@ -78,6 +78,9 @@ class EdgeConfig:
     storage_dir: str  # Caddy's own data: its local CA, certificates
     ask_url: str  # the edge's on-demand TLS guard: 200 only for names in the table
     dns_address: str = ""  # "udp/127.0.0.1:PORT": the edge's DNS, where upstreams are found
+    # Caddy's HTTP metrics (served through the edge's /metrics): fixed for the process's
+    # life, so they never make a config differ.
+    metrics: bool = False
 
     @property
     def https_address(self) -> str:
@@ -117,20 +120,24 @@ def caddy_config(
     if certificates:
         tls["certificates"] = {"load_pem": load_pem(certificates)}
     policies = connection_policies(certificates, (h for r in routes for h in _names(r.hostnames)))
+    http: dict[str, Any] = {
+        "http_port": edge.http_port,
+        "https_port": edge.https_port,
+        "grace_period": GRACE_PERIOD,
+        "servers": {
+            HTTP_SERVER: _server([edge.http_address], ["h1", "h2c"], table, tls=None),
+            HTTPS_SERVER: _server([edge.https_address], ["h1", "h2"], table, tls=policies),
+        },
+    }
+    if edge.metrics:
+        # Labelled by server, handler, code and method; never per host (no `per_host`).
+        http["metrics"] = {}
     return {
         "admin": {"listen": edge.admin_address, "config": {"persist": False}},
         "storage": {"module": "file_system", "root": edge.storage_dir},
         "logging": {"logs": {"default": {"level": "WARN"}}},
         "apps": {
-            "http": {
-                "http_port": edge.http_port,
-                "https_port": edge.https_port,
-                "grace_period": GRACE_PERIOD,
-                "servers": {
-                    HTTP_SERVER: _server([edge.http_address], ["h1", "h2c"], table, tls=None),
-                    HTTPS_SERVER: _server([edge.https_address], ["h1", "h2"], table, tls=policies),
-                },
-            },
+            "http": http,
             "tls": tls,
             # The local CA's root is never put into the system's trust stores (no sudo).
             "pki": {"certificate_authorities": {"local": {"install_trust": False}}},
@@ -421,6 +428,13 @@ class Caddy:
         self._applied = body
         self.loads += 1
         return True
+
+    async def metrics_text(self) -> str:
+        """Caddy's own Prometheus metrics (its admin API's `GET /metrics`)."""
+        reply = await self._client.get("/metrics", timeout=5)
+        if reply.status_code != 200:
+            raise CaddyError(f"caddy's /metrics answered {reply.status_code}")
+        return reply.text
 
     @property
     def running(self) -> bool:

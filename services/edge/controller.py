@@ -18,9 +18,9 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Sequence
 from datetime import UTC, datetime
-from typing import Protocol
+from typing import Protocol, TypeVar
 from urllib.parse import parse_qs, urlsplit
 
 from services.edge.caddy import Caddy, CaddyError, EdgeConfig, Route, caddy_config, normal_name
@@ -33,6 +33,7 @@ log = logging.getLogger("hangar.edge")
 # A failed re-read is tried again after 1 s, doubling up to 10 s while it keeps failing.
 RETRY_SECONDS = 1.0
 MAX_RETRY_SECONDS = 10.0
+T = TypeVar("T")
 
 
 class RouteSource(Protocol):
@@ -43,6 +44,16 @@ class RouteSource(Protocol):
     def changes(self) -> AsyncIterator[None]:
         """Yields whenever the table may have changed (and on every (re)connect)."""
         ...
+
+
+class ApplyMetrics(Protocol):
+    """What the controller counts (metrics.EdgeMetrics)."""
+
+    def applied(self, seconds: float, reloaded: bool) -> None: ...
+
+    def apply_failed(self) -> None: ...
+
+    def read_failed(self, source: str) -> None: ...
 
 
 class StaticRoutes:
@@ -80,10 +91,13 @@ class EdgeController:
         resync_seconds: float = 30.0,
         first_fetch_timeout: float = 5.0,
         certificates: CertificateSource | None = None,
+        metrics: ApplyMetrics | None = None,
     ) -> None:
         self.source = source
         self.certificate_source = certificates
         self.certificates: list[UploadedCertificate] = []  # the last read
+        self.loaded_certificates: list[UploadedCertificate] = []  # in Caddy's config now
+        self.metrics = metrics
         self.expiry = ExpiryWarnings()
         self.caddy = caddy
         self.edge = edge
@@ -107,7 +121,9 @@ class EdgeController:
         """Starts Caddy with the first table (empty if the source does not answer yet),
         then follows the source in the background."""
         try:
-            routes = await asyncio.wait_for(self.source.fetch(), self.first_fetch_timeout)
+            routes = await self._read(
+                "routes", asyncio.wait_for(self.source.fetch(), self.first_fetch_timeout)
+            )
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -115,7 +131,10 @@ class EdgeController:
             routes = []
             self._dirty.set()  # keep trying
         try:
-            await asyncio.wait_for(self._read_certificates(), self.first_fetch_timeout)
+            await self._read(
+                "certificates",
+                asyncio.wait_for(self._read_certificates(), self.first_fetch_timeout),
+            )
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -125,8 +144,8 @@ class EdgeController:
         await self._remember(routes)
         # Without uploads first: one Caddy refuses never keeps the edge from starting.
         await self.caddy.start(caddy_config(routes, self.edge))
-        await self._load(routes)
-        await self._applied_now(started, len(routes))
+        reloaded = await self._load(routes)
+        await self._applied_now(started, len(routes), reloaded)
         self._tasks = [
             asyncio.create_task(self._follow_changes()),
             asyncio.create_task(self._sync_loop()),
@@ -146,9 +165,14 @@ class EdgeController:
         """Applies this table: the DNS's upstreams at once, then Caddy's config if it
         changed (a name added or removed, a project served or not); whether it did."""
         started = time.perf_counter()
-        await self._remember(routes)
-        changed = await self._load(routes)
-        await self._applied_now(started, len(routes))
+        try:
+            await self._remember(routes)
+            changed = await self._load(routes)
+        except Exception:
+            if self.metrics is not None:
+                self.metrics.apply_failed()
+            raise
+        await self._applied_now(started, len(routes), changed)
         return changed
 
     async def _load(self, routes: Sequence[Route]) -> bool:
@@ -157,15 +181,30 @@ class EdgeController:
         on-demand certificates meanwhile, and the error says which names."""
         usable = self.expiry.usable(self.certificates, self.hostnames, datetime.now(UTC))
         try:
-            return await self.caddy.load(caddy_config(routes, self.edge, usable))
+            loaded = await self.caddy.load(caddy_config(routes, self.edge, usable))
         except CaddyError:
             if not usable:
                 raise
+        else:
+            self.loaded_certificates = usable
+            return loaded
         log.error(  # never Caddy's text: it might quote what it refused
             "caddy refused the uploaded certificates; loading the routes without them",
             extra={"hostnames": [c.hostname for c in usable]},
         )
-        return await self.caddy.load(caddy_config(routes, self.edge))
+        loaded = await self.caddy.load(caddy_config(routes, self.edge))
+        self.loaded_certificates = []
+        return loaded
+
+    async def _read(self, source: str, read: Awaitable[T]) -> T:
+        """`read`, counting its failure (metrics' `source`: "routes" or "certificates")."""
+        try:
+            return await read
+        except Exception as exc:
+            raise_if_cancelling(exc)
+            if self.metrics is not None:
+                self.metrics.read_failed(source)
+            raise
 
     async def _read_certificates(self) -> None:
         if self.certificate_source is not None:
@@ -179,12 +218,14 @@ class EdgeController:
             name for r in routes for h in r.hostnames if (name := normal_name(h))
         )
 
-    async def _applied_now(self, started: float, count: int) -> None:
+    async def _applied_now(self, started: float, count: int, reloaded: bool) -> None:
         self.last_apply_seconds = time.perf_counter() - started
         log.info(
             "routes applied",
             extra={"routes": count, "apply_ms": round(self.last_apply_seconds * 1000, 1)},
         )
+        if self.metrics is not None:
+            self.metrics.applied(self.last_apply_seconds, reloaded)
         async with self._applied:
             self.applied_version += 1
             self._applied.notify_all()
@@ -201,10 +242,10 @@ class EdgeController:
             await asyncio.sleep(self.debounce_seconds)  # let a burst of events settle
             self._dirty.clear()
             try:
-                routes = await self.source.fetch()
+                routes = await self._read("routes", self.source.fetch())
                 unread: Exception | None = None
                 try:
-                    await self._read_certificates()
+                    await self._read("certificates", self._read_certificates())
                 except Exception as exc:  # the last ones stay; the routes apply anyway
                     raise_if_cancelling(exc)
                     unread = exc
@@ -239,6 +280,7 @@ class AskServer:
         self.controller = controller
         self._server: asyncio.Server | None = None
         self.port = 0
+        self.answers = {"allowed": 0, "refused": 0}  # questions answered (metrics)
 
     async def start(self, host: str = "127.0.0.1") -> str:
         """Listens on a free loopback port; the URL for Caddy's `ask`."""
@@ -262,6 +304,7 @@ class AskServer:
             head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
             parts = head.split(b"\r\n", 1)[0].decode("latin-1").split()
             ok = len(parts) == 3 and parts[0] == "GET" and self.allows(parts[1])
+            self.answers["allowed" if ok else "refused"] += 1
             status = b"200 OK" if ok else b"403 Forbidden"
             writer.write(b"HTTP/1.1 %s\r\nContent-Length: 0\r\nConnection: close\r\n\r\n" % status)
             await writer.drain()

@@ -32,6 +32,7 @@ log = logging.getLogger("hangar.edge.dns")
 ZONE = "hangar.internal"
 ROUTES = f"routes.{ZONE}"
 HOSTS = f"hosts.{ZONE}"
+_COUNTED_TYPES = frozenset({"SRV", "A", "AAAA"})
 
 
 def srv_name(project_id: str) -> str:
@@ -52,6 +53,8 @@ class UpstreamDns(asyncio.DatagramProtocol):
         self._hosts: dict[str, str] = {}
         self._transport: asyncio.DatagramTransport | None = None
         self.address = ""  # "udp/127.0.0.1:PORT", as Caddy's resolver wants it
+        # Queries answered, by (type: SRV, A, AAAA or other; response code), for metrics.
+        self.answered: dict[tuple[str, str], int] = {}
 
     async def start(self, host: str = "127.0.0.1") -> str:
         loop = asyncio.get_running_loop()
@@ -93,7 +96,11 @@ class UpstreamDns(asyncio.DatagramProtocol):
         except DNSError:
             return  # not DNS: nothing to answer
         if self._transport is not None:
-            self._transport.sendto(self.answer(query).pack(), addr)
+            reply = self.answer(query)
+            self._transport.sendto(reply.pack(), addr)
+            kind = QTYPE.get(query.q.qtype, "other")
+            key = (kind if kind in _COUNTED_TYPES else "other", RCODE.get(reply.header.rcode))
+            self.answered[key] = self.answered.get(key, 0) + 1
 
     def answer(self, query: DNSRecord) -> DNSRecord:
         reply = query.reply()

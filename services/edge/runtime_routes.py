@@ -19,6 +19,7 @@ from services.edge.caddy import Route
 from services.edge.controller import raise_if_cancelling
 from shared.auth import ServiceTokenSource
 from shared.clients import Clients
+from shared.metrics import Metrics
 from shared.settings import Settings
 
 log = logging.getLogger("hangar.edge")
@@ -36,15 +37,18 @@ class RuntimeRoutes:
         *,
         retry_seconds: float = 0.5,
         max_retry_seconds: float = 10.0,
+        metrics: Metrics | None = None,
     ) -> None:
         self.timeout = settings.call_timeout_seconds
         self.retry_seconds = retry_seconds
         self.max_retry_seconds = max_retry_seconds
-        self.token_source = ServiceTokenSource(settings)
+        # With `metrics`, every call is counted (grpc_client_*), the token's too.
+        self.token_source = ServiceTokenSource(settings, metrics=metrics)
         self.clients = Clients(
             settings.addresses,
             default_timeout=settings.call_timeout_seconds,
             token_provider=self.token_source,
+            metrics=metrics,
         )
         # Where the feed was: a reconnect resumes there instead of replaying the history.
         self.cursor = ""

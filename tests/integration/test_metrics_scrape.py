@@ -17,6 +17,7 @@ from shared.migrate import migrate
 from tests.support.project import running_stack
 
 PROJECT_SERVICE = "hangar.project.v1.ProjectService"
+IDENTITY_SERVICE = "hangar.identity.v1.IdentityService"
 
 
 @pytest.fixture(scope="module")
@@ -77,6 +78,11 @@ async def test_scrape_counts_exactly_the_calls_made_and_shows_the_pool(
         assert after[(count, latency)] - before.get((count, latency), 0.0) == 7
         # CreateProject reserved its resources in billing: project's client counted it.
         assert _handled(after, "OK", side="client", method="ReserveAllocation") >= 1
+        # ...with the service token it got from identity, and the callers' tokens verified
+        # with identity's keys: those channels of shared.auth are counted too (from 0).
+        for method in ("IssueServiceToken", "GetJwks"):
+            labels = {"grpc_service": IDENTITY_SERVICE, "grpc_method": method, "grpc_code": "OK"}
+            assert after[("grpc_client_handled_total", frozenset(labels.items()))] >= 1, method
         assert after[("db_pool_size", frozenset())] >= 1
         assert ("db_pool_idle", frozenset()) in after
         assert after[("outbox_head_position", frozenset())] >= 1  # project.created
