@@ -17,10 +17,13 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
 
 from shared.settings import DEFAULT_PORTS, SERVICES
+
+if TYPE_CHECKING:
+    from shared.tls import TlsCredentials
 
 GRPC_SERVICES = SERVICES  # identity, project, runtime, billing
 # What each process calls, so what must answer its health check before it starts (the call
@@ -48,6 +51,7 @@ METRICS_PORTS = {
     "billing": 9154,
     "agent": 9160,
     "gateway": 9180,
+    "edge": 9181,
 }
 
 
@@ -236,9 +240,11 @@ def port_in_use(host: str, port: int) -> bool:
     return False
 
 
-def wait_healthy(name: str, address: str, deadline: float) -> bool:
+def wait_healthy(
+    name: str, address: str, deadline: float, tls: TlsCredentials | None = None
+) -> bool:
     """Poll grpc.health.v1 (or the gateway's and the edge's /healthz) until SERVING or the
-    deadline."""
+    deadline; over mutual TLS with `tls` (the gRPC processes)."""
     while time.monotonic() < deadline:
         if name in ("gateway", "edge"):
             import httpx
@@ -254,7 +260,13 @@ def wait_healthy(name: str, address: str, deadline: float) -> bool:
             import grpc
             from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-            with grpc.insecure_channel(address) as channel:
+            with (
+                grpc.insecure_channel(address)
+                if tls is None
+                else grpc.secure_channel(
+                    address, tls.channel_credentials(), options=tls.channel_options(name)
+                )
+            ) as channel:
                 try:
                     reply = health_pb2_grpc.HealthStub(channel).Check(
                         health_pb2.HealthCheckRequest(), timeout=1
@@ -354,13 +366,18 @@ class Supervisor:
         child.restart_at = None
 
     def wait_ready(
-        self, name: str, address: str, deadline: float, stopping: Callable[[], bool]
+        self,
+        name: str,
+        address: str,
+        deadline: float,
+        stopping: Callable[[], bool],
+        tls: TlsCredentials | None = None,
     ) -> str | None:
         """Wait until `name` answers its health check; else why not (it exited, the deadline
         passed, or a stop was asked for)."""
         proc = self.children[name].proc
         assert proc is not None
-        while not wait_healthy(name, address, min(deadline, time.monotonic() + 0.5)):
+        while not wait_healthy(name, address, min(deadline, time.monotonic() + 0.5), tls):
             if stopping():
                 return "stopped while starting"
             if proc.poll() is not None:
@@ -422,6 +439,29 @@ def apps_unisolated(env: dict[str, str]) -> str | None:
     if driver == "process":
         return "HANGAR_AGENT_DRIVER=process"
     return unavailable_reason() if driver == "auto" else None
+
+
+SUPERVISOR = "supervisor"  # the certificate `hangar up` checks its processes' health with
+
+
+def platform_tls(home: Path, addresses: Mapping[str, str]) -> dict[str, dict[str, str]]:
+    """Mutual TLS for `hangar up` (docs/tls.md): the CA in home/tls (made once), a certificate
+    per process (issued again when it expires within 30 days), and each process's
+    HANGAR_TLS_* settings: its own key only."""
+    from shared.tls import ensure_platform_certificates, host_of, tls_environment
+
+    directory = home / "tls"
+    hosts = {name: [host_of(addresses[name])] for name in PROCESSES}
+    ensure_platform_certificates(directory, {**hosts, SUPERVISOR: []})
+    return {name: tls_environment(directory / name) for name in (*PROCESSES, SUPERVISOR)}
+
+
+def supervisor_tls(home: Path) -> TlsCredentials | None:
+    """`hangar up`'s own client credentials (its health checks); None before it made them."""
+    from shared.tls import TlsCredentials
+
+    directory = home / "tls" / SUPERVISOR
+    return TlsCredentials.from_directory(directory) if directory.is_dir() else None
 
 
 def metrics_addresses(environ: Mapping[str, str]) -> dict[str, str]:
@@ -490,6 +530,8 @@ def cmd_up(args: argparse.Namespace) -> int:
             # Every app runs as a plain process here: only one tenant may use this machine.
             env.setdefault("HANGAR_SINGLE_TENANT", "1")
             print(f"hangar: apps are NOT isolated on this machine ({why_not})", file=sys.stderr)
+        tls_env = platform_tls(home, addresses)
+        client_tls = supervisor_tls(home)
         server_name = socket.gethostname()
         # This machine runs apps through the local agent: registered before the agent starts,
         # so its first heartbeat finds its server.
@@ -498,15 +540,20 @@ def cmd_up(args: argparse.Namespace) -> int:
         )
         deadline = time.monotonic() + args.timeout
         for name in PROCESSES:  # each once what it needs answers its health check
+            own_env = (
+                agent_environment(env, server_name)
+                if name == "agent"
+                else process_environment(name, env)
+            )
             supervisor.start(
                 name,
                 [sys.executable, "-m", "hangar_cli", "serve", name],
-                agent_environment(env, server_name)
-                if name == "agent"
-                else process_environment(name, env),
+                {**own_env, **tls_env[name]},
                 NEEDS[name],
             )
-            why = supervisor.wait_ready(name, addresses[name], deadline, lambda: stopping)
+            why = supervisor.wait_ready(
+                name, addresses[name], deadline, lambda: stopping, client_tls
+            )
             if why is not None:
                 return _fail(f"{why}; stopping everything")
         print(f"Hangar is up in {time.monotonic() - started:.1f}s  (Ctrl-C stops it)")
@@ -520,6 +567,7 @@ def cmd_up(args: argparse.Namespace) -> int:
             print(f"  {name:<9} {kind}://{addresses[name]}")
         if metrics:
             print("  metrics   " + ", ".join(f"{n} http://{a}/metrics" for n, a in metrics.items()))
+        print(f"  tls       mutual TLS between every process (CA and certificates: {home}/tls)")
         domain = os.environ.get("HANGAR_APPS_DOMAIN", "localhost")
         port = addresses["edge"].rpartition(":")[2]
         print(f"  apps      http://<project>-<organization>.{domain}:{port}")

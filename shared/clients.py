@@ -15,6 +15,7 @@ from google.protobuf import descriptor, descriptor_pb2
 
 from shared.context import remaining_seconds, request_id_var
 from shared.errors import DeadlineExceeded
+from shared.tls import TlsCredentials, process_of, process_tls
 from shared.tracing import client_interceptors
 
 if TYPE_CHECKING:
@@ -112,6 +113,30 @@ def channel_options(
     ]
 
 
+def make_channel(
+    address: str,
+    *,
+    options: list[tuple[str, Any]],
+    tls: TlsCredentials | None,
+    peer: str = "",
+    interceptors: Iterable[grpc.aio.ClientInterceptor] | None = None,
+) -> grpc.aio.Channel:
+    """A channel to `address` (grpc_target's argument): plaintext without `tls`; with it,
+    mutual TLS, the server's certificate checked against `peer`'s name (shared.tls)."""
+    target = grpc_target(address)
+    chain = list(interceptors) if interceptors is not None else None
+    if tls is None:
+        return grpc.aio.insecure_channel(target, options=options, interceptors=chain)
+    if not peer:
+        raise ValueError(f"{address}: a TLS channel must name the process it calls")
+    return grpc.aio.secure_channel(
+        target,
+        tls.channel_credentials(),
+        options=[*options, *tls.channel_options(peer)],
+        interceptors=chain,
+    )
+
+
 class _CallDefaults:
     """Shared by the four client interceptor kinds: deadline, request id, service token."""
 
@@ -169,10 +194,15 @@ def open_channel(
     token_provider: TokenProvider | None = None,
     streaming_timeout: float | None = None,
     metrics: Metrics | None = None,
+    tls: TlsCredentials | None = None,
+    peer: str = "",
 ) -> grpc.aio.Channel:
     """A channel with deadlines and retries. Streams get `streaming_timeout` (None: no limit).
     With `metrics`, every call is counted (grpc_client_*) once its deadline is set; with
-    tracing on (shared.tracing), every call is a span and carries its `traceparent`."""
+    tracing on (shared.tracing), every call is a span and carries its `traceparent`. With
+    `tls` (default: the process's HANGAR_TLS_* files), mutual TLS to the process `peer`
+    (default: the one serving `services`)."""
+    services = list(services)
     unary = (
         _UnaryUnary(default_timeout, token_provider),
         _StreamUnary(default_timeout, token_provider),
@@ -181,9 +211,11 @@ def open_channel(
         _UnaryStream(streaming_timeout or 10 * 365 * 86400.0, token_provider),
         _StreamStream(streaming_timeout or 10 * 365 * 86400.0, token_provider),
     )
-    return grpc.aio.insecure_channel(
-        grpc_target(address),
+    return make_channel(
+        address,
         options=channel_options(address, services),
+        tls=tls or process_tls(),
+        peer=peer or next((p for s in services if (p := process_of(s.full_name))), ""),
         interceptors=[
             *unary,
             *streams,
@@ -203,11 +235,13 @@ class Clients:
         default_timeout: float = 5.0,
         token_provider: TokenProvider | None = None,
         metrics: Metrics | None = None,
+        tls: TlsCredentials | None = None,
     ) -> None:
         self.addresses = addresses
         self.default_timeout = default_timeout
         self.token_provider = token_provider
         self.metrics = metrics
+        self.tls = tls  # None: the process's (open_channel)
         self._channels: dict[str, grpc.aio.Channel] = {}
 
     def channel(
@@ -220,6 +254,8 @@ class Clients:
                 default_timeout=self.default_timeout,
                 token_provider=self.token_provider,
                 metrics=self.metrics,
+                tls=self.tls,
+                peer=target,
             )
         return self._channels[target]
 

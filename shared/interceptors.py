@@ -20,6 +20,7 @@ from grpc_status import rpc_status
 from shared.context import (
     ANONYMOUS,
     Principal,
+    PrincipalKind,
     bearer_token_var,
     deadline_var,
     principal_var,
@@ -33,6 +34,7 @@ from shared.errors import (
     internal_status,
     translate,
 )
+from shared.tls import certified_process
 from shared.tracing import enter_call, record_status
 from shared.validation import check_text
 
@@ -106,8 +108,10 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
                 bearer_token_var.set(token)
                 try:
                     principal = await self.authenticator.authenticate(token)
+                    if principal.kind is PrincipalKind.SERVICE:
+                        _check_certified(context, principal.subject)
                 except (Unauthenticated, Unavailable) as exc:
-                    error = exc
+                    principal, error = ANONYMOUS, exc
         principal_var.set(principal)
         _auth_error_var.set(error)
 
@@ -163,6 +167,17 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
                 await _abort(context, method, exc, started)
 
         return handle
+
+
+def _check_certified(context: grpc.aio.ServicerContext, service: str) -> None:
+    """Over mutual TLS a service token must come from that service's own certificate: a
+    stolen token is no use from another process (without TLS there is nothing to check)."""
+    certified = certified_process(context)
+    if certified and certified != service:
+        raise Unauthenticated(
+            f"a {service} service token sent with {certified}'s certificate",
+            reason="TOKEN_PEER_MISMATCH",
+        )
 
 
 async def _abort(

@@ -23,6 +23,7 @@ from shared.logging import configure_logging
 from shared.metrics import Metrics, MetricsServer, serve_metrics
 from shared.outbox import OutboxFeed
 from shared.settings import Settings
+from shared.tls import TlsCredentials, process_tls
 from shared.tracing import configure_tracing, server_interceptors
 
 log = logging.getLogger("hangar.server")
@@ -84,14 +85,17 @@ async def start_server(
     *,
     authenticator: Authenticator | None = None,
     grace: float = 5.0,
+    tls: TlsCredentials | None = None,
 ) -> RunningServer:
     """Start serving `service` on `address` ("host:port"; port 0 picks a free one).
 
     Without an explicit `authenticator`, the service's own `authenticator` attribute (if any)
     verifies bearer tokens. A service with a `metrics` attribute (shared.metrics.Metrics, set
     when its settings have a metrics address) is counted and serves GET /metrics there. With
-    tracing on (shared.tracing), each call is a span.
+    tracing on (shared.tracing), each call is a span. With `tls` (default: the process's
+    HANGAR_TLS_* files, shared.tls), only clients with a certificate of the platform CA connect.
     """
+    tls = tls or process_tls()
     if authenticator is None:
         authenticator = getattr(service, "authenticator", None)
     metrics: Metrics | None = getattr(service, "metrics", None)
@@ -116,7 +120,10 @@ async def start_server(
         [*service.service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], server
     )
     try:
-        port = server.add_insecure_port(address)
+        if tls is None:
+            port = server.add_insecure_port(address)
+        else:
+            port = server.add_secure_port(address, tls.server_credentials())
     except RuntimeError as exc:
         raise OSError(f"cannot listen on {address}: {exc}") from exc
     metrics_server = None

@@ -137,6 +137,34 @@ def _string_map(text: str, name: str) -> dict[str, str]:
 
 
 @dataclass(frozen=True)
+class TlsFiles:
+    """Where a process finds its mutual-TLS files (shared.tls): the CA bundle it trusts, its
+    certificate chain and its key. All empty: plaintext. HANGAR_TLS_DIR names a directory in
+    the kubernetes.io/tls layout (ca.crt, tls.crt, tls.key); HANGAR_TLS_*_FILE override it."""
+
+    ca_file: str = ""
+    cert_file: str = ""
+    key_file: str = ""
+
+    @classmethod
+    def from_env(cls) -> TlsFiles:
+        directory = _env("HANGAR_TLS_DIR")
+
+        def inside(name: str) -> str:
+            return os.path.join(directory, name) if directory else ""
+
+        return cls(
+            ca_file=_env("HANGAR_TLS_CA_FILE") or inside("ca.crt"),
+            cert_file=_env("HANGAR_TLS_CERT_FILE") or inside("tls.crt"),
+            key_file=_env("HANGAR_TLS_KEY_FILE") or inside("tls.key"),
+        )
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.ca_file or self.cert_file or self.key_file)
+
+
+@dataclass(frozen=True)
 class Settings:
     """Everything a Hangar process reads from its environment, in one place."""
 
@@ -155,6 +183,8 @@ class Settings:
     metrics_address: str = ""
     grace_seconds: float = 5.0
     call_timeout_seconds: float = 5.0
+    # Mutual TLS on every gRPC server and channel of this process (shared.tls); off: plaintext.
+    tls: TlsFiles = field(default_factory=TlsFiles)
     service_secrets: dict[str, str] = field(default_factory=dict, repr=False)
     # Tokens (identity signs; every service verifies against identity's JWKS).
     jwt_issuer: str = "hangar-identity"
@@ -296,6 +326,7 @@ class Settings:
             metrics_address=_env(f"HANGAR_{service.upper()}_METRICS_ADDR"),
             grace_seconds=float(_env("HANGAR_GRACE_SECONDS", "5")),
             call_timeout_seconds=float(_env("HANGAR_CALL_TIMEOUT_SECONDS", "5")),
+            tls=TlsFiles.from_env(),
             service_secrets={
                 s: _env(f"HANGAR_{s.upper()}_SERVICE_SECRET") for s in (*SERVICES, "agent", "edge")
             },

@@ -40,10 +40,11 @@ from services.gateway.transcode import (
 )
 from services.gateway.web import Dashboard
 from shared.cache import TtlCache
-from shared.clients import channel_options, grpc_target
+from shared.clients import channel_options, make_channel
 from shared.errors import DomainError, NotFound, ResourceExhausted, Unauthenticated
 from shared.metrics import ROUTE_KEY, HttpMetrics, Metrics, MetricsServer, serve_metrics
 from shared.settings import SERVICES, Settings
+from shared.tls import TlsCredentials
 from shared.tracing import HttpTracing, client_interceptors, tracing_enabled
 
 log = logging.getLogger("hangar.gateway")
@@ -158,14 +159,19 @@ class Gateway:
         if self.metrics is not None:
             self.metrics_server = await serve_metrics(self.metrics, self.settings.metrics_address)
         upstreams = sorted({*SERVICES, *(route.upstream for route in self.routes)})
+        tls = TlsCredentials.from_files(self.settings.tls)  # mutual TLS when configured
         for name in upstreams:
             services = [s for s in self.services if s.full_name.split(".")[1] == name]
             address = self.settings.addresses[name]  # several: its replicas, round_robin
-            target, options = grpc_target(address), channel_options(address, services)
-            self.channels[name] = grpc.aio.insecure_channel(target, options=options)
+            options = channel_options(address, services)
+            self.channels[name] = make_channel(address, options=options, tls=tls, peer=name)
             if self.http_tracing is not None:  # for the traces sampled: client spans
-                self.traced_channels[name] = grpc.aio.insecure_channel(
-                    target, options=options, interceptors=client_interceptors()
+                self.traced_channels[name] = make_channel(
+                    address,
+                    options=options,
+                    tls=tls,
+                    peer=name,
+                    interceptors=client_interceptors(),
                 )
         self._exchange_call = (self.traced_channels or self.channels)["identity"].unary_unary(
             EXCHANGE_PATH,

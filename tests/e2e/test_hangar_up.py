@@ -18,7 +18,7 @@ import httpx
 import psutil
 import pytest
 
-from hangar_cli.cli import METRICS_PORTS, PROCESSES, wait_healthy
+from hangar_cli.cli import METRICS_PORTS, PROCESSES, supervisor_tls, wait_healthy
 from tests.support.procs import free_port
 
 pytestmark = pytest.mark.slow
@@ -103,15 +103,18 @@ def test_up_serves_everything_stops_on_ctrl_c_and_reuses_data(tmp_path: Path) ->
     for attempt in range(2):
         proc = _start(env)
         banner = "".join(_wait_for_banner(proc))
-        assert "DATABASE_URL" in banner
+        assert "DATABASE_URL" in banner and "mutual TLS between every process" in banner
+        tls = supervisor_tls(tmp_path / "home")  # every gRPC process takes mutual TLS only
         for name in PROCESSES:
             assert addresses[name] in banner
-            assert wait_healthy(name, addresses[name], time.monotonic() + 5), name
-        for name in METRICS_PORTS:  # every process but the edge serves its metrics
+            assert wait_healthy(name, addresses[name], time.monotonic() + 5, tls), name
+        assert not wait_healthy("identity", addresses["identity"], time.monotonic() + 1)
+        families = {"gateway": "http_requests_total", "edge": "edge_route_applies_total"}
+        for name in METRICS_PORTS:  # every process serves its metrics
             metrics = env[f"HANGAR_{name.upper()}_METRICS_ADDR"]
             assert f"{name} http://{metrics}/metrics" in banner
             scraped = httpx.get(f"http://{metrics}/metrics", timeout=10)
-            family = "http_requests_total" if name == "gateway" else "grpc_server_handled_total"
+            family = families.get(name, "grpc_server_handled_total")
             assert scraped.status_code == 200 and f"# TYPE {family}" in scraped.text, name
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=30) == 0
@@ -242,7 +245,8 @@ def test_a_killed_service_is_restarted_while_the_rest_keep_serving(tmp_path: Pat
             new_pid = _service_pid(proc, "runtime")
             time.sleep(0.1)
         assert new_pid not in (None, old_pid), log.read_text()[-4000:]
-        assert wait_healthy("runtime", addresses["runtime"], deadline), log.read_text()[-4000:]
+        tls = supervisor_tls(tmp_path / "home")
+        assert wait_healthy("runtime", addresses["runtime"], deadline, tls), log.read_text()[-4000:]
         # The gateway sees runtime again (it said "degraded" meanwhile, but it answered).
         assert wait_healthy("gateway", addresses["gateway"], deadline)
         done.set()
@@ -251,7 +255,7 @@ def test_a_killed_service_is_restarted_while_the_rest_keep_serving(tmp_path: Pat
         assert proc.poll() is None, "hangar up stopped"
         assert _service_pid(proc, "gateway") == gateway_pid
         for name in PROCESSES:
-            assert wait_healthy(name, addresses[name], time.monotonic() + 5), name
+            assert wait_healthy(name, addresses[name], time.monotonic() + 5, tls), name
         assert answers and all(a in (200, 503) for a in answers), answers
         assert "runtime was killed by SIGKILL" in log.read_text()
     finally:

@@ -9,7 +9,9 @@ stderr is printed. Stopping sends SIGTERM in reverse start order, then SIGKILL a
 
 With `replicas=2`, every service and the gateway run twice (the second as `<name>-2`, on a
 port of its own): each service's clients get both addresses (HANGAR_<SVC>_TARGETS) and
-spread their calls over them. With `metrics=True`, every process serves /metrics.
+spread their calls over them. With `metrics=True`, every process serves /metrics. With
+`tls=True`, every gRPC hop is mutual TLS, each process with its own certificate (as `hangar
+up` makes them).
 """
 
 from __future__ import annotations
@@ -29,8 +31,15 @@ from typing import IO, Any
 import httpx
 import pytest
 
-from hangar_cli.cli import load_credentials, service_environment, wait_healthy
+from hangar_cli.cli import (
+    load_credentials,
+    platform_tls,
+    service_environment,
+    supervisor_tls,
+    wait_healthy,
+)
 from shared.settings import SERVICES
+from shared.tls import TlsCredentials
 from tests.support.procs import free_port
 
 REPO = Path(__file__).resolve().parents[2]
@@ -79,6 +88,9 @@ class Stack:
     server_id: str = ""  # the agent, registered as a server (empty without an agent)
     metrics_addresses: dict[str, str] = field(default_factory=dict)  # process -> /metrics
     killed: set[str] = field(default_factory=set)  # SIGKILLed on purpose (kill), not "dead"
+    # start_stack(tls=True): each process's HANGAR_TLS_* (by service), and the tests' own.
+    tls_env: dict[str, dict[str, str]] = field(default_factory=dict, repr=False)
+    client_tls: TlsCredentials | None = field(default=None, repr=False)
 
     def client(self, token: str = "", *, via: str = "", **kwargs: Any) -> httpx.Client:
         """An HTTP client of the gateway (or of the gateway process `via`, a replica's)."""
@@ -158,14 +170,16 @@ def _start(
     stderr = stderr_path.open("ab")  # a restart appends to what the process said before
     proc = subprocess.Popen(
         [sys.executable, "-m", "hangar_cli", "serve", service or name],
-        env=env or stack.env,
+        env={**(env or stack.env), **stack.tls_env.get(service or name, {})},
         cwd=REPO,
         stdout=stderr,  # services log to stderr; anything printed goes to the same file
         stderr=stderr,
     )
     process = Process(name, stack.addresses[name], proc, stderr_path, stderr, service, env)
     stack.processes[name] = process
-    while not wait_healthy(service or name, process.address, min(deadline, time.monotonic() + 0.5)):
+    while not wait_healthy(
+        service or name, process.address, min(deadline, time.monotonic() + 0.5), stack.client_tls
+    ):
         if not process.alive() or time.monotonic() >= deadline:
             why = "exited" if not process.alive() else "did not become healthy"
             raise StackError(f"{name} {why}; its stderr:\n{process.stderr()}")
@@ -267,10 +281,12 @@ def start_stack(
     timeout: float = 60.0,
     replicas: int = 1,
     metrics: bool = False,
+    tls: bool = False,
 ) -> Stack:
     """Start everything against `database_url` (already migrated with `db_passwords`); the
     edge (Caddy in front of the apps, addresses["edge"]) only when asked. `replicas`
-    processes of each service and of the gateway; `metrics`: /metrics on every process."""
+    processes of each service and of the gateway; `metrics`: /metrics on every process;
+    `tls`: mutual TLS between every process (certificates under home/tls)."""
     home.mkdir(parents=True, exist_ok=True)
     if agent:
         searchable_by_others(home)
@@ -335,6 +351,9 @@ def start_stack(
     env.update(extra_env or {})
     stack = Stack(f"http://{addresses['gateway']}", addresses, env, home)
     stack.metrics_addresses = metrics_addresses
+    if tls:
+        stack.tls_env = platform_tls(home, addresses)
+        stack.client_tls = supervisor_tls(home)
     deadline = time.monotonic() + timeout
     try:
         for name in names:

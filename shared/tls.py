@@ -1,0 +1,333 @@
+"""Mutual TLS between Hangar's processes: a platform CA, one certificate per process, and the
+gRPC credentials servers and clients build from them (docs/tls.md).
+
+Each process has a name (identity, project, runtime, billing, agent, gateway, edge); its
+certificate names it as the DNS name `<name>.hangar.internal` (what clients check, whatever
+address they dial) plus the hosts it listens on, and may serve and call (server and client
+auth). Without HANGAR_TLS_* settings every process speaks plaintext, as before.
+"""
+
+from __future__ import annotations
+
+import datetime
+import functools
+import ipaddress
+import os
+import secrets
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from shared.settings import TlsFiles
+
+PEER_DOMAIN = "hangar.internal"
+CA_DAYS = 3650
+LEAF_DAYS = 90
+RENEW_WITHIN_DAYS = 30
+SERVER_AUTH = ExtendedKeyUsageOID.SERVER_AUTH
+CLIENT_AUTH = ExtendedKeyUsageOID.CLIENT_AUTH
+# The file names of a Kubernetes Secret of type kubernetes.io/tls (what cert-manager writes).
+CA_FILE, CERT_FILE, KEY_FILE = "ca.crt", "tls.crt", "tls.key"
+
+
+def peer_name(process: str) -> str:
+    """The DNS name a process's certificate carries and its clients check."""
+    return f"{process}.{PEER_DOMAIN}"
+
+
+def process_of(service_full_name: str) -> str:
+    """The process that serves a gRPC service: "hangar.identity.v1.IdentityService" -> identity."""
+    parts = service_full_name.split(".")
+    return parts[1] if len(parts) > 2 and parts[0] == "hangar" else ""
+
+
+@dataclass(frozen=True)
+class TlsCredentials:
+    """One process's side of mutual TLS: the CA it trusts, its chain and its key (PEM)."""
+
+    ca_pem: bytes
+    cert_chain_pem: bytes
+    key_pem: bytes
+
+    @classmethod
+    def from_files(cls, files: TlsFiles) -> TlsCredentials | None:
+        """None when no file is set (plaintext); all three or an error naming what is missing."""
+        if not files.enabled:
+            return None
+        named = {
+            "HANGAR_TLS_CA_FILE": files.ca_file,
+            "HANGAR_TLS_CERT_FILE": files.cert_file,
+            "HANGAR_TLS_KEY_FILE": files.key_file,
+        }
+        missing = [name for name, path in named.items() if not path]
+        if missing:
+            raise ValueError(f"TLS needs all three files; {', '.join(missing)} not set")
+        return cls(
+            Path(files.ca_file).read_bytes(),
+            Path(files.cert_file).read_bytes(),
+            Path(files.key_file).read_bytes(),
+        )
+
+    @classmethod
+    def from_directory(cls, directory: Path) -> TlsCredentials:
+        """The files of one process in the kubernetes.io/tls layout (ca.crt, tls.crt, tls.key)."""
+        found = cls.from_files(
+            TlsFiles(
+                str(directory / CA_FILE), str(directory / CERT_FILE), str(directory / KEY_FILE)
+            )
+        )
+        assert found is not None
+        return found
+
+    def server_credentials(self) -> grpc.ServerCredentials:
+        """Serve with this chain; refuse, at the handshake, a client without a certificate
+        the CA signed."""
+        return grpc.ssl_server_credentials(
+            [(self.key_pem, self.cert_chain_pem)],
+            root_certificates=self.ca_pem,
+            require_client_auth=True,
+        )
+
+    def channel_credentials(self) -> grpc.ChannelCredentials:
+        return grpc.ssl_channel_credentials(
+            root_certificates=self.ca_pem,
+            private_key=self.key_pem,
+            certificate_chain=self.cert_chain_pem,
+        )
+
+    @staticmethod
+    def channel_options(process: str) -> list[tuple[str, Any]]:
+        """Check the server's certificate against `process`'s name, not the dialled address
+        (loopback IPs and replica lists say nothing about who answers)."""
+        return [("grpc.ssl_target_name_override", peer_name(process))]
+
+
+def certified_process(context: grpc.aio.ServicerContext) -> str:
+    """The process the caller's certificate names (its common name); "" without TLS."""
+    names = context.auth_context().get("x509_common_name") or []
+    return names[0].decode() if names else ""
+
+
+@functools.cache
+def process_tls() -> TlsCredentials | None:
+    """This process's credentials from HANGAR_TLS_* (read once): what start_server and
+    open_channel use unless given others. Channels are opened where no settings object is at
+    hand (token sources), and a process has one identity, hence one cached value."""
+    return TlsCredentials.from_files(TlsFiles.from_env())
+
+
+def tls_environment(directory: Path) -> dict[str, str]:
+    """The HANGAR_TLS_* settings of a process whose files are in `directory`."""
+    return {
+        "HANGAR_TLS_CA_FILE": str(directory / CA_FILE),
+        "HANGAR_TLS_CERT_FILE": str(directory / CERT_FILE),
+        "HANGAR_TLS_KEY_FILE": str(directory / KEY_FILE),
+    }
+
+
+# ----------------------------------------------------------------------------- issuing
+
+
+@dataclass(frozen=True)
+class Issued:
+    """A certificate and its private key, PEM."""
+
+    cert_pem: bytes
+    key_pem: bytes
+
+    @property
+    def certificate(self) -> x509.Certificate:
+        return x509.load_pem_x509_certificate(self.cert_pem)
+
+
+def _now() -> datetime.datetime:
+    return datetime.datetime.now(datetime.UTC)
+
+
+def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+
+
+def create_ca(name: str = "Hangar platform CA", *, days: int = CA_DAYS) -> Issued:
+    """A self-signed ECDSA P-256 CA that may sign leaves only (path length 0)."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = _now()
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=days))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    return Issued(cert.public_bytes(serialization.Encoding.PEM), _key_pem(key))
+
+
+def _general_name(host: str) -> x509.GeneralName:
+    try:
+        return x509.IPAddress(ipaddress.ip_address(host.strip("[]")))
+    except ValueError:
+        return x509.DNSName(host)
+
+
+def issue_certificate(
+    ca: Issued,
+    process: str,
+    hosts: Iterable[str] = (),
+    *,
+    days: int = LEAF_DAYS,
+    usages: Sequence[x509.ObjectIdentifier] = (SERVER_AUTH, CLIENT_AUTH),
+    not_before: datetime.datetime | None = None,
+) -> Issued:
+    """A leaf for `process`: SANs its peer name and `hosts` (IPs or names it listens on)."""
+    ca_cert = ca.certificate
+    ca_key = serialization.load_pem_private_key(ca.key_pem, password=None)
+    assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
+    key = ec.generate_private_key(ec.SECP256R1())
+    start = not_before or _now() - datetime.timedelta(minutes=5)
+    names = [peer_name(process), *dict.fromkeys(h for h in hosts if h)]
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, process)]))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(start)
+        .not_valid_after(start + datetime.timedelta(days=days))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=False,
+                crl_sign=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.ExtendedKeyUsage(list(usages)), critical=False)
+        .add_extension(
+            x509.SubjectAlternativeName([_general_name(n) for n in names]), critical=False
+        )
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_cert.public_key()),  # type: ignore[arg-type]
+            critical=False,
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    return Issued(cert.public_bytes(serialization.Encoding.PEM), _key_pem(key))
+
+
+def subject_alternative_names(cert: x509.Certificate) -> list[str]:
+    sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    return [
+        *sans.get_values_for_type(x509.DNSName),
+        *map(str, sans.get_values_for_type(x509.IPAddress)),
+    ]
+
+
+def write_private(path: Path, data: bytes) -> None:
+    """`data` to `path` as a 0600 file, atomically (a crash leaves the old one whole)."""
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            out.write(data)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_issued(directory: Path, ca_cert_pem: bytes, issued: Issued) -> None:
+    """A process's files in the kubernetes.io/tls layout: tls.key (0600), tls.crt, ca.crt."""
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    write_private(directory / KEY_FILE, issued.key_pem)
+    write_private(directory / CERT_FILE, issued.cert_pem)
+    write_private(directory / CA_FILE, ca_cert_pem)
+
+
+def _needs_renewal(
+    directory: Path, ca: Issued, process: str, hosts: Sequence[str], renew_within: float
+) -> bool:
+    try:
+        cert = x509.load_pem_x509_certificate((directory / CERT_FILE).read_bytes())
+        (directory / KEY_FILE).stat()
+        trusted = (directory / CA_FILE).read_bytes()
+        cert.verify_directly_issued_by(ca.certificate)  # not another CA of the same name
+    except (OSError, ValueError, TypeError, InvalidSignature):
+        return True
+    wanted = {peer_name(process), *(h.strip("[]") for h in hosts if h)}
+    return (
+        trusted != ca.cert_pem
+        or cert.not_valid_after_utc - _now() < datetime.timedelta(days=renew_within)
+        or set(subject_alternative_names(cert)) != wanted
+    )
+
+
+def ensure_platform_certificates(
+    directory: Path,
+    processes: Mapping[str, Sequence[str]],
+    *,
+    renew_within_days: float = RENEW_WITHIN_DAYS,
+) -> list[str]:
+    """The local platform's PKI under `directory`: the CA (ca.key 0600, ca.crt), created once,
+    and `<process>/` with each process's files (hosts: what it listens on). A leaf missing,
+    expiring within `renew_within_days`, of another CA or with other hosts is issued again.
+    Returns the processes whose certificates were (re)issued."""
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if (directory / "ca.key").exists() and (directory / "ca.crt").exists():
+        ca = Issued((directory / "ca.crt").read_bytes(), (directory / "ca.key").read_bytes())
+    else:
+        ca = create_ca()
+        write_private(directory / "ca.key", ca.key_pem)
+        write_private(directory / "ca.crt", ca.cert_pem)
+    issued = []
+    for process, hosts in processes.items():
+        own = directory / process
+        if _needs_renewal(own, ca, process, hosts, renew_within_days):
+            write_issued(own, ca.cert_pem, issue_certificate(ca, process, hosts))
+            issued.append(process)
+    return issued
+
+
+def host_of(address: str) -> str:
+    """The host of "host:port" ("[::1]:50051" -> "::1")."""
+    return address.rpartition(":")[0].strip("[]")
