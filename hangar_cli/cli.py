@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
 
+from shared.files import write_private
 from shared.settings import DEFAULT_PORTS, SERVICES
 
 if TYPE_CHECKING:
@@ -73,21 +74,6 @@ def private_dir(directory: Path) -> Path:
     if directory.stat().st_mode & 0o777 != 0o711:
         directory.chmod(0o711)
     return directory
-
-
-def write_private(path: Path, text: str) -> None:
-    """Write `text` to `path` as a 0600 file, atomically (a crash leaves the old one whole)."""
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        with os.fdopen(fd, "w") as out:
-            out.write(text)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def load_credentials(directory: Path) -> dict[str, Any]:

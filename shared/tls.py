@@ -12,8 +12,6 @@ from __future__ import annotations
 import datetime
 import functools
 import ipaddress
-import os
-import secrets
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +24,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from shared.files import write_private
 from shared.settings import TlsFiles
 
 PEER_DOMAIN = "hangar.internal"
@@ -259,21 +258,6 @@ def subject_alternative_names(cert: x509.Certificate) -> list[str]:
         *sans.get_values_for_type(x509.DNSName),
         *map(str, sans.get_values_for_type(x509.IPAddress)),
     ]
-
-
-def write_private(path: Path, data: bytes) -> None:
-    """`data` to `path` as a 0600 file, atomically (a crash leaves the old one whole)."""
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        with os.fdopen(fd, "wb") as out:
-            out.write(data)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def write_issued(directory: Path, ca_cert_pem: bytes, issued: Issued) -> None:

@@ -23,7 +23,6 @@ import re
 import shutil
 import signal
 import sys
-import tempfile
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -35,6 +34,7 @@ import httpx
 from hangar.runtime.v1 import runtime_pb2
 from services.edge.certificates import UploadedCertificate, connection_policies, load_pem
 from services.edge.dns import srv_name
+from shared.files import write_private
 from shared.settings import default_data_dir
 
 log = logging.getLogger("hangar.edge")
@@ -375,7 +375,7 @@ class Caddy:
         private.mkdir(parents=True, exist_ok=True, mode=0o700)
         os.chmod(private, 0o700)
         self.storage_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        config_file = _write_private(private / "caddy.json", canonical(config))
+        config_file = write_private(private / "caddy.json", canonical(config))
         env = _child_env(private)
         log_file = _open_log(self.log_path) if self.log_path else None
         try:
@@ -454,18 +454,6 @@ class Caddy:
             with contextlib.suppress(ProcessLookupError):
                 proc.kill()
             await proc.wait()
-
-
-def _write_private(path: Path, body: bytes) -> Path:
-    """Written 0600 from its creation, then renamed into place."""
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=".caddy-")
-    try:
-        os.fchmod(handle, 0o600)
-        os.write(handle, body)
-    finally:
-        os.close(handle)
-    os.replace(tmp, path)
-    return path
 
 
 def _open_log(path: Path) -> BinaryIO:
