@@ -31,6 +31,7 @@ from services.gateway.errors import GatewayError
 from services.gateway.health import upstream_health
 from services.gateway.openapi import build_openapi
 from services.gateway.routes import Route, Router, build_routes
+from services.gateway.session_cookie import CookieSession, session_for
 from services.gateway.transcode import (
     build_request,
     dump,
@@ -277,6 +278,9 @@ class Gateway:
                 body,
                 headers,
             )
+            ttl = self.settings.refresh_token_ttl_seconds
+            session = session_for(route.rpc_path, scope, headers, request, ttl)
+            extra += session.headers_before() if session else []
             metadata: list[tuple[str, str]] = [("x-request-id", request_id)]
             authorization = headers.get(b"authorization")
             if authorization is not None:
@@ -293,7 +297,7 @@ class Gateway:
             elif route.streaming:
                 await self._stream(route, request, metadata, receive, send, extra)
             else:
-                await self._unary(route, request, metadata, receive, send, extra)
+                await self._unary(route, request, metadata, receive, send, extra, session)
         except ClientGone:
             return
         except GatewayError as error:
@@ -364,6 +368,7 @@ class Gateway:
         receive: Receive,
         send: Send,
         extra: Headers,
+        session: CookieSession | None = None,
     ) -> None:
         invoke = self._invoke(route, metadata)
         call = invoke(request, timeout=self.settings.call_timeout_seconds, metadata=metadata)
@@ -379,6 +384,9 @@ class Gateway:
         finally:
             watcher.cancel()
         content_type, body = render_response(route.plan, reply)
+        if session is not None:  # the dashboard's refresh token goes into a cookie
+            body, cookie = session.answer(reply, body)
+            extra = extra + cookie
         await _respond(send, 200, content_type, body, extra)
 
     async def _upload(

@@ -752,12 +752,60 @@ def test_a_project_is_deleted_only_after_typing_its_slug(journey: Journey) -> No
     j.until(lambda: XSS not in j.text("#projects a.project-name"), "the probe gone")
 
 
+def _stored_by_scripts(j: Journey) -> list[str]:
+    """Every key and value of sessionStorage and localStorage, and document.cookie."""
+    found: list[str] = j.driver.execute_script(
+        "const all = [document.cookie];"
+        "for (const store of [sessionStorage, localStorage]) {"
+        "  for (let i = 0; i < store.length; i++) {"
+        "    all.push(store.key(i), store.getItem(store.key(i)));"
+        "  }"
+        "}"
+        "return all;"
+    )
+    return found
+
+
+def session_cookies(j: Journey) -> list[dict[str, Any]]:
+    """The browser's hangar_refresh cookies, HttpOnly or not, whatever the page's path
+    (WebDriver's get_cookies shows only those sent to the current page: Path=/v1/auth is not)."""
+    every: list[dict[str, Any]] = j.driver.execute_cdp_cmd("Network.getAllCookies", {})["cookies"]
+    return [c for c in every if c["name"] == "hangar_refresh"]
+
+
+def test_the_session_survives_a_reload_out_of_scripts_reach(journey: Journey) -> None:
+    j = journey
+    j.open("#/projects")
+    who = j.until(lambda: j.find("#who").text, "signed in")
+    [cookie] = session_cookies(j)
+    assert cookie["httpOnly"] and cookie["sameSite"] == "Lax" and cookie["path"] == "/v1/auth"
+    assert not cookie["secure"]  # plain http here
+    for item in _stored_by_scripts(j):
+        assert "hangar_refresh" not in item and cookie["value"] not in item, item
+        assert "token" not in item.lower() and not item.startswith("eyJ"), item  # no JWT
+    j.driver.refresh()
+    j.until(lambda: j.find("#who").text == who, "still signed in after a reload")
+    # A second tab resumes the same session from the cookie; both go on working.
+    first = j.driver.current_window_handle
+    j.driver.switch_to.new_window("tab")
+    try:
+        j.open("#/projects")
+        j.until(lambda: j.find("#who").text == who, "signed in in a second tab")
+    finally:
+        j.driver.close()
+        j.driver.switch_to.window(first)
+    j.driver.refresh()
+    j.until(lambda: j.find("#who").text == who, "the first tab still signed in")
+    assert _console_errors(j) == []
+
+
 def test_log_out_ends_the_session(journey: Journey) -> None:
     j = journey
     j.find("#logout").click()
     j.visible('form[name="login"]')
-    stored = j.driver.execute_script("return JSON.stringify(sessionStorage)")
-    assert "refresh" not in stored.lower(), stored
+    for item in _stored_by_scripts(j):
+        assert "refresh" not in item.lower() and "token" not in item.lower(), item
+    assert session_cookies(j) == []
     j.driver.refresh()
     j.visible('form[name="login"]')  # nothing left to resume the session with
 

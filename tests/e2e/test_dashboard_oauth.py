@@ -24,7 +24,7 @@ from urllib.parse import parse_qs, urlencode, urlsplit
 import pytest
 
 from tests.e2e import test_dashboard as dashboard
-from tests.e2e.test_dashboard import Journey, _console_errors
+from tests.e2e.test_dashboard import Journey, _console_errors, session_cookies
 from tests.support.identity import TestIssuer
 from tests.support.stack import Stack, migrated_database, start_stack
 
@@ -144,6 +144,7 @@ def _continue(j: Journey) -> None:
     """From a fresh tab at the log-in page, click the provider's button."""
     j.open("#/login")
     j.driver.execute_script("sessionStorage.clear()")
+    j.driver.delete_all_cookies()  # no session cookie either
     j.driver.refresh()
     button = j.visible("button[data-provider='testidp']")
     assert button.text == f"Continue with {LABEL}"
@@ -190,7 +191,9 @@ def test_continue_with_the_provider_signs_in(oauth: OAuthJourney) -> None:
     # The id_token left the address bar; the session is the same as a password's.
     assert "id_token" not in j.driver.current_url
     assert j.driver.execute_script("return sessionStorage.getItem('hangar.oauth')") is None
-    assert j.driver.execute_script("return sessionStorage.getItem('hangar.refreshToken')")
+    # The refresh token is in the HttpOnly session cookie, where no script reaches it.
+    assert "hangar_refresh" not in j.driver.execute_script("return document.cookie")
+    assert [c["httpOnly"] for c in session_cookies(j)] == [True]
     assert _console_errors(j) == []
     j.find("#logout").click()
     j.visible('form[name="login"]')

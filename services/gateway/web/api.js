@@ -1,10 +1,12 @@
 // The public HTTP API (/v1/...), as the CLI uses it, plus the session.
 //
-// The gateway sets no cookies, so the session lives in this tab: the access token in memory
-// only, the refresh token in sessionStorage (kept across a reload of this tab, gone with the
-// tab; never in localStorage, never in a cookie readable by other tabs or requests).
+// The session: the access token in memory only; the refresh token in the gateway's HttpOnly
+// `hangar_refresh` cookie (Path=/v1/auth), which no script can read. The auth calls opt in
+// with the X-Hangar-Session header (also the gateway's CSRF check) and are the only requests
+// that send cookies; every other call carries the access token alone.
 
-const REFRESH_KEY = "hangar.refreshToken";
+const SESSION_HEADER = { "X-Hangar-Session": "cookie" };
+const REFRESH_LOCK = "hangar.refresh";
 
 let accessToken = "";
 let refreshing = null; // one refresh at a time: refresh tokens rotate, reuse ends the family
@@ -33,22 +35,21 @@ function announce(user) {
 
 function remember(auth) {
   accessToken = auth.accessToken || "";
-  if (auth.refreshToken) sessionStorage.setItem(REFRESH_KEY, auth.refreshToken);
   return auth.user || null;
 }
 
 function forget() {
   accessToken = "";
-  sessionStorage.removeItem(REFRESH_KEY);
 }
 
 export function signedIn() {
   return accessToken !== "";
 }
 
-// A Blob body is sent as it is, with its own type; anything else as JSON.
-async function send(method, path, body, token) {
-  const headers = { Accept: "application/json" };
+// A Blob body is sent as it is, with its own type; anything else as JSON. `session`: an auth
+// call that sends and receives the session cookie.
+async function send(method, path, body, token, session = false) {
+  const headers = session ? { Accept: "application/json", ...SESSION_HEADER } : { Accept: "application/json" };
   const raw = body instanceof Blob;
   if (body !== undefined) headers["Content-Type"] = raw ? body.type : "application/json";
   if (token) headers.Authorization = `Bearer ${token}`;
@@ -58,7 +59,7 @@ async function send(method, path, body, token) {
       method,
       headers,
       body: body === undefined || raw ? body : JSON.stringify(body),
-      credentials: "omit",
+      credentials: session ? "same-origin" : "omit",
       cache: "no-store",
     });
   } catch {
@@ -75,11 +76,18 @@ async function send(method, path, body, token) {
   return parsed;
 }
 
+// The cookie's token rotates on use and is shared by this browser's tabs: a refresh holds a
+// lock across them (Web Locks; where absent, one refresh at a time in this tab only).
+function exclusively(task) {
+  if (globalThis.navigator && navigator.locks && navigator.locks.request) {
+    return navigator.locks.request(REFRESH_LOCK, task);
+  }
+  return task();
+}
+
 async function refresh() {
-  const token = sessionStorage.getItem(REFRESH_KEY);
-  if (!token) return false;
   if (!refreshing) {
-    refreshing = send("POST", "/v1/auth/refresh", { refreshToken: token })
+    refreshing = exclusively(() => send("POST", "/v1/auth/refresh", {}, "", true))
       .then((auth) => {
         remember(auth);
         return true;
@@ -197,7 +205,7 @@ export async function resume() {
 }
 
 export async function login(email, password) {
-  return remember(await send("POST", "/v1/auth/login", { email, password }));
+  return remember(await send("POST", "/v1/auth/login", { email, password }, "", true));
 }
 
 // The OpenID Connect providers a sign-in can start with (anonymous; none configured: []).
@@ -207,19 +215,21 @@ export async function oauthProviders() {
 
 // Signs in with a provider's id_token; `nonce` is the one this tab sent it (identity checks it).
 export async function loginWithOAuth(provider, idToken, nonce) {
-  return remember(await send("POST", "/v1/auth/oauth/login", { provider, idToken, nonce }));
+  return remember(await send("POST", "/v1/auth/oauth/login", { provider, idToken, nonce }, "", true));
 }
 
 export async function signUp(email, password, name) {
   const body = { email, password, name };
   if (globalThis.crypto && crypto.randomUUID) body.requestId = crypto.randomUUID();
-  return remember(await send("POST", "/v1/auth/signup", body));
+  return remember(await send("POST", "/v1/auth/signup", body, "", true));
 }
 
+// Ends the session (the cookie's refresh-token family) and clears the cookie.
 export async function logout() {
-  const token = sessionStorage.getItem(REFRESH_KEY);
   try {
-    if (token) await send("POST", "/v1/auth/logout", { refreshToken: token }, accessToken);
+    await exclusively(() => send("POST", "/v1/auth/logout", {}, accessToken, true));
+  } catch {
+    // Signed out here all the same; the gateway cleared the cookie whatever identity said.
   } finally {
     forget();
     announce(null);
