@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -16,10 +17,35 @@ from pathlib import Path
 from hangar_cli.cli import wait_healthy
 
 
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+_EPHEMERAL_LOW = _ephemeral_low()
+_handed_out: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A loopback port nothing listens on, for a process started later. Chosen below the
+    kernel's ephemeral range: a port from that range may meanwhile become the local port of
+    some outgoing connection (a database pool's), and the process's bind would then fail
+    (seen in CI: a replica's metrics port). Never the same port twice in one test run."""
+    low = max(1024, min(20_000, _EPHEMERAL_LOW - 2_000))
+    for _ in range(1_000):
+        port = random.randrange(low, _EPHEMERAL_LOW)
+        if port in _handed_out:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port
+    raise RuntimeError(f"no free loopback port in {low}-{_EPHEMERAL_LOW - 1}")
 
 
 def service_env(
