@@ -39,68 +39,60 @@ class Sealed:
     nonce: bytes
 
 
+def _aad(purpose: bytes, *parts: str | int) -> bytes:
+    """Associated data binding a ciphertext to what it is and whose (a copied row won't open)."""
+    return b"\x00".join((purpose, *(str(part).encode() for part in parts)))
+
+
 def _secret_aad(project_id: str, name: str, key_version: int) -> bytes:
-    return b"\x00".join(
-        (b"hangar.project.secret.v1", project_id.encode(), name.encode(), b"%d" % key_version)
-    )
+    return _aad(b"hangar.project.secret.v1", project_id, name, key_version)
 
 
 def _data_key_aad(project_id: str, master_key_id: str) -> bytes:
-    return b"\x00".join(
-        (b"hangar.project.data-key.v1", project_id.encode(), master_key_id.encode())
-    )
+    return _aad(b"hangar.project.data-key.v1", project_id, master_key_id)
 
 
 def new_data_key() -> bytes:
     return AESGCM.generate_key(bit_length=256)
 
 
-def seal_secret(data_key: bytes, project_id: str, name: str, value: bytes) -> Sealed:
+def _seal(data_key: bytes, aad: bytes, value: bytes) -> Sealed:
     nonce = os.urandom(NONCE_BYTES)
-    aad = _secret_aad(project_id, name, DATA_KEY_VERSION)
     return Sealed(AESGCM(data_key).encrypt(nonce, value, aad), nonce)
+
+
+def _open(data_key: bytes, aad: bytes, sealed: Sealed, what: str) -> bytes:
+    try:
+        return AESGCM(data_key).decrypt(sealed.nonce, sealed.ciphertext, aad)
+    except (InvalidTag, ValueError):
+        raise DecryptionFailed(f"{what} did not decrypt") from None
+
+
+def seal_secret(data_key: bytes, project_id: str, name: str, value: bytes) -> Sealed:
+    return _seal(data_key, _secret_aad(project_id, name, DATA_KEY_VERSION), value)
 
 
 def open_secret(
     data_key: bytes, project_id: str, name: str, key_version: int, sealed: Sealed
 ) -> bytes:
-    try:
-        return AESGCM(data_key).decrypt(
-            sealed.nonce, sealed.ciphertext, _secret_aad(project_id, name, key_version)
-        )
-    except (InvalidTag, ValueError):
-        raise DecryptionFailed("secret did not decrypt") from None
+    return _open(data_key, _secret_aad(project_id, name, key_version), sealed, "secret")
 
 
 def _certificate_key_aad(project_id: str, hostname: str, key_version: int) -> bytes:
-    return b"\x00".join(
-        (
-            b"hangar.project.certificate-key.v1",
-            project_id.encode(),
-            hostname.encode(),
-            b"%d" % key_version,
-        )
-    )
+    return _aad(b"hangar.project.certificate-key.v1", project_id, hostname, key_version)
 
 
 def seal_certificate_key(data_key: bytes, project_id: str, hostname: str, key: bytes) -> Sealed:
     """A custom domain's private key, as a secret is sealed; the AAD binds project and name."""
-    nonce = os.urandom(NONCE_BYTES)
     aad = _certificate_key_aad(project_id, hostname, DATA_KEY_VERSION)
-    return Sealed(AESGCM(data_key).encrypt(nonce, key, aad), nonce)
+    return _seal(data_key, aad, key)
 
 
 def open_certificate_key(
     data_key: bytes, project_id: str, hostname: str, key_version: int, sealed: Sealed
 ) -> bytes:
-    try:
-        return AESGCM(data_key).decrypt(
-            sealed.nonce,
-            sealed.ciphertext,
-            _certificate_key_aad(project_id, hostname, key_version),
-        )
-    except (InvalidTag, ValueError):
-        raise DecryptionFailed("certificate key did not decrypt") from None
+    aad = _certificate_key_aad(project_id, hostname, key_version)
+    return _open(data_key, aad, sealed, "certificate key")
 
 
 @dataclass(frozen=True)

@@ -7,13 +7,12 @@ import asyncio
 from collections.abc import Callable
 
 import grpc
-import httpx
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from hangar.project.v1 import project_pb2 as pb
 from shared.ids import new_id
 from shared.migrate import migrate
+from tests.support.metrics import scrape
 from tests.support.project import running_stack
 
 PROJECT_SERVICE = "hangar.project.v1.ProjectService"
@@ -25,18 +24,6 @@ def project_db(create_database: Callable[[str], str], db_passwords: dict[str, st
     url = create_database("hangar_metrics")
     migrate(url, db_passwords)
     return url
-
-
-async def _scrape(port: int) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
-    async with httpx.AsyncClient(timeout=5.0) as http:
-        reply = await http.get(f"http://127.0.0.1:{port}/metrics")
-    assert reply.status_code == 200
-    assert reply.headers["content-type"].startswith("text/plain")
-    return {
-        (sample.name, frozenset(sample.labels.items())): sample.value
-        for family in text_string_to_metric_families(reply.text)
-        for sample in family.samples
-    }
 
 
 def _handled(scraped: dict, code: str, side: str = "server", method: str = "GetProject") -> float:  # type: ignore[type-arg]
@@ -54,7 +41,7 @@ async def test_scrape_counts_exactly_the_calls_made_and_shows_the_pool(
         assert port is not None
         tenant = await stack.tenant()
         project = await stack.create(tenant)
-        before = await _scrape(port)
+        before = await scrape(port)
 
         for _ in range(5):
             got = await stack.project.GetProject(
@@ -70,7 +57,7 @@ async def test_scrape_counts_exactly_the_calls_made_and_shows_the_pool(
             codes.append(failed.value.code().name)
         assert codes[0] == codes[1] and codes[0] != "OK"
 
-        after = await _scrape(port)
+        after = await scrape(port)
         assert _handled(after, "OK") - _handled(before, "OK") == 5
         assert _handled(after, codes[0]) - _handled(before, codes[0]) == 2
         latency = frozenset({"grpc_service": PROJECT_SERVICE, "grpc_method": "GetProject"}.items())
