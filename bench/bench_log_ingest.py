@@ -160,8 +160,8 @@ async def place(admin_url: str, project: str = "project", org: str = "org") -> t
         deployment = new_id()
         await conn.execute(
             """INSERT INTO runtime.deployments (id, project_id, organization_id, server_id,
-                   status, command, ram_mb, cpu_millis, region)
-               VALUES ($1, $2, $3, $4, 'starting', 'app', 128, 100, 'local')""",
+                   status, command, ram_mb, cpu_millis, region, replica_set_id)
+               VALUES ($1, $2, $3, $4, 'starting', 'app', 128, 100, 'local', $1)""",
             deployment,
             project,
             org,

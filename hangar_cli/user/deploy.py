@@ -224,6 +224,15 @@ def deploy(
     process: Annotated[
         str | None, typer.Option("--process", help="Procfile process type (default: web).")
     ] = None,
+    replicas: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            max=20,
+            help="Run this many replicas, each with an equal share of the project's RAM "
+            "and CPU, spread over servers (default: 1).",
+        ),
+    ] = None,
     no_wait: Annotated[bool, typer.Option("--no-wait", help="Do not follow the deploy.")] = False,
     timeout: Annotated[float, typer.Option(help="Seconds to wait for it to run.")] = 900,
     json_output: JsonOpt = False,
@@ -256,6 +265,8 @@ def deploy(
             body["sourceSha256"] = source.get("sha256", packed.sha256)
         if process:
             body["processType"] = process
+        if replicas:
+            body["replicas"] = replicas
         tail: _Tail | None = None
         if not no_wait and not json_output:
             tail = _Tail(project_id)
@@ -424,10 +435,11 @@ def releases(
             emit_json({"deployments": deployments})
             return
         who = _who(client, found)
-    table = Table("RELEASE", "STATUS", "REASON", "WHAT", "BY", "CREATED")
+    table = Table("RELEASE", "REPLICA", "STATUS", "REASON", "WHAT", "BY", "CREATED")
     for deployment in deployments:
         table.add_row(
             deployment.get("id"),
+            f"{int(deployment.get('replicaIndex') or 0) + 1}/{deployment.get('replicas') or 1}",
             short_enum(deployment.get("status"), "DEPLOYMENT_STATUS_"),
             short_enum(deployment.get("releaseReason"), "RELEASE_REASON_"),
             _what(deployment),

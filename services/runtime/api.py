@@ -93,6 +93,9 @@ def deployment_to_proto(d: Deployment) -> pb.Deployment:
         ],
         image_command=d.image_command,
         image_digest=d.image_digest,
+        replicas=d.replicas,
+        replica_index=d.replica_index,
+        replica_set_id=d.replica_set_id,
     )
     if d.image is not None:
         out.image = d.image
@@ -190,6 +193,7 @@ def source_from_proto(requested: pb.Deployment) -> RequestedSource:
     common: dict[str, Any] = {
         "process_type": requested.process_type,
         "processes": tuple((p.type, p.percent) for p in requested.processes),
+        "replicas": requested.replicas,
     }
     if which == "image":
         return RequestedSource(

@@ -150,8 +150,13 @@ class Deployer:
             self._busy.discard(deployment_id)
 
     async def _launch(self, deployment_id: str) -> None:
+        decided: tuple[str, str] | None = None
         async with self.db.session() as s:
             deployment = await store.get_deployment(s, deployment_id)
+            if deployment.waits_for_first_replica:
+                decided = await store.decided_in_set(s, deployment.replica_set_id)
+                if decided is None:
+                    return  # started once the first replica built or pulled (sweep_soon)
         if deployment.status is not State.SCHEDULING:
             return
         try:
@@ -166,6 +171,11 @@ class Deployer:
             deployment = await store.lock_deployment(tx, deployment_id)
             if deployment.status is not State.SCHEDULING:
                 return
+            if decided is not None:
+                slug, digest = decided
+                deployment = await store.record_built(
+                    tx, deployment, slug_sha256=slug, image_digest=digest
+                )
             await store.set_env_version(tx, deployment.id, resolved.version_hash)
             # A source is built once, by its first process's container; the others start
             # from the slug it stores (launch_rest). A slug already built: all at once.
@@ -374,16 +384,24 @@ class Deployer:
             newest = await store.container_of(tx, deployment.id, updated.process_type)
             if newest is None or newest.id != updated.id:
                 return  # an older container of the deployment: it drives nothing
+            undecided = (deployment.slug_sha256, deployment.image_digest)
             slugless = deployment.needs_build
             deployment, superseding = await self._follow(tx, deployment, updated, report)
             stop = superseding or (
-                deployment.status in ENDS and (updated.live or bool(deployment.processes))
+                deployment.status in ENDS
+                and (updated.live or bool(deployment.processes) or deployment.replicas > 1)
             )
             built = slugless and not deployment.needs_build and len(deployment.process_shares) > 1
+            decided = deployment.replicas > 1 and undecided != (
+                deployment.slug_sha256,
+                deployment.image_digest,
+            )
         if stop:
             self.stop_soon()
         if built:  # its other processes start from the slug just stored
             self.launch_rest_soon(deployment.id)
+        if decided:  # its sibling replicas waited for this slug or digest
+            self.sweep_soon()
 
     async def _follow(
         self, tx: Session, deployment: Deployment, container: Container, report: agent_pb2.Container
@@ -433,26 +451,19 @@ class Deployer:
             return deployment, False
         if deployment.status in (State.SCHEDULING, State.BUILDING):
             deployment = await self.scheduler.transition_in(tx, deployment, State.STARTING)
-        if deployment.status is State.STARTING and not await self._all_running(tx, deployment):
-            return deployment, False  # running once every process of it runs
         if deployment.status is State.STARTING:
+            waiting = await self.scheduler.ready_set(tx, deployment)
+            if waiting is None:
+                return deployment, False  # running once every process of every replica runs
             deployment = await self.scheduler.transition_in(tx, deployment, State.RUNNING)
-            return deployment, True  # the deployment it superseded, if any, stops now
+            for sibling in waiting:  # the set switches over together
+                await self.scheduler.transition_in(tx, sibling, State.RUNNING)
+            return deployment, True  # the deployments it superseded, if any, stop now
         if deployment.status is State.CRASH_LOOP:  # it stayed up: recovered
             deployment = await self.scheduler.transition_in(
                 tx, deployment, State.RUNNING, reason=""
             )
         return deployment, False
-
-    @staticmethod
-    async def _all_running(tx: Session, deployment: Deployment) -> bool:
-        if not deployment.processes:
-            return True  # one process: the container that reported running
-        newest = await store.newest_containers(tx, deployment.id)
-        return all(
-            p.type in newest and newest[p.type].status == "running"
-            for p in deployment.process_shares
-        )
 
     # ----------------------------------------------------------------------- stops
 

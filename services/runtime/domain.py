@@ -264,7 +264,8 @@ MIN_PROCESS_CPU_MILLIS = 10
 class RequestedSource:
     """What a new deployment's request names to run: an image, a command, an uploaded
     source (its sha256, or LATEST), or none (the project's default); as one process type,
-    or several with their shares in percent (0 everywhere: equal shares)."""
+    or several with their shares in percent (0 everywhere: equal shares); as how many
+    replicas."""
 
     image: str | None = None
     command: str | None = None
@@ -272,6 +273,7 @@ class RequestedSource:
     process_type: str = ""
     processes: tuple[tuple[str, int], ...] = ()
     image_command: str = ""
+    replicas: int = 0  # 0: one
 
 
 # A project's secrets that are a private registry's credentials: handed to the image's pull
@@ -323,6 +325,28 @@ def split_processes(
                 f"{MIN_PROCESS_CPU_MILLIS} mCPU each",
             )
     return tuple(ProcessShare(t, Resources(r, c)) for t, r, c in zip(types, ram, cpu, strict=True))
+
+
+MAX_REPLICAS = 20
+
+
+def replica_share(total: Resources, requested: int) -> tuple[int, Resources]:
+    """How many replicas (0 asks for 1) and each one's RAM and CPU: the project's
+    allocation divided evenly, so the replicas together never hold more than it (what
+    rounding leaves is not reserved). INVALID_ARGUMENT on deployment.replicas when out of
+    range or when a share would be below a process's minimum."""
+    replicas = requested or 1
+    if not 1 <= replicas <= MAX_REPLICAS:
+        raise InvalidArgument.field("deployment.replicas", f"1 to {MAX_REPLICAS}")
+    share = Resources(total.ram_mb // replicas, total.cpu_millis // replicas)
+    if share.ram_mb < MIN_PROCESS_RAM_MB or share.cpu_millis < MIN_PROCESS_CPU_MILLIS:
+        raise InvalidArgument.field(
+            "deployment.replicas",
+            f"{replicas} replicas of the project's {total.ram_mb} MB and {total.cpu_millis} "
+            f"mCPU get {share.ram_mb} MB and {share.cpu_millis} mCPU each: at least "
+            f"{MIN_PROCESS_RAM_MB} MB and {MIN_PROCESS_CPU_MILLIS} mCPU each",
+        )
+    return replicas, share
 
 
 def process_type_of(requested: str, field: str = "deployment.process_type") -> str:

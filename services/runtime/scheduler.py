@@ -26,9 +26,11 @@ from services.runtime import store
 from services.runtime.domain import (
     ENDS,
     HOLDS_CAPACITY,
+    SERVING,
     DeploymentState,
     ReleaseReason,
     Tenancy,
+    can_transition,
     ensure_transition,
     reservable,
     unisolated_reason,
@@ -117,7 +119,10 @@ class Scheduler:
     # ------------------------------------------------------------------ create, place
 
     async def create(self, spec: DeploymentSpec) -> Deployment:
-        """Queue a deployment and try to place it at once; with no room it stays queued."""
+        """Queue a deployment and try to place it at once; with no room it stays queued.
+        (Several replicas: create_set's first.)"""
+        if spec.replicas > 1:
+            return (await self.create_set(spec))[0]
         if [spec.image, spec.command, spec.source_sha256].count(None) != 2:
             raise InvalidArgument.field(
                 "deployment.source", "exactly one of image, command or source_sha256"
@@ -146,6 +151,40 @@ class Scheduler:
                 return await self._place(tx, deployment)
 
         return await retry_deadlocks(attempt)
+
+    async def create_set(self, spec: DeploymentSpec) -> list[Deployment]:
+        """`create` for a release of `spec.replicas` replicas: every replica's row, placed
+        where there is room (preferring servers that hold no other replica of it), in one
+        transaction; the first replica first."""
+        if spec.replicas == 1:
+            return [await self.create(spec)]
+        if [spec.image, spec.command, spec.source_sha256].count(None) != 2:
+            raise InvalidArgument.field(
+                "deployment.source", "exactly one of image, command or source_sha256"
+            )
+        reservable(spec.resources, "deployment.resources")
+        deadline = self.clock() + self.schedule_timeout
+
+        async def attempt() -> list[Deployment]:
+            async with self.db.transaction() as tx:
+                return await self._insert_set(tx, spec, deadline)
+
+        return await retry_deadlocks(attempt)
+
+    async def _insert_set(
+        self, tx: Session, spec: DeploymentSpec, deadline: datetime
+    ) -> list[Deployment]:
+        """A new replica set of `spec.replicas`, each replica inserted and placed in turn."""
+        first = await store.insert_deployment(tx, spec, deadline)
+        rows = [first] + [
+            await store.insert_deployment(tx, spec.replica(first.id, index), deadline)
+            for index in range(1, spec.replicas)
+        ]
+        placed = []
+        for row in rows:
+            await self._changed(tx, None, row)
+            placed.append(await self._place(tx, row))
+        return placed
 
     async def place(self, deployment_id: str) -> Deployment:
         async def attempt() -> Deployment:
@@ -283,6 +322,8 @@ class Scheduler:
 
         This one keeps serving until the new one is running, then ends rolled_back (instead of
         superseded) and releases its capacity; if the new one fails, this one stays running.
+        The earlier release runs with as many replicas as it had; the first is returned (the
+        others are placed too, and the deploy sweep starts them).
         """
         async with self.db.transaction() as tx:
             current = await store.lock_deployment(tx, deployment_id)
@@ -303,9 +344,8 @@ class Scheduler:
                 sleep_after_seconds=current.sleep_after_seconds,
                 restart_policy=current.restart_policy,
             )
-            rollback = await store.insert_deployment(tx, spec, self.clock() + self.schedule_timeout)
-            await self._changed(tx, None, rollback)
-            return await self._place(tx, rollback)
+            placed = await self._insert_set(tx, spec, self.clock() + self.schedule_timeout)
+            return placed[0]
 
     async def restart_with_new_config(
         self, tx: Session, project_id: str, actor: str
@@ -314,23 +354,24 @@ class Scheduler:
         project's serving release again as a new one, which starts with the secrets as they
         are now and supersedes it once running. Nothing when nothing serves."""
         await self.lock_project(tx, project_id)
-        serving = await store.lock_running_of_project(tx, project_id, excluding="")
-        if serving is None:
+        serving = await store.lock_serving_of_project(tx, project_id)
+        if not serving:
             return None
         spec = DeploymentSpec.again(
-            serving, release_reason=ReleaseReason.CONFIG_CHANGE, created_by=actor
+            serving[0], release_reason=ReleaseReason.CONFIG_CHANGE, created_by=actor
         )
-        release = await store.insert_deployment(tx, spec, self.clock() + self.schedule_timeout)
-        await self._changed(tx, None, release)
-        return await self._place(tx, release)
+        placed = await self._insert_set(tx, spec, self.clock() + self.schedule_timeout)
+        return placed[0]
 
     async def fail_over(self, tx: Session, deployment_id: str) -> Deployment | None:
         """A deployment placed on a server marked down (its agent fell silent): it fails,
         releasing its capacity there (counted once: the server's books lose it now, not
         again when the server returns), and the same release is created again and placed
-        on another server (release reason failover). Its containers on the silent server
-        are stopped if it ever answers again (Deployer.stop_unwanted). None when it has
-        ended meanwhile or its server is up again."""
+        on another server (release reason failover), as the same replica of the same set:
+        its sibling replicas go on (and it is placed away from them when a server fits).
+        Its containers on the silent server are stopped if it ever answers again
+        (Deployer.stop_unwanted). None when it has ended meanwhile or its server is up
+        again."""
         first = await store.get_deployment(tx, deployment_id)
         await self.lock_project(tx, first.project_id)
         deployment = await store.lock_deployment(tx, deployment_id)
@@ -344,11 +385,42 @@ class Scheduler:
             deployment,
             State.FAILED,
             reason=f"server {server.name} stopped answering: started again on another server",
+            whole_set=False,
         )
-        spec = DeploymentSpec.again(deployment, release_reason=ReleaseReason.FAILOVER)
+        spec = DeploymentSpec.again(deployment, release_reason=ReleaseReason.FAILOVER).replica(
+            deployment.replica_set_id, deployment.replica_index
+        )
         release = await store.insert_deployment(tx, spec, self.clock() + self.schedule_timeout)
         await self._changed(tx, None, release)
         return await self._place(tx, release)
+
+    async def ready_set(self, tx: Session, deployment: Deployment) -> list[Deployment] | None:
+        """Whether a starting deployment may run now: every process of it runs, and it joins
+        a set that already serves (a replacement) or completes one (every other replica is
+        starting with every process running). The siblings that go running with it (locked),
+        or None to wait."""
+        if deployment.processes and not await self.all_running(tx, deployment):
+            return None  # one process: the container that reported running
+        if deployment.replicas == 1:
+            return []
+        members = await store.lock_replica_set(tx, deployment.replica_set_id)
+        others = [m for m in members if m.id != deployment.id and m.status not in ENDS]
+        if any(m.status in SERVING for m in others):
+            return []
+        if len(others) != deployment.replicas - 1:
+            return None
+        for other in others:
+            if other.status is not State.STARTING or not await self.all_running(tx, other):
+                return None
+        return others
+
+    @staticmethod
+    async def all_running(tx: Session, deployment: Deployment) -> bool:
+        newest = await store.newest_containers(tx, deployment.id)
+        return all(
+            p.type in newest and newest[p.type].status == "running"
+            for p in deployment.process_shares
+        )
 
     @staticmethod
     async def lock_project(tx: Session, project_id: str) -> None:
@@ -362,29 +434,64 @@ class Scheduler:
         *,
         reason: str | None = None,
         exit_code: int | None = None,
+        whole_set: bool = True,
     ) -> Deployment:
         """`transition` inside the caller's transaction, on a row the caller locked (and, for
-        RUNNING, after the caller took `lock_project`)."""
+        RUNNING, after the caller took `lock_project`).
+
+        Running supersedes every serving replica of the project's other sets. A replica
+        that fails or is cancelled before its set ever served takes its siblings with it
+        (`whole_set`): a release runs whole or not at all, and the one serving goes on."""
         ensure_transition(deployment.status, new)
         if new is State.RUNNING:
-            previous = await store.lock_running_of_project(
-                tx, deployment.project_id, excluding=deployment.id
-            )
-            if previous is not None:
-                rolled_back = deployment.rolled_back_from == previous.id
-                await self.transition_in(
-                    tx,
-                    previous,
-                    State.ROLLED_BACK if rolled_back else State.SUPERSEDED,
-                    reason=f"{'rolled back' if rolled_back else 'superseded'} by {deployment.id}",
-                )
+            await self._supersede_for(tx, deployment)
         if new not in HOLDS_CAPACITY:
             await store.release_capacity(tx, deployment.id)
         changed = await store.update_deployment(
             tx, deployment.id, new, reason=reason, exit_code=exit_code
         )
         await self._changed(tx, deployment, changed)
+        if whole_set and deployment.replicas > 1 and new in (State.FAILED, State.CANCELLED):
+            await self._end_unserved_set(tx, changed, reason or new.value)
         return changed
+
+    async def _supersede_for(self, tx: Session, deployment: Deployment) -> None:
+        """End what served before `deployment`'s set: rolled back when the user rolled back
+        from it, else superseded."""
+        previous = await store.lock_serving_of_project(
+            tx, deployment.project_id, excluding_set=deployment.replica_set_id
+        )
+        rolled_back_set = ""
+        if previous and deployment.rolled_back_from:
+            origin = await store.get_deployment(tx, deployment.rolled_back_from)
+            rolled_back_set = origin.replica_set_id
+        for old in previous:
+            rolled_back = old.replica_set_id == rolled_back_set
+            await self.transition_in(
+                tx,
+                old,
+                State.ROLLED_BACK if rolled_back else State.SUPERSEDED,
+                reason=f"{'rolled back' if rolled_back else 'superseded'} by {deployment.id}",
+                whole_set=False,
+            )
+
+    async def _end_unserved_set(self, tx: Session, ended: Deployment, reason: str) -> None:
+        """`ended`'s siblings end as it did, unless one of them serves (then the set goes on
+        without it)."""
+        members = await store.lock_replica_set(tx, ended.replica_set_id)
+        live = [m for m in members if m.status not in ENDS]
+        if any(m.status in SERVING for m in live):
+            return
+        for member in live:
+            if can_transition(member.status, ended.status):
+                await self.transition_in(
+                    tx,
+                    member,
+                    ended.status,
+                    reason=f"replica {ended.replica_index} of this release "
+                    f"{ended.status.value}: {reason}",
+                    whole_set=False,
+                )
 
     async def _changed(self, tx: Session, before: Deployment | None, after: Deployment) -> None:
         """The event and the audit entry of one status change, in its transaction."""

@@ -19,6 +19,7 @@ from services.runtime.domain import (
     ServerState,
     choose_source,
     process_type_of,
+    replica_share,
     required,
     reservable,
     source_digest,
@@ -184,6 +185,7 @@ class Deployments:
         project = await self.access.projects.get(required(project_id, "project_id"))
         require_token_project(project.id)
         await self.access.authorizer.require(project.organization_id, "deployments.create")
+        replicas, resources = replica_share(project.resources, requested.replicas)
         process_type = process_type_of(requested.process_type)
         processes: tuple[ProcessShare, ...] = ()
         if requested.processes:
@@ -195,7 +197,7 @@ class Deployments:
                 raise InvalidArgument.field(
                     "deployment.process_type", "not with processes (name each there)"
                 )
-            processes = split_processes(requested.processes, project.resources)
+            processes = split_processes(requested.processes, resources)
             process_type = processes[0].type
         web = any(p.type == WEB for p in processes) if processes else process_type == WEB
         source: str | None = None
@@ -219,11 +221,12 @@ class Deployments:
                         "that images need; deploy a command",
                         reason="NO_IMAGE_DRIVER",
                     )
-        deployment = await self.scheduler.create(
+        placed = await self.scheduler.create_set(
             DeploymentSpec(
                 project_id=project.id,
                 organization_id=project.organization_id,
-                resources=project.resources,
+                resources=resources,
+                replicas=replicas,
                 region=project.region,
                 image=image,
                 command=command,
@@ -242,9 +245,10 @@ class Deployments:
                 liveness_failure_threshold=project.liveness_failure_threshold,
             )
         )
-        if deployment.status is DeploymentState.SCHEDULING:
-            self.deployer.launch_soon(deployment.id)
-        return deployment
+        for replica in placed:
+            if replica.status is DeploymentState.SCHEDULING:
+                self.deployer.launch_soon(replica.id)
+        return placed[0]
 
     async def _uploaded(self, project_id: str, region: str, digest: str) -> str:
         """The digest of one of the project's uploaded sources (LATEST: its newest), which
@@ -269,6 +273,8 @@ class Deployments:
         rollback = await self.scheduler.roll_back(deployment.id)
         if rollback.status is DeploymentState.SCHEDULING:
             self.deployer.launch_soon(rollback.id)
+        if rollback.replicas > 1:
+            self.deployer.sweep_soon()  # its other replicas, placed with it
         return rollback
 
     async def cancel_deployment(self, deployment_id: str) -> Deployment:

@@ -9,20 +9,24 @@ redeploy and a rollback loses no request (the new release is healthy before the 
 switches, the old one drains); a custom domain's uploaded certificate is what a TLS client
 asking for that name gets; a server whose agent is killed: its app comes back on the
 other server, reached at the same name, and the stale container is stopped when the agent
-returns.
+returns; a release of two replicas runs one on each server, both take requests, and
+when one replica's process is killed the other answers every request.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import secrets
+import signal
 import socket
 import ssl
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -379,3 +383,61 @@ def test_a_dead_server_s_app_comes_back_on_the_other_one(world: World) -> None:
 
     wait_for(stale_gone, "the stale container on the returning server to stop", 120, 0.5)
     _serves(w, "v1")
+
+
+def _app_processes(marker: str) -> list[int]:
+    """Host pids of the edge app's processes running as release `marker`."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            environ = (entry / "environ").read_bytes().split(b"\0")
+            cmdline = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:  # ended meanwhile, or not ours to read
+            continue
+        if f"MARKER={marker}".encode() in environ and cmdline[:2] == [b"python3", b"-c"]:
+            found.append(int(entry.name))
+    return found
+
+
+def test_two_replicas_share_the_traffic_and_one_killed_loses_no_request(world: World) -> None:
+    w = world
+    marker = f"r{secrets.token_hex(3)}"
+    url = f"/v1/projects/{w.project['id']}/deployments"
+    body = {"command": edge_app.command(marker), "replicas": 2}
+    first = _ok(w.http.post(url, headers=w.auth, json=body))
+    assert (first["replicas"], first.get("replicaIndex", 0)) == (2, 0)
+    _wait(w, first["id"], RUNNING)
+    listed = _ok(w.http.get(url, headers=w.auth, params={"pageSize": 50}))["deployments"]
+    replicas = [d for d in listed if d["replicaSetId"] == first["id"]]
+    assert sorted(d.get("replicaIndex", 0) for d in replicas) == [0, 1]
+    assert {d["status"] for d in replicas} == {RUNNING}  # the set switched over together
+    assert len({d["serverId"] for d in replicas}) == 2  # one on each server
+    shares = [(d["resources"]["ramMb"], d["resources"]["cpuMillis"]) for d in replicas]
+    assert shares == [(64, 50), (64, 50)], shares  # the project's 128 MB / 100 mCPU, halved
+    _serves(w, marker)
+
+    def whoami(client: httpx.Client) -> str:
+        reply = client.get("/whoami", headers={"Host": w.project["hostname"]})
+        assert reply.status_code == 200, reply.text
+        seen_marker, token = reply.text.split()
+        assert seen_marker == marker
+        return token
+
+    # Round robin over both: two processes answer.
+    def both_answer() -> bool:
+        return len({whoami(w.edge) for _ in range(10)}) == 2
+
+    wait_for(both_answer, "both replicas to take requests through the edge", 60, 0.2)
+    before = {whoami(w.edge) for _ in range(10)}
+    assert len(before) == 2
+
+    pids = wait_for(lambda: _app_processes(marker) or None, "the replicas' processes", 30)
+    assert len(pids) == 2, pids
+    os.kill(pids[0], signal.SIGKILL)
+    # Traffic goes on, on the other replica (a fresh connection per request, and a request
+    # that meets the dead one is tried again on the other by the edge): nothing fails.
+    with httpx.Client(base_url=w.edge.base_url, timeout=30) as fresh:
+        after = [whoami(fresh) for _ in range(30)]
+    assert len(before & set(after)) == 1, (before, after)  # the survivor, never the dead one

@@ -245,7 +245,11 @@ async def test_a_replaced_app_drains_then_stops(live: Live) -> None:
         replaced = await live.wait(first.id, dev, D.DEPLOYMENT_STATUS_SUPERSEDED)
         assert not replaced.capacity_reserved
         await live.app.deployer.stop_ended()
-        assert await live.app.deployer.reconcile() is not None
+        # The agents' check, once ours: the app's own loop may hold its lock for a pass.
+        deadline = time.monotonic() + 60
+        while await live.app.deployer.reconcile() is None:
+            assert time.monotonic() < deadline, "the agents' check never became free"
+            await asyncio.sleep(0.05)
         assert alive(pid), "the replaced app stopped before its drain time"
         assert (await _http(old.address)).status_code == 200  # still answers in-flight work
         live.app.deployer.drain_seconds = 0.0

@@ -207,3 +207,63 @@ async def test_a_silent_server_s_app_starts_again_elsewhere_and_comes_back_stopp
 
 async def _truthy(value: Awaitable[object]) -> bool:
     return bool(await value)
+
+
+async def test_a_replica_on_a_silent_server_starts_again_while_its_sibling_serves_on(
+    fleet: Fleet, failover_db: str
+) -> None:
+    stack = fleet.stack
+    channel = grpc.aio.insecure_channel(fleet.settings.listen_address)
+    runtime = runtime_pb2_grpc.RuntimeServiceStub(channel)
+    try:
+        tenant = await stack.tenant("developer")
+        dev = tenant.members["developer"].md
+        project = await stack.create(tenant, region=fleet.region, ram_mb=256, cpu_millis=200)
+        first = await runtime.CreateDeployment(
+            pb.CreateDeploymentRequest(
+                project_id=project.id, deployment=pb.Deployment(command=HTTP_SERVER, replicas=2)
+            ),
+            metadata=dev,
+        )
+        first = await wait_for_deployment(runtime, first.id, dev, [pb.DEPLOYMENT_STATUS_RUNNING])
+
+        async def replicas() -> list[pb.Deployment]:
+            listed = await runtime.ListDeployments(
+                pb.ListDeploymentsRequest(project_id=project.id), metadata=dev
+            )
+            return sorted(
+                (d for d in listed.deployments if d.replica_set_id == first.id),
+                key=lambda d: (d.replica_index, d.created_at.ToDatetime()),
+            )
+
+        both = await replicas()
+        assert [d.status for d in both] == [pb.DEPLOYMENT_STATUS_RUNNING] * 2
+        assert len({d.server_id for d in both}) == 2  # one on each server
+        assert all(d.resources.ram_mb == 128 and d.resources.cpu_millis == 100 for d in both)
+        lost, survivor = both
+        silent = fleet.by_server(lost.server_id)
+        assert silent.running.process is not None
+        silent.running.process.kill()
+
+        async def replaced() -> bool:
+            found = await replicas()
+            return any(
+                d.release_reason == pb.RELEASE_REASON_FAILOVER
+                and d.status == pb.DEPLOYMENT_STATUS_RUNNING
+                for d in found
+            )
+
+        await until(replaced, "replica 0 running again on the other server")
+        found = await replicas()
+        again = next(d for d in found if d.release_reason == pb.RELEASE_REASON_FAILOVER)
+        assert (again.replica_set_id, again.replica_index) == (first.id, 0)
+        # The only server left: next to its sibling, since no other has room.
+        assert again.server_id == survivor.server_id
+        kept = next(d for d in found if d.id == survivor.id)
+        assert kept.status == pb.DEPLOYMENT_STATUS_RUNNING  # it served all along
+        assert kept.updated_at == survivor.updated_at  # and never changed state
+        books = await assert_invariant(failover_db, [a.server_id for a in fleet.agents])
+        assert books[silent.server_id].reserved == Resources(0, 0)
+        assert books[survivor.server_id].reserved == Resources(256, 200)
+    finally:
+        await channel.close()

@@ -137,9 +137,10 @@ INDEXES: list[Index] = [
         "runtime",
         "deployments",
         "uq_deployments_project_id_running",
-        ("project_id",),
+        ("project_id", "replica_index"),
         "partial unique",
     ),
+    ix("runtime", "deployments", "replica_set_id", "replica_index"),
     ix("runtime", "logs", "project_id", "emitted_at"),
     ix("runtime", "metrics", "project_id", "metric", "sampled_at"),
     ix("runtime", "metrics", "server_id", "metric", "sampled_at"),
@@ -644,12 +645,20 @@ BAD_ROWS = [
     (
         "runtime",
         "INSERT INTO runtime.deployments (id, project_id, organization_id, command, ram_mb,"
-        " cpu_millis, region, capacity_reserved) VALUES ('d1', 'p', 'o', 'x', 1, 1, 'r', true)",
+        " cpu_millis, region, capacity_reserved, replica_set_id)"
+        " VALUES ('d1', 'p', 'o', 'x', 1, 1, 'r', true, 'd1')",
     ),
     (
         "runtime",
         "INSERT INTO runtime.deployments (id, project_id, organization_id, command, ram_mb,"
-        " cpu_millis, region, status) VALUES ('d1', 'p', 'o', 'x', 1, 1, 'r', 'exploded')",
+        " cpu_millis, region, status, replica_set_id)"
+        " VALUES ('d1', 'p', 'o', 'x', 1, 1, 'r', 'exploded', 'd1')",
+    ),
+    (
+        "runtime",
+        "INSERT INTO runtime.deployments (id, project_id, organization_id, command, ram_mb,"
+        " cpu_millis, region, replica_set_id, replica_index, replicas)"
+        " VALUES ('d1', 'p', 'o', 'x', 1, 1, 'r', 'd1', 2, 2)",
     ),
     (
         "project",

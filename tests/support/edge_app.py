@@ -5,6 +5,7 @@ the standard library (the project's secret APP_SOURCE holds it; the deployment's
 GET /         its MARKER (which release answered)
 GET /headers  the request's headers as JSON (what the edge passed on)
 GET /slow     MARKER after SLOW_SECONDS (a request in flight across a rollout)
+GET /whoami   MARKER and a token this process drew at start (which replica answered)
 WebSocket     any path with `Upgrade: websocket`: every text or binary message echoed
 """
 
@@ -15,6 +16,7 @@ import base64, hashlib, json, os, struct, time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 MARKER = os.environ.get("MARKER", "")
+TOKEN = os.urandom(6).hex()
 GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 
 
@@ -31,6 +33,8 @@ class App(BaseHTTPRequestHandler):
         if self.path == "/slow":
             time.sleep(float(os.environ.get("SLOW_SECONDS", "2")))
         text = json.dumps(dict(self.headers)) if self.path == "/headers" else MARKER
+        if self.path == "/whoami":
+            text = MARKER + " " + TOKEN
         body = text.encode()
         # One write: headers then body in two would wait on Nagle and a delayed ACK (40 ms).
         head = "HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body)

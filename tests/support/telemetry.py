@@ -125,8 +125,8 @@ async def place_container(
             server_id = server.id
         deployment_id = await tx.fetchval(
             """INSERT INTO runtime.deployments (id, project_id, organization_id, server_id,
-                   status, command, ram_mb, cpu_millis, region)
-               VALUES ($1, $2, $3, $4, 'starting', 'app', 128, 100, 'local') RETURNING id""",
+                   status, command, ram_mb, cpu_millis, region, replica_set_id)
+               VALUES ($1, $2, $3, $4, 'starting', 'app', 128, 100, 'local', $1) RETURNING id""",
             new_id(),
             project_id,
             organization_id,

@@ -17,17 +17,21 @@ from shared.pagination import Page, decode_page_token, encode_page_token
 async def insert_deployment(
     tx: Session, spec: DeploymentSpec, schedule_deadline: datetime
 ) -> Deployment:
+    """One deployment row: replica `spec.replica_index` of `spec.replica_set_id`, or (no
+    set given) the first replica of a new set named by its own id."""
+    deployment_id = new_id()
     row = await tx.fetchrow(
         f"""INSERT INTO {S}.deployments (id, project_id, organization_id, image, command,
                 ram_mb, cpu_millis, region, health_check_path, rolled_back_from,
                 schedule_deadline, sleep_after_seconds, restart_policy, liveness_check_path,
                 liveness_period_seconds, liveness_failure_threshold, source_sha256, slug_sha256,
-                process_type, release_reason, created_by, processes, image_command)
+                process_type, release_reason, created_by, processes, image_command,
+                replica_set_id, replica_index, replicas)
             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, NULLIF($9, ''), NULLIF($10, ''), $11, $12,
                     $13, NULLIF($14, ''), $15, $16, $17, NULLIF($18, ''), $19, $20, $21, $22,
-                    NULLIF($23, ''))
+                    NULLIF($23, ''), $24, $25, $26)
             RETURNING *""",
-        new_id(),
+        deployment_id,
         spec.project_id,
         spec.organization_id,
         spec.image,
@@ -50,6 +54,9 @@ async def insert_deployment(
         spec.created_by,
         spec.processes_json,
         spec.image_command,
+        spec.replica_set_id or deployment_id,
+        spec.replica_index,
+        spec.replicas,
     )
     assert row is not None
     return Deployment.from_row(row)
@@ -84,18 +91,30 @@ async def claim_queued(tx: Session, after: tuple[datetime, str] | None) -> Deplo
     return Deployment.from_row(row) if row else None
 
 
-async def lock_running_of_project(
-    tx: Session, project_id: str, excluding: str
-) -> Deployment | None:
-    """The project's serving deployment (running or crash-looping; at most one), locked."""
-    row = await tx.fetchrow(
+async def lock_serving_of_project(
+    tx: Session, project_id: str, *, excluding_set: str = ""
+) -> list[Deployment]:
+    """The project's serving deployments (running or crash-looping: the replicas of one
+    set, at most one per replica index) outside `excluding_set`, locked in id order."""
+    rows = await tx.fetch(
         f"""SELECT * FROM {S}.deployments
-             WHERE project_id = $1 AND status IN ('running', 'crash_loop') AND id <> $2
-             FOR UPDATE""",
+             WHERE project_id = $1 AND status IN ('running', 'crash_loop')
+               AND replica_set_id <> $2
+             ORDER BY id FOR UPDATE""",
         project_id,
-        excluding,
+        excluding_set,
     )
-    return Deployment.from_row(row) if row else None
+    return [Deployment.from_row(r) for r in rows]
+
+
+async def lock_replica_set(tx: Session, replica_set_id: str) -> list[Deployment]:
+    """Every deployment of a replica set (replacements included), locked in id order."""
+    rows = await tx.fetch(
+        f"""SELECT * FROM {S}.deployments WHERE replica_set_id = $1
+             ORDER BY id FOR UPDATE""",
+        replica_set_id,
+    )
+    return [Deployment.from_row(r) for r in rows]
 
 
 async def update_deployment(

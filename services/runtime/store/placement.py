@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import Awaitable, Callable
+import re
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import TypeVar
@@ -44,6 +45,13 @@ _TENANT_AFTER = f"""CASE WHEN COALESCE(tenant_organization_id, $organization_id:
                         THEN $organization_id::text ELSE '{SEVERAL_TENANTS}' END"""
 
 
+# Does the server (row `servers`) hold capacity for another replica of $replica_set_id?
+_HOLDS_SIBLING = f"""EXISTS (SELECT 1 FROM {S}.deployments sibling
+                             WHERE sibling.replica_set_id = $replica_set_id::text
+                               AND sibling.server_id = servers.id
+                               AND sibling.capacity_reserved)"""
+
+
 def _reserve_sql(skip_locked: bool) -> str:
     # One statement that cannot over-commit. The subquery picks a fitting active server and
     # row-locks it; under READ COMMITTED a row changed since the statement's snapshot is
@@ -67,8 +75,13 @@ def _reserve_sql(skip_locked: bool) -> str:
     # conflicts with the KEY SHARE lock every insert of a deployment or container referencing
     # the server takes for its foreign key, so a start recording its container made the first
     # pass skip the best-fitting server.
+    #
+    # Replicas spread: a server already holding a replica of the same set ($replica_set_id)
+    # comes after every server that holds none, so two share a server only when no other
+    # fits. (The waiting pass keeps its one lock order instead: it is the last resort.)
     if skip_locked:
-        order = "ram_mb - ram_mb_reserved, cpu_millis - cpu_millis_reserved, id"
+        order = f"""{_HOLDS_SIBLING}, ram_mb - ram_mb_reserved,
+                    cpu_millis - cpu_millis_reserved, id"""
         lock = "FOR NO KEY UPDATE SKIP LOCKED"
     else:
         order, lock = "id", "FOR NO KEY UPDATE"
@@ -109,34 +122,48 @@ _RESERVE_PARAMS = (
     "organization_id",
     "share_unisolated",
     "sandbox",
+    "replica_set_id",
 )
 
 
-def _numbered(sql: str, names: tuple[str, ...]) -> str:
-    """Named placeholders ($ids, ...) as asyncpg's numbers: names[0] is $1."""
-    for number, name in sorted(enumerate(names, 1), key=lambda n: -len(n[1])):
-        sql = sql.replace(f"${name}", f"${number}")
-    return sql
+@dataclass(frozen=True)
+class _Statement:
+    """SQL written with named placeholders ($ids, ...), numbered for asyncpg: `names` are
+    the ones it uses, in their numbers' order ($1 is names[0])."""
+
+    sql: str
+    names: tuple[str, ...]
+
+    @classmethod
+    def numbered(cls, sql: str, names: tuple[str, ...]) -> _Statement:
+        used = tuple(n for n in names if re.search(rf"\${n}\b", sql))
+        for number, name in sorted(enumerate(used, 1), key=lambda n: -len(n[1])):
+            sql = sql.replace(f"${name}", f"${number}")
+        return cls(sql, used)
+
+    def args(self, values: Mapping[str, object]) -> tuple[object, ...]:
+        return tuple(values[name] for name in self.names)
 
 
-_RESERVE_SKIP_LOCKED = _numbered(_reserve_sql(skip_locked=True), _RESERVE_PARAMS)
-_RESERVE_WAITING = _numbered(_reserve_sql(skip_locked=False), _RESERVE_PARAMS)
-_ANY_FITS = _numbered(_AVAILABILITY, _RESERVE_PARAMS)
+_RESERVE_SKIP_LOCKED = _Statement.numbered(_reserve_sql(skip_locked=True), _RESERVE_PARAMS)
+_RESERVE_WAITING = _Statement.numbered(_reserve_sql(skip_locked=False), _RESERVE_PARAMS)
+_ANY_FITS = _Statement.numbered(_AVAILABILITY, _RESERVE_PARAMS)
 
 
-def _reserve_args(
-    region: str, driver: str, need: Resources, tenancy: Tenancy
-) -> tuple[str, str, int, int, str, bool, bool]:
-    """_RESERVE_PARAMS' values, in order."""
-    return (
-        region,
-        driver,
-        need.ram_mb,
-        need.cpu_millis,
-        tenancy.organization_id,
-        tenancy.share_unisolated,
-        tenancy.sandbox,
-    )
+def _reserve_values(
+    region: str, driver: str, need: Resources, tenancy: Tenancy, replica_set_id: str = ""
+) -> dict[str, object]:
+    """_RESERVE_PARAMS' values."""
+    return {
+        "region": region,
+        "driver": driver,
+        "ram_mb": need.ram_mb,
+        "cpu_millis": need.cpu_millis,
+        "organization_id": tenancy.organization_id,
+        "share_unisolated": tenancy.share_unisolated,
+        "sandbox": tenancy.sandbox,
+        "replica_set_id": replica_set_id,
+    }
 
 
 async def reserve_capacity(
@@ -149,16 +176,16 @@ async def reserve_capacity(
     milliseconds), try again shortly rather than queue behind one row; as a last resort wait
     for the locks, so a busy server is never mistaken for a full one.
     """
-    args = _reserve_args(region, driver, need, tenancy)
+    values = _reserve_values(region, driver, need, tenancy)
 
     async def skip_locked() -> tuple[str | None, bool]:
-        server_id = await tx.fetchval(_RESERVE_SKIP_LOCKED, *args)
+        server_id = await tx.fetchval(_RESERVE_SKIP_LOCKED.sql, *_RESERVE_SKIP_LOCKED.args(values))
         if server_id is not None:
             return str(server_id), True
-        return None, bool(await tx.fetchval(_ANY_FITS, *args))
+        return None, bool(await tx.fetchval(_ANY_FITS.sql, *_ANY_FITS.args(values)))
 
     async def waiting() -> str | None:
-        server_id = await tx.fetchval(_RESERVE_WAITING, *args)
+        server_id = await tx.fetchval(_RESERVE_WAITING.sql, *_RESERVE_WAITING.args(values))
         return str(server_id) if server_id is not None else None
 
     return await _skip_locked_then_wait(skip_locked, waiting)
@@ -260,7 +287,7 @@ def _status_changes_sql(source: str, payloads: list[str], *, keep: str = "true")
 _PLACE_PARAMS = (*_RESERVE_PARAMS, "deployment_id", "ids", "event_type", "audit_type", "actor_id")
 
 
-def _place_sql(skip_locked: bool) -> str:
+def _place_sql(skip_locked: bool) -> _Statement:
     # The reservation of _reserve_sql, the deployment's move to scheduling, its
     # status_changed event and its audit entry in one statement: the server row is locked
     # for one round trip (plus the commit) instead of four.
@@ -283,7 +310,7 @@ def _place_sql(skip_locked: bool) -> str:
                CASE WHEN p.id IS NULL THEN EXISTS (
                    SELECT 1 FROM {S}.servers WHERE {_FITS}) END AS any_room
           FROM (SELECT) one LEFT JOIN placed p ON true"""
-    return _numbered(sql, _PLACE_PARAMS)
+    return _Statement.numbered(sql, _PLACE_PARAMS)
 
 
 _PLACE_SKIP_LOCKED = _place_sql(skip_locked=True)
@@ -317,14 +344,16 @@ async def place_deployment(
     and whether any has room. The event and audit ids are made once: an attempt that placed
     nothing inserted nothing.
     """
-    args = (
-        *_reserve_args(deployment.region, driver, deployment.resources, tenancy),
-        deployment.id,
-        [new_id(), new_id()],
-        event_type,
-        audit_type,
-        actor_id,
-    )
+    values = {
+        **_reserve_values(
+            deployment.region, driver, deployment.resources, tenancy, deployment.replica_set_id
+        ),
+        "deployment_id": deployment.id,
+        "ids": [new_id(), new_id()],
+        "event_type": event_type,
+        "audit_type": audit_type,
+        "actor_id": actor_id,
+    }
 
     misses: list[asyncpg.Record] = []
 
@@ -334,7 +363,7 @@ async def place_deployment(
         # never holds a row while it sleeps or waits for another (no deadlock cycle).
         savepoint = tx.conn.transaction()
         await savepoint.start()
-        row = await tx.fetchrow(_PLACE_SKIP_LOCKED, *args)
+        row = await tx.fetchrow(_PLACE_SKIP_LOCKED.sql, *_PLACE_SKIP_LOCKED.args(values))
         assert row is not None
         if row["id"] is not None:
             await savepoint.commit()
@@ -344,7 +373,7 @@ async def place_deployment(
         return None, bool(row["any_fits"])
 
     async def waiting() -> asyncpg.Record | None:
-        row = await tx.fetchrow(_PLACE_WAITING, *args)
+        row = await tx.fetchrow(_PLACE_WAITING.sql, *_PLACE_WAITING.args(values))
         assert row is not None
         if row["id"] is not None:
             return row
@@ -404,7 +433,7 @@ _CREATE_PARAMS = (
 )
 
 
-def _create_sql(skip_locked: bool) -> str:
+def _create_sql(skip_locked: bool) -> _Statement:
     # CreateDeployment as one statement run on its own (its own transaction, one round trip):
     # the reservation of _reserve_sql, the deployment inserted already placed (or queued),
     # and the outbox rows place_deployment's path would write -- the creation's event and
@@ -421,7 +450,8 @@ def _create_sql(skip_locked: bool) -> str:
                     schedule_deadline, sleep_after_seconds, restart_policy,
                     liveness_check_path, liveness_period_seconds, liveness_failure_threshold,
                     source_sha256, slug_sha256, process_type, release_reason, created_by,
-                    processes, image_command, status, status_reason, server_id, capacity_reserved)
+                    processes, image_command, status, status_reason, server_id, capacity_reserved,
+                    replica_set_id)
             SELECT $id, $project_id, $organization_id, $image, $command, $ram_mb,
                    $cpu_millis, $region, NULLIF($health_check_path, ''),
                    NULLIF($rolled_back_from, ''), $schedule_deadline, $sleep_after_seconds,
@@ -433,7 +463,7 @@ def _create_sql(skip_locked: bool) -> str:
                    CASE WHEN r.server_id IS NULL THEN 'queued' ELSE 'scheduling' END,
                    CASE WHEN r.server_id IS NOT NULL THEN ''
                         WHEN f.any_room AND NOT f.any_fits THEN $waiting_reason::text END,
-                   r.server_id, r.server_id IS NOT NULL
+                   r.server_id, r.server_id IS NOT NULL, $id
               FROM fits f LEFT JOIN reserved r ON true
              -- A miss while fitting servers were only locked inserts nothing: try again.
              WHERE r.server_id IS NOT NULL OR $final OR NOT f.any_fits
@@ -444,7 +474,7 @@ def _create_sql(skip_locked: bool) -> str:
         )
     })
         SELECT d.*, f.any_fits FROM fits f LEFT JOIN made d ON true"""
-    return _numbered(sql, _CREATE_PARAMS)
+    return _Statement.numbered(sql, _CREATE_PARAMS)
 
 
 _CREATE_SKIP_LOCKED = _create_sql(skip_locked=True)
@@ -473,44 +503,44 @@ async def create_deployment(
     tenancy = Tenancy(spec.organization_id, share_unisolated, sandbox=spec.needs_sandbox)
     deployment_id, ids = new_id(), [new_id() for _ in range(4)]
 
-    def args(final: bool) -> tuple[object, ...]:
-        return (
-            *_reserve_args(spec.region, driver, spec.resources, tenancy),
-            deployment_id,
-            spec.project_id,
-            spec.image,
-            spec.command,
-            spec.health_check_path,
-            spec.rolled_back_from,
-            schedule_deadline,
-            final,
-            event_type,
-            audit_type,
-            actor_id,
-            ids,
-            spec.sleep_after_seconds,
-            waiting_reason,
-            spec.restart_policy,
-            spec.liveness_check_path,
-            spec.liveness_period_seconds,
-            spec.liveness_failure_threshold,
-            spec.source_sha256,
-            spec.slug_sha256,
-            spec.process_type,
-            spec.release_reason.value,
-            spec.created_by,
-            spec.processes_json,
-            spec.image_command,
-        )
+    def values(final: bool) -> dict[str, object]:
+        return {
+            **_reserve_values(spec.region, driver, spec.resources, tenancy, deployment_id),
+            "id": deployment_id,
+            "project_id": spec.project_id,
+            "image": spec.image,
+            "command": spec.command,
+            "health_check_path": spec.health_check_path,
+            "rolled_back_from": spec.rolled_back_from,
+            "schedule_deadline": schedule_deadline,
+            "final": final,
+            "event_type": event_type,
+            "audit_type": audit_type,
+            "actor_id": actor_id,
+            "ids": ids,
+            "sleep_after_seconds": spec.sleep_after_seconds,
+            "waiting_reason": waiting_reason,
+            "restart_policy": spec.restart_policy,
+            "liveness_check_path": spec.liveness_check_path,
+            "liveness_period_seconds": spec.liveness_period_seconds,
+            "liveness_failure_threshold": spec.liveness_failure_threshold,
+            "source_sha256": spec.source_sha256,
+            "slug_sha256": spec.slug_sha256,
+            "process_type": spec.process_type,
+            "release_reason": spec.release_reason.value,
+            "created_by": spec.created_by,
+            "processes": spec.processes_json,
+            "image_command": spec.image_command,
+        }
 
     async def skip_locked() -> tuple[asyncpg.Record | None, bool]:
-        row = await s.fetchrow(_CREATE_SKIP_LOCKED, *args(False))
+        row = await s.fetchrow(_CREATE_SKIP_LOCKED.sql, *_CREATE_SKIP_LOCKED.args(values(False)))
         assert row is not None
         # Nothing inserted means fitting servers were only locked: always worth a retry.
         return (row if row["id"] is not None else None), True
 
     async def waiting() -> asyncpg.Record | None:
-        return await s.fetchrow(_CREATE_WAITING, *args(True))
+        return await s.fetchrow(_CREATE_WAITING.sql, *_CREATE_WAITING.args(values(True)))
 
     row = await _skip_locked_then_wait(skip_locked, waiting)
     assert row is not None and row["id"] is not None

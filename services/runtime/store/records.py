@@ -104,6 +104,10 @@ class Deployment:
     processes: tuple[ProcessShare, ...] = ()  # several process types; empty: process_type
     image_command: str = ""  # with an image: what replaces its Cmd
     image_digest: str = ""  # the digest its image's tag resolved to, once pulled
+    # One replica of a release: the set's id (the first replica's id), which of how many.
+    replica_set_id: str = ""
+    replica_index: int = 0
+    replicas: int = 1
 
     @classmethod
     def from_row(cls, row: asyncpg.Record) -> Deployment:
@@ -133,6 +137,14 @@ class Deployment:
     @property
     def needs_build(self) -> bool:
         return bool(self.source_sha256) and not self.slug_sha256
+
+    @property
+    def waits_for_first_replica(self) -> bool:
+        """A later replica of a release whose slug or image digest is not decided yet: it
+        runs what the set's first replica built or pulled, never a build or a tag of its
+        own."""
+        unpinned = self.image is not None and not self.image_digest and "@" not in self.image
+        return self.replica_index > 0 and (self.needs_build or unpinned)
 
     @property
     def needs_sandbox(self) -> bool:
@@ -170,6 +182,10 @@ class DeploymentSpec:
     created_by: str = ""
     processes: tuple[ProcessShare, ...] = ()
     image_command: str = ""
+    replicas: int = 1  # a new replica set of this many, each with `resources`
+    # A replacement within an existing set (failover): that set and the replaced index.
+    replica_set_id: str = ""
+    replica_index: int = 0
 
     @classmethod
     def again(cls, deployment: Deployment, **changes: Any) -> DeploymentSpec:
@@ -194,8 +210,13 @@ class DeploymentSpec:
             liveness_check_path=deployment.liveness_check_path,
             liveness_period_seconds=deployment.liveness_period_seconds,
             liveness_failure_threshold=deployment.liveness_failure_threshold,
+            replicas=deployment.replicas,
         )
         return replace(spec, **changes)
+
+    def replica(self, replica_set_id: str, index: int) -> DeploymentSpec:
+        """This spec as replica `index` of the set `replica_set_id`."""
+        return replace(self, replica_set_id=replica_set_id, replica_index=index)
 
     @property
     def processes_json(self) -> list[dict[str, object]]:

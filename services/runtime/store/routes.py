@@ -1,5 +1,6 @@
 """The edge's routes: each project's hostnames (kept from project's events) and the
-addresses of the web containers of its serving deployment."""
+addresses of the running web containers of its serving deployments (every replica of the
+one release that serves: a newer set supersedes them all at once)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from dataclasses import dataclass
 from services.runtime.store.records import S
 from shared.db import Session
 
-# A deployment that serves: the newest of the project's in these states.
+# Deployments that serve: the project's in these states (the replicas of one set).
 SERVING = ("running", "crash_loop")
 # What the newest deployment's status says when nothing serves.
 _STARTING = ("queued", "scheduling", "building", "starting")
@@ -71,10 +72,7 @@ async def list_routes(s: Session) -> list[RouteRow]:
                     SELECT array_agg(c.address ORDER BY c.address) AS upstreams
                       FROM {S}.deployments d
                       JOIN {S}.containers c ON c.deployment_id = d.id
-                     WHERE d.id = (SELECT d2.id FROM {S}.deployments d2
-                                    WHERE d2.project_id = r.project_id
-                                      AND d2.status = ANY($1::text[])
-                                    ORDER BY d2.created_at DESC, d2.id DESC LIMIT 1)
+                     WHERE d.project_id = r.project_id AND d.status = ANY($1::text[])
                        AND c.process_type = 'web' AND c.status = 'running'
                        AND c.address <> '') serving ON true
              ORDER BY r.claimed_at, r.project_id""",

@@ -82,6 +82,20 @@ async def record_built(
     return Deployment.from_row(row) if row is not None else deployment
 
 
+async def decided_in_set(s: Session, replica_set_id: str) -> tuple[str, str] | None:
+    """What a replica set's first replica runs once its agent said: (slug, image digest),
+    None until then (its siblings run the same, never a build or a tag of their own)."""
+    row = await s.fetchrow(
+        f"""SELECT COALESCE(slug_sha256, '') AS slug, COALESCE(image_digest, '') AS digest
+              FROM {S}.deployments
+             WHERE replica_set_id = $1 AND replica_index = 0
+               AND (slug_sha256 IS NOT NULL OR image_digest IS NOT NULL)
+             ORDER BY created_at DESC LIMIT 1""",
+        replica_set_id,
+    )
+    return (row["slug"], row["digest"]) if row is not None else None
+
+
 async def artifact_known(s: Session, sha256: str) -> bool:
     """Is this digest an uploaded source or a recorded slug (what agents may fetch)?"""
     return bool(
