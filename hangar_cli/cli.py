@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
 
+from hangar_cli import agent_join
 from shared.files import write_private
 from shared.settings import DEFAULT_PORTS, SERVICES
 
@@ -439,7 +440,9 @@ def platform_tls(home: Path, addresses: Mapping[str, str]) -> dict[str, dict[str
     directory = home / "tls"
     hosts = {name: [host_of(addresses[name])] for name in PROCESSES}
     ensure_platform_certificates(directory, {**hosts, SUPERVISOR: []})
-    return {name: tls_environment(directory / name) for name in (*PROCESSES, SUPERVISOR)}
+    env = {name: tls_environment(directory / name) for name in (*PROCESSES, SUPERVISOR)}
+    env["runtime"]["HANGAR_RUNTIME_AGENT_CA_DIR"] = str(directory / "agent-ca")  # enrolment
+    return env
 
 
 def supervisor_tls(home: Path) -> TlsCredentials | None:
@@ -655,7 +658,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Platform commands (`up`, `migrate`, `admin`, `serve`) run with argparse; anything else
     (no arguments and `--help` included) goes to the user commands (hangar_cli.user.app)."""
     args_list = list(sys.argv[1:] if argv is None else argv)
-    if not args_list or args_list[0] not in ("up", "migrate", "admin", "serve"):
+    if not args_list or args_list[0] not in ("up", "migrate", "admin", "serve", "agent"):
         from hangar_cli.user.app import run
 
         return run(args_list)
@@ -675,5 +678,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     serve = sub.add_parser("serve", help="run one service in the foreground")
     serve.add_argument("service", choices=PROCESSES)
     serve.set_defaults(func=cmd_serve)
+    agent_join.add_commands(sub)
     args = parser.parse_args(args_list)
     return int(args.func(args))

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import time
 from collections.abc import Awaitable, Callable, Iterable
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -23,6 +24,8 @@ if TYPE_CHECKING:
 
 TokenProvider = Callable[[], Awaitable[str]]
 StubT = TypeVar("StubT")
+
+STAMP_EVERY_SECONDS = 1.0  # how often Clients looks whether its TLS files were renewed
 
 _RETRYABLE = (
     descriptor_pb2.MethodOptions.NO_SIDE_EFFECTS,
@@ -243,11 +246,25 @@ class Clients:
         self.metrics = metrics
         self.tls = tls  # None: the process's (open_channel)
         self._channels: dict[str, grpc.aio.Channel] = {}
+        # The TLS files as each channel was made with them; once renewed, a new channel.
+        self._stamps: dict[str, object] = {}
+        self._stamp: object = ()
+        self._stamped_at = -STAMP_EVERY_SECONDS
+        self._retired: list[grpc.aio.Channel] = []
 
     def channel(
         self, target: str, services: Iterable[descriptor.ServiceDescriptor] = ()
     ) -> grpc.aio.Channel:
+        now = time.monotonic()
+        if now - self._stamped_at >= STAMP_EVERY_SECONDS:  # a few stat calls, once a second
+            tls = self.tls or process_tls()
+            self._stamp, self._stamped_at = (tls.stamp() if tls is not None else ()), now
+        stamp = self._stamp
+        if target in self._channels and self._stamps[target] != stamp:
+            # Calls in flight finish on the old channel; it is closed with the others.
+            self._retired.append(self._channels.pop(target))
         if target not in self._channels:
+            self._stamps[target] = stamp
             self._channels[target] = open_channel(
                 self.addresses[target],
                 services=services,
@@ -259,6 +276,10 @@ class Clients:
             )
         return self._channels[target]
 
+    def files_changed(self) -> None:
+        """Look at the TLS files again at the next call (a process that just renewed them)."""
+        self._stamped_at = -STAMP_EVERY_SECONDS
+
     def stub(
         self,
         target: str,
@@ -268,6 +289,7 @@ class Clients:
         return stub_class(self.channel(target, [service]))
 
     async def close(self) -> None:
-        for channel in self._channels.values():
+        for channel in [*self._channels.values(), *self._retired]:
             await channel.close()
         self._channels.clear()
+        self._retired.clear()

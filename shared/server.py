@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Protocol
@@ -61,6 +62,7 @@ class RunningServer:
         self.port = port
         self.grace = grace
         self.metrics_server = metrics_server
+        self.health_server: grpc.aio.Server | None = None  # plaintext health (probes)
 
     @property
     def metrics_port(self) -> int | None:
@@ -74,6 +76,8 @@ class RunningServer:
         if isinstance(feed, OutboxFeed):
             feed.end_watches()
         await self.server.stop(self.grace)
+        if self.health_server is not None:
+            await self.health_server.stop(0)
         await self.service.close()
         if self.metrics_server is not None:
             await self.metrics_server.close()
@@ -86,6 +90,7 @@ async def start_server(
     authenticator: Authenticator | None = None,
     grace: float = 5.0,
     tls: TlsCredentials | None = None,
+    health_address: str = "",
 ) -> RunningServer:
     """Start serving `service` on `address` ("host:port"; port 0 picks a free one).
 
@@ -93,7 +98,9 @@ async def start_server(
     verifies bearer tokens. A service with a `metrics` attribute (shared.metrics.Metrics, set
     when its settings have a metrics address) is counted and serves GET /metrics there. With
     tracing on (shared.tracing), each call is a span. With `tls` (default: the process's
-    HANGAR_TLS_* files, shared.tls), only clients with a certificate of the platform CA connect.
+    HANGAR_TLS_* files, shared.tls), only clients with a certificate of the platform CA connect;
+    `health_address` then serves grpc.health.v1 alone in plaintext (kubelet's gRPC probes
+    cannot present a certificate).
     """
     tls = tls or process_tls()
     if authenticator is None:
@@ -103,6 +110,8 @@ async def start_server(
     interceptors: list[grpc.aio.ServerInterceptor] = [
         *server_interceptors(),
         ServerInterceptor(authenticator),
+        # A service's own checks run inside ours: their refusals are mapped to statuses.
+        *getattr(service, "interceptors", ()),
     ]
     if metrics is not None:
         interceptors.insert(0, metrics.server_interceptor())  # outermost: sees final codes
@@ -141,7 +150,22 @@ async def start_server(
     await health_servicer.set("", serving)
     for name in service.service_names:
         await health_servicer.set(name, serving)
-    return RunningServer(server, health_servicer, service, port, grace, metrics_server)
+    running = RunningServer(server, health_servicer, service, port, grace, metrics_server)
+    if health_address:
+        running.health_server = await _serve_health(health_servicer, health_address)
+    return running
+
+
+async def _serve_health(servicer: health.aio.HealthServicer, address: str) -> grpc.aio.Server:
+    """The health service alone, plaintext: it tells whether the process serves, nothing else."""
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    try:
+        server.add_insecure_port(address)
+    except RuntimeError as exc:
+        raise OSError(f"cannot listen on {address}: {exc}") from exc
+    await server.start()
+    return server
 
 
 def run_service(
@@ -182,6 +206,7 @@ async def _serve_forever(
             settings.listen_address,
             authenticator=authenticator(settings) if authenticator else None,
             grace=settings.grace_seconds,
+            health_address=os.environ.get(f"HANGAR_{settings.service.upper()}_HEALTH_ADDR", ""),
         )
     except BaseException:
         await service.close()

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 import typer
 
-from hangar_cli.user import auth, deploy, env, orgs, projects, tokens
+from hangar_cli.user import auth, deploy, env, orgs, projects, servers, tokens
 from hangar_cli.user.client import EXIT_ERROR, EXIT_OK, CliError
 
 PLATFORM_COMMANDS = {
@@ -22,6 +22,7 @@ PLATFORM_COMMANDS = {
     "migrate": "Apply all migrations to DATABASE_URL (operators).",
     "serve": "Run one service in the foreground (operators).",
     "admin": "Platform administration, e.g. `admin promote EMAIL` (operators).",
+    "agent": "This machine's agent: `agent join TOKEN` enrols it (operators).",
 }
 USER_PANEL = "Your apps"
 ACCOUNT_PANEL = "Account"
@@ -52,6 +53,7 @@ app.command(rich_help_panel=USER_PANEL)(deploy.releases)
 app.command(rich_help_panel=USER_PANEL)(deploy.rollback)
 app.command("open", rich_help_panel=USER_PANEL)(deploy.open_app)
 app.add_typer(env.env_app, name="env", rich_help_panel=USER_PANEL)
+app.add_typer(servers.servers_app, name="servers", rich_help_panel=PLATFORM_PANEL)
 
 
 def _platform_stub(name: str) -> None:

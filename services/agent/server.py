@@ -24,6 +24,7 @@ from services.agent import containers
 from services.agent.api import AgentApi
 from services.agent.artifacts import RuntimeArtifacts
 from services.agent.drivers import Driver, ProcessDriver
+from services.agent.enrolment import CertificateRenewer, bound_server_of, with_bound_server
 from services.agent.metrics import watch_agent
 from services.agent.reporting import RuntimeReporter, server_key
 from services.agent.restarts import RestartRules
@@ -58,6 +59,7 @@ class AgentApp:
         authenticator: Authenticator | None = None,
         report: bool | None = None,
     ) -> None:
+        settings = with_bound_server(settings)
         self.settings = settings
         self.driver: Driver = driver or build_driver(settings)
         # GET /metrics (shared.server serves it) only with HANGAR_AGENT_METRICS_ADDR.
@@ -104,6 +106,13 @@ class AgentApp:
             )
             self.add_loop(self.reporter.run_reports)
             self.add_loop(self.reporter.run_heartbeat)
+        # An enrolled agent (`hangar agent join`) renews its own certificate (docs/tls.md).
+        self.renewer: CertificateRenewer | None = None
+        if self.token_source is not None and bound_server_of(settings.tls):
+            self.renewer = CertificateRenewer(
+                settings.tls, self.clients, timeout=settings.call_timeout_seconds
+            )
+            self.add_loop(self.renewer.run)
 
     @classmethod
     async def create(cls, settings: Settings) -> AgentApp:

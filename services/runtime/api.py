@@ -23,6 +23,7 @@ from services.runtime.domain import (
     RequestedSource,
     ServerState,
 )
+from services.runtime.enrolment import AgentEnrolment, certificate_to_proto, seconds
 from services.runtime.projects import Projects
 from services.runtime.routes import EDGE, Routes
 from services.runtime.service import AgentReports, Containers, Deployments, Servers
@@ -231,7 +232,9 @@ class RuntimeApi(TelemetryApi, runtime_pb2_grpc.RuntimeServiceServicer):
         feed: OutboxFeed,
         routes: Routes,
         telemetry: TelemetryParts,
+        enrolment: AgentEnrolment,
     ) -> None:
+        self.enrolment = enrolment
         self.routes = routes
         self.sources = sources
         self.artifacts = artifacts
@@ -404,3 +407,21 @@ class RuntimeApi(TelemetryApi, runtime_pb2_grpc.RuntimeServiceServicer):
         require_service()
         async for event in self.feed.watch(request, context):
             yield event
+
+    # ------------------------------------------------------------ agent enrolment
+
+    async def CreateJoinToken(
+        self, request: pb.CreateJoinTokenRequest, context: Context
+    ) -> pb.JoinToken:
+        return await self.enrolment.create_join_token(request.id, seconds(request.ttl))
+
+    async def RevokeAgentCertificate(
+        self, request: pb.RevokeAgentCertificateRequest, context: Context
+    ) -> pb.AgentCertificate:
+        return certificate_to_proto(await self.enrolment.revoke(request.id))
+
+    async def RenewAgentCertificate(
+        self, request: pb.RenewAgentCertificateRequest, context: Context
+    ) -> pb.AgentCertificate:
+        issued = await self.enrolment.renew(context, request.csr)
+        return certificate_to_proto(issued.row, issued.chain_pem, issued.ca_pem)

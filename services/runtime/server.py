@@ -16,6 +16,12 @@ from services.runtime.api import RuntimeApi, TelemetryParts
 from services.runtime.artifacts import artifact_store_from_settings
 from services.runtime.billing_usage import RemoteBillingUsage
 from services.runtime.deployer import Deployer
+from services.runtime.enrolment import (
+    AgentBinding,
+    AgentEnrolment,
+    EnrolmentServer,
+    EnrolmentSettings,
+)
 from services.runtime.projects import Projects, RemoteProjects
 from services.runtime.reconciler import Reconciler
 from services.runtime.routes import Routes
@@ -109,8 +115,14 @@ class RuntimeApp(ServiceApp):
         projects: Projects | None = None,
         background: bool = True,
         consume_projects: bool | None = None,
+        enrolment: EnrolmentSettings | None = None,
     ) -> None:
         super().__init__(settings, db)
+        # Agent enrolment and the agents' binding to their server (docs/tls.md).
+        self.enrolment_settings = enrolment or EnrolmentSettings.from_env()
+        self.enrolment = AgentEnrolment(db, self.enrolment_settings.agent_ca())
+        self.enrolment_server = EnrolmentServer(self.enrolment)
+        self.interceptors = [AgentBinding(self.enrolment)]
         self.authorizer: Authorizer = authorizer or RemoteAuthorizer(
             self.clients, watch=self.access_watch
         )
@@ -174,10 +186,17 @@ class RuntimeApp(ServiceApp):
             feed=self.feed,
             routes=self.routes,
             telemetry=TelemetryParts(self.telemetry, self.authorizer, self.projects),
+            enrolment=self.enrolment,
         )
         runtime_pb2_grpc.add_RuntimeServiceServicer_to_server(api, server)
 
+    async def start(self) -> None:
+        await super().start()
+        if self.enrolment_settings.address:
+            await self.enrolment_server.start(self.enrolment_settings.address)
+
     async def close(self) -> None:
+        await self.enrolment_server.stop()
         await self.deployer.close()
         await self.telemetry.close()
         await self.agents.close()

@@ -7,11 +7,14 @@ from __future__ import annotations
 
 import datetime
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from hangar.identity.v1 import identity_pb2, identity_pb2_grpc
+from shared import clients as clients_module
 from shared.auth import require_service
 from shared.clients import Clients, open_channel
 from shared.context import Principal, PrincipalKind
@@ -23,7 +26,9 @@ from shared.tls import (
     TlsCredentials,
     create_ca,
     issue_certificate,
+    write_issued,
 )
+from tests.support.procs import free_port
 from tests.unit.test_grpc_plumbing import SERVICE, Recorder, _App
 
 REQUEST = identity_pb2.GetOrganizationRequest(id="org-1")
@@ -197,5 +202,73 @@ async def test_a_service_token_must_come_with_that_service_s_certificate(ca: Iss
                 await stub.GetOrganization(REQUEST, metadata=[("authorization", "Bearer billing")])
             assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
             assert "runtime's certificate" in (caught.value.details() or "")
+    finally:
+        await server.stop()
+
+
+async def test_a_server_whose_files_are_renewed_serves_the_new_certificate_without_restart(
+    ca: Issued, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """cert-manager (or an agent's renewal) replaces the files: the next connection gets
+    the new certificate from the running server; a client's next channel presents its new
+    one (shared.clients makes a new channel once its files changed)."""
+    monkeypatch.setattr(clients_module, "STAMP_EVERY_SECONDS", 0)  # look at every call
+    served, own = tmp_path / "identity", tmp_path / "client"
+    write_issued(served, ca.cert_pem, issue_certificate(ca, "identity", ["127.0.0.1"]))
+    write_issued(own, ca.cert_pem, issue_certificate(ca, "runtime"))
+    server = await start_server(
+        _App(Recorder()), "127.0.0.1:0", grace=0.2, tls=TlsCredentials.from_directory(served)
+    )
+    address = f"127.0.0.1:{server.port}"
+    client = TlsCredentials.from_directory(own)
+    try:
+        assert (await _call(address, client)).id == "org-1"
+        # Renewed as something a client of identity must refuse: observable from outside.
+        write_issued(served, ca.cert_pem, issue_certificate(ca, "project", ["127.0.0.1"]))
+        await _refused(address, client, peer="identity")
+        assert (await _call(address, client, peer="project")).id == "org-1"
+
+        # The client's files replaced by a certificate of another CA: its next channel uses
+        # them (and is refused), so it no longer presents the one it started with.
+        write_issued(served, ca.cert_pem, issue_certificate(ca, "identity", ["127.0.0.1"]))
+        clients = Clients({"identity": address}, default_timeout=10, tls=client)
+        try:
+            first = clients.stub("identity", identity_pb2_grpc.IdentityServiceStub, SERVICE)
+            assert (await first.GetOrganization(REQUEST)).name == "ok"
+            other = create_ca("Someone else's CA")
+            write_issued(own, ca.cert_pem, issue_certificate(other, "runtime"))
+            renewed = clients.stub("identity", identity_pb2_grpc.IdentityServiceStub, SERVICE)
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await renewed.GetOrganization(REQUEST)
+            assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+        finally:
+            await clients.close()
+    finally:
+        await server.stop()
+
+
+async def test_the_plaintext_health_port_answers_health_checks_only(ca: Issued) -> None:
+    """What kubelet's gRPC probes reach (they present no certificate): grpc.health.v1 and
+    nothing else; the service itself stays behind mutual TLS."""
+    health_address = f"127.0.0.1:{free_port()}"
+    leaf = issue_certificate(ca, "identity", ["127.0.0.1"])
+    server = await start_server(
+        _App(Recorder()),
+        "127.0.0.1:0",
+        grace=0.2,
+        tls=_credentials(ca, leaf),
+        health_address=health_address,
+    )
+    try:
+        async with grpc.aio.insecure_channel(health_address) as channel:
+            reply = await health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=SERVICE.full_name), timeout=10
+            )
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await identity_pb2_grpc.IdentityServiceStub(channel).GetOrganization(
+                    REQUEST, timeout=10
+                )
+            assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED
     finally:
         await server.stop()

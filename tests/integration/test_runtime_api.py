@@ -415,6 +415,10 @@ def test_the_matrix_covers_every_org_scoped_rpc() -> None:
         "PutArtifact",
         "ListRoutes",
         "WatchEvents",
+        # Agent enrolment (docs/tls.md): platform admins, and the agent renewing its own.
+        "CreateJoinToken",
+        "RevokeAgentCertificate",
+        "RenewAgentCertificate",
     }
     methods = {m.name for m in service.methods}
     assert not_org_scoped <= methods

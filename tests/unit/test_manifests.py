@@ -44,7 +44,11 @@ KUBERNETES_VERSION = "1.34.0"
 
 WORKLOAD_KINDS = ("Deployment", "StatefulSet", "DaemonSet", "Job")
 SCALABLE_KINDS = ("Deployment", "StatefulSet")
-CRD_KINDS = {"ServiceMonitor": "monitoring.coreos.com/v1"}
+CRD_KINDS = {
+    "ServiceMonitor": "monitoring.coreos.com/v1",
+    "Certificate": "cert-manager.io/v1",  # checked in test_manifests_tls.py
+    "Issuer": "cert-manager.io/v1",
+}
 # An env var whose name says it holds a secret must come from a Secret, never a literal.
 SECRET_NAME = re.compile(r"PASSWORD|SECRET|_KEYS?(_|$)|TOKEN|DATABASE_URL")
 REFERENCE = re.compile(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)")
@@ -508,7 +512,9 @@ def test_grpc_workloads_have_grpc_health_probes_and_resources() -> None:
         readiness, liveness = container.get("readinessProbe"), container.get("livenessProbe")
         assert readiness and "grpc" in readiness, f"{at}: no grpc readinessProbe"
         assert liveness and "grpc" in liveness, f"{at}: no grpc livenessProbe"
-        assert readiness["grpc"]["port"] == liveness["grpc"]["port"] == grpc_port, at
+        # On the plaintext health port with mutual TLS on (kubelet shows no certificate).
+        probed = container_ports(container).get("health", grpc_port)
+        assert readiness["grpc"]["port"] == liveness["grpc"]["port"] == probed, at
         # Its own service: the health server answers NOT_FOUND for any other (never ready).
         service = readiness["grpc"].get("service")
         assert service in proto_services(), f"{at}: {service} is no service of protos/"

@@ -42,6 +42,7 @@ INTERNAL_RPCS = {
         "PutArtifact",
         "ListRoutes",
         "WatchEvents",
+        "RenewAgentCertificate",
     },
     "billing": {
         "ReserveAllocation",

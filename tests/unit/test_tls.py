@@ -30,12 +30,12 @@ def _now() -> datetime.datetime:
     return datetime.datetime.now(datetime.UTC)
 
 
-def test_the_ca_is_a_ten_year_p256_ca_that_signs_leaves_only() -> None:
+def test_the_ca_is_a_ten_year_p256_ca_that_signs_leaves_and_the_agent_ca_only() -> None:
     cert = create_ca().certificate
     assert isinstance(cert.public_key(), ec.EllipticCurvePublicKey)
     assert cert.public_key().curve.name == "secp256r1"  # type: ignore[union-attr]
     constraints = cert.extensions.get_extension_for_class(x509.BasicConstraints).value
-    assert constraints.ca and constraints.path_length == 0
+    assert constraints.ca and constraints.path_length == 1  # one level: the agent CA
     lifetime = cert.not_valid_after_utc - cert.not_valid_before_utc
     assert 3649 * DAY < lifetime < 3651 * DAY
 
@@ -67,8 +67,9 @@ def test_a_process_certificate_names_the_process_and_its_hosts() -> None:
 def test_the_platform_files_are_made_once_with_private_keys_0600(tmp_path: Path) -> None:
     directory = tmp_path / "tls"
     hosts = {"identity": ["127.0.0.1"], "agent": ["10.0.0.5"]}
-    assert ensure_platform_certificates(directory, hosts) == ["identity", "agent"]
-    for key in (directory / "ca.key", directory / "identity/tls.key", directory / "agent/tls.key"):
+    assert ensure_platform_certificates(directory, hosts) == ["identity", "agent", "agent-ca"]
+    keys = ("ca.key", "identity/tls.key", "agent/tls.key", "agent-ca/tls.key")
+    for key in (directory / k for k in keys):
         assert key.stat().st_mode & 0o777 == 0o600, key
     assert directory.stat().st_mode & 0o777 == 0o700
     before = (directory / "identity/tls.crt").read_bytes()
@@ -143,6 +144,7 @@ def test_a_new_ca_means_new_certificates_for_everyone(tmp_path: Path) -> None:
     assert ensure_platform_certificates(directory, {"identity": [], "project": []}) == [
         "identity",
         "project",
+        "agent-ca",
     ]
     ca = x509.load_pem_x509_certificate((directory / "ca.crt").read_bytes())
     for process in ("identity", "project"):

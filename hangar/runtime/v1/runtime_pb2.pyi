@@ -670,3 +670,51 @@ class ReportContainerStatusRequest(_message.Message):
     server_id: str
     report: ContainerStatusReport
     def __init__(self, server_id: _Optional[str] = ..., report: _Optional[_Union[ContainerStatusReport, _Mapping]] = ...) -> None: ...
+
+class CreateJoinTokenRequest(_message.Message):
+    __slots__ = ("id", "ttl")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    TTL_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    ttl: _duration_pb2.Duration
+    def __init__(self, id: _Optional[str] = ..., ttl: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
+
+class JoinToken(_message.Message):
+    __slots__ = ("server_id", "id", "token", "expire_time")
+    SERVER_ID_FIELD_NUMBER: _ClassVar[int]
+    ID_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    EXPIRE_TIME_FIELD_NUMBER: _ClassVar[int]
+    server_id: str
+    id: str
+    token: str
+    expire_time: _timestamp_pb2.Timestamp
+    def __init__(self, server_id: _Optional[str] = ..., id: _Optional[str] = ..., token: _Optional[str] = ..., expire_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
+class RevokeAgentCertificateRequest(_message.Message):
+    __slots__ = ("id",)
+    ID_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    def __init__(self, id: _Optional[str] = ...) -> None: ...
+
+class AgentCertificate(_message.Message):
+    __slots__ = ("server_id", "serial", "not_after", "revoke_time", "certificate_chain", "ca_bundle")
+    SERVER_ID_FIELD_NUMBER: _ClassVar[int]
+    SERIAL_FIELD_NUMBER: _ClassVar[int]
+    NOT_AFTER_FIELD_NUMBER: _ClassVar[int]
+    REVOKE_TIME_FIELD_NUMBER: _ClassVar[int]
+    CERTIFICATE_CHAIN_FIELD_NUMBER: _ClassVar[int]
+    CA_BUNDLE_FIELD_NUMBER: _ClassVar[int]
+    server_id: str
+    serial: str
+    not_after: _timestamp_pb2.Timestamp
+    revoke_time: _timestamp_pb2.Timestamp
+    certificate_chain: str
+    ca_bundle: str
+    def __init__(self, server_id: _Optional[str] = ..., serial: _Optional[str] = ..., not_after: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., revoke_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., certificate_chain: _Optional[str] = ..., ca_bundle: _Optional[str] = ...) -> None: ...
+
+class RenewAgentCertificateRequest(_message.Message):
+    __slots__ = ("csr",)
+    CSR_FIELD_NUMBER: _ClassVar[int]
+    csr: bytes
+    def __init__(self, csr: _Optional[bytes] = ...) -> None: ...

@@ -154,6 +154,21 @@ class RuntimeServiceStub:
                 request_serializer=hangar_dot_events_dot_v1_dot_events__pb2.WatchEventsRequest.SerializeToString,
                 response_deserializer=hangar_dot_events_dot_v1_dot_events__pb2.Event.FromString,
                 _registered_method=True)
+        self.CreateJoinToken = channel.unary_unary(
+                '/hangar.runtime.v1.RuntimeService/CreateJoinToken',
+                request_serializer=hangar_dot_runtime_dot_v1_dot_runtime__pb2.CreateJoinTokenRequest.SerializeToString,
+                response_deserializer=hangar_dot_runtime_dot_v1_dot_runtime__pb2.JoinToken.FromString,
+                _registered_method=True)
+        self.RevokeAgentCertificate = channel.unary_unary(
+                '/hangar.runtime.v1.RuntimeService/RevokeAgentCertificate',
+                request_serializer=hangar_dot_runtime_dot_v1_dot_runtime__pb2.RevokeAgentCertificateRequest.SerializeToString,
+                response_deserializer=hangar_dot_runtime_dot_v1_dot_runtime__pb2.AgentCertificate.FromString,
+                _registered_method=True)
+        self.RenewAgentCertificate = channel.unary_unary(
+                '/hangar.runtime.v1.RuntimeService/RenewAgentCertificate',
+                request_serializer=hangar_dot_runtime_dot_v1_dot_runtime__pb2.RenewAgentCertificateRequest.SerializeToString,
+                response_deserializer=hangar_dot_runtime_dot_v1_dot_runtime__pb2.AgentCertificate.FromString,
+                _registered_method=True)
 
 
 class RuntimeServiceServicer:
@@ -340,6 +355,32 @@ class RuntimeServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreateJoinToken(self, request, context):
+        """Creates a one-time join token that enrols the agent of a server (`hangar agent join`
+        on that machine): valid for ttl (default 1 hour, at most 24), used at most once; its
+        secret is in this response only. Role: platform admin.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RevokeAgentCertificate(self, request, context):
+        """Revokes a server's agent certificates: runtime refuses them from now on, and the
+        server's agent must join again with a new token. Role: platform admin.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RenewAgentCertificate(self, request, context):
+        """Issues the calling agent a new certificate for its server from a CSR of a new key,
+        before the current one expires.
+        Internal: the agent, over mutual TLS with its current, unrevoked certificate.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RuntimeServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -457,6 +498,21 @@ def add_RuntimeServiceServicer_to_server(servicer, server):
                     servicer.WatchEvents,
                     request_deserializer=hangar_dot_events_dot_v1_dot_events__pb2.WatchEventsRequest.FromString,
                     response_serializer=hangar_dot_events_dot_v1_dot_events__pb2.Event.SerializeToString,
+            ),
+            'CreateJoinToken': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateJoinToken,
+                    request_deserializer=hangar_dot_runtime_dot_v1_dot_runtime__pb2.CreateJoinTokenRequest.FromString,
+                    response_serializer=hangar_dot_runtime_dot_v1_dot_runtime__pb2.JoinToken.SerializeToString,
+            ),
+            'RevokeAgentCertificate': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeAgentCertificate,
+                    request_deserializer=hangar_dot_runtime_dot_v1_dot_runtime__pb2.RevokeAgentCertificateRequest.FromString,
+                    response_serializer=hangar_dot_runtime_dot_v1_dot_runtime__pb2.AgentCertificate.SerializeToString,
+            ),
+            'RenewAgentCertificate': grpc.unary_unary_rpc_method_handler(
+                    servicer.RenewAgentCertificate,
+                    request_deserializer=hangar_dot_runtime_dot_v1_dot_runtime__pb2.RenewAgentCertificateRequest.FromString,
+                    response_serializer=hangar_dot_runtime_dot_v1_dot_runtime__pb2.AgentCertificate.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1083,6 +1139,87 @@ class RuntimeService:
             '/hangar.runtime.v1.RuntimeService/WatchEvents',
             hangar_dot_events_dot_v1_dot_events__pb2.WatchEventsRequest.SerializeToString,
             hangar_dot_events_dot_v1_dot_events__pb2.Event.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateJoinToken(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hangar.runtime.v1.RuntimeService/CreateJoinToken',
+            hangar_dot_runtime_dot_v1_dot_runtime__pb2.CreateJoinTokenRequest.SerializeToString,
+            hangar_dot_runtime_dot_v1_dot_runtime__pb2.JoinToken.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeAgentCertificate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hangar.runtime.v1.RuntimeService/RevokeAgentCertificate',
+            hangar_dot_runtime_dot_v1_dot_runtime__pb2.RevokeAgentCertificateRequest.SerializeToString,
+            hangar_dot_runtime_dot_v1_dot_runtime__pb2.AgentCertificate.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RenewAgentCertificate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hangar.runtime.v1.RuntimeService/RenewAgentCertificate',
+            hangar_dot_runtime_dot_v1_dot_runtime__pb2.RenewAgentCertificateRequest.SerializeToString,
+            hangar_dot_runtime_dot_v1_dot_runtime__pb2.AgentCertificate.FromString,
             options,
             channel_credentials,
             insecure,
