@@ -10,11 +10,15 @@ loses (must be 0).
    alternate one a rollback); every answer is counted; a request that fails or answers
    other than 200 is lost. For each release: ms from the API reporting `running` to the
    first answer of that release through the edge.
+3. Rolling rollouts of replicas: the same, R releases of 2 replicas rolled out one replica
+   at a time (maxSurge 1, maxUnavailable 0); requests lost, and ms from the first replica
+   running (when the new release starts taking traffic) to its first answer.
 
 The app is tests/support/edge_app.py (Python's ThreadingHTTPServer: a small real app).
 Needs root and the container driver's tools (as `make test` installs them).
 
 Run: .venv/bin/python bench/bench_rollout.py [--clients 8] [--seconds 5] [--releases 4]
+(the project has 256 MB / 1000 mCPU: two replicas get half each)
 """
 
 from __future__ import annotations
@@ -134,13 +138,19 @@ def set_up(tmp: Path, pg: Any) -> tuple[Any, httpx.Client, dict[str, str], dict[
     return stack, http, owner.auth, project
 
 
-def deploy(http: httpx.Client, auth: dict[str, str], project: dict[str, Any], marker: str) -> str:
+def deploy(
+    http: httpx.Client,
+    auth: dict[str, str],
+    project: dict[str, Any],
+    marker: str,
+    **rollout: int,
+) -> str:
     from tests.support import edge_app
 
     created = http.post(
         f"/v1/projects/{project['id']}/deployments",
         headers=auth,
-        json={"command": edge_app.command(marker)},
+        json={"command": edge_app.command(marker), **rollout},
     )
     created.raise_for_status()
     return str(created.json()["id"])
@@ -202,6 +212,18 @@ def main() -> None:
                 wait_for(lambda m=marker: m in load.first_seen, f"{marker} through the edge", 60)
                 switches.append((load.first_seen[marker] - at) * 1000)
             time.sleep(1)
+        rolling: list[float] = []
+        with Load(edge, host, args.clients) as rolled:
+            time.sleep(1)
+            for i in range(1, args.releases + 1):
+                marker = f"rolling{i}"
+                release = deploy(
+                    http, auth, project, marker, replicas=2, maxSurge=1, maxUnavailable=0
+                )
+                at = running(http, auth, release)
+                wait_for(lambda m=marker: m in rolled.first_seen, f"{marker} through the edge", 60)
+                rolling.append((rolled.first_seen[marker] - at) * 1000)
+            time.sleep(1)
         stack.check_alive()
     finally:
         if stack is not None:
@@ -232,7 +254,13 @@ def main() -> None:
         f"p50 {statistics.median(switches):.0f} ms, max {max(switches):.0f} ms "
         f"(over {len(switches)} releases)"
     )
-    if load.lost:
+    print(
+        f"{args.releases} rolling rollouts of 2 replicas (maxSurge 1) under load: "
+        f"{sum(rolled.answers.values())} requests answered, {len(rolled.lost)} lost"
+        + (f" ({rolled.lost[:3]})" if rolled.lost else "")
+        + f"; first replica running -> first answer p50 {statistics.median(rolling):.0f} ms"
+    )
+    if load.lost or rolled.lost:
         sys.exit(1)
 
 

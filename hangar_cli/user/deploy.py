@@ -233,6 +233,18 @@ def deploy(
             "and CPU, spread over servers (default: 1).",
         ),
     ] = None,
+    max_surge: Annotated[
+        int | None,
+        typer.Option(
+            min=0,
+            help="Roll replicas out a few at a time: at most this many beyond --replicas "
+            "hold capacity (default: all at once, then switch).",
+        ),
+    ] = None,
+    max_unavailable: Annotated[
+        int | None,
+        typer.Option(min=0, help="During a rolling rollout, at most this many fewer serve."),
+    ] = None,
     no_wait: Annotated[bool, typer.Option("--no-wait", help="Do not follow the deploy.")] = False,
     timeout: Annotated[float, typer.Option(help="Seconds to wait for it to run.")] = 900,
     json_output: JsonOpt = False,
@@ -267,6 +279,10 @@ def deploy(
             body["processType"] = process
         if replicas:
             body["replicas"] = replicas
+        if max_surge is not None:
+            body["maxSurge"] = max_surge
+        if max_unavailable is not None:
+            body["maxUnavailable"] = max_unavailable
         tail: _Tail | None = None
         if not no_wait and not json_output:
             tail = _Tail(project_id)

@@ -97,6 +97,8 @@ def deployment_to_proto(d: Deployment) -> pb.Deployment:
         replicas=d.replicas,
         replica_index=d.replica_index,
         replica_set_id=d.replica_set_id,
+        max_surge=d.max_surge,
+        max_unavailable=d.max_unavailable,
     )
     if d.image is not None:
         out.image = d.image
@@ -195,6 +197,10 @@ def source_from_proto(requested: pb.Deployment) -> RequestedSource:
         "process_type": requested.process_type,
         "processes": tuple((p.type, p.percent) for p in requested.processes),
         "replicas": requested.replicas,
+        "max_surge": requested.max_surge if requested.HasField("max_surge") else None,
+        "max_unavailable": (
+            requested.max_unavailable if requested.HasField("max_unavailable") else None
+        ),
     }
     if which == "image":
         return RequestedSource(

@@ -398,6 +398,8 @@ class Deployer:
             )
         if stop:
             self.stop_soon()
+        if superseding and deployment.rolling:  # what the rollout's next step placed
+            self.sweep_soon()
         if built:  # its other processes start from the slug just stored
             self.launch_rest_soon(deployment.id)
         if decided:  # its sibling replicas waited for this slug or digest
@@ -458,6 +460,8 @@ class Deployer:
             deployment = await self.scheduler.transition_in(tx, deployment, State.RUNNING)
             for sibling in waiting:  # the set switches over together
                 await self.scheduler.transition_in(tx, sibling, State.RUNNING)
+            if deployment.rolling:  # the rollout's next step (the sweep starts what it placed)
+                await self.scheduler.advance(tx, deployment.replica_set_id)
             return deployment, True  # the deployments it superseded, if any, stop now
         if deployment.status is State.CRASH_LOOP:  # it stayed up: recovered
             deployment = await self.scheduler.transition_in(
@@ -606,6 +610,7 @@ class Deployer:
             if down:
                 log.warning("servers missed their heartbeats", extra={"server_ids": down})
             await self.fail_over()
+            await self.scheduler.advance_rollouts()
             async with self.db.session() as s:
                 placed = await store.deployment_ids(s, (State.SCHEDULING,))
                 # Built deployments of several processes whose others a kick missed.

@@ -274,6 +274,8 @@ class RequestedSource:
     processes: tuple[tuple[str, int], ...] = ()
     image_command: str = ""
     replicas: int = 0  # 0: one
+    max_surge: int | None = None  # None: the defaults of rollout_limits
+    max_unavailable: int | None = None
 
 
 # A project's secrets that are a private registry's credentials: handed to the image's pull
@@ -347,6 +349,21 @@ def replica_share(total: Resources, requested: int) -> tuple[int, Resources]:
             f"{MIN_PROCESS_RAM_MB} MB and {MIN_PROCESS_CPU_MILLIS} mCPU each",
         )
     return replicas, share
+
+
+def rollout_limits(replicas: int, surge: int | None, unavailable: int | None) -> tuple[int, int]:
+    """(max surge, max unavailable) of a set of `replicas`: unset, start every replica and
+    switch at once (replicas, 0); INVALID_ARGUMENT naming the field when out of range."""
+    surge = replicas if surge is None else surge
+    unavailable = unavailable or 0
+    for field, value in (("max_surge", surge), ("max_unavailable", unavailable)):
+        if not 0 <= value <= replicas:
+            raise InvalidArgument.field(f"deployment.{field}", f"0 to replicas ({replicas})")
+    if surge == unavailable == 0:
+        raise InvalidArgument.field(
+            "deployment.max_surge", "max_surge and max_unavailable cannot both be 0"
+        )
+    return surge, unavailable
 
 
 def process_type_of(requested: str, field: str = "deployment.process_type") -> str:

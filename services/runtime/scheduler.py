@@ -174,16 +174,88 @@ class Scheduler:
     async def _insert_set(
         self, tx: Session, spec: DeploymentSpec, deadline: datetime
     ) -> list[Deployment]:
-        """A new replica set of `spec.replicas`, each replica inserted and placed in turn."""
-        first = await store.insert_deployment(tx, spec, deadline)
+        """A new replica set of `spec.replicas`, each replica inserted and placed in turn;
+        a rolling one's are held and placed as the rollout makes room (advance)."""
+        rolling = spec.rolling
+        if rolling:
+            await self.lock_project(tx, spec.project_id)
+        first = await store.insert_deployment(tx, spec, deadline, held=rolling)
         rows = [first] + [
-            await store.insert_deployment(tx, spec.replica(first.id, index), deadline)
+            await store.insert_deployment(tx, spec.replica(first.id, index), deadline, held=rolling)
             for index in range(1, spec.replicas)
         ]
-        placed = []
         for row in rows:
             await self._changed(tx, None, row)
-            placed.append(await self._place(tx, row))
+        if rolling:
+            await self.advance(tx, first.replica_set_id)
+            return [await store.get_deployment(tx, row.id) for row in rows]
+        return [await self._place(tx, row) for row in rows]
+
+    async def advance(self, tx: Session, replica_set_id: str) -> list[Deployment]:
+        """One step of a rolling rollout, under the project's lock: end old replicas while
+        at least replicas - max_unavailable serve (only to make room for held ones, or
+        beyond the new set's size), then place held replicas while at most replicas +
+        max_surge of both hold (or wait for) capacity. The replicas placed.
+
+        A new replica that runs supersedes the old one of its index (transition_in); the
+        next step runs then (Deployer), and every deploy sweep (advance_rollouts)."""
+        members = await store.lock_replica_set(tx, replica_set_id)
+        live = [m for m in members if m.status not in ENDS]
+        if not live or not live[0].rolling:
+            return []
+        first = live[0]
+        wanted, surge = first.replicas, first.max_surge
+        floor = wanted - first.max_unavailable
+        held = sorted((m for m in live if m.held), key=lambda m: m.replica_index)
+        created = min(m.created_at for m in members)
+        if await store.newer_set_exists(tx, first.project_id, replica_set_id, created):
+            # A newer release took over: what was never placed of this one is not started.
+            for replica in held:
+                await self.transition_in(
+                    tx,
+                    replica,
+                    State.CANCELLED,
+                    reason="a newer release was deployed before this replica was placed",
+                    whole_set=False,
+                )
+            return []
+        old = await store.lock_serving_of_project(
+            tx, first.project_id, excluding_set=replica_set_id, sets_before=created
+        )
+        serving = [m for m in live if m.status in SERVING]
+        active = [m for m in live if not m.held]
+        may_end = len(old) + len(serving) - floor
+        over = len(old) + len(serving) - wanted
+        room_needed = min(len(held), len(old) + len(active) + len(held) - (wanted + surge))
+        ending = min(max(0, may_end), len(old), max(over, room_needed, 0))
+        for replaced in sorted(old, key=lambda m: -m.replica_index)[:ending]:
+            await self.transition_in(
+                tx,
+                replaced,
+                State.SUPERSEDED,
+                reason=f"replaced by the rollout of {replica_set_id}",
+                whole_set=False,
+            )
+        room = wanted + surge - (len(old) - ending) - len(active)
+        placed = []
+        for replica in held[: max(0, room)]:
+            placed.append(await self._place(tx, await store.unhold(tx, replica.id)))
+        return placed
+
+    async def advance_rollouts(self) -> int:
+        """advance every rolling rollout with replicas still held (one transaction each); the
+        count of replicas placed."""
+        async with self.db.session() as s:
+            rollouts = await store.rolling_sets_with_held(s)
+        placed = 0
+        for project_id, replica_set_id in rollouts:
+
+            async def attempt(project: str = project_id, members: str = replica_set_id) -> int:
+                async with self.db.transaction() as tx:
+                    await self.lock_project(tx, project)
+                    return len(await self.advance(tx, members))
+
+            placed += await retry_deadlocks(attempt)
         return placed
 
     async def place(self, deployment_id: str) -> Deployment:
@@ -326,6 +398,8 @@ class Scheduler:
         others are placed too, and the deploy sweep starts them).
         """
         async with self.db.transaction() as tx:
+            # The project first (as every path that runs a release), then the row.
+            await self.lock_project(tx, (await store.get_deployment(tx, deployment_id)).project_id)
             current = await store.lock_deployment(tx, deployment_id)
             ensure_transition(current.status, State.ROLLED_BACK)
             previous = await store.last_successful_before(tx, current)
@@ -401,7 +475,7 @@ class Scheduler:
         or None to wait."""
         if deployment.processes and not await self.all_running(tx, deployment):
             return None  # one process: the container that reported running
-        if deployment.replicas == 1:
+        if deployment.replicas == 1 or deployment.rolling:
             return []
         members = await store.lock_replica_set(tx, deployment.replica_set_id)
         others = [m for m in members if m.id != deployment.id and m.status not in ENDS]
@@ -461,6 +535,8 @@ class Scheduler:
         previous = await store.lock_serving_of_project(
             tx, deployment.project_id, excluding_set=deployment.replica_set_id
         )
+        if deployment.rolling:  # replica by replica: the old one of its index
+            previous = [p for p in previous if p.replica_index == deployment.replica_index]
         rolled_back_set = ""
         if previous and deployment.rolled_back_from:
             origin = await store.get_deployment(tx, deployment.rolled_back_from)

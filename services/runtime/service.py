@@ -22,6 +22,7 @@ from services.runtime.domain import (
     replica_share,
     required,
     reservable,
+    rollout_limits,
     source_digest,
     split_processes,
 )
@@ -186,6 +187,9 @@ class Deployments:
         require_token_project(project.id)
         await self.access.authorizer.require(project.organization_id, "deployments.create")
         replicas, resources = replica_share(project.resources, requested.replicas)
+        surge, unavailable = rollout_limits(
+            replicas, requested.max_surge, requested.max_unavailable
+        )
         process_type = process_type_of(requested.process_type)
         processes: tuple[ProcessShare, ...] = ()
         if requested.processes:
@@ -227,6 +231,8 @@ class Deployments:
                 organization_id=project.organization_id,
                 resources=resources,
                 replicas=replicas,
+                max_surge=surge,
+                max_unavailable=unavailable,
                 region=project.region,
                 image=image,
                 command=command,

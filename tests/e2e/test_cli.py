@@ -341,6 +341,29 @@ def test_rollback(session: Session) -> None:
     wait_for(rolled_back_running, "the rollback release to run", within=120, every=1)
 
 
+def test_deploy_with_replicas_builds_once_and_runs_each(session: Session) -> None:
+    session.need_project()
+    _needs_sandbox()
+    (session.app_dir / "kept.txt").write_text(f"replicated {secrets.token_hex(4)}\n")
+    result = session.json("deploy", "--replicas", "2", timeout=DEPLOY_WITHIN)
+    lead = result["deployment"]
+    assert (lead["status"], lead["replicas"]) == ("DEPLOYMENT_STATUS_RUNNING", 2)
+    releases = session.json("releases")["deployments"]
+    replicas = [d for d in releases if d["replicaSetId"] == lead["id"]]
+    assert sorted(d.get("replicaIndex", 0) for d in replicas) == [0, 1]
+    assert {d["status"] for d in replicas} == {"DEPLOYMENT_STATUS_RUNNING"}
+    assert len({d["slugSha256"] for d in replicas}) == 1  # built once, run by both
+    ids = {d["id"] for d in replicas}
+    entries = session.json("logs", "--since", "30m", "--lines", "2000")["entries"]
+    builders = {
+        e["deploymentId"]
+        for e in entries
+        if e.get("stream") == "LOG_STREAM_BUILD" and e.get("deploymentId") in ids
+    }
+    assert builders == {lead["id"]}
+    assert "2/2" in session.ok("releases").stdout
+
+
 def test_a_ci_token_deploys_and_is_refused_once_revoked(session: Session) -> None:
     """CI: a deploy token of the project, given as HANGAR_TOKEN with no login."""
     session.need_project()

@@ -361,6 +361,33 @@ def test_roll_back_in_one_click(journey: Journey) -> None:
     j.screenshot("dashboard-projects.png")
 
 
+def test_deploy_two_replicas_and_see_each_run(journey: Journey) -> None:
+    j = journey
+    if j.deploy_skip:
+        pytest.skip(j.deploy_skip)
+    j.open(f"#/projects/{j.project['id']}")
+    j.visible('form[name="deploy"] input[value="command"]').click()
+    j.fill("deploy", {"command": APP.format(release="C"), "replicas": "2"})
+    j.submit("deploy")
+
+    def both_running() -> bool:
+        rows = j.all("#deployments tbody tr")[:2]
+        notes = sorted(
+            r.find_element(By.CSS_SELECTOR, ".replica").text
+            for r in rows
+            if r.find_elements(By.CSS_SELECTOR, ".replica")
+        )
+        return notes == ["replica 1 of 2", "replica 2 of 2"] and [
+            s for s, _ in j.deployment_rows()[:2]
+        ] == ["running", "running"]
+
+    j.until(both_running, "both replicas of release C running", DEPLOY_WAIT_SECONDS)
+    j.until(lambda: "release C: greeting" in j.text("#logs .line"), "release C's log line")
+    j.driver.execute_script("document.getElementById('deployments').scrollIntoView()")
+    j.screenshot("dashboard-replicas.png")
+    j.fill("deploy", {"replicas": "1"})  # the next tests' deploys run one
+
+
 def _chart_points(j: Journey, metric: str) -> int:
     return int(j.find(f'#metrics .chart[data-metric="{metric}"]').get_attribute("data-points") or 0)
 

@@ -441,3 +441,56 @@ def test_two_replicas_share_the_traffic_and_one_killed_loses_no_request(world: W
     with httpx.Client(base_url=w.edge.base_url, timeout=30) as fresh:
         after = [whoami(fresh) for _ in range(30)]
     assert len(before & set(after)) == 1, (before, after)  # the survivor, never the dead one
+
+
+def test_a_rolling_rollout_of_two_replicas_under_load_loses_no_request(world: World) -> None:
+    w = world
+    marker = f"roll{secrets.token_hex(3)}"
+    url = f"/v1/projects/{w.project['id']}/deployments"
+    failures: list[str] = []
+    answers: dict[str, int] = {}
+    stop = threading.Event()
+
+    def load() -> None:
+        with httpx.Client(base_url=w.edge.base_url, timeout=30) as client:
+            while not stop.is_set():
+                try:
+                    reply = client.get("/", headers={"Host": w.project["hostname"]})
+                except httpx.HTTPError as exc:
+                    failures.append(repr(exc))
+                    continue
+                if reply.status_code != 200:
+                    failures.append(f"{reply.status_code}: {reply.text[:200]}")
+                else:
+                    answers[reply.text] = answers.get(reply.text, 0) + 1
+
+    loops = [threading.Thread(target=load) for _ in range(4)]
+    for loop in loops:
+        loop.start()
+    try:
+        body = {
+            "command": edge_app.command(marker),
+            "replicas": 2,
+            "maxSurge": 1,
+            "maxUnavailable": 0,
+        }
+        first = _ok(w.http.post(url, headers=w.auth, json=body))
+        assert (first["maxSurge"], first.get("maxUnavailable", 0)) == (1, 0)
+        _wait(w, first["id"], RUNNING)
+
+        def rolled() -> bool:
+            listed = _ok(w.http.get(url, headers=w.auth, params={"pageSize": 50}))
+            new = [d for d in listed["deployments"] if d["replicaSetId"] == first["id"]]
+            return len(new) == 2 and all(d["status"] == RUNNING for d in new)
+
+        wait_for(rolled, "both replicas of the rolling release to run", 120, 0.3)
+        _serves(w, marker)
+    finally:
+        stop.set()
+        for loop in loops:
+            loop.join(timeout=60)
+    assert not failures, failures[:5]
+    assert answers.get(marker, 0) > 0, answers
+
+
+# --- waking at the edge (a project of its own: independent of the tests above) -----------

@@ -253,7 +253,7 @@ async def test_a_replica_on_a_silent_server_starts_again_while_its_sibling_serve
                 for d in found
             )
 
-        await until(replaced, "replica 0 running again on the other server")
+        await until(replaced, "replica 0 running again on the other server", within=120)
         found = await replicas()
         again = next(d for d in found if d.release_reason == pb.RELEASE_REASON_FAILOVER)
         assert (again.replica_set_id, again.replica_index) == (first.id, 0)

@@ -14,7 +14,7 @@ from dataclasses import replace
 import pytest
 
 from services.runtime import store
-from services.runtime.domain import DeploymentState, ServerState, replica_share
+from services.runtime.domain import DeploymentState, ServerState, replica_share, rollout_limits
 from services.runtime.scheduler import Scheduler
 from services.runtime.store import Deployment, DeploymentSpec
 from shared.db import Database
@@ -204,3 +204,116 @@ def test_replicas_divide_the_project_s_resources_and_refuse_too_small_shares() -
     with pytest.raises(InvalidArgument) as small:
         replica_share(Resources(64, 50), 5)
     assert "12 MB and 10 mCPU each" in small.value.violations[0].description
+
+
+async def _roll(
+    db: Database, scheduler: Scheduler, old: list[Deployment], new: list[Deployment]
+) -> list[tuple[int, int]]:
+    """Drive a rolling rollout as the agents and the deployer would (each placed replica
+    starts and runs, then the rollout's next step), recording after every step how many
+    replicas of both hold capacity and how many serve."""
+    steps = []
+    for _ in range(20):
+        async with db.session() as s:
+            now = [await store.get_deployment(s, d.id) for d in old + new]
+        holding = sum(d.capacity_reserved for d in now)
+        serving = sum(d.status in (S.RUNNING, S.CRASH_LOOP) for d in now)
+        steps.append((holding, serving))
+        fresh = now[len(old) :]
+        if all(d.status is S.RUNNING for d in fresh):
+            return steps
+        for d in fresh:
+            if d.status is S.SCHEDULING:
+                await scheduler.mark_starting(d.id)
+                await scheduler.mark_running(d.id)
+                break
+        await scheduler.advance_rollouts()
+    raise AssertionError(f"the rollout never finished: {steps}")
+
+
+async def test_a_rolling_rollout_with_one_surge_never_holds_more_than_one_extra_replica(
+    db: Database, database_url: str
+) -> None:
+    scheduler = Scheduler(db)
+    region = f"surge-{new_id()}"
+    servers = await add_servers(db, region, 4, ram_mb=1000, cpu_millis=1000)
+    first = replicated(region, 3)
+    old = await _run_all(scheduler, await scheduler.create_set(first))
+    new = await scheduler.create_set(replace(first, max_surge=1, max_unavailable=0))
+    assert [d.status for d in new] == [S.SCHEDULING, S.QUEUED, S.QUEUED]
+    assert [d.held for d in new] == [False, True, True]
+    steps = await _roll(db, scheduler, old, new)
+    assert max(h for h, _ in steps) == 4  # 3 + max_surge
+    assert min(s for _, s in steps) == 3  # 3 - max_unavailable
+    assert await _statuses(db, old) == [S.SUPERSEDED] * 3
+    async with db.session() as s:
+        replaced = await store.get_deployment(s, old[1].id)
+    assert replaced.status_reason.startswith("superseded by ")
+    books = await assert_invariant(database_url, servers)
+    assert sum(b.reserved.ram_mb for b in books.values()) == 300
+
+
+async def test_a_rolling_rollout_with_no_room_to_spare_replaces_one_at_a_time(
+    db: Database, database_url: str
+) -> None:
+    scheduler = Scheduler(db)
+    region = f"in-place-{new_id()}"
+    # Room for exactly three replicas: no surge possible.
+    servers = await add_servers(db, region, 3, ram_mb=100, cpu_millis=100)
+    first = replicated(region, 3)
+    old = await _run_all(scheduler, await scheduler.create_set(first))
+    new = await scheduler.create_set(replace(first, max_surge=0, max_unavailable=1))
+    # One old replica makes room at once, and the first new one takes its place.
+    assert [d.status for d in new] == [S.SCHEDULING, S.QUEUED, S.QUEUED]
+    assert sum(s is S.SUPERSEDED for s in await _statuses(db, old)) == 1
+    steps = await _roll(db, scheduler, old, new)
+    assert max(h for h, _ in steps) == 3
+    assert min(s for _, s in steps) == 2
+    assert await _statuses(db, old) == [S.SUPERSEDED] * 3
+    books = await assert_invariant(database_url, servers)
+    assert all(b.reserved == Resources(100, 100) for b in books.values())
+
+
+async def test_a_rolling_rollout_that_fails_at_its_first_replica_leaves_the_old_serving(
+    db: Database,
+) -> None:
+    scheduler = Scheduler(db)
+    region = f"halt-{new_id()}"
+    await add_servers(db, region, 4, ram_mb=1000, cpu_millis=1000)
+    first = replicated(region, 3)
+    old = await _run_all(scheduler, await scheduler.create_set(first))
+    new = await scheduler.create_set(replace(first, max_surge=1, max_unavailable=0))
+    await scheduler.mark_starting(new[0].id)
+    await scheduler.fail(new[0].id, "health check timed out")
+    assert await _statuses(db, new) == [S.FAILED] * 3  # the held ones end with it
+    assert await _statuses(db, old) == [S.RUNNING] * 3
+    assert await scheduler.advance_rollouts() == 0
+
+
+def test_rollout_limits_default_to_all_at_once_and_refuse_what_cannot_progress() -> None:
+    assert rollout_limits(3, None, None) == (3, 0)
+    assert rollout_limits(3, 1, None) == (1, 0)
+    assert rollout_limits(3, 0, 1) == (0, 1)
+    for surge, unavailable, field in (
+        (4, 0, "deployment.max_surge"),
+        (1, -1, "deployment.max_unavailable"),
+        (0, 0, "deployment.max_surge"),
+    ):
+        with pytest.raises(InvalidArgument) as refused:
+            rollout_limits(3, surge, unavailable)
+        assert refused.value.violations[0].field == field
+
+
+async def test_a_newer_release_cancels_what_a_rolling_one_never_placed(db: Database) -> None:
+    scheduler = Scheduler(db)
+    region = f"overtaken-{new_id()}"
+    await add_servers(db, region, 4, ram_mb=1000, cpu_millis=1000)
+    first = replicated(region, 3)
+    old = await _run_all(scheduler, await scheduler.create_set(first))
+    rolling = await scheduler.create_set(replace(first, max_surge=1, max_unavailable=0))
+    newest = await _run_all(scheduler, await scheduler.create_set(first))
+    assert await _statuses(db, old) == [S.SUPERSEDED] * 3
+    assert await scheduler.advance_rollouts() == 0
+    statuses = await _statuses(db, rolling)
+    assert statuses[1:] == [S.CANCELLED, S.CANCELLED]  # held, never placed
+    assert await _statuses(db, newest) == [S.RUNNING] * 3  # the stale rollout ended none

@@ -159,7 +159,7 @@ class Server(_message.Message):
     def __init__(self, id: _Optional[str] = ..., name: _Optional[str] = ..., region: _Optional[str] = ..., agent_address: _Optional[str] = ..., capacity: _Optional[_Union[_resources_pb2.Resources, _Mapping]] = ..., reserved: _Optional[_Union[_resources_pb2.Resources, _Mapping]] = ..., status: _Optional[_Union[ServerStatus, str]] = ..., last_heartbeat_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., isolation: _Optional[_Union[ServerIsolation, str]] = ...) -> None: ...
 
 class Deployment(_message.Message):
-    __slots__ = ("id", "project_id", "organization_id", "server_id", "status", "capacity_reserved", "image", "command", "source_sha256", "resources", "secrets_version", "exit_code", "status_reason", "rolled_back_from", "created_at", "updated_at", "slug_sha256", "release_reason", "created_by", "process_type", "processes", "image_command", "image_digest", "replicas", "replica_index", "replica_set_id")
+    __slots__ = ("id", "project_id", "organization_id", "server_id", "status", "capacity_reserved", "image", "command", "source_sha256", "resources", "secrets_version", "exit_code", "status_reason", "rolled_back_from", "created_at", "updated_at", "slug_sha256", "release_reason", "created_by", "process_type", "processes", "image_command", "image_digest", "replicas", "replica_index", "replica_set_id", "max_surge", "max_unavailable")
     ID_FIELD_NUMBER: _ClassVar[int]
     PROJECT_ID_FIELD_NUMBER: _ClassVar[int]
     ORGANIZATION_ID_FIELD_NUMBER: _ClassVar[int]
@@ -186,6 +186,8 @@ class Deployment(_message.Message):
     REPLICAS_FIELD_NUMBER: _ClassVar[int]
     REPLICA_INDEX_FIELD_NUMBER: _ClassVar[int]
     REPLICA_SET_ID_FIELD_NUMBER: _ClassVar[int]
+    MAX_SURGE_FIELD_NUMBER: _ClassVar[int]
+    MAX_UNAVAILABLE_FIELD_NUMBER: _ClassVar[int]
     id: str
     project_id: str
     organization_id: str
@@ -212,7 +214,9 @@ class Deployment(_message.Message):
     replicas: int
     replica_index: int
     replica_set_id: str
-    def __init__(self, id: _Optional[str] = ..., project_id: _Optional[str] = ..., organization_id: _Optional[str] = ..., server_id: _Optional[str] = ..., status: _Optional[_Union[DeploymentStatus, str]] = ..., capacity_reserved: _Optional[bool] = ..., image: _Optional[str] = ..., command: _Optional[str] = ..., source_sha256: _Optional[str] = ..., resources: _Optional[_Union[_resources_pb2.Resources, _Mapping]] = ..., secrets_version: _Optional[str] = ..., exit_code: _Optional[int] = ..., status_reason: _Optional[str] = ..., rolled_back_from: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., slug_sha256: _Optional[str] = ..., release_reason: _Optional[_Union[ReleaseReason, str]] = ..., created_by: _Optional[str] = ..., process_type: _Optional[str] = ..., processes: _Optional[_Iterable[_Union[DeploymentProcess, _Mapping]]] = ..., image_command: _Optional[str] = ..., image_digest: _Optional[str] = ..., replicas: _Optional[int] = ..., replica_index: _Optional[int] = ..., replica_set_id: _Optional[str] = ...) -> None: ...
+    max_surge: int
+    max_unavailable: int
+    def __init__(self, id: _Optional[str] = ..., project_id: _Optional[str] = ..., organization_id: _Optional[str] = ..., server_id: _Optional[str] = ..., status: _Optional[_Union[DeploymentStatus, str]] = ..., capacity_reserved: _Optional[bool] = ..., image: _Optional[str] = ..., command: _Optional[str] = ..., source_sha256: _Optional[str] = ..., resources: _Optional[_Union[_resources_pb2.Resources, _Mapping]] = ..., secrets_version: _Optional[str] = ..., exit_code: _Optional[int] = ..., status_reason: _Optional[str] = ..., rolled_back_from: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., slug_sha256: _Optional[str] = ..., release_reason: _Optional[_Union[ReleaseReason, str]] = ..., created_by: _Optional[str] = ..., process_type: _Optional[str] = ..., processes: _Optional[_Iterable[_Union[DeploymentProcess, _Mapping]]] = ..., image_command: _Optional[str] = ..., image_digest: _Optional[str] = ..., replicas: _Optional[int] = ..., replica_index: _Optional[int] = ..., replica_set_id: _Optional[str] = ..., max_surge: _Optional[int] = ..., max_unavailable: _Optional[int] = ...) -> None: ...
 
 class DeploymentProcess(_message.Message):
     __slots__ = ("type", "percent", "resources")

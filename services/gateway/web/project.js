@@ -40,12 +40,13 @@ function DeployForm({ projectId, onDeployed }) {
     title="Deploy"
     submit="Deploy"
     action=${async (data, form) => {
+      const replicas = Number(data.get("replicas") || 1);
       if (mode === "source") {
         const folder = form.querySelector('input[name="folder"]').files;
         const archive = form.querySelector('input[name="archive"]').files[0];
         if (!folder.length && !archive) throw new Error("pick a folder or a .tar.gz archive");
         const blob = archive || (await tarGzOfFolder(folder));
-        await shipSource(projectId, blob, data.get("processType") || "");
+        await shipSource(projectId, blob, data.get("processType") || "", replicas);
         form.reset();
         onDeployed();
         return;
@@ -54,6 +55,7 @@ function DeployForm({ projectId, onDeployed }) {
         mode === "image"
           ? { image: data.get("image"), imageCommand: data.get("imageCommand") || "" }
           : { command: data.get("command") };
+      if (replicas > 1) body.replicas = replicas;
       await api("POST", `/v1/projects/${encodeURIComponent(projectId)}/deployments`, body);
       onDeployed();
     }}
@@ -82,6 +84,8 @@ function DeployForm({ projectId, onDeployed }) {
             </div>
             <${Field} label="Process type (optional)" name="processType" placeholder="web"
               hint="Built like a buildpack: requirements.txt, package.json or a Procfile." />`}
+    <${Field} label="Replicas" name="replicas" type="number" min="1" max="20" value="1"
+      hint="Each gets an equal share of the project's RAM and CPU, on its own server when one has room." />
   <//>`;
 }
 
@@ -109,7 +113,9 @@ function Deployments({ deployments, error, canWrite, onChanged }) {
           <td><${Status} status=${d.status} />
             ${d.statusReason ? html`<div class="muted small wrap">${d.statusReason}</div>` : null}</td>
           <td class="release-reason">${reasonText(d.releaseReason)}</td>
-          <td class="wrap mono">${what(d)}</td>
+          <td class="wrap mono">${what(d)}${d.replicas > 1
+            ? html`<div class="muted small replica">replica ${(d.replicaIndex || 0) + 1} of ${d.replicas}</div>`
+            : null}</td>
           <td>${when(d.createTime || d.createdAt)}</td>
           <td>${canWrite && CANCELLABLE.has(d.status)
             ? html`<${ActionButton}

@@ -78,12 +78,13 @@ export async function tarGzOfFolder(files) {
 }
 
 // Uploads the archive and deploys it; `processType` empty means the Procfile's web.
-export async function shipSource(projectId, archive, processType) {
+export async function shipSource(projectId, archive, processType, replicas = 1) {
   const project = `/v1/projects/${encodeURIComponent(projectId)}`;
   const body = archive.type === "application/gzip" ? archive : new Blob([archive], { type: "application/gzip" });
   const source = await api("POST", `${project}/sources`, body);
   const deployment = { sourceSha256: source.sha256 };
   if (processType) deployment.processType = processType;
+  if (replicas > 1) deployment.replicas = replicas;
   await api("POST", `${project}/deployments`, deployment);
   return source;
 }

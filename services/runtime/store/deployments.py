@@ -15,10 +15,11 @@ from shared.pagination import Page, decode_page_token, encode_page_token
 
 
 async def insert_deployment(
-    tx: Session, spec: DeploymentSpec, schedule_deadline: datetime
+    tx: Session, spec: DeploymentSpec, schedule_deadline: datetime, *, held: bool = False
 ) -> Deployment:
     """One deployment row: replica `spec.replica_index` of `spec.replica_set_id`, or (no
-    set given) the first replica of a new set named by its own id."""
+    set given) the first replica of a new set named by its own id; `held` for a rolling
+    rollout to place."""
     deployment_id = new_id()
     row = await tx.fetchrow(
         f"""INSERT INTO {S}.deployments (id, project_id, organization_id, image, command,
@@ -26,10 +27,10 @@ async def insert_deployment(
                 schedule_deadline, sleep_after_seconds, restart_policy, liveness_check_path,
                 liveness_period_seconds, liveness_failure_threshold, source_sha256, slug_sha256,
                 process_type, release_reason, created_by, processes, image_command,
-                replica_set_id, replica_index, replicas)
+                replica_set_id, replica_index, replicas, max_surge, max_unavailable, held)
             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, NULLIF($9, ''), NULLIF($10, ''), $11, $12,
                     $13, NULLIF($14, ''), $15, $16, $17, NULLIF($18, ''), $19, $20, $21, $22,
-                    NULLIF($23, ''), $24, $25, $26)
+                    NULLIF($23, ''), $24, $25, $26, $27, $28, $29)
             RETURNING *""",
         deployment_id,
         spec.project_id,
@@ -57,6 +58,9 @@ async def insert_deployment(
         spec.replica_set_id or deployment_id,
         spec.replica_index,
         spec.replicas,
+        spec.replicas if spec.max_surge is None else spec.max_surge,
+        spec.max_unavailable,
+        held,
     )
     assert row is not None
     return Deployment.from_row(row)
@@ -82,7 +86,7 @@ async def claim_queued(tx: Session, after: tuple[datetime, str] | None) -> Deplo
     """The oldest queued deployment after `after` that no other replica is working on."""
     row = await tx.fetchrow(
         f"""SELECT * FROM {S}.deployments
-             WHERE status = 'queued'
+             WHERE status = 'queued' AND NOT held
                AND ($1::timestamptz IS NULL OR (created_at, id) > ($1, $2))
              ORDER BY created_at, id LIMIT 1 FOR UPDATE SKIP LOCKED""",
         after[0] if after else None,
@@ -92,19 +96,61 @@ async def claim_queued(tx: Session, after: tuple[datetime, str] | None) -> Deplo
 
 
 async def lock_serving_of_project(
-    tx: Session, project_id: str, *, excluding_set: str = ""
+    tx: Session, project_id: str, *, excluding_set: str = "", sets_before: datetime | None = None
 ) -> list[Deployment]:
-    """The project's serving deployments (running or crash-looping: the replicas of one
-    set, at most one per replica index) outside `excluding_set`, locked in id order."""
+    """The project's serving deployments (running or crash-looping: at most one per replica
+    index) outside `excluding_set` (and of sets created before `sets_before`, if given),
+    locked in id order."""
     rows = await tx.fetch(
-        f"""SELECT * FROM {S}.deployments
+        f"""SELECT * FROM {S}.deployments d
              WHERE project_id = $1 AND status IN ('running', 'crash_loop')
                AND replica_set_id <> $2
+               AND ($3::timestamptz IS NULL
+                    OR (SELECT f.created_at FROM {S}.deployments f
+                         WHERE f.id = d.replica_set_id) < $3)
              ORDER BY id FOR UPDATE""",
         project_id,
         excluding_set,
+        sets_before,
     )
     return [Deployment.from_row(r) for r in rows]
+
+
+async def newer_set_exists(
+    tx: Session, project_id: str, replica_set_id: str, since: datetime
+) -> bool:
+    """Has a release of the project been created after `since` (another set's first row)?"""
+    return bool(
+        await tx.fetchval(
+            f"""SELECT EXISTS (SELECT 1 FROM {S}.deployments
+                                WHERE project_id = $1 AND id = replica_set_id
+                                  AND replica_set_id <> $2 AND created_at > $3)""",
+            project_id,
+            replica_set_id,
+            since,
+        )
+    )
+
+
+async def unhold(tx: Session, deployment_id: str) -> Deployment:
+    """A held replica, now the rollout's to place."""
+    row = await tx.fetchrow(
+        f"UPDATE {S}.deployments SET held = false WHERE id = $1 RETURNING *", deployment_id
+    )
+    if row is None:
+        raise NotFound(f"deployment {deployment_id!r} does not exist")
+    return Deployment.from_row(row)
+
+
+async def rolling_sets_with_held(s: Session, limit: int = 100) -> list[tuple[str, str]]:
+    """(project, replica set) of rolling rollouts with replicas still held, oldest first."""
+    rows = await s.fetch(
+        f"""SELECT project_id, replica_set_id, min(created_at) AS since
+              FROM {S}.deployments WHERE held AND status = 'queued'
+             GROUP BY project_id, replica_set_id ORDER BY since LIMIT $1""",
+        limit,
+    )
+    return [(r["project_id"], r["replica_set_id"]) for r in rows]
 
 
 async def lock_replica_set(tx: Session, replica_set_id: str) -> list[Deployment]:

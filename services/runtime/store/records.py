@@ -108,6 +108,11 @@ class Deployment:
     replica_set_id: str = ""
     replica_index: int = 0
     replicas: int = 1
+    # How its set replaces the serving one (Kubernetes' rolling update); held: a replica
+    # waiting for the rollout's room (the queue pass leaves it alone).
+    max_surge: int = 1
+    max_unavailable: int = 0
+    held: bool = False
 
     @classmethod
     def from_row(cls, row: asyncpg.Record) -> Deployment:
@@ -137,6 +142,12 @@ class Deployment:
     @property
     def needs_build(self) -> bool:
         return bool(self.source_sha256) and not self.slug_sha256
+
+    @property
+    def rolling(self) -> bool:
+        """Its set replaces the serving one a few replicas at a time (Scheduler.advance);
+        otherwise every replica starts, then the whole set switches at once."""
+        return self.max_surge < self.replicas or self.max_unavailable > 0
 
     @property
     def waits_for_first_replica(self) -> bool:
@@ -183,6 +194,8 @@ class DeploymentSpec:
     processes: tuple[ProcessShare, ...] = ()
     image_command: str = ""
     replicas: int = 1  # a new replica set of this many, each with `resources`
+    max_surge: int | None = None  # None: replicas (start them all, then switch at once)
+    max_unavailable: int = 0
     # A replacement within an existing set (failover): that set and the replaced index.
     replica_set_id: str = ""
     replica_index: int = 0
@@ -211,8 +224,15 @@ class DeploymentSpec:
             liveness_period_seconds=deployment.liveness_period_seconds,
             liveness_failure_threshold=deployment.liveness_failure_threshold,
             replicas=deployment.replicas,
+            max_surge=deployment.max_surge,
+            max_unavailable=deployment.max_unavailable,
         )
         return replace(spec, **changes)
+
+    @property
+    def rolling(self) -> bool:
+        surge = self.replicas if self.max_surge is None else self.max_surge
+        return surge < self.replicas or self.max_unavailable > 0
 
     def replica(self, replica_set_id: str, index: int) -> DeploymentSpec:
         """This spec as replica `index` of the set `replica_set_id`."""
