@@ -91,6 +91,13 @@ class AgentApi(agent_pb2_grpc.AgentServiceServicer):
         info = await self.driver.sleep(request.container_id, idle_since, grace)
         return container_to_proto(info)
 
+    async def WakeContainer(
+        self, request: agent_pb2.WakeContainerRequest, context: grpc.aio.ServicerContext
+    ) -> agent_pb2.Container:
+        require_service(CALLER)
+        _require_id(request.container_id)
+        return container_to_proto(await self.driver.wake(request.container_id))
+
     async def GetContainer(
         self, request: agent_pb2.GetContainerRequest, context: grpc.aio.ServicerContext
     ) -> agent_pb2.Container:

@@ -1,14 +1,15 @@
 """`ProcessDriver`'s sleep and wake: an idle app's process stops, its public port stays open,
-and the next connection starts it again."""
+and it starts again when runtime asks (`wake`, for a request the edge holds) or, as a
+fallback for a connection that reaches the public port directly, on that connection."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 
-from services.agent.domain import ContainerState, SleepState, utcnow
+from services.agent.domain import ContainerInfo, ContainerState, SleepState, utcnow
 from services.agent.driver_base import DriverBase, _Container
-from shared.errors import Unavailable
+from shared.errors import FailedPrecondition, NotFound, Unavailable
 
 log = logging.getLogger("hangar.agent")
 
@@ -31,6 +32,20 @@ class SleepMixin(DriverBase):
         self._take_final(record, utcnow())
         self._set(record, sleep=SleepState.SLEEPING, pid=0)
         log.info("container asleep", extra={"container_id": record.info.container_id})
+
+    async def wake(self, container_id: str) -> ContainerInfo:
+        """Wakes a sleeping container as a connection would, for a request the edge holds
+        (it counts as one: the sleep controller must not put it back to sleep before the
+        request arrives); returns once its app answers. A no-op when it is awake."""
+        record = self._containers.get(container_id)
+        if record is None:
+            raise NotFound("this agent runs no such container", reason="CONTAINER_NOT_FOUND")
+        if record.info.state.ended or record.stop_requested:
+            raise FailedPrecondition("the container has ended", reason="NOT_RUNNING")
+        if record.proxy is not None:
+            record.proxy.last_request_at = utcnow()
+        await self._wake(record)
+        return self._view(record)
 
     async def _wake(self, record: _Container) -> None:
         """The proxy's before_connect: start a sleeping app again and wait until it answers

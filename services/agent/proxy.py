@@ -13,6 +13,10 @@ is aborted). `close()` closes the listener and aborts every live connection.
 Sleep: the proxy knows when the app last had a client (`last_request_at`, and `open` while a
 connection is live). `before_connect`, when set, runs before each connection reaches the
 app: the driver uses it to start a sleeping app again and hold the client until it answers.
+Requests through the edge are held and woken there (runtime's WakeRoute, the agent's
+WakeContainer) before they reach this proxy; this wake is the fallback for a connection
+that reaches a sleeping app directly. Either way this proxy is the one place an app's bytes
+are metered.
 """
 
 from __future__ import annotations

@@ -51,6 +51,15 @@ HTTPS_SERVER = "hangar_https"
 FAIL_DURATION = "10s"
 TRY_DURATION = "1s"
 TRY_INTERVAL = "50ms"
+# A project that sleeps when idle: its requests are held this long while it wakes (dns.py's
+# HOLD, wake.py), so its try_duration is this instead (a dead upstream of such a project is
+# also tried this long). Runtime's wake is asked with a deadline WAKE_MARGIN shorter, so a
+# wake that fails or times out answers its page before the hold ends.
+WAKE_HOLD_SECONDS = 30.0
+WAKE_MARGIN_SECONDS = 5.0
+# Caddy's idle keep-alive connections to a project that sleeps are closed after this (its
+# default is 2 minutes): an open connection keeps the agent from putting the app to sleep.
+SLEEPY_IDLE_SECONDS = 10.0
 # How long a config change waits for the old config's in-flight requests (then cuts them).
 GRACE_PERIOD = "30s"
 # A config change (a project added or removed) leaves proxied WebSockets open this long,
@@ -81,6 +90,13 @@ class EdgeConfig:
     # Caddy's HTTP metrics (served through the edge's /metrics): fixed for the process's
     # life, so they never make a config differ.
     metrics: bool = False
+    wake_hold_seconds: float = WAKE_HOLD_SECONDS
+    sleepy_idle_seconds: float = SLEEPY_IDLE_SECONDS
+
+    @property
+    def wake_deadline_seconds(self) -> float:
+        """The deadline of runtime's WakeRoute: within the hold, with a margin to answer."""
+        return max(self.wake_hold_seconds - WAKE_MARGIN_SECONDS, self.wake_hold_seconds / 2)
 
     @property
     def https_address(self) -> str:
@@ -115,7 +131,7 @@ def caddy_config(
 ) -> CaddyConfig:
     """Caddy's whole JSON config for this route table and these uploaded certificates
     (already filtered to the table's names: certificates.ExpiryWarnings.usable)."""
-    table = route_handlers(routes, edge.dns_address)
+    table = route_handlers(routes, edge)
     tls: dict[str, Any] = {"automation": tls_automation(routes, edge)}
     if certificates:
         tls["certificates"] = {"load_pem": load_pem(certificates)}
@@ -168,7 +184,7 @@ def _server(
     return server
 
 
-def route_handlers(routes: Sequence[Route], dns_address: str) -> list[dict[str, Any]]:
+def route_handlers(routes: Sequence[Route], edge: EdgeConfig) -> list[dict[str, Any]]:
     """The HTTP routes, in order: the edge's health, each project, then the 404 page."""
     out: list[dict[str, Any]] = [_health_route()]
     seen: set[str] = set()
@@ -177,7 +193,7 @@ def route_handlers(routes: Sequence[Route], dns_address: str) -> list[dict[str, 
         if not hosts:
             continue
         seen.update(hosts)
-        out.append(_project_route(route, hosts, dns_address))
+        out.append(_project_route(route, hosts, edge))
     for route in routes:  # pending custom domains: their check's answer, nothing else
         for challenge in route.challenges:
             names = _names([challenge.hostname])
@@ -233,18 +249,19 @@ def _health_route() -> dict[str, Any]:
     }
 
 
-def _project_route(route: Route, hosts: list[str], dns_address: str) -> dict[str, Any]:
+def _project_route(route: Route, hosts: list[str], edge: EdgeConfig) -> dict[str, Any]:
     """The project's upstreams are not in the config: Caddy looks them up in the edge's DNS
-    (dns.py), so a deploy changes no config. Only whether anything serves does."""
-    if not any(route.upstreams):
+    (dns.py), so a deploy, a sleep or a wake changes no config. Only whether anything serves
+    (awake or asleep) does, and whether the project can sleep (its hold)."""
+    if not any(route.upstreams) and not any(route.sleeping_upstreams):
         reason = route.unavailable_reason or "unavailable"
         page = _page_route(503, f"Nothing serves this app right now ({reason}).")
         return {"match": [{"host": hosts}], "handle": page["handle"], "terminal": True}
-    return {
-        "match": [{"host": hosts}],
-        "handle": [_reverse_proxy(route.project_id, dns_address)],
-        "terminal": True,
-    }
+    proxy = _reverse_proxy(route.project_id, edge.dns_address)
+    if route.sleep_enabled:  # held while it wakes; idle connections to it let it sleep
+        proxy["load_balancing"]["try_duration"] = f"{edge.wake_hold_seconds:g}s"
+        proxy["transport"]["keep_alive"] = {"idle_timeout": f"{edge.sleepy_idle_seconds:g}s"}
+    return {"match": [{"host": hosts}], "handle": [proxy], "terminal": True}
 
 
 def _reverse_proxy(project_id: str, dns_address: str) -> dict[str, Any]:

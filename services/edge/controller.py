@@ -107,15 +107,27 @@ class EdgeController:
         self.first_fetch_timeout = first_fetch_timeout
         self.routes: list[Route] = []
         self.hostnames: frozenset[str] = frozenset()
+        self._project_of: dict[str, str] = {}  # hostname -> project id
         self.applied_version = 0
         self.last_apply_seconds = 0.0
         self._applied = asyncio.Condition()
         self._dirty = asyncio.Event()
+        self._urgent = False  # the next re-read skips the debounce (refresh)
         self._tasks: list[asyncio.Task[None]] = []
 
     def knows(self, hostname: str) -> bool:
         """Whether Caddy may get a certificate for this name (the `ask` answer)."""
         return normal_name(hostname) in self.hostnames
+
+    def project_of(self, hostname: str) -> str | None:
+        """The project this name routes to, in the current table."""
+        return self._project_of.get(normal_name(hostname))
+
+    def refresh(self) -> None:
+        """Re-read the table now, without the debounce (after a wake: requests are held
+        until the woken containers are listed)."""
+        self._urgent = True
+        self._dirty.set()
 
     async def start(self) -> None:
         """Starts Caddy with the first table (empty if the source does not answer yet),
@@ -214,9 +226,13 @@ class EdgeController:
         # Before Caddy sees the new names, so its on-demand `ask` and its lookups find them.
         await self.dns.set_routes(routes)
         self.routes = list(routes)
-        self.hostnames = frozenset(
-            name for r in routes for h in r.hostnames if (name := normal_name(h))
-        )
+        project_of: dict[str, str] = {}
+        for r in routes:
+            for h in r.hostnames:
+                if name := normal_name(h):
+                    project_of.setdefault(name, r.project_id)  # a name claimed twice: first
+        self._project_of = project_of
+        self.hostnames = frozenset(project_of)
 
     async def _applied_now(self, started: float, count: int, reloaded: bool) -> None:
         self.last_apply_seconds = time.perf_counter() - started
@@ -239,8 +255,10 @@ class EdgeController:
         while True:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._dirty.wait(), self.resync_seconds)
-            await asyncio.sleep(self.debounce_seconds)  # let a burst of events settle
+            if not self._urgent:
+                await asyncio.sleep(self.debounce_seconds)  # let a burst of events settle
             self._dirty.clear()
+            self._urgent = False
             try:
                 routes = await self._read("routes", self.source.fetch())
                 unread: Exception | None = None

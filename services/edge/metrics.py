@@ -2,12 +2,13 @@
 
 The edge's own: the controller's route applies (counted, timed, whether Caddy's config was
 loaded), reads of the table or the certificates that failed, the table's size, the uploaded
-certificates in Caddy's config and those near their end, the on-demand TLS `ask` answers and
-the DNS answers Caddy got from the edge. Then Caddy's own HTTP metrics (`apps.http.metrics`
-in its config, no per-host labels), read from its admin API's `/metrics` at each scrape and
-served on the edge's port, so Prometheus scrapes one target per edge. Only Caddy's `caddy_*`
-families, and none labelled by upstream: an upstream is a container's address, a new one at
-each deploy, so those series would grow for as long as Caddy runs.
+certificates in Caddy's config and those near their end, the on-demand TLS `ask` answers,
+the DNS answers Caddy got from the edge and the wakes it asked for. Then Caddy's own HTTP
+metrics (`apps.http.metrics` in its config, no per-host labels), read from its admin API's
+`/metrics` at each scrape and served on the edge's port, so Prometheus scrapes one target per
+edge. Only Caddy's `caddy_*` families, and none labelled by upstream: an upstream is a
+container's address, a new one at each deploy, so those series would grow for as long as
+Caddy runs.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ if TYPE_CHECKING:
     from services.edge.caddy import Caddy
     from services.edge.controller import AskServer, EdgeController
     from services.edge.dns import UpstreamDns
+    from services.edge.wake import RouteWaker
 
 # What a table read can fail on: runtime's routes, project's uploaded certificates.
 READ_SOURCES = ("routes", "certificates")
@@ -85,7 +87,12 @@ class EdgeMetrics:
     # --- read at scrape time -------------------------------------------------------------
 
     def watch(
-        self, controller: EdgeController, dns: UpstreamDns, ask: AskServer, caddy: Caddy
+        self,
+        controller: EdgeController,
+        dns: UpstreamDns,
+        ask: AskServer,
+        caddy: Caddy,
+        waker: RouteWaker | None = None,
     ) -> None:
         """The gauges of this edge's parts, and Caddy's own metrics, at each scrape."""
 
@@ -109,6 +116,17 @@ class EdgeMetrics:
             for (qtype, rcode), count in sorted(dns.answered.items()):
                 queries.add_metric([qtype, rcode], count)
             yield queries
+            if waker is not None:
+                yield CounterMetricFamily(
+                    "edge_wake_calls",
+                    "Runtime's WakeRoute called for a sleeping project's held requests.",
+                    value=waker.asked,
+                )
+                yield CounterMetricFamily(
+                    "edge_wake_failures",
+                    "Of those, the calls that failed (their requests got the 503 page).",
+                    value=waker.failed,
+                )
             yield from self._caddy
 
         async def read_caddy() -> None:

@@ -1,7 +1,8 @@
 """The edge's RouteSource: runtime's route table over gRPC.
 
 `fetch` is `RuntimeService.ListRoutes` (the whole table, with a deadline; idempotent, so
-retried on UNAVAILABLE by the channel). `changes` follows runtime's `WatchEvents` (the one
+retried on UNAVAILABLE by the channel); `wake` is `WakeRoute` (wake.py), with the wake's
+deadline. `changes` follows runtime's `WatchEvents` (the one
 call without a deadline) and yields on every event and on every (re)connect; the edge
 re-reads the whole table then, so an event's content never matters and a missed one costs
 nothing. Both calls carry the edge's service token: runtime serves them to "edge" only.
@@ -38,8 +39,10 @@ class RuntimeRoutes:
         retry_seconds: float = 0.5,
         max_retry_seconds: float = 10.0,
         metrics: Metrics | None = None,
+        wake_timeout: float = 25.0,
     ) -> None:
         self.timeout = settings.call_timeout_seconds
+        self.wake_timeout = wake_timeout  # WakeRoute's deadline: a wake takes an app's start
         self.retry_seconds = retry_seconds
         self.max_retry_seconds = max_retry_seconds
         # With `metrics`, every call is counted (grpc_client_*), the token's too.
@@ -59,6 +62,12 @@ class RuntimeRoutes:
     async def fetch(self) -> list[Route]:
         reply = await self._stub().ListRoutes(runtime_pb2.ListRoutesRequest(), timeout=self.timeout)
         return list(reply.routes)
+
+    async def wake(self, project_id: str) -> None:
+        """Runtime's WakeRoute: wakes the project's sleeping containers (within the hold)."""
+        await self._stub().WakeRoute(
+            runtime_pb2.WakeRouteRequest(project_id=project_id), timeout=self.wake_timeout
+        )
 
     async def changes(self) -> AsyncIterator[None]:
         """Forever: one yield per (re)connect and per event; back-off between attempts."""

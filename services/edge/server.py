@@ -1,13 +1,13 @@
 """The edge process (`hangar serve edge`): Caddy on the public ports, kept in step with
 runtime's route table.
 
-Start-up: the `ask` endpoint and the upstreams' DNS on loopback ports, then Caddy with the
-first table (empty if runtime does not answer yet; the controller keeps trying) and the
-uploaded certificates (project's ListDomainCertificates), then the controller follows
-runtime's events. With HANGAR_EDGE_METRICS_ADDR, GET /metrics there (metrics.py) opens
-first, so a taken port fails the start. SIGTERM/SIGINT stop the controller, then Caddy
-(which finishes in-flight requests within its grace). Caddy cannot outlive this process
-(see `Caddy`).
+Start-up: the `ask` endpoint, the upstreams' DNS and the failed-wake page (wake.py) on
+loopback ports, then Caddy with the first table (empty if runtime does not answer yet; the
+controller keeps trying) and the uploaded certificates (project's ListDomainCertificates),
+then the controller follows runtime's events. With HANGAR_EDGE_METRICS_ADDR, GET /metrics
+there (metrics.py) opens first, so a taken port fails the start. SIGTERM/SIGINT stop the
+controller, then Caddy (which finishes in-flight requests within its grace). Caddy cannot
+outlive this process (see `Caddy`).
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+from collections.abc import Callable
 
 from services.edge.caddy import Caddy, CaddyError, EdgeConfig, default_state_dir
 from services.edge.certificates import ProjectCertificates
@@ -22,6 +23,7 @@ from services.edge.controller import AskServer, EdgeController
 from services.edge.dns import UpstreamDns
 from services.edge.metrics import EdgeMetrics
 from services.edge.runtime_routes import RuntimeRoutes
+from services.edge.wake import RouteWaker, WakePages
 from shared.logging import configure_logging
 from shared.metrics import Metrics, MetricsServer, serve_metrics
 from shared.settings import Settings
@@ -58,6 +60,8 @@ async def serve(settings: Settings) -> None:
         settings.edge_admin_address, default_state_dir(), stop_grace=settings.grace_seconds
     )
     ask = AskServer()
+    waker: RouteWaker | None = None
+    pages = WakePages()
     dns = UpstreamDns()
     controller: EdgeController | None = None
     metrics_server: MetricsServer | None = None
@@ -67,6 +71,10 @@ async def serve(settings: Settings) -> None:
         edge = edge_config(
             settings, caddy, await ask.start(), await dns.start(), metrics=metrics is not None
         )
+        source.wake_timeout = edge.wake_deadline_seconds
+        # Requests for a sleeping project: held by Caddy while runtime wakes it (wake.py).
+        waker = RouteWaker(source.wake)
+        dns.waker, dns.pages_port = waker, await pages.start()
         controller = EdgeController(
             source,
             caddy,
@@ -78,8 +86,10 @@ async def serve(settings: Settings) -> None:
             metrics=edge_metrics,
         )
         if edge_metrics is not None:
-            edge_metrics.watch(controller, dns, ask, caddy)
+            edge_metrics.watch(controller, dns, ask, caddy, waker)
         ask.controller = controller
+        waker.on_done = controller.refresh
+        pages.reason_for = _failure_of(controller, waker)
         await controller.start()
         where = {"http": edge.http_address, "https": edge.https_address}
         log.info("serving", extra={**where, "domain": edge.apps_domain})
@@ -89,12 +99,23 @@ async def serve(settings: Settings) -> None:
         await caddy.stop()  # first: whatever happens next, no Caddy is left behind
         if controller is not None:
             await controller.close()
+        if waker is not None:
+            await waker.close()
         await ask.close()
+        await pages.close()
         dns.close()
         await source.close()
         if metrics_server is not None:
             await metrics_server.close()
         log.info("stopped")
+
+
+def _failure_of(controller: EdgeController, waker: RouteWaker) -> Callable[[str], str | None]:
+    def reason_for(hostname: str) -> str | None:
+        project = controller.project_of(hostname)
+        return waker.failure(project) if project is not None else None
+
+    return reason_for
 
 
 async def _until_stopped(stop: asyncio.Event, caddy: Caddy) -> None:

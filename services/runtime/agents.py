@@ -140,6 +140,13 @@ class Agents:
         )
         return asleep
 
+    async def wake(self, address: str, container_id: str, within: float) -> agent_pb2.Container:
+        """Wake a sleeping container; the agent answers once its app answers."""
+        awake: agent_pb2.Container = await self.stub(address).WakeContainer(
+            agent_pb2.WakeContainerRequest(container_id=container_id), timeout=within
+        )
+        return awake
+
     async def list(self, address: str) -> list[agent_pb2.Container]:
         found: list[agent_pb2.Container] = []
         token = ""

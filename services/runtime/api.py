@@ -25,7 +25,7 @@ from services.runtime.domain import (
 )
 from services.runtime.enrolment import AgentEnrolment, certificate_to_proto, seconds
 from services.runtime.projects import Projects
-from services.runtime.routes import EDGE, Routes
+from services.runtime.routes import EDGE, WAKE_TIMEOUT, Routes
 from services.runtime.service import AgentReports, Containers, Deployments, Servers
 from services.runtime.sources import AgentArtifacts, Sources
 from services.runtime.store import Container, Deployment, Server, Source
@@ -400,10 +400,21 @@ class RuntimeApi(TelemetryApi, runtime_pb2_grpc.RuntimeServiceServicer):
                     upstreams=r.upstreams,
                     unavailable_reason=r.unavailable_reason,
                     challenges=[pb.DomainChallenge(hostname=h, token=t) for h, t in r.challenges],
+                    sleeping_upstreams=r.sleeping_upstreams,
+                    sleep_enabled=r.sleep_enabled,
                 )
                 for r in await self.routes.list_routes()
             ]
         )
+
+    async def WakeRoute(
+        self, request: pb.WakeRouteRequest, context: Context
+    ) -> pb.WakeRouteResponse:
+        require_service(EDGE)
+        # Within the edge's deadline, less a margin to answer (WAKE_TIMEOUT without one).
+        left = context.time_remaining()
+        timeout = WAKE_TIMEOUT if left is None else max(left - 0.5, 0.1)
+        return pb.WakeRouteResponse(woken=await self.routes.wake(request.project_id, timeout))
 
     # --------------------------------------------------------------------- events
 

@@ -153,7 +153,7 @@ class RuntimeApp(ServiceApp):
         self.sleeper = SleepController(
             db, self.agents, interval_seconds=settings.runtime_sleep_check_seconds
         )
-        self.routes = Routes(db)
+        self.routes = Routes(db, self.sleeper.wake)
         self.project_events = ProjectEvents(self)
         self.telemetry = Telemetry(db, settings, RemoteBillingUsage(self.clients))
         access = ProjectAccess(self.authorizer, self.projects)

@@ -494,3 +494,109 @@ def test_a_rolling_rollout_of_two_replicas_under_load_loses_no_request(world: Wo
 
 
 # --- waking at the edge (a project of its own: independent of the tests above) -----------
+
+
+def _edge_state(w: World, project_id: str) -> str:
+    """What the edge's DNS says of a project (TXT: state=awake|asleep|wake-failed); asking
+    wakes nothing. The DNS's address is in Caddy's config (its resolver)."""
+    import re
+
+    from dnslib import DNSRecord
+
+    from services.edge.dns import srv_name
+
+    admin = w.stack.env["HANGAR_EDGE_ADMIN_ADDRESS"]
+    config = httpx.get(f"http://{admin}/config/", timeout=10).text
+    found = re.search(r'"udp/127\.0\.0\.1:(\d+)"', config)
+    if found is None:
+        return ""
+    question = DNSRecord.question(srv_name(project_id), "TXT")
+    reply = DNSRecord.parse(question.send("127.0.0.1", int(found.group(1)), timeout=5))
+    return str(reply.rr[0].rdata).strip('"') if reply.rr else ""
+
+
+def _sent_bytes(w: World, auth: dict[str, str], project_id: str) -> int:
+    """Bytes the project's app sent to clients, as metered (the network TX counters)."""
+    now = datetime.now(UTC)
+    params = {
+        "metric": "METRIC_TYPE_NETWORK_TX_BYTES",
+        "aggregation": "AGGREGATION_SUM",
+        "step": "86400s",
+        "startTime": (now - timedelta(days=1)).isoformat().replace("+00:00", "Z"),
+        "endTime": (now + timedelta(hours=1)).isoformat().replace("+00:00", "Z"),
+    }
+    reply = _ok(w.http.get(f"/v1/projects/{project_id}/metrics", headers=auth, params=params))
+    return int(sum(p.get("value", 0) for s in reply.get("series", []) for p in s["points"]))
+
+
+def test_a_sleeping_app_answers_its_first_request_held_at_the_edge_and_metered_once(
+    world: World,
+) -> None:
+    w = world
+    owner = sign_up(w.http, "sleeper")
+    slug = f"zz{secrets.token_hex(3)}"
+    org = _ok(
+        w.http.post("/v1/organizations", headers=owner.auth, json={"name": "Z", "slug": slug})
+    )
+    spec = {"name": "Nap", "slug": "nap", "resources": {"ramMb": 64, "cpuMillis": 50}}
+
+    def create() -> dict[str, Any] | None:
+        url = f"/v1/organizations/{org['id']}/projects"
+        reply = w.http.post(url, headers=owner.auth, json=spec)
+        return reply.json() if reply.status_code == 200 else None
+
+    project = wait_for(create, "the project (once the organization's pool exists)")
+    base = f"/v1/projects/{project['id']}"
+    secret = {"value": edge_app.APP_SOURCE, "restart": False}
+    _ok(w.http.put(f"{base}/secrets/APP_SOURCE", headers=owner.auth, json=secret))
+    # Sleep after 30 s without a request (the shortest allowed).
+    sleepy = {"sleepEnabled": True, "sleepAfterSeconds": 30}
+    _ok(w.http.patch(base, headers=owner.auth, json=sleepy))
+    marker = f"nap{secrets.token_hex(3)}"
+    created = _ok(
+        w.http.post(
+            f"{base}/deployments", headers=owner.auth, json={"command": edge_app.command(marker)}
+        )
+    )
+
+    def running() -> bool:
+        found = _ok(w.http.get(f"/v1/deployments/{created['id']}", headers=owner.auth))
+        return bool(found["status"] == RUNNING)
+
+    wait_for(running, "the sleepy app to run", 120, 0.3)
+    host = project["hostname"]
+    wait_for(lambda: w.at(host).text == marker, "the edge to serve the app", 60, 0.1)
+
+    # Idle: runtime's sleep controller puts it to sleep, and the edge learns it (route.changed).
+    wait_for(lambda: _edge_state(w, project["id"]) == "state=asleep", "the app asleep", 240, 0.5)
+    (container,) = [
+        c
+        for c in _ok(w.http.get(f"{base}/containers", headers=owner.auth))["containers"]
+        if c["status"] == "CONTAINER_STATUS_RUNNING"
+    ]
+    assert container["sleepStatus"] == "SLEEP_STATUS_SLEEPING"
+    before = wait_for(
+        lambda: _sent_bytes(w, owner.auth, project["id"]) or None,
+        "the app's bytes metered while it served",
+        60,
+        1,
+    )
+
+    # The first request: held by the edge (the edge's DNS gives Caddy no address of the
+    # sleeping app, only its hold) while runtime wakes it through its agent, then served.
+    padding = {f"X-Pad-{i}": secrets.token_hex(1000) for i in range(8)}  # Caddy 431s from ~20 KB
+    reply = w.edge.get("/headers", headers={"Host": host, **padding}, timeout=60)
+
+    assert reply.status_code == 200, reply.text[:300]
+    echoed = {k.lower(): v for k, v in json.loads(reply.text).items()}
+    assert all(echoed[k.lower()] == v for k, v in padding.items())
+    assert _edge_state(w, project["id"]) == "state=awake"  # woken through the edge
+    # Metered once, at the agent's proxy: the counter moved by the answer's size, not twice.
+    size = len(reply.content)
+    after = wait_for(
+        lambda: (n := _sent_bytes(w, owner.auth, project["id"])) >= before + size and n,
+        "the answer's bytes metered",
+        60,
+        1,
+    )
+    assert before + size <= after < before + 2 * size, (before, size, after)

@@ -194,6 +194,9 @@ CALLS = {
         pb.GetContainerRequest(container_id="c-x"), metadata=md
     ),
     "ListContainers": lambda stub, md: stub.ListContainers(pb.ListContainersRequest(), metadata=md),
+    "WakeContainer": lambda stub, md: stub.WakeContainer(
+        pb.WakeContainerRequest(container_id="c-x"), metadata=md
+    ),
 }
 
 

@@ -415,6 +415,7 @@ def test_the_matrix_covers_every_org_scoped_rpc() -> None:
         "PutArtifact",
         "ListRoutes",
         "WatchEvents",
+        "WakeRoute",
         # Agent enrolment (docs/tls.md): platform admins, and the agent renewing its own.
         "CreateJoinToken",
         "RevokeAgentCertificate",

@@ -43,6 +43,7 @@ INTERNAL_RPCS = {
         "ListRoutes",
         "WatchEvents",
         "RenewAgentCertificate",
+        "WakeRoute",
     },
     "billing": {
         "ReserveAllocation",
@@ -57,6 +58,7 @@ INTERNAL_RPCS = {
         "SleepContainer",
         "GetContainer",
         "ListContainers",
+        "WakeContainer",
     },
 }
 

@@ -67,6 +67,11 @@ class AgentServiceStub:
                 request_serializer=hangar_dot_agent_dot_v1_dot_agent__pb2.ListContainersRequest.SerializeToString,
                 response_deserializer=hangar_dot_agent_dot_v1_dot_agent__pb2.ListContainersResponse.FromString,
                 _registered_method=True)
+        self.WakeContainer = channel.unary_unary(
+                '/hangar.agent.v1.AgentService/WakeContainer',
+                request_serializer=hangar_dot_agent_dot_v1_dot_agent__pb2.WakeContainerRequest.SerializeToString,
+                response_deserializer=hangar_dot_agent_dot_v1_dot_agent__pb2.Container.FromString,
+                _registered_method=True)
 
 
 class AgentServiceServicer:
@@ -126,6 +131,16 @@ class AgentServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WakeContainer(self, request, context):
+        """Wakes a sleeping container (as a connection to its public port would) and answers once
+        its app answers; counts as a request (last_request_at). Waking an awake one is a no-op
+        returning it. FAILED_PRECONDITION (NOT_RUNNING) when it has ended.
+        Internal: runtime, for a request the edge holds; refuses user tokens.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AgentServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -153,6 +168,11 @@ def add_AgentServiceServicer_to_server(servicer, server):
                     servicer.ListContainers,
                     request_deserializer=hangar_dot_agent_dot_v1_dot_agent__pb2.ListContainersRequest.FromString,
                     response_serializer=hangar_dot_agent_dot_v1_dot_agent__pb2.ListContainersResponse.SerializeToString,
+            ),
+            'WakeContainer': grpc.unary_unary_rpc_method_handler(
+                    servicer.WakeContainer,
+                    request_deserializer=hangar_dot_agent_dot_v1_dot_agent__pb2.WakeContainerRequest.FromString,
+                    response_serializer=hangar_dot_agent_dot_v1_dot_agent__pb2.Container.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -298,6 +318,33 @@ class AgentService:
             '/hangar.agent.v1.AgentService/ListContainers',
             hangar_dot_agent_dot_v1_dot_agent__pb2.ListContainersRequest.SerializeToString,
             hangar_dot_agent_dot_v1_dot_agent__pb2.ListContainersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WakeContainer(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hangar.agent.v1.AgentService/WakeContainer',
+            hangar_dot_agent_dot_v1_dot_agent__pb2.WakeContainerRequest.SerializeToString,
+            hangar_dot_agent_dot_v1_dot_agent__pb2.Container.FromString,
             options,
             channel_credentials,
             insecure,

@@ -483,18 +483,22 @@ class ListRoutesRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class Route(_message.Message):
-    __slots__ = ("project_id", "hostnames", "upstreams", "unavailable_reason", "challenges")
+    __slots__ = ("project_id", "hostnames", "upstreams", "unavailable_reason", "challenges", "sleeping_upstreams", "sleep_enabled")
     PROJECT_ID_FIELD_NUMBER: _ClassVar[int]
     HOSTNAMES_FIELD_NUMBER: _ClassVar[int]
     UPSTREAMS_FIELD_NUMBER: _ClassVar[int]
     UNAVAILABLE_REASON_FIELD_NUMBER: _ClassVar[int]
     CHALLENGES_FIELD_NUMBER: _ClassVar[int]
+    SLEEPING_UPSTREAMS_FIELD_NUMBER: _ClassVar[int]
+    SLEEP_ENABLED_FIELD_NUMBER: _ClassVar[int]
     project_id: str
     hostnames: _containers.RepeatedScalarFieldContainer[str]
     upstreams: _containers.RepeatedScalarFieldContainer[str]
     unavailable_reason: str
     challenges: _containers.RepeatedCompositeFieldContainer[DomainChallenge]
-    def __init__(self, project_id: _Optional[str] = ..., hostnames: _Optional[_Iterable[str]] = ..., upstreams: _Optional[_Iterable[str]] = ..., unavailable_reason: _Optional[str] = ..., challenges: _Optional[_Iterable[_Union[DomainChallenge, _Mapping]]] = ...) -> None: ...
+    sleeping_upstreams: _containers.RepeatedScalarFieldContainer[str]
+    sleep_enabled: bool
+    def __init__(self, project_id: _Optional[str] = ..., hostnames: _Optional[_Iterable[str]] = ..., upstreams: _Optional[_Iterable[str]] = ..., unavailable_reason: _Optional[str] = ..., challenges: _Optional[_Iterable[_Union[DomainChallenge, _Mapping]]] = ..., sleeping_upstreams: _Optional[_Iterable[str]] = ..., sleep_enabled: _Optional[bool] = ...) -> None: ...
 
 class DomainChallenge(_message.Message):
     __slots__ = ("hostname", "token")
@@ -722,3 +726,15 @@ class RenewAgentCertificateRequest(_message.Message):
     CSR_FIELD_NUMBER: _ClassVar[int]
     csr: bytes
     def __init__(self, csr: _Optional[bytes] = ...) -> None: ...
+
+class WakeRouteRequest(_message.Message):
+    __slots__ = ("project_id",)
+    PROJECT_ID_FIELD_NUMBER: _ClassVar[int]
+    project_id: str
+    def __init__(self, project_id: _Optional[str] = ...) -> None: ...
+
+class WakeRouteResponse(_message.Message):
+    __slots__ = ("woken",)
+    WOKEN_FIELD_NUMBER: _ClassVar[int]
+    woken: int
+    def __init__(self, woken: _Optional[int] = ...) -> None: ...

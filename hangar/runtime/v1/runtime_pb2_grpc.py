@@ -169,6 +169,11 @@ class RuntimeServiceStub:
                 request_serializer=hangar_dot_runtime_dot_v1_dot_runtime__pb2.RenewAgentCertificateRequest.SerializeToString,
                 response_deserializer=hangar_dot_runtime_dot_v1_dot_runtime__pb2.AgentCertificate.FromString,
                 _registered_method=True)
+        self.WakeRoute = channel.unary_unary(
+                '/hangar.runtime.v1.RuntimeService/WakeRoute',
+                request_serializer=hangar_dot_runtime_dot_v1_dot_runtime__pb2.WakeRouteRequest.SerializeToString,
+                response_deserializer=hangar_dot_runtime_dot_v1_dot_runtime__pb2.WakeRouteResponse.FromString,
+                _registered_method=True)
 
 
 class RuntimeServiceServicer:
@@ -381,6 +386,16 @@ class RuntimeServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WakeRoute(self, request, context):
+        """Wakes every sleeping web container of a project's serving release at once (each
+        through its agent), for a request the edge holds meanwhile; answers once they are awake
+        (route.changed follows). A project with none asleep answers at once (woken 0).
+        Internal: the edge's only (its service token).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RuntimeServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -513,6 +528,11 @@ def add_RuntimeServiceServicer_to_server(servicer, server):
                     servicer.RenewAgentCertificate,
                     request_deserializer=hangar_dot_runtime_dot_v1_dot_runtime__pb2.RenewAgentCertificateRequest.FromString,
                     response_serializer=hangar_dot_runtime_dot_v1_dot_runtime__pb2.AgentCertificate.SerializeToString,
+            ),
+            'WakeRoute': grpc.unary_unary_rpc_method_handler(
+                    servicer.WakeRoute,
+                    request_deserializer=hangar_dot_runtime_dot_v1_dot_runtime__pb2.WakeRouteRequest.FromString,
+                    response_serializer=hangar_dot_runtime_dot_v1_dot_runtime__pb2.WakeRouteResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1220,6 +1240,33 @@ class RuntimeService:
             '/hangar.runtime.v1.RuntimeService/RenewAgentCertificate',
             hangar_dot_runtime_dot_v1_dot_runtime__pb2.RenewAgentCertificateRequest.SerializeToString,
             hangar_dot_runtime_dot_v1_dot_runtime__pb2.AgentCertificate.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WakeRoute(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hangar.runtime.v1.RuntimeService/WakeRoute',
+            hangar_dot_runtime_dot_v1_dot_runtime__pb2.WakeRouteRequest.SerializeToString,
+            hangar_dot_runtime_dot_v1_dot_runtime__pb2.WakeRouteResponse.FromString,
             options,
             channel_credentials,
             insecure,

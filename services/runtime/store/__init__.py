@@ -100,9 +100,11 @@ from services.runtime.store.servers import (
 )
 from services.runtime.store.sleep import (
     IdleContainer,
+    SleepingContainer,
     idle_containers,
     record_activity,
     set_sleep_after,
+    sleeping_containers,
 )
 from services.runtime.store.sources import (
     artifact_known,
@@ -126,6 +128,7 @@ __all__ = [
     "RouteRow",
     "S",
     "Server",
+    "SleepingContainer",
     "Source",
     "advisory_xact_lock",
     "agents_heard_from",
@@ -183,6 +186,7 @@ __all__ = [
     "set_sleep_after",
     "set_tenant",
     "set_waiting_reason",
+    "sleeping_containers",
     "try_advisory_xact_lock",
     "unhold",
     "update_container",

@@ -1,6 +1,6 @@
 """The edge's routes: each project's hostnames (kept from project's events) and the
 addresses of the running web containers of its serving deployments (every replica of the
-one release that serves: a newer set supersedes them all at once)."""
+one release that serves: a newer set supersedes them all at once), the sleeping ones apart."""
 
 from __future__ import annotations
 
@@ -19,9 +19,11 @@ _STARTING = ("queued", "scheduling", "building", "starting")
 class RouteRow:
     project_id: str
     hostnames: tuple[str, ...]  # its generated one, then its verified custom domains
-    upstreams: tuple[str, ...]
-    unavailable_reason: str  # "" when upstreams is not empty
+    upstreams: tuple[str, ...]  # awake (or waking: the agent's proxy holds meanwhile)
+    unavailable_reason: str  # "" when upstreams or sleeping_upstreams is not empty
     challenges: tuple[tuple[str, str], ...] = ()  # (hostname, token) of pending domains
+    sleeping_upstreams: tuple[str, ...] = ()  # asleep: the edge holds and asks WakeRoute
+    sleep_enabled: bool = False  # the serving release sleeps when idle
 
 
 async def set_hostnames(tx: Session, project_id: str, hostnames: list[str]) -> bool:
@@ -62,14 +64,22 @@ async def list_routes(s: Session) -> list[RouteRow]:
     rows = await s.fetch(
         f"""SELECT r.project_id, r.hostnames || r.domains AS hostnames, r.challenges,
                    r.claimed_at, newest.status,
-                   COALESCE(serving.upstreams, '{{}}') AS upstreams
+                   COALESCE(serving.upstreams, '{{}}') AS upstreams,
+                   COALESCE(serving.sleeping, '{{}}') AS sleeping,
+                   COALESCE(serving.sleep_enabled, false) AS sleep_enabled
               FROM {S}.project_routes r
               LEFT JOIN LATERAL (
                     SELECT d.status FROM {S}.deployments d
                      WHERE d.project_id = r.project_id
                      ORDER BY d.created_at DESC, d.id DESC LIMIT 1) newest ON true
               LEFT JOIN LATERAL (
-                    SELECT array_agg(c.address ORDER BY c.address) AS upstreams
+                    SELECT array_agg(c.address ORDER BY c.address)
+                             FILTER (WHERE c.sleep_status <> 'sleeping') AS upstreams,
+                           array_agg(c.address ORDER BY c.address)
+                             FILTER (WHERE c.sleep_status = 'sleeping') AS sleeping,
+                           -- sleep on, or turned off while a container still sleeps
+                           bool_or(d.sleep_after_seconds IS NOT NULL
+                                   OR c.sleep_status = 'sleeping') AS sleep_enabled
                       FROM {S}.deployments d
                       JOIN {S}.containers c ON c.deployment_id = d.id
                      WHERE d.project_id = r.project_id AND d.status = ANY($1::text[])
@@ -84,6 +94,7 @@ async def list_routes(s: Session) -> list[RouteRow]:
         hostnames = tuple(h for h in dict.fromkeys(row["hostnames"]) if h not in taken)
         taken.update(hostnames)
         upstreams = tuple(row["upstreams"])
+        sleeping = tuple(row["sleeping"])
         challenges = tuple(
             (str(c["hostname"]), str(c["token"]))
             for c in row["challenges"] or ()
@@ -94,8 +105,10 @@ async def list_routes(s: Session) -> list[RouteRow]:
                 project_id=row["project_id"],
                 hostnames=hostnames,
                 upstreams=upstreams,
-                unavailable_reason="" if upstreams else _reason(row["status"]),
+                unavailable_reason="" if upstreams or sleeping else _reason(row["status"]),
                 challenges=challenges,
+                sleeping_upstreams=sleeping,
+                sleep_enabled=row["sleep_enabled"],
             )
         )
     return routes

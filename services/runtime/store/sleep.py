@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from services.runtime.store.records import CONTAINER_LIVE, Container, S
+from services.runtime.store.routes import SERVING
 from shared.db import Session
 
 
@@ -42,13 +43,14 @@ class IdleContainer:
     container: Container
     agent_address: str
     idle_since: datetime  # its last request, else its start
+    organization_id: str = ""
 
 
 async def idle_containers(s: Session, now: datetime, limit: int) -> list[IdleContainer]:
     """Awake running containers of running deployments with sleep on, idle past their
     deployment's sleep_after_seconds at `now`, longest idle first."""
     rows = await s.fetch(
-        f"""SELECT c.*, s.agent_address, i.idle_since
+        f"""SELECT c.*, s.agent_address, i.idle_since, d.organization_id
               FROM {S}.containers c
               JOIN {S}.deployments d ON d.id = c.deployment_id
               JOIN {S}.servers s ON s.id = c.server_id
@@ -63,7 +65,12 @@ async def idle_containers(s: Session, now: datetime, limit: int) -> list[IdleCon
         now,
         limit,
     )
-    return [IdleContainer(Container.from_row(r), r["agent_address"], r["idle_since"]) for r in rows]
+    return [
+        IdleContainer(
+            Container.from_row(r), r["agent_address"], r["idle_since"], r["organization_id"]
+        )
+        for r in rows
+    ]
 
 
 async def set_sleep_after(tx: Session, project_id: str, sleep_after_seconds: int | None) -> int:
@@ -78,3 +85,31 @@ async def set_sleep_after(tx: Session, project_id: str, sleep_after_seconds: int
         sleep_after_seconds,
     )
     return int(result.split()[-1])
+
+
+@dataclass(frozen=True)
+class SleepingContainer:
+    container: Container
+    agent_address: str
+    organization_id: str
+
+
+async def sleeping_containers(s: Session, project_id: str) -> list[SleepingContainer]:
+    """The project's sleeping web containers of the releases that serve it (the routes'
+    `sleeping_upstreams`), on servers not down, by id (the order rows are locked in)."""
+    rows = await s.fetch(
+        f"""SELECT c.*, s.agent_address, d.organization_id
+              FROM {S}.containers c
+              JOIN {S}.deployments d ON d.id = c.deployment_id
+              JOIN {S}.servers s ON s.id = c.server_id
+             WHERE d.project_id = $1 AND d.status = ANY($2::text[])
+               AND c.process_type = 'web' AND c.status = 'running'
+               AND c.sleep_status = 'sleeping' AND s.status <> 'down'
+             ORDER BY c.id""",
+        project_id,
+        list(SERVING),
+    )
+    return [
+        SleepingContainer(Container.from_row(r), r["agent_address"], r["organization_id"])
+        for r in rows
+    ]
