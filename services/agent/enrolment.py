@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import datetime
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -114,9 +115,11 @@ class CertificateRenewer:
         *,
         renew_within_days: float = RENEW_WITHIN_DAYS,
         timeout: float = 10.0,
+        on_renewed: Callable[[], None] | None = None,
     ) -> None:
         self.files = files
         self.clients = clients
+        self.on_renewed = on_renewed  # what else calls with the files (the log shippers)
         self.renew_within = datetime.timedelta(days=renew_within_days)
         self.timeout = timeout
 
@@ -153,6 +156,8 @@ class CertificateRenewer:
             raise CertificateRefused(f"runtime renewed for server {server_id}, not this one")
         _write(self.files, key_pem, chain, ca_pem)
         self.clients.files_changed()  # the next calls go on a channel with the new files
+        if self.on_renewed is not None:
+            self.on_renewed()
         return server_id
 
     async def run(self) -> None:

@@ -94,9 +94,7 @@ class AgentApp:
         self.reporter: RuntimeReporter | None = None
         self.telemetry: AgentTelemetry | None = None
         if report if report is not None else self.token_source is not None:
-            self.telemetry = AgentTelemetry(
-                settings, self.driver, token_provider=self.token_source, metrics=self.metrics
-            )
+            self.telemetry = AgentTelemetry(settings, self.driver, clients=self.clients)
             self.telemetry.flush_seconds = min(self.telemetry.flush_seconds, FAREWELL_SECONDS)
             self.reporter = RuntimeReporter(
                 self.driver,
@@ -110,7 +108,10 @@ class AgentApp:
         self.renewer: CertificateRenewer | None = None
         if self.token_source is not None and bound_server_of(settings.tls):
             self.renewer = CertificateRenewer(
-                settings.tls, self.clients, timeout=settings.call_timeout_seconds
+                settings.tls,
+                self.clients,
+                timeout=settings.call_timeout_seconds,
+                on_renewed=self.telemetry.follow_files if self.telemetry is not None else None,
             )
             self.add_loop(self.renewer.run)
 

@@ -53,7 +53,7 @@ from hangar.runtime.v1 import runtime_pb2_grpc
 from services.agent.domain import ContainerInfo, LogStream, ResourceSample, SleepState
 from services.agent.drivers import Driver
 from shared.auth import ServiceTokenSource
-from shared.clients import TokenProvider, open_channel
+from shared.clients import Clients, TokenProvider, open_channel
 from shared.loops import cancel_and_wait
 from shared.metrics import Metrics
 from shared.proto import timestamp
@@ -586,22 +586,34 @@ class AgentTelemetry:
         channel: grpc.aio.Channel | None = None,
         token_provider: TokenProvider | None = None,
         metrics: Metrics | None = None,
+        clients: Clients | None = None,
     ) -> None:
         self._token_source: ServiceTokenSource | None = None
-        if token_provider is None and channel is None and settings.service_secrets.get("agent"):
+        # With the agent's `clients`, the shippers call runtime on its channel, which a
+        # renewed certificate replaces (follow_files); else on a channel of their own.
+        self._clients = clients if channel is None else None
+        if (
+            token_provider is None
+            and channel is None
+            and clients is None
+            and settings.service_secrets.get("agent")
+        ):
             self._token_source = ServiceTokenSource(settings, metrics=metrics)
             token_provider = self._token_source
-        self._own_channel = channel is None
-        # With `metrics`, ShipLogs and ShipMetrics are counted (grpc_client_*) as the
-        # agent's `Clients` calls are.
-        self.channel = channel or open_channel(
-            settings.addresses["runtime"],
-            services=[RUNTIME_SERVICE],
-            default_timeout=settings.call_timeout_seconds,
-            token_provider=token_provider,
-            metrics=metrics,
-        )
-        stub = runtime_pb2_grpc.RuntimeServiceStub(self.channel)
+        self._own_channel = channel is None and self._clients is None
+        if self._clients is not None:
+            stub = self._runtime_stub(self._clients)
+        else:
+            # With `metrics`, ShipLogs and ShipMetrics are counted (grpc_client_*) as the
+            # agent's `Clients` calls are.
+            self.channel = channel or open_channel(
+                settings.addresses["runtime"],
+                services=[RUNTIME_SERVICE],
+                default_timeout=settings.call_timeout_seconds,
+                token_provider=token_provider,
+                metrics=metrics,
+            )
+            stub = runtime_pb2_grpc.RuntimeServiceStub(self.channel)
         name = server or (lambda: settings.agent_server or socket.gethostname())
         self.logs = LogShipper(driver, stub, name, batch_lines=settings.telemetry_ship_batch_lines)
         self.metrics = MetricShipper(
@@ -613,6 +625,17 @@ class AgentTelemetry:
         )
         self.flush_seconds = settings.grace_seconds
         self._tasks: list[asyncio.Task[None]] = []
+
+    @staticmethod
+    def _runtime_stub(clients: Clients) -> runtime_pb2_grpc.RuntimeServiceStub:
+        return clients.stub("runtime", runtime_pb2_grpc.RuntimeServiceStub, RUNTIME_SERVICE)
+
+    def follow_files(self) -> None:
+        """The TLS files were renewed: the next log session and metric batch go on a channel
+        with them (the one in flight ends on the old one)."""
+        if self._clients is not None:
+            self._clients.files_changed()
+            self.logs.stub = self.metrics.stub = self._runtime_stub(self._clients)
 
     async def start(self) -> None:
         self._tasks = [

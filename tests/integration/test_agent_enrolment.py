@@ -21,7 +21,9 @@ from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
 from hangar.runtime.v1 import enrolment_pb2, enrolment_pb2_grpc, runtime_pb2, runtime_pb2_grpc
+from services.agent.drivers import ProcessDriver
 from services.agent.enrolment import CertificateRenewer, Joined, join
+from services.agent.shipping import AgentTelemetry
 from services.runtime.enrolment import EnrolmentSettings
 from services.runtime.server import RuntimeApp
 from shared.agent_certs import (
@@ -34,6 +36,7 @@ from shared.agent_certs import (
 from shared.clients import Clients
 from shared.db import Database
 from shared.server import RunningServer, start_server
+from shared.settings import Settings
 from shared.tls import (
     AGENT_CA_DIR,
     CERT_FILE,
@@ -362,7 +365,11 @@ async def test_an_agent_near_expiry_renews_its_certificate_and_keeps_working(
         assert (await _beat(agent, server_id)).server_status
         # 90 days left: not due with the default (30 days before the end).
         assert not await CertificateRenewer(tls.files, agent).renew_if_due()
-        near_end = CertificateRenewer(tls.files, agent, renew_within_days=365)
+        # The log and metric shippers call on the agent's clients and follow each renewal.
+        shipping = AgentTelemetry(Settings("agent"), ProcessDriver(), clients=agent)
+        near_end = CertificateRenewer(
+            tls.files, agent, renew_within_days=365, on_renewed=shipping.follow_files
+        )
 
         assert await near_end.renew_if_due()
 
@@ -388,6 +395,10 @@ async def test_an_agent_near_expiry_renews_its_certificate_and_keeps_working(
         # agent's own calls go on with the newest (its clients follow the files).
         assert await near_end.renew_if_due()
         assert (await _beat(agent, server_id)).server_status
+        shipped = await shipping.metrics.stub.ShipMetrics(
+            runtime_pb2.ShipMetricsRequest(server_id=server_id), timeout=10
+        )
+        assert (shipped.accepted, shipped.rejected) == (0, 0)  # taken: on the newest files
         first = TlsCredentials(tls.ca_pem, tls.cert_chain_pem, tls.key_pem)
         old = await platform.agent(first)
         try:
