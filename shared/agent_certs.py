@@ -37,6 +37,7 @@ from shared.tls import (
     KEY_FILE,
     LEAF_DAYS,
     SERVER_AUTH,
+    key_usage,
     peer_name,
 )
 
@@ -60,20 +61,6 @@ def _now() -> datetime.datetime:
 
 def _pem(cert: x509.Certificate) -> bytes:
     return cert.public_bytes(serialization.Encoding.PEM)
-
-
-def _key_usage(*, ca: bool) -> x509.KeyUsage:
-    return x509.KeyUsage(
-        digital_signature=True,
-        content_commitment=False,
-        key_encipherment=False,
-        data_encipherment=False,
-        key_agreement=False,
-        key_cert_sign=ca,
-        crl_sign=ca,
-        encipher_only=False,
-        decipher_only=False,
-    )
 
 
 def _private_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
@@ -146,7 +133,7 @@ class AgentCa:
             .not_valid_before(start)
             .not_valid_after(end)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(_key_usage(ca=False), critical=True)
+            .add_extension(key_usage(ca=False), critical=True)
             .add_extension(x509.ExtendedKeyUsage([SERVER_AUTH, CLIENT_AUTH]), critical=False)
             .add_extension(
                 x509.SubjectAlternativeName(

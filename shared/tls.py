@@ -42,6 +42,21 @@ CA_FILE, CERT_FILE, KEY_FILE = "ca.crt", "tls.crt", "tls.key"
 AGENT_CA_DIR = "agent-ca"  # beside the processes' directories in `hangar up`'s PKI
 
 
+def key_usage(*, ca: bool) -> x509.KeyUsage:
+    """A CA's (signing certificates and CRLs) or a leaf's (signatures only: ECDSA)."""
+    return x509.KeyUsage(
+        digital_signature=True,
+        content_commitment=False,
+        key_encipherment=False,
+        data_encipherment=False,
+        key_agreement=False,
+        key_cert_sign=ca,
+        crl_sign=ca,
+        encipher_only=False,
+        decipher_only=False,
+    )
+
+
 def peer_name(process: str) -> str:
     """The DNS name a process's certificate carries and its clients check."""
     return f"{process}.{PEER_DOMAIN}"
@@ -258,20 +273,7 @@ def create_ca(name: str = "Hangar platform CA", *, days: int = CA_DAYS) -> Issue
         .not_valid_before(now - datetime.timedelta(minutes=5))
         .not_valid_after(now + datetime.timedelta(days=days))
         .add_extension(x509.BasicConstraints(ca=True, path_length=1), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
+        .add_extension(key_usage(ca=True), critical=True)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
         .sign(key, hashes.SHA256())
     )
@@ -310,20 +312,7 @@ def issue_certificate(
         .not_valid_before(start)
         .not_valid_after(start + datetime.timedelta(days=days))
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=False,
-                crl_sign=False,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
+        .add_extension(key_usage(ca=False), critical=True)
         .add_extension(x509.ExtendedKeyUsage(list(usages)), critical=False)
         .add_extension(
             x509.SubjectAlternativeName([_general_name(n) for n in names]), critical=False
@@ -416,20 +405,6 @@ def host_of(address: str) -> str:
 # ----------------------------------------------------------------------- the agent CA
 
 
-def _ca_key_usage() -> x509.KeyUsage:
-    return x509.KeyUsage(
-        digital_signature=True,
-        content_commitment=False,
-        key_encipherment=False,
-        data_encipherment=False,
-        key_agreement=False,
-        key_cert_sign=True,
-        crl_sign=True,
-        encipher_only=False,
-        decipher_only=False,
-    )
-
-
 def create_agent_ca(root: Issued, *, days: int = 5 * 365) -> Issued:
     """The agent CA, signed by the platform CA (whose key only `hangar up` or the operator
     holds): it may sign agent certificates only."""
@@ -448,7 +423,7 @@ def create_agent_ca(root: Issued, *, days: int = 5 * 365) -> Issued:
         .not_valid_before(now - datetime.timedelta(minutes=5))
         .not_valid_after(min(now + datetime.timedelta(days=days), root_cert.not_valid_after_utc))
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(_ca_key_usage(), critical=True)
+        .add_extension(key_usage(ca=True), critical=True)
         .add_extension(
             x509.NameConstraints(
                 permitted_subtrees=[

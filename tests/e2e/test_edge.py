@@ -307,41 +307,52 @@ def test_an_uploaded_certificate_is_what_the_edge_serves_for_its_domain(world: W
     _ok(w.http.delete(f"{domains}/{domain}", headers=w.auth))
 
 
-def test_a_redeploy_and_a_rollback_under_load_lose_no_request(world: World) -> None:
-    w = world
-    failures: list[str] = []
-    answers: dict[str, int] = {}
-    stop = threading.Event()
+@dataclass
+class Load:
+    """Four keep-alive clients asking the project's name through the edge until the block
+    ends: every answer counted by body, every error or non-200 a failure."""
 
-    def load() -> None:
-        with httpx.Client(base_url=w.edge.base_url, timeout=30) as client:
-            while not stop.is_set():
+    w: World
+    failures: list[str] = field(default_factory=list)
+    answers: dict[str, int] = field(default_factory=dict)
+    stop: threading.Event = field(default_factory=threading.Event)
+
+    def _loop(self) -> None:
+        with httpx.Client(base_url=self.w.edge.base_url, timeout=30) as client:
+            while not self.stop.is_set():
                 try:
-                    reply = client.get("/", headers={"Host": w.project["hostname"]})
+                    reply = client.get("/", headers={"Host": self.w.project["hostname"]})
                 except httpx.HTTPError as exc:
-                    failures.append(repr(exc))
+                    self.failures.append(repr(exc))
                     continue
                 if reply.status_code != 200:
-                    failures.append(f"{reply.status_code}: {reply.text[:200]}")
+                    self.failures.append(f"{reply.status_code}: {reply.text[:200]}")
                 else:
-                    answers[reply.text] = answers.get(reply.text, 0) + 1
+                    self.answers[reply.text] = self.answers.get(reply.text, 0) + 1
 
-    loops = [threading.Thread(target=load) for _ in range(4)]
-    for loop in loops:
-        loop.start()
-    try:
+    def __enter__(self) -> Load:
+        self._threads = [threading.Thread(target=self._loop) for _ in range(4)]
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        for thread in self._threads:
+            thread.join(timeout=60)
+
+
+def test_a_redeploy_and_a_rollback_under_load_lose_no_request(world: World) -> None:
+    w = world
+    with Load(w) as load:
         second = _deploy(w, "v2")
         _serves(w, "v2")
         rollback = _ok(w.http.post(f"/v1/deployments/{second['id']}:rollback", headers=w.auth))
         _wait(w, rollback["id"], RUNNING)
         _serves(w, "v1")
         w.deployments["v1"] = rollback["id"]
-    finally:
-        stop.set()
-        for loop in loops:
-            loop.join(timeout=60)
-    assert not failures, failures[:5]
-    assert answers.get("v1", 0) > 0 and answers.get("v2", 0) > 0, answers
+    assert not load.failures, load.failures[:5]
+    assert load.answers.get("v1", 0) > 0 and load.answers.get("v2", 0) > 0, load.answers
 
 
 def test_a_dead_server_s_app_comes_back_on_the_other_one(world: World) -> None:
@@ -447,33 +458,8 @@ def test_a_rolling_rollout_of_two_replicas_under_load_loses_no_request(world: Wo
     w = world
     marker = f"roll{secrets.token_hex(3)}"
     url = f"/v1/projects/{w.project['id']}/deployments"
-    failures: list[str] = []
-    answers: dict[str, int] = {}
-    stop = threading.Event()
-
-    def load() -> None:
-        with httpx.Client(base_url=w.edge.base_url, timeout=30) as client:
-            while not stop.is_set():
-                try:
-                    reply = client.get("/", headers={"Host": w.project["hostname"]})
-                except httpx.HTTPError as exc:
-                    failures.append(repr(exc))
-                    continue
-                if reply.status_code != 200:
-                    failures.append(f"{reply.status_code}: {reply.text[:200]}")
-                else:
-                    answers[reply.text] = answers.get(reply.text, 0) + 1
-
-    loops = [threading.Thread(target=load) for _ in range(4)]
-    for loop in loops:
-        loop.start()
-    try:
-        body = {
-            "command": edge_app.command(marker),
-            "replicas": 2,
-            "maxSurge": 1,
-            "maxUnavailable": 0,
-        }
+    body = {"command": edge_app.command(marker), "replicas": 2, "maxSurge": 1, "maxUnavailable": 0}
+    with Load(w) as load:
         first = _ok(w.http.post(url, headers=w.auth, json=body))
         assert (first["maxSurge"], first.get("maxUnavailable", 0)) == (1, 0)
         _wait(w, first["id"], RUNNING)
@@ -485,15 +471,8 @@ def test_a_rolling_rollout_of_two_replicas_under_load_loses_no_request(world: Wo
 
         wait_for(rolled, "both replicas of the rolling release to run", 120, 0.3)
         _serves(w, marker)
-    finally:
-        stop.set()
-        for loop in loops:
-            loop.join(timeout=60)
-    assert not failures, failures[:5]
-    assert answers.get(marker, 0) > 0, answers
-
-
-# --- waking at the edge (a project of its own: independent of the tests above) -----------
+    assert not load.failures, load.failures[:5]
+    assert load.answers.get(marker, 0) > 0, load.answers
 
 
 def _edge_state(w: World, project_id: str) -> str:
