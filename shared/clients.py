@@ -87,11 +87,19 @@ def _ip_family(address: str) -> str:
     )
 
 
+def resolves_to_replicas(address: str) -> bool:
+    """A `dns:` target ("dns:///identity-pods:50051", a Kubernetes headless Service): gRPC
+    resolves it to every replica's address, and re-resolves as they come and go."""
+    return address.strip().startswith("dns:")
+
+
 def grpc_target(address: str) -> str:
     """The channel target for an address setting. One address is used as it is (a DNS name
     or an IP, one connection: gRPC's pick_first). Several become one static target of
     gRPC's `ipv4:`/`ipv6:` resolver ("ipv4:127.0.0.1:50052,127.0.0.1:50062"), which
-    channel_options balances with round_robin."""
+    channel_options balances with round_robin, as it does a `dns:` target's addresses."""
+    if resolves_to_replicas(address):
+        return address.strip()
     addresses = replica_addresses(address)
     if len(addresses) < 2:
         return addresses[0] if addresses else address
@@ -108,7 +116,7 @@ def channel_options(
     idempotent methods of `services`, and round_robin when it names several replicas, so
     each call goes to the next ready one and a dead replica is skipped as soon as its
     connection drops."""
-    balanced = len(replica_addresses(address)) > 1
+    balanced = len(replica_addresses(address)) > 1 or resolves_to_replicas(address)
     return [
         ("grpc.service_config", retry_service_config(services, round_robin=balanced)),
         ("grpc.enable_retries", 1),

@@ -539,11 +539,22 @@ def test_listen_addresses_are_the_container_ports() -> None:
         if process == "edge":
             assert env_value(container, "HANGAR_EDGE_HTTPS_PORT") == str(ports["https"])
     services = {name_of(s): s for s in docs_of("Service")}
+    targets = 0
     for key, value in _configmaps()["hangar-addresses"].items():
-        host, _, port = value.rpartition(":")
+        host, _, port = value.removeprefix("dns:///").rpartition(":")
         assert host in services, f"{key}: no Service {host}"
-        assert int(port) in [p["port"] for p in services[host]["spec"]["ports"]], key
-        assert key == f"HANGAR_{host.upper()}_ADDR", f"{key} points at Service {host}"
+        service = services[host]
+        assert int(port) in [p["port"] for p in service["spec"]["ports"]], key
+        if key.endswith("_TARGETS"):
+            # A headless Service of the same pods: gRPC resolves it to each of them.
+            targets += 1
+            process = key.removeprefix("HANGAR_").removesuffix("_TARGETS").lower()
+            assert value.startswith("dns:///") and host == f"{process}-pods", key
+            assert service["spec"].get("clusterIP") == "None", f"{host} is not headless"
+            assert service["spec"]["selector"] == services[process]["spec"]["selector"], key
+        else:
+            assert key == f"HANGAR_{host.upper()}_ADDR", f"{key} points at Service {host}"
+    assert targets == len(SERVICES)  # every service's clients balance over its replicas
 
 
 # --- scaling: HPAs, PDBs, replicas --------------------------------------------------------

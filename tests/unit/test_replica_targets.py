@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 
 import grpc
 import pytest
+from dnslib import QTYPE, RR, A, DNSRecord
 
 from hangar.identity.v1 import identity_pb2, identity_pb2_grpc
 from shared.clients import channel_options, grpc_target, open_channel, retry_service_config
@@ -24,13 +25,19 @@ def _service_config(address: str) -> dict[str, object]:
     return config
 
 
-@pytest.mark.parametrize(
-    "address", ["127.0.0.1:50052", "identity:50051", "dns:///identity.hangar.svc:50051"]
-)
+@pytest.mark.parametrize("address", ["127.0.0.1:50052", "identity:50051"])
 def test_one_address_is_the_target_as_it_was(address: str) -> None:
     assert grpc_target(address) == address
     assert _service_config(address) == json.loads(retry_service_config([SERVICE]))
     assert "loadBalancingConfig" not in _service_config(address)
+
+
+def test_a_dns_target_is_balanced_over_what_it_resolves_to() -> None:
+    """A Kubernetes headless Service ("dns:///identity-pods:50051") resolves to every
+    replica: round_robin over them, as a static list is."""
+    address = "dns:///identity-pods.hangar.svc:50051"
+    assert grpc_target(address) == address
+    assert _service_config(address)["loadBalancingConfig"] == [{"round_robin": {}}]
 
 
 def test_several_addresses_are_one_static_target_balanced_round_robin() -> None:
@@ -121,3 +128,57 @@ async def test_calls_spread_over_both_replicas_and_skip_a_stopped_one(
         with pytest.raises(grpc.aio.AioRpcError) as caught:  # neither left: no hang
             await stub.GetOrganization(request, timeout=2)
         assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+class _TwoAddresses(asyncio.DatagramProtocol):
+    """A DNS server answering one name with two loopback addresses (a headless Service's
+    records), every other question with no record."""
+
+    def __init__(self, name: str, ips: list[str]) -> None:
+        self.name, self.ips = name, ips
+        self.transport: asyncio.DatagramTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]  # a datagram endpoint's
+
+    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+        query = DNSRecord.parse(data)
+        reply = query.reply()
+        question = query.q
+        if str(question.qname).rstrip(".") == self.name and QTYPE[question.qtype] == "A":
+            for ip in self.ips:
+                reply.add_answer(RR(question.qname, QTYPE.A, rdata=A(ip), ttl=1))
+        assert self.transport is not None
+        self.transport.sendto(reply.pack(), addr)
+
+
+async def test_calls_through_a_dns_target_spread_over_every_address_it_resolves_to() -> None:
+    name = "identity-pods.hangar.test"
+    loop = asyncio.get_running_loop()
+    dns = _TwoAddresses(name, ["127.0.0.1", "127.0.0.2"])
+    transport, _ = await loop.create_datagram_endpoint(lambda: dns, local_addr=("127.0.0.1", 0))
+    dns_port = transport.get_extra_info("sockname")[1]
+    first, second = Recorder(), Recorder()
+    one = await start_server(_App(first), "127.0.0.1:0", grace=0.2)
+    try:
+        # The second replica on the same port at the other loopback address.
+        two = await start_server(_App(second), f"127.0.0.2:{one.port}", grace=0.2)
+    except (RuntimeError, OSError) as exc:  # pragma: no cover - a kernel without 127.0.0.2
+        await one.stop()
+        transport.close()
+        pytest.skip(f"no second loopback address: {exc}")
+    address = f"dns://127.0.0.1:{dns_port}/{name}:{one.port}"
+    try:
+        async with open_channel(address, services=[SERVICE], default_timeout=5) as channel:
+            stub = identity_pb2_grpc.IdentityServiceStub(channel)
+            request = identity_pb2.GetOrganizationRequest(id="x")
+            for _ in range(500):
+                await stub.GetOrganization(request)
+                if first.seen_request_ids and second.seen_request_ids:
+                    break
+                await asyncio.sleep(0.01)
+            assert first.seen_request_ids and second.seen_request_ids
+    finally:
+        await one.stop()
+        await two.stop()
+        transport.close()
