@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from typing import Any
 
 import grpc
@@ -151,6 +151,34 @@ def enter_call(metadata: Mapping[str, Any]) -> None:
         otel_context.attach(propagate.extract(metadata))  # the call's own context
     if not trace.get_current_span().is_recording():
         otel_context.attach(otel_context.set_value(_QUIET, True))
+
+
+def carried_on(name: str, work: Coroutine[Any, Any, None]) -> Coroutine[Any, Any, None]:
+    """`work`, to run in a task of its own after the call that asked for it returns (a
+    deployment's launch): with tracing on, inside a span `name` under the caller's span, so
+    the request's trace goes on to what the work does (its calls to an agent). Only the
+    trace is carried: the task still starts from a fresh context (no caller, no token)."""
+    if not _enabled:
+        return work
+    parent = trace.get_current_span().get_span_context()
+    if not parent.is_valid:
+        return work
+
+    async def traced() -> None:
+        caller = trace.set_span_in_context(trace.NonRecordingSpan(parent))
+        with trace.get_tracer("hangar").start_as_current_span(
+            name, context=caller, kind=SpanKind.INTERNAL
+        ):
+            if not parent.trace_flags.sampled:  # as enter_call: no spans nobody keeps
+                token = otel_context.attach(otel_context.set_value(_QUIET, True))
+                try:
+                    await work
+                finally:
+                    otel_context.detach(token)
+                return
+            await work
+
+    return traced()
 
 
 def record_status(code: grpc.StatusCode, message: str) -> None:

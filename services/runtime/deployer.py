@@ -43,6 +43,7 @@ from services.runtime.store.records import Container, Deployment, RestartState, 
 from shared.db import Database, Session
 from shared.errors import FailedPrecondition, NotFound, Unavailable
 from shared.loops import cancel_and_wait, run_every
+from shared.tracing import carried_on
 
 log = logging.getLogger(__name__)
 
@@ -110,20 +111,23 @@ class Deployer:
 
     # ------------------------------------------------------------------------ kicks
 
-    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
-        # A fresh context: the work outlives the request and must not act as its caller.
-        task = asyncio.get_running_loop().create_task(work, context=contextvars.Context())
+    def _spawn(self, step: str, work: Coroutine[Any, Any, None]) -> None:
+        # A fresh context: the work outlives the request and must not act as its caller;
+        # only its trace goes on (shared.tracing.carried_on: runtime -> agent).
+        task = asyncio.get_running_loop().create_task(
+            carried_on(f"runtime.deployer.{step}", work), context=contextvars.Context()
+        )
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
     def launch_soon(self, deployment_id: str) -> None:
-        self._spawn(self._logged(self.launch, deployment_id))
+        self._spawn("launch", self._logged(self.launch, deployment_id))
 
     def stop_soon(self) -> None:
-        self._spawn(self._logged(self.stop_ended))
+        self._spawn("stop", self._logged(self.stop_ended))
 
     def sweep_soon(self) -> None:
-        self._spawn(self._logged(self.sweep))
+        self._spawn("sweep", self._logged(self.sweep))
 
     @staticmethod
     async def _logged(fn: Callable[..., Awaitable[object]], *args: str) -> None:
@@ -245,7 +249,7 @@ class Deployer:
         return True
 
     def launch_rest_soon(self, deployment_id: str) -> None:
-        self._spawn(self._logged(self.launch_rest, deployment_id))
+        self._spawn("launch_rest", self._logged(self.launch_rest, deployment_id))
 
     async def launch_rest(self, deployment_id: str) -> None:
         """Start the processes of a built deployment that have no live container yet (all

@@ -9,6 +9,7 @@ off again at its end; each test reads only the spans of its own trace ids.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import json
 import logging
 import secrets
@@ -318,6 +319,44 @@ async def test_runtime_calls_to_an_agent_continue_the_callers_trace(
     )
     call = _one(spans, LIST_CONTAINERS, SpanKind.CLIENT)
     assert _parent_of(call) == sweep.get_span_context().span_id
+    assert _parent_of(_one(spans, LIST_CONTAINERS, SpanKind.SERVER)) == _id(call)
+
+
+async def test_work_a_call_kicks_off_goes_on_in_its_trace_from_a_fresh_context(
+    exporter: InMemorySpanExporter, stack: Stack
+) -> None:
+    """What runtime's Deployer does after CreateDeployment returns (its launch, in a task of
+    its own): the request's trace goes on to the agent, and nothing else of the caller's
+    context does."""
+    caller = contextvars.ContextVar("caller", default="")
+    seen: list[str] = []
+    driver = ProcessDriver(start_timeout=10, stop_grace=2, probe_interval=0.05)
+    async with running_agent(stack.identity.address, driver=driver) as agent:
+        agents = Agents(_token(await stack.identity.service_token("runtime")), timeout=10)
+
+        async def launch() -> None:
+            seen.append(caller.get())
+            assert await agents.list(agent.address) == []
+
+        try:
+            with trace.get_tracer("tests").start_as_current_span("CreateDeployment") as request:
+                caller.set("the request's")
+                work = tracing.carried_on("runtime.deployer.launch", launch())
+                task = asyncio.get_running_loop().create_task(work, context=contextvars.Context())
+            await task
+        finally:
+            await agents.close()
+    assert seen == [""]  # a fresh context: not the caller's
+    trace_id = _hex(request.get_span_context().trace_id, 32)
+    spans = await _trace(
+        exporter,
+        trace_id,
+        lambda got: any(s.name == LIST_CONTAINERS and s.kind == SpanKind.SERVER for s in got),
+    )
+    kicked = _one(spans, "runtime.deployer.launch", SpanKind.INTERNAL)
+    assert _parent_of(kicked) == request.get_span_context().span_id
+    call = _one(spans, LIST_CONTAINERS, SpanKind.CLIENT)
+    assert _parent_of(call) == _id(kicked)
     assert _parent_of(_one(spans, LIST_CONTAINERS, SpanKind.SERVER)) == _id(call)
 
 
