@@ -46,10 +46,10 @@ _TENANT_AFTER = f"""CASE WHEN COALESCE(tenant_organization_id, $organization_id:
 
 
 # Does the server (row `servers`) hold capacity for another replica of $replica_set_id?
-_HOLDS_SIBLING = f"""EXISTS (SELECT 1 FROM {S}.deployments sibling
-                             WHERE sibling.replica_set_id = $replica_set_id::text
-                               AND sibling.server_id = servers.id
-                               AND sibling.capacity_reserved)"""
+# (An uncorrelated subquery: run once per statement and hashed, not once per candidate.)
+_HOLDS_SIBLING = f"""id IN (SELECT sibling.server_id FROM {S}.deployments sibling
+                            WHERE sibling.replica_set_id = $replica_set_id::text
+                              AND sibling.capacity_reserved)"""
 
 
 def _reserve_sql(skip_locked: bool) -> str:
