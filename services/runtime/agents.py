@@ -3,7 +3,7 @@ a deadline on every call. Nothing here touches the database."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from datetime import datetime
 
 import grpc
@@ -12,7 +12,9 @@ from google.protobuf import duration_pb2
 from hangar.agent.v1 import agent_pb2, agent_pb2_grpc
 from services.runtime.domain import REGISTRY_PASSWORD, REGISTRY_USERNAME, WEB
 from services.runtime.store.records import Container, Deployment
+from shared.agent_certs import AGENT
 from shared.clients import TokenProvider, open_channel
+from shared.tls import TlsCredentials
 
 AGENT_SERVICE = agent_pb2.DESCRIPTOR.services_by_name["AgentService"]
 _RESTART_POLICY = {
@@ -39,6 +41,15 @@ def is_transient(error: grpc.aio.AioRpcError) -> bool:
     return error.code() in TRANSIENT
 
 
+# The TLS peer (a process name for shared.tls.peer_name) whose certificate the agent at an
+# address must present: "agent", or "<server id>.agent" for an enrolled server's.
+PeerOf = Callable[[str], Awaitable[str]]
+
+
+async def _any_agent(address: str) -> str:
+    return AGENT
+
+
 class Agents:
     def __init__(
         self,
@@ -46,21 +57,28 @@ class Agents:
         *,
         timeout: float = 5.0,
         stop_grace: float | None = None,
+        peer_of: PeerOf = _any_agent,
+        tls: TlsCredentials | None = None,
     ) -> None:
         self.token_provider = token_provider
         self.timeout = timeout
         self.stop_grace = stop_grace
-        self._channels: dict[str, grpc.aio.Channel] = {}
+        self.peer_of = peer_of  # with TLS: services.runtime.enrolment.AgentPeers
+        self.tls = tls  # None: the process's (HANGAR_TLS_*), as open_channel says
+        self._channels: dict[tuple[str, str], grpc.aio.Channel] = {}
 
-    def stub(self, address: str) -> agent_pb2_grpc.AgentServiceStub:
-        if address not in self._channels:
-            self._channels[address] = open_channel(
+    async def stub(self, address: str) -> agent_pb2_grpc.AgentServiceStub:
+        key = (address, await self.peer_of(address))
+        if key not in self._channels:
+            self._channels[key] = open_channel(
                 address,
                 services=[AGENT_SERVICE],
                 default_timeout=self.timeout,
                 token_provider=self.token_provider,
+                tls=self.tls,
+                peer=key[1],
             )
-        return agent_pb2_grpc.AgentServiceStub(self._channels[address])
+        return agent_pb2_grpc.AgentServiceStub(self._channels[key])
 
     async def start(
         self,
@@ -102,7 +120,8 @@ class Agents:
             request.slug_sha256 = deployment.slug_sha256
         else:
             request.command = deployment.command or ""
-        reply: agent_pb2.StartContainerResponse = await self.stub(address).StartContainer(
+        agent = await self.stub(address)
+        reply: agent_pb2.StartContainerResponse = await agent.StartContainer(
             request, timeout=self.timeout
         )
         return reply
@@ -114,13 +133,13 @@ class Agents:
             request.grace.CopyFrom(duration_pb2.Duration(seconds=int(grace)))
         # The agent answers once the process has ended: SIGTERM, then SIGKILL after the grace.
         timeout = self.timeout + (grace if grace is not None else 30.0)
-        stopped: agent_pb2.Container = await self.stub(address).StopContainer(
-            request, timeout=timeout
-        )
+        agent = await self.stub(address)
+        stopped: agent_pb2.Container = await agent.StopContainer(request, timeout=timeout)
         return stopped
 
     async def get(self, address: str, container_id: str) -> agent_pb2.Container:
-        container: agent_pb2.Container = await self.stub(address).GetContainer(
+        agent = await self.stub(address)
+        container: agent_pb2.Container = await agent.GetContainer(
             agent_pb2.GetContainerRequest(container_id=container_id), timeout=self.timeout
         )
         return container
@@ -135,14 +154,14 @@ class Agents:
         if grace is not None:
             request.grace.CopyFrom(duration_pb2.Duration(seconds=int(grace)))
         timeout = self.timeout + (grace if grace is not None else 30.0)
-        asleep: agent_pb2.Container = await self.stub(address).SleepContainer(
-            request, timeout=timeout
-        )
+        agent = await self.stub(address)
+        asleep: agent_pb2.Container = await agent.SleepContainer(request, timeout=timeout)
         return asleep
 
     async def wake(self, address: str, container_id: str, within: float) -> agent_pb2.Container:
         """Wake a sleeping container; the agent answers once its app answers."""
-        awake: agent_pb2.Container = await self.stub(address).WakeContainer(
+        agent = await self.stub(address)
+        awake: agent_pb2.Container = await agent.WakeContainer(
             agent_pb2.WakeContainerRequest(container_id=container_id), timeout=within
         )
         return awake
@@ -151,7 +170,8 @@ class Agents:
         found: list[agent_pb2.Container] = []
         token = ""
         while True:
-            page = await self.stub(address).ListContainers(
+            agent = await self.stub(address)
+            page = await agent.ListContainers(
                 agent_pb2.ListContainersRequest(page_size=1000, page_token=token),
                 timeout=self.timeout,
             )

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -348,6 +349,31 @@ class AgentBinding(grpc.aio.ServerInterceptor):  # type: ignore[misc]
 
 
 # ------------------------------------------------------------------ the enrolment port
+
+
+class AgentPeers:
+    """Whose certificate runtime accepts from the agent it dials (docs/tls.md): an enrolled
+    server's agent must present its own, `<server id>.agent.hangar.internal`, so no other
+    agent (another server's, enrolled with the same CA) can answer for it and receive its
+    apps' secrets; a server that never enrolled (`hangar up`'s, a DaemonSet's shared
+    certificate) any agent certificate. The TLS peer name for Agents (shared.tls.peer_name
+    of it), looked up again after `ttl_seconds`."""
+
+    def __init__(self, db: Database, ttl_seconds: float = 5.0) -> None:
+        self.db = db
+        self.ttl = ttl_seconds
+        self._known: dict[str, tuple[str, float]] = {}
+
+    async def __call__(self, agent_address: str) -> str:
+        now = time.monotonic()
+        known = self._known.get(agent_address)
+        if known is not None and known[1] > now:
+            return known[0]
+        async with self.db.session() as s:
+            server_id = await enrolment_store.enrolled_server_at(s, agent_address)
+        peer = f"{server_id}.{AGENT}" if server_id else AGENT
+        self._known[agent_address] = (peer, now + self.ttl)
+        return peer
 
 
 class EnrolmentApi(enrolment_pb2_grpc.AgentEnrolmentServiceServicer):

@@ -19,6 +19,7 @@ from services.runtime.deployer import Deployer
 from services.runtime.enrolment import (
     AgentBinding,
     AgentEnrolment,
+    AgentPeers,
     EnrolmentServer,
     EnrolmentSettings,
 )
@@ -127,7 +128,9 @@ class RuntimeApp(ServiceApp):
             self.clients, watch=self.access_watch
         )
         self.projects: Projects = projects or RemoteProjects(self.clients)
-        self.agents = Agents(self.token_source, timeout=settings.call_timeout_seconds)
+        self.agents = Agents(
+            self.token_source, timeout=settings.call_timeout_seconds, peer_of=AgentPeers(db)
+        )
         self.scheduler = Scheduler(
             db,
             schedule_timeout_seconds=settings.runtime_schedule_timeout_seconds,

@@ -24,7 +24,8 @@ from hangar.runtime.v1 import enrolment_pb2, enrolment_pb2_grpc, runtime_pb2, ru
 from services.agent.drivers import ProcessDriver
 from services.agent.enrolment import CertificateRenewer, Joined, join
 from services.agent.shipping import AgentTelemetry
-from services.runtime.enrolment import EnrolmentSettings
+from services.runtime.agents import Agents
+from services.runtime.enrolment import AgentPeers, EnrolmentSettings
 from services.runtime.server import RuntimeApp
 from shared.agent_certs import (
     CertificateRefused,
@@ -51,6 +52,7 @@ from shared.tls import (
 from tests.support import runtime as runtime_fixtures
 from tests.support.procs import free_port
 from tests.support.runtime import Neighbours, add_servers, region_name
+from tests.unit.test_grpc_plumbing import Recorder, _App
 
 neighbours = runtime_fixtures.neighbours
 
@@ -407,6 +409,50 @@ async def test_an_agent_near_expiry_renews_its_certificate_and_keeps_working(
             await old.close()
     finally:
         await agent.close()
+
+
+async def test_runtime_takes_an_enrolled_server_s_answers_from_its_own_agent_only(
+    platform: Platform, tmp_path: Path
+) -> None:
+    """Runtime dials a server's agent to hand it apps and their secrets: an enrolled server's
+    agent must present that server's certificate, not any agent's."""
+    first, second = await _server(platform), await _server(platform)
+    await _join(platform, (await _token(platform, first)).token, tmp_path / "first")
+    await _join(platform, (await _token(platform, second)).token, tmp_path / "second")
+    # The first server's agent (its joined certificate) listens at one address.
+    agent = await start_server(
+        _App(Recorder()),
+        "127.0.0.1:0",
+        grace=0.2,
+        tls=TlsCredentials.from_directory(tmp_path / "first"),
+    )
+    address = f"127.0.0.1:{agent.port}"
+    agents = Agents(
+        None,
+        timeout=10,
+        peer_of=AgentPeers(platform.runtime.db, ttl_seconds=0),
+        tls=platform.credentials("runtime"),
+    )
+
+    async def registered_at(server_id: str, other: str) -> None:
+        async with platform.runtime.db.transaction() as tx:
+            await tx.execute(
+                "UPDATE runtime.servers SET agent_address = $2 WHERE id = $1", server_id, address
+            )
+            await tx.execute(
+                "UPDATE runtime.servers SET agent_address = '127.0.0.1:1' WHERE id = $1", other
+            )
+
+    try:
+        # Runtime means the second server there: the first's certificate does not do.
+        await registered_at(second, first)
+        assert (await _refusal(agents.list(address)))[0] == Code.UNAVAILABLE
+        # The first server there: the handshake holds (this stand-in serves no agent RPC).
+        await registered_at(first, second)
+        assert (await _refusal(agents.list(address)))[0] == Code.UNIMPLEMENTED
+    finally:
+        await agents.close()
+        await agent.stop()
 
 
 async def test_the_agent_ca_can_mint_agent_certificates_only(

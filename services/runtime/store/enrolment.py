@@ -91,6 +91,17 @@ async def spend_join_token(tx: Session, token_id: str) -> str | None:
     return str(server_id) if server_id is not None else None
 
 
+async def enrolled_server_at(s: Session, agent_address: str) -> str | None:
+    """The enrolled server (one that ever joined) whose agent listens at this address."""
+    value = await s.fetchval(
+        f"""SELECT v.id FROM {S}.servers v
+              JOIN {S}.agent_certificates c ON c.server_id = v.id
+             WHERE v.agent_address = $1 ORDER BY v.id LIMIT 1""",
+        agent_address,
+    )
+    return str(value) if value is not None else None
+
+
 async def agent_certificate(s: Session, server_id: str) -> AgentCertificateRow | None:
     row = await s.fetchrow(f"SELECT * FROM {S}.agent_certificates WHERE server_id = $1", server_id)
     return AgentCertificateRow.from_row(row) if row else None
