@@ -6,6 +6,8 @@ apply: no user token is ever accepted (PERMISSION_DENIED), whatever the project.
 
 from __future__ import annotations
 
+import asyncio
+import time
 from datetime import UTC, datetime, timedelta
 
 import grpc
@@ -23,8 +25,16 @@ pytestmark = pytest.mark.slow
 
 
 async def _route(live: Live, edge: object, project_id: str) -> pb.Route:
-    listed = await live.runtime.ListRoutes(pb.ListRoutesRequest(), metadata=edge)
-    return next(r for r in listed.routes if r.project_id == project_id)
+    """The project's route, once runtime has it: its row comes from project's
+    project.created event, which runtime consumes in the background."""
+    deadline = time.monotonic() + 60
+    while True:
+        listed = await live.runtime.ListRoutes(pb.ListRoutesRequest(), metadata=edge)
+        found = next((r for r in listed.routes if r.project_id == project_id), None)
+        if found is not None:
+            return found
+        assert time.monotonic() < deadline, "runtime never listed the project's route"
+        await asyncio.sleep(0.1)
 
 
 async def _route_events(live: Live, project_id: str) -> list[str]:
