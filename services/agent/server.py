@@ -94,7 +94,7 @@ class AgentApp:
         self.reporter: RuntimeReporter | None = None
         self.telemetry: AgentTelemetry | None = None
         if report if report is not None else self.token_source is not None:
-            self.telemetry = AgentTelemetry(settings, self.driver, clients=self.clients)
+            self.telemetry = AgentTelemetry(settings, self.driver, self.clients)
             self.telemetry.flush_seconds = min(self.telemetry.flush_seconds, FAREWELL_SECONDS)
             self.reporter = RuntimeReporter(
                 self.driver,

@@ -52,10 +52,8 @@ from hangar.runtime.v1 import runtime_pb2 as pb
 from hangar.runtime.v1 import runtime_pb2_grpc
 from services.agent.domain import ContainerInfo, LogStream, ResourceSample, SleepState
 from services.agent.drivers import Driver
-from shared.auth import ServiceTokenSource
-from shared.clients import Clients, TokenProvider, open_channel
+from shared.clients import Clients
 from shared.loops import cancel_and_wait
-from shared.metrics import Metrics
 from shared.proto import timestamp
 from shared.settings import Settings
 
@@ -575,45 +573,21 @@ class MetricShipper:
 
 
 class AgentTelemetry:
-    """Both shippers over one channel to runtime, started and stopped with the agent."""
+    """Both shippers on the agent's channel to runtime, started and stopped with the agent."""
 
     def __init__(
         self,
         settings: Settings,
         driver: Driver,
+        clients: Clients,
         *,
         server: ServerName | None = None,
-        channel: grpc.aio.Channel | None = None,
-        token_provider: TokenProvider | None = None,
-        metrics: Metrics | None = None,
-        clients: Clients | None = None,
     ) -> None:
-        self._token_source: ServiceTokenSource | None = None
-        # With the agent's `clients`, the shippers call runtime on its channel, which a
-        # renewed certificate replaces (follow_files); else on a channel of their own.
-        self._clients = clients if channel is None else None
-        if (
-            token_provider is None
-            and channel is None
-            and clients is None
-            and settings.service_secrets.get("agent")
-        ):
-            self._token_source = ServiceTokenSource(settings, metrics=metrics)
-            token_provider = self._token_source
-        self._own_channel = channel is None and self._clients is None
-        if self._clients is not None:
-            stub = self._runtime_stub(self._clients)
-        else:
-            # With `metrics`, ShipLogs and ShipMetrics are counted (grpc_client_*) as the
-            # agent's `Clients` calls are.
-            self.channel = channel or open_channel(
-                settings.addresses["runtime"],
-                services=[RUNTIME_SERVICE],
-                default_timeout=settings.call_timeout_seconds,
-                token_provider=token_provider,
-                metrics=metrics,
-            )
-            stub = runtime_pb2_grpc.RuntimeServiceStub(self.channel)
+        # The agent's clients: its token, its metrics (ShipLogs and ShipMetrics are counted
+        # as its other calls), and a channel to runtime that a renewed certificate replaces
+        # (follow_files).
+        self._clients = clients
+        stub = self._runtime_stub(clients)
         name = server or (lambda: settings.agent_server or socket.gethostname())
         self.logs = LogShipper(driver, stub, name, batch_lines=settings.telemetry_ship_batch_lines)
         self.metrics = MetricShipper(
@@ -633,9 +607,8 @@ class AgentTelemetry:
     def follow_files(self) -> None:
         """The TLS files were renewed: the next log session and metric batch go on a channel
         with them (the one in flight ends on the old one)."""
-        if self._clients is not None:
-            self._clients.files_changed()
-            self.logs.stub = self.metrics.stub = self._runtime_stub(self._clients)
+        self._clients.files_changed()
+        self.logs.stub = self.metrics.stub = self._runtime_stub(self._clients)
 
     async def start(self) -> None:
         self._tasks = [
@@ -648,7 +621,3 @@ class AgentTelemetry:
         await cancel_and_wait(self._tasks)
         with contextlib.suppress(Exception):
             await self.logs.flush(self.flush_seconds)
-        if self._own_channel:
-            await self.channel.close()
-        if self._token_source is not None:
-            await self._token_source.close()

@@ -26,6 +26,7 @@ from urllib.parse import parse_qs, urlsplit
 from services.edge.caddy import Caddy, CaddyError, EdgeConfig, Route, caddy_config, normal_name
 from services.edge.certificates import CertificateSource, ExpiryWarnings, UploadedCertificate
 from services.edge.dns import UpstreamDns
+from services.edge.loopback import LoopbackHttp
 from shared.loops import cancel_and_wait
 
 log = logging.getLogger("hangar.edge")
@@ -289,27 +290,19 @@ def raise_if_cancelling(exc: BaseException) -> None:
         raise asyncio.CancelledError from exc
 
 
-class AskServer:
+class AskServer(LoopbackHttp):
     """Caddy's on-demand TLS guard on loopback: `GET /ask?domain=NAME` answers 200 only
     for a name in the controller's table (so nobody can make the edge fetch certificates
     for names it does not serve)."""
 
     def __init__(self, controller: EdgeController | None = None) -> None:
+        super().__init__()
         self.controller = controller
-        self._server: asyncio.Server | None = None
-        self.port = 0
         self.answers = {"allowed": 0, "refused": 0}  # questions answered (metrics)
 
     async def start(self, host: str = "127.0.0.1") -> str:
         """Listens on a free loopback port; the URL for Caddy's `ask`."""
-        self._server = await asyncio.start_server(self._answer, host, 0)
-        self.port = self._server.sockets[0].getsockname()[1]
-        return f"http://{host}:{self.port}/ask"
-
-    async def close(self) -> None:
-        if self._server is not None:
-            self._server.close()
-            await self._server.wait_closed()
+        return f"http://{host}:{await self.listen(host)}/ask"
 
     def allows(self, target: str) -> bool:
         url = urlsplit(target)
@@ -317,18 +310,9 @@ class AskServer:
         controller = self.controller
         return url.path == "/ask" and controller is not None and controller.knows(domain)
 
-    async def _answer(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
-            parts = head.split(b"\r\n", 1)[0].decode("latin-1").split()
-            ok = len(parts) == 3 and parts[0] == "GET" and self.allows(parts[1])
-            self.answers["allowed" if ok else "refused"] += 1
-            status = b"200 OK" if ok else b"403 Forbidden"
-            writer.write(b"HTTP/1.1 %s\r\nContent-Length: 0\r\nConnection: close\r\n\r\n" % status)
-            await writer.drain()
-        except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, OSError):
-            pass
-        finally:
-            writer.close()
-            with contextlib.suppress(OSError):
-                await writer.wait_closed()
+    def respond(self, head: bytes) -> bytes:
+        parts = head.split(b"\r\n", 1)[0].decode("latin-1").split()
+        ok = len(parts) == 3 and parts[0] == "GET" and self.allows(parts[1])
+        self.answers["allowed" if ok else "refused"] += 1
+        status = b"200 OK" if ok else b"403 Forbidden"
+        return b"HTTP/1.1 %s\r\nContent-Length: 0\r\nConnection: close\r\n\r\n" % status

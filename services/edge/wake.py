@@ -18,7 +18,6 @@ after that tries again. Two edges each ask on their own; runtime's wake is idemp
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import contextvars
 import logging
 import time
@@ -27,6 +26,7 @@ from collections.abc import Awaitable, Callable
 import grpc
 
 from services.edge.caddy import page_html
+from services.edge.loopback import LoopbackHttp
 
 log = logging.getLogger("hangar.edge")
 
@@ -132,24 +132,16 @@ def _reason(exc: Exception) -> str:
     return str(exc) or type(exc).__name__
 
 
-class WakePages:
+class WakePages(LoopbackHttp):
     """The page a failed wake's requests get (503, with the reason), on a loopback port
     Caddy proxies them to. `reason_for(host)` is the failure the project of that name has."""
 
     def __init__(self, reason_for: Callable[[str], str | None] | None = None) -> None:
+        super().__init__()
         self.reason_for = reason_for
-        self._server: asyncio.Server | None = None
-        self.port = 0
 
     async def start(self, host: str = "127.0.0.1") -> int:
-        self._server = await asyncio.start_server(self._answer, host, 0)
-        self.port = self._server.sockets[0].getsockname()[1]
-        return self.port
-
-    async def close(self) -> None:
-        if self._server is not None:
-            self._server.close()
-            await self._server.wait_closed()
+        return await self.listen(host)
 
     def page(self, hostname: str) -> bytes:
         reason = self.reason_for(hostname) if self.reason_for is not None else None
@@ -162,19 +154,10 @@ class WakePages:
             % (len(body), body)
         )
 
-    async def _answer(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
-            host = ""
-            for line in head.decode("latin-1").split("\r\n")[1:]:
-                name, _, value = line.partition(":")
-                if name.strip().lower() == "host":
-                    host = value.strip().rpartition(":")[0] if ":" in value else value.strip()
-            writer.write(self.page(host))
-            await writer.drain()
-        except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, OSError):
-            pass
-        finally:
-            writer.close()
-            with contextlib.suppress(OSError):
-                await writer.wait_closed()
+    def respond(self, head: bytes) -> bytes:
+        host = ""
+        for line in head.decode("latin-1").split("\r\n")[1:]:
+            name, _, value = line.partition(":")
+            if name.strip().lower() == "host":
+                host = value.strip().rpartition(":")[0] if ":" in value else value.strip()
+        return self.page(host)

@@ -120,21 +120,24 @@ class Scheduler:
 
     async def create(self, spec: DeploymentSpec) -> Deployment:
         """Queue a deployment and try to place it at once; with no room it stays queued.
-        (Several replicas: create_set's first.)"""
-        if spec.replicas > 1:
-            return (await self.create_set(spec))[0]
+        (Several replicas: the first of create_set's.)"""
+        return (await self.create_set(spec))[0]
+
+    async def create_set(self, spec: DeploymentSpec) -> list[Deployment]:
+        """A release of `spec.replicas` replicas: every replica's row, placed where there is
+        room (preferring servers that hold no other replica of it), in one transaction; the
+        first replica first. One replica, switched at once, is one statement as shipped."""
         if [spec.image, spec.command, spec.source_sha256].count(None) != 2:
             raise InvalidArgument.field(
                 "deployment.source", "exactly one of image, command or source_sha256"
             )
         reservable(spec.resources, "deployment.resources")
-
         deadline = self.clock() + self.schedule_timeout
 
-        async def attempt() -> Deployment:
-            if self.reserve is None:  # as shipped: one statement, no transaction around it
-                async with self.db.session() as s:
-                    return await store.create_deployment(
+        async def attempt() -> list[Deployment]:
+            if spec.replicas == 1 and not spec.rolling and self.reserve is None:
+                async with self.db.session() as s:  # no transaction around it
+                    created = await store.create_deployment(
                         s,
                         spec,
                         deadline,
@@ -145,27 +148,7 @@ class Scheduler:
                         audit_type=AUDIT_PREFIX + STATUS_CHANGED,
                         actor_id=current_actor() or SYSTEM_ACTOR,
                     )
-            async with self.db.transaction() as tx:
-                deployment = await store.insert_deployment(tx, spec, deadline)
-                await self._changed(tx, None, deployment)
-                return await self._place(tx, deployment)
-
-        return await retry_deadlocks(attempt)
-
-    async def create_set(self, spec: DeploymentSpec) -> list[Deployment]:
-        """`create` for a release of `spec.replicas` replicas: every replica's row, placed
-        where there is room (preferring servers that hold no other replica of it), in one
-        transaction; the first replica first."""
-        if spec.replicas == 1:
-            return [await self.create(spec)]
-        if [spec.image, spec.command, spec.source_sha256].count(None) != 2:
-            raise InvalidArgument.field(
-                "deployment.source", "exactly one of image, command or source_sha256"
-            )
-        reservable(spec.resources, "deployment.resources")
-        deadline = self.clock() + self.schedule_timeout
-
-        async def attempt() -> list[Deployment]:
+                return [created]
             async with self.db.transaction() as tx:
                 return await self._insert_set(tx, spec, deadline)
 

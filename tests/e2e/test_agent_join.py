@@ -21,7 +21,7 @@ import pytest
 from hangar_cli.cli import wait_healthy
 from shared.tls import KEY_FILE
 from tests.support.procs import free_port
-from tests.support.stack import Stack, migrated_database, start_stack, wait_for
+from tests.support.stack import Stack, module_stack, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -32,26 +32,19 @@ def stack(
     db_passwords: dict[str, str],
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[Stack]:
-    url = migrated_database(create_database, db_passwords)
-    home = tmp_path_factory.mktemp("join-stack")
     enrolment = f"127.0.0.1:{free_port()}"
-    running = start_stack(
-        url,
+    with module_stack(
+        create_database,
         db_passwords,
-        home,
+        tmp_path_factory.mktemp("join-stack"),
         tls=True,
         extra_env={
             "HANGAR_RUNTIME_ENROLMENT_ADDR": enrolment,
             # A revoked agent's silence takes the server down quickly.
             "HANGAR_RUNTIME_HEARTBEAT_TIMEOUT_SECONDS": "3",
         },
-    )
-    try:
+    ) as running:
         yield running
-    finally:
-        for name, why in running.dead().items():
-            print(f"\n[join stack] {name} died during the tests ({why})", file=sys.stderr)
-        running.stop()
 
 
 def _hangar(stack: Stack, *args: str) -> subprocess.CompletedProcess[str]:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import secrets
-import sys
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -26,7 +25,7 @@ import pytest
 from tests.e2e import test_dashboard as dashboard
 from tests.e2e.test_dashboard import Journey, _console_errors, session_cookies
 from tests.support.identity import TestIssuer
-from tests.support.stack import Stack, migrated_database, start_stack
+from tests.support.stack import Stack, module_stack
 
 pytestmark = pytest.mark.slow
 
@@ -119,20 +118,14 @@ def stack(
     idp: TinyIdp,
 ) -> Iterator[Stack]:
     """The platform (no agent: nothing is deployed) with the tiny provider configured."""
-    url = migrated_database(create_database, db_passwords)
-    running = start_stack(
-        url,
+    with module_stack(
+        create_database,
         db_passwords,
         tmp_path_factory.mktemp("oauth-stack"),
         agent=False,
         extra_env={"HANGAR_OAUTH_PROVIDERS": json.dumps({"testidp": idp.settings()})},
-    )
-    try:
+    ) as running:
         yield running
-    finally:
-        for name, why in running.dead().items():
-            print(f"\n[stack] {name} died during the tests ({why})", file=sys.stderr)
-        running.stop()
 
 
 @pytest.fixture(scope="module")

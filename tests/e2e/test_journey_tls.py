@@ -7,7 +7,6 @@ server refuses a client without a certificate."""
 
 from __future__ import annotations
 
-import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -17,7 +16,7 @@ import pytest
 
 from hangar_cli.cli import wait_healthy
 from tests.e2e import test_journey as steps
-from tests.support.stack import Stack, migrated_database, start_stack, wait_for
+from tests.support.stack import Stack, module_stack, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -30,15 +29,9 @@ def stack(
     db_passwords: dict[str, str],
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[Stack]:
-    url = migrated_database(create_database, db_passwords)
     home = tmp_path_factory.mktemp("tls-stack")
-    running = start_stack(url, db_passwords, home, edge=True, tls=True)
-    try:
+    with module_stack(create_database, db_passwords, home, edge=True, tls=True) as running:
         yield running
-    finally:
-        for name, why in running.dead().items():
-            print(f"\n[tls stack] {name} died during the tests ({why})", file=sys.stderr)
-        running.stop()
 
 
 def test_every_grpc_server_speaks_mutual_tls_only(stack: Stack) -> None:

@@ -24,7 +24,13 @@ import httpx
 import pytest
 
 from services.agent.containers import unavailable_reason
-from tests.support.stack import Account, Stack, migrated_database, sign_up, start_stack, wait_for
+from tests.support.stack import (
+    Account,
+    Stack,
+    module_stack,
+    sign_up,
+    wait_for,
+)
 from tests.support.wheels import python_app_source
 
 pytestmark = [
@@ -50,20 +56,16 @@ def stack(
     db_passwords: dict[str, str],
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[Stack]:
-    url = migrated_database(create_database, db_passwords)
-    running = start_stack(
-        url,
+    with module_stack(
+        create_database,
         db_passwords,
         tmp_path_factory.mktemp("stack"),
         extra_env={
             "HANGAR_MAX_SOURCE_BYTES": str(MAX_SOURCE_BYTES),
             "HANGAR_AGENT_START_TIMEOUT_SECONDS": "60",
         },
-    )
-    try:
+    ) as running:
         yield running
-    finally:
-        running.stop()
 
 
 @dataclass

@@ -368,7 +368,7 @@ async def test_an_agent_near_expiry_renews_its_certificate_and_keeps_working(
         # 90 days left: not due with the default (30 days before the end).
         assert not await CertificateRenewer(tls.files, agent).renew_if_due()
         # The log and metric shippers call on the agent's clients and follow each renewal.
-        shipping = AgentTelemetry(Settings("agent"), ProcessDriver(), clients=agent)
+        shipping = AgentTelemetry(Settings("agent"), ProcessDriver(), agent)
         near_end = CertificateRenewer(
             tls.files, agent, renew_within_days=365, on_renewed=shipping.follow_files
         )

@@ -1,6 +1,6 @@
-"""Calls made outside `shared.clients.Clients` are counted too when the process has metrics:
-the agent's telemetry channel (ShipMetrics) and the service token it gets from identity on a
-channel of its own, scraped from GET /metrics after real gRPC calls to in-process servers."""
+"""The agent's calls are counted when the process has metrics: its telemetry (ShipMetrics,
+on the agent's `Clients`) and the service token it gets from identity on a channel of its
+own, scraped from GET /metrics after real gRPC calls to in-process servers."""
 
 from __future__ import annotations
 
@@ -14,6 +14,8 @@ import pytest
 from hangar.identity.v1 import identity_pb2, identity_pb2_grpc
 from hangar.runtime.v1 import runtime_pb2, runtime_pb2_grpc
 from services.agent.shipping import AgentTelemetry
+from shared.auth import ServiceTokenSource
+from shared.clients import Clients
 from shared.metrics import Metrics, serve_metrics
 from shared.settings import Settings
 from tests.support.metrics import scrape, value
@@ -65,7 +67,10 @@ async def test_the_agents_shipments_and_its_token_are_counted(
     )
     metrics = Metrics()
     endpoint = await serve_metrics(metrics, "127.0.0.1:0")
-    telemetry = AgentTelemetry(settings, CountingDriver(), metrics=metrics)  # type: ignore[arg-type]
+    # As AgentApp makes them: its own service token source and its metrics.
+    token_source = ServiceTokenSource(settings, metrics=metrics)
+    clients = Clients(settings.addresses, token_provider=token_source, metrics=metrics)
+    telemetry = AgentTelemetry(settings, CountingDriver(), clients)  # type: ignore[arg-type]
     try:
         before = await scrape(endpoint.port)
         assert telemetry.metrics.sample() >= 1  # the server's totals
@@ -74,6 +79,8 @@ async def test_the_agents_shipments_and_its_token_are_counted(
         after = await scrape(endpoint.port)
     finally:
         await telemetry.close()
+        await clients.close()
+        await token_source.close()
         await endpoint.close()
     assert runtime.samples and runtime.tokens == ["Bearer token-of-agent"]
     shipped = {"grpc_service": RUNTIME, "grpc_method": "ShipMetrics", "grpc_code": "OK"}

@@ -10,7 +10,9 @@ import asyncio
 import tempfile
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 import pytest
@@ -118,6 +120,32 @@ async def fleet(failover_db: str, db_passwords: dict[str, str]) -> AsyncIterator
             await db.close()
 
 
+@asynccontextmanager
+async def running_release(
+    fleet: Fleet, ram_mb: int, cpu_millis: int, deployment: pb.Deployment
+) -> AsyncIterator[tuple[runtime_pb2_grpc.RuntimeServiceStub, Any, Any, pb.Deployment]]:
+    """Runtime's API, a developer's metadata, a project of the fleet's region with these
+    resources, and `deployment` of it once running."""
+    channel = grpc.aio.insecure_channel(fleet.settings.listen_address)
+    runtime = runtime_pb2_grpc.RuntimeServiceStub(channel)
+    try:
+        tenant = await fleet.stack.tenant("developer")
+        dev = tenant.members["developer"].md
+        project = await fleet.stack.create(
+            tenant, region=fleet.region, ram_mb=ram_mb, cpu_millis=cpu_millis
+        )
+        created = await runtime.CreateDeployment(
+            pb.CreateDeploymentRequest(project_id=project.id, deployment=deployment),
+            metadata=dev,
+        )
+        running = await wait_for_deployment(
+            runtime, created.id, dev, [pb.DEPLOYMENT_STATUS_RUNNING]
+        )
+        yield runtime, dev, project, running
+    finally:
+        await channel.close()
+
+
 async def until(condition: Callable[[], Awaitable[bool]], what: str, within: float = 60) -> None:
     deadline = time.monotonic() + within
     while not await condition():
@@ -129,19 +157,8 @@ async def test_a_silent_server_s_app_starts_again_elsewhere_and_comes_back_stopp
     fleet: Fleet, failover_db: str
 ) -> None:
     stack = fleet.stack
-    channel = grpc.aio.insecure_channel(fleet.settings.listen_address)
-    runtime = runtime_pb2_grpc.RuntimeServiceStub(channel)
-    try:
-        tenant = await stack.tenant("developer")
-        dev = tenant.members["developer"].md
-        project = await stack.create(tenant, region=fleet.region, ram_mb=128, cpu_millis=100)
-        first = await runtime.CreateDeployment(
-            pb.CreateDeploymentRequest(
-                project_id=project.id, deployment=pb.Deployment(command=HTTP_SERVER)
-            ),
-            metadata=dev,
-        )
-        first = await wait_for_deployment(runtime, first.id, dev, [pb.DEPLOYMENT_STATUS_RUNNING])
+    release = running_release(fleet, 128, 100, pb.Deployment(command=HTTP_SERVER))
+    async with release as (runtime, dev, project, first):
         silent = fleet.by_server(first.server_id)
         other = next(a for a in fleet.agents if a is not silent)
         servers = [a.server_id for a in fleet.agents]
@@ -201,8 +218,6 @@ async def test_a_silent_server_s_app_starts_again_elsewhere_and_comes_back_stopp
         assert [d.id for d in serving] == [again.id]
         books = await assert_invariant(failover_db, servers)
         assert books[silent.server_id].reserved == Resources(0, 0)
-    finally:
-        await channel.close()
 
 
 async def _truthy(value: Awaitable[object]) -> bool:
@@ -212,20 +227,8 @@ async def _truthy(value: Awaitable[object]) -> bool:
 async def test_a_replica_on_a_silent_server_starts_again_while_its_sibling_serves_on(
     fleet: Fleet, failover_db: str
 ) -> None:
-    stack = fleet.stack
-    channel = grpc.aio.insecure_channel(fleet.settings.listen_address)
-    runtime = runtime_pb2_grpc.RuntimeServiceStub(channel)
-    try:
-        tenant = await stack.tenant("developer")
-        dev = tenant.members["developer"].md
-        project = await stack.create(tenant, region=fleet.region, ram_mb=256, cpu_millis=200)
-        first = await runtime.CreateDeployment(
-            pb.CreateDeploymentRequest(
-                project_id=project.id, deployment=pb.Deployment(command=HTTP_SERVER, replicas=2)
-            ),
-            metadata=dev,
-        )
-        first = await wait_for_deployment(runtime, first.id, dev, [pb.DEPLOYMENT_STATUS_RUNNING])
+    release = running_release(fleet, 256, 200, pb.Deployment(command=HTTP_SERVER, replicas=2))
+    async with release as (runtime, dev, project, first):
 
         async def replicas() -> list[pb.Deployment]:
             listed = await runtime.ListDeployments(
@@ -265,5 +268,3 @@ async def test_a_replica_on_a_silent_server_starts_again_while_its_sibling_serve
         books = await assert_invariant(failover_db, [a.server_id for a in fleet.agents])
         assert books[silent.server_id].reserved == Resources(0, 0)
         assert books[survivor.server_id].reserved == Resources(256, 200)
-    finally:
-        await channel.close()

@@ -24,6 +24,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -383,6 +384,33 @@ def migrated_database(
     return url
 
 
+@contextmanager
+def module_stack(
+    create_database: Callable[[str], str],
+    db_passwords: dict[str, str],
+    home: Path,
+    **options: Any,
+) -> Iterator[Stack]:
+    """start_stack (`options` are its) on a migrated database of its own, stopped after,
+    with any process that died meanwhile, or exited uncleanly on SIGTERM, reported."""
+    url = migrated_database(create_database, db_passwords)
+    running = start_stack(url, db_passwords, home, **options)
+    try:
+        yield running
+    finally:
+        dead = running.dead()
+        codes = running.stop()
+        for name, why in dead.items():
+            print(f"\n[{home.name}] {name} died during the tests ({why})", file=sys.stderr)
+        unclean = {n: c for n, c in codes.items() if n not in dead and c not in (0, -15)}
+        if unclean:
+            print(
+                f"\n[{home.name}] unclean exits on SIGTERM: {json.dumps(unclean)}", file=sys.stderr
+            )
+            for name in unclean:
+                print(running.processes[name].stderr(), file=sys.stderr)
+
+
 @pytest.fixture(scope="module")
 def stack(
     create_database: Callable[[str], str],
@@ -390,20 +418,8 @@ def stack(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[Stack]:
     """The whole platform for one test module, stopped (and any death reported) after it."""
-    url = migrated_database(create_database, db_passwords)
-    running = start_stack(url, db_passwords, tmp_path_factory.mktemp("stack"))
-    try:
+    with module_stack(create_database, db_passwords, tmp_path_factory.mktemp("stack")) as running:
         yield running
-    finally:
-        dead = running.dead()
-        codes = running.stop()
-        for name, why in dead.items():
-            print(f"\n[stack] {name} died during the tests ({why})", file=sys.stderr)
-        unclean = {n: c for n, c in codes.items() if n not in dead and c not in (0, -15)}
-        if unclean:
-            print(f"\n[stack] unclean exits on SIGTERM: {json.dumps(unclean)}", file=sys.stderr)
-            for name in unclean:
-                print(running.processes[name].stderr(), file=sys.stderr)
 
 
 @dataclass

@@ -39,6 +39,12 @@ def processes_from_json(value: object) -> tuple[ProcessShare, ...]:
     )
 
 
+def rolling(replicas: int, max_surge: int, max_unavailable: int) -> bool:
+    """A replica set that replaces the serving one a few replicas at a time
+    (Scheduler.advance); otherwise every replica starts, then the whole set switches."""
+    return max_surge < replicas or max_unavailable > 0
+
+
 @dataclass(frozen=True)
 class Server:
     id: str
@@ -145,9 +151,7 @@ class Deployment:
 
     @property
     def rolling(self) -> bool:
-        """Its set replaces the serving one a few replicas at a time (Scheduler.advance);
-        otherwise every replica starts, then the whole set switches at once."""
-        return self.max_surge < self.replicas or self.max_unavailable > 0
+        return rolling(self.replicas, self.max_surge, self.max_unavailable)
 
     @property
     def waits_for_first_replica(self) -> bool:
@@ -232,7 +236,7 @@ class DeploymentSpec:
     @property
     def rolling(self) -> bool:
         surge = self.replicas if self.max_surge is None else self.max_surge
-        return surge < self.replicas or self.max_unavailable > 0
+        return rolling(self.replicas, surge, self.max_unavailable)
 
     def replica(self, replica_set_id: str, index: int) -> DeploymentSpec:
         """This spec as replica `index` of the set `replica_set_id`."""
